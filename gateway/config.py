@@ -1,0 +1,165 @@
+"""Configuration: command-line flags > environment (``WIREGATE_…``) > TOML file > defaults.
+
+Each process has its own settings class. The TOML file holds one table per
+process (``[gateway]``, ``[agent]``, ``[relay]``); the environment uses the
+prefix ``WIREGATE_`` (``WIREGATE_LISTEN``, ``WIREGATE_DATABASE_URL`` …). Flags
+are passed as keyword arguments by the CLI and win over everything else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import ConfigError
+
+__all__ = ["AgentSettings", "GatewaySettings", "RelaySettings", "load_settings"]
+
+
+class _TomlTable(PydanticBaseSettingsSource):
+    """Reads one table of a TOML file as a settings source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None, table: str) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                with path.open("rb") as fh:
+                    doc = tomllib.load(fh)
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+            table_data = doc.get(table, {})
+            if not isinstance(table_data, dict):
+                raise ConfigError(f"[{table}] in {path} must be a table")
+            self._data = table_data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WIREGATE_", extra="forbid")
+    _table: ClassVar[str] = ""
+    _config_file: ClassVar[Path | None] = None
+
+    log_format: str = "auto"  # auto | json | console
+    log_level: str = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = _TomlTable(settings_cls, cls._config_file, cls._table)
+        return (init_settings, env_settings, toml)
+
+
+class GatewaySettings(_Base):
+    """Settings of ``wiregate gateway``."""
+
+    _table: ClassVar[str] = "gateway"
+
+    listen: str = "127.0.0.1:8080"
+    metrics_listen: str = "127.0.0.1:9090"
+    admin_socket: Path = Path("/run/wiregate/gateway.sock")
+    state_dir: Path = Path("/var/lib/wiregate/gateway")
+    database_url: str = ""  # default: sqlite+aiosqlite:///<state_dir>/wiregate.db
+    ipv4_pool: str = "100.64.0.0/16"
+    ipv6_pool: str = "fd7a:7767:6174::/64"
+    default_keepalive: int | None = 25
+    policy_file: Path | None = None
+    max_body_bytes: int = 64 * 1024
+
+    @field_validator("ipv4_pool")
+    @classmethod
+    def _v4(cls, value: str) -> str:
+        net = ipaddress.ip_network(value, strict=True)
+        if net.version != 4 or net.prefixlen > 30:
+            raise ValueError("ipv4_pool must be an IPv4 network of /30 or larger")
+        return str(net)
+
+    @field_validator("ipv6_pool")
+    @classmethod
+    def _v6(cls, value: str) -> str:
+        net = ipaddress.ip_network(value, strict=True)
+        if net.version != 6 or net.prefixlen > 120:
+            raise ValueError("ipv6_pool must be an IPv6 network of /120 or larger")
+        return str(net)
+
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.state_dir / 'wiregate.db'}"
+
+
+class AgentSettings(_Base):
+    """Settings of ``wiregate agent``."""
+
+    _table: ClassVar[str] = "agent"
+
+    server: str = "http://127.0.0.1:8080"
+    auth_key: str = ""  # "file:PATH" or "env:VAR"; never the key itself in argv
+    state_dir: Path = Path("/var/lib/wiregate/agent")
+    run_dir: Path = Path("/run/wiregate")
+    interface: str = "wg0"
+    listen_port: int = 51820
+    hostname: str = ""
+    backend: str = "auto"  # auto | kernel | userspace
+    userspace_binary: str = "wireguard-go"
+    route_table: int = 51820
+    rule_priority: int = 5210
+    fwmark: int = 0x5747
+    mtu: int = 0  # 0: derived from the underlay link (minus 60 for IPv4, 80 for IPv6)
+    endpoints: list[str] = []  # extra "ip:port" candidates to advertise
+    tags: list[str] = []
+
+    @field_validator("listen_port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 0 < value < 65536:
+            raise ValueError("listen_port must be 1..65535")
+        return value
+
+
+class RelaySettings(_Base):
+    """Settings of ``wiregate relay``."""
+
+    _table: ClassVar[str] = "relay"
+
+    stun_listen: list[str] = ["0.0.0.0:3478"]
+    metrics_listen: str = "127.0.0.1:9091"
+
+
+S = TypeVar("S", bound=_Base)
+
+
+def load_settings(cls: type[S], config_file: Path | None, **flags: Any) -> S:
+    """Build settings for ``cls`` from flags, env, the TOML file and defaults."""
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}
+    cls._config_file = config_file
+    try:
+        return cls(**given)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
+    finally:
+        cls._config_file = None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(parts)

@@ -1,0 +1,147 @@
+"""Values shared by the gateway and the agent: devices, peers and the map wire format.
+
+The network map travels over the agent's WebSocket stream as JSON text frames:
+
+``full``   ``{"type": "full", "version": V, "self": SELF, "peers": [PEER, ...]}``
+``delta``  ``{"type": "delta", "base": B, "version": V, "self": SELF|null,
+             "upsert": [PEER, ...], "remove": [device_id, ...]}``
+           applies only on top of version ``B``; an agent at another version
+           reconnects with ``?since=<its version>`` and gets a full map.
+``sync``   ``{"type": "sync", "version": V}``: nothing changed since ``V``.
+``revoked`` ``{"type": "revoked", "reason": "..."}``: this device was removed;
+           the agent tears its interface down.
+
+The agent sends ``{"type": "endpoints", "endpoints": ["ip:port", ...]}`` when its
+candidate endpoints change.
+
+PEER is :meth:`Peer.to_wire`, SELF is :meth:`SelfView.to_wire`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Identity", "NetMap", "Peer", "SelfView", "apply_delta"]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a device belongs to: an (issuer, subject) pair, never an email alone.
+
+    Enrollment keys use the issuer ``wiregate:enrollment-key`` and the key's id as
+    subject; OIDC identities use the token's ``iss`` and ``sub``.
+    """
+
+    issuer: str
+    subject: str
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One peer as an agent sees it (the same for every viewer)."""
+
+    id: str
+    name: str
+    public_key: str
+    addresses: tuple[str, ...]  # tunnel addresses, "100.64.0.2/32", "fd..::2/128"
+    allowed_ips: tuple[str, ...]  # addresses + advertised routes
+    endpoints: tuple[str, ...] = ()  # "192.0.2.2:51820", "[2001:db8::1]:51820"
+    keepalive: int | None = None
+    tags: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "public_key": self.public_key,
+            "addresses": list(self.addresses),
+            "allowed_ips": list(self.allowed_ips),
+            "endpoints": list(self.endpoints),
+            "keepalive": self.keepalive,
+            "tags": list(self.tags),
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Peer:
+        return cls(
+            id=str(data["id"]),
+            name=str(data["name"]),
+            public_key=str(data["public_key"]),
+            addresses=tuple(str(a) for a in data["addresses"]),
+            allowed_ips=tuple(str(a) for a in data["allowed_ips"]),
+            endpoints=tuple(str(e) for e in data.get("endpoints") or ()),
+            keepalive=None if data.get("keepalive") is None else int(data["keepalive"]),
+            tags=tuple(str(t) for t in data.get("tags") or ()),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SelfView:
+    """What an agent needs to know about its own device."""
+
+    id: str
+    name: str
+    public_key: str
+    addresses: tuple[str, ...]
+    tags: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "public_key": self.public_key,
+            "addresses": list(self.addresses),
+            "tags": list(self.tags),
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> SelfView:
+        return cls(
+            id=str(data["id"]),
+            name=str(data["name"]),
+            public_key=str(data["public_key"]),
+            addresses=tuple(str(a) for a in data["addresses"]),
+            tags=tuple(str(t) for t in data.get("tags") or ()),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NetMap:
+    """An agent's whole view at one version."""
+
+    version: int
+    self_view: SelfView
+    peers: dict[str, Peer] = field(default_factory=dict)  # by device id
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "full",
+            "version": self.version,
+            "self": self.self_view.to_wire(),
+            "peers": [p.to_wire() for p in self.peers.values()],
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> NetMap:
+        peers = (Peer.from_wire(p) for p in data["peers"])
+        return cls(
+            version=int(data["version"]),
+            self_view=SelfView.from_wire(data["self"]),
+            peers={p.id: p for p in peers},
+        )
+
+
+def apply_delta(current: NetMap, delta: dict[str, Any]) -> NetMap:
+    """Apply a ``delta`` message to ``current``; raise ValueError on a version gap."""
+    if int(delta["base"]) != current.version:
+        raise ValueError(f"delta base {delta['base']} does not follow version {current.version}")
+    peers = dict(current.peers)
+    for device_id in delta.get("remove") or ():
+        peers.pop(str(device_id), None)
+    for raw in delta.get("upsert") or ():
+        peer = Peer.from_wire(raw)
+        peers[peer.id] = peer
+    self_raw = delta.get("self")
+    self_view = SelfView.from_wire(self_raw) if self_raw else current.self_view
+    return NetMap(version=int(delta["version"]), self_view=self_view, peers=peers)

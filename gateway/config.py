@@ -75,7 +75,8 @@ class GatewaySettings(_Base):
 
     listen: str = "127.0.0.1:8080"
     metrics_listen: str = "127.0.0.1:9090"
-    admin_socket: Path = Path("/run/wiregate/gateway.sock")
+    admin_socket: Path = Path("/run/wiregate/gateway.sock")  # trusted by file permissions (0600)
+    admin_token_file: Path | None = None  # bearer token for admin calls over TCP
     state_dir: Path = Path("/var/lib/wiregate/gateway")
     database_url: str = ""  # default: sqlite+aiosqlite:///<state_dir>/wiregate.db
     ipv4_pool: str = "100.64.0.0/16"

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Identity", "NetMap", "Peer", "SelfView", "apply_delta"]
+__all__ = ["Device", "Identity", "NetMap", "Peer", "SelfView", "apply_delta"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,54 @@ class Identity:
 
     issuer: str
     subject: str
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A device as the control plane knows it (one row of the store, as a value).
+
+    ``ipv4``/``ipv6`` are bare tunnel addresses ("100.64.0.7", "fd7a:7767:6174::7");
+    ``routes`` are CIDRs the device advertises (pod CIDRs, subnets behind it).
+    Times are POSIX seconds (UTC).
+    """
+
+    id: str
+    name: str
+    public_key: str
+    identity: Identity
+    ipv4: str
+    ipv6: str
+    tags: tuple[str, ...] = ()
+    endpoints: tuple[str, ...] = ()
+    routes: tuple[str, ...] = ()
+    keepalive: int | None = None
+    created_at: float = 0.0
+    expires_at: float | None = None
+
+    def tunnel_cidrs(self) -> tuple[str, ...]:
+        return (f"{self.ipv4}/32", f"{self.ipv6}/128")
+
+    def to_peer(self) -> Peer:
+        cidrs = self.tunnel_cidrs()
+        return Peer(
+            id=self.id,
+            name=self.name,
+            public_key=self.public_key,
+            addresses=cidrs,
+            allowed_ips=cidrs + self.routes,
+            endpoints=self.endpoints,
+            keepalive=self.keepalive,
+            tags=self.tags,
+        )
+
+    def to_self(self) -> SelfView:
+        return SelfView(
+            id=self.id,
+            name=self.name,
+            public_key=self.public_key,
+            addresses=self.tunnel_cidrs(),
+            tags=self.tags,
+        )
 
 
 @dataclass(frozen=True, slots=True)

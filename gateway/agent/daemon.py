@@ -1,0 +1,206 @@
+"""The agent daemon: enroll once, hold the map stream, keep the data plane reconciled.
+
+Fail static: the data plane is only ever changed by a map; losing the gateway
+changes nothing, and a restarted agent re-applies its last map before it even
+reaches the gateway. On reconnect it asks to resume from its version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from gateway.agent.dataplane import DataPlane
+from gateway.agent.keyfile import load_or_create_key
+
+from gateway.agent.control import ControlClient, read_auth_key
+from gateway.agent.endpoints import candidates, local_addresses
+from gateway.agent.session import Action, MapSession
+from gateway.agent.state import Enrollment, StateDir
+from gateway.agent.status import serve_status
+from gateway.config import AgentSettings
+from gateway.errors import Unauthorized, Unavailable
+from gateway.logging import get_logger
+from gateway.model import NetMap
+from gateway.wgkey import encode_key, public_from_private
+
+__all__ = ["Agent", "DeviceRevoked"]
+
+log = get_logger("agent")
+
+
+class DeviceRevoked(Exception):
+    """The gateway removed this device; the agent has torn its interface down."""
+
+
+@dataclass(slots=True)
+class Health:
+    """What ``wiregate status`` shows about the control connection."""
+
+    connected: bool = False
+    last_sync: float | None = None
+    last_error: str = ""
+    problems: tuple[str, ...] = ()
+    reconnects: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Agent:
+    """One agent process, owning one WireGuard interface."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.state = StateDir(settings.state_dir)
+        self.health = Health()
+        self.session = MapSession()
+        self.enrollment: Enrollment | None = None
+        self.dataplane: DataPlane | None = None
+        self.public_key = ""
+        self._apply_lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        self.state.ensure()
+        private = load_or_create_key(self.settings.state_dir)
+        self.public_key = encode_key(public_from_private(private))
+        self.dataplane = self._make_dataplane(private)
+        async with aiohttp.ClientSession() as http:
+            control = ControlClient(self.settings.server, http)
+            self.enrollment = self.state.load_enrollment() or await self._enroll(control)
+            await asyncio.to_thread(self.dataplane.setup)
+            cached = self.state.load_netmap()
+            if cached is not None:
+                self.session = MapSession(cached)
+                await self._apply(cached)
+            status = await serve_status(self.settings.run_dir / "agent.sock", self)
+            try:
+                await self._stream_forever(control)
+            finally:
+                await status.cleanup()
+
+    def _make_dataplane(self, private: bytes) -> DataPlane:
+        s = self.settings
+        return DataPlane(
+            interface=s.interface,
+            private_key=private,
+            listen_port=s.listen_port,
+            fwmark=s.fwmark,
+            table=s.route_table,
+            rule_priority=s.rule_priority,
+            mtu=s.mtu,
+            backend=s.backend,
+            userspace_binary=s.userspace_binary,
+            run_dir=s.run_dir,
+        )
+
+    async def _enroll(self, control: ControlClient) -> Enrollment:
+        auth_key = read_auth_key(self.settings.auth_key)
+        name = self.settings.hostname or socket.gethostname()
+        enrollment = await control.enroll(
+            auth_key, self.public_key, name, await self._endpoints(), routes=[]
+        )
+        self.state.save_enrollment(enrollment)
+        log.info("enrolled", device_id=enrollment.device_id, addresses=enrollment.addresses)
+        return enrollment
+
+    async def _endpoints(self) -> list[str]:
+        local = await asyncio.to_thread(local_addresses)
+        found = candidates(local, self.settings.listen_port, {self.settings.interface})
+        return list(dict.fromkeys([*self.settings.endpoints, *found]))
+
+    async def _stream_forever(self, control: ControlClient) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._stream_once(control)
+                delay = 0.5
+            except Unavailable as exc:
+                self.health.last_error = exc.message
+                log.warning("gateway unreachable; data plane kept as is", error=exc.message)
+            except Unauthorized:
+                await self._revoked("the gateway no longer accepts this device")
+            self.health.connected = False
+            self.health.reconnects += 1
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 30.0)
+
+    async def _stream_once(self, control: ControlClient) -> None:
+        assert self.enrollment is not None
+        since = self.session.version
+        async for message, ws in control.stream(self.enrollment.token, since):
+            self.health.connected = True
+            outcome = self.session.receive(message)
+            if outcome.action is Action.APPLY and self.session.netmap is not None:
+                await self._apply(self.session.netmap)
+                self.state.save_netmap(self.session.netmap)
+            elif outcome.action is Action.REVOKED:
+                await self._revoked(outcome.reason)
+            elif outcome.action is Action.RESYNC:
+                log.warning("map stream out of step; resyncing", reason=outcome.reason)
+                self.session = MapSession(self.session.netmap)
+                await ws.close()
+                return
+            self.health.last_sync = time.time()
+            if message.get("type") == "full":
+                await ws.send_json({"type": "endpoints", "endpoints": await self._endpoints()})
+
+    async def _apply(self, netmap: NetMap) -> None:
+        assert self.dataplane is not None
+        async with self._apply_lock:
+            result = await asyncio.to_thread(self.dataplane.apply, netmap)
+        self.health.problems = tuple(result.problems)
+        for problem in result.problems:
+            log.warning("peer refused", problem=problem)
+        log.info("map applied", version=netmap.version, peers=result.peers, writes=result.writes)
+
+    async def _revoked(self, reason: str) -> None:
+        log.warning("device revoked; tearing down", reason=reason)
+        if self.dataplane is not None:
+            await asyncio.to_thread(self.dataplane.teardown)
+        self.state.forget()
+        raise DeviceRevoked(reason)
+
+    def status(self) -> dict[str, Any]:
+        """The document ``wiregate status`` prints."""
+        netmap = self.session.netmap
+        live = {p.public_key: p for p in self.dataplane.status()} if self.dataplane else {}
+        peers = [] if netmap is None else list(netmap.peers.values())
+        return {
+            "device": _device_doc(self.enrollment, self.public_key, netmap),
+            "interface": self.settings.interface,
+            "backend": self.dataplane.backend_name if self.dataplane else None,
+            "gateway": {
+                "server": self.settings.server,
+                "connected": self.health.connected,
+                "map_version": self.session.version,
+                "last_sync": self.health.last_sync,
+                "last_error": self.health.last_error,
+                "reconnects": self.health.reconnects,
+            },
+            "problems": list(self.health.problems),
+            "peers": [_peer_doc(p, live.get(p.public_key)) for p in peers],
+        }
+
+
+def _device_doc(enr: Enrollment | None, public_key: str, netmap: NetMap | None) -> dict[str, Any]:
+    if enr is None:
+        return {"public_key": public_key}
+    addresses = list(netmap.self_view.addresses) if netmap else list(enr.addresses)
+    return {"id": enr.device_id, "name": enr.name, "public_key": public_key, "addresses": addresses}
+
+
+def _peer_doc(peer: Any, live: Any) -> dict[str, Any]:
+    return {
+        "id": peer.id,
+        "name": peer.name,
+        "public_key": peer.public_key,
+        "addresses": list(peer.addresses),
+        "endpoint": getattr(live, "endpoint", None),
+        "last_handshake": getattr(live, "last_handshake", None),
+        "rx_bytes": getattr(live, "rx", 0),
+        "tx_bytes": getattr(live, "tx", 0),
+    }

@@ -1,0 +1,178 @@
+"""The ``wiregate`` command: gateway, relay, agent, status and admin.
+
+Flags win over ``WIREGATE_…`` environment variables, which win over the TOML
+file given with ``--config`` (or ``WIREGATE_CONFIG``), which wins over defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from gateway.config import AgentSettings, GatewaySettings, RelaySettings, load_settings
+from gateway.errors import WiregateError
+from gateway.logging import configure_logging
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+_config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="WIREGATE_CONFIG",
+    help="TOML configuration file.",
+)
+_log_options = [
+    click.option("--log-level", default=None, help="debug, info, warning, error."),
+    click.option("--log-format", default=None, help="auto, json or console."),
+]
+
+
+def _with_logs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_log_options):
+        fn = option(fn)
+    return fn
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine; turn wiregate errors into a clear message and exit code 1."""
+    try:
+        return asyncio.run(coro)
+    except WiregateError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"hint: {exc.hint}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _settings(cls: type[Any], config_file: Path | None, **flags: Any) -> Any:
+    try:
+        settings = load_settings(cls, config_file, **flags)
+    except WiregateError as exc:
+        raise click.ClickException(exc.message) from exc
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+@click.group()
+@click.version_option(package_name="wiregate")
+def main() -> None:
+    """wiregate: a WireGuard mesh for Kubernetes nodes, VMs and people, with OIDC identity."""
+
+
+@main.command()
+@_config_option
+@click.option("--listen", help="API address, HOST:PORT.")
+@click.option("--metrics-listen", help="Prometheus metrics address, HOST:PORT.")
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--admin-socket", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--admin-token-file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--database-url", help="SQLAlchemy URL; default: SQLite in the state dir.")
+@_with_logs
+def gateway(config_file: Path | None, **flags: Any) -> None:
+    """Run the control plane (API, map streams, admin socket, metrics)."""
+    from gateway.app import run_gateway
+
+    settings = _settings(GatewaySettings, config_file, **flags)
+    _run(run_gateway(settings))
+
+
+@main.command()
+@_config_option
+@click.option("--stun-listen", multiple=True, help="STUN address HOST:PORT (repeatable).")
+@click.option("--metrics-listen", help="Prometheus metrics address, HOST:PORT.")
+@_with_logs
+def relay(config_file: Path | None, stun_listen: tuple[str, ...], **flags: Any) -> None:
+    """Run the STUN server (and, later, the UDP relay)."""
+    from relay.server import run_relay
+
+    settings = _settings(RelaySettings, config_file, stun_listen=list(stun_listen), **flags)
+    _run(run_relay(settings))
+
+
+@main.command()
+@_config_option
+@click.option("--server", help="Gateway URL, e.g. https://gateway.example:443.")
+@click.option("--auth-key", help="Enrollment key as file:PATH or env:VAR (never the key itself).")
+@click.option("--interface", help="WireGuard interface name (default wg0).")
+@click.option("--listen-port", type=int)
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--run-dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--hostname", help="Device name (default: this host's name).")
+@click.option("--backend", type=click.Choice(["auto", "kernel", "userspace"]))
+@click.option("--endpoint", "endpoints", multiple=True, help="Extra endpoint IP:PORT to advertise.")
+@click.option("--mtu", type=int, help="Tunnel MTU (default: underlay MTU minus 60/80).")
+@_with_logs
+def agent(config_file: Path | None, endpoints: tuple[str, ...], **flags: Any) -> None:
+    """Enroll this host and keep its WireGuard interface in step with the gateway."""
+    auth_key = flags.get("auth_key")
+    if auth_key and not re.match(r"^(file|env):.+", auth_key):
+        raise click.BadParameter(
+            "give the key as file:PATH or env:VAR; a key on the command line leaks into ps",
+            param_hint="--auth-key",
+        )
+    from gateway.agent.daemon import Agent, DeviceRevoked
+
+    settings = _settings(AgentSettings, config_file, endpoints=list(endpoints), **flags)
+    try:
+        _run(Agent(settings).run())
+    except DeviceRevoked as exc:
+        click.echo(f"device revoked: {exc}", err=True)
+        sys.exit(3)
+
+
+@main.command()
+@click.option(
+    "--run-dir", type=click.Path(path_type=Path, file_okay=False), default="/run/wiregate"
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(run_dir: Path, as_json: bool) -> None:
+    """Show this host's device, its gateway connection and its peers."""
+    from gateway.agent.status import fetch_status
+
+    doc = _run(fetch_status(run_dir / "agent.sock"))
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(_format_status(doc))
+
+
+def _format_status(doc: dict[str, Any]) -> str:
+    dev, gw = doc.get("device", {}), doc.get("gateway", {})
+    state = "connected" if gw.get("connected") else f"disconnected ({gw.get('last_error', '')})"
+    addresses = " ".join(dev.get("addresses", []))
+    lines = [
+        f"device    {dev.get('name', '?')} ({dev.get('id', '?')})  {addresses}",
+        f"interface {doc.get('interface')} [{doc.get('backend')}]",
+        f"gateway   {gw.get('server')}  {state}  map v{gw.get('map_version')}",
+        "",
+        f"{'PEER':<20} {'ADDRESS':<16} {'ENDPOINT':<24} {'HANDSHAKE':>10} {'RX':>10} {'TX':>10}",
+    ]
+    now = time.time()
+    for p in doc.get("peers", []):
+        hs = p.get("last_handshake")
+        age = f"{int(now - hs)}s ago" if hs else "never"
+        addr = (p.get("addresses") or ["?"])[0].split("/")[0]
+        lines.append(
+            f"{p['name'][:20]:<20} {addr:<16} {p.get('endpoint') or '-'!s:<24} "
+            f"{age:>10} {p.get('rx_bytes', 0):>10} {p.get('tx_bytes', 0):>10}"
+        )
+    lines.extend(f"problem: {problem}" for problem in doc.get("problems", []))
+    return "\n".join(lines)
+
+
+from gateway.cli_admin import admin  # noqa: E402
+
+main.add_command(admin)

@@ -1,0 +1,158 @@
+"""``wiregate admin``: enrollment keys and devices, over the gateway's admin socket or API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gateway.admin_client import AdminClient
+from gateway.errors import WiregateError
+
+__all__ = ["admin", "parse_duration"]
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``90``, ``90s``, ``15m``, ``1h``, ``7d`` → seconds."""
+    match = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30m, 1h or 7d")
+    return int(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def _call(ctx: click.Context, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    client: AdminClient = ctx.obj
+    try:
+        return asyncio.run(client.call(method, path, body))
+    except WiregateError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"hint: {exc.hint}", err=True)
+        sys.exit(1)
+
+
+def _echo(data: Any, as_json: bool, rows: list[str]) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else "\n".join(rows))
+
+
+@click.group()
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="WIREGATE_ADMIN_SOCKET",
+    default="/run/wiregate/gateway.sock",
+    show_default=True,
+)
+@click.option("--server", envvar="WIREGATE_SERVER", help="Gateway URL (instead of the socket).")
+@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False))
+@click.pass_context
+def admin(
+    ctx: click.Context, socket_path: Path, server: str | None, token_file: Path | None
+) -> None:
+    """Administer enrollment keys and devices."""
+    sock = None if server else socket_path
+    ctx.obj = AdminClient(socket=sock, server=server, token_file=token_file)
+
+
+@admin.group()
+def keys() -> None:
+    """Enrollment keys (the secret is shown once, at creation)."""
+
+
+@keys.command("create")
+@click.option("--tags", default="", help="Comma-separated tags, e.g. tag:vm,tag:db.")
+@click.option("--expiry", default="1h", help="Lifetime: 30m, 1h, 7d …")
+@click.option("--reusable", is_flag=True, help="Allow many enrollments with this key.")
+@click.option("--ephemeral", is_flag=True, help="Devices are removed when they go away.")
+@click.option("--description", default="")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def keys_create(
+    ctx: click.Context,
+    tags: str,
+    expiry: str,
+    reusable: bool,
+    ephemeral: bool,
+    description: str,
+    as_json: bool,
+) -> None:
+    """Create an enrollment key; print its secret once."""
+    body = {
+        "tags": [t.strip() for t in tags.split(",") if t.strip()],
+        "expiry": parse_duration(expiry),
+        "reusable": reusable,
+        "ephemeral": ephemeral,
+        "description": description,
+    }
+    data = _call(ctx, "POST", "/api/v1/keys", body)
+    key = data["key"]
+    _echo(data, as_json, [data["secret"], f"# id {key['id']}, expires {key['expires_at']}"])
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def keys_list(ctx: click.Context, as_json: bool) -> None:
+    """List enrollment keys (never their secrets)."""
+    data = _call(ctx, "GET", "/api/v1/keys")
+    rows = [f"{'ID':<24} {'TAGS':<24} {'REUSABLE':<9} {'USED':>5} {'EXPIRES':<26} REVOKED"]
+    for k in data["keys"]:
+        rows.append(
+            f"{k['id']:<24} {','.join(k['tags']):<24} {k['reusable']!s:<9} "
+            f"{k['used_count']:>5} {k['expires_at']:<26} {k['revoked']}"
+        )
+    _echo(data, as_json, rows)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.pass_context
+def keys_revoke(ctx: click.Context, key_id: str) -> None:
+    """Revoke an enrollment key."""
+    _call(ctx, "DELETE", f"/api/v1/keys/{key_id}")
+    click.echo(f"revoked {key_id}")
+
+
+@admin.group()
+def devices() -> None:
+    """Enrolled devices."""
+
+
+@devices.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def devices_list(ctx: click.Context, as_json: bool) -> None:
+    """List devices with their addresses and key fingerprints."""
+    data = _call(ctx, "GET", "/api/v1/devices")
+    rows = [f"{'ID':<24} {'NAME':<20} {'ADDRESSES':<40} {'FINGERPRINT':<20} LAST SEEN"]
+    for d in data["devices"]:
+        rows.append(
+            f"{d['id']:<24} {d['name'][:20]:<20} {' '.join(d['addresses']):<40} "
+            f"{d['fingerprint'][:19]:<20} {d.get('last_seen') or '-'}"
+        )
+    _echo(data, as_json, rows)
+
+
+@devices.command("show")
+@click.argument("device_id")
+@click.pass_context
+def devices_show(ctx: click.Context, device_id: str) -> None:
+    """Show one device as JSON."""
+    click.echo(json.dumps(_call(ctx, "GET", f"/api/v1/devices/{device_id}"), indent=2))
+
+
+@devices.command("remove")
+@click.argument("device_id")
+@click.pass_context
+def devices_remove(ctx: click.Context, device_id: str) -> None:
+    """Remove a device: every peer drops it and its agent tears down."""
+    _call(ctx, "DELETE", f"/api/v1/devices/{device_id}")
+    click.echo(f"removed {device_id}")

@@ -1,0 +1,37 @@
+#!/bin/sh
+# Installs what wiregate needs on Debian 12: system packages and the project's virtualenv.
+# Idempotent: re-running only installs what is missing or changed.
+set -eu
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: run as root (it installs packages and builds network namespaces)" >&2
+    exit 1
+fi
+
+PACKAGES="python3 python3-venv python3-dev gcc make wireguard-go wireguard-tools iproute2 \
+iptables nftables conntrack iputils-ping tcpdump iperf3 procps kmod"
+
+missing=""
+for pkg in $PACKAGES; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+    echo "setup: installing$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+fi
+
+PY=/usr/bin/python3
+stamp=".venv/.wiregate-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[dev]'
+    echo "$want" > "$stamp"
+fi

@@ -1,0 +1,14 @@
+"""The gateway's durable state: devices, identities, enrollment keys, map version."""
+
+from gateway.store.records import DeviceRecord, Enrolled, EnrollRequest, KeyRecord, KeySpec
+from gateway.store.store import DEFAULT_POOL, Store
+
+__all__ = [
+    "DEFAULT_POOL",
+    "DeviceRecord",
+    "EnrollRequest",
+    "Enrolled",
+    "KeyRecord",
+    "KeySpec",
+    "Store",
+]

@@ -1,0 +1,106 @@
+"""SQLAlchemy 2 declarative models of the gateway's store.
+
+Portable types only (SQLite today, PostgreSQL for several replicas): times are
+POSIX seconds in ``Float`` columns, lists are ``JSON``. The Alembic migrations in
+``migrations/versions`` must describe exactly these tables (a test compares
+them).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["Base", "DeviceRow", "EnrollmentKeyRow", "IdentityRow", "MetaRow"]
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a constraint naming convention (stable migrations)."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class MetaRow(Base):
+    """The single row (id = 1) of global state: map version, pools, IPAM cursor."""
+
+    __tablename__ = "meta"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    map_version: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    ipv4_pool: Mapped[str] = mapped_column(String(64), nullable=False)
+    ipv6_pool: Mapped[str] = mapped_column(String(64), nullable=False)
+    ipam_cursor: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
+class IdentityRow(Base):
+    """An (issuer, subject) pair that owns devices."""
+
+    __tablename__ = "identities"
+    __table_args__ = (UniqueConstraint("issuer", "subject"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    issuer: Mapped[str] = mapped_column(String(512), nullable=False)
+    subject: Mapped[str] = mapped_column(String(512), nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class DeviceRow(Base):
+    """An enrolled device, its tunnel addresses and its credential hash."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    public_key: Mapped[str] = mapped_column(String(44), nullable=False, unique=True)
+    identity_id: Mapped[int] = mapped_column(
+        ForeignKey("identities.id", ondelete="RESTRICT"), nullable=False, index=True
+    )
+    ip_index: Mapped[int] = mapped_column(Integer, nullable=False, unique=True)
+    ipv4: Mapped[str] = mapped_column(String(45), nullable=False, unique=True)
+    ipv6: Mapped[str] = mapped_column(String(45), nullable=False, unique=True)
+    tags: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    endpoints: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    routes: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    keepalive: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ephemeral: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class EnrollmentKeyRow(Base):
+    """An enrollment key; only the SHA-256 of its secret is stored."""
+
+    __tablename__ = "enrollment_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    tags: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    reusable: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    ephemeral: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    description: Mapped[str] = mapped_column(String(255), nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    expires_at: Mapped[float] = mapped_column(Float, nullable=False)
+    used_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    revoked: Mapped[bool] = mapped_column(Boolean, nullable=False)

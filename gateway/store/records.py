@@ -1,0 +1,117 @@
+"""Values the store returns and accepts (frozen, slotted), and row conversions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.model import Device, Identity
+from gateway.store.models import DeviceRow, EnrollmentKeyRow
+from identity.enrollment import KeyState
+
+__all__ = [
+    "ENROLLMENT_ISSUER",
+    "DeviceRecord",
+    "EnrollRequest",
+    "Enrolled",
+    "KeyRecord",
+    "KeySpec",
+    "device_record",
+    "key_record",
+    "key_state",
+]
+
+ENROLLMENT_ISSUER = "wiregate:enrollment-key"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """A device plus what only the control plane cares about."""
+
+    device: Device
+    last_seen: float | None = None
+    ephemeral: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """An enrollment key as an administrator sees it (never its secret)."""
+
+    id: str
+    tags: tuple[str, ...]
+    reusable: bool
+    ephemeral: bool
+    description: str
+    created_at: float
+    expires_at: float
+    used_count: int
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """What an administrator asks for when creating an enrollment key."""
+
+    tags: tuple[str, ...] = ()
+    expiry: float = 3600.0
+    reusable: bool = False
+    ephemeral: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollRequest:
+    """A validated enrollment: canonical public key, name, endpoints and routes."""
+
+    public_key: str
+    name: str
+    endpoints: tuple[str, ...] = ()
+    routes: tuple[str, ...] = ()
+    keepalive: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolled:
+    """The result of an enrollment: the device, its one-time-shown token, the map version."""
+
+    record: DeviceRecord
+    token: str
+    version: int
+
+
+def device_record(row: DeviceRow, identity: Identity) -> DeviceRecord:
+    """Convert a device row (and its identity) to a value."""
+    device = Device(
+        id=row.id,
+        name=row.name,
+        public_key=row.public_key,
+        identity=identity,
+        ipv4=row.ipv4,
+        ipv6=row.ipv6,
+        tags=tuple(row.tags),
+        endpoints=tuple(row.endpoints),
+        routes=tuple(row.routes),
+        keepalive=row.keepalive,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+    )
+    return DeviceRecord(device, row.last_seen, row.ephemeral)
+
+
+def key_record(row: EnrollmentKeyRow) -> KeyRecord:
+    """Convert an enrollment key row to a value (the hash stays behind)."""
+    return KeyRecord(
+        id=row.id,
+        tags=tuple(row.tags),
+        reusable=row.reusable,
+        ephemeral=row.ephemeral,
+        description=row.description,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        used_count=row.used_count,
+        revoked=row.revoked,
+    )
+
+
+def key_state(row: EnrollmentKeyRow) -> KeyState:
+    """What :func:`identity.enrollment.check_usable` needs from a key row."""
+    return KeyState(row.expires_at, row.reusable, row.used_count, row.revoked)

@@ -1,0 +1,322 @@
+"""The async Store: every read and write of the gateway's durable state.
+
+Each mutation that changes the network map bumps ``meta.map_version`` in the
+same transaction, *as its first statement*: that UPDATE takes the write lock
+(SQLite's RESERVED lock, a row lock on PostgreSQL), so map-changing
+transactions are serialized across processes and replicas, and the version
+returned is the one this change produced. Within one process an asyncio lock
+also orders writers, so a caller that hands the returned version to the broker
+without awaiting in between publishes changes in version order.
+
+Any error rolls the whole transaction back: a refused request changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+from sqlalchemy import ColumnElement, Select, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from gateway.errors import ConfigError, Conflict, NotFound, Unauthorized
+from gateway.ipam import Allocation, Pool, allocate
+from gateway.logging import get_logger
+from gateway.model import Identity
+from gateway.store.engine import create_engine
+from gateway.store.migrate import current_revision, head_revision, upgrade
+from gateway.store.models import DeviceRow, EnrollmentKeyRow, IdentityRow, MetaRow
+from gateway.store.records import (
+    ENROLLMENT_ISSUER,
+    DeviceRecord,
+    Enrolled,
+    EnrollRequest,
+    KeyRecord,
+    KeySpec,
+    device_record,
+    key_record,
+    key_state,
+)
+from identity.enrollment import (
+    KEY_PREFIX,
+    check_usable,
+    generate_device_token,
+    generate_secret,
+    hash_secret,
+    secret_matches,
+)
+
+__all__ = ["DEFAULT_POOL", "Clock", "Store"]
+
+Clock = Callable[[], float]
+DEFAULT_POOL = Pool.parse("100.64.0.0/16", "fd7a:7767:6174::/64")
+_log = get_logger("gateway.store")
+
+
+class Store:
+    """Async access to devices, identities, enrollment keys and the map version."""
+
+    def __init__(self, engine: AsyncEngine, pool: Pool, clock: Clock) -> None:
+        """Wrap an engine whose database is migrated; use :meth:`open` instead."""
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._pool = pool
+        self._clock = clock
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, url: str, *, pool: Pool = DEFAULT_POOL, clock: Clock = time.time) -> Store:
+        """Open the database at ``url``, migrate it to head and check the pools."""
+        engine = create_engine(url)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(upgrade)
+            store = cls(engine, pool, clock)
+            await store._init_meta()
+        except BaseException:
+            await engine.dispose()
+            raise
+        _log.info("store_opened", dialect=engine.dialect.name, pool=str(pool.ipv4))
+        return store
+
+    async def close(self) -> None:
+        """Release every connection."""
+        await self._engine.dispose()
+
+    # -- reads ---------------------------------------------------------------
+
+    async def ready(self) -> bool:
+        """Whether the database answers and its schema is at the newest migration."""
+        async with self._engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+            revision = await conn.run_sync(current_revision)
+        return revision == head_revision()
+
+    async def map_version(self) -> int:
+        """The current network map version."""
+        async with self._sessions() as s:
+            return (await s.execute(select(MetaRow.map_version))).scalar_one()
+
+    async def list_devices(self) -> list[DeviceRecord]:
+        """Every device, oldest first."""
+        async with self._sessions() as s:
+            rows = await s.execute(_device_query().order_by(DeviceRow.created_at, DeviceRow.id))
+            return [device_record(d, Identity(iss, sub)) for d, iss, sub in rows.tuples()]
+
+    async def get_device(self, device_id: str) -> DeviceRecord:
+        """One device, or :class:`NotFound`."""
+        return await self._one_device(DeviceRow.id == device_id)
+
+    async def device_by_token(self, token: str) -> DeviceRecord:
+        """The device a stream token belongs to, or :class:`Unauthorized`."""
+        try:
+            record = await self._one_device(DeviceRow.token_hash == hash_secret(token))
+        except NotFound:
+            raise Unauthorized("device token is not valid", code="invalid_token") from None
+        return record
+
+    async def list_keys(self) -> list[KeyRecord]:
+        """Every enrollment key (revoked ones too), oldest first."""
+        query = select(EnrollmentKeyRow).order_by(EnrollmentKeyRow.created_at, EnrollmentKeyRow.id)
+        async with self._sessions() as s:
+            return [key_record(row) for row in (await s.execute(query)).scalars()]
+
+    # -- map-changing writes ---------------------------------------------------
+
+    async def enroll(self, secret: str, request: EnrollRequest) -> Enrolled:
+        """Consume an enrollment key and create a device with fresh addresses and token.
+
+        Raises :class:`Unauthorized` for an unusable key (always the same
+        message), :class:`Conflict` for a duplicate public key or a full pool.
+        """
+        now = self._clock()
+        token = generate_device_token()
+        async with self._write() as s:
+            version = await self._bump(s)
+            key = await self._consume_key(s, secret, now)
+            await self._refuse_duplicate(s, request.public_key)
+            identity = Identity(ENROLLMENT_ISSUER, key.id)
+            row = _new_device(request, key, await self._allocate(s), token, now)
+            row.identity_id = await self._identity_id(s, identity, now)
+            s.add(row)
+        _log.info("device_enrolled", device_id=row.id, key_id=key.id, version=version)
+        return Enrolled(device_record(row, identity), token, version)
+
+    async def delete_device(self, device_id: str) -> int:
+        """Delete a device (its addresses return to the pool); the new map version."""
+        async with self._write() as s:
+            version = await self._bump(s)
+            row = await s.get(DeviceRow, device_id)
+            if row is None:
+                raise NotFound(f"no device {device_id!r}")
+            await s.delete(row)
+        _log.info("device_deleted", device_id=device_id, version=version)
+        return version
+
+    async def set_endpoints(
+        self, device_id: str, endpoints: Sequence[str]
+    ) -> tuple[DeviceRecord, int] | None:
+        """Record a device's endpoint candidates; None if they did not change."""
+        current = await self.get_device(device_id)
+        if current.device.endpoints == tuple(endpoints):
+            return None
+        async with self._write() as s:
+            version = await self._bump(s)
+            row = await s.get(DeviceRow, device_id)
+            if row is None:
+                raise NotFound(f"no device {device_id!r}")
+            row.endpoints = list(endpoints)
+        return await self.get_device(device_id), version
+
+    # -- other writes ------------------------------------------------------------
+
+    async def touch(self, device_id: str) -> None:
+        """Set a device's ``last_seen`` to now (not part of the map: no version bump)."""
+        async with self._write() as s:
+            stmt = update(DeviceRow).where(DeviceRow.id == device_id)
+            await s.execute(stmt.values(last_seen=self._clock()))
+
+    async def create_key(self, spec: KeySpec) -> tuple[KeyRecord, str]:
+        """Create an enrollment key; returns it with its secret (shown only once)."""
+        secret, now = generate_secret(), self._clock()
+        row = EnrollmentKeyRow(
+            id="key_" + secrets.token_hex(8),
+            secret_hash=hash_secret(secret),
+            tags=list(spec.tags),
+            reusable=spec.reusable,
+            ephemeral=spec.ephemeral,
+            description=spec.description,
+            created_at=now,
+            expires_at=now + spec.expiry,
+            used_count=0,
+            revoked=False,
+        )
+        async with self._write() as s:
+            s.add(row)
+        _log.info("enrollment_key_created", key_id=row.id, tags=list(spec.tags))
+        return key_record(row), secret
+
+    async def revoke_key(self, key_id: str) -> None:
+        """Revoke an enrollment key (devices it enrolled stay)."""
+        async with self._write() as s:
+            stmt = update(EnrollmentKeyRow).where(EnrollmentKeyRow.id == key_id)
+            done = await s.execute(stmt.values(revoked=True).returning(EnrollmentKeyRow.id))
+            if done.scalar_one_or_none() is None:
+                raise NotFound(f"no enrollment key {key_id!r}")
+        _log.info("enrollment_key_revoked", key_id=key_id)
+
+    # -- internals -----------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction; UNIQUE violations become :class:`Conflict`."""
+        try:
+            async with self._lock, self._sessions() as s, s.begin():
+                yield s
+        except IntegrityError as exc:
+            raise Conflict("the change conflicts with existing state; retry") from exc
+
+    async def _init_meta(self) -> None:
+        pools = (str(self._pool.ipv4), str(self._pool.ipv6))
+        async with self._write() as s:
+            meta = await s.get(MetaRow, 1)
+            if meta is None:
+                s.add(MetaRow(id=1, map_version=0, ipv4_pool=pools[0], ipv6_pool=pools[1],
+                              ipam_cursor=0))  # fmt: skip
+            elif (meta.ipv4_pool, meta.ipv6_pool) != pools:
+                raise ConfigError(
+                    f"the store was created with pools {meta.ipv4_pool}, {meta.ipv6_pool}; "
+                    f"configured: {pools[0]}, {pools[1]}",
+                    hint="devices keep their addresses for life: configure the original pools",
+                )
+
+    async def _bump(self, s: AsyncSession) -> int:
+        stmt = update(MetaRow).where(MetaRow.id == 1)
+        bumped = stmt.values(map_version=MetaRow.map_version + 1).returning(MetaRow.map_version)
+        return (await s.execute(bumped)).scalar_one()
+
+    async def _consume_key(self, s: AsyncSession, secret: str, now: float) -> EnrollmentKeyRow:
+        row = None
+        if secret.startswith(KEY_PREFIX):
+            query = select(EnrollmentKeyRow).where(
+                EnrollmentKeyRow.secret_hash == hash_secret(secret)
+            )
+            row = (await s.execute(query)).scalar_one_or_none()
+        genuine = row is not None and secret_matches(secret, row.secret_hash)
+        check_usable(key_state(row) if row is not None and genuine else None, now)
+        assert row is not None
+        k = EnrollmentKeyRow
+        stmt = update(k).where(k.id == row.id, k.revoked.is_(False))
+        stmt = stmt.where(or_(k.reusable.is_(True), k.used_count == 0))
+        done = await s.execute(stmt.values(used_count=k.used_count + 1).returning(k.id))
+        if done.scalar_one_or_none() is None:  # lost a race with another enrollment
+            check_usable(None, now)
+        return row
+
+    async def _refuse_duplicate(self, s: AsyncSession, public_key: str) -> None:
+        found = await s.execute(select(DeviceRow.id).where(DeviceRow.public_key == public_key))
+        if found.first() is not None:
+            raise Conflict(
+                "a device with this public key is already enrolled",
+                code="duplicate_public_key",
+                hint="generate a new key pair, or delete the old device first",
+            )
+
+    async def _allocate(self, s: AsyncSession) -> Allocation:
+        meta = await s.get_one(MetaRow, 1, populate_existing=True)
+        in_use = set((await s.execute(select(DeviceRow.ip_index))).scalars())
+        allocation = allocate(self._pool, in_use, meta.ipam_cursor)
+        meta.ipam_cursor = allocation.index
+        return allocation
+
+    async def _identity_id(self, s: AsyncSession, identity: Identity, now: float) -> int:
+        query = select(IdentityRow.id).where(
+            IdentityRow.issuer == identity.issuer, IdentityRow.subject == identity.subject
+        )
+        found = (await s.execute(query)).scalar_one_or_none()
+        if found is not None:
+            return found
+        row = IdentityRow(issuer=identity.issuer, subject=identity.subject, created_at=now)
+        s.add(row)
+        await s.flush()
+        return row.id
+
+    async def _one_device(self, where: ColumnElement[bool]) -> DeviceRecord:
+        async with self._sessions() as s:
+            found = (await s.execute(_device_query().where(where))).tuples().first()
+        if found is None:
+            raise NotFound("no such device")
+        row, issuer, subject = found
+        return device_record(row, Identity(issuer, subject))
+
+
+def _device_query() -> Select[tuple[DeviceRow, str, str]]:
+    return select(DeviceRow, IdentityRow.issuer, IdentityRow.subject).join(
+        IdentityRow, DeviceRow.identity_id == IdentityRow.id
+    )
+
+
+def _new_device(
+    request: EnrollRequest, key: EnrollmentKeyRow, allocation: Allocation, token: str, now: float
+) -> DeviceRow:
+    return DeviceRow(
+        id="dev_" + secrets.token_hex(8),
+        name=request.name,
+        public_key=request.public_key,
+        ip_index=allocation.index,
+        ipv4=allocation.ipv4,
+        ipv6=allocation.ipv6,
+        tags=list(key.tags),
+        endpoints=list(request.endpoints),
+        routes=list(request.routes),
+        keepalive=request.keepalive,
+        ephemeral=key.ephemeral,
+        token_hash=hash_secret(token),
+        created_at=now,
+        expires_at=None,
+        last_seen=None,
+    )

@@ -11,7 +11,8 @@
         │       ├── MalformedAttribute    overrun, bad family, bad value length or text
         │       ├── BadFingerprint        FINGERPRINT wrong or not last
         │       ├── MisplacedAttribute    something after MESSAGE-INTEGRITY
-        │       └── DuplicateAttribute    the same attribute type twice
+        │       ├── DuplicateAttribute    the same attribute type twice
+        │       └── UnexpectedMessage     well-formed, but not the answer a client waits for
         ├── StunErrorResponse             the server answered with an ERROR-CODE
         └── Unavailable
             └── StunTimeout               no answer from the STUN server in time
@@ -35,6 +36,7 @@ __all__ = [
     "StunError",
     "StunErrorResponse",
     "StunTimeout",
+    "UnexpectedMessage",
 ]
 
 
@@ -80,6 +82,12 @@ class DuplicateAttribute(StunError):
     """The same attribute type appears twice; wiregate refuses, rather than keeping the first."""
 
     reason = "duplicate_attribute"
+
+
+class UnexpectedMessage(StunError):
+    """A well-formed message that is not the response a client is waiting for."""
+
+    reason = "unexpected"
 
 
 class StunErrorResponse(RemoteError):

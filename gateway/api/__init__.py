@@ -1,0 +1,39 @@
+"""The gateway's REST API under ``/api/v1``, plus ``/livez`` and ``/readyz``."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.api import devices, enroll, keys, openapi
+from gateway.api.common import STORE, error_middleware
+from gateway.logging import get_logger
+
+__all__ = ["error_middleware", "setup_routes"]
+
+health = web.RouteTableDef()
+_log = get_logger("gateway.api")
+
+
+@health.get("/livez")
+async def livez(_request: web.Request) -> web.Response:
+    """The process is up and serving."""
+    return web.json_response({"status": "ok"})
+
+
+@health.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """The store answers ``SELECT 1`` and its schema is at the newest migration."""
+    try:
+        ready = await request.app[STORE].ready()
+    except Exception as exc:  # a broken database is "not ready", not a crash
+        _log.warning("readyz_failed", error=exc.__class__.__name__)
+        ready = False
+    return web.json_response(
+        {"status": "ok" if ready else "unavailable"}, status=200 if ready else 503
+    )
+
+
+def setup_routes(app: web.Application) -> None:
+    """Register every API route on ``app``."""
+    for table in (health, enroll.routes, devices.routes, keys.routes, openapi.routes):
+        app.router.add_routes(table)

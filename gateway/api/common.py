@@ -1,0 +1,216 @@
+"""What every API handler shares: app keys, strict JSON bodies, errors, admin auth.
+
+Request bodies are parsed strictly: ``application/json`` only (415), at most
+``settings.max_body_bytes`` (413), valid JSON (400), and validated by a pydantic
+model with ``extra="forbid"`` and ``strict=True`` (unknown fields and wrong types
+are 400). Every :class:`~gateway.errors.WiregateError` becomes
+``{"error", "message", "hint"?}`` with its status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from gateway.config import GatewaySettings
+from gateway.errors import BadInput, Forbidden, RemoteError, Unauthorized, WiregateError
+from gateway.logging import get_logger
+from gateway.model import Device
+from gateway.store import DeviceRecord, KeyRecord, Store
+from gateway.wgkey import fingerprint
+
+__all__ = [
+    "ADMIN_TOKEN",
+    "BROKER",
+    "SETTINGS",
+    "STORE",
+    "BrokerLike",
+    "EndpointsCallback",
+    "PayloadTooLarge",
+    "StrictModel",
+    "UnsupportedMediaType",
+    "bearer_token",
+    "device_json",
+    "error_middleware",
+    "key_json",
+    "read_json",
+    "require_admin",
+    "rfc3339",
+]
+
+_log = get_logger("gateway.api")
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+EndpointsCallback = Callable[[str, list[str]], Awaitable[None]]
+
+
+class BrokerLike(Protocol):
+    """The part of :class:`gateway.broker.Broker` the API calls."""
+
+    def load(self, devices: Iterable[Device], version: int) -> None: ...
+    def upsert(self, device: Device, version: int) -> None: ...
+    def remove(self, device_id: str, version: int) -> None: ...
+    async def serve(
+        self,
+        request: web.Request,
+        device_id: str,
+        since: int | None,
+        on_endpoints: EndpointsCallback,
+    ) -> web.WebSocketResponse: ...
+    @property
+    def connected(self) -> int: ...
+    async def close(self) -> None: ...
+
+
+STORE = web.AppKey("store", Store)
+BROKER = web.AppKey("broker", BrokerLike)
+SETTINGS = web.AppKey("settings", GatewaySettings)
+ADMIN_TOKEN = web.AppKey("admin_token", bytes)  # empty: admin over TCP is refused
+
+
+class PayloadTooLarge(RemoteError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(RemoteError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class StrictModel(BaseModel):
+    """Base of request schemas: unknown fields and type coercion are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+async def read_json(request: web.Request, model: type[M]) -> M:
+    """Parse and validate the request body as ``model``; raise a 4xx error otherwise."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("the request body must be application/json")
+    body = await _read_limited(request, request.app[SETTINGS].max_body_bytes)
+    try:
+        data = json.loads(body, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadInput(f"malformed JSON: {exc.__class__.__name__}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadInput(_describe(exc), code="invalid_field") from None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    too_large = PayloadTooLarge(f"the request body is larger than {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise too_large
+    return body
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid request: " + "; ".join(parts)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn errors into JSON bodies; never leak a traceback to the client."""
+    try:
+        return await handler(request)
+    except WiregateError as exc:
+        _log.info("request_refused", path=request.path, status=exc.status, error=exc.code)
+        return web.json_response(exc.to_dict(), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = (exc.reason or "error").lower().replace(" ", "_")
+        return web.json_response({"error": code, "message": exc.reason}, status=exc.status)
+    except Exception:
+        _log.exception("request_failed", path=request.path)
+        body = {"error": "internal", "message": "internal error"}
+        return web.json_response(body, status=500)
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, if any."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def require_admin(request: web.Request) -> None:
+    """Admit requests on the unix socket, or over TCP with the admin bearer token."""
+    if _over_unix_socket(request):
+        return
+    expected = request.app[ADMIN_TOKEN]
+    if not expected:
+        raise Forbidden(
+            "admin calls over TCP are disabled",
+            hint="use the admin unix socket, or configure admin_token_file",
+        )
+    given = bearer_token(request)
+    if given is None or not hmac.compare_digest(given.encode(), expected):
+        raise Unauthorized("a valid admin bearer token is required", code="invalid_admin_token")
+
+
+def _over_unix_socket(request: web.Request) -> bool:
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """POSIX seconds as an RFC 3339 UTC timestamp (``...Z``)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def device_json(record: DeviceRecord) -> dict[str, Any]:
+    """The API's DEVICE object."""
+    d = record.device
+    return {
+        "id": d.id,
+        "name": d.name,
+        "public_key": d.public_key,
+        "fingerprint": fingerprint(d.public_key),
+        "identity": {"issuer": d.identity.issuer, "subject": d.identity.subject},
+        "addresses": [d.ipv4, d.ipv6],
+        "tags": list(d.tags),
+        "endpoints": list(d.endpoints),
+        "routes": list(d.routes),
+        "created_at": rfc3339(d.created_at),
+        "expires_at": rfc3339(d.expires_at),
+        "last_seen": rfc3339(record.last_seen),
+    }
+
+
+def key_json(key: KeyRecord) -> dict[str, Any]:
+    """The API's KEY object (never the secret or its hash)."""
+    return {
+        "id": key.id,
+        "tags": list(key.tags),
+        "reusable": key.reusable,
+        "ephemeral": key.ephemeral,
+        "description": key.description,
+        "created_at": rfc3339(key.created_at),
+        "expires_at": rfc3339(key.expires_at),
+        "used_count": key.used_count,
+        "revoked": key.revoked,
+    }

@@ -1,0 +1,229 @@
+"""The OpenAPI 3.1 description of the gateway's HTTP API, as data.
+
+A test checks that every route the app registers is described here and that
+nothing described here is missing from the app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from gateway.api.enroll import MAX_ENDPOINTS, MAX_ROUTES, NAME_PATTERN
+from gateway.api.keys import MAX_EXPIRY, TAG_PATTERN
+
+__all__ = ["DOCUMENT", "routes"]
+
+routes = web.RouteTableDef()
+JSON = "application/json"
+_STR: dict[str, Any] = {"type": "string"}
+_TIME: dict[str, Any] = {"type": "string", "format": "date-time"}
+_TAGS: dict[str, Any] = {"type": "array", "items": {"type": "string", "pattern": TAG_PATTERN}}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": props,
+        "required": list(props) if required is None else required,
+    }
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): {"$ref": "#/components/responses/Error"} for s in statuses}
+
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": _obj({"error": _STR, "message": _STR, "hint": _STR}, ["error", "message"]),
+    "Identity": _obj({"issuer": _STR, "subject": _STR}),
+    "Device": _obj(
+        {
+            "id": _STR,
+            "name": _STR,
+            "public_key": _STR,
+            "fingerprint": _STR,
+            "identity": _ref("Identity"),
+            "addresses": {"type": "array", "items": _STR, "minItems": 2, "maxItems": 2},
+            "tags": {"type": "array", "items": _STR},
+            "endpoints": {"type": "array", "items": _STR},
+            "routes": {"type": "array", "items": _STR},
+            "created_at": _TIME,
+            "expires_at": {"type": ["string", "null"], "format": "date-time"},
+            "last_seen": {"type": ["string", "null"], "format": "date-time"},
+        }
+    ),
+    "Key": _obj(
+        {
+            "id": _STR,
+            "tags": _TAGS,
+            "reusable": {"type": "boolean"},
+            "ephemeral": {"type": "boolean"},
+            "description": _STR,
+            "created_at": _TIME,
+            "expires_at": _TIME,
+            "used_count": {"type": "integer", "minimum": 0},
+            "revoked": {"type": "boolean"},
+        }
+    ),
+    "EnrollRequest": _obj(
+        {
+            "auth_key": {"type": "string", "description": "enrollment key secret, wgk_..."},
+            "public_key": {"type": "string", "description": "WireGuard public key, base64"},
+            "name": {"type": "string", "pattern": NAME_PATTERN},
+            "endpoints": {"type": "array", "items": _STR, "maxItems": MAX_ENDPOINTS},
+            "routes": {"type": "array", "items": _STR, "maxItems": MAX_ROUTES},
+        },
+        ["auth_key", "public_key", "name"],
+    ),
+    "EnrollResponse": _obj(
+        {"device": _ref("Device"), "token": _STR, "map_version": {"type": "integer"}}
+    ),
+    "KeyRequest": _obj(
+        {
+            "tags": _TAGS,
+            "expiry": {"type": "integer", "minimum": 1, "maximum": MAX_EXPIRY, "default": 3600},
+            "reusable": {"type": "boolean", "default": False},
+            "ephemeral": {"type": "boolean", "default": False},
+            "description": {"type": "string", "maxLength": 255},
+        },
+        [],
+    ),
+    "KeyCreated": _obj({"key": _ref("Key"), "secret": _STR}),
+    "Health": {"type": "object", "properties": {"status": _STR}, "required": ["status"]},
+}
+
+_ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+_ID = [{"name": "id", "in": "path", "required": True, "schema": _STR}]
+_PATHS: dict[str, Any] = {
+    "/api/v1/enroll": {
+        "post": {
+            "summary": "Enroll a device with an enrollment key",
+            "security": [],
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("EnrollRequest")}}},
+            "responses": {
+                "201": _json(_ref("EnrollResponse"), "enrolled"),
+                **_errors(400, 401, 409, 413, 415),
+            },
+        }
+    },
+    "/api/v1/stream": {
+        "get": {
+            "summary": "The agent's network map stream (WebSocket upgrade)",
+            "security": [{"deviceToken": []}],
+            "parameters": [
+                {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}}
+            ],
+            "responses": {"101": {"description": "switching to WebSocket"}, **_errors(400, 401)},
+        }
+    },
+    "/api/v1/devices": {
+        "get": {
+            "summary": "List devices",
+            "security": _ADMIN,
+            "responses": {
+                "200": _json(
+                    _obj({"devices": {"type": "array", "items": _ref("Device")}}), "devices"
+                ),
+                **_errors(401, 403),
+            },
+        }
+    },
+    "/api/v1/devices/{id}": {
+        "parameters": _ID,
+        "get": {
+            "summary": "Show a device",
+            "security": _ADMIN,
+            "responses": {"200": _json(_ref("Device"), "the device"), **_errors(401, 403, 404)},
+        },
+        "delete": {
+            "summary": "Delete a device (its stream is revoked)",
+            "security": _ADMIN,
+            "responses": {"204": {"description": "deleted"}, **_errors(401, 403, 404)},
+        },
+    },
+    "/api/v1/keys": {
+        "get": {
+            "summary": "List enrollment keys",
+            "security": _ADMIN,
+            "responses": {
+                "200": _json(_obj({"keys": {"type": "array", "items": _ref("Key")}}), "keys"),
+                **_errors(401, 403),
+            },
+        },
+        "post": {
+            "summary": "Create an enrollment key (the secret is returned only here)",
+            "security": _ADMIN,
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("KeyRequest")}}},
+            "responses": {
+                "201": _json(_ref("KeyCreated"), "created"),
+                **_errors(400, 401, 403, 413, 415),
+            },
+        },
+    },
+    "/api/v1/keys/{id}": {
+        "parameters": _ID,
+        "delete": {
+            "summary": "Revoke an enrollment key",
+            "security": _ADMIN,
+            "responses": {"204": {"description": "revoked"}, **_errors(401, 403, 404)},
+        },
+    },
+    "/api/v1/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "security": [],
+            "responses": {"200": {"description": "OpenAPI 3.1 document"}},
+        }
+    },
+    "/livez": {
+        "get": {
+            "summary": "The process is up",
+            "security": [],
+            "responses": {"200": _json(_ref("Health"), "alive")},
+        }
+    },
+    "/readyz": {
+        "get": {
+            "summary": "The store answers and its schema is current",
+            "security": [],
+            "responses": {
+                "200": _json(_ref("Health"), "ready"),
+                "503": _json(_ref("Health"), "not ready"),
+            },
+        }
+    },
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "wiregate gateway", "version": "1"},
+    "paths": _PATHS,
+    "components": {
+        "schemas": _SCHEMAS,
+        "responses": {"Error": _json(_ref("Error"), "refused; nothing was changed")},
+        "securitySchemes": {
+            "adminToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "admin token file; not needed on the admin unix socket",
+            },
+            "deviceToken": {"type": "http", "scheme": "bearer"},
+        },
+    },
+}
+
+
+@routes.get("/api/v1/openapi.json")
+async def openapi(_request: web.Request) -> web.Response:
+    """Serve the OpenAPI document."""
+    return web.json_response(DOCUMENT)

@@ -1,0 +1,221 @@
+"""The gateway process: app factories (API and metrics) and :func:`run_gateway`.
+
+The public API app is served on ``settings.listen`` (TCP) and on the admin unix
+socket ``settings.admin_socket`` (mode 0600, its requests are trusted as admin).
+Prometheus metrics are on their own listener, ``settings.metrics_listen``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import tomllib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    generate_latest,
+)
+
+from gateway.api import error_middleware, setup_routes
+from gateway.api.common import ADMIN_TOKEN, BROKER, SETTINGS, STORE, BrokerLike
+from gateway.config import GatewaySettings
+from gateway.errors import ConfigError
+from gateway.ipam import Pool
+from gateway.logging import get_logger
+from gateway.store import Store
+from identity.policy import Policy
+
+__all__ = [
+    "BROKER",
+    "METRICS",
+    "SETTINGS",
+    "STORE",
+    "BrokerFactory",
+    "create_app",
+    "create_metrics_app",
+    "parse_hostport",
+    "run_gateway",
+]
+
+BrokerFactory = Callable[[Policy | None], BrokerLike]
+METRICS = web.AppKey("metrics", CollectorRegistry)
+_REQUESTS = web.AppKey("requests_total", Counter)
+_log = get_logger("gateway.app")
+
+
+def default_broker(policy: Policy | None) -> BrokerLike:
+    """The real peering broker (:class:`gateway.broker.Broker`)."""
+    from gateway.broker import Broker
+
+    broker: BrokerLike = Broker(policy)
+    return broker
+
+
+def create_app(
+    settings: GatewaySettings, *, broker_factory: BrokerFactory = default_broker
+) -> web.Application:
+    """The public API app; its cleanup context opens the Store and loads the Broker."""
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[_count_requests, error_middleware],
+    )
+    app[SETTINGS] = settings
+    app[ADMIN_TOKEN] = read_admin_token(settings.admin_token_file)
+    app[METRICS], app[_REQUESTS] = _api_metrics(app)
+    setup_routes(app)
+    app.cleanup_ctx.append(_state(settings, broker_factory))
+    return app
+
+
+def _state(
+    settings: GatewaySettings, broker_factory: BrokerFactory
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def state(app: web.Application) -> AsyncIterator[None]:
+        if not settings.database_url:
+            settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pool = Pool.parse(settings.ipv4_pool, settings.ipv6_pool)
+        store = await Store.open(settings.effective_database_url(), pool=pool)
+        try:
+            broker = broker_factory(load_policy(settings.policy_file))
+            devices = [record.device for record in await store.list_devices()]
+            broker.load(devices, await store.map_version())
+            app[STORE], app[BROKER] = store, broker
+            yield
+            await broker.close()
+        finally:
+            await store.close()
+
+    return state
+
+
+def read_admin_token(path: Path | None) -> bytes:
+    """The admin bearer token from ``path`` (empty when none is configured)."""
+    if path is None:
+        return b""
+    try:
+        token = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read admin_token_file {path}: {exc.strerror}") from exc
+    if len(token) < 16:
+        raise ConfigError(f"the admin token in {path} is shorter than 16 characters")
+    return token
+
+
+def load_policy(path: Path | None) -> Policy | None:
+    """The peering policy from a JSON or TOML file (None: the broker's default)."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+        data: Any = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load policy_file {path}: {exc}") from exc
+    return Policy.from_dict(data, error=ConfigError)
+
+
+def _api_metrics(app: web.Application) -> tuple[CollectorRegistry, Counter]:
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    requests = Counter(
+        "wiregate_http_requests",
+        "API requests by route and status",
+        ["method", "route", "status"],
+        registry=registry,
+    )
+    streams = Gauge("wiregate_streams", "Open agent map streams", registry=registry)
+    streams.set_function(lambda: app[BROKER].connected if BROKER in app else 0)
+    return registry, requests
+
+
+@web.middleware
+async def _count_requests(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    response = await handler(request)
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    request.app[_REQUESTS].labels(request.method, name, str(response.status)).inc()
+    return response
+
+
+def create_metrics_app(api: web.Application) -> web.Application:
+    """A separate app serving ``/metrics`` for the API app ``api``."""
+
+    async def metrics(_request: web.Request) -> web.Response:
+        body = generate_latest(api[METRICS])
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{text!r} is not host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (":port" means every address)
+
+
+async def run_gateway(settings: GatewaySettings) -> None:
+    """Serve the API (TCP + admin unix socket) and metrics until cancelled or SIGTERM."""
+    api = create_app(settings)
+    api_runner = web.AppRunner(api, handle_signals=False)
+    metrics_runner = web.AppRunner(create_metrics_app(api), handle_signals=False)
+    await api_runner.setup()
+    try:
+        await metrics_runner.setup()
+        await _start_sites(settings, api_runner, metrics_runner)
+        await _wait_for_stop()
+    finally:
+        _log.info("gateway_stopping")
+        await metrics_runner.cleanup()
+        await api_runner.cleanup()
+
+
+async def _start_sites(
+    settings: GatewaySettings, api: web.AppRunner, metrics: web.AppRunner
+) -> None:
+    host, port = parse_hostport(settings.listen)
+    await web.TCPSite(api, host, port).start()
+    await _start_admin_socket(api, settings.admin_socket)
+    mhost, mport = parse_hostport(settings.metrics_listen)
+    await web.TCPSite(metrics, mhost, mport).start()
+    _log.info("gateway_started", listen=settings.listen, admin_socket=str(settings.admin_socket),
+              metrics=settings.metrics_listen)  # fmt: skip
+
+
+async def _start_admin_socket(runner: web.AppRunner, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with suppress(FileNotFoundError):
+        path.unlink()
+    old = os.umask(0o177)  # the socket is created 0600: no window where others can connect
+    try:
+        await web.UnixSite(runner, str(path)).start()
+    finally:
+        os.umask(old)
+    path.chmod(0o600)
+
+
+async def _wait_for_stop() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,304 @@
+"""End to end: the real ``wiregate`` CLI (gateway, agents, admin, status) in the lab.
+
+Every test builds its own lab; on failure the lab fixture prints every gateway and
+agent log.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import re
+import secrets
+import signal
+import stat
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Mesh
+from tests.lab.harness import (
+    GATEWAY_PORT,
+    INTERNET_GATEWAY,
+    WG_PORT,
+    Agent,
+    Host,
+    Lab,
+    Process,
+    Wiregate,
+    poll,
+    write_secret,
+)
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(400)]
+
+# "wiregate-lab-OK!" as 16 bytes of ping padding: easy to spot in a capture.
+PATTERN = b"wiregate-lab-OK!"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def ping_until(host: Host, addr: str, timeout: float = 15.0) -> bool:
+    """Ping ``addr`` from ``host`` until one reply comes back or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if host.ping(addr, count=1, timeout=1.0):
+            return True
+    return False
+
+
+def unreachable_pairs(mesh: Mesh, names: list[str], timeout: float = 15.0) -> list[str]:
+    """Every (source, destination, family) among ``names`` whose tunnel ping fails."""
+    failed = []
+    for src, dst in itertools.permutations(names, 2):
+        for family, addr in zip(("v4", "v6"), mesh.addresses(dst), strict=True):
+            if not ping_until(mesh.hosts[src], addr, timeout):
+                failed.append(f"{src}->{dst} {family} ({addr})")
+    return failed
+
+
+def wg_peers(agent: Agent) -> set[str]:
+    """Public keys configured on ``agent``'s interface right now (``wg show IFACE peers``)."""
+    out = agent.host.run(["wg", "show", agent.iface, "peers"]).stdout
+    return set(out.split())
+
+
+def peer_view(status: dict[str, Any]) -> set[tuple[str, str, tuple[str, ...]]]:
+    return {(p["id"], p["public_key"], tuple(p["addresses"])) for p in status["peers"]}
+
+
+def start_capture(host: Host, path: Path) -> Process:
+    proc = host.spawn(["tcpdump", "-U", "-Z", "root", "-ni", host.ifname, "-w", str(path)],
+                      name=f"tcpdump-{path.stem}")  # fmt: skip
+    poll(lambda: "listening on" in proc.output(), timeout=15, what="tcpdump to start")
+    return proc
+
+
+def stop_capture(proc: Process) -> None:
+    time.sleep(0.5)  # let the last replies arrive
+    proc.signal(signal.SIGINT)
+    proc.stop(timeout=5)
+
+
+# --------------------------------------------------------------------------- a tiny pcap reader
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """The parts of one captured IP packet the tests look at."""
+
+    src: str
+    dst: str
+    proto: int  # 1 ICMP, 6 TCP, 17 UDP, 58 ICMPv6
+    sport: int | None
+    dport: int | None
+    icmp_type: int | None
+    frame: bytes
+
+
+def read_pcap(path: Path) -> list[bytes]:
+    """Ethernet frames of a classic pcap file (either byte order, µs or ns timestamps)."""
+    data = path.read_bytes()
+    orders = {b"\xd4\xc3\xb2\xa1": "<", b"\x4d\x3c\xb2\xa1": "<", b"\xa1\xb2\xc3\xd4": ">",
+              b"\xa1\xb2\x3c\x4d": ">"}  # fmt: skip
+    order = orders.get(data[:4])
+    assert order is not None, f"{path} is not a pcap file"
+    (linktype,) = struct.unpack(order + "I", data[20:24])
+    assert linktype == 1, f"expected an Ethernet capture, got link type {linktype}"
+    frames, offset = [], 24
+    while offset + 16 <= len(data):
+        (incl,) = struct.unpack(order + "I", data[offset + 8 : offset + 12])
+        frames.append(data[offset + 16 : offset + 16 + incl])
+        offset += 16 + incl
+    return frames
+
+
+def parse_frame(frame: bytes) -> Packet | None:
+    """An IPv4/IPv6 packet's addresses, protocol and ports; None for ARP and the like."""
+    (ethertype,) = struct.unpack("!H", frame[12:14])
+    if ethertype == 0x0800:
+        ihl = (frame[14] & 0x0F) * 4
+        proto, l4 = frame[23], frame[14 + ihl :]
+        src, dst = _ip(frame[26:30]), _ip(frame[30:34])
+    elif ethertype == 0x86DD:
+        proto, l4 = frame[20], frame[54:]
+        src, dst = _ip(frame[22:38]), _ip(frame[38:54])
+        if proto == 0 and len(l4) >= 2:  # hop-by-hop options (MLD reports)
+            proto, l4 = l4[0], l4[(l4[1] + 1) * 8 :]
+    else:
+        return None
+    sport = dport = icmp_type = None
+    if proto in (6, 17) and len(l4) >= 4:
+        sport, dport = struct.unpack("!HH", l4[:4])
+    elif proto in (1, 58) and l4:
+        icmp_type = l4[0]
+    return Packet(src, dst, proto, sport, dport, icmp_type, frame)
+
+
+def _ip(raw: bytes) -> str:
+    return str(ipaddress.ip_address(raw))
+
+
+# ICMPv6 link housekeeping on the veth (router/neighbour discovery, MLD): not user traffic.
+ND_TYPES = {130, 131, 132, 133, 134, 135, 136, 143}
+
+
+def is_control_plane(p: Packet) -> bool:
+    """The agent's own HTTP/WebSocket stream to the gateway."""
+    return (
+        p.proto == 6 and INTERNET_GATEWAY in (p.src, p.dst) and GATEWAY_PORT in (p.sport, p.dport)
+    )
+
+
+def is_wireguard(p: Packet) -> bool:
+    return p.proto == 17 and WG_PORT in (p.sport, p.dport)
+
+
+def test_pcap_reader_sees_clear_icmp(lab: Lab, tmp_path: Path) -> None:
+    """Control for the capture test: plain pings on the underlay are seen, pattern and all."""
+    a, b = lab.add_host("a"), lab.add_host("b")
+    pcap = tmp_path / "clear.pcap"
+    capture = start_capture(a, pcap)
+    assert a.run(["ping", "-n", "-c", "3", "-i", "0.2", "-s", "200", "-p", PATTERN.hex(), b.addr])
+    stop_capture(capture)
+    packets = [p for f in read_pcap(pcap) if (p := parse_frame(f)) is not None]
+    echoes = [p for p in packets if p.proto == 1 and p.icmp_type in (0, 8)]
+    assert len(echoes) >= 6
+    assert all(PATTERN in p.frame for p in echoes)
+
+
+# --------------------------------------------------------------------------- the mesh
+
+
+def test_every_pair_pings_over_the_tunnel(mesh: Mesh) -> None:
+    names = list(mesh.hosts)
+    for name, status in mesh.statuses.items():
+        v4, v6 = mesh.addresses(name)
+        assert v4.startswith("100.64."), status["device"]
+        assert v6.startswith("fd7a:7767:6174:"), status["device"]
+        assert status["interface"] == mesh.agents[name].iface
+        assert len(wg_peers(mesh.agents[name])) == len(names) - 1
+    assert unreachable_pairs(mesh, names) == []
+    # The pings really went through WireGuard: every peer has a handshake and traffic.
+    now = time.time()
+    for name, agent in mesh.agents.items():
+        for peer in mesh.wiregate.status(agent)["peers"]:
+            assert peer["last_handshake"] and now - peer["last_handshake"] < 120, (name, peer)
+            assert peer["rx_bytes"] > 0 and peer["tx_bytes"] > 0, (name, peer)
+            assert peer["endpoint"] and peer["endpoint"].endswith(f":{WG_PORT}"), (name, peer)
+
+
+def test_underlay_carries_only_wireguard(mesh: Mesh, tmp_path: Path) -> None:
+    a, b = mesh.hosts["a"], mesh.hosts["b"]
+    b_v4 = mesh.addresses("b")[0]
+    assert ping_until(a, b_v4), "tunnel not up before the capture"
+    pcap = tmp_path / "underlay.pcap"
+    capture = start_capture(a, pcap)
+    a.run(["ping", "-n", "-c", "5", "-i", "0.2", "-s", "200", "-p", PATTERN.hex(), b_v4])
+    stop_capture(capture)
+    packets = [p for f in read_pcap(pcap) if (p := parse_frame(f)) is not None]
+    assert not [f for f in read_pcap(pcap) if PATTERN in f], "ping payload seen in clear"
+    icmp = [p for p in packets if p.proto == 1 or (p.proto == 58 and p.icmp_type not in ND_TYPES)]
+    assert icmp == [], f"ICMP on the underlay: {icmp[:3]}"
+    other = [p for p in packets if not is_wireguard(p) and not is_control_plane(p)]
+    other = [p for p in other if not (p.proto == 58 and p.icmp_type in ND_TYPES)]
+    assert other == [], f"non-WireGuard traffic on the underlay: {other[:3]}"
+    to_b = [p for p in packets if is_wireguard(p) and p.dst == b.addr and len(p.frame) > 200]
+    from_b = [p for p in packets if is_wireguard(p) and p.src == b.addr and len(p.frame) > 200]
+    assert len(to_b) >= 5 and len(from_b) >= 5, "the pings did not cross the underlay as UDP"
+
+
+def test_removed_device_disappears_from_every_peer(mesh: Mesh) -> None:
+    gone = mesh.agents["d"]
+    gone_id = mesh.statuses["d"]["device"]["id"]
+    gone_key = mesh.statuses["d"]["device"]["public_key"]
+    assert all(gone_key in wg_peers(mesh.agents[n]) for n in "abc")
+    mesh.wiregate.admin("devices", "remove", gone_id)
+    remaining = [mesh.agents[n] for n in "abc"]
+    poll(lambda: all(gone_key not in wg_peers(a) for a in remaining), timeout=10,
+         what="the removed peer to leave every interface")  # fmt: skip
+    assert all(len(wg_peers(a)) == 2 for a in remaining)
+
+    def interface_gone() -> bool:
+        probe = gone.host.run(["ip", "link", "show", gone.iface], check=False)
+        return probe.returncode != 0
+
+    poll(interface_gone, timeout=10, what=f"{gone.iface} to be torn down")
+    assert gone_id not in {d["id"] for d in mesh.wiregate.devices()}
+    assert not mesh.hosts["a"].ping(mesh.addresses("d")[0], timeout=1)
+    assert unreachable_pairs(mesh, ["a", "b", "c"]) == []
+
+
+def test_gateway_restart_fails_static_then_resyncs(mesh: Mesh) -> None:
+    before = {name: peer_view(st) for name, st in mesh.statuses.items()}
+    gateway = mesh.wiregate.gateway
+    assert gateway is not None
+    gateway.signal(signal.SIGKILL)
+    gateway.wait(timeout=10)
+
+    def all_disconnected() -> bool:
+        statuses = [mesh.wiregate.status(a) for a in mesh.agents.values()]
+        return not any(s["gateway"]["connected"] for s in statuses)
+
+    poll(all_disconnected, timeout=30, what="agents to notice the gateway is gone")
+    assert unreachable_pairs(mesh, list(mesh.hosts)) == [], "data plane did not fail static"
+
+    mesh.wiregate.start_gateway()
+    after = mesh.refresh(timeout=90)
+    assert all(st["gateway"]["connected"] for st in after.values())
+    assert {name: peer_view(st) for name, st in after.items()} == before
+    assert unreachable_pairs(mesh, list(mesh.hosts)) == []
+
+
+def test_agent_restart_keeps_key_and_addresses(mesh: Mesh) -> None:
+    agent = mesh.agents["b"]
+    before = mesh.statuses["b"]["device"]
+    key_file = agent.state_dir / "private.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert agent.proc is not None
+    agent.proc.signal(signal.SIGTERM)
+    agent.proc.wait(timeout=15)
+
+    mesh.wiregate.start_agent(agent.host)
+    after = mesh.refresh(timeout=90)["b"]["device"]
+    assert after["public_key"] == before["public_key"]
+    assert after["id"] == before["id"]
+    assert after["addresses"] == before["addresses"]
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert len(mesh.wiregate.devices()) == len(mesh.agents), "the restart enrolled a new device"
+    failed = [f for f in unreachable_pairs(mesh, list(mesh.hosts)) if "b" in f.split()[0]]
+    assert failed == []
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kind", ["unknown", "expired"])
+def test_agent_with_bad_enrollment_key_exits_clearly(
+    lab: Lab, gateway: Wiregate, kind: str
+) -> None:
+    host = lab.add_host("bad")
+    devices_before = gateway.devices()
+    if kind == "unknown":
+        key_file = lab.workdir / "unknown-key"
+        write_secret(key_file, "wgk_" + secrets.token_urlsafe(32))
+    else:
+        key_file = gateway.create_key(expiry="1s", reusable=False)
+        time.sleep(2.5)
+    secret = key_file.read_text().strip()
+    agent = gateway.start_agent(host, key_file)
+    assert agent.proc is not None
+    proc = agent.proc
+    poll(lambda: proc.returncode is not None, timeout=30, what="the agent to give up")
+    output = proc.output()
+    assert proc.returncode != 0, output
+    assert "Traceback (most recent call last)" not in output, output
+    assert re.search(r"(?i)\bkey\b|enrol", output), f"no clear message: {output!r}"
+    assert secret not in output, "the agent logged the enrollment secret"
+    assert gateway.devices() == devices_before
+    assert host.run(["ip", "link", "show", agent.iface], check=False).returncode != 0

@@ -197,23 +197,27 @@ class StunServer:
         if unknown:
             full = (ErrorCode(420, "Unknown Attribute"), UnknownAttributes(unknown))
             bare: tuple[Attribute, ...] = (ErrorCode(420), UnknownAttributes(unknown))
-            return _fit(msg, MessageClass.ERROR, [full, bare], budget), "error_420"
+            return _fit(msg, MessageClass.ERROR, [full, bare], budget, "error_420")
         extras = (*self._rfc5780.get(_key(local), ()), *self._software)
         variants = [(mapped, *extras[:n]) for n in range(len(extras), -1, -1)]
-        return _fit(msg, MessageClass.SUCCESS, variants, budget), "success"
+        return _fit(msg, MessageClass.SUCCESS, variants, budget, "success")
 
 
 def _fit(
-    msg: Message, klass: MessageClass, variants: list[tuple[Attribute, ...]], budget: int
-) -> bytes | None:
-    """The fullest variant (with FINGERPRINT, then without the barest) within ``budget``."""
+    msg: Message,
+    klass: MessageClass,
+    variants: list[tuple[Attribute, ...]],
+    budget: int,
+    outcome: str,
+) -> tuple[bytes | None, str]:
+    """The fullest variant (with FINGERPRINT, then the barest without) within ``budget``."""
     tid = msg.transaction_id
     tries = [(attrs, True) for attrs in variants] + [(variants[-1], False)]
     for attrs, fingerprint in tries:
         reply = build_message(BINDING, klass, tid, attrs, fingerprint=fingerprint)
         if len(reply) <= budget:
-            return reply
-    return None
+            return reply, outcome
+    return None, "too_large"
 
 
 def _unknown_required(msg: Message) -> tuple[int, ...]:

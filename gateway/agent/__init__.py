@@ -1,0 +1,1 @@
+"""The wiregate agent: enrollment, the map stream and the WireGuard data plane."""

@@ -1,0 +1,210 @@
+"""The small interface every WireGuard backend implements, its values and an in-memory fake.
+
+Two backends implement :class:`WireGuardBackend`: the kernel module over generic
+netlink (:mod:`gateway.agent.netlink`) and wireguard-go/boringtun over the
+cross-platform UAPI socket (:mod:`gateway.agent.uapi`). The reconciler
+(:mod:`gateway.agent.reconcile`) only ever sees these values.
+
+Endpoints are canonical text: ``"192.0.2.1:51820"`` or ``"[2001:db8::1]:51820"``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from gateway.errors import DataPlaneError
+from gateway.wgkey import encode_key, public_from_private
+
+__all__ = [
+    "DeviceUpdate",
+    "IPNetwork",
+    "LiveDevice",
+    "LivePeer",
+    "MemoryBackend",
+    "PeerUpdate",
+    "WireGuardBackend",
+    "format_endpoint",
+    "parse_endpoint",
+]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_endpoint(text: str) -> tuple[IPAddress, int]:
+    """Split ``ip:port`` / ``[ip6]:port`` into an address and a port; ValueError if malformed."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"endpoint {text!r} is not ip:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if "%" in host:
+            raise ValueError(f"endpoint {text!r} carries a zone index")
+        address: IPAddress = ipaddress.IPv6Address(host)
+    else:
+        address = ipaddress.IPv4Address(host)
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"endpoint {text!r} has port out of range")
+    return address, port
+
+
+def format_endpoint(address: IPAddress, port: int) -> str:
+    """The canonical text of an endpoint."""
+    if address.version == 6:
+        return f"[{address}]:{port}"
+    return f"{address}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class LivePeer:
+    """One peer as the WireGuard device reports it."""
+
+    public_key: str
+    allowed_ips: frozenset[IPNetwork] = frozenset()
+    endpoint: str | None = None
+    keepalive: int = 0
+    last_handshake: float | None = None  # POSIX seconds, None if never
+    rx: int = 0
+    tx: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LiveDevice:
+    """The whole device as read back (the private key itself is never kept)."""
+
+    public_key: str | None = None  # derived from the private key; None if unset
+    listen_port: int = 0
+    fwmark: int = 0
+    peers: Mapping[str, LivePeer] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerUpdate:
+    """Changes for one peer. ``None`` fields are left untouched.
+
+    ``update_only`` marks a change to an existing peer (a backend must not create
+    the peer if it vanished meanwhile). ``allowed_ips`` replaces the peer's set.
+    """
+
+    public_key: str
+    remove: bool = False
+    update_only: bool = False
+    allowed_ips: frozenset[IPNetwork] | None = None
+    endpoint: str | None = None
+    keepalive: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceUpdate:
+    """One reconcile's worth of device changes; empty means nothing to write."""
+
+    private_key: bytes | None = field(default=None, repr=False)
+    listen_port: int | None = None
+    fwmark: int | None = None
+    peers: tuple[PeerUpdate, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        """True when applying this update would change nothing."""
+        device = (self.private_key, self.listen_port, self.fwmark)
+        return all(v is None for v in device) and not self.peers
+
+
+class WireGuardBackend(Protocol):
+    """What the data plane needs from a WireGuard implementation."""
+
+    name: str
+
+    def exists(self, name: str) -> bool:
+        """True if the interface exists and answers."""
+        ...
+
+    def create(self, name: str) -> None:
+        """Create the interface (or adopt a running one)."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove the interface; no error if it is already gone."""
+        ...
+
+    def read(self, name: str) -> LiveDevice:
+        """Read the device's current configuration and peer statistics."""
+        ...
+
+    def write(self, name: str, update: DeviceUpdate) -> int:
+        """Apply ``update``; return the number of write operations issued (0 if empty)."""
+        ...
+
+
+def apply_update(live: LiveDevice, update: DeviceUpdate, public_key: str | None) -> LiveDevice:
+    """What a WireGuard device looks like after ``update`` (the semantics both backends follow).
+
+    ``public_key`` is the public key of ``update.private_key`` (computed by the caller).
+    """
+    peers = dict(live.peers)
+    for change in update.peers:
+        current = peers.get(change.public_key)
+        if change.remove:
+            peers.pop(change.public_key, None)
+        elif current is not None or not change.update_only:
+            peers[change.public_key] = _apply_peer(current, change)
+    return LiveDevice(
+        public_key=live.public_key if update.private_key is None else public_key,
+        listen_port=_pick(update.listen_port, live.listen_port),
+        fwmark=_pick(update.fwmark, live.fwmark),
+        peers=peers,
+    )
+
+
+def _pick(new: int | None, old: int) -> int:
+    return old if new is None else new
+
+
+def _apply_peer(current: LivePeer | None, change: PeerUpdate) -> LivePeer:
+    peer = current or LivePeer(public_key=change.public_key)
+    if change.allowed_ips is not None:
+        peer = replace(peer, allowed_ips=change.allowed_ips)
+    if change.endpoint is not None:
+        peer = replace(peer, endpoint=change.endpoint)
+    if change.keepalive is not None:
+        peer = replace(peer, keepalive=change.keepalive)
+    return peer
+
+
+class MemoryBackend:
+    """An in-memory WireGuard backend for tests: it counts writes like the real ones."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.devices: dict[str, LiveDevice] = {}
+        self.writes = 0
+
+    def exists(self, name: str) -> bool:
+        return name in self.devices
+
+    def create(self, name: str) -> None:
+        self.devices.setdefault(name, LiveDevice())
+
+    def delete(self, name: str) -> None:
+        self.devices.pop(name, None)
+
+    def read(self, name: str) -> LiveDevice:
+        try:
+            return self.devices[name]
+        except KeyError:
+            raise DataPlaneError(f"no WireGuard interface {name}") from None
+
+    def write(self, name: str, update: DeviceUpdate) -> int:
+        if update.is_empty:
+            return 0
+        public = None
+        if update.private_key is not None:
+            public = encode_key(public_from_private(update.private_key))
+        self.devices[name] = apply_update(self.read(name), update, public)
+        self.writes += 1
+        return 1

@@ -1,0 +1,89 @@
+"""The reconciler's diff: desired device vs live device -> the minimal update (pure).
+
+Only what differs is touched, so that a no-op reconcile issues no write and no
+handshake is reset. Endpoints are special: WireGuard roams (it updates a peer's
+endpoint to wherever authenticated packets come from), so the agent sets an
+endpoint only when the control plane's choice changed since the last apply, or
+when the peer has none. Without a previous apply (agent restart) the live
+endpoint is compared with the desired one.
+"""
+
+from __future__ import annotations
+
+from gateway.agent.backend import DeviceUpdate, LiveDevice, LivePeer, PeerUpdate
+from gateway.agent.desired import DesiredDevice, DesiredPeer
+
+__all__ = ["diff"]
+
+
+def diff(
+    desired: DesiredDevice, live: LiveDevice, last_applied: DesiredDevice | None
+) -> DeviceUpdate:
+    """The update that brings ``live`` to ``desired``; empty if nothing differs."""
+    private_key = None if live.public_key == desired.public_key else desired.private_key
+    # listen port 0 = "any port": never fight the port the device picked
+    port_same = desired.listen_port in (0, live.listen_port)
+    listen_port = None if port_same else desired.listen_port
+    fwmark = None if desired.fwmark == live.fwmark else desired.fwmark
+    return DeviceUpdate(
+        private_key=private_key,
+        listen_port=listen_port,
+        fwmark=fwmark,
+        peers=_peer_updates(desired, live, last_applied),
+    )
+
+
+def _peer_updates(
+    desired: DesiredDevice, live: LiveDevice, last_applied: DesiredDevice | None
+) -> tuple[PeerUpdate, ...]:
+    removals = [
+        PeerUpdate(k, remove=True) for k in sorted(live.peers.keys() - desired.peers.keys())
+    ]
+    changes: list[PeerUpdate] = []
+    for key in sorted(desired.peers):
+        want = desired.peers[key]
+        have = live.peers.get(key)
+        if have is None:
+            changes.append(_new_peer(want))
+            continue
+        before = None if last_applied is None else last_applied.peers.get(key)
+        change = _peer_change(want, have, before)
+        if change is not None:
+            changes.append(change)
+    return tuple(removals + changes)
+
+
+def _new_peer(want: DesiredPeer) -> PeerUpdate:
+    return PeerUpdate(
+        public_key=want.public_key,
+        allowed_ips=want.allowed_ips,
+        endpoint=want.endpoint,
+        keepalive=want.keepalive or None,
+    )
+
+
+def _peer_change(
+    want: DesiredPeer, have: LivePeer, before: DesiredPeer | None
+) -> PeerUpdate | None:
+    allowed = None if want.allowed_ips == have.allowed_ips else want.allowed_ips
+    keepalive = None if want.keepalive == have.keepalive else want.keepalive
+    endpoint = want.endpoint if _endpoint_needed(want, have, before) else None
+    if allowed is None and keepalive is None and endpoint is None:
+        return None
+    return PeerUpdate(
+        public_key=want.public_key,
+        update_only=True,
+        allowed_ips=allowed,
+        endpoint=endpoint,
+        keepalive=keepalive,
+    )
+
+
+def _endpoint_needed(want: DesiredPeer, have: LivePeer, before: DesiredPeer | None) -> bool:
+    if want.endpoint is None or want.endpoint == have.endpoint:
+        return False
+    if have.endpoint is None:
+        return True
+    if before is None:
+        return True
+    return before.endpoint != want.endpoint

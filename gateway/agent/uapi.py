@@ -1,0 +1,332 @@
+"""Userspace WireGuard (wireguard-go, boringtun) over the cross-platform UAPI socket.
+
+Protocol (https://www.wireguard.com/xplatform/): the client writes ``get=1\\n\\n``
+or ``set=1\\n`` + ``key=value`` lines + ``\\n``; keys are lowercase hex; the
+reply ends with ``errno=N\\n\\n`` (0 = success). :func:`build_set` and
+:func:`parse_get` are the sans-IO codec; :class:`UapiBackend` is the socket
+adapter that also starts the daemon.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from gateway.agent.backend import DeviceUpdate, LiveDevice, LivePeer, PeerUpdate, parse_endpoint
+from gateway.agent.backend import format_endpoint as _fmt
+from gateway.errors import DataPlaneError
+from gateway.wgkey import decode_key, encode_key, public_from_private
+
+__all__ = [
+    "SOCKET_DIR",
+    "MalformedUapi",
+    "UapiBackend",
+    "UapiError",
+    "UapiRefused",
+    "build_set",
+    "parse_errno",
+    "parse_get",
+]
+
+SOCKET_DIR = Path("/var/run/wireguard")
+GET_REQUEST = b"get=1\n\n"
+_MAX_REPLY = 64 << 20
+
+
+class UapiError(DataPlaneError):
+    """A UAPI exchange failed."""
+
+    code = "uapi"
+
+
+class MalformedUapi(UapiError):
+    """The daemon's reply does not follow the protocol."""
+
+    code = "uapi_malformed"
+
+
+class UapiRefused(UapiError):
+    """The daemon answered with a non-zero errno."""
+
+    code = "uapi_refused"
+
+    def __init__(self, errno: int) -> None:
+        name = os.strerror(abs(errno))
+        super().__init__(f"WireGuard UAPI refused the request: errno={errno} ({name})")
+        self.errno = errno
+
+
+# --- codec -----------------------------------------------------------------
+
+
+def _hex_key(b64: str) -> str:
+    return decode_key(b64).hex()
+
+
+def build_set(update: DeviceUpdate) -> bytes:
+    """The ``set=1`` request for ``update`` (private key included: never log the result)."""
+    lines = ["set=1"]
+    if update.private_key is not None:
+        lines.append(f"private_key={update.private_key.hex()}")
+    if update.listen_port is not None:
+        lines.append(f"listen_port={update.listen_port}")
+    if update.fwmark is not None:
+        lines.append(f"fwmark={update.fwmark}")
+    for peer in update.peers:
+        lines.extend(_peer_lines(peer))
+    return ("\n".join(lines) + "\n\n").encode("ascii")
+
+
+def _peer_lines(peer: PeerUpdate) -> list[str]:
+    lines = [f"public_key={_hex_key(peer.public_key)}"]
+    if peer.remove:
+        return [*lines, "remove=true"]
+    if peer.update_only:
+        lines.append("update_only=true")
+    if peer.endpoint is not None:
+        lines.append(f"endpoint={peer.endpoint}")
+    if peer.keepalive is not None:
+        lines.append(f"persistent_keepalive_interval={peer.keepalive}")
+    if peer.allowed_ips is not None:
+        if peer.update_only:
+            lines.append("replace_allowed_ips=true")
+        lines.extend(f"allowed_ip={net}" for net in sorted(peer.allowed_ips, key=_net_key))
+    return lines
+
+
+def _net_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int, int]:
+    return (net.version, int(net.network_address), net.prefixlen)
+
+
+def parse_errno(reply: bytes) -> int:
+    """The errno of a reply (``errno=N`` on its last non-empty line)."""
+    if not reply.endswith(b"\n\n"):
+        raise MalformedUapi("UAPI reply is not terminated by an empty line")
+    last = reply[:-2].rsplit(b"\n", 1)[-1]
+    key, sep, value = last.partition(b"=")
+    if key != b"errno" or not sep:
+        raise MalformedUapi("UAPI reply does not end with errno=N")
+    try:
+        return int(value)
+    except ValueError:
+        raise MalformedUapi("UAPI errno is not an integer") from None
+
+
+def parse_get(reply: bytes) -> LiveDevice:
+    """Parse a ``get=1`` reply into a :class:`LiveDevice`; raise on errors and malformed input."""
+    errno = parse_errno(reply)
+    if errno != 0:
+        raise UapiRefused(errno)
+    try:
+        lines = reply[:-2].decode("ascii").split("\n")[:-1]
+        device, peers = _split_pairs(lines)
+        return LiveDevice(
+            public_key=_public_of(device.get("private_key")),
+            listen_port=int(device.get("listen_port", "0")),
+            fwmark=int(device.get("fwmark", "0")),
+            peers={p.public_key: p for p in map(_live_peer, peers)},
+        )
+    except MalformedUapi:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedUapi(f"bad value in UAPI reply ({type(exc).__name__})") from None
+
+
+def _split_pairs(lines: list[str]) -> tuple[dict[str, str], list[list[tuple[str, str]]]]:
+    """Device key/values, then one list of key/values per peer (each opened by public_key)."""
+    device: dict[str, str] = {}
+    peers: list[list[tuple[str, str]]] = []
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise MalformedUapi(f"UAPI line without '=': {line[:40]!r}")
+        if key == "public_key":
+            peers.append([])
+        if peers:
+            peers[-1].append((key, value))
+        else:
+            device[key] = value
+    return device, peers
+
+
+def _public_of(private_hex: str | None) -> str | None:
+    if private_hex is None:
+        return None
+    raw = bytes.fromhex(private_hex)
+    if len(raw) != 32:
+        raise MalformedUapi("UAPI private key is not 32 bytes")
+    return None if raw == bytes(32) else encode_key(public_from_private(raw))
+
+
+def _key_from_hex(value: str) -> str:
+    raw = bytes.fromhex(value)
+    if len(raw) != 32:
+        raise MalformedUapi("UAPI key is not 32 bytes")
+    return encode_key(raw)
+
+
+def _live_peer(pairs: list[tuple[str, str]]) -> LivePeer:
+    fields: dict[str, str] = {}
+    allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for key, value in pairs:
+        if key == "allowed_ip":
+            allowed.append(ipaddress.ip_network(value, strict=False))
+        else:
+            fields[key] = value
+    sec = int(fields.get("last_handshake_time_sec", "0"))
+    nsec = int(fields.get("last_handshake_time_nsec", "0"))
+    endpoint = fields.get("endpoint")
+    return LivePeer(
+        public_key=_key_from_hex(fields["public_key"]),
+        allowed_ips=frozenset(allowed),
+        endpoint=None if endpoint is None else _fmt(*parse_endpoint(endpoint)),
+        keepalive=int(fields.get("persistent_keepalive_interval", "0")),
+        last_handshake=None if sec == 0 and nsec == 0 else sec + nsec / 1e9,
+        rx=int(fields.get("rx_bytes", "0")),
+        tx=int(fields.get("tx_bytes", "0")),
+    )
+
+
+# --- socket adapter --------------------------------------------------------
+
+
+class UapiBackend:
+    """wireguard-go (or boringtun) driven through its UAPI socket.
+
+    ``create`` starts ``BINARY -f NAME`` detached, in the current network
+    namespace, logging to ``run_dir/NAME.log``; a daemon that already answers
+    on the socket is adopted, so an agent restart does not restart the tunnel.
+    """
+
+    name = "userspace"
+
+    def __init__(
+        self, *, run_dir: Path, binary: str = "wireguard-go", socket_dir: Path = SOCKET_DIR
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.binary = binary
+        self.socket_dir = Path(socket_dir)
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def socket_path(self, name: str) -> Path:
+        """Where the daemon for ``name`` listens."""
+        return self.socket_dir / f"{name}.sock"
+
+    def exists(self, name: str) -> bool:
+        try:
+            with self._connect(name):
+                return True
+        except UapiError:
+            return False
+
+    def create(self, name: str, timeout: float = 10.0) -> None:
+        if self.exists(name):
+            return
+        self.socket_path(name).unlink(missing_ok=True)  # stale socket of a dead daemon
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.run_dir / f"{name}.log", "ab") as log:
+            child = subprocess.Popen(
+                [self.binary, "-f", name],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        self._children[name] = child
+        (self.run_dir / f"{name}.pid").write_text(f"{child.pid}\n")
+        self._wait_ready(name, child, timeout)
+
+    def _wait_ready(self, name: str, child: subprocess.Popen[bytes], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if child.poll() is not None:
+                raise DataPlaneError(
+                    f"{self.binary} exited with {child.returncode} while creating {name}",
+                    hint=f"see {self.run_dir / (name + '.log')}",
+                )
+            if self.exists(name):
+                return
+            time.sleep(0.02)
+        raise DataPlaneError(f"{self.binary} did not open {self.socket_path(name)} in time")
+
+    def delete(self, name: str) -> None:
+        pid = self._pid(name)
+        if pid is not None:
+            self._terminate(name, pid)
+        self.socket_path(name).unlink(missing_ok=True)
+        (self.run_dir / f"{name}.pid").unlink(missing_ok=True)
+
+    def _pid(self, name: str) -> int | None:
+        try:
+            pid = int((self.run_dir / f"{name}.pid").read_text())
+            args = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+        except (OSError, ValueError):
+            return None
+        # Only ever signal the daemon we started for this interface (pids get reused).
+        return pid if args[-2:] == [b"-f", name.encode()] else None
+
+    def _terminate(self, name: str, pid: int) -> None:
+        os.kill(pid, signal.SIGTERM)
+        child = self._children.pop(name, None)
+        if child is not None:
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            return
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def read(self, name: str) -> LiveDevice:
+        return parse_get(self._transact(name, GET_REQUEST))
+
+    def write(self, name: str, update: DeviceUpdate) -> int:
+        if update.is_empty:
+            return 0
+        errno = parse_errno(self._transact(name, build_set(update)))
+        if errno != 0:
+            raise UapiRefused(errno)
+        return 1
+
+    def _connect(self, name: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        try:
+            sock.connect(str(self.socket_path(name)))
+        except OSError as exc:
+            sock.close()
+            raise UapiError(f"cannot reach the UAPI socket of {name}: {exc.strerror}") from None
+        return sock
+
+    def _transact(self, name: str, request: bytes) -> bytes:
+        with self._connect(name) as sock:
+            try:
+                sock.sendall(request)
+                return _read_reply(sock)
+            except OSError as exc:
+                raise UapiError(f"UAPI exchange with {name} failed: {exc}") from None
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    tail = b""
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            raise MalformedUapi("UAPI socket closed before the end of the reply")
+        chunks.append(chunk)
+        size += len(chunk)
+        tail = (tail + chunk)[-2:]
+        if tail == b"\n\n":
+            return b"".join(chunks)
+        if size > _MAX_REPLY:
+            raise MalformedUapi("UAPI reply is too large")

@@ -1,0 +1,52 @@
+"""Parse what an agent sends on its map stream (pure).
+
+The only message an agent sends is
+``{"type": "endpoints", "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:51820"]}``;
+anything else is :class:`~gateway.errors.BadInput`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+from aiohttp import WSMsgType
+
+from gateway.errors import BadInput
+
+__all__ = ["MAX_ENDPOINTS", "parse_agent_message", "parse_endpoint"]
+
+MAX_ENDPOINTS = 32
+
+
+def parse_agent_message(kind: WSMsgType, data: Any) -> list[str]:
+    """The endpoints of an agent's ``endpoints`` message, or raise :class:`BadInput`."""
+    if kind is not WSMsgType.TEXT:
+        raise BadInput(f"expected a text frame, got {kind.name}")
+    try:
+        msg = json.loads(data)
+    except ValueError:
+        raise BadInput("message is not JSON") from None
+    if not isinstance(msg, dict) or msg.get("type") != "endpoints":
+        raise BadInput("expected a message of type 'endpoints'")
+    endpoints = msg.get("endpoints")
+    if not isinstance(endpoints, list) or len(endpoints) > MAX_ENDPOINTS:
+        raise BadInput(f"endpoints: expected a list of at most {MAX_ENDPOINTS} 'ip:port'")
+    return list(dict.fromkeys(parse_endpoint(e) for e in endpoints))
+
+
+def parse_endpoint(text: Any) -> str:
+    """Normalize ``ip:port`` / ``[ipv6]:port``, or raise :class:`BadInput`."""
+    if not isinstance(text, str) or len(text) > 64:
+        raise BadInput(f"endpoint {text!r} is not 'ip:port'")
+    host, sep, port = text.rpartition(":")
+    v6 = host.startswith("[") and host.endswith("]")
+    try:
+        addr = ipaddress.ip_address(host[1:-1] if v6 else host)
+        number = int(port)
+    except ValueError:
+        raise BadInput(f"endpoint {text!r} is not 'ip:port'") from None
+    if not sep or not 0 < number < 65536 or (addr.version == 6) != v6:
+        raise BadInput(f"endpoint {text!r} is not 'ip:port'")
+    return f"[{addr}]:{number}" if v6 else f"{addr}:{number}"

@@ -1,0 +1,378 @@
+"""The peering broker: pushes each agent its network map over one WebSocket.
+
+asyncio glue around the pure core in :mod:`gateway.netmap`. The store owns the
+global, monotonically increasing map ``version``; the broker never invents one.
+
+Per agent (from its first connection until its device is removed) the broker
+keeps the version it last sent and a bounded history of the deltas it built for
+it, connected or not, so a reconnect with ``?since=V`` can resume:
+
+* ``since`` absent, unknown or too old → ``full``;
+* ``since`` is the agent's latest version → ``sync``;
+* ``since`` is the base of a delta in its history → the missed deltas, in order.
+
+Each delta carries ``base`` (the previous version sent to that agent) and
+``version``. A change's peer JSON is serialized once and each agent's message is
+a short per-agent head joined to a shared body. Every connection has its own
+bounded outbound queue and writer task: a slow agent never delays the others,
+and one whose queue overflows is dropped (close 1013) and forgotten, so it
+reconnects to a full map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from aiohttp import WSCloseCode, web
+from prometheus_client import Counter, Gauge, Histogram
+
+from gateway._agentmsg import parse_agent_message
+from gateway.errors import RemoteError
+from gateway.logging import get_logger
+from gateway.model import Device
+from gateway.netmap import (
+    AgentUpdate,
+    Fanout,
+    NetworkState,
+    apply_remove,
+    apply_upsert,
+    dumps,
+    encode_delta,
+    encode_delta_body,
+    encode_full,
+)
+from identity.policy import Policy
+
+__all__ = ["CONNECTED", "DELTAS_SENT", "FANOUT_SECONDS", "MAP_VERSION", "Broker", "OnEndpoints"]
+
+HEARTBEAT_S = 20.0
+CLOSE_TIMEOUT_S = 5.0
+MAX_AGENT_MESSAGE = 64 * 1024
+
+CONNECTED = Gauge("wiregate_broker_connected_agents", "Agents with an open map stream")
+DELTAS_SENT = Counter("wiregate_broker_deltas_sent", "Delta messages written to agent streams")
+FANOUT_SECONDS = Histogram(
+    "wiregate_broker_fanout_seconds",
+    "Time from a map change to its delta being written to an agent's stream",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+MAP_VERSION = Gauge("wiregate_netmap_version", "Version of the network map held by the broker")
+
+OnEndpoints = Callable[[str, list[str]], Awaitable[None]]
+
+log = get_logger("broker")
+
+
+@dataclass(frozen=True, slots=True)
+class _Delta:
+    """One delta built for one agent; ``body`` is shared by every agent with the same update."""
+
+    base: int
+    version: int
+    self_text: str | None
+    body: str
+
+    def render(self) -> str:
+        return encode_delta(self.base, self.version, self.self_text, self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    code: int
+    reason: str
+
+
+@dataclass(slots=True)
+class _Log:
+    """What an agent was last sent, and the deltas that led there (oldest first)."""
+
+    version: int
+    entries: deque[_Delta]
+
+    def since(self, version: int) -> list[_Delta] | None:
+        for i, delta in enumerate(self.entries):
+            if delta.base == version:
+                return list(self.entries)[i:]
+        return None
+
+
+# (message, time of the change it carries, or None for non-delta messages)
+_Item = tuple[str | _Delta | _Close, float | None]
+
+
+@dataclass(eq=False, slots=True)
+class _Stream:
+    device_id: str
+    ws: web.WebSocketResponse
+    transport: asyncio.Transport | None
+    queue: asyncio.Queue[_Item]
+    writer: asyncio.Task[None] | None = None
+    closer: asyncio.Task[None] | None = None
+    closing: bool = False
+
+
+class Broker:
+    """Network-map streams for every connected agent (see the module docstring)."""
+
+    def __init__(
+        self, policy: Policy | None = None, history: int = 64, queue_size: int = 256
+    ) -> None:
+        if history < 1 or queue_size <= history:
+            raise ValueError("need history >= 1 and queue_size > history")
+        self._policy = policy if policy is not None else Policy.allow_all()
+        self._history = history
+        self._queue_size = queue_size
+        self._state = NetworkState(self._policy)
+        self._version = 0
+        self._logs: dict[str, _Log] = {}
+        self._streams: dict[str, _Stream] = {}
+
+    # -- changes from the store -------------------------------------------------
+
+    def load(self, devices: Iterable[Device], version: int) -> None:
+        """Replace the whole state; connected agents get a full map (or revoked)."""
+        self._state = NetworkState(self._policy, devices)
+        self._set_version(version)
+        self._logs.clear()
+        for stream in list(self._streams.values()):
+            if stream.device_id in self._state:
+                self._push(stream, self._full(stream.device_id), None)
+            else:
+                self._revoke(stream.device_id, "device removed")
+
+    def set_policy(self, policy: Policy, version: int) -> None:
+        """Apply a new policy: every connected agent gets a full map at ``version``."""
+        self._policy = policy
+        self.load(list(self._state), version)
+
+    def upsert(self, device: Device, version: int) -> None:
+        """Add or change a device at ``version`` and push the deltas it causes."""
+        if self._stale(version):
+            return
+        started = time.perf_counter()
+        fanout = apply_upsert(self._state, device)
+        self._set_version(version)
+        self._publish(fanout, version, started)
+
+    def remove(self, device_id: str, version: int) -> None:
+        """Remove a device at ``version``: its viewers drop it, its own stream is revoked."""
+        if self._stale(version):
+            return
+        started = time.perf_counter()
+        fanout = apply_remove(self._state, device_id)
+        self._set_version(version)
+        self._publish(fanout, version, started)
+        self._revoke(device_id, "device removed")
+
+    @property
+    def version(self) -> int:
+        """The map version the broker holds."""
+        return self._version
+
+    @property
+    def connected(self) -> int:
+        """How many agents have an open stream."""
+        return len(self._streams)
+
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._state
+
+    def _stale(self, version: int) -> bool:
+        if version > self._version:
+            return False
+        log.warning("stale map change ignored", version=version, current=self._version)
+        return True
+
+    def _set_version(self, version: int) -> None:
+        self._version = version
+        MAP_VERSION.set(version)
+
+    # -- fan-out ----------------------------------------------------------------
+
+    def _publish(self, fanout: Fanout, version: int, started: float) -> None:
+        bodies: dict[int, str] = {}
+        for agent, update in fanout.updates.items():
+            agent_log = self._logs.get(agent)
+            if agent_log is None:  # never connected: it will get a full map
+                continue
+            delta = _Delta(
+                agent_log.version,
+                version,
+                self._self_text(agent, update),
+                self._body(bodies, update),
+            )
+            agent_log.entries.append(delta)
+            agent_log.version = version
+            stream = self._streams.get(agent)
+            if stream is not None:
+                self._push(stream, delta, started)
+
+    def _body(self, bodies: dict[int, str], update: AgentUpdate) -> str:
+        body = bodies.get(id(update))
+        if body is None:
+            body = bodies[id(update)] = encode_delta_body(self._state, update)
+        return body
+
+    def _self_text(self, agent: str, update: AgentUpdate) -> str | None:
+        return None if update.self_view is None else self._state.self_text(agent)
+
+    def _push(self, stream: _Stream, item: str | _Delta, started: float | None) -> None:
+        if stream.closing:
+            return
+        try:
+            stream.queue.put_nowait((item, started))
+        except asyncio.QueueFull:
+            log.warning("agent too slow, dropping its stream", device_id=stream.device_id)
+            self._logs.pop(stream.device_id, None)  # reconnect gets a full map
+            self._drop(stream, WSCloseCode.TRY_AGAIN_LATER, "too slow, reconnect")
+
+    def _revoke(self, device_id: str, reason: str) -> None:
+        self._logs.pop(device_id, None)
+        stream = self._streams.get(device_id)
+        if stream is None or stream.closing:
+            return
+        self._unregister(stream)
+        while not stream.queue.empty():  # nothing queued matters any more
+            stream.queue.get_nowait()
+        stream.queue.put_nowait((dumps({"type": "revoked", "reason": reason}), None))
+        stream.queue.put_nowait((_Close(WSCloseCode.OK, reason), None))
+        stream.closing = True
+
+    # -- opening a stream -------------------------------------------------------
+
+    def _opening(self, device_id: str, since: int | None) -> list[str | _Delta]:
+        agent_log = self._logs.get(device_id)
+        if since is not None and agent_log is None and since == self._version:
+            agent_log = self._logs[device_id] = self._new_log(since)
+        if since is not None and agent_log is not None:
+            if since == agent_log.version:
+                return [dumps({"type": "sync", "version": since})]
+            missed = agent_log.since(since)
+            if missed is not None:
+                return list(missed)
+        return [self._full(device_id)]
+
+    def _full(self, device_id: str) -> str:
+        self._logs[device_id] = self._new_log(self._version)
+        return encode_full(self._state, device_id, self._version)
+
+    def _new_log(self, version: int) -> _Log:
+        return _Log(version=version, entries=deque(maxlen=self._history))
+
+    def _attach(
+        self, device_id: str, request: web.Request, ws: web.WebSocketResponse, since: int | None
+    ) -> _Stream:
+        old = self._streams.get(device_id)
+        if old is not None:
+            self._drop(old, WSCloseCode.OK, "replaced by a newer stream")
+        queue: asyncio.Queue[_Item] = asyncio.Queue(self._queue_size)
+        stream = _Stream(device_id, ws, request.transport, queue)
+        for item in self._opening(device_id, since):
+            queue.put_nowait((item, None))
+        stream.writer = asyncio.create_task(self._write(stream))
+        self._streams[device_id] = stream
+        CONNECTED.inc()
+        return stream
+
+    # -- serving ----------------------------------------------------------------
+
+    async def serve(
+        self, request: web.Request, device_id: str, since: int | None, on_endpoints: OnEndpoints
+    ) -> web.WebSocketResponse:
+        """Run the map stream of ``device_id`` until it closes.
+
+        The caller has authenticated the device. ``since`` is the version the
+        agent holds (``?since=``), if any. Agent ``endpoints`` messages are
+        passed to ``on_endpoints``; any other message closes the stream (1008).
+        """
+        ws = web.WebSocketResponse(
+            heartbeat=HEARTBEAT_S,
+            timeout=CLOSE_TIMEOUT_S,
+            max_msg_size=MAX_AGENT_MESSAGE,
+            compress=False,
+        )
+        await ws.prepare(request)
+        if device_id not in self._state:
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"unknown device")
+            return ws
+        stream = self._attach(device_id, request, ws, since)
+        try:
+            await self._read(stream, on_endpoints)
+        finally:
+            await self._detach(stream)
+        return ws
+
+    async def _read(self, stream: _Stream, on_endpoints: OnEndpoints) -> None:
+        async for msg in stream.ws:
+            if stream.closing:
+                return
+            try:
+                endpoints = parse_agent_message(msg.type, msg.data)
+                await on_endpoints(stream.device_id, endpoints)
+            except RemoteError as exc:
+                log.warning(
+                    "closing agent stream: bad message",
+                    device_id=stream.device_id,
+                    error=exc.message,
+                )
+                self._drop(stream, WSCloseCode.POLICY_VIOLATION, exc.message[:100])
+                return
+
+    async def _write(self, stream: _Stream) -> None:
+        try:
+            while True:
+                item, started = await stream.queue.get()
+                if isinstance(item, _Close):
+                    await self._shut(stream, item.code, item.reason)
+                    return
+                await stream.ws.send_str(item if isinstance(item, str) else item.render())
+                if started is not None:
+                    DELTAS_SENT.inc()
+                    FANOUT_SECONDS.observe(time.perf_counter() - started)
+        except ConnectionError as exc:
+            log.info("agent stream write failed", device_id=stream.device_id, error=str(exc))
+
+    def _drop(self, stream: _Stream, code: int, reason: str) -> None:
+        """Stop sending to ``stream`` and close it in the background."""
+        self._unregister(stream)
+        if stream.closing:
+            return
+        stream.closing = True
+        if stream.writer is not None:
+            stream.writer.cancel()
+        stream.closer = asyncio.create_task(self._shut(stream, code, reason))
+
+    async def _shut(self, stream: _Stream, code: int, reason: str) -> None:
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            await asyncio.wait_for(
+                stream.ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_S + 1
+            )
+        failed = stream.ws.close_code in (None, WSCloseCode.ABNORMAL_CLOSURE)
+        if failed and stream.transport is not None:
+            stream.transport.abort()  # a stalled peer: do not wait for its buffer to drain
+
+    def _unregister(self, stream: _Stream) -> None:
+        if self._streams.get(stream.device_id) is stream:
+            del self._streams[stream.device_id]
+            CONNECTED.dec()
+
+    async def _detach(self, stream: _Stream) -> None:
+        self._unregister(stream)
+        if not stream.closing and stream.writer is not None:
+            stream.writer.cancel()
+        tasks = [t for t in (stream.writer, stream.closer) if t is not None]
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Close every stream with 1012 ("service restart"), for a graceful shutdown."""
+        streams = list(self._streams.values())
+        for stream in streams:
+            self._drop(stream, WSCloseCode.SERVICE_RESTART, "service restart")
+        closers = [s.closer for s in streams if s.closer is not None]
+        await asyncio.gather(*closers, return_exceptions=True)

@@ -1,0 +1,145 @@
+"""Tunnel throughput: a wiregate-managed tunnel against a hand-configured one.
+
+One lab, two pairs of hosts on the same internet bridge: ``h1``/``h2`` joined by a
+wireguard-go tunnel set up by hand (``wg set`` with key files, MTU 1420) and
+``w1``/``w2`` joined by wiregate (gateway + two agents). iperf3 TCP runs alternate
+between the two pairs so that noise on the machine hits both alike; the figures
+are medians. ``python -m benchmarks.tunnel`` prints one JSON object:
+
+- ``tunnel_hand_mbps``, ``tunnel_wiregate_mbps``: median receiver throughput;
+- ``tunnel_ratio``: wiregate / hand (target >= 0.98).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+from tests.lab.harness import (
+    WG_PORT,
+    Host,
+    Lab,
+    Wiregate,
+    lab_requirements,
+    poll,
+    write_secret,
+)
+
+__all__ = ["run"]
+
+HAND_NET = "100.64.250"  # the hand-made tunnel's /24 (namespaced: no clash with wiregate's)
+HAND_MTU = 1420
+
+
+def _genkey(path: Path) -> str:
+    """Write a private key to ``path`` (0600); return the public key."""
+    private = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True).stdout
+    write_secret(path, private.strip())
+    public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
+                            check=True).stdout  # fmt: skip
+    return public.strip()
+
+
+def hand_tunnel(lab: Lab, a: Host, b: Host) -> str:
+    """Join ``a`` and ``b`` with a hand-configured wireguard-go tunnel; return b's tunnel IP."""
+    keys = {h.name: _genkey(lab.workdir / f"{h.name}.key") for h in (a, b)}
+    for index, (host, peer) in enumerate(((a, b), (b, a)), start=1):
+        host.spawn(["wireguard-go", "-f", host.wg_ifname], name=f"wireguard-go-{host.name}")
+        sock = Path(f"/var/run/wireguard/{host.wg_ifname}.sock")
+        poll(sock.exists, timeout=10, what=f"{sock}")
+        peer_ip = f"{HAND_NET}.{3 - index}/32"
+        host.run(["wg", "set", host.wg_ifname,
+                  "private-key", str(lab.workdir / f"{host.name}.key"), "listen-port", str(WG_PORT),
+                  "peer", keys[peer.name], "endpoint", f"{peer.addr}:{WG_PORT}",
+                  "allowed-ips", peer_ip])  # fmt: skip
+        host.run(["ip", "addr", "add", f"{HAND_NET}.{index}/24", "dev", host.wg_ifname])
+        host.run(["ip", "link", "set", host.wg_ifname, "up", "mtu", str(HAND_MTU)])
+    return f"{HAND_NET}.2"
+
+
+def wiregate_tunnel(lab: Lab, a: Host, b: Host) -> str:
+    """Join ``a`` and ``b`` through wiregate; return b's tunnel IPv4."""
+    wiregate = Wiregate(lab)
+    wiregate.start_gateway()
+    key = wiregate.create_key(tags="tag:bench", expiry="1h", reusable=True)
+    agents = [wiregate.start_agent(h, key) for h in (a, b)]
+    wiregate.wait_mesh(agents, timeout=90)
+    return wiregate.tunnel_addresses(agents[1])[0]
+
+
+def iperf_mbps(client: Host, server_addr: str, seconds: int) -> float:
+    """One iperf3 TCP run from ``client`` to ``server_addr``: receiver Mbit/s."""
+    out = client.run(["iperf3", "-c", server_addr, "-t", str(seconds), "-J"],
+                     timeout=seconds + 30).stdout  # fmt: skip
+    doc = json.loads(out)
+    return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e6
+
+
+def start_iperf_server(host: Host) -> None:
+    host.spawn(["iperf3", "-s"], name=f"iperf3-{host.name}")
+
+    def listening() -> bool:
+        return ":5201 " in host.run(["ss", "-Hltn"]).stdout
+
+    poll(listening, timeout=10, what="iperf3 server")
+
+
+def _measure(lab: Lab, rounds: int, seconds: int) -> dict[str, list[float]]:
+    h1, h2, w1, w2 = (lab.add_host(n) for n in ("h1", "h2", "w1", "w2"))
+    targets = {
+        "hand": (h1, hand_tunnel(lab, h1, h2)),
+        "wiregate": (w1, wiregate_tunnel(lab, w1, w2)),
+    }
+    for server in (h2, w2):
+        start_iperf_server(server)
+    for client, addr in targets.values():
+        poll(partial(client.ping, addr, timeout=1.0), timeout=20, what=f"ping {addr}")
+    results: dict[str, list[float]] = {name: [] for name in targets}
+    for _ in range(rounds):
+        for name, (client, addr) in targets.items():
+            results[name].append(iperf_mbps(client, addr, seconds))
+            time.sleep(0.5)
+    return results
+
+
+def run(rounds: int = 3, seconds: int = 5) -> dict[str, float]:
+    """Build the lab, measure alternately ``rounds`` times, tear down; return the figures."""
+    if reason := lab_requirements():
+        raise RuntimeError(reason)
+    with Lab() as lab:
+        try:
+            results = _measure(lab, rounds, seconds)
+        except Exception:
+            print(lab.logs(), file=sys.stderr)
+            raise
+    hand = statistics.median(results["hand"])
+    managed = statistics.median(results["wiregate"])
+    return {
+        "tunnel_ratio": round(managed / hand, 4),
+        "tunnel_wiregate_mbps": round(managed, 1),
+        "tunnel_hand_mbps": round(hand, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="wiregate vs hand-made tunnel throughput")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    args = parser.parse_args()
+    try:
+        figures = run(args.rounds, args.seconds)
+    except Exception as exc:
+        print(f"tunnel benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

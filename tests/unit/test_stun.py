@@ -264,3 +264,12 @@ def test_errors_carry_reason_and_stun_code() -> None:
     with pytest.raises(StunError) as info:
         parse_message(b"x")
     assert (info.value.reason, info.value.stun_code, info.value.status) == ("not_stun", 400, 400)
+
+
+def test_exported_members() -> None:
+    import relay
+
+    public = {name for name in dir(relay) if not name.startswith("_")}
+    modules = {"client", "errors", "server", "stun", "stun_server", "annotations"}
+    assert set(relay.__all__) == public - modules
+    assert all(getattr(relay, name).__module__.startswith("relay.") for name in relay.__all__)

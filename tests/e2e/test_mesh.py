@@ -242,7 +242,7 @@ def test_gateway_restart_fails_static_then_resyncs(mesh: Mesh) -> None:
     gateway.wait(timeout=10)
 
     def all_disconnected() -> bool:
-        statuses = [mesh.wiregate.status(a) for a in mesh.agents.values()]
+        statuses = mesh.wiregate.statuses(list(mesh.agents.values())).values()
         return not any(s["gateway"]["connected"] for s in statuses)
 
     poll(all_disconnected, timeout=30, what="agents to notice the gateway is gone")

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -727,17 +728,22 @@ class Wiregate:
         cmd = [*self.cmd, "status", "--run-dir", str(agent.run_dir), "--json"]
         return dict(json.loads(agent.host.run(cmd, timeout=20).stdout))
 
+    def statuses(self, agents: Sequence[Agent]) -> dict[str, dict[str, Any]]:
+        """``status`` of several agents at once (each is a CLI process of its own)."""
+        with ThreadPoolExecutor(max_workers=max(1, len(agents))) as pool:
+            docs = list(pool.map(self.status, agents))
+        return {agent.host.name: doc for agent, doc in zip(agents, docs, strict=True)}
+
     def wait_mesh(
         self, agents: Sequence[Agent], timeout: float = 60.0
     ) -> dict[str, dict[str, Any]]:
         """Wait until every agent is connected and has every other agent as a peer."""
 
         def probe() -> dict[str, dict[str, Any]] | None:
-            statuses = {}
             for agent in agents:
                 if agent.proc is not None and not agent.proc.alive():
                     raise LabError(f"agent on {agent.host.name} exited {agent.proc.returncode}")
-                statuses[agent.host.name] = self.status(agent)
+            statuses = self.statuses(agents)
             ids = {name: st["device"].get("id") for name, st in statuses.items()}
             for name, st in statuses.items():
                 want = {i for n, i in ids.items() if n != name}

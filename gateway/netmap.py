@@ -245,9 +245,12 @@ def delta_wire(fanout: Fanout, agent_id: str, base: int, version: int) -> dict[s
     }
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def dumps(obj: Any) -> str:
     """Compact JSON text, as sent on the stream."""
-    return json.dumps(obj, separators=(",", ":"))
+    return _ENCODER.encode(obj)
 
 
 def encode_full(state: NetworkState, device_id: str, version: int) -> str:

@@ -1,0 +1,1 @@
+"""Benchmarks of wiregate: each module has ``run() -> dict[str, float]`` and a ``__main__``."""

@@ -1,0 +1,174 @@
+"""Kernel WireGuard over generic netlink (pyroute2 ``WireGuard``), links via rtnetlink.
+
+pyroute2's ``WireGuard.set`` carries at most one peer per message, so a write
+issues one message for the device fields plus the first peer change, then one
+per further peer change; the returned count is the number of messages sent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+from typing import Any
+
+from pyroute2 import IPRoute, WireGuard
+from pyroute2.netlink.exceptions import NetlinkError
+
+from gateway.agent.backend import (
+    DeviceUpdate,
+    LiveDevice,
+    LivePeer,
+    PeerUpdate,
+    format_endpoint,
+    parse_endpoint,
+)
+from gateway.errors import DataPlaneError
+from gateway.wgkey import encode_key
+
+__all__ = ["KernelUnsupported", "NetlinkBackend", "peer_request"]
+
+_NOT_SUPPORTED = (95, 22)  # EOPNOTSUPP, EINVAL: "Unknown device type" (no module)
+
+
+class KernelUnsupported(DataPlaneError):
+    """This kernel cannot create WireGuard interfaces (no module)."""
+
+    code = "no_kernel_wireguard"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("ascii")
+    if isinstance(value, dict) or hasattr(value, "get"):
+        return _text(value.get("value"))
+    return str(value)
+
+
+def peer_request(peer: PeerUpdate) -> dict[str, Any]:
+    """The pyroute2 peer dict for one :class:`PeerUpdate` (pure)."""
+    request: dict[str, Any] = {"public_key": peer.public_key}
+    if peer.remove:
+        request["remove"] = True
+        return request
+    if peer.update_only:
+        request["update_only"] = True
+    if peer.endpoint is not None:
+        address, port = parse_endpoint(peer.endpoint)
+        request["endpoint_addr"] = str(address)
+        request["endpoint_port"] = port
+    if peer.keepalive is not None:
+        request["persistent_keepalive"] = peer.keepalive
+    if peer.allowed_ips is not None:
+        request["replace_allowed_ips"] = peer.update_only
+        request["allowed_ips"] = sorted(str(n) for n in peer.allowed_ips)
+    return request
+
+
+class NetlinkBackend:
+    """The kernel module, driven in the current network namespace."""
+
+    name = "kernel"
+
+    def __init__(self) -> None:
+        self.ipr = IPRoute()
+        self.wg: Any = None
+
+    def _wireguard(self) -> Any:
+        if self.wg is None:
+            self.wg = WireGuard()
+        return self.wg
+
+    def close(self) -> None:
+        """Release the netlink sockets."""
+        if self.wg is not None:
+            self.wg.close()
+        self.ipr.close()
+
+    def exists(self, name: str) -> bool:
+        return bool(self.ipr.link_lookup(ifname=name))
+
+    def create(self, name: str) -> None:
+        if self.exists(name):
+            return
+        try:
+            self.ipr.link("add", ifname=name, kind="wireguard")
+        except NetlinkError as exc:
+            if exc.code in _NOT_SUPPORTED:
+                raise KernelUnsupported("this kernel has no WireGuard module") from None
+            raise DataPlaneError(f"creating {name} failed: {exc}") from None
+
+    def delete(self, name: str) -> None:
+        found = self.ipr.link_lookup(ifname=name)
+        if found:
+            self.ipr.link("del", index=found[0])
+
+    def read(self, name: str) -> LiveDevice:
+        try:
+            messages = list(self._wireguard().info(name))
+        except NetlinkError as exc:
+            raise DataPlaneError(f"reading {name} failed: {exc}") from None
+        peers: dict[str, LivePeer] = {}
+        for msg in messages:
+            for raw in msg.get_attr("WGDEVICE_A_PEERS") or ():
+                _merge_peer(peers, _live_peer(raw))
+        first = messages[0]
+        public = first.get_attr("WGDEVICE_A_PUBLIC_KEY")
+        return LiveDevice(
+            public_key=None if public is None else _text(public),
+            listen_port=int(first.get_attr("WGDEVICE_A_LISTEN_PORT") or 0),
+            fwmark=int(first.get_attr("WGDEVICE_A_FWMARK") or 0),
+            peers=peers,
+        )
+
+    def write(self, name: str, update: DeviceUpdate) -> int:
+        if update.is_empty:
+            return 0
+        wg = self._wireguard()
+        requests = [peer_request(p) for p in update.peers]
+        private = None if update.private_key is None else encode_key(update.private_key)
+        try:
+            wg.set(
+                name,
+                private_key=private,
+                listen_port=update.listen_port,
+                fwmark=update.fwmark,
+                peer=requests[0] if requests else None,
+            )
+            for request in requests[1:]:
+                wg.set(name, peer=request)
+        except NetlinkError as exc:
+            raise DataPlaneError(f"WireGuard netlink set on {name} failed: {exc.code}") from None
+        return max(1, len(requests))
+
+
+def _live_peer(raw: Any) -> LivePeer:
+    endpoint = raw.get_attr("WGPEER_A_ENDPOINT")
+    handshake = raw.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
+    sec = int(handshake["tv_sec"]) if handshake is not None else 0
+    nsec = int(handshake["tv_nsec"]) if handshake is not None else 0
+    allowed = raw.get_attr("WGPEER_A_ALLOWEDIPS") or ()
+    return LivePeer(
+        public_key=_text(raw.get_attr("WGPEER_A_PUBLIC_KEY")),
+        allowed_ips=frozenset(ipaddress.ip_network(a["addr"], strict=False) for a in allowed),
+        endpoint=None if endpoint is None else _endpoint(endpoint),
+        keepalive=int(raw.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0),
+        last_handshake=None if sec == 0 and nsec == 0 else sec + nsec / 1e9,
+        rx=int(raw.get_attr("WGPEER_A_RX_BYTES") or 0),
+        tx=int(raw.get_attr("WGPEER_A_TX_BYTES") or 0),
+    )
+
+
+def _endpoint(raw: Any) -> str | None:
+    address = raw.get("addr")
+    if not address or raw.get("family", 0) == 0:
+        return None
+    return format_endpoint(ipaddress.ip_address(address), int(raw["port"]))
+
+
+def _merge_peer(peers: dict[str, LivePeer], peer: LivePeer) -> None:
+    """A peer with many allowed IPs spans several dump messages: merge them."""
+    seen = peers.get(peer.public_key)
+    if seen is None:
+        peers[peer.public_key] = peer
+        return
+    peers[peer.public_key] = replace(seen, allowed_ips=seen.allowed_ips | peer.allowed_ips)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -33,11 +33,11 @@ async def relay() -> AsyncIterator[RelayServer]:
 
 
 @pytest.fixture
-def udp() -> socket.socket:
+def udp() -> Iterator[socket.socket]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((LOOPBACK, 0))
     sock.setblocking(False)
-    yield sock  # type: ignore[misc]
+    yield sock
     sock.close()
 
 

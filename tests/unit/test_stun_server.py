@@ -95,7 +95,7 @@ def test_ipv6_client_fits_a_padded_request(server: StunServer) -> None:
 
 def test_v4_mapped_source_is_reported_as_ipv4(server: StunServer) -> None:
     txid, data = build_binding_request()
-    reply = server.handle(data, ("::ffff:192.0.2.10", 40000, 0, 0)[:2], PRIMARY, 0.0)  # type: ignore[arg-type]
+    reply = server.handle(data, ("::ffff:192.0.2.10", 40000), PRIMARY, 0.0)
     assert parse_binding_response(reply or b"", txid).mapped == CLIENT
 
 
@@ -204,7 +204,7 @@ def test_unparsable_is_dropped_and_counted(
 
 
 def test_every_codec_reason_is_a_declared_outcome() -> None:
-    def subclasses(cls: type) -> list[type]:
+    def subclasses(cls: type[errors.StunError]) -> list[type[errors.StunError]]:
         return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
 
     reasons = {c.reason for c in subclasses(errors.StunError)} - {"unexpected"}

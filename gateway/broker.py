@@ -325,17 +325,23 @@ class Broker:
 
     async def _write(self, stream: _Stream) -> None:
         try:
-            while True:
-                item, started = await stream.queue.get()
-                if isinstance(item, _Close):
-                    await self._shut(stream, item.code, item.reason)
-                    return
-                await stream.ws.send_str(item if isinstance(item, str) else item.render())
-                if started is not None:
-                    DELTAS_SENT.inc()
-                    FANOUT_SECONDS.observe(time.perf_counter() - started)
+            while await self._send_next(stream):
+                pass
         except ConnectionError as exc:
             log.info("agent stream write failed", device_id=stream.device_id, error=str(exc))
+
+    async def _send_next(self, stream: _Stream) -> bool:
+        # A function of its own so that the message (a full map can be megabytes)
+        # is released once written, not held while the writer waits for the next.
+        item, started = await stream.queue.get()
+        if isinstance(item, _Close):
+            await self._shut(stream, item.code, item.reason)
+            return False
+        await stream.ws.send_str(item if isinstance(item, str) else item.render())
+        if started is not None:
+            DELTAS_SENT.inc()
+            FANOUT_SECONDS.observe(time.perf_counter() - started)
+        return True
 
     def _drop(self, stream: _Stream, code: int, reason: str) -> None:
         """Stop sending to ``stream`` and close it in the background."""

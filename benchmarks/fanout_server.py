@@ -43,7 +43,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 async def change(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
-    device = broker._state.device(request.match_info["device_id"])
+    device = broker.device(request.match_info["device_id"])
     version = broker.version + 1
     moved = replace(device, endpoints=(f"203.0.113.{version % 250}:{1024 + version}",))
     broker.upsert(moved, version)

@@ -26,11 +26,11 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, web
 from prometheus_client import Counter, Gauge, Histogram
 
+from gateway._agentlog import AgentDelta, AgentLog, CloseItem, Item, Stream
 from gateway._agentmsg import parse_agent_message
 from gateway.errors import RemoteError
 from gateway.logging import get_logger
@@ -42,7 +42,6 @@ from gateway.netmap import (
     apply_remove,
     apply_upsert,
     dumps,
-    encode_delta,
     encode_delta_body,
     encode_full,
 )
@@ -68,54 +67,6 @@ OnEndpoints = Callable[[str, list[str]], Awaitable[None]]
 log = get_logger("broker")
 
 
-@dataclass(frozen=True, slots=True)
-class _Delta:
-    """One delta built for one agent; ``body`` is shared by every agent with the same update."""
-
-    base: int
-    version: int
-    self_text: str | None
-    body: str
-
-    def render(self) -> str:
-        return encode_delta(self.base, self.version, self.self_text, self.body)
-
-
-@dataclass(frozen=True, slots=True)
-class _Close:
-    code: int
-    reason: str
-
-
-@dataclass(slots=True)
-class _Log:
-    """What an agent was last sent, and the deltas that led there (oldest first)."""
-
-    version: int
-    entries: deque[_Delta]
-
-    def since(self, version: int) -> list[_Delta] | None:
-        for i, delta in enumerate(self.entries):
-            if delta.base == version:
-                return list(self.entries)[i:]
-        return None
-
-
-# (message, time of the change it carries, or None for non-delta messages)
-_Item = tuple[str | _Delta | _Close, float | None]
-
-
-@dataclass(eq=False, slots=True)
-class _Stream:
-    device_id: str
-    ws: web.WebSocketResponse
-    transport: asyncio.Transport | None
-    queue: asyncio.Queue[_Item]
-    writer: asyncio.Task[None] | None = None
-    closer: asyncio.Task[None] | None = None
-    closing: bool = False
-
-
 class Broker:
     """Network-map streams for every connected agent (see the module docstring)."""
 
@@ -129,8 +80,8 @@ class Broker:
         self._queue_size = queue_size
         self._state = NetworkState(self._policy)
         self._version = 0
-        self._logs: dict[str, _Log] = {}
-        self._streams: dict[str, _Stream] = {}
+        self._logs: dict[str, AgentLog] = {}
+        self._streams: dict[str, Stream] = {}
 
     # -- changes from the store -------------------------------------------------
 
@@ -169,6 +120,10 @@ class Broker:
         self._publish(fanout, version, started)
         self._revoke(device_id, "device removed")
 
+    def device(self, device_id: str) -> Device:
+        """The device as the broker knows it; :class:`~gateway.errors.NotFound` if unknown."""
+        return self._state.device(device_id)
+
     @property
     def version(self) -> int:
         """The map version the broker holds."""
@@ -200,7 +155,7 @@ class Broker:
             agent_log = self._logs.get(agent)
             if agent_log is None:  # never connected: it will get a full map
                 continue
-            delta = _Delta(
+            delta = AgentDelta(
                 agent_log.version,
                 version,
                 self._self_text(agent, update),
@@ -221,7 +176,7 @@ class Broker:
     def _self_text(self, agent: str, update: AgentUpdate) -> str | None:
         return None if update.self_view is None else self._state.self_text(agent)
 
-    def _push(self, stream: _Stream, item: str | _Delta, started: float | None) -> None:
+    def _push(self, stream: Stream, item: str | AgentDelta, started: float | None) -> None:
         if stream.closing:
             return
         try:
@@ -240,12 +195,12 @@ class Broker:
         while not stream.queue.empty():  # nothing queued matters any more
             stream.queue.get_nowait()
         stream.queue.put_nowait((dumps({"type": "revoked", "reason": reason}), None))
-        stream.queue.put_nowait((_Close(WSCloseCode.OK, reason), None))
+        stream.queue.put_nowait((CloseItem(WSCloseCode.OK, reason), None))
         stream.closing = True
 
     # -- opening a stream -------------------------------------------------------
 
-    def _opening(self, device_id: str, since: int | None) -> list[str | _Delta]:
+    def _opening(self, device_id: str, since: int | None) -> list[str | AgentDelta]:
         agent_log = self._logs.get(device_id)
         if since is not None and agent_log is None and since == self._version:
             agent_log = self._logs[device_id] = self._new_log(since)
@@ -261,17 +216,17 @@ class Broker:
         self._logs[device_id] = self._new_log(self._version)
         return encode_full(self._state, device_id, self._version)
 
-    def _new_log(self, version: int) -> _Log:
-        return _Log(version=version, entries=deque(maxlen=self._history))
+    def _new_log(self, version: int) -> AgentLog:
+        return AgentLog(version=version, entries=deque(maxlen=self._history))
 
     def _attach(
         self, device_id: str, request: web.Request, ws: web.WebSocketResponse, since: int | None
-    ) -> _Stream:
+    ) -> Stream:
         old = self._streams.get(device_id)
         if old is not None:
             self._drop(old, WSCloseCode.OK, "replaced by a newer stream")
-        queue: asyncio.Queue[_Item] = asyncio.Queue(self._queue_size)
-        stream = _Stream(device_id, ws, request.transport, queue)
+        queue: asyncio.Queue[Item] = asyncio.Queue(self._queue_size)
+        stream = Stream(device_id, ws, request.transport, queue)
         for item in self._opening(device_id, since):
             queue.put_nowait((item, None))
         stream.writer = asyncio.create_task(self._write(stream))
@@ -307,7 +262,7 @@ class Broker:
             await self._detach(stream)
         return ws
 
-    async def _read(self, stream: _Stream, on_endpoints: OnEndpoints) -> None:
+    async def _read(self, stream: Stream, on_endpoints: OnEndpoints) -> None:
         async for msg in stream.ws:
             if stream.closing:
                 return
@@ -323,18 +278,18 @@ class Broker:
                 self._drop(stream, WSCloseCode.POLICY_VIOLATION, exc.message[:100])
                 return
 
-    async def _write(self, stream: _Stream) -> None:
+    async def _write(self, stream: Stream) -> None:
         try:
             while await self._send_next(stream):
                 pass
         except ConnectionError as exc:
             log.info("agent stream write failed", device_id=stream.device_id, error=str(exc))
 
-    async def _send_next(self, stream: _Stream) -> bool:
+    async def _send_next(self, stream: Stream) -> bool:
         # A function of its own so that the message (a full map can be megabytes)
         # is released once written, not held while the writer waits for the next.
         item, started = await stream.queue.get()
-        if isinstance(item, _Close):
+        if isinstance(item, CloseItem):
             await self._shut(stream, item.code, item.reason)
             return False
         await stream.ws.send_str(item if isinstance(item, str) else item.render())
@@ -343,7 +298,7 @@ class Broker:
             FANOUT_SECONDS.observe(time.perf_counter() - started)
         return True
 
-    def _drop(self, stream: _Stream, code: int, reason: str) -> None:
+    def _drop(self, stream: Stream, code: int, reason: str) -> None:
         """Stop sending to ``stream`` and close it in the background."""
         self._unregister(stream)
         if stream.closing:
@@ -353,7 +308,7 @@ class Broker:
             stream.writer.cancel()
         stream.closer = asyncio.create_task(self._shut(stream, code, reason))
 
-    async def _shut(self, stream: _Stream, code: int, reason: str) -> None:
+    async def _shut(self, stream: Stream, code: int, reason: str) -> None:
         with contextlib.suppress(TimeoutError, ConnectionError):
             await asyncio.wait_for(
                 stream.ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_S + 1
@@ -362,12 +317,12 @@ class Broker:
         if failed and stream.transport is not None:
             stream.transport.abort()  # a stalled peer: do not wait for its buffer to drain
 
-    def _unregister(self, stream: _Stream) -> None:
+    def _unregister(self, stream: Stream) -> None:
         if self._streams.get(stream.device_id) is stream:
             del self._streams[stream.device_id]
             CONNECTED.dec()
 
-    async def _detach(self, stream: _Stream) -> None:
+    async def _detach(self, stream: Stream) -> None:
         self._unregister(stream)
         if not stream.closing and stream.writer is not None:
             stream.writer.cancel()

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientWebSocketResponse, WSMsgType, web
 from aiohttp.test_utils import TestClient
+from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
 from gateway._agentmsg import parse_endpoint
@@ -19,6 +20,7 @@ from gateway.broker import Broker
 from gateway.errors import BadInput
 from gateway.model import Device, Identity, NetMap, apply_delta
 from gateway.netmap import NetworkState, full_map
+from identity.policy import Policy
 
 Connect = Callable[..., Awaitable[ClientWebSocketResponse]]
 
@@ -272,3 +274,38 @@ def test_endpoints_are_normalized(text: str, normal: str) -> None:
 def test_bad_endpoints_are_refused(text: object) -> None:
     with pytest.raises(BadInput):
         parse_endpoint(text)
+
+
+async def test_load_resyncs_connected_agents(harness: Harness) -> None:
+    kept, dropped = await harness.connect("d1"), await harness.connect("d3")
+    await recv(kept), await recv(dropped)
+    harness.broker.load([device(1), device(2), device(5)], version=40)
+    msg = await recv(kept)
+    assert msg["type"] == "full" and msg["version"] == 40
+    assert {p["id"] for p in msg["peers"]} == {"d2", "d5"}
+    assert (await recv(dropped))["type"] == "revoked"
+
+
+async def test_set_policy_sends_full_maps(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    await recv(ws)
+    harness.broker.set_policy(Policy(rules=()), version=2)
+    msg = await recv(ws)
+    assert (msg["type"], msg["version"], msg["peers"]) == ("full", 2, [])
+
+
+async def test_stale_versions_are_ignored(harness: Harness) -> None:
+    harness.broker.upsert(device(2, endpoint="192.0.2.2:1"), 1)
+    assert harness.broker.device("d2").endpoints == ()
+    assert harness.broker.version == 1
+
+
+def test_metrics_are_exported() -> None:
+    text = generate_latest().decode()
+    for name in (
+        "wiregate_broker_connected_agents",
+        "wiregate_broker_deltas_sent_total",
+        "wiregate_broker_fanout_seconds_bucket",
+        "wiregate_netmap_version",
+    ):
+        assert name in text

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.model import Device, Identity, NetMap, apply_delta
+from gateway.model import Device, Identity, NetMap, Peer, apply_delta
 from gateway.netmap import (
     AgentUpdate,
     Fanout,
@@ -200,3 +201,19 @@ def test_upsert_cost_follows_affected_peers() -> None:
     state = NetworkState(policy, [device(i, f"tag:g{i % 10}") for i in range(200)])
     fan = apply_upsert(state, replace(device(5, "tag:g5"), endpoints=("192.0.2.5:1",)))
     assert len(fan.updates) == 19
+
+
+def test_a_changed_peer_is_serialized_once_for_all_viewers(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = NetworkState(None, [device(i) for i in range(50)])
+    calls = []
+    to_wire = Peer.to_wire
+
+    def counting(peer: Peer) -> dict[str, object]:
+        calls.append(peer.id)
+        return to_wire(peer)
+
+    monkeypatch.setattr(Peer, "to_wire", counting)
+    fan = apply_upsert(state, device(7, endpoint="192.0.2.7:1"))
+    bodies = {id(u): encode_delta_body(state, u) for u in fan.updates.values()}
+    assert len(fan.updates) == 49 and len(bodies) == 1
+    assert calls == ["d7"]

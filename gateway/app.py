@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
@@ -20,20 +21,21 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
-    Gauge,
-    ProcessCollector,
     generate_latest,
 )
 
 from gateway.api import error_middleware, setup_routes
-from gateway.api.common import ADMIN_TOKEN, BROKER, SETTINGS, STORE, BrokerLike
+from gateway.api.common import ADMIN_TOKEN, BROKER, SETTINGS, STORE
+from gateway.broker import Broker
 from gateway.config import GatewaySettings
 from gateway.errors import ConfigError
 from gateway.ipam import Pool
 from gateway.logging import get_logger
 from gateway.store import Store
+from gateway.store.store import Clock
 from identity.policy import Policy
 
 __all__ = [
@@ -48,44 +50,42 @@ __all__ = [
     "run_gateway",
 ]
 
-BrokerFactory = Callable[[Policy | None], BrokerLike]
+BrokerFactory = Callable[[Policy | None], Broker]
 METRICS = web.AppKey("metrics", CollectorRegistry)
 _REQUESTS = web.AppKey("requests_total", Counter)
 _log = get_logger("gateway.app")
 
 
-def default_broker(policy: Policy | None) -> BrokerLike:
-    """The real peering broker (:class:`gateway.broker.Broker`)."""
-    from gateway.broker import Broker
-
-    broker: BrokerLike = Broker(policy)
-    return broker
-
-
 def create_app(
-    settings: GatewaySettings, *, broker_factory: BrokerFactory = default_broker
+    settings: GatewaySettings,
+    *,
+    broker_factory: BrokerFactory = Broker,
+    clock: Clock = time.time,
 ) -> web.Application:
-    """The public API app; its cleanup context opens the Store and loads the Broker."""
+    """The public API app; its cleanup context opens the Store and loads the Broker.
+
+    ``broker_factory`` and ``clock`` are for tests (a fake broker, a fake clock).
+    """
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[_count_requests, error_middleware],
     )
     app[SETTINGS] = settings
     app[ADMIN_TOKEN] = read_admin_token(settings.admin_token_file)
-    app[METRICS], app[_REQUESTS] = _api_metrics(app)
+    app[METRICS], app[_REQUESTS] = _api_metrics()
     setup_routes(app)
-    app.cleanup_ctx.append(_state(settings, broker_factory))
+    app.cleanup_ctx.append(_state(settings, broker_factory, clock))
     return app
 
 
 def _state(
-    settings: GatewaySettings, broker_factory: BrokerFactory
+    settings: GatewaySettings, broker_factory: BrokerFactory, clock: Clock
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def state(app: web.Application) -> AsyncIterator[None]:
         if not settings.database_url:
             settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         pool = Pool.parse(settings.ipv4_pool, settings.ipv6_pool)
-        store = await Store.open(settings.effective_database_url(), pool=pool)
+        store = await Store.open(settings.effective_database_url(), pool=pool, clock=clock)
         try:
             broker = broker_factory(load_policy(settings.policy_file))
             devices = [record.device for record in await store.list_devices()]
@@ -124,17 +124,14 @@ def load_policy(path: Path | None) -> Policy | None:
     return Policy.from_dict(data, error=ConfigError)
 
 
-def _api_metrics(app: web.Application) -> tuple[CollectorRegistry, Counter]:
+def _api_metrics() -> tuple[CollectorRegistry, Counter]:
     registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
     requests = Counter(
         "wiregate_http_requests",
         "API requests by route and status",
         ["method", "route", "status"],
         registry=registry,
     )
-    streams = Gauge("wiregate_streams", "Open agent map streams", registry=registry)
-    streams.set_function(lambda: app[BROKER].connected if BROKER in app else 0)
     return registry, requests
 
 
@@ -150,10 +147,10 @@ async def _count_requests(
 
 
 def create_metrics_app(api: web.Application) -> web.Application:
-    """A separate app serving ``/metrics`` for the API app ``api``."""
+    """A separate app serving ``/metrics``: process and broker metrics, and ``api``'s own."""
 
     async def metrics(_request: web.Request) -> web.Response:
-        body = generate_latest(api[METRICS])
+        body = generate_latest(REGISTRY) + generate_latest(api[METRICS])
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
@@ -169,9 +166,9 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (":port" means every address)
 
 
-async def run_gateway(settings: GatewaySettings) -> None:
+async def run_gateway(settings: GatewaySettings, *, broker_factory: BrokerFactory = Broker) -> None:
     """Serve the API (TCP + admin unix socket) and metrics until cancelled or SIGTERM."""
-    api = create_app(settings)
+    api = create_app(settings, broker_factory=broker_factory)
     api_runner = web.AppRunner(api, handle_signals=False)
     metrics_runner = web.AppRunner(create_metrics_app(api), handle_signals=False)
     await api_runner.setup()

@@ -12,17 +12,17 @@ from __future__ import annotations
 import hmac
 import json
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from gateway.broker import Broker
 from gateway.config import GatewaySettings
 from gateway.errors import BadInput, Forbidden, RemoteError, Unauthorized, WiregateError
 from gateway.logging import get_logger
-from gateway.model import Device
 from gateway.store import DeviceRecord, KeyRecord, Store
 from gateway.wgkey import fingerprint
 
@@ -31,7 +31,6 @@ __all__ = [
     "BROKER",
     "SETTINGS",
     "STORE",
-    "BrokerLike",
     "EndpointsCallback",
     "PayloadTooLarge",
     "StrictModel",
@@ -51,26 +50,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 EndpointsCallback = Callable[[str, list[str]], Awaitable[None]]
 
 
-class BrokerLike(Protocol):
-    """The part of :class:`gateway.broker.Broker` the API calls."""
-
-    def load(self, devices: Iterable[Device], version: int) -> None: ...
-    def upsert(self, device: Device, version: int) -> None: ...
-    def remove(self, device_id: str, version: int) -> None: ...
-    async def serve(
-        self,
-        request: web.Request,
-        device_id: str,
-        since: int | None,
-        on_endpoints: EndpointsCallback,
-    ) -> web.WebSocketResponse: ...
-    @property
-    def connected(self) -> int: ...
-    async def close(self) -> None: ...
-
-
 STORE = web.AppKey("store", Store)
-BROKER = web.AppKey("broker", BrokerLike)
+BROKER = web.AppKey("broker", Broker)
 SETTINGS = web.AppKey("settings", GatewaySettings)
 ADMIN_TOKEN = web.AppKey("admin_token", bytes)  # empty: admin over TCP is refused
 

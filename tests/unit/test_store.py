@@ -84,7 +84,7 @@ async def test_map_version_bumps_once_per_map_change(store: Store) -> None:
 
 
 async def test_refused_enrollment_changes_nothing(store: Store, clock: FakeClock) -> None:
-    key, secret = await store.create_key(KeySpec(expiry=10))
+    _, secret = await store.create_key(KeySpec(expiry=10))
     pk = new_key()
     with pytest.raises(Unauthorized):
         await store.enroll("wgk_" + "A" * 43, EnrollRequest(pk, "a"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Protocol
 
 from gateway.errors import DataPlaneError
@@ -27,6 +28,8 @@ __all__ = [
     "PeerUpdate",
     "WireGuardBackend",
     "format_endpoint",
+    "network",
+    "network_from_packed",
     "parse_endpoint",
 ]
 
@@ -34,6 +37,19 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@lru_cache(maxsize=1 << 16)
+def network(text: str) -> IPNetwork:
+    """Parse a CIDR strictly (no host bits); memoized, as maps repeat the same prefixes."""
+    return ipaddress.ip_network(text, strict=True)
+
+
+@lru_cache(maxsize=1 << 16)
+def network_from_packed(packed: bytes, prefixlen: int) -> IPNetwork:
+    """The network of a packed address and prefix length (as netlink reports it); memoized."""
+    return ipaddress.ip_network((ipaddress.ip_address(packed), prefixlen), strict=False)
+
+
+@lru_cache(maxsize=1 << 14)
 def parse_endpoint(text: str) -> tuple[IPAddress, int]:
     """Split ``ip:port`` / ``[ip6]:port`` into an address and a port; ValueError if malformed."""
     host, sep, port_text = text.rpartition(":")

@@ -188,7 +188,8 @@ class DataPlane:
         if self.settings.mtu:
             return self.settings.mtu
         assert self._links is not None
-        underlay = underlay_mtu(self._links.ipr, endpoint)
+        default = self._links.default_route()
+        underlay = underlay_mtu(self._links.ipr, endpoint, default, self.settings.fwmark)
         if underlay is None:
             underlay = (DEFAULT_UNDERLAY_MTU, 6) if fallback else None
         return 0 if underlay is None else tunnel_mtu(*underlay)

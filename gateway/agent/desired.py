@@ -10,8 +10,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-from gateway.agent.backend import IPNetwork, format_endpoint, parse_endpoint
+from gateway.agent.backend import IPNetwork, format_endpoint, network, parse_endpoint
 from gateway.errors import BadKey
 from gateway.model import NetMap, Peer
 from gateway.wgkey import encode_key, parse_public_key, public_from_private
@@ -89,6 +90,7 @@ class DesiredConfig:
     problems: tuple[str, ...] = ()
 
 
+@lru_cache(maxsize=1 << 14)
 def check_endpoint(text: str) -> str:
     """Validate an endpoint from the control plane: its canonical form, or ValueError."""
     address, port = parse_endpoint(text)
@@ -159,7 +161,7 @@ def _check_peer(peer: Peer, settings: LocalSettings, own_key: str) -> DesiredPee
     key = parse_public_key(peer.public_key)
     if key == own_key:
         raise ValueError("public key is this device's own key")
-    allowed = frozenset(ipaddress.ip_network(a, strict=True) for a in peer.allowed_ips)
+    allowed = frozenset(network(a) for a in peer.allowed_ips)
     if not settings.allow_default_route and any(n.prefixlen == 0 for n in allowed):
         raise ValueError("allowed IPs include a default route (0.0.0.0/0 or ::/0)")
     endpoints = [check_endpoint(e) for e in peer.endpoints]
@@ -187,7 +189,10 @@ def _drop_overlaps(
     peers: dict[str, DesiredPeer], own: list[IPInterface], problems: list[str]
 ) -> dict[str, DesiredPeer]:
     """Drop every peer whose allowed IPs overlap another peer's or our own addresses."""
-    entries = [(net, device_id) for device_id, p in peers.items() for net in p.allowed_ips]
+    # A default route (only here if allowed) is an exit node: it overlaps everything by design.
+    entries = [
+        (net, device_id) for device_id, p in peers.items() for net in p.allowed_ips if net.prefixlen
+    ]
     entries += [(a.network, "") for a in own]  # "" = this device
     clashes = _overlapping_pairs(entries)
     result = dict(peers)

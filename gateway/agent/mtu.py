@@ -28,27 +28,30 @@ def tunnel_mtu(underlay: int, version: int, override: int = 0) -> int:
     return max(MIN_MTU, underlay - OVERHEAD[version])
 
 
-def underlay_mtu(ipr: Any, endpoint: str | None) -> tuple[int, int] | None:
+def underlay_mtu(
+    ipr: Any, endpoint: str | None, default: tuple[int, int] | None, fwmark: int = 0
+) -> tuple[int, int] | None:
     """(MTU, IP version) of the default route's interface, else of the route to ``endpoint``.
 
-    None when neither routes (callers then keep the MTU or use 1500 over IPv6).
+    ``default`` is the (oif, version) of the default route, if any. The route
+    lookup carries ``fwmark`` as WireGuard's own packets do. None when nothing
+    routes (callers then keep the MTU, or assume 1500 over IPv6).
     """
-    for version, family in ((4, socket.AF_INET), (6, socket.AF_INET6)):
-        for route in ipr.route("dump", family=family, table=254):
-            if route["dst_len"] == 0 and route.get_attr("RTA_OIF"):
-                return _oif_mtu(ipr, route), version
+    if default is not None:
+        oif, version = default
+        return _link_mtu(ipr, oif), version
     if endpoint:
         address = parse_endpoint(endpoint)[0]
-        found = _route_mtu(ipr, str(address), address.version)
+        found = _route_mtu(ipr, str(address), address.version, fwmark)
         if found is not None:
             return found, address.version
     return None
 
 
-def _route_mtu(ipr: Any, address: str, version: int) -> int | None:
+def _route_mtu(ipr: Any, address: str, version: int, fwmark: int) -> int | None:
     family = socket.AF_INET6 if version == 6 else socket.AF_INET
     try:
-        route = ipr.route("get", dst=address, family=family)[0]
+        route = ipr.route("get", dst=address, family=family, mark=fwmark)[0]
     except NetlinkError:  # ENETUNREACH: no route
         return None
     return _oif_mtu(ipr, route)
@@ -58,5 +61,8 @@ def _oif_mtu(ipr: Any, route: Any) -> int:
     metrics = route.get_attr("RTA_METRICS")
     if metrics is not None and metrics.get_attr("RTAX_MTU"):
         return int(metrics.get_attr("RTAX_MTU"))
-    link = ipr.link("get", index=route.get_attr("RTA_OIF"))[0]
-    return int(link.get_attr("IFLA_MTU"))
+    return _link_mtu(ipr, route.get_attr("RTA_OIF"))
+
+
+def _link_mtu(ipr: Any, index: int) -> int:
+    return int(ipr.link("get", index=index)[0].get_attr("IFLA_MTU"))

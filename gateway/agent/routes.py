@@ -24,7 +24,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gateway.agent.backend import IPNetwork
+from gateway.agent.backend import IPNetwork, network_from_packed
 from gateway.agent.desired import DesiredLink, IPInterface
 from gateway.errors import DataPlaneError
 
@@ -86,7 +86,7 @@ _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _RTM_NEWROUTE, _RTM_DELROUTE, _RTM_GETROUTE = 24, 25, 26
 _F_REQUEST, _F_ACK, _F_DUMP, _F_EXCL, _F_CREATE = 0x1, 0x4, 0x300, 0x200, 0x400
 _RTA_DST, _RTA_OIF, _RTA_TABLE = 1, 4, 15
-_RT_TABLE_COMPAT = 252
+_RT_TABLE_COMPAT, _RT_TABLE_MAIN = 252, 254
 _RTPROT_STATIC, _RTN_UNICAST = 4, 1
 _SCOPE_LINK, _SCOPE_UNIVERSE, _SCOPE_NOWHERE = 253, 0, 255
 _HDR = struct.Struct("=IHHII")
@@ -142,18 +142,14 @@ def _attrs(data: bytes) -> dict[int, bytes]:
     return result
 
 
-def parse_route(payload: bytes, table: int, oif: int) -> IPNetwork | None:
-    """The destination of an RTM_NEWROUTE payload if it is ours (``table``, ``oif``)."""
+def parse_route(payload: bytes) -> tuple[IPNetwork, int, int]:
+    """(destination, table, oif) of an RTM_NEWROUTE payload."""
     family, dst_len = payload[0], payload[1]
     attrs = _attrs(payload[_RTMSG.size :])
-    rt_table = struct.unpack("=I", attrs[_RTA_TABLE])[0] if _RTA_TABLE in attrs else payload[4]
-    rt_oif = struct.unpack("=I", attrs[_RTA_OIF])[0] if _RTA_OIF in attrs else 0
-    if rt_table != table or rt_oif != oif:
-        return None
-    size = 4 if family == socket.AF_INET else 16
-    dst = attrs.get(_RTA_DST, b"\0" * size)
-    address = ipaddress.ip_address(dst)
-    return ipaddress.ip_network((address, dst_len))
+    table = struct.unpack("=I", attrs[_RTA_TABLE])[0] if _RTA_TABLE in attrs else payload[4]
+    oif = struct.unpack("=I", attrs[_RTA_OIF])[0] if _RTA_OIF in attrs else 0
+    dst = attrs.get(_RTA_DST) or b"\0" * (4 if family == socket.AF_INET else 16)
+    return network_from_packed(dst, dst_len), table, oif
 
 
 class _RouteSocket:
@@ -169,21 +165,23 @@ class _RouteSocket:
     def close(self) -> None:
         self.sock.close()
 
-    def dump(self, table: int, oif: int) -> frozenset[IPNetwork]:
-        routes: set[IPNetwork] = set()
+    def dump(self, table: int, oif: int | None) -> list[tuple[IPNetwork, int]]:
+        """(destination, oif) of the routes in ``table`` (through ``oif`` if given)."""
+        routes: list[tuple[IPNetwork, int]] = []
         for family in (socket.AF_INET, socket.AF_INET6):
             self.seq += 1
-            rtm = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
-            attrs = _rta(_RTA_TABLE, struct.pack("=I", table)) + _rta(
-                _RTA_OIF, struct.pack("=I", oif)
-            )
-            body = rtm + attrs
+            attrs = _rta(_RTA_TABLE, struct.pack("=I", table))
+            if oif is not None:
+                attrs += _rta(_RTA_OIF, struct.pack("=I", oif))
+            body = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0) + attrs
             hdr = _HDR.pack(_HDR.size + len(body), _RTM_GETROUTE, _F_REQUEST | _F_DUMP, self.seq, 0)
             self.sock.send(hdr + body)
-            routes.update(self._read_dump(table, oif))
-        return frozenset(routes)
+            for net, rt_table, rt_oif in self._read_dump():
+                if rt_table == table and oif in (None, rt_oif):
+                    routes.append((net, rt_oif))
+        return routes
 
-    def _read_dump(self, table: int, oif: int) -> Iterator[IPNetwork]:
+    def _read_dump(self) -> Iterator[tuple[IPNetwork, int, int]]:
         while True:
             data = self.sock.recv(1 << 20)
             for kind, _seq, payload in _messages(data):
@@ -192,9 +190,7 @@ class _RouteSocket:
                 if kind == _NLMSG_ERROR:
                     _raise_error(payload, "route dump")
                 if kind == _RTM_NEWROUTE:
-                    net = parse_route(payload, table, oif)
-                    if net is not None:
-                        yield net
+                    yield parse_route(payload)
 
     def write(self, op: int, nets: Iterable[IPNetwork], oif: int, table: int) -> int:
         """Add or delete ``nets``; return the number of messages sent."""
@@ -260,6 +256,16 @@ class LinkManager:
         found = self.ipr.link_lookup(ifname=interface)
         return int(found[0]) if found else None
 
+    def default_route(self) -> tuple[int, int] | None:
+        """(oif, IP version) of the main table's default route, IPv4 first; None if none."""
+        for net, oif in self.routes.dump(_RT_TABLE_MAIN, None):
+            if net.prefixlen == 0 and oif and net.version == 4:
+                return oif, 4
+        for net, oif in self.routes.dump(_RT_TABLE_MAIN, None):
+            if net.prefixlen == 0 and oif:
+                return oif, 6
+        return None
+
     def read(self, interface: str, rule: RuleSpec) -> LiveLink:
         """The live link-layer state of ``interface``."""
         index = self.index(interface)
@@ -269,7 +275,7 @@ class LinkManager:
         return LiveLink(
             index=index,
             addresses=self._addresses(index),
-            routes=self.routes.dump(rule.table, index),
+            routes=frozenset(n for n, _ in self.routes.dump(rule.table, index)),
             rule_families=frozenset(f for f in (4, 6) if self._rule_present(f, rule)),
             mtu=int(link.get_attr("IFLA_MTU")),
             up=bool(link["flags"] & IFF_UP),
@@ -355,6 +361,6 @@ class LinkManager:
                 writes += 1
         index = self.index(interface)
         if index is not None:
-            routes = self.routes.dump(rule.table, index)
+            routes = [n for n, _ in self.routes.dump(rule.table, index)]
             writes += self.routes.write(_RTM_DELROUTE, routes, index, rule.table)
         return writes

@@ -17,7 +17,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from gateway.agent.backend import DeviceUpdate, LiveDevice, LivePeer, PeerUpdate, parse_endpoint
+from gateway.agent.backend import (
+    DeviceUpdate,
+    LiveDevice,
+    LivePeer,
+    PeerUpdate,
+    network,
+    parse_endpoint,
+)
 from gateway.agent.backend import format_endpoint as _fmt
 from gateway.errors import DataPlaneError
 from gateway.wgkey import decode_key, encode_key, public_from_private
@@ -175,7 +182,7 @@ def _live_peer(pairs: list[tuple[str, str]]) -> LivePeer:
     allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for key, value in pairs:
         if key == "allowed_ip":
-            allowed.append(ipaddress.ip_network(value, strict=False))
+            allowed.append(network(value))
         else:
             fields[key] = value
     sec = int(fields.get("last_handshake_time_sec", "0"))

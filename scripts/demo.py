@@ -118,15 +118,16 @@ def demo(keep: bool) -> int:
         ok = all(matrix.values())
         print("all tunnels up" if ok else "SOME TUNNELS FAILED")
         if keep:
-            _wait_for_interrupt(lab, agents)
+            _wait_for_interrupt(lab, wiregate, agents)
         return 0 if ok else 1
 
 
-def _wait_for_interrupt(lab: Lab, agents: dict[str, Agent]) -> None:
+def _wait_for_interrupt(lab: Lab, wiregate: Wiregate, agents: dict[str, Agent]) -> None:
     first = next(iter(agents.values()))
+    cli = " ".join(wiregate.cmd)
     print(
         f"\nlab kept running; try:\n"
-        f"  ip netns exec {first.host.netns} wiregate status --run-dir {first.run_dir}\n"
+        f"  ip netns exec {first.host.netns} {cli} status --run-dir {first.run_dir}\n"
         f"  ip netns exec {first.host.netns} wg show {first.iface}\n"
         f"logs in {lab.workdir}\nCtrl-C tears it down."
     )

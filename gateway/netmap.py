@@ -17,13 +17,16 @@ exactly :func:`full_map` (property-tested in ``tests/unit/test_netmap.py``).
 
 The ``encode_*`` functions build the wire text of ``gateway.model`` from JSON
 fragments cached per device, so a peer is serialized once per change however
-many agents receive it.
+many agents receive it. A peer's fragment is written straight from its
+:class:`Device` by :func:`encode_peer` (no intermediate :class:`Peer`), so the
+first full map after a load, when nothing is cached yet, stays cheap.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import json.encoder
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +45,7 @@ __all__ = [
     "encode_delta",
     "encode_delta_body",
     "encode_full",
+    "encode_peer",
     "full_map",
 ]
 
@@ -81,7 +85,8 @@ class NetworkState:
         self._members: dict[TagSet, set[str]] = {}
         self._links: dict[TagSet, set[TagSet]] = {}
         self._peer: dict[str, Peer] = {}
-        self._text: dict[tuple[str, bool], str] = {}
+        self._peer_text: dict[str, str] = {}  # str keys and values: nothing for the GC to track
+        self._self_text: dict[str, str] = {}
         for device in devices:
             self._place(device)
 
@@ -128,18 +133,23 @@ class NetworkState:
 
     def peer_text(self, device_id: str) -> str:
         """The PEER JSON text of a device, serialized once per change."""
-        return self._cached_text(device_id, True)
+        text = self._peer_text.get(device_id)
+        if text is None:
+            text = self._peer_text[device_id] = encode_peer(self._devices[device_id])
+        return text
+
+    def peer_texts(self, device_ids: Iterable[str]) -> list[str]:
+        """:meth:`peer_text` of each device, in order (the full-map loop, kept tight)."""
+        cached = self._peer_text.get
+        miss = self.peer_text
+        return [cached(pid) or miss(pid) for pid in device_ids]
 
     def self_text(self, device_id: str) -> str:
         """The SELF JSON text of a device, serialized once per change."""
-        return self._cached_text(device_id, False)
-
-    def _cached_text(self, device_id: str, as_peer: bool) -> str:
-        key = (device_id, as_peer)
-        text = self._text.get(key)
+        text = self._self_text.get(device_id)
         if text is None:
-            view = self.peer(device_id) if as_peer else self._devices[device_id].to_self()
-            text = self._text[key] = dumps(view.to_wire())
+            view = self._devices[device_id].to_self()
+            text = self._self_text[device_id] = dumps(view.to_wire())
         return text
 
     def _place(self, device: Device) -> None:
@@ -173,8 +183,8 @@ class NetworkState:
 
     def _forget(self, device_id: str) -> None:
         self._peer.pop(device_id, None)
-        self._text.pop((device_id, True), None)
-        self._text.pop((device_id, False), None)
+        self._peer_text.pop(device_id, None)
+        self._self_text.pop(device_id, None)
 
 
 def full_map(state: NetworkState, device_id: str, version: int) -> NetMap:
@@ -253,9 +263,43 @@ def dumps(obj: Any) -> str:
     return _ENCODER.encode(obj)
 
 
+_string: Callable[[str], str] = json.encoder.encode_basestring_ascii  # what _ENCODER uses
+
+
+def _strings(items: Iterable[str]) -> str:
+    return ",".join(map(_string, items))
+
+
+def encode_peer(device: Device) -> str:
+    """The PEER JSON text of ``device``, equal to ``dumps(device.to_peer().to_wire())``.
+
+    Written directly from the device's fields, one escape per string, without
+    building the :class:`Peer` and its dict (tested byte for byte against them).
+    """
+    try:
+        keepalive = device.keepalive
+        if keepalive is None:
+            alive = "null"
+        elif type(keepalive) is int:
+            alive = int.__repr__(keepalive)
+        else:
+            alive = dumps(keepalive)
+        addresses = f"{_string(f'{device.ipv4}/32')},{_string(f'{device.ipv6}/128')}"
+        allowed = f"{addresses},{_strings(device.routes)}" if device.routes else addresses
+        return (
+            f'{{"id":{_string(device.id)},"name":{_string(device.name)},'
+            f'"public_key":{_string(device.public_key)},'
+            f'"addresses":[{addresses}],"allowed_ips":[{allowed}],'
+            f'"endpoints":[{_strings(device.endpoints)}],"keepalive":{alive},'
+            f'"tags":[{_strings(device.tags)}]}}'
+        )
+    except TypeError:  # a field that is not a str after all: let the encoder decide
+        return dumps(device.to_peer().to_wire())
+
+
 def encode_full(state: NetworkState, device_id: str, version: int) -> str:
     """The ``full`` message of ``device_id`` as JSON text, built from cached fragments."""
-    peers = ",".join(state.peer_text(pid) for pid in sorted(state.viewers(device_id)))
+    peers = ",".join(state.peer_texts(sorted(state.viewers(device_id))))
     head = f'{{"type":"full","version":{version},"self":{state.self_text(device_id)}'
     return f'{head},"peers":[{peers}]}}'
 

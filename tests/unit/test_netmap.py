@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.model import Device, Identity, NetMap, Peer, apply_delta
+from gateway.model import Device, Identity, NetMap, apply_delta
 from gateway.netmap import (
     AgentUpdate,
     Fanout,
@@ -20,8 +20,10 @@ from gateway.netmap import (
     encode_delta,
     encode_delta_body,
     encode_full,
+    encode_peer,
     full_map,
 )
+from gateway.netmap import dumps as wire_dumps
 from identity.policy import Policy, Rule
 
 TAGS = ["tag:a", "tag:b", "tag:c"]
@@ -206,14 +208,56 @@ def test_upsert_cost_follows_affected_peers() -> None:
 def test_a_changed_peer_is_serialized_once_for_all_viewers(monkeypatch: pytest.MonkeyPatch) -> None:
     state = NetworkState(None, [device(i) for i in range(50)])
     calls = []
-    to_wire = Peer.to_wire
 
-    def counting(peer: Peer) -> dict[str, object]:
-        calls.append(peer.id)
-        return to_wire(peer)
+    def counting(dev: Device) -> str:
+        calls.append(dev.id)
+        return encode_peer(dev)
 
-    monkeypatch.setattr(Peer, "to_wire", counting)
+    monkeypatch.setattr("gateway.netmap.encode_peer", counting)
     fan = apply_upsert(state, device(7, endpoint="192.0.2.7:1"))
     bodies = {id(u): encode_delta_body(state, u) for u in fan.updates.values()}
     assert len(fan.updates) == 49 and len(bodies) == 1
     assert calls == ["d7"]
+
+
+# --- the direct PEER encoder: byte for byte what Peer.to_wire + the stream encoder give ---
+
+texts = st.text(max_size=12)  # any code point: escapes, surrogates, non-ASCII
+short_tuples = st.lists(texts, max_size=3).map(tuple)
+random_devices = st.builds(
+    Device,
+    id=texts,
+    name=texts,
+    public_key=texts,
+    identity=st.builds(Identity, texts, texts),
+    ipv4=texts,
+    ipv6=texts,
+    tags=short_tuples,
+    endpoints=short_tuples,
+    routes=short_tuples,
+    keepalive=st.none() | st.integers(min_value=-(2**70), max_value=2**70),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(random_devices)
+def test_encode_peer_equals_the_peer_wire_form(dev: Device) -> None:
+    text = encode_peer(dev)
+    assert text == wire_dumps(dev.to_peer().to_wire())
+    assert text == json.dumps(dev.to_peer().to_wire(), separators=(",", ":"))
+
+
+def test_encode_peer_falls_back_for_values_that_are_not_strings() -> None:
+    dev = replace(device(3), keepalive=True, tags=(7,))  # type: ignore[arg-type]
+    assert encode_peer(dev) == wire_dumps(dev.to_peer().to_wire())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(random_devices, max_size=6))
+def test_cold_full_map_text_equals_the_netmap_wire_form(devices: list[Device]) -> None:
+    unique = list({d.id: d for d in devices}.values())
+    state = NetworkState(None, unique)
+    for dev in unique:
+        expected = full_map(state, dev.id, 5).to_wire()
+        cold = NetworkState(None, unique)
+        assert encode_full(cold, dev.id, 5) == wire_dumps(expected)

@@ -194,6 +194,9 @@ def test_every_pair_pings_over_the_tunnel(mesh: Mesh) -> None:
         assert status["interface"] == mesh.agents[name].iface
         assert len(wg_peers(mesh.agents[name])) == len(names) - 1
     assert unreachable_pairs(mesh, names) == []
+    secret = mesh.key_file.read_text().strip()
+    for proc in mesh.lab.processes:
+        assert secret not in proc.output(), f"{proc.name} logged the enrollment secret"
     # The pings really went through WireGuard: every peer has a handshake and traffic.
     now = time.time()
     for name, agent in mesh.agents.items():

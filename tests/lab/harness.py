@@ -764,3 +764,8 @@ def write_secret(path: Path, secret: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(secret + "\n")
+
+
+if __name__ == "__main__":
+    # ``python -m tests.lab.harness``: remove what crashed lab runs left behind.
+    print("swept:", " ".join(sweep_stale()) or "nothing")

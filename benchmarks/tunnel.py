@@ -90,12 +90,19 @@ def start_iperf_server(host: Host) -> None:
     poll(listening, timeout=10, what="iperf3 server")
 
 
+def _mtu(host: Host) -> int:
+    out = host.run(["cat", f"/sys/class/net/{host.wg_ifname}/mtu"]).stdout
+    return int(out.strip())
+
+
 def _measure(lab: Lab, rounds: int, seconds: int) -> dict[str, list[float]]:
     h1, h2, w1, w2 = (lab.add_host(n) for n in ("h1", "h2", "w1", "w2"))
     targets = {
         "hand": (h1, hand_tunnel(lab, h1, h2)),
         "wiregate": (w1, wiregate_tunnel(lab, w1, w2)),
     }
+    mtus = {h.name: _mtu(h) for h in (h1, w1)}
+    print(f"tunnel MTU: hand {mtus['h1']}, wiregate {mtus['w1']}", file=sys.stderr)
     for server in (h2, w2):
         start_iperf_server(server)
     for client, addr in targets.values():

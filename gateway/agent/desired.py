@@ -151,18 +151,20 @@ def _check_peers(
     result: dict[str, DesiredPeer] = {}
     for peer in sorted(peers, key=lambda p: p.id):
         try:
-            result[peer.id] = _check_peer(peer, settings, own_key)
+            result[peer.id] = _check_peer(peer, settings.allow_default_route, own_key)
         except (BadKey, ValueError) as exc:
             problems.append(f"peer {peer.id} ({peer.name}) refused: {exc}")
     return result
 
 
-def _check_peer(peer: Peer, settings: LocalSettings, own_key: str) -> DesiredPeer:
+@lru_cache(maxsize=1 << 14)
+def _check_peer(peer: Peer, allow_default_route: bool, own_key: str) -> DesiredPeer:
+    """Validate one peer (memoized: a map mostly repeats the peers of the previous one)."""
     key = parse_public_key(peer.public_key)
     if key == own_key:
         raise ValueError("public key is this device's own key")
     allowed = frozenset(network(a) for a in peer.allowed_ips)
-    if not settings.allow_default_route and any(n.prefixlen == 0 for n in allowed):
+    if not allow_default_route and any(n.prefixlen == 0 for n in allowed):
         raise ValueError("allowed IPs include a default route (0.0.0.0/0 or ::/0)")
     endpoints = [check_endpoint(e) for e in peer.endpoints]
     keepalive = peer.keepalive or 0

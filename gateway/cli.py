@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import resource
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -86,7 +87,15 @@ def gateway(config_file: Path | None, **flags: Any) -> None:
     from gateway.app import run_gateway
 
     settings = _settings(GatewaySettings, config_file, **flags)
+    _raise_nofile()
     _run(run_gateway(settings))
+
+
+def _raise_nofile() -> None:
+    """One socket per connected agent: lift the soft open-file limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 @main.command()

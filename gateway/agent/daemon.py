@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from gateway.agent.dataplane import DataPlane
-from gateway.agent.keyfile import load_or_create_key
 
 from gateway.agent.control import ControlClient, read_auth_key
+from gateway.agent.dataplane import DataPlane
 from gateway.agent.endpoints import candidates, local_addresses
+from gateway.agent.keyfile import load_or_create_key
 from gateway.agent.session import Action, MapSession
 from gateway.agent.state import Enrollment, StateDir
 from gateway.agent.status import serve_status
@@ -63,6 +64,21 @@ class Agent:
         self.public_key = ""
         self._apply_lock = asyncio.Lock()
 
+    async def run_until_signalled(self) -> None:
+        """Run until SIGTERM/SIGINT; the data plane is left running (fail static)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await self.run()
+        except asyncio.CancelledError:
+            log.info("agent stopped; the tunnel stays up on its last map")
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
     async def run(self) -> None:
         self.state.ensure()
         private = load_or_create_key(self.settings.state_dir)
@@ -81,6 +97,7 @@ class Agent:
                 await self._stream_forever(control)
             finally:
                 await status.cleanup()
+                (self.settings.run_dir / "agent.sock").unlink(missing_ok=True)
 
     def _make_dataplane(self, private: bytes) -> DataPlane:
         s = self.settings

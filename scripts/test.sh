@@ -1,5 +1,6 @@
 #!/bin/sh
-# The test command: installs what it needs, then lint, types, unit and lab tests.
+# The test command: installs what it needs, then lint, types, unit, lab and e2e tests,
+# then the kernel tier under QEMU.
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/setup.sh
@@ -16,4 +17,13 @@ if [ "$status" -eq 5 ]; then
     echo "pytest collected no tests: that is a failure" >&2
     exit 1
 fi
-exit "$status"
+[ "$status" -eq 0 ] || exit "$status"
+
+# The kernel WireGuard backend in a real kernel (Debian's, under QEMU).
+# WIREGATE_SKIP_KERNEL=1 leaves it out for a quick local run.
+if [ "${WIREGATE_SKIP_KERNEL:-0}" = "1" ]; then
+    echo "== kernel tier skipped (WIREGATE_SKIP_KERNEL=1)"
+else
+    echo "== kernel tier (QEMU)"
+    sh scripts/kernel-test.sh
+fi

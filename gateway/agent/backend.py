@@ -11,7 +11,8 @@ Endpoints are canonical text: ``"192.0.2.1:51820"`` or ``"[2001:db8::1]:51820"``
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Protocol
@@ -30,6 +31,7 @@ __all__ = [
     "format_endpoint",
     "network",
     "network_from_packed",
+    "network_text",
     "parse_endpoint",
 ]
 
@@ -37,16 +39,61 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+_INTERN_MAX = 1 << 16
+_interned: dict[tuple[int, int, int], IPNetwork] = {}
+
+
+def _interned_network(version: int, value: int, prefixlen: int) -> IPNetwork:
+    """The one shared object for a prefix, so that set operations compare by identity.
+
+    Raises ValueError if ``value`` has host bits set (like ``ip_network(strict=True)``).
+    """
+    key = (version, value, prefixlen)
+    found = _interned.get(key)
+    if found is None:
+        kind = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+        found = kind((value, prefixlen))
+        if len(_interned) >= _INTERN_MAX:
+            _interned.clear()  # only costs sharing, never correctness
+        _interned[key] = found
+    return found
+
+
 @lru_cache(maxsize=1 << 16)
 def network(text: str) -> IPNetwork:
-    """Parse a CIDR strictly (no host bits); memoized, as maps repeat the same prefixes."""
-    return ipaddress.ip_network(text, strict=True)
+    """Parse a CIDR strictly (no host bits); memoized, as maps repeat the same prefixes.
+
+    ``inet_pton`` handles the plain forms (a strict subset of what ``ipaddress``
+    accepts); anything else goes through ``ipaddress``, which defines the rules.
+    """
+    address, sep, length = text.partition("/")
+    version, family = (6, socket.AF_INET6) if ":" in address else (4, socket.AF_INET)
+    bits = 32 if version == 4 else 128
+    try:
+        value = int.from_bytes(socket.inet_pton(family, address), "big")
+    except (OSError, ValueError, UnicodeError):
+        value = -1
+    plain = length.isascii() and length.isdigit() if sep else True
+    prefixlen = (int(length) if sep else bits) if plain else -1
+    if value < 0 or not 0 <= prefixlen <= bits:
+        parsed = ipaddress.ip_network(text, strict=True)
+        version, value, prefixlen = parsed.version, int(parsed.network_address), parsed.prefixlen
+    return _interned_network(version, value, prefixlen)
+
+
+def network_from_packed(packed: bytes, prefixlen: int) -> IPNetwork:
+    """The network of a packed address and prefix length (as netlink reports it)."""
+    version, bits = (4, 32) if len(packed) == 4 else (6, 128)
+    if not 0 <= prefixlen <= bits:
+        raise ValueError(f"prefix length {prefixlen} out of range")
+    value = int.from_bytes(packed, "big") >> (bits - prefixlen) << (bits - prefixlen)
+    return _interned_network(version, value, prefixlen)
 
 
 @lru_cache(maxsize=1 << 16)
-def network_from_packed(packed: bytes, prefixlen: int) -> IPNetwork:
-    """The network of a packed address and prefix length (as netlink reports it); memoized."""
-    return ipaddress.ip_network((ipaddress.ip_address(packed), prefixlen), strict=False)
+def network_text(net: IPNetwork) -> str:
+    """``str(net)``, memoized (the UAPI and netlink encoders repeat the same prefixes)."""
+    return str(net)
 
 
 @lru_cache(maxsize=1 << 14)
@@ -155,6 +202,14 @@ class WireGuardBackend(Protocol):
         """Apply ``update``; return the number of write operations issued (0 if empty)."""
         ...
 
+    def begin_write(self, name: str, update: DeviceUpdate) -> Callable[[], int]:
+        """Start applying ``update``; the returned function finishes it (``write``'s count).
+
+        Lets the caller do other work (routes) while the WireGuard implementation
+        works; a backend that cannot overlap does everything here.
+        """
+        ...
+
 
 def apply_update(live: LiveDevice, update: DeviceUpdate, public_key: str | None) -> LiveDevice:
     """What a WireGuard device looks like after ``update`` (the semantics both backends follow).
@@ -199,6 +254,8 @@ class MemoryBackend:
     def __init__(self) -> None:
         self.devices: dict[str, LiveDevice] = {}
         self.writes = 0
+        self.reads = 0
+        self.log: list[tuple[str, DeviceUpdate]] = []  # every non-empty update written
 
     def exists(self, name: str) -> bool:
         return name in self.devices
@@ -210,6 +267,7 @@ class MemoryBackend:
         self.devices.pop(name, None)
 
     def read(self, name: str) -> LiveDevice:
+        self.reads += 1
         try:
             return self.devices[name]
         except KeyError:
@@ -223,4 +281,9 @@ class MemoryBackend:
             public = encode_key(public_from_private(update.private_key))
         self.devices[name] = apply_update(self.read(name), update, public)
         self.writes += 1
+        self.log.append((name, update))
         return 1
+
+    def begin_write(self, name: str, update: DeviceUpdate) -> Callable[[], int]:
+        count = self.write(name, update)
+        return lambda: count

@@ -5,20 +5,30 @@ else userspace), creates or adopts the interface and sets key, port, fwmark,
 MTU, link up and the policy rule, without touching existing peers (an agent
 restart keeps the tunnels). ``apply`` validates a network map and reconciles
 the device and link layer incrementally. ``teardown`` removes everything.
+
+An apply costs time proportional to what changed: the map is validated
+incrementally (:class:`~gateway.agent.desired.DesiredBuilder`), and the live
+state is read back only when it may differ from what the agent wrote
+(:mod:`gateway.agent.livestate`: first apply, after a failed write, every
+``resync_interval`` seconds on the injected ``clock``). The underlay MTU is
+re-derived at each read-back and when the endpoint it derives from changes.
 """
 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from gateway.agent.backend import WireGuardBackend
-from gateway.agent.desired import DesiredDevice, DesiredLink, LocalSettings, build_desired
+from gateway.agent.backend import DeviceUpdate, WireGuardBackend
+from gateway.agent.desired import DesiredBuilder, DesiredDevice, DesiredLink, LocalSettings
+from gateway.agent.livestate import LiveBelief, Snapshot
 from gateway.agent.mtu import DEFAULT_UNDERLAY_MTU, tunnel_mtu, underlay_mtu
 from gateway.agent.netlink import KernelUnsupported, NetlinkBackend
-from gateway.agent.reconcile import diff
-from gateway.agent.routes import LinkManager, RuleSpec, diff_links
+from gateway.agent.reconcile import changed_peers, diff
+from gateway.agent.routes import LinkLayer, LinkManager, LinkUpdate, RuleSpec, diff_links
 from gateway.agent.uapi import UapiBackend
 from gateway.errors import ConfigError, DataPlaneError
 from gateway.model import NetMap
@@ -50,7 +60,11 @@ class PeerStatus:
 
 
 class DataPlane:
-    """One WireGuard interface with its addresses, routes, rule and MTU."""
+    """One WireGuard interface with its addresses, routes, rule and MTU.
+
+    ``wireguard`` and ``links`` replace the backend choice and the netlink link
+    layer (tests drive the data plane with in-memory fakes).
+    """
 
     backend_name: str
 
@@ -68,6 +82,10 @@ class DataPlane:
         userspace_binary: str = "wireguard-go",
         run_dir: Path,
         allow_default_route: bool = False,
+        resync_interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        wireguard: WireGuardBackend | None = None,
+        links: LinkLayer | None = None,
     ) -> None:
         _check_config(interface, fwmark, backend, private_key)
         self.interface = interface
@@ -84,22 +102,29 @@ class DataPlane:
         self.requested_backend = backend
         self.userspace = UapiBackend(run_dir=run_dir, binary=userspace_binary)
         self.backend_name = "none"
+        self._injected = wireguard
         self._backend: WireGuardBackend | None = None
-        self._links: LinkManager | None = None
-        self._last: DesiredDevice | None = None
+        self._links: LinkLayer | None = links
+        self._last: DesiredDevice | None = None  # the last config written (endpoint roaming)
+        self._builder = DesiredBuilder(self.settings)
+        self._belief = LiveBelief(clock=clock, resync_interval=resync_interval)
+        self._mtu_for: tuple[str | None, int] | None = None  # (first endpoint, tunnel MTU)
 
     # --- lifecycle ---------------------------------------------------------
 
     def setup(self) -> None:
         """Create or adopt the interface; set key, port, fwmark, MTU, up and the rule."""
         self._links = self._links or LinkManager()
-        self._backend = self._choose_backend(self._links)
+        self._backend = self._injected or self._choose_backend(self._links)
         self.backend_name = self._backend.name
+        self._belief.forget()
+        read_at = self._belief.now()
         live = self._backend.read(self.interface)
         device = DesiredDevice(
             self.settings.private_key, self.settings.listen_port, self.settings.fwmark, peers={}
         )
-        self._backend.write(self.interface, replace(diff(device, live, None), peers=()))
+        update = replace(diff(device, live, None), peers=())
+        self._backend.write(self.interface, update)
         link = self._links.read(self.interface, self.rule)
         keep = DesiredLink(
             link.addresses,
@@ -109,9 +134,14 @@ class DataPlane:
             self.rule.fwmark,
             self._mtu(None, fallback=False),
         )
-        self._links.apply(diff_links(keep, link), link.index, self.rule)
+        link_update = diff_links(keep, link)
+        self._links.apply(link_update, link.index, self.rule)
+        snap = Snapshot(live, link, read_at)
+        self._belief.snapshot = replace(
+            snap.after(update, link_update, device.public_key), fresh=True
+        )
 
-    def _choose_backend(self, links: LinkManager) -> WireGuardBackend:
+    def _choose_backend(self, links: LinkLayer) -> WireGuardBackend:
         wanted = self.requested_backend
         if wanted == "userspace" or (wanted == "auto" and self.userspace.exists(self.interface)):
             self.userspace.create(self.interface)
@@ -135,12 +165,13 @@ class DataPlane:
         """Remove the rule, routes and interface (stopping wireguard-go)."""
         links = self._links or LinkManager()
         links.remove(self.interface, self.rule)
-        backend = self._backend or self._guess_backend(links)
+        backend = self._backend or self._injected or self._guess_backend()
         backend.delete(self.interface)
         links.close()
-        self._links, self._backend, self._last = None, None, None
+        self._links, self._backend, self._last, self._mtu_for = None, None, None, None
+        self._belief.forget()
 
-    def _guess_backend(self, links: LinkManager) -> WireGuardBackend:
+    def _guess_backend(self) -> WireGuardBackend:
         if self.userspace.exists(self.interface):
             return self.userspace
         return NetlinkBackend()
@@ -150,17 +181,40 @@ class DataPlane:
     def apply(self, netmap: NetMap) -> ApplyResult:
         """Validate ``netmap`` and bring the interface to it, touching only what differs."""
         backend, links = self._require()
-        config = build_desired(netmap, self.settings)
-        first = next(
-            (p.endpoint for _, p in sorted(config.device.peers.items()) if p.endpoint), None
-        )
-        link = replace(config.link, mtu=self._mtu(first))
-        update = diff(config.device, backend.read(self.interface), self._last)
-        writes = backend.write(self.interface, update)
-        self._last = config.device
-        live_link = links.read(self.interface, self.rule)
-        writes += links.apply(diff_links(link, live_link), live_link.index, self.rule)
+        config = self._builder.build(netmap)
+        snap = self._snapshot(backend, links)
+        link = replace(config.link, mtu=self._tunnel_mtu(config.device))
+        last = self._last
+        only = None if snap.fresh or last is None else changed_peers(config.device, last)
+        update = diff(config.device, snap.device, last, only)
+        link_update = diff_links(link, snap.link)
+        self._belief.forget()  # until the writes are known to have gone through
+        writes = self._write(config.device, update, link_update, snap.link.index)
+        public = None if update.private_key is None else config.device.public_key
+        self._belief.snapshot = snap.after(update, link_update, public)
         return ApplyResult(writes=writes, problems=config.problems, peers=len(config.device.peers))
+
+    def _snapshot(self, backend: WireGuardBackend, links: LinkLayer) -> Snapshot:
+        snap = self._belief.current()
+        if snap is None:
+            read_at = self._belief.now()
+            live = backend.read(self.interface)
+            snap = Snapshot(live, links.read(self.interface, self.rule), read_at)
+            self._mtu_for = None  # the underlay may have changed too
+        return snap
+
+    def _write(
+        self, device: DesiredDevice, update: DeviceUpdate, link: LinkUpdate, index: int
+    ) -> int:
+        """Device and link writes, the routes while the WireGuard daemon works on its part."""
+        backend, links = self._require()
+        finish = backend.begin_write(self.interface, update)
+        try:
+            link_writes = links.apply(link, index, self.rule)
+        finally:
+            device_writes = finish()
+            self._last = device
+        return device_writes + link_writes
 
     def status(self) -> tuple[PeerStatus, ...]:
         """The live peers, sorted by public key."""
@@ -178,10 +232,18 @@ class DataPlane:
             for _, p in sorted(live.peers.items())
         )
 
-    def _require(self) -> tuple[WireGuardBackend, LinkManager]:
+    def _require(self) -> tuple[WireGuardBackend, LinkLayer]:
         if self._backend is None or self._links is None:
             raise DataPlaneError("DataPlane.setup() has not run")
         return self._backend, self._links
+
+    def _tunnel_mtu(self, device: DesiredDevice) -> int:
+        """The MTU for ``device``'s first endpoint (by public key), remembered until it changes."""
+        keys = [k for k, p in device.peers.items() if p.endpoint]
+        first = device.peers[min(keys)].endpoint if keys else None
+        if self._mtu_for is None or self._mtu_for[0] != first:
+            self._mtu_for = (first, self._mtu(first))
+        return self._mtu_for[1]
 
     def _mtu(self, endpoint: str | None, *, fallback: bool = True) -> int:
         """The tunnel MTU; 0 (leave alone) if nothing routes and ``fallback`` is off."""
@@ -195,7 +257,7 @@ class DataPlane:
         return 0 if underlay is None else tunnel_mtu(*underlay)
 
 
-def _is_wireguard_link(links: LinkManager, interface: str) -> bool:
+def _is_wireguard_link(links: LinkLayer, interface: str) -> bool:
     link = links.ipr.link("get", ifname=interface)[0]
     info = link.get_attr("IFLA_LINKINFO")
     return info is not None and info.get_attr("IFLA_INFO_KIND") == "wireguard"

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from gateway.agent.backend import IPNetwork, format_endpoint, network, parse_endpoint
+from gateway.agent.conflicts import OverlapIndex, Span
 from gateway.errors import BadKey
 from gateway.model import NetMap, Peer
 from gateway.wgkey import encode_key, parse_public_key, public_from_private
 
 __all__ = [
+    "DesiredBuilder",
     "DesiredConfig",
     "DesiredDevice",
     "DesiredLink",
@@ -29,6 +31,7 @@ __all__ = [
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 _METADATA = ipaddress.ip_address("169.254.169.254")
+_SELF = "\x00self"  # the owner of this device's addresses in the overlap index (no device id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,50 +114,7 @@ def check_endpoint(text: str) -> str:
 
 def build_desired(netmap: NetMap, settings: LocalSettings) -> DesiredConfig:
     """Validate ``netmap`` and compute the desired device and link state."""
-    problems: list[str] = []
-    addresses = _self_addresses(netmap.self_view.addresses, problems)
-    own_key = encode_key(public_from_private(settings.private_key))
-    candidates = _check_peers(netmap.peers.values(), settings, own_key, problems)
-    candidates = _drop_duplicates(candidates, problems)
-    peers = _drop_overlaps(candidates, addresses, problems)
-    device = DesiredDevice(
-        private_key=settings.private_key,
-        listen_port=settings.listen_port,
-        fwmark=settings.fwmark,
-        peers={p.public_key: p for p in peers.values()},
-    )
-    link = DesiredLink(
-        addresses=frozenset(addresses),
-        routes=frozenset(net for p in peers.values() for net in p.allowed_ips),
-        table=settings.table,
-        rule_priority=settings.rule_priority,
-        fwmark=settings.fwmark,
-        mtu=settings.mtu,
-    )
-    return DesiredConfig(device=device, link=link, problems=tuple(problems))
-
-
-def _self_addresses(texts: Iterable[str], problems: list[str]) -> list[IPInterface]:
-    result: list[IPInterface] = []
-    for text in texts:
-        try:
-            result.append(ipaddress.ip_interface(text))
-        except ValueError:
-            problems.append(f"self: address {text!r} is not an IP prefix; ignored")
-    return result
-
-
-def _check_peers(
-    peers: Iterable[Peer], settings: LocalSettings, own_key: str, problems: list[str]
-) -> dict[str, DesiredPeer]:
-    """Per-peer checks; the result is keyed by device id."""
-    result: dict[str, DesiredPeer] = {}
-    for peer in sorted(peers, key=lambda p: p.id):
-        try:
-            result[peer.id] = _check_peer(peer, settings.allow_default_route, own_key)
-        except (BadKey, ValueError) as exc:
-            problems.append(f"peer {peer.id} ({peer.name}) refused: {exc}")
-    return result
+    return DesiredBuilder(settings).build(netmap)
 
 
 @lru_cache(maxsize=1 << 14)
@@ -174,53 +134,165 @@ def _check_peer(peer: Peer, allow_default_route: bool, own_key: str) -> DesiredP
     return DesiredPeer(public_key=key, allowed_ips=allowed, endpoint=endpoint, keepalive=keepalive)
 
 
-def _drop_duplicates(peers: dict[str, DesiredPeer], problems: list[str]) -> dict[str, DesiredPeer]:
-    owners: dict[str, list[str]] = {}
-    for device_id, peer in peers.items():
-        owners.setdefault(peer.public_key, []).append(device_id)
-    result = dict(peers)
-    for key, ids in owners.items():
-        if len(ids) > 1:
-            for device_id in ids:
-                del result[device_id]
-            problems.append(f"peers {', '.join(ids)} refused: duplicate public key {key}")
-    return result
-
-
-def _drop_overlaps(
-    peers: dict[str, DesiredPeer], own: list[IPInterface], problems: list[str]
-) -> dict[str, DesiredPeer]:
-    """Drop every peer whose allowed IPs overlap another peer's or our own addresses."""
+@lru_cache(maxsize=1 << 14)
+def _spans(allowed: frozenset[IPNetwork]) -> tuple[Span, ...]:
     # A default route (only here if allowed) is an exit node: it overlaps everything by design.
-    entries = [
-        (net, device_id) for device_id, p in peers.items() for net in p.allowed_ips if net.prefixlen
-    ]
-    entries += [(a.network, "") for a in own]  # "" = this device
-    clashes = _overlapping_pairs(entries)
-    result = dict(peers)
-    for device_id in sorted({i for pair in clashes for i in pair if i}):
-        others = sorted({o for pair in clashes if device_id in pair for o in pair} - {device_id})
-        names = ", ".join(o or "this device's addresses" for o in others)
-        problems.append(f"peer {device_id} refused: allowed IPs overlap {names}")
-        del result[device_id]
-    return result
+    return tuple((n.version, int(n.network_address), n.prefixlen) for n in allowed if n.prefixlen)
 
 
-def _overlapping_pairs(entries: list[tuple[IPNetwork, str]]) -> set[tuple[str, str]]:
-    """Owner pairs with overlapping prefixes, in O(n log n + overlaps).
+def _self_addresses(texts: Iterable[str]) -> tuple[frozenset[IPInterface], tuple[str, ...]]:
+    result: set[IPInterface] = set()
+    problems: list[str] = []
+    for text in texts:
+        try:
+            result.add(ipaddress.ip_interface(text))
+        except ValueError:
+            problems.append(f"self: address {text!r} is not an IP prefix; ignored")
+    return frozenset(result), tuple(problems)
 
-    Prefixes either nest or are disjoint, so a sweep over sorted prefixes with a
-    stack of the prefixes still "open" finds every containment.
+
+class DesiredBuilder:
+    """Builds the desired configuration of successive maps, re-checking only what changed.
+
+    Per-peer results are kept by device id and ``Peer`` value; duplicate keys and
+    allowed-IP overlaps are maintained incrementally (:class:`OverlapIndex`), so
+    a map that differs from the previous one by a peer costs little more than
+    comparing the two maps. An unchanged map returns the previous result itself.
     """
-    clashes: set[tuple[str, str]] = set()
-    for version in (4, 6):
-        same = [(n, o) for n, o in entries if n.version == version]
-        same.sort(key=lambda e: (int(e[0].network_address), e[0].prefixlen))
-        stack: list[tuple[int, str]] = []  # (last address, owner)
-        for net, owner in same:
-            start = int(net.network_address)
-            while stack and stack[-1][0] < start:
-                stack.pop()
-            clashes.update((min(o, owner), max(o, owner)) for _, o in stack if o != owner)
-            stack.append((int(net.broadcast_address), owner))
-    return clashes
+
+    def __init__(self, settings: LocalSettings) -> None:
+        self.settings = settings
+        self._own_key = encode_key(public_from_private(settings.private_key))
+        self._seen: dict[str, Peer] = {}  # device id -> last peer value
+        self._candidates: dict[str, DesiredPeer] = {}  # passed the per-peer checks
+        self._refused: dict[str, str] = {}  # device id -> why
+        self._by_key: dict[str, set[str]] = {}  # public key -> candidate device ids
+        self._index = OverlapIndex()  # eligible candidates (unique key) and our addresses
+        self._accepted: dict[str, DesiredPeer] = {}  # device id -> peer
+        self._by_public: dict[str, DesiredPeer] = {}  # public key -> accepted peer
+        self._routes: dict[IPNetwork, int] = {}  # allowed IP -> accepted peers routing it
+        self._self_texts: tuple[str, ...] | None = None
+        self._addresses: frozenset[IPInterface] = frozenset()
+        self._self_problems: tuple[str, ...] = ()
+        self._config: DesiredConfig | None = None
+
+    def build(self, netmap: NetMap) -> DesiredConfig:
+        """The desired configuration for ``netmap`` (the previous result if nothing changed)."""
+        changed = self._changed(netmap.peers)
+        affected = self._set_self(netmap.self_view.addresses)
+        if self._config is not None and not changed and not affected:
+            return self._config
+        for device_id in self._recheck(changed, netmap.peers):
+            affected |= self._reindex(device_id)
+        for device_id in affected:
+            self._settle(device_id)
+        self._config = self._assemble()
+        return self._config
+
+    def _changed(self, peers: Mapping[str, Peer]) -> list[str]:
+        seen = self._seen
+        ids = [i for i, p in peers.items() if (old := seen.get(i)) is not p and old != p]
+        ids.extend(seen.keys() - peers.keys())
+        return ids
+
+    def _set_self(self, texts: tuple[str, ...]) -> set[str]:
+        if texts == self._self_texts:
+            return set()
+        self._self_texts = texts
+        self._addresses, self._self_problems = _self_addresses(texts)
+        spans = [
+            (a.version, int(a.network.network_address), a.network.prefixlen)
+            for a in self._addresses
+        ]
+        return self._index.assign(_SELF, spans)
+
+    def _recheck(self, ids: list[str], peers: Mapping[str, Peer]) -> set[str]:
+        """Run the per-peer checks on ``ids``; return the ids whose eligibility may change."""
+        touched: set[str] = set()
+        for device_id in ids:
+            touched.add(device_id)
+            self._refused.pop(device_id, None)
+            old = self._candidates.pop(device_id, None)
+            if old is not None:
+                touched |= self._unkey(device_id, old.public_key)
+            peer = peers.get(device_id)
+            if peer is None:
+                del self._seen[device_id]
+                continue
+            self._seen[device_id] = peer
+            try:
+                new = _check_peer(peer, self.settings.allow_default_route, self._own_key)
+            except (BadKey, ValueError) as exc:
+                self._refused[device_id] = f"peer {peer.id} ({peer.name}) refused: {exc}"
+                continue
+            self._candidates[device_id] = new
+            group = self._by_key.setdefault(new.public_key, set())
+            group.add(device_id)
+            touched |= group
+        return touched
+
+    def _unkey(self, device_id: str, key: str) -> set[str]:
+        group = self._by_key[key]
+        group.discard(device_id)
+        if not group:
+            del self._by_key[key]
+        return set(group)
+
+    def _reindex(self, device_id: str) -> set[str]:
+        peer = self._candidates.get(device_id)
+        if peer is None or len(self._by_key[peer.public_key]) > 1:
+            return self._index.remove(device_id)
+        return self._index.assign(device_id, _spans(peer.allowed_ips))
+
+    def _settle(self, device_id: str) -> None:
+        """Accept or drop ``device_id`` according to its checks and clashes."""
+        peer = self._candidates.get(device_id)
+        index = self._index
+        ok = peer is not None and device_id in index and device_id not in index.clashes
+        old = self._accepted.get(device_id)
+        if ok and old is peer:
+            return
+        if old is not None:
+            del self._accepted[device_id], self._by_public[old.public_key]
+            for net in old.allowed_ips:
+                self._routes[net] -= 1
+                if not self._routes[net]:
+                    del self._routes[net]
+        if ok and peer is not None:
+            self._accepted[device_id] = self._by_public[peer.public_key] = peer
+            for net in peer.allowed_ips:
+                self._routes[net] = self._routes.get(net, 0) + 1
+
+    def _assemble(self) -> DesiredConfig:
+        settings = self.settings
+        device = DesiredDevice(
+            private_key=settings.private_key,
+            listen_port=settings.listen_port,
+            fwmark=settings.fwmark,
+            peers=dict(self._by_public),
+        )
+        link = DesiredLink(
+            addresses=self._addresses,
+            routes=frozenset(self._routes),
+            table=settings.table,
+            rule_priority=settings.rule_priority,
+            fwmark=settings.fwmark,
+            mtu=settings.mtu,
+        )
+        return DesiredConfig(device=device, link=link, problems=self._problems())
+
+    def _problems(self) -> tuple[str, ...]:
+        problems = [*self._self_problems, *(self._refused[i] for i in sorted(self._refused))]
+        groups = sorted(sorted(g) for g in self._by_key.values() if len(g) > 1)
+        for ids in groups:
+            key = self._candidates[ids[0]].public_key
+            problems.append(f"peers {', '.join(ids)} refused: duplicate public key {key}")
+        for device_id, others in sorted(self._index.clashes.items()):
+            if device_id != _SELF:
+                names = ", ".join(_name(o) for o in sorted(others))
+                problems.append(f"peer {device_id} refused: allowed IPs overlap {names}")
+        return tuple(problems)
+
+
+def _name(owner: str) -> str:
+    return "this device's addresses" if owner == _SELF else owner

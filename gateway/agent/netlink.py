@@ -8,6 +8,7 @@ per further peer change; the returned count is the number of messages sent.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -16,10 +17,13 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from gateway.agent.backend import (
     DeviceUpdate,
+    IPNetwork,
     LiveDevice,
     LivePeer,
     PeerUpdate,
     format_endpoint,
+    network_from_packed,
+    network_text,
     parse_endpoint,
 )
 from gateway.errors import DataPlaneError
@@ -60,7 +64,7 @@ def peer_request(peer: PeerUpdate) -> dict[str, Any]:
         request["persistent_keepalive"] = peer.keepalive
     if peer.allowed_ips is not None:
         request["replace_allowed_ips"] = peer.update_only
-        request["allowed_ips"] = sorted(str(n) for n in peer.allowed_ips)
+        request["allowed_ips"] = sorted(network_text(n) for n in peer.allowed_ips)
     return request
 
 
@@ -140,6 +144,11 @@ class NetlinkBackend:
             raise DataPlaneError(f"WireGuard netlink set on {name} failed: {exc.code}") from None
         return max(1, len(requests))
 
+    def begin_write(self, name: str, update: DeviceUpdate) -> Callable[[], int]:
+        """Netlink writes are synchronous: write now, report the count later."""
+        count = self.write(name, update)
+        return lambda: count
+
 
 def _live_peer(raw: Any) -> LivePeer:
     endpoint = raw.get_attr("WGPEER_A_ENDPOINT")
@@ -149,13 +158,19 @@ def _live_peer(raw: Any) -> LivePeer:
     allowed = raw.get_attr("WGPEER_A_ALLOWEDIPS") or ()
     return LivePeer(
         public_key=_text(raw.get_attr("WGPEER_A_PUBLIC_KEY")),
-        allowed_ips=frozenset(ipaddress.ip_network(a["addr"], strict=False) for a in allowed),
+        allowed_ips=frozenset(_allowed_ip(a["addr"]) for a in allowed),
         endpoint=None if endpoint is None else _endpoint(endpoint),
         keepalive=int(raw.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0),
         last_handshake=None if sec == 0 and nsec == 0 else sec + nsec / 1e9,
         rx=int(raw.get_attr("WGPEER_A_RX_BYTES") or 0),
         tx=int(raw.get_attr("WGPEER_A_TX_BYTES") or 0),
     )
+
+
+def _allowed_ip(text: str) -> IPNetwork:
+    address, _, length = text.partition("/")
+    parsed = ipaddress.ip_address(address)
+    return network_from_packed(parsed.packed, int(length) if length else parsed.max_prefixlen)
 
 
 def _endpoint(raw: Any) -> str | None:

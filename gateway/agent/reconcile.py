@@ -6,20 +6,41 @@ endpoint to wherever authenticated packets come from), so the agent sets an
 endpoint only when the control plane's choice changed since the last apply, or
 when the peer has none. Without a previous apply (agent restart) the live
 endpoint is compared with the desired one.
+
+``only`` restricts the peers looked at to the given public keys: with a live
+state known to match the last applied config, only :func:`changed_peers` can
+need a write, so an apply costs time proportional to the change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from gateway.agent.backend import DeviceUpdate, LiveDevice, LivePeer, PeerUpdate
 from gateway.agent.desired import DesiredDevice, DesiredPeer
 
-__all__ = ["diff"]
+__all__ = ["changed_peers", "diff"]
+
+
+def changed_peers(desired: DesiredDevice, before: DesiredDevice) -> set[str]:
+    """Public keys of the peers added, removed or changed between ``before`` and ``desired``."""
+    new, old = desired.peers, before.peers
+    if new is old:
+        return set()
+    keys = new.keys() ^ old.keys()
+    keys.update(
+        k for k, p in new.items() if (q := old.get(k)) is not p and q is not None and q != p
+    )
+    return keys
 
 
 def diff(
-    desired: DesiredDevice, live: LiveDevice, last_applied: DesiredDevice | None
+    desired: DesiredDevice,
+    live: LiveDevice,
+    last_applied: DesiredDevice | None,
+    only: Collection[str] | None = None,
 ) -> DeviceUpdate:
-    """The update that brings ``live`` to ``desired``; empty if nothing differs."""
+    """The update that brings ``live`` to ``desired`` (for the peers in ``only``, if given)."""
     private_key = None if live.public_key == desired.public_key else desired.private_key
     # listen port 0 = "any port": never fight the port the device picked
     port_same = desired.listen_port in (0, live.listen_port)
@@ -29,18 +50,24 @@ def diff(
         private_key=private_key,
         listen_port=listen_port,
         fwmark=fwmark,
-        peers=_peer_updates(desired, live, last_applied),
+        peers=_peer_updates(desired, live, last_applied, only),
     )
 
 
 def _peer_updates(
-    desired: DesiredDevice, live: LiveDevice, last_applied: DesiredDevice | None
+    desired: DesiredDevice,
+    live: LiveDevice,
+    last_applied: DesiredDevice | None,
+    only: Collection[str] | None,
 ) -> tuple[PeerUpdate, ...]:
-    removals = [
-        PeerUpdate(k, remove=True) for k in sorted(live.peers.keys() - desired.peers.keys())
-    ]
+    if only is None:
+        gone, wanted = live.peers.keys() - desired.peers.keys(), sorted(desired.peers)
+    else:
+        gone = {k for k in only if k in live.peers and k not in desired.peers}
+        wanted = sorted(k for k in only if k in desired.peers)
+    removals = [PeerUpdate(k, remove=True) for k in sorted(gone)]
     changes: list[PeerUpdate] = []
-    for key in sorted(desired.peers):
+    for key in wanted:
         want = desired.peers[key]
         have = live.peers.get(key)
         if have is None:

@@ -9,20 +9,23 @@ adapter that also starts the daemon.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 from gateway.agent.backend import (
     DeviceUpdate,
+    IPNetwork,
     LiveDevice,
     LivePeer,
     PeerUpdate,
     network,
+    network_text,
     parse_endpoint,
 )
 from gateway.agent.backend import format_endpoint as _fmt
@@ -43,6 +46,8 @@ __all__ = [
 SOCKET_DIR = Path("/var/run/wireguard")
 GET_REQUEST = b"get=1\n\n"
 _MAX_REPLY = 64 << 20
+_SNDBUF_DEFAULT = 1 << 16
+_SO_SNDBUFFORCE = 32
 
 
 class UapiError(DataPlaneError):
@@ -71,42 +76,52 @@ class UapiRefused(UapiError):
 # --- codec -----------------------------------------------------------------
 
 
+@lru_cache(maxsize=1 << 14)
 def _hex_key(b64: str) -> str:
     return decode_key(b64).hex()
 
 
 def build_set(update: DeviceUpdate) -> bytes:
     """The ``set=1`` request for ``update`` (private key included: never log the result)."""
-    lines = ["set=1"]
+    parts = ["set=1\n"]
     if update.private_key is not None:
-        lines.append(f"private_key={update.private_key.hex()}")
+        parts.append(f"private_key={update.private_key.hex()}\n")
     if update.listen_port is not None:
-        lines.append(f"listen_port={update.listen_port}")
+        parts.append(f"listen_port={update.listen_port}\n")
     if update.fwmark is not None:
-        lines.append(f"fwmark={update.fwmark}")
-    for peer in update.peers:
-        lines.extend(_peer_lines(peer))
-    return ("\n".join(lines) + "\n\n").encode("ascii")
+        parts.append(f"fwmark={update.fwmark}\n")
+    parts.extend(map(_peer_block, update.peers))
+    parts.append("\n")
+    return "".join(parts).encode("ascii")
 
 
-def _peer_lines(peer: PeerUpdate) -> list[str]:
-    lines = [f"public_key={_hex_key(peer.public_key)}"]
+@lru_cache(maxsize=1 << 14)
+def _peer_block(peer: PeerUpdate) -> str:
+    """The lines of one peer, newline-terminated (memoized: maps repeat the same peers)."""
+    head = f"public_key={_hex_key(peer.public_key)}\n"
     if peer.remove:
-        return [*lines, "remove=true"]
+        return head + "remove=true\n"
+    lines = [head]
     if peer.update_only:
-        lines.append("update_only=true")
+        lines.append("update_only=true\n")
     if peer.endpoint is not None:
-        lines.append(f"endpoint={peer.endpoint}")
+        lines.append(f"endpoint={peer.endpoint}\n")
     if peer.keepalive is not None:
-        lines.append(f"persistent_keepalive_interval={peer.keepalive}")
+        lines.append(f"persistent_keepalive_interval={peer.keepalive}\n")
     if peer.allowed_ips is not None:
         if peer.update_only:
-            lines.append("replace_allowed_ips=true")
-        lines.extend(f"allowed_ip={net}" for net in sorted(peer.allowed_ips, key=_net_key))
-    return lines
+            lines.append("replace_allowed_ips=true\n")
+        lines.append(_allowed_lines(peer.allowed_ips))
+    return "".join(lines)
 
 
-def _net_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int, int]:
+@lru_cache(maxsize=1 << 14)
+def _allowed_lines(nets: frozenset[IPNetwork]) -> str:
+    ordered = sorted(nets, key=_net_key)
+    return "".join(f"allowed_ip={network_text(net)}\n" for net in ordered)
+
+
+def _net_key(net: IPNetwork) -> tuple[int, int, int]:
     return (net.version, int(net.network_address), net.prefixlen)
 
 
@@ -179,7 +194,7 @@ def _key_from_hex(value: str) -> str:
 
 def _live_peer(pairs: list[tuple[str, str]]) -> LivePeer:
     fields: dict[str, str] = {}
-    allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    allowed: list[IPNetwork] = []
     for key, value in pairs:
         if key == "allowed_ip":
             allowed.append(network(value))
@@ -296,12 +311,25 @@ class UapiBackend:
         return parse_get(self._transact(name, GET_REQUEST))
 
     def write(self, name: str, update: DeviceUpdate) -> int:
+        return self.begin_write(name, update)()
+
+    def begin_write(self, name: str, update: DeviceUpdate) -> Callable[[], int]:
+        """Send the ``set`` request now; the returned function reads the daemon's answer.
+
+        The send buffer is sized for the whole request, so the daemon parses it
+        while the caller goes on (routes); the answer waits in the socket.
+        """
         if update.is_empty:
-            return 0
-        errno = parse_errno(self._transact(name, build_set(update)))
-        if errno != 0:
-            raise UapiRefused(errno)
-        return 1
+            return lambda: 0
+        request = build_set(update)
+        sock = self._connect(name)
+        try:
+            _grow_send_buffer(sock, len(request))
+            sock.sendall(request)
+        except OSError as exc:
+            sock.close()
+            raise UapiError(f"UAPI exchange with {name} failed: {exc}") from None
+        return lambda: _finish_set(sock, name)
 
     def _connect(self, name: str) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -320,6 +348,26 @@ class UapiBackend:
                 return _read_reply(sock)
             except OSError as exc:
                 raise UapiError(f"UAPI exchange with {name} failed: {exc}") from None
+
+
+def _grow_send_buffer(sock: socket.socket, size: int) -> None:
+    if size <= _SNDBUF_DEFAULT:
+        return
+    try:  # CAP_NET_ADMIN (which the agent has) may exceed net.core.wmem_max
+        sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, size + 4096)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size + 4096)
+
+
+def _finish_set(sock: socket.socket, name: str) -> int:
+    with sock:
+        try:
+            errno = parse_errno(_read_reply(sock))
+        except OSError as exc:
+            raise UapiError(f"UAPI exchange with {name} failed: {exc}") from None
+    if errno != 0:
+        raise UapiRefused(errno)
+    return 1
 
 
 def _read_reply(sock: socket.socket) -> bytes:

@@ -268,6 +268,9 @@ class MemoryBackend:
 
     def read(self, name: str) -> LiveDevice:
         self.reads += 1
+        return self._device(name)
+
+    def _device(self, name: str) -> LiveDevice:
         try:
             return self.devices[name]
         except KeyError:
@@ -279,7 +282,7 @@ class MemoryBackend:
         public = None
         if update.private_key is not None:
             public = encode_key(public_from_private(update.private_key))
-        self.devices[name] = apply_update(self.read(name), update, public)
+        self.devices[name] = apply_update(self._device(name), update, public)
         self.writes += 1
         self.log.append((name, update))
         return 1

@@ -184,8 +184,7 @@ class DesiredBuilder:
             return self._config
         for device_id in self._recheck(changed, netmap.peers):
             affected |= self._reindex(device_id)
-        for device_id in affected:
-            self._settle(device_id)
+        self._settle(affected)
         self._config = self._assemble()
         return self._config
 
@@ -244,24 +243,31 @@ class DesiredBuilder:
             return self._index.remove(device_id)
         return self._index.assign(device_id, _spans(peer.allowed_ips))
 
-    def _settle(self, device_id: str) -> None:
-        """Accept or drop ``device_id`` according to its checks and clashes."""
-        peer = self._candidates.get(device_id)
-        index = self._index
-        ok = peer is not None and device_id in index and device_id not in index.clashes
-        old = self._accepted.get(device_id)
-        if ok and old is peer:
-            return
-        if old is not None:
-            del self._accepted[device_id], self._by_public[old.public_key]
-            for net in old.allowed_ips:
-                self._routes[net] -= 1
-                if not self._routes[net]:
-                    del self._routes[net]
-        if ok and peer is not None:
+    def _settle(self, ids: set[str]) -> None:
+        """Accept or drop each of ``ids`` by its checks and clashes: all drops, then all adds.
+
+        Two phases, because a public key can move from one device id to another.
+        """
+        index, arriving = self._index, []
+        for device_id in ids:
+            peer = self._candidates.get(device_id)
+            ok = peer is not None and device_id in index and device_id not in index.clashes
+            old = self._accepted.get(device_id)
+            if old is not None and (old is not peer or not ok):
+                self._drop(device_id, old)
+            if ok and peer is not None and old is not peer:
+                arriving.append((device_id, peer))
+        for device_id, peer in arriving:
             self._accepted[device_id] = self._by_public[peer.public_key] = peer
             for net in peer.allowed_ips:
                 self._routes[net] = self._routes.get(net, 0) + 1
+
+    def _drop(self, device_id: str, old: DesiredPeer) -> None:
+        del self._accepted[device_id], self._by_public[old.public_key]
+        for net in old.allowed_ips:
+            self._routes[net] -= 1
+            if not self._routes[net]:
+                del self._routes[net]
 
     def _assemble(self) -> DesiredConfig:
         settings = self.settings

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+from dataclasses import replace
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.agent.desired import LocalSettings, build_desired, check_endpoint
+from gateway.agent.backend import network
+from gateway.agent.conflicts import OverlapIndex
+from gateway.agent.desired import (
+    DesiredBuilder,
+    LocalSettings,
+    _check_peer,
+    build_desired,
+    check_endpoint,
+)
 from gateway.model import NetMap, Peer, SelfView
 from gateway.wgkey import encode_key, generate_private_key, public_from_private
 
@@ -120,12 +132,8 @@ def test_overlap_within_one_peer_is_fine() -> None:
 def test_default_route_needs_the_flag(default: str) -> None:
     p = peer(2, allowed_ips=(default,))
     assert build_desired(netmap(p), SETTINGS).device.peers == {}
-    allowed = LocalSettings(**{**_fields(SETTINGS), "allow_default_route": True})
+    allowed = replace(SETTINGS, allow_default_route=True)
     assert len(build_desired(netmap(p), allowed).device.peers) == 1
-
-
-def _fields(s: LocalSettings) -> dict[str, object]:
-    return {f: getattr(s, f) for f in s.__slots__}  # type: ignore[attr-defined]
 
 
 def test_host_bits_refused() -> None:
@@ -171,3 +179,158 @@ def test_private_key_not_in_repr() -> None:
     text = repr(config) + repr(SETTINGS)
     assert PRIVATE.hex() not in text and str(PRIVATE) not in text
     assert base64.b64encode(PRIVATE).decode() not in text
+
+
+# --- incremental building ----------------------------------------------------
+
+POOL = [
+    "10.0.0.0/8",
+    "10.1.0.0/16",
+    "10.1.2.0/24",
+    "10.2.0.0/16",
+    "100.64.0.0/24",  # holds this device's own address
+    "100.64.1.7/32",
+    "0.0.0.0/0",
+    "10.0.0.1/8",  # host bits: refused
+    "fd7a:7767:6174::/48",
+    "fd7a:7767:6174:1::/64",
+    "fd00::/8",
+    "2001:db8::/32",
+]
+FIXED_KEYS = [key() for _ in range(6)]
+
+
+def _naive(nm: NetMap, settings: LocalSettings) -> tuple[set[str], frozenset[object]]:
+    """The rules spelled out pairwise with ipaddress: accepted keys and routes."""
+    candidates = {}
+    for device_id, p in nm.peers.items():
+        try:
+            candidates[device_id] = _check_peer(p, settings.allow_default_route, OWN)
+        except ValueError:
+            continue
+    keys = [c.public_key for c in candidates.values()]
+    unique = {i: c for i, c in candidates.items() if keys.count(c.public_key) == 1}
+    own = [ipaddress.ip_network("100.64.0.1/32"), ipaddress.ip_network("fd7a:7767:6174::1/128")]
+
+    def clashes(i: str) -> bool:
+        mine = [n for n in unique[i].allowed_ips if n.prefixlen]
+        others = [n for j, c in unique.items() if j != i for n in c.allowed_ips if n.prefixlen]
+        return any(a.version == b.version and a.overlaps(b) for a in mine for b in others + own)
+
+    accepted = [c for i, c in unique.items() if not clashes(i)]
+    return {c.public_key for c in accepted}, frozenset(n for c in accepted for n in c.allowed_ips)
+
+
+OWN = encode_key(public_from_private(PRIVATE))
+peer_spec = st.tuples(
+    st.integers(0, 7),  # device id
+    st.integers(0, 5),  # key (collisions on purpose)
+    st.sets(st.sampled_from(POOL), max_size=3),
+)
+map_specs = st.lists(
+    st.lists(peer_spec, max_size=7, unique_by=lambda t: t[0]), min_size=1, max_size=5
+)
+
+
+def _map(spec: list[tuple[int, int, set[str]]]) -> NetMap:
+    peers = []
+    for device_id, key_index, extra in spec:
+        host = f"100.64.{9 + device_id}.1/32"
+        peers.append(
+            peer(
+                device_id,
+                id=f"d{device_id}",
+                public_key=FIXED_KEYS[key_index],
+                allowed_ips=(host, *sorted(extra)),
+                endpoints=(),
+            )
+        )
+    return netmap(*peers)
+
+
+@settings(max_examples=300, deadline=None)
+@given(map_specs, st.booleans())
+def test_incremental_builds_match_fresh_and_naive(specs: list[Any], exits: bool) -> None:
+    local = replace(SETTINGS, allow_default_route=exits)
+    builder = DesiredBuilder(local)
+    for spec in specs:
+        nm = _map(spec)
+        got, fresh = builder.build(nm), build_desired(nm, local)
+        assert got.device.peers == fresh.device.peers
+        assert got.link == fresh.link
+        assert sorted(got.problems) == sorted(fresh.problems)
+        accepted, routes = _naive(nm, local)
+        assert set(got.device.peers) == accepted and got.link.routes == routes
+        refused = len(nm.peers) - len(got.device.peers)
+        assert refused == 0 or got.problems
+
+
+def test_unchanged_map_returns_the_previous_config() -> None:
+    builder = DesiredBuilder(SETTINGS)
+    p2, p3 = peer(2), peer(3)
+    first = builder.build(netmap(p2, p3))
+    assert builder.build(netmap(replace(p2), p3)) is first  # equal, not identical
+
+
+def test_fixing_a_duplicate_restores_the_other_peer() -> None:
+    builder = DesiredBuilder(SETTINGS)
+    a = peer(2)
+    b = peer(3, public_key=a.public_key)
+    assert builder.build(netmap(a, b)).device.peers == {}
+    fixed = builder.build(netmap(a, peer(3)))
+    assert a.public_key in fixed.device.peers and len(fixed.device.peers) == 2
+    assert fixed.problems == ()
+
+
+# --- the overlap index and the CIDR parser -----------------------------------
+
+SPANS = [(4, 0x0A000000, 8), (4, 0x0A010000, 16), (4, 0x0A010200, 24), (4, 0x0B000000, 8),
+         (4, 0x0A010203, 32), (6, 0xFD << 120, 8), (6, 0xFD7A << 112, 16)]  # fmt: skip
+
+
+def _overlap(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    if a[0] != b[0]:
+        return False
+    bits = 32 if a[0] == 4 else 128
+    shift = bits - min(a[2], b[2])
+    return a[1] >> shift == b[1] >> shift
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.sets(st.sampled_from(SPANS), max_size=3))))
+def test_overlap_index_matches_pairwise(ops: list[tuple[int, set[tuple[int, int, int]]]]) -> None:
+    index, owned = OverlapIndex(), {}
+    for owner, spans in ops:
+        if spans:
+            index.assign(str(owner), spans)
+            owned[str(owner)] = spans
+        else:
+            index.remove(str(owner))
+            owned.pop(str(owner), None)
+        expected = {
+            o: {p for p, theirs in owned.items() if p != o and any(
+                _overlap(a, b) for a in mine for b in theirs)}
+            for o, mine in owned.items()
+        }  # fmt: skip
+        assert index.clashes == {o: s for o, s in expected.items() if s}
+
+
+cidr_text = st.one_of(
+    st.text(alphabet="0123456789abcdefABCDEF.:/%_ ", max_size=24),
+    st.builds(
+        lambda a, n, sep: f"{ipaddress.ip_address(a)}{sep}{n}",
+        st.one_of(st.integers(0, 2**32 - 1), st.integers(2**32, 2**128 - 1)),
+        st.integers(-1, 130),
+        st.sampled_from(["/", "/0", ""]),
+    ),
+)
+
+
+@given(cidr_text)
+def test_network_parses_like_ipaddress(text: str) -> None:
+    try:
+        expected = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        with pytest.raises(ValueError):
+            network(text)
+    else:
+        assert network(text) == expected and network(text) is network(str(expected))

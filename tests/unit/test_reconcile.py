@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import struct
+from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +21,8 @@ from gateway.agent.backend import (
 )
 from gateway.agent.desired import DesiredDevice, DesiredLink, DesiredPeer
 from gateway.agent.reconcile import diff
-from gateway.agent.routes import LinkUpdate, LiveLink, diff_links
+from gateway.agent.routes import LinkUpdate, LiveLink, after_link_update, diff_links
+from gateway.agent.rtnl import NEWROUTE, build_route, parse_route
 from gateway.wgkey import encode_key, generate_private_key, public_from_private
 
 PRIVATE = generate_private_key()
@@ -176,15 +181,15 @@ def test_with_last_applied_converges(want: DesiredDevice, previous: DesiredDevic
 IFACES = [ipaddress.ip_interface("100.64.0.1/32"), ipaddress.ip_interface("fd7a:7767:6174::1/128")]
 
 
-def link(addresses: object = (), routes: object = (), mtu: int = 1420) -> DesiredLink:
-    return DesiredLink(frozenset(addresses), frozenset(routes), 51820, 5210, 0xCA6C, mtu)  # type: ignore[arg-type]
+def link(addresses: Iterable[Any] = (), routes: Iterable[Any] = (), mtu: int = 1420) -> DesiredLink:
+    return DesiredLink(frozenset(addresses), frozenset(routes), 51820, 5210, 0xCA6C, mtu)
 
 
-def live_link(addresses: object = (), routes: object = (), **kw: object) -> LiveLink:
+def live_link(addresses: Iterable[Any] = (), routes: Iterable[Any] = (), **kw: object) -> LiveLink:
     base: dict[str, object] = {
         "index": 5,
-        "addresses": frozenset(addresses),  # type: ignore[arg-type]
-        "routes": frozenset(routes),  # type: ignore[arg-type]
+        "addresses": frozenset(addresses),
+        "routes": frozenset(routes),
         "rule_families": frozenset({4, 6}),
         "mtu": 1420,
         "up": True,
@@ -223,3 +228,25 @@ def test_link_diff_then_apply_converges(want: set[object], have: set[object]) ->
     after = (have | update.add_routes) - update.remove_routes
     assert after == want
     assert diff_links(link(routes=want), live_link(routes=after)).is_empty
+
+
+@given(st.sets(st.sampled_from(NETS)), st.sets(st.sampled_from(NETS)), st.booleans())
+def test_after_link_update_is_what_the_diff_asked_for(
+    want: set[object], have: set[object], up: bool
+) -> None:
+    wanted = link(IFACES[:1], want, mtu=1400)
+    before = live_link(IFACES[1:], have, up=up, rule_families=frozenset({4}))
+    after = after_link_update(before, diff_links(wanted, before))
+    assert diff_links(wanted, after).is_empty
+    assert after.routes == want and after.addresses == frozenset(IFACES[:1])
+
+
+@pytest.mark.parametrize("text", ["100.64.0.2/32", "10.0.0.0/8", "fd7a:7767:6174::2/128", "::/0"])
+def test_route_message_round_trip(text: str) -> None:
+    net = ipaddress.ip_network(text)
+    for ack in (True, False):
+        message = build_route(NEWROUTE, net, 7, 51820, 42, ack=ack)
+        length, kind, flags, seq, _ = struct.unpack_from("=IHHII", message)
+        assert (length, kind, seq) == (len(message), NEWROUTE, 42)
+        assert bool(flags & 0x4) == ack  # NLM_F_ACK only where asked
+        assert parse_route(message[16:]) == (net, 51820, 7)

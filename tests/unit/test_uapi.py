@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import socket
+import threading
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -12,6 +15,7 @@ from hypothesis import strategies as st
 from gateway.agent.backend import DeviceUpdate, PeerUpdate
 from gateway.agent.uapi import (
     MalformedUapi,
+    UapiBackend,
     UapiError,
     UapiRefused,
     build_set,
@@ -167,3 +171,66 @@ def test_build_set_update_only_and_replace_only_when_ips_change() -> None:
     assert "persistent_keepalive_interval=0" in first
     assert "update_only=true\nreplace_allowed_ips=true\nallowed_ip=10.0.0.0/8\n" in second
     assert "allowed_ip=fd7a::/64" in second
+
+
+class FakeDaemon:
+    """One UAPI connection on a unix socket: records the request, answers when told."""
+
+    def __init__(self, path: Path, reply: bytes) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.reply, self.request = reply, b""
+        self.received, self.answer = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            while not self.request.endswith(b"\n\n"):
+                self.request += conn.recv(1 << 16)
+            self.received.set()
+            self.answer.wait(5)
+            conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.thread.join(5)
+        self.listener.close()
+
+
+def _update(count: int) -> DeviceUpdate:
+    nets = [ipaddress.ip_network(f"10.{i >> 8}.{i & 255}.0/24") for i in range(count)]
+    keys = [encode_key(bytes([i & 255, i >> 8]) * 16) for i in range(count)]
+    peers = (PeerUpdate(k, allowed_ips=frozenset({n})) for k, n in zip(keys, nets, strict=True))
+    return DeviceUpdate(peers=tuple(peers))
+
+
+@pytest.mark.parametrize(("reply", "errno"), [(CAPTURED_SET_OK, 0), (CAPTURED_SET_EINVAL, -22)])
+def test_begin_write_sends_before_the_answer_is_read(
+    tmp_path: Path, reply: bytes, errno: int
+) -> None:
+    daemon = FakeDaemon(tmp_path / "wgt.sock", reply)
+    backend = UapiBackend(run_dir=tmp_path, socket_dir=tmp_path)
+    update = _update(1500)  # ~250 kB: more than a default socket buffer
+    try:
+        finish = backend.begin_write("wgt", update)
+        assert daemon.received.wait(5), "the whole request is out before finish()"
+        assert daemon.request == build_set(update)
+        daemon.answer.set()
+        if errno:
+            with pytest.raises(UapiRefused):
+                finish()
+        else:
+            assert finish() == 1
+    finally:
+        daemon.answer.set()
+        daemon.close()
+
+
+def test_empty_update_does_not_connect(tmp_path: Path) -> None:
+    backend = UapiBackend(run_dir=tmp_path, socket_dir=tmp_path / "missing")
+    assert backend.begin_write("wgt", DeviceUpdate())() == 0
+    assert backend.write("wgt", DeviceUpdate()) == 0
+    with pytest.raises(UapiError):
+        backend.begin_write("wgt", _update(1))

@@ -34,15 +34,17 @@ if shutil.which("wireguard-go") is None:
     pytest.skip("wireguard-go is not installed", allow_module_level=True)
 
 NODE = r"""
-import base64, json, sys
+import base64, json, sys, time
 from dataclasses import asdict
 from pathlib import Path
 from gateway.agent.dataplane import DataPlane
 from gateway.model import NetMap
 cfg = json.loads(sys.stdin.readline())
+skew = [0.0]  # the test moves this node's clock forward with {"op": "tick"}
 dp = DataPlane(interface=cfg["interface"], private_key=base64.b64decode(cfg["key"]),
                listen_port=cfg["port"], fwmark=0xCA6C, table=51820, rule_priority=5210,
-               backend="auto", run_dir=Path(cfg["run_dir"]))
+               backend="auto", run_dir=Path(cfg["run_dir"]), resync_interval=60.0,
+               clock=lambda: time.monotonic() + skew[0])
 print(json.dumps({"ok": True}), flush=True)
 for line in sys.stdin:
     cmd = json.loads(line)
@@ -56,6 +58,8 @@ for line in sys.stdin:
             out = {"peers": [asdict(p) for p in dp.status()]}
         elif cmd["op"] == "teardown":
             dp.teardown(); out = {}
+        elif cmd["op"] == "tick":
+            skew[0] += cmd["seconds"]; out = {}
         print(json.dumps({"ok": True, **out}), flush=True)
     except Exception as exc:
         print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
@@ -279,3 +283,27 @@ def test_restart_adopts_running_tunnel(lab: tuple[Node, Node], tmp_path: Path) -
     assert not Path(f"/var/run/wireguard/{a.iface}.sock").exists()
     assert "5210" not in sh("ip", "-n", a.ns, "rule").stdout
     time.sleep(0.1)
+
+
+def test_out_of_band_changes_are_repaired_at_the_periodic_resync(lab: tuple[Node, Node]) -> None:
+    a, b = lab
+    a.call({"op": "setup"})
+    b.call({"op": "setup"})
+    map_a = a.netmap(1, [b.as_peer()])
+    a.call({"op": "apply", "map": map_a})
+    b.call({"op": "apply", "map": b.netmap(1, [a.as_peer()])})
+    assert ping(a, b.tunnel4)
+    # behind the agent's back: the peer and one of its routes go away
+    sh("ip", "netns", "exec", a.ns, "wg", "set", a.iface, "peer", b.public, "remove")
+    sh("ip", "-n", a.ns, "route", "del", f"{b.tunnel4}/32", "dev", a.iface, "table", "51820")
+    assert a.call({"op": "apply", "map": map_a})["writes"] == 0  # trusted until the resync
+    assert b.public not in handshakes(a)
+    a.call({"op": "tick", "seconds": 60})
+    repaired = a.call({"op": "apply", "map": map_a})
+    assert repaired["writes"] == 2, repaired  # one UAPI transaction, one route
+    assert b.public in handshakes(a) and b.tunnel4 in table(a)
+    assert ping(a, b.tunnel4)
+    before = handshakes(a)[b.public]
+    a.call({"op": "tick", "seconds": 60})
+    assert a.call({"op": "apply", "map": map_a})["writes"] == 0  # a clean resync writes nothing
+    assert handshakes(a)[b.public] == before

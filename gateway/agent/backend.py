@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
 
@@ -108,11 +108,18 @@ def parse_endpoint(text: str) -> tuple[IPAddress, int]:
             raise ValueError(f"endpoint {text!r} carries a zone index")
         address: IPAddress = ipaddress.IPv6Address(host)
     else:
-        address = ipaddress.IPv4Address(host)
+        address = _ipv4(host)
     port = int(port_text)
     if not 0 < port < 65536:
         raise ValueError(f"endpoint {text!r} has port out of range")
     return address, port
+
+
+def _ipv4(text: str) -> ipaddress.IPv4Address:
+    try:  # inet_pton takes a strict subset of what IPv4Address does, fast
+        return ipaddress.IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big"))
+    except (OSError, ValueError, UnicodeError):
+        return ipaddress.IPv4Address(text)  # the rules, and the error message
 
 
 def format_endpoint(address: IPAddress, port: int) -> str:
@@ -237,13 +244,15 @@ def _pick(new: int | None, old: int) -> int:
 
 def _apply_peer(current: LivePeer | None, change: PeerUpdate) -> LivePeer:
     peer = current or LivePeer(public_key=change.public_key)
-    if change.allowed_ips is not None:
-        peer = replace(peer, allowed_ips=change.allowed_ips)
-    if change.endpoint is not None:
-        peer = replace(peer, endpoint=change.endpoint)
-    if change.keepalive is not None:
-        peer = replace(peer, keepalive=change.keepalive)
-    return peer
+    return LivePeer(
+        public_key=peer.public_key,
+        allowed_ips=peer.allowed_ips if change.allowed_ips is None else change.allowed_ips,
+        endpoint=peer.endpoint if change.endpoint is None else change.endpoint,
+        keepalive=peer.keepalive if change.keepalive is None else change.keepalive,
+        last_handshake=peer.last_handshake,
+        rx=peer.rx,
+        tx=peer.tx,
+    )
 
 
 class MemoryBackend:

@@ -10,13 +10,14 @@ disjoint), so for a prefix P the index finds
   every entry whose start falls within P and whose length is longer is inside.
 
 Adding or removing an owner costs time proportional to its prefixes and to the
-overlaps it takes part in, not to the size of the index.
+overlaps it takes part in, not to the size of the index. Many owners at once
+(a first map) are loaded in bulk: link everything, then one sorted sweep.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 __all__ = ["OverlapIndex", "Span"]
 
@@ -42,6 +43,44 @@ class OverlapIndex:
         affected = self.remove(owner)
         affected |= self._add(owner, tuple(dict.fromkeys(spans)))
         return affected
+
+    def assign_many(self, spans: Mapping[str, Iterable[Span]]) -> set[str]:
+        """:meth:`assign` for many owners; in bulk when they are many compared to the index."""
+        if len(spans) * 4 < len(self._spans) + 4:
+            affected: set[str] = set()
+            for owner, owned in spans.items():
+                affected |= self.assign(owner, owned)
+            return affected
+        before = self.clashes
+        for owner in spans:
+            self.remove(owner)
+        for owner, owned in spans.items():
+            self._spans[owner] = unique = tuple(dict.fromkeys(owned))
+            for span in unique:
+                self._link(span, owner, keep_sorted=False)
+        for starts in self._starts.values():
+            starts.sort()
+        self.clashes = self._sweep()
+        changed = {
+            o for o in before.keys() | self.clashes.keys() if before.get(o) != self.clashes.get(o)
+        }
+        return changed | set(spans)
+
+    def _sweep(self) -> dict[str, set[str]]:
+        """Every clash in the index: sorted prefixes, a stack of the ones still open."""
+        clashes: dict[str, set[str]] = {}
+        for version, starts in self._starts.items():
+            stack: list[tuple[int, set[str]]] = []  # (last address, owners)
+            for start, length in starts:
+                while stack and stack[-1][0] < start:
+                    stack.pop()
+                owners = self._owners[(version, start, length)]
+                if len(owners) > 1:
+                    _connect(clashes, owners, owners)
+                for _, outer in stack:
+                    _connect(clashes, owners, outer)
+                stack.append((start + (1 << (_BITS[version] - length)) - 1, owners))
+        return clashes
 
     def remove(self, owner: str) -> set[str]:
         """Forget ``owner``; return it and the owners it clashed with."""
@@ -84,14 +123,17 @@ class OverlapIndex:
             i += 1
         return result
 
-    def _link(self, span: Span, owner: str) -> None:
+    def _link(self, span: Span, owner: str, *, keep_sorted: bool = True) -> None:
         owners = self._owners.get(span)
         if owners is None:
             owners = self._owners[span] = set()
             version, start, length = span
             lengths = self._lengths[version]
             lengths[length] = lengths.get(length, 0) + 1
-            insort(self._starts[version], (start, length))
+            if keep_sorted:
+                insort(self._starts[version], (start, length))
+            else:
+                self._starts[version].append((start, length))
         owners.add(owner)
 
     def _unlink(self, span: Span, owner: str) -> None:
@@ -107,3 +149,11 @@ class OverlapIndex:
             del lengths[length]
         starts = self._starts[version]
         del starts[bisect_left(starts, (start, length))]
+
+
+def _connect(clashes: dict[str, set[str]], these: set[str], those: set[str]) -> None:
+    for a in these:
+        for b in those:
+            if a != b:
+                clashes.setdefault(a, set()).add(b)
+                clashes.setdefault(b, set()).add(a)

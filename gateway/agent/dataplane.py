@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from gateway.agent.backend import DeviceUpdate, WireGuardBackend
+from gateway.agent.backend import WireGuardBackend
 from gateway.agent.desired import DesiredBuilder, DesiredDevice, DesiredLink, LocalSettings
 from gateway.agent.livestate import LiveBelief, Snapshot
 from gateway.agent.mtu import DEFAULT_UNDERLAY_MTU, tunnel_mtu, underlay_mtu
@@ -179,42 +179,47 @@ class DataPlane:
     # --- reconcile ---------------------------------------------------------
 
     def apply(self, netmap: NetMap) -> ApplyResult:
-        """Validate ``netmap`` and bring the interface to it, touching only what differs."""
-        backend, links = self._require()
+        """Validate ``netmap`` and bring the interface to it, touching only what differs.
+
+        The WireGuard write is started first; the MTU, the link layer and the
+        bookkeeping are done while the WireGuard implementation works on it.
+        """
+        backend, _ = self._require()
         config = self._builder.build(netmap)
-        snap = self._snapshot(backend, links)
-        link = replace(config.link, mtu=self._tunnel_mtu(config.device))
+        snap = self._snapshot()
         last = self._last
         only = None if snap.fresh or last is None else changed_peers(config.device, last)
         update = diff(config.device, snap.device, last, only)
-        link_update = diff_links(link, snap.link)
         self._belief.forget()  # until the writes are known to have gone through
-        writes = self._write(config.device, update, link_update, snap.link.index)
-        public = None if update.private_key is None else config.device.public_key
-        self._belief.snapshot = snap.after(update, link_update, public)
-        return ApplyResult(writes=writes, problems=config.problems, peers=len(config.device.peers))
+        finish = backend.begin_write(self.interface, update)
+        try:
+            link_update, link_writes = self._apply_link(config.link, config.device, snap)
+            public = None if update.private_key is None else config.device.public_key
+            after = snap.after(update, link_update, public)
+        finally:
+            writes = finish()
+            self._last = config.device
+        self._belief.snapshot = after
+        peers = len(config.device.peers)
+        return ApplyResult(writes=writes + link_writes, problems=config.problems, peers=peers)
 
-    def _snapshot(self, backend: WireGuardBackend, links: LinkLayer) -> Snapshot:
+    def _snapshot(self) -> Snapshot:
         snap = self._belief.current()
         if snap is None:
+            backend, links = self._require()
             read_at = self._belief.now()
             live = backend.read(self.interface)
             snap = Snapshot(live, links.read(self.interface, self.rule), read_at)
             self._mtu_for = None  # the underlay may have changed too
         return snap
 
-    def _write(
-        self, device: DesiredDevice, update: DeviceUpdate, link: LinkUpdate, index: int
-    ) -> int:
-        """Device and link writes, the routes while the WireGuard daemon works on its part."""
-        backend, links = self._require()
-        finish = backend.begin_write(self.interface, update)
-        try:
-            link_writes = links.apply(link, index, self.rule)
-        finally:
-            device_writes = finish()
-            self._last = device
-        return device_writes + link_writes
+    def _apply_link(
+        self, wanted: DesiredLink, device: DesiredDevice, snap: Snapshot
+    ) -> tuple[LinkUpdate, int]:
+        _, links = self._require()
+        link = replace(wanted, mtu=self._tunnel_mtu(device))
+        update = diff_links(link, snap.link)
+        return update, links.apply(update, snap.link.index, self.rule)
 
     def status(self) -> tuple[PeerStatus, ...]:
         """The live peers, sorted by public key."""

@@ -30,7 +30,6 @@ __all__ = [
 ]
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-_METADATA = ipaddress.ip_address("169.254.169.254")
 _SELF = "\x00self"  # the owner of this device's addresses in the overlap index (no device id)
 
 
@@ -99,17 +98,26 @@ def check_endpoint(text: str) -> str:
     address, port = parse_endpoint(text)
     if address.version == 6 and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    bad = (
-        address.is_loopback
-        or address.is_unspecified
-        or address.is_multicast
-        or address.is_link_local
-        or address == _METADATA
-        or (address.version == 4 and address == ipaddress.IPv4Address("255.255.255.255"))
-    )
+    if address.version == 4:
+        bad = _bad_ipv4(int(address))
+    else:
+        bad = (
+            address.is_loopback
+            or address.is_unspecified
+            or address.is_multicast
+            or address.is_link_local
+        )
     if bad:
         raise ValueError(f"endpoint {text} is loopback/unspecified/multicast/link-local/metadata")
     return format_endpoint(address, port)
+
+
+def _bad_ipv4(value: int) -> bool:
+    """Loopback, unspecified, multicast, link-local (metadata included) or broadcast."""
+    top = value >> 24
+    return (
+        top == 127 or value == 0 or top >> 4 == 0xE or value >> 16 == 0xA9FE or value == 0xFFFFFFFF
+    )
 
 
 def build_desired(netmap: NetMap, settings: LocalSettings) -> DesiredConfig:
@@ -170,7 +178,6 @@ class DesiredBuilder:
         self._index = OverlapIndex()  # eligible candidates (unique key) and our addresses
         self._accepted: dict[str, DesiredPeer] = {}  # device id -> peer
         self._by_public: dict[str, DesiredPeer] = {}  # public key -> accepted peer
-        self._routes: dict[IPNetwork, int] = {}  # allowed IP -> accepted peers routing it
         self._self_texts: tuple[str, ...] | None = None
         self._addresses: frozenset[IPInterface] = frozenset()
         self._self_problems: tuple[str, ...] = ()
@@ -182,8 +189,7 @@ class DesiredBuilder:
         affected = self._set_self(netmap.self_view.addresses)
         if self._config is not None and not changed and not affected:
             return self._config
-        for device_id in self._recheck(changed, netmap.peers):
-            affected |= self._reindex(device_id)
+        affected |= self._reindex(self._recheck(changed, netmap.peers))
         self._settle(affected)
         self._config = self._assemble()
         return self._config
@@ -237,11 +243,17 @@ class DesiredBuilder:
             del self._by_key[key]
         return set(group)
 
-    def _reindex(self, device_id: str) -> set[str]:
-        peer = self._candidates.get(device_id)
-        if peer is None or len(self._by_key[peer.public_key]) > 1:
-            return self._index.remove(device_id)
-        return self._index.assign(device_id, _spans(peer.allowed_ips))
+    def _reindex(self, ids: set[str]) -> set[str]:
+        """Put the eligible (unique key) candidates among ``ids`` in the index, the rest out."""
+        affected: set[str] = set()
+        eligible: dict[str, tuple[Span, ...]] = {}
+        for device_id in ids:
+            peer = self._candidates.get(device_id)
+            if peer is None or len(self._by_key[peer.public_key]) > 1:
+                affected |= self._index.remove(device_id)
+            else:
+                eligible[device_id] = _spans(peer.allowed_ips)
+        return affected | self._index.assign_many(eligible)
 
     def _settle(self, ids: set[str]) -> None:
         """Accept or drop each of ``ids`` by its checks and clashes: all drops, then all adds.
@@ -259,15 +271,9 @@ class DesiredBuilder:
                 arriving.append((device_id, peer))
         for device_id, peer in arriving:
             self._accepted[device_id] = self._by_public[peer.public_key] = peer
-            for net in peer.allowed_ips:
-                self._routes[net] = self._routes.get(net, 0) + 1
 
     def _drop(self, device_id: str, old: DesiredPeer) -> None:
         del self._accepted[device_id], self._by_public[old.public_key]
-        for net in old.allowed_ips:
-            self._routes[net] -= 1
-            if not self._routes[net]:
-                del self._routes[net]
 
     def _assemble(self) -> DesiredConfig:
         settings = self.settings
@@ -279,7 +285,7 @@ class DesiredBuilder:
         )
         link = DesiredLink(
             addresses=self._addresses,
-            routes=frozenset(self._routes),
+            routes=frozenset().union(*[p.allowed_ips for p in self._accepted.values()]),
             table=settings.table,
             rule_priority=settings.rule_priority,
             fwmark=settings.fwmark,

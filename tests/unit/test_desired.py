@@ -296,16 +296,26 @@ def _overlap(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
     return a[1] >> shift == b[1] >> shift
 
 
-@given(st.lists(st.tuples(st.integers(0, 5), st.sets(st.sampled_from(SPANS), max_size=3))))
-def test_overlap_index_matches_pairwise(ops: list[tuple[int, set[tuple[int, int, int]]]]) -> None:
+owner_spans = st.tuples(st.integers(0, 5), st.sets(st.sampled_from(SPANS), max_size=3))
+
+
+@settings(max_examples=200)
+@given(st.lists(st.lists(owner_spans, min_size=1, max_size=6)))
+def test_overlap_index_matches_pairwise(batches: list[list[tuple[int, set[Any]]]]) -> None:
+    """Single changes go through assign/remove, larger batches through the bulk load."""
     index, owned = OverlapIndex(), {}
-    for owner, spans in ops:
-        if spans:
-            index.assign(str(owner), spans)
-            owned[str(owner)] = spans
+    for batch in batches:
+        if len(batch) == 1:
+            owner, spans = batch[0]
+            if spans:
+                index.assign(str(owner), spans)
+                owned[str(owner)] = spans
+            else:
+                index.remove(str(owner))
+                owned.pop(str(owner), None)
         else:
-            index.remove(str(owner))
-            owned.pop(str(owner), None)
+            index.assign_many({str(o): s for o, s in batch})
+            owned.update({str(o): s for o, s in batch})
         expected = {
             o: {p for p, theirs in owned.items() if p != o and any(
                 _overlap(a, b) for a in mine for b in theirs)}

@@ -21,6 +21,7 @@ import base64
 import json
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def run() -> dict[str, float]:
         return figures
     finally:
         _kill_daemons(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
         subprocess.run(["ip", "netns", "del", ns], check=False)
         for sock in Path("/var/run/wireguard").glob(f"wgb*{tag}*.sock"):
             sock.unlink(missing_ok=True)

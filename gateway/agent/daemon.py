@@ -25,7 +25,7 @@ from gateway.agent.session import Action, MapSession
 from gateway.agent.state import Enrollment, StateDir
 from gateway.agent.status import serve_status
 from gateway.config import AgentSettings
-from gateway.errors import Unauthorized, Unavailable
+from gateway.errors import Unauthorized, Unavailable, WiregateError
 from gateway.logging import get_logger
 from gateway.model import NetMap
 from gateway.wgkey import encode_key, public_from_private
@@ -93,9 +93,11 @@ class Agent:
                 self.session = MapSession(cached)
                 await self._apply(cached)
             status = await serve_status(self.settings.run_dir / "agent.sock", self)
+            repair = asyncio.create_task(self._reconcile_periodically())
             try:
                 await self._stream_forever(control)
             finally:
+                repair.cancel()
                 await status.cleanup()
                 (self.settings.run_dir / "agent.sock").unlink(missing_ok=True)
 
@@ -110,6 +112,7 @@ class Agent:
             rule_priority=s.rule_priority,
             mtu=s.mtu,
             backend=s.backend,
+            resync_interval=s.reconcile_interval,
             userspace_binary=s.userspace_binary,
             run_dir=s.run_dir,
         )
@@ -165,6 +168,17 @@ class Agent:
             if message.get("type") == "full":
                 await ws.send_json({"type": "endpoints", "endpoints": await self._endpoints()})
 
+    async def _reconcile_periodically(self) -> None:
+        """Re-apply the current map now and then: the data plane reads the interface back
+        every ``resync_interval`` and repairs changes made behind the agent's back."""
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval)
+            if self.session.netmap is not None:
+                try:
+                    await self._apply(self.session.netmap)
+                except WiregateError as exc:
+                    log.warning("periodic reconcile failed", error=exc.message)
+
     async def _apply(self, netmap: NetMap) -> None:
         assert self.dataplane is not None
         async with self._apply_lock:
@@ -172,7 +186,8 @@ class Agent:
         self.health.problems = tuple(result.problems)
         for problem in result.problems:
             log.warning("peer refused", problem=problem)
-        log.info("map applied", version=netmap.version, peers=result.peers, writes=result.writes)
+        emit = log.info if result.writes else log.debug
+        emit("map applied", version=netmap.version, peers=result.peers, writes=result.writes)
 
     async def _revoked(self, reason: str) -> None:
         log.warning("device revoked; tearing down", reason=reason)

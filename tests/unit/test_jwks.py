@@ -119,9 +119,7 @@ SKIPPED = {
 
 @pytest.mark.parametrize("case", sorted(SKIPPED))
 def test_unusable_keys_skipped(case: str) -> None:
-    assert parse_jwks(jwks(SKIPPED[case], public_jwk(rsa_key(), "good")), ALGS).keys() == {
-        "good"
-    }
+    assert parse_jwks(jwks(SKIPPED[case], public_jwk(rsa_key(), "good")), ALGS).keys() == {"good"}
 
 
 def test_small_rsa_keys_skipped() -> None:
@@ -314,9 +312,7 @@ async def test_real_http_validation_end_to_end(aiohttp_server: Any) -> None:
     config = IssuerConfig(issuer, algorithms=ALGS, insecure_http=True)
     clock = FakeClock()
     validator = TokenValidator(config, JwksCache(config, AiohttpFetcher(), clock), clock)
-    got = await validator.validate_id_token(
-        sign(claims(iss=issuer)), audience=CLIENT, nonce=NONCE
-    )
+    got = await validator.validate_id_token(sign(claims(iss=issuer)), audience=CLIENT, nonce=NONCE)
     assert got.identity.issuer == issuer
 
 

@@ -152,7 +152,11 @@ class Relay:
         self.config, self.verify_keys, self._secret = config, list(verify_keys), secret
         self._limiter = limiter if limiter is not None else RateLimiter()
         self._observe = observe or (lambda _outcome: None)
-        self._own = frozenset(normalize_ip(a) for a in config.own_addresses)
+        own = frozenset(normalize_ip(a) for a in config.own_addresses)
+        # Loopback tests share 127.0.0.1 with the relay: there, only the relay's own
+        # ports on its own addresses stay forbidden (no relay-to-itself loops).
+        self._own = frozenset(a for a in own if not (config.allow_loopback and a.is_loopback))
+        self._own_ports = frozenset((config.control_port, *config.ports))
         ports = [p for p in config.ports if p != config.control_port]
         self._pool = AllocationPool(
             ports,
@@ -213,9 +217,17 @@ class Relay:
             return self._on_port_control(data, src, ip, alloc, index, now)
         return self._forward(data, ip, src[1], alloc, index, now)
 
-    def _gate(self, data: bytes, ip: IPAddress, now: float) -> ControlMessage | str:
+    def _forbidden(self, ip: IPAddress, port: int) -> bool:
+        if port in self._own_ports and (ip.is_loopback or ip.is_unspecified):
+            return True
+        return (
+            destination_refusal(ip, self._own, allow_loopback=self.config.allow_loopback)
+            is not None
+        )
+
+    def _gate(self, data: bytes, src: Addr, ip: IPAddress, now: float) -> ControlMessage | str:
         """The parsed control message of an unauthenticated sender, or why it is dropped."""
-        if destination_refusal(ip, self._own, allow_loopback=self.config.allow_loopback):
+        if self._forbidden(ip, src[1]):
             return "forbidden_destination"
         if not self._limiter.allow(ip, now):
             return "rate_limited"
@@ -240,7 +252,7 @@ class Relay:
     def _on_control(
         self, data: bytes, src: Addr, ip: IPAddress, now: float
     ) -> tuple[list[Send], str]:
-        msg = self._gate(data, ip, now)
+        msg = self._gate(data, src, ip, now)
         if isinstance(msg, str):
             return [], msg
         if not isinstance(msg, Allocate):
@@ -267,7 +279,7 @@ class Relay:
     def _on_port_control(
         self, data: bytes, src: Addr, ip: IPAddress, alloc: Allocation, index: int, now: float
     ) -> tuple[list[Send], str]:
-        msg = self._gate(data, ip, now)
+        msg = self._gate(data, src, ip, now)
         if isinstance(msg, str):
             return [], msg
         if isinstance(msg, Bind):

@@ -3,7 +3,9 @@
 One :class:`StunProtocol` per ``stun_listen`` address feeds datagrams to the
 shared sans-IO :class:`~relay.stun_server.StunServer` and sends back whatever it
 returns; nothing else happens here. Metrics (Prometheus text) and ``/livez`` are
-served on ``metrics_listen``, never on the STUN ports.
+served on ``metrics_listen``, never on the STUN ports. With
+:class:`~relay.relay_server.ForwardingSettings`, the WireGuard relay's control
+and relay ports are bound too and served by :class:`~relay.relay_server.RelayForwarder`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -20,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from gateway.config import RelaySettings
 from gateway.errors import ConfigError
 from gateway.logging import get_logger
+from relay.relay_server import ForwardingSettings, RelayForwarder
 from relay.stun_server import OUTCOMES, Addr, RateLimiter, StunServer
 
 __all__ = ["RelayServer", "StunProtocol", "parse_hostport", "run_relay"]
@@ -60,8 +64,15 @@ class StunProtocol(asyncio.DatagramProtocol):
 class RelayServer:
     """The relay's listeners; ``start()`` binds them, ``close()`` releases them."""
 
-    def __init__(self, settings: RelaySettings, *, limiter: RateLimiter | None = None) -> None:
-        self._settings, self._limiter = settings, limiter
+    def __init__(
+        self,
+        settings: RelaySettings,
+        *,
+        limiter: RateLimiter | None = None,
+        forwarding: ForwardingSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings, self._limiter, self._forwarding = settings, limiter, forwarding
         self.registry = CollectorRegistry()
         self._stun_counter = Counter(
             "wiregate_stun_datagrams",
@@ -70,6 +81,9 @@ class RelayServer:
             registry=self.registry,
         )
         self._transports: list[asyncio.DatagramTransport] = []
+        self.forwarder = (
+            RelayForwarder(forwarding, self.registry, clock=clock) if forwarding else None
+        )
         self._runner: web.AppRunner | None = None
         self.stun_addresses: list[Addr] = []
         self.metrics_address: Addr | None = None
@@ -78,6 +92,7 @@ class RelayServer:
         """Bind every STUN address, then the metrics listener."""
         try:
             await self._start_stun()
+            await self._start_forwarding()
             await self._start_metrics()
         except BaseException:
             await self.close()
@@ -95,6 +110,13 @@ class RelayServer:
             factory = functools.partial(StunProtocol, core, local, loop.time)
             transport, _ = await loop.create_datagram_endpoint(factory, sock=sock)
             self._transports.append(transport)
+
+    async def _start_forwarding(self) -> None:
+        if self.forwarder is None or self._forwarding is None:
+            return
+        fwd = self._forwarding
+        ports = (fwd.control_port, *fwd.relay_ports)
+        await self.forwarder.start(await _bind_all([(fwd.host, p) for p in ports]))
 
     def _observe(self, outcome: str) -> None:
         self._stun_counter.labels(outcome=outcome).inc()
@@ -118,6 +140,8 @@ class RelayServer:
         for transport in self._transports:
             transport.close()
         self._transports.clear()
+        if self.forwarder is not None:
+            self.forwarder.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -155,13 +179,13 @@ async def _bind_udp(addr: Addr) -> socket.socket:
         family, kind, proto, _, sockaddr = infos[0]
         sock = socket.socket(family, kind, proto)
     except OSError as exc:
-        raise ConfigError(f"cannot listen for STUN on {addr[0]}:{addr[1]}: {exc}") from exc
+        raise ConfigError(f"cannot listen on UDP {addr[0]}:{addr[1]}: {exc}") from exc
     try:
         sock.bind(sockaddr)
     except OSError as exc:
         sock.close()
         raise ConfigError(
-            f"cannot listen for STUN on {addr[0]}:{addr[1]}: {exc.strerror}",
+            f"cannot listen on UDP {addr[0]}:{addr[1]}: {exc.strerror}",
             hint="is another process using that port, or is the address not on this host?",
         ) from exc
     sock.setblocking(False)
@@ -169,12 +193,17 @@ async def _bind_udp(addr: Addr) -> socket.socket:
 
 
 async def run_relay(
-    settings: RelaySettings, *, on_ready: Callable[[RelayServer], None] | None = None
+    settings: RelaySettings,
+    *,
+    on_ready: Callable[[RelayServer], None] | None = None,
+    forwarding: ForwardingSettings | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> None:
-    """Serve STUN on every ``settings.stun_listen`` address and metrics on
-    ``settings.metrics_listen`` until cancelled. ``on_ready`` gets the started
-    server (its bound addresses, useful with port 0)."""
-    server = RelayServer(settings)
+    """Serve STUN on every ``settings.stun_listen`` address, the WireGuard relay if
+    ``forwarding`` is given, and metrics on ``settings.metrics_listen`` until
+    cancelled. ``on_ready`` gets the started server (its bound addresses, useful
+    with port 0)."""
+    server = RelayServer(settings, forwarding=forwarding, clock=clock)
     await server.start()
     try:
         if on_ready is not None:

@@ -396,3 +396,12 @@ def test_every_counted_outcome_is_declared(lab: Lab) -> None:
     bound_pair(lab)
     assert set(lab.relay.counters) <= set(OUTCOMES)
     assert isinstance(lab.relay, Relay)
+
+
+def test_loopback_flag_still_refuses_the_relays_own_ports() -> None:
+    lab = make_lab([TRUSTED], allow_loopback=True, own_addresses=("127.0.0.1",))
+    for_a, _ = pair_tickets(KEY, A, B)
+    assert lab.allocate(for_a, ("127.0.0.1", 1000)) > 0  # a peer on the relay's host
+    for port in (CONTROL, 40000, 40005):
+        assert lab.send(build_allocate(for_a), ("127.0.0.1", port), CONTROL) == []
+        assert lab.send(build_allocate(for_a), ("::ffff:127.0.0.1", port), CONTROL) == []

@@ -1,0 +1,157 @@
+"""asyncio glue for the WireGuard relay: a control port, a pool of relay ports, metrics.
+
+:class:`~relay.server.RelayServer` binds the sockets (the control port, then
+the relay ports) and hands them to :class:`RelayForwarder`. Every socket feeds
+the one sans-IO :class:`~relay.allocation.Relay` and sends what it returns from
+the socket of the port it names; a timer runs ``Relay.expire``. Nothing else
+happens here. The core's :class:`~relay.allocation.RelayConfig` is completed
+with the bound ports (port 0 in the settings means an ephemeral port, for tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import secrets
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, cast
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from gateway.logging import get_logger
+from relay.allocation import OUTCOMES, Relay, RelayConfig
+from relay.filters import normalize_ip
+from relay.tickets import TrustedSigner
+
+__all__ = ["ForwardingSettings", "RelayForwarder", "RelayPortProtocol"]
+
+log = get_logger("relay.forwarding")
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardingSettings:
+    """Where the relay listens and what it admits.
+
+    ``relay_ports`` are bound on ``host`` (0 = ephemeral); ``config`` carries the
+    relay id and limits (its ``control_port`` and ``ports`` are replaced by the
+    bound ones). ``secret`` keys the bind cookies; random if not given.
+    """
+
+    host: str
+    control_port: int
+    relay_ports: tuple[int, ...]
+    config: RelayConfig
+    verify_keys: tuple[TrustedSigner, ...]
+    secret: bytes | None = None
+    housekeeping_interval: float = 5.0
+
+
+class RelayPortProtocol(asyncio.DatagramProtocol):
+    """One relay socket (control or relay port): datagram in, ``Relay.handle``, sends out."""
+
+    def __init__(self, forwarder: RelayForwarder, port: int) -> None:
+        self._forwarder, self._port = forwarder, port
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._forwarder.attach(self._port, cast(asyncio.DatagramTransport, transport))
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self._forwarder.received(data, (str(addr[0]), int(addr[1])), self._port)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("relay socket error", port=self._port, error=str(exc))
+
+
+class RelayForwarder:
+    """Binds the relay's sockets, runs the core and its housekeeping timer."""
+
+    def __init__(
+        self,
+        settings: ForwardingSettings,
+        registry: CollectorRegistry,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings, self._clock = settings, clock
+        self._transports: dict[int, asyncio.DatagramTransport] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self.core: Relay | None = None
+        self.control_address: tuple[str, int] | None = None
+        self.relay_ports: tuple[int, ...] = ()
+        self._outcomes = Counter(
+            "wiregate_relay_datagrams",
+            "Relay datagrams received, by outcome (what was done, or why it was dropped).",
+            ["outcome"],
+            registry=registry,
+        )
+        self._bytes = Counter(
+            "wiregate_relay_forwarded_bytes", "WireGuard bytes forwarded.", registry=registry
+        )
+        self._allocations = Gauge(
+            "wiregate_relay_allocations", "Live relay allocations.", registry=registry
+        )
+
+    async def start(self, socks: Sequence[socket.socket]) -> None:
+        """Serve on bound sockets: the control port first, then the relay ports."""
+        bound = [(str(sock.getsockname()[0]), int(sock.getsockname()[1])) for sock in socks]
+        self.control_address, self.relay_ports = bound[0], tuple(p for _, p in bound[1:])
+        self.core = self._make_core(bound[0], self.relay_ports)
+        loop = asyncio.get_running_loop()
+        for sock, (_, port) in zip(socks, bound, strict=True):
+            factory = functools.partial(RelayPortProtocol, self, port)
+            await loop.create_datagram_endpoint(factory, sock=sock)
+        self._schedule()
+        log.info("relay forwarding", control=self.control_address, ports=len(self.relay_ports))
+
+    def _make_core(self, control: tuple[str, int], relay_ports: Sequence[int]) -> Relay:
+        s = self._settings
+        own = s.config.own_addresses
+        if not normalize_ip(control[0]).is_unspecified:
+            own = (*own, control[0])
+        config = replace(
+            s.config, control_port=control[1], ports=tuple(relay_ports), own_addresses=own
+        )
+        for outcome in OUTCOMES:
+            self._outcomes.labels(outcome=outcome)
+        secret = s.secret if s.secret is not None else secrets.token_bytes(32)
+        return Relay(config, s.verify_keys, secret=secret, observe=self._observe)
+
+    def _observe(self, outcome: str) -> None:
+        self._outcomes.labels(outcome=outcome).inc()
+
+    def attach(self, port: int, transport: asyncio.DatagramTransport) -> None:
+        """Called by each socket's protocol once it is connected."""
+        self._transports[port] = transport
+
+    def received(self, data: bytes, src: tuple[str, int], port: int) -> None:
+        """One datagram in; whatever the core returns, out."""
+        if self.core is None:
+            return
+        for send in self.core.handle(data, src, port, self._clock()):
+            transport = self._transports.get(send.local_port)
+            if transport is not None:
+                transport.sendto(send.data, send.dst)
+                if send.data is data:
+                    self._bytes.inc(len(data))
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._settings.housekeeping_interval, self._housekeeping)
+
+    def _housekeeping(self) -> None:
+        if self.core is not None:
+            self.core.expire(self._clock())
+            self._allocations.set(len(self.core.allocations()))
+        self._schedule()
+
+    def close(self) -> None:
+        """Stop the timer and close every socket; safe to call twice."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for transport in self._transports.values():
+            transport.close()
+        self._transports.clear()

@@ -179,6 +179,7 @@ class KubeConfig:
     def __post_init__(self) -> None:
         if not self.audience:
             raise ConfigError("kube: the audience (the gateway's name in tokens) is required")
+        self.issuer_config()  # the issuer URL, algorithms and lifetime cap, checked on load
 
     def issuer_config(self) -> IssuerConfig:
         """The :class:`IssuerConfig` for the cluster issuer."""

@@ -7,15 +7,23 @@ forgeries pyjwt refuses to make), and discovery + JWKS are served by
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import datetime
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.api_jws import PyJWS
 
@@ -233,3 +241,71 @@ def make_kit(
     cache = JwksCache(config, fetcher, clock, policy)
     validator = TokenValidator(config, cache, clock, nonces=nonces)
     return Kit(validator, fetcher, clock, config, cache)
+
+
+def idp_app(keys: list[dict[str, Any]]) -> web.Application:
+    """A real IdP on aiohttp: discovery (issuer = its own origin), /keys, and failure paths."""
+
+    async def discovery(request: web.Request) -> web.Response:
+        origin = str(request.url.origin())
+        return web.json_response({"issuer": origin, "jwks_uri": origin + "/keys"})
+
+    async def keyset(request: web.Request) -> web.Response:
+        return web.json_response({"keys": keys}, headers={"Cache-Control": "max-age=600"})
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b" " * 600_000)
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(10):
+            await resp.write(b" " * 100_000)
+        return resp
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response()
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/keys")
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", discovery)
+    for path, handler in (("/keys", keyset), ("/big", big), ("/stream", stream)):
+        app.router.add_get(path, handler)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/moved", moved)
+    return app
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed CA certificate for 127.0.0.1 and its key, as PEM files."""
+    key = rsa_key(3)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test idp")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "ca.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path

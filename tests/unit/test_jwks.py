@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import secrets
 import ssl
@@ -22,16 +20,14 @@ from _tokenkit import (
     claims,
     default_keys,
     ec_key,
+    idp_app,
     make_kit,
     public_jwk,
     rsa_key,
+    self_signed,
     sign,
 )
-from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from gateway.errors import ConfigError, Unauthorized, Unavailable
 from identity.claims import IssuerConfig
@@ -272,40 +268,6 @@ def test_validator_and_cache_must_share_the_issuer() -> None:
 # --- the aiohttp fetcher on a real server --------------------------------------------
 
 
-def idp_app(keys: list[dict[str, Any]]) -> web.Application:
-    async def discovery(request: web.Request) -> web.Response:
-        origin = str(request.url.origin())
-        return web.json_response({"issuer": origin, "jwks_uri": origin + "/keys"})
-
-    async def keyset(request: web.Request) -> web.Response:
-        return web.json_response({"keys": keys}, headers={"Cache-Control": "max-age=600"})
-
-    async def big(request: web.Request) -> web.Response:
-        return web.Response(body=b" " * 600_000)
-
-    async def stream(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        await resp.prepare(request)
-        for _ in range(10):
-            await resp.write(b" " * 100_000)
-        return resp
-
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(5)
-        return web.Response()
-
-    async def moved(request: web.Request) -> web.Response:
-        raise web.HTTPFound("/keys")
-
-    app = web.Application()
-    app.router.add_get("/.well-known/openid-configuration", discovery)
-    for path, handler in (("/keys", keyset), ("/big", big), ("/stream", stream)):
-        app.router.add_get(path, handler)
-    app.router.add_get("/slow", slow)
-    app.router.add_get("/moved", moved)
-    return app
-
-
 async def test_real_http_validation_end_to_end(aiohttp_server: Any) -> None:
     server = await aiohttp_server(idp_app(default_keys()))
     issuer = str(server.make_url("")).rstrip("/")
@@ -335,37 +297,6 @@ async def test_fetcher_connection_refused(aiohttp_server: Any) -> None:
     await server.close()
     with pytest.raises(Unavailable):
         await AiohttpFetcher(timeout=1).fetch(url)
-
-
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    key = rsa_key(3)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test idp")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "ca.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 async def test_https_with_a_ca_bundle(aiohttp_server: Any, tmp_path: Path) -> None:

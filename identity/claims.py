@@ -16,10 +16,11 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 from gateway.errors import ConfigError, Unauthorized
@@ -31,6 +32,7 @@ __all__ = [
     "IssuerConfig",
     "check_claims",
     "check_url",
+    "is_safe_kid",
     "loads_strict",
     "refuse",
     "verified_email",
@@ -39,6 +41,7 @@ __all__ = [
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"},
 )
+_KID = re.compile(r"[A-Za-z0-9._~+=:/-]{1,128}")
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 _MAX_NUMERIC_DATE = 2**40  # year ~36800: beyond it a value is garbage, not a date
 _MAX_SUBJECT = 512
@@ -49,6 +52,13 @@ _LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 def refuse(reason: str) -> Unauthorized:
     """The error for a refused token: ``Unauthorized`` with code ``invalid_token``."""
     return Unauthorized(f"token refused: {reason}", code="invalid_token")
+
+
+def is_safe_kid(kid: object) -> TypeGuard[str]:
+    """Whether ``kid`` is a short string of safe characters and nothing path-like."""
+    if not isinstance(kid, str) or not _KID.fullmatch(kid):
+        return False
+    return not (kid.startswith(("/", ".")) or ".." in kid or "//" in kid)
 
 
 def loads_strict(data: bytes, what: str, error: Callable[[str], Exception]) -> dict[str, Any]:

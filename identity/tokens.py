@@ -32,8 +32,8 @@ from jwt.api_jws import PyJWS
 from jwt.exceptions import PyJWTError
 
 from gateway.errors import ConfigError, Unavailable
-from identity.claims import Claims, IssuerConfig, check_claims, loads_strict, refuse
-from identity.jwks import JwksCache, VerifyKey, is_safe_kid
+from identity.claims import Claims, IssuerConfig, check_claims, is_safe_kid, loads_strict, refuse
+from identity.jwks import JwksCache, VerifyKey
 
 __all__ = [
     "MAX_TOKEN_CHARS",

@@ -157,6 +157,16 @@ def hand_made(header: dict[str, Any], payload: dict[str, Any], signature: bytes 
     return f"{b64(header)}.{b64(payload)}.{b64(signature)}"
 
 
+def public_key_forms() -> dict[str, bytes]:
+    """The issuer's RSA public key as PEM, OpenSSH and JWK JSON: HMAC-confusion secrets."""
+    public = rsa_key().public_key()
+    pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    ssh = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return {"pem": pem, "ssh": ssh, "jwk": json.dumps(public_jwk(rsa_key(), "k1")).encode()}
+
+
 def hs256(header: dict[str, Any], payload: dict[str, Any], secret: bytes) -> str:
     """An HS256 token with ``secret`` (e.g. the IdP's public key), made by hand."""
     signing_input = f"{b64(header)}.{b64(payload)}"

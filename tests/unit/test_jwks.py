@@ -30,11 +30,15 @@ from _tokenkit import (
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.errors import ConfigError, Unauthorized, Unavailable
+from identity import claims as claims_module
+from identity import jwks as jwks_module
 from identity.claims import IssuerConfig
 from identity.jwks import (
+    FETCH,
     AiohttpFetcher,
     CachePolicy,
     JwksCache,
+    JwksState,
     parse_discovery,
     parse_jwks,
     parse_max_age,
@@ -309,3 +313,37 @@ async def test_https_with_a_ca_bundle(aiohttp_server: Any, tmp_path: Path) -> No
     with pytest.raises(Unavailable):  # not trusted without the bundle
         await AiohttpFetcher(timeout=2).fetch(url)
     assert (await AiohttpFetcher(ca_bundle=str(cert)).fetch(url)).max_age == 600
+
+
+def test_ca_bundle_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        AiohttpFetcher(ca_bundle=str(tmp_path / "missing.pem"))
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError):
+        AiohttpFetcher(ca_bundle=str(tmp_path / "junk.pem"))
+
+
+def test_state_machine_is_sans_io() -> None:
+    state = JwksState(ISSUER, CachePolicy())
+    assert state.decide("k1", "RS256", 0.0) is FETCH
+    state.fetch_started(0.0)
+    state.fetch_succeeded(parse_jwks(jwks(*default_keys()), ALGS), 60.0, 0.0)
+    assert state.decide("k1", "RS256", 59.0).kid == "k1"  # type: ignore[union-attr]
+    with pytest.raises(Unauthorized, match="cannot verify"):
+        state.decide("k1", "ES256", 1.0)
+    with pytest.raises(Unauthorized, match="cooling down"):
+        state.decide("other", "RS256", 29.0)
+    assert state.decide("other", "RS256", 30.0) is FETCH
+    assert state.decide("k1", "RS256", 60.0) is FETCH  # expired: refresh before use
+
+
+def test_exported_api() -> None:
+    assert set(jwks_module.__all__) == {
+        "FETCH", "AiohttpFetcher", "CachePolicy", "Fetched", "Fetcher", "JwksCache",
+        "JwksState", "PublicKey", "VerifyKey", "discovery_url", "parse_discovery",
+        "parse_jwks", "parse_max_age",
+    }  # fmt: skip
+    assert set(claims_module.__all__) == {
+        "ASYMMETRIC_ALGORITHMS", "Claims", "IssuerConfig", "check_claims", "check_url",
+        "is_safe_kid", "loads_strict", "refuse", "verified_email",
+    }  # fmt: skip

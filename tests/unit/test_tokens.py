@@ -22,10 +22,10 @@ from _tokenkit import (
     hs256,
     make_kit,
     public_jwk,
+    public_key_forms,
     rsa_key,
     sign,
 )
-from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -91,19 +91,10 @@ async def test_stripped_or_missing_signature(kit: Kit) -> None:
     await refused(kit, f"{head}.{body}.{b64(b'')}.")
 
 
-def _public_key_forms() -> dict[str, bytes]:
-    public = rsa_key().public_key()
-    pem = public.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    ssh = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return {"pem": pem, "ssh": ssh, "jwk": json.dumps(public_jwk(rsa_key(), "k1")).encode()}
-
-
 @pytest.mark.parametrize("form", ["pem", "ssh", "jwk"])
 @pytest.mark.parametrize("alg", ["HS256", "HS384", "hs256"])
 async def test_hmac_with_the_public_key_as_secret(kit: Kit, form: str, alg: str) -> None:
-    token = hs256({"alg": alg, "kid": "k1", "typ": "JWT"}, claims(), _public_key_forms()[form])
+    token = hs256({"alg": alg, "kid": "k1", "typ": "JWT"}, claims(), public_key_forms()[form])
     assert "symmetric" in await refused(kit, token)
     assert kit.fetcher.calls == []  # refused before any key is looked up
 

@@ -1,0 +1,62 @@
+// A real OpenID Provider for wiregate's relying-party tests: panva's oidc-provider
+// (OpenID Certified), with development login/consent pages and the device flow.
+// Usage: node provider.mjs PORT   (listens on 127.0.0.1:PORT only; issuer http://127.0.0.1:PORT)
+// Test-only secrets: this provider must never face a real network.
+import Provider from 'oidc-provider';
+
+const port = Number(process.argv[2]);
+if (!Number.isInteger(port) || port <= 0 || port > 65535) {
+  console.error('usage: node provider.mjs PORT');
+  process.exit(2);
+}
+const issuer = `http://127.0.0.1:${port}`;
+const grants = ['authorization_code', 'urn:ietf:params:oauth:grant-type:device_code'];
+
+const provider = new Provider(issuer, {
+  clients: [
+    {
+      client_id: 'wiregate',
+      client_secret: 'wiregate-test-secret-basic',
+      redirect_uris: ['http://127.0.0.1/oidc/callback'],
+      grant_types: grants,
+      response_types: ['code'],
+      token_endpoint_auth_method: 'client_secret_basic',
+    },
+    {
+      client_id: 'wiregate-post',
+      client_secret: 'wiregate-test-secret-post',
+      redirect_uris: ['http://127.0.0.1/oidc/callback'],
+      grant_types: grants,
+      response_types: ['code'],
+      token_endpoint_auth_method: 'client_secret_post',
+    },
+  ],
+  claims: { openid: ['sub'], email: ['email', 'email_verified'] },
+  async findAccount(ctx, sub) {
+    return {
+      accountId: sub,
+      async claims() {
+        return { sub, email: `${sub}@example.test`, email_verified: true };
+      },
+    };
+  },
+  cookies: { keys: ['wiregate-test-idp-cookie-key'] },
+  features: {
+    devInteractions: { enabled: true },
+    deviceFlow: { enabled: true },
+  },
+  pkce: { required: () => true, methods: ['S256'] },
+});
+
+// RFC 8628 3.2: oidc-provider leaves `interval` out (clients then wait 5 s);
+// announce 1 s so that the device-grant test stays fast.
+provider.on('device_authorization.success', (ctx, body) => {
+  body.interval = 1;
+});
+
+const server = provider.listen(port, '127.0.0.1', () => {
+  console.log(`oidc-provider listening on ${issuer}`);
+});
+for (const signal of ['SIGTERM', 'SIGINT']) {
+  process.on(signal, () => server.close(() => process.exit(0)));
+}

@@ -1,0 +1,178 @@
+"""What the network does to the WireGuard port: reflexive address and NAT type.
+
+:func:`classify` is pure: it takes what each STUN server answered (or not) and the
+local address, and returns a :class:`NetReport`. :func:`run_netcheck` is the probe:
+it asks the STUN servers from the WireGuard listen port through a raw socket
+(:mod:`gateway.agent.rawudp`), adding the first server's OTHER-ADDRESS when only
+one server is configured, so the mappings compared are the ones WireGuard uses.
+
+NAT types:
+
+``open``         the reflexive address is the local address and port: no NAT.
+``eim``          every server saw the same mapping (endpoint-independent mapping):
+                 peers can reach the reflexive address once WireGuard has sent to them.
+``symmetric``    the servers saw different mappings: the reflexive address is of no
+                 use to peers (each destination gets its own port).
+``udp-blocked``  no server answered.
+``unknown``      one server answered with a translated address: EIM or symmetric
+                 cannot be told apart with one server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from gateway.agent.endpoints import format_endpoint
+from gateway.agent.rawudp import RawAnswer, raw_stun_query
+from gateway.errors import WiregateError
+
+__all__ = ["NatType", "NetReport", "Probe", "classify", "run_netcheck"]
+
+Addr = tuple[str, int]
+Query = Callable[[Addr, int, float], Awaitable[RawAnswer]]
+
+
+class NatType(StrEnum):
+    """How the network maps the WireGuard port (see the module docstring)."""
+
+    OPEN = "open"
+    EIM = "eim"
+    SYMMETRIC = "symmetric"
+    UDP_BLOCKED = "udp-blocked"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One STUN server's answer (``mapped``) or why there was none (``error``)."""
+
+    server: Addr
+    mapped: Addr | None = None
+    rtt: float | None = None
+    other_address: Addr | None = None
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "server": format_endpoint(*self.server),
+            "reachable": self.mapped is not None,
+            "mapped": format_endpoint(*self.mapped) if self.mapped else None,
+            "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NetReport:
+    """The outcome of one netcheck, with the evidence that led to it."""
+
+    nat_type: NatType
+    reflexive: Addr | None
+    local: Addr | None
+    probes: tuple[Probe, ...]
+    evidence: str
+    checked_at: float
+
+    @property
+    def usable_reflexive(self) -> str | None:
+        """The reflexive endpoint worth advertising to peers (``open`` or ``eim`` only)."""
+        if self.reflexive is None or self.nat_type not in (NatType.OPEN, NatType.EIM):
+            return None
+        return format_endpoint(*self.reflexive)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nat_type": str(self.nat_type),
+            "reflexive": format_endpoint(*self.reflexive) if self.reflexive else None,
+            "local": format_endpoint(*self.local) if self.local else None,
+            "evidence": self.evidence,
+            "checked_at": self.checked_at,
+            "servers": [p.to_dict() for p in self.probes],
+        }
+
+
+def classify(probes: Sequence[Probe], local: Addr | None, now: float) -> NetReport:
+    """Decide the NAT type from the probes' answers and the local ``(ip, port)``."""
+    nat, reflexive, evidence = _decide(probes, local)
+    return NetReport(nat, reflexive, local, tuple(probes), evidence, now)
+
+
+def _decide(probes: Sequence[Probe], local: Addr | None) -> tuple[NatType, Addr | None, str]:
+    answered = [p for p in probes if p.mapped is not None]
+    if not answered:
+        return NatType.UDP_BLOCKED, None, f"no answer from {_servers(probes)}"
+    seen = {p.mapped for p in answered}
+    first = answered[0].mapped
+    if len(seen) > 1:
+        return NatType.SYMMETRIC, None, f"different mappings per server: {_mappings(answered)}"
+    if first == local:
+        return NatType.OPEN, first, f"{_servers(answered)} saw the local address unchanged"
+    if len(answered) == 1:
+        why = f"only {_servers(answered)} answered ({_mappings(answered)}); EIM or symmetric?"
+        return NatType.UNKNOWN, first, why
+    return NatType.EIM, first, f"the same mapping for every server: {_mappings(answered)}"
+
+
+def _servers(probes: Sequence[Probe]) -> str:
+    return ", ".join(format_endpoint(*p.server) for p in probes)
+
+
+def _mappings(probes: Sequence[Probe]) -> str:
+    return ", ".join(
+        f"{format_endpoint(*p.server)} -> {format_endpoint(*p.mapped)}" for p in probes if p.mapped
+    )
+
+
+async def run_netcheck(
+    servers: Sequence[Addr],
+    port: int,
+    *,
+    wait: float = 1.5,
+    query: Query = raw_stun_query,
+    clock: Callable[[], float] = time.time,
+) -> NetReport:
+    """Probe ``servers`` (host names allowed; IPv4) from UDP ``port`` and classify.
+
+    With a single server, its OTHER-ADDRESS (if any) is probed as the second one.
+    ``OSError`` from the raw socket (no CAP_NET_RAW) propagates.
+    """
+    targets = [await _resolve(s) for s in servers]
+    if not targets:
+        raise ValueError("netcheck needs at least one STUN server")
+    first = await _probe(query, targets[0], port, wait)
+    if len(targets) == 1 and first.other_address is not None:
+        targets.append(first.other_address)
+    rest = await asyncio.gather(*(_probe(query, t, port, wait) for t in targets[1:]))
+    local = await _local_address(targets[0], port)
+    return classify([first, *rest], local, clock())
+
+
+async def _probe(query: Query, server: Addr, port: int, wait: float) -> Probe:
+    try:
+        answer = await query(server, port, wait)
+    except WiregateError as exc:
+        return Probe(server, error=exc.message)
+    response = answer.response
+    return Probe(server, response.mapped, answer.rtt, response.other_address)
+
+
+async def _resolve(server: Addr) -> Addr:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(*server, family=socket.AF_INET, type=socket.SOCK_DGRAM)
+    return str(infos[0][4][0]), int(infos[0][4][1])
+
+
+async def _local_address(server: Addr, port: int) -> Addr | None:
+    """The source address the kernel picks towards ``server`` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(server)
+        except OSError:
+            return None
+        return str(sock.getsockname()[0]), port

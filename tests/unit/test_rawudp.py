@@ -1,0 +1,110 @@
+"""The raw-socket UDP codec: header build, IPv4+UDP parse, reply filtering."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.agent import rawudp
+from gateway.agent.rawudp import UdpDatagram, build_udp_header, is_reply, parse_ipv4_udp
+from relay.client import build_binding_request, parse_binding_response
+from relay.errors import UnexpectedMessage
+
+
+def ipv4_packet(
+    src: str, dst: str, udp: bytes, *, proto: int = 17, frag: int = 0, ihl: int = 5
+) -> bytes:
+    """An IPv4 header (checksum left 0: the parser does not check it) + ``udp``."""
+    options = b"\x01" * (ihl * 4 - 20)
+    total = ihl * 4 + len(udp)
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x40 | ihl, 0, total, 0x1234, frag, 64, proto, 0,
+        ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,
+    )  # fmt: skip
+    return header + options + udp
+
+
+def test_header_layout() -> None:
+    assert build_udp_header(51820, 3478, b"abc") == bytes.fromhex("ca6c0d96000b0000") + b"abc"
+
+
+@pytest.mark.parametrize(("src", "dst"), [(0, 1), (1, 0), (65536, 1)])
+def test_header_refuses_bad_ports(src: int, dst: int) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        build_udp_header(src, dst, b"")
+
+
+def test_header_refuses_oversized_payload() -> None:
+    with pytest.raises(ValueError, match="too large"):
+        build_udp_header(1, 2, bytes(65528))
+
+
+def test_parse_round_trip_with_ip_options() -> None:
+    udp = build_udp_header(3478, 51820, b"stun!")
+    got = parse_ipv4_udp(ipv4_packet("198.51.100.2", "192.0.2.2", udp, ihl=6))
+    assert got == UdpDatagram(("198.51.100.2", 3478), ("192.0.2.2", 51820), b"stun!")
+
+
+def test_parse_trims_to_udp_length() -> None:
+    udp = build_udp_header(1, 2, b"xy") + b"trailing"
+    got = parse_ipv4_udp(ipv4_packet("10.0.0.1", "10.0.0.2", udp))
+    assert got is not None and got.payload == b"xy"
+
+
+IDS = "empty short tcp more-fragments offset short-udp udp-overrun udp-too-small ipv6 cut"
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        b"",
+        b"\x45" + bytes(10),
+        ipv4_packet("10.0.0.1", "10.0.0.2", build_udp_header(1, 2, b"x"), proto=6),
+        ipv4_packet("10.0.0.1", "10.0.0.2", build_udp_header(1, 2, b"x"), frag=0x2000),
+        ipv4_packet("10.0.0.1", "10.0.0.2", build_udp_header(1, 2, b"x"), frag=5),
+        ipv4_packet("10.0.0.1", "10.0.0.2", b"\x00\x01\x00"),
+        ipv4_packet("10.0.0.1", "10.0.0.2", struct.pack("!HHHH", 1, 2, 200, 0)),
+        ipv4_packet("10.0.0.1", "10.0.0.2", struct.pack("!HHHH", 1, 2, 4, 0)),
+        b"\x60" + bytes(47),  # IPv6
+        ipv4_packet("10.0.0.1", "10.0.0.2", build_udp_header(1, 2, b"x"))[:-1],
+    ],
+    ids=IDS.split(),
+)
+def test_parse_refuses(packet: bytes) -> None:
+    assert parse_ipv4_udp(packet) is None
+
+
+@given(st.binary(max_size=80))
+def test_parse_never_raises(packet: bytes) -> None:
+    parse_ipv4_udp(packet)
+    parse_ipv4_udp(b"\x45" + packet)
+
+
+def test_is_reply_filters_source_and_port() -> None:
+    reply = UdpDatagram(("198.51.100.2", 3478), ("192.0.2.2", 51820), b"")
+    assert is_reply(reply, ("198.51.100.2", 3478), 51820)
+    assert not is_reply(reply, ("198.51.100.2", 3479), 51820)
+    assert not is_reply(reply, ("198.51.100.3", 3478), 51820)
+    assert not is_reply(reply, ("198.51.100.2", 3478), 51821)
+
+
+def test_stun_request_survives_the_udp_wrapping() -> None:
+    txid, request = build_binding_request()
+    datagram = parse_ipv4_udp(
+        ipv4_packet("192.0.2.2", "198.51.100.2", build_udp_header(51820, 3478, request))
+    )
+    assert datagram is not None and datagram.payload == request
+    with pytest.raises(UnexpectedMessage):
+        parse_binding_response(datagram.payload, txid)  # a request is not a response
+
+
+def test_exports() -> None:
+    assert set(rawudp.__all__) == {
+        "RawAnswer", "RawUdpSocket", "UdpDatagram", "build_udp_header", "is_reply",
+        "parse_ipv4_udp", "raw_stun_query",
+    }  # fmt: skip

@@ -182,6 +182,46 @@ def _format_status(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@main.command()
+@_config_option
+@click.option("--stun", "stun", multiple=True, help="STUN server HOST:PORT (repeatable).")
+@click.option("--port", type=int, default=None, help="WireGuard listen port (default 51820).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def netcheck(
+    config_file: Path | None, stun: tuple[str, ...], port: int | None, as_json: bool
+) -> None:
+    """Find the NAT type and the reflexive address of the WireGuard port (needs CAP_NET_RAW)."""
+    from gateway.agent.netcheck import run_netcheck
+    from relay.server import parse_hostport
+
+    settings = _settings(AgentSettings, config_file, stun_servers=list(stun), listen_port=port)
+    if not settings.stun_servers:
+        raise click.UsageError("no STUN server: give --stun HOST:PORT or set agent.stun_servers")
+    try:
+        servers = [parse_hostport(s) for s in settings.stun_servers]
+        report = _run(run_netcheck(servers, settings.listen_port))
+    except (WiregateError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    doc = report.to_dict()
+    click.echo(json.dumps(doc, indent=2) if as_json else _format_netcheck(doc))
+
+
+def _format_netcheck(doc: dict[str, Any]) -> str:
+    lines = [
+        f"nat type   {doc['nat_type']}",
+        f"reflexive  {doc['reflexive'] or '-'}",
+        f"local      {doc['local'] or '-'}",
+        f"evidence   {doc['evidence']}",
+        "",
+        f"{'STUN SERVER':<24} {'REACHABLE':<10} {'MAPPED':<24} {'RTT':>10}",
+    ]
+    for s in doc["servers"]:
+        rtt = "-" if s["rtt_ms"] is None else f"{s['rtt_ms']:.1f}ms"
+        reach = "yes" if s["reachable"] else "no"
+        lines.append(f"{s['server']:<24} {reach:<10} {s['mapped'] or '-':<24} {rtt:>10}")
+    return "\n".join(lines)
+
+
 from gateway.cli_admin import admin  # noqa: E402
 
 main.add_command(admin)

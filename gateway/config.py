@@ -124,6 +124,7 @@ class AgentSettings(_Base):
     fwmark: int = 0x5747
     mtu: int = 0  # 0: derived from the underlay link (minus 60 for IPv4, 80 for IPv6)
     endpoints: list[str] = []  # extra "ip:port" candidates to advertise
+    stun_servers: list[str] = []  # "host:port" STUN servers for netcheck (reflexive endpoint)
     reconcile_interval: float = 30.0  # read the interface back and repair drift this often
     tags: list[str] = []
 

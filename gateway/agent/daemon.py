@@ -17,10 +17,12 @@ from typing import Any
 
 import aiohttp
 
+from gateway.agent.candidates import merge_candidates
 from gateway.agent.control import ControlClient, read_auth_key
 from gateway.agent.dataplane import DataPlane
 from gateway.agent.endpoints import candidates, local_addresses
 from gateway.agent.keyfile import load_or_create_key
+from gateway.agent.netcheck import NetReport, run_netcheck
 from gateway.agent.session import Action, MapSession
 from gateway.agent.state import Enrollment, StateDir
 from gateway.agent.status import serve_status
@@ -29,10 +31,13 @@ from gateway.errors import Unauthorized, Unavailable, WiregateError
 from gateway.logging import get_logger
 from gateway.model import NetMap
 from gateway.wgkey import encode_key, public_from_private
+from relay.server import parse_hostport
 
 __all__ = ["Agent", "DeviceRevoked"]
 
 log = get_logger("agent")
+
+NETCHECK_INTERVAL = 60.0  # seconds between STUN probes of the WireGuard port
 
 
 class DeviceRevoked(Exception):
@@ -63,6 +68,9 @@ class Agent:
         self.dataplane: DataPlane | None = None
         self.public_key = ""
         self._apply_lock = asyncio.Lock()
+        self.netreport: NetReport | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._advertised: list[str] | None = None  # None: not sent on this stream yet
 
     async def run_until_signalled(self) -> None:
         """Run until SIGTERM/SIGINT; the data plane is left running (fail static)."""
@@ -93,11 +101,14 @@ class Agent:
                 self.session = MapSession(cached)
                 await self._apply(cached)
             status = await serve_status(self.settings.run_dir / "agent.sock", self)
-            repair = asyncio.create_task(self._reconcile_periodically())
+            tasks = [asyncio.create_task(self._reconcile_periodically())]
+            if self.settings.stun_servers:
+                tasks.append(asyncio.create_task(self._netcheck_periodically()))
             try:
                 await self._stream_forever(control)
             finally:
-                repair.cancel()
+                for task in tasks:
+                    task.cancel()
                 await status.cleanup()
                 (self.settings.run_dir / "agent.sock").unlink(missing_ok=True)
 
@@ -130,7 +141,30 @@ class Agent:
     async def _endpoints(self) -> list[str]:
         local = await asyncio.to_thread(local_addresses)
         found = candidates(local, self.settings.listen_port, {self.settings.interface})
-        return list(dict.fromkeys([*self.settings.endpoints, *found]))
+        reflexive = self.netreport.usable_reflexive if self.netreport else None
+        return merge_candidates(self.settings.endpoints, reflexive, found)
+
+    async def _netcheck_periodically(self) -> None:
+        """Probe the WireGuard port's NAT mapping now and every ``NETCHECK_INTERVAL``;
+        tell the gateway when the endpoint candidates change. A failed probe keeps
+        the last report (and so the last candidates)."""
+        while True:
+            try:
+                servers = [parse_hostport(s) for s in self.settings.stun_servers]
+                self.netreport = await run_netcheck(servers, self.settings.listen_port)
+                log.info("netcheck", **self.netreport.to_dict())
+                await self._advertise()
+            except (OSError, WiregateError, aiohttp.ClientError) as exc:
+                log.warning("netcheck failed; candidates kept", error=str(exc))
+            await asyncio.sleep(NETCHECK_INTERVAL)
+
+    async def _advertise(self) -> None:
+        """Send the endpoint candidates on the map stream if they changed since last sent."""
+        endpoints = await self._endpoints()
+        if self._ws is None or self._ws.closed or endpoints == self._advertised:
+            return
+        await self._ws.send_json({"type": "endpoints", "endpoints": endpoints})
+        self._advertised = endpoints
 
     async def _stream_forever(self, control: ControlClient) -> None:
         delay = 0.5
@@ -153,6 +187,7 @@ class Agent:
         since = self.session.version
         async for message, ws in control.stream(self.enrollment.token, since):
             self.health.connected = True
+            self._ws = ws
             outcome = self.session.receive(message)
             if outcome.action is Action.APPLY and self.session.netmap is not None:
                 await self._apply(self.session.netmap)
@@ -166,7 +201,8 @@ class Agent:
                 return
             self.health.last_sync = time.time()
             if message.get("type") == "full":
-                await ws.send_json({"type": "endpoints", "endpoints": await self._endpoints()})
+                self._advertised = None
+                await self._advertise()
 
     async def _reconcile_periodically(self) -> None:
         """Re-apply the current map now and then: the data plane reads the interface back
@@ -214,6 +250,7 @@ class Agent:
                 "reconnects": self.health.reconnects,
             },
             "problems": list(self.health.problems),
+            "netcheck": self.netreport.to_dict() if self.netreport else None,
             "peers": [_peer_doc(p, live.get(p.public_key)) for p in peers],
         }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.agent import netcheck
+from gateway.agent.candidates import merge_candidates
 from gateway.agent.netcheck import NatType, Probe, classify, run_netcheck
 from gateway.agent.rawudp import RawAnswer
 from relay.client import BindingResponse
@@ -122,3 +123,14 @@ async def test_needs_a_server() -> None:
 
 def test_exports() -> None:
     assert set(netcheck.__all__) == {"NatType", "NetReport", "Probe", "classify", "run_netcheck"}
+
+
+def test_candidates_order_configured_reflexive_local() -> None:
+    got = merge_candidates(
+        ["203.0.113.9:51820"], f"{WAN}:51820", ["192.0.2.2:51820", f"{WAN}:51820"]
+    )
+    assert got == ["203.0.113.9:51820", f"{WAN}:51820", "192.0.2.2:51820"]
+
+
+def test_candidates_without_reflexive() -> None:
+    assert merge_candidates([], None, ["192.0.2.2:51820"]) == ["192.0.2.2:51820"]

@@ -46,6 +46,8 @@ const provider = new Provider(issuer, {
     deviceFlow: { enabled: true },
   },
   pkce: { required: () => true, methods: ['S256'] },
+  // scope claims (email) in the ID token too, not only at userinfo
+  conformIdTokenClaims: false,
 });
 
 // RFC 8628 3.2: oidc-provider leaves `interval` out (clients then wait 5 s);

@@ -328,28 +328,29 @@ class OidcRelyingParty:
         )
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": p.redirect_uri}
         form["code_verifier"] = expected.code_verifier
-        token = await self._redeem(issuer, endpoints, form)
+        reply = await self._post(issuer, endpoints.token, form, endpoints)
+        if reply.id_token is None:
+            raise token_refusal(reply, p.issuer)
         claims = await issuer.validator.validate_id_token(
-            token, audience=p.client_id, nonce=expected.nonce
+            reply.id_token, audience=p.client_id, nonce=expected.nonce
         )
         log.info("oidc login", provider=p.name, issuer=claims.issuer, subject=claims.subject)
         return claims
 
-    async def _redeem(self, issuer: _Issuer, endpoints: Endpoints, form: dict[str, str]) -> str:
-        reply = await self._post(issuer, endpoints.token, form, endpoints)
-        if reply.id_token is None:
-            raise token_refusal(reply, issuer.provider.issuer)
-        return reply.id_token
-
     async def _post(
         self, issuer: _Issuer, url: str, form: dict[str, str], endpoints: Endpoints
     ) -> TokenReply:
+        status, body = await self._post_raw(issuer, url, form, endpoints)
+        return parse_token_reply(status, body, issuer=issuer.provider.issuer)
+
+    async def _post_raw(
+        self, issuer: _Issuer, url: str, form: dict[str, str], endpoints: Endpoints
+    ) -> tuple[int, bytes]:
         fields, headers = issuer.client_auth(endpoints)
         try:
-            status, body = await self._poster.post_form(url, {**form, **fields}, headers)
+            return await self._poster.post_form(url, {**form, **fields}, headers)
         except Unavailable as exc:
             raise unreachable(issuer.provider, exc) from None
-        return parse_token_reply(status, body, issuer=issuer.provider.issuer)
 
     async def start_device_authorization(self, provider: str) -> DeviceAuthorization:
         """Start an RFC 8628 device authorization; show ``user_code`` and the URI."""
@@ -362,13 +363,7 @@ class OidcRelyingParty:
                 hint="sign in with the browser instead",
             )
         form = {"scope": " ".join(p.scopes)}
-        fields, headers = issuer.client_auth(endpoints)
-        try:
-            status, body = await self._poster.post_form(
-                endpoints.device_authorization, {**form, **fields}, headers
-            )
-        except Unavailable as exc:
-            raise unreachable(p, exc) from None
+        status, body = await self._post_raw(issuer, endpoints.device_authorization, form, endpoints)
         if status != 200:
             raise token_refusal(parse_token_reply(status, body, issuer=p.issuer), p.issuer)
         return parse_device_authorization(p.name, body, now=self._clock())

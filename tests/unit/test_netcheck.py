@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
+from click.testing import CliRunner
 
 from gateway.agent import netcheck
 from gateway.agent.candidates import merge_candidates
-from gateway.agent.netcheck import NatType, Probe, classify, run_netcheck
+from gateway.agent.daemon import Agent
+from gateway.agent.netcheck import NatType, NetReport, Probe, classify, run_netcheck
 from gateway.agent.rawudp import RawAnswer
+from gateway.cli import _format_netcheck, main
+from gateway.config import AgentSettings
 from relay.client import BindingResponse
 from relay.errors import StunTimeout
 
@@ -134,3 +141,42 @@ def test_candidates_order_configured_reflexive_local() -> None:
 
 def test_candidates_without_reflexive() -> None:
     assert merge_candidates([], None, ["192.0.2.2:51820"]) == ["192.0.2.2:51820"]
+
+
+class FakeWs:
+    """The map stream's websocket, recording what the agent sends."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    async def send_json(self, doc: Any) -> None:
+        self.sent.append(doc)
+
+
+def eim_report() -> NetReport:
+    return classify([answered(S1, (WAN, 51820)), answered(S2, (WAN, 51820))], LOCAL, 0.0)
+
+
+async def test_agent_advertises_reflexive_once(tmp_path: Path) -> None:
+    settings = AgentSettings(
+        state_dir=tmp_path, run_dir=tmp_path, stun_servers=[":".join(map(str, S1))],
+        endpoints=["203.0.113.9:51820"],
+    )  # fmt: skip
+    agent = Agent(settings)
+    agent.netreport = eim_report()
+    ws = FakeWs()
+    agent._ws = ws  # type: ignore[assignment]
+    await agent._advertise()
+    await agent._advertise()  # unchanged: not sent again
+    assert len(ws.sent) == 1
+    assert ws.sent[0]["endpoints"][:2] == ["203.0.113.9:51820", f"{WAN}:51820"]
+    assert agent.status()["netcheck"]["nat_type"] == "eim"
+
+
+def test_cli_text_and_missing_server() -> None:
+    text = _format_netcheck(eim_report().to_dict())
+    assert "nat type   eim" in text and f"{WAN}:51820" in text and "2.0ms" in text
+    result = CliRunner().invoke(main, ["netcheck"], env={"WIREGATE_STUN_SERVERS": "[]"})
+    assert result.exit_code == 2 and "no STUN server" in result.output

@@ -35,3 +35,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/pip install -q -e '.[dev]'
     echo "$want" > "$stamp"
 fi
+
+# tests/idp: a real OpenID Provider (panva's oidc-provider, from npm) for the OIDC tests.
+# Debian 12's nodejs is 18; oidc-provider 8.x runs on it.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends nodejs npm
+fi
+if ! cmp -s tests/idp/package-lock.json tests/idp/node_modules/.wiregate-lock 2>/dev/null; then
+    (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
+    cp tests/idp/package-lock.json tests/idp/node_modules/.wiregate-lock
+fi

@@ -10,8 +10,11 @@ WireGuard uses. Raw UDP sockets also receive a copy of every incoming UDP
 datagram (with its IP header); replies are picked out by destination port,
 source address and STUN transaction id.
 
-Sans-IO: :func:`build_udp_header`, :func:`parse_ipv4_udp` and :func:`is_reply`.
-The adapter: :class:`RawUdpSocket` and :func:`raw_stun_query`.
+Sans-IO: :func:`build_udp_header`, :func:`parse_ipv4_udp`, :func:`is_reply` and
+:func:`reply_filter`, a classic BPF program the kernel runs so that only the
+awaited server's datagrams to our port reach the socket (a busy WireGuard port
+would otherwise flood it, and the answer could be dropped with the rest). The
+adapter: :class:`RawUdpSocket` and :func:`raw_stun_query`.
 
 IPv4 only: an IPv6 raw socket does not hand back the IP header and IPv6 needs a
 real UDP checksum (over the source address the kernel picks), which this module
@@ -21,6 +24,7 @@ does not do yet.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import socket
 import struct
@@ -39,11 +43,14 @@ __all__ = [
     "is_reply",
     "parse_ipv4_udp",
     "raw_stun_query",
+    "reply_filter",
 ]
 
 Addr = tuple[str, int]
 _UDP = struct.Struct("!HHHH")
 _IP_PROTO_UDP = 17
+_BPF = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+_SO_ATTACH_FILTER = 26
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +107,23 @@ def is_reply(datagram: UdpDatagram, server: Addr, local_port: int) -> bool:
     return datagram.src == server and datagram.dst[1] == local_port
 
 
+def reply_filter(server: Addr, local_port: int) -> bytes:
+    """Classic BPF (offsets from the IP header): keep UDP from ``server`` to ``local_port``."""
+    ip = int(ipaddress.IPv4Address(server[0]))
+    program = [
+        (0x20, 0, 0, 12),  # ld [12]: source address
+        (0x15, 0, 6, ip),  # jeq server ip, else drop
+        (0xB1, 0, 0, 0),  # ldxb 4*([0]&0xf): IP header length
+        (0x48, 0, 0, 0),  # ldh [x+0]: UDP source port
+        (0x15, 0, 3, server[1]),  # jeq server port, else drop
+        (0x48, 0, 0, 2),  # ldh [x+2]: UDP destination port
+        (0x15, 0, 1, local_port),  # jeq local port, else drop
+        (0x06, 0, 0, 0xFFFFFFFF),  # ret: keep the whole packet
+        (0x06, 0, 0, 0),  # ret 0: drop
+    ]
+    return b"".join(_BPF.pack(*insn) for insn in program)
+
+
 class RawUdpSocket:
     """A non-blocking IPv4 raw UDP socket; use as a context manager."""
 
@@ -115,6 +139,13 @@ class RawUdpSocket:
 
     def close(self) -> None:
         self._sock.close()
+
+    def keep_only(self, server: Addr, local_port: int) -> None:
+        """Have the kernel drop every datagram but ``server``'s to ``local_port``."""
+        code = reply_filter(server, local_port)
+        buffer = ctypes.create_string_buffer(code, len(code))
+        prog = struct.pack("HL", len(code) // _BPF.size, ctypes.addressof(buffer))
+        self._sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, prog)
 
     async def send(self, src_port: int, dst: Addr, payload: bytes) -> None:
         """Send ``payload`` from UDP port ``src_port`` to ``dst`` (the kernel picks the IP)."""
@@ -145,6 +176,7 @@ async def raw_stun_query(
     The RTT is measured from the last (re)transmission to the answer."""
     transaction_id, request = build_binding_request()
     with RawUdpSocket() as sock:
+        sock.keep_only(server, local_port)
         listener = asyncio.create_task(_await_answer(sock, server, local_port, transaction_id))
         try:
             return await _retransmit(sock, server, local_port, request, listener, wait, clock)

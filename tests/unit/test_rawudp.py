@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import os
+import socket
 import struct
 
 import pytest
@@ -10,7 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.agent import rawudp
-from gateway.agent.rawudp import UdpDatagram, build_udp_header, is_reply, parse_ipv4_udp
+from gateway.agent.rawudp import (
+    RawUdpSocket,
+    UdpDatagram,
+    build_udp_header,
+    is_reply,
+    parse_ipv4_udp,
+    reply_filter,
+)
 from relay.client import build_binding_request, parse_binding_response
 from relay.errors import UnexpectedMessage
 
@@ -106,5 +116,55 @@ def test_stun_request_survives_the_udp_wrapping() -> None:
 def test_exports() -> None:
     assert set(rawudp.__all__) == {
         "RawAnswer", "RawUdpSocket", "UdpDatagram", "build_udp_header", "is_reply",
-        "parse_ipv4_udp", "raw_stun_query",
+        "parse_ipv4_udp", "raw_stun_query", "reply_filter",
     }  # fmt: skip
+
+
+def run_bpf(program: bytes, packet: bytes) -> int:
+    """A tiny classic-BPF interpreter for the instructions reply_filter uses."""
+    insns = [struct.unpack_from("=HBBI", program, i) for i in range(0, len(program), 8)]
+    pc, a, x = 0, 0, 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        pc += 1
+        if code == 0x20:
+            a = struct.unpack_from("!I", packet, k)[0]
+        elif code == 0xB1:
+            x = 4 * (packet[k] & 0x0F)
+        elif code == 0x48:
+            a = struct.unpack_from("!H", packet, x + k)[0]
+        elif code == 0x15:
+            pc += jt if a == k else jf
+        elif code == 0x06:
+            return k
+        else:
+            raise AssertionError(f"unexpected BPF opcode {code:#x}")
+
+
+@pytest.mark.parametrize(
+    ("src", "sport", "dport", "kept"),
+    [
+        ("198.51.100.1", 3478, 51820, True),
+        ("198.51.100.2", 3478, 51820, False),
+        ("198.51.100.1", 3479, 51820, False),
+        ("198.51.100.1", 3478, 51821, False),
+    ],
+)
+def test_reply_filter(src: str, sport: int, dport: int, kept: bool) -> None:
+    program = reply_filter(("198.51.100.1", 3478), 51820)
+    for ihl in (5, 7):
+        packet = ipv4_packet(src, "192.0.2.2", build_udp_header(sport, dport, b"x"), ihl=ihl)
+        assert (run_bpf(program, packet) != 0) is kept
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raw sockets need CAP_NET_RAW")
+async def test_kernel_applies_the_filter_on_loopback() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        with RawUdpSocket() as raw:
+            raw.keep_only(("127.0.0.1", port), 40999)
+            server.sendto(b"noise", ("127.0.0.1", 40998))
+            server.sendto(b"reply", ("127.0.0.1", 40999))
+            got = await asyncio.wait_for(raw.receive(), 2)
+    assert got == UdpDatagram(("127.0.0.1", port), ("127.0.0.1", 40999), b"reply")

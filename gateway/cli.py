@@ -102,13 +102,27 @@ def _raise_nofile() -> None:
 @_config_option
 @click.option("--stun-listen", multiple=True, help="STUN address HOST:PORT (repeatable).")
 @click.option("--metrics-listen", help="Prometheus metrics address, HOST:PORT.")
+@click.option("--relay-id", help="This relay's id in tickets; empty: STUN only.")
+@click.option("--relay-listen", help="Relay control port address, HOST:PORT.")
+@click.option("--relay-ports", help='Relay port range, e.g. "40000-40063".')
+@click.option(
+    "--verify-keys-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="JSON file of trusted gateway signers (GET /api/v1/relay/signers).",
+)
 @_with_logs
 def relay(config_file: Path | None, stun_listen: tuple[str, ...], **flags: Any) -> None:
-    """Run the STUN server (and, later, the UDP relay)."""
+    """Run the STUN server and, with a relay id, the authenticated WireGuard relay."""
     from relay.server import run_relay
+    from relay.settings import forwarding_from_settings
 
     settings = _settings(RelaySettings, config_file, stun_listen=list(stun_listen), **flags)
-    _run(run_relay(settings))
+    try:
+        forwarding = forwarding_from_settings(settings)
+    except WiregateError as exc:
+        hint = f"\nhint: {exc.hint}" if exc.hint else ""
+        raise click.ClickException(exc.message + hint) from exc
+    _run(run_relay(settings, forwarding=forwarding))
 
 
 @main.command()

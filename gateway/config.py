@@ -9,6 +9,7 @@ are passed as keyword arguments by the CLI and win over everything else.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -18,7 +19,64 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from gateway.errors import ConfigError
 
-__all__ = ["AgentSettings", "GatewaySettings", "RelaySettings", "load_settings"]
+__all__ = [
+    "AgentSettings",
+    "GatewaySettings",
+    "RelaySettings",
+    "load_settings",
+    "parse_port_range",
+    "parse_relay_entry",
+]
+
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_RELAY_PORTS = 16384
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` with a port of 1..65535 (ValueError otherwise)."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port (port 1..65535)")
+    return host, int(port)
+
+
+def parse_relay_entry(text: str) -> tuple[str, str, int]:
+    """``"id=HOST:PORT"`` to ``(id, host, port)``; ValueError with the reason otherwise."""
+    relay_id, sep, address = text.partition("=")
+    if not sep or not _ID_PATTERN.match(relay_id):
+        raise ValueError(
+            f"{text!r} is not id=HOST:PORT (id: letters, digits, '.', '_', '-'; 1..64)"
+        )
+    host, port = _hostport(address)
+    return relay_id, host, port
+
+
+def parse_port_range(text: str) -> tuple[int, ...]:
+    """``"40000-40063"``, ``"40000"`` or a comma list of both, to ports in order.
+
+    Port 0 (a single item, repeatable) means an ephemeral port, for tests. Ports
+    must not repeat; at least two are needed (a relayed pair uses two).
+    """
+    ports: list[int] = []
+    for item in (part.strip() for part in text.split(",")):
+        first, sep, last = item.partition("-")
+        if not first.isdigit() or (sep and not last.isdigit()):
+            raise ValueError(f"{item!r} is not a port or a range FIRST-LAST")
+        low, high = int(first), int(last) if sep else int(first)
+        if sep and not 0 < low <= high < 65536:
+            raise ValueError(f"range {item!r} must be FIRST-LAST with 1 <= FIRST <= LAST <= 65535")
+        if high > 65535:
+            raise ValueError(f"port {item!r} is above 65535")
+        ports.extend(range(low, high + 1))
+        if len(ports) > MAX_RELAY_PORTS:
+            raise ValueError(f"at most {MAX_RELAY_PORTS} relay ports")
+    fixed = [p for p in ports if p]
+    if len(set(fixed)) != len(fixed):
+        raise ValueError("relay ports repeat")
+    if len(ports) < 2:
+        raise ValueError("a relay needs at least two relay ports (one pair uses two)")
+    return tuple(ports)
 
 
 class _TomlTable(PydanticBaseSettingsSource):
@@ -84,6 +142,15 @@ class GatewaySettings(_Base):
     default_keepalive: int | None = 25
     policy_file: Path | None = None
     max_body_bytes: int = 64 * 1024
+    relays: list[str] = []  # "id=HOST:PORT" of each relay's control port
+
+    @field_validator("relays")
+    @classmethod
+    def _relays(cls, value: list[str]) -> list[str]:
+        ids = [parse_relay_entry(entry)[0] for entry in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError("relay ids repeat")
+        return value
 
     @field_validator("ipv4_pool")
     @classmethod
@@ -143,6 +210,71 @@ class RelaySettings(_Base):
 
     stun_listen: list[str] = ["0.0.0.0:3478"]
     metrics_listen: str = "127.0.0.1:9091"
+    relay_id: str = ""  # empty: no WireGuard relay, STUN only
+    relay_listen: str = "0.0.0.0:3480"  # the control port
+    relay_ports: str = "40000-40063"  # "FIRST-LAST", or a comma list of ports and ranges
+    own_addresses: list[str] = []  # this relay's public addresses (never forwarded to)
+    verify_keys_file: Path | None = None  # JSON: {"signers": [{"public_key", "tenants"}]}
+    max_allocations: int = 4096
+    max_allocations_per_device: int = 16
+    bytes_per_second: int = 12_500_000
+    burst_bytes: int = 1_000_000
+    idle_timeout: float = 60.0
+    max_datagram: int = 1500
+
+    @field_validator("relay_id")
+    @classmethod
+    def _relay_id(cls, value: str) -> str:
+        if value and not _ID_PATTERN.match(value):
+            raise ValueError("relay_id must be 1..64 letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("relay_listen")
+    @classmethod
+    def _relay_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"{value!r} is not host:port (port 0..65535, 0: ephemeral)")
+        return value
+
+    @field_validator("relay_ports")
+    @classmethod
+    def _relay_ports(cls, value: str) -> str:
+        parse_port_range(value)
+        return value
+
+    @field_validator("own_addresses")
+    @classmethod
+    def _own(cls, value: list[str]) -> list[str]:
+        return [str(ipaddress.ip_address(v.strip("[]"))) for v in value]
+
+    @field_validator("max_allocations", "max_allocations_per_device", "bytes_per_second")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("burst_bytes")
+    @classmethod
+    def _burst(cls, value: int) -> int:
+        if value < 1500:
+            raise ValueError("must be at least 1500 (one full datagram)")
+        return value
+
+    @field_validator("idle_timeout")
+    @classmethod
+    def _idle(cls, value: float) -> float:
+        if not 5.0 <= value <= 3600.0:
+            raise ValueError("must be 5..3600 seconds")
+        return value
+
+    @field_validator("max_datagram")
+    @classmethod
+    def _datagram(cls, value: int) -> int:
+        if not 148 <= value <= 65507:
+            raise ValueError("must be 148..65507 bytes (a handshake initiation is 148)")
+        return value
 
 
 S = TypeVar("S", bound=_Base)

@@ -99,6 +99,26 @@ _SCHEMAS: dict[str, Any] = {
         [],
     ),
     "KeyCreated": _obj({"key": _ref("Key"), "secret": _STR}),
+    "RelaySigners": _obj(
+        {
+            "signers": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "public_key": {"type": "string", "description": "Ed25519, base64"},
+                        "tenants": {"type": "array", "items": _STR, "minItems": 1},
+                    }
+                ),
+            }
+        }
+    ),
+    "TicketRequest": _obj({"peer": {"type": "string", "description": "the peer's device id"}}),
+    "Ticket": _obj(
+        {
+            "relay": _obj({"id": _STR, "control": {"type": "string", "description": "host:port"}}),
+            "ticket": {"type": "string", "description": "signed ticket for the caller, base64"},
+        }
+    ),
     "Health": {"type": "object", "properties": {"status": _STR}, "required": ["status"]},
 }
 
@@ -177,6 +197,27 @@ _PATHS: dict[str, Any] = {
             "security": _ADMIN,
             "responses": {"204": {"description": "revoked"}, **_errors(401, 403, 404)},
         },
+    },
+    "/api/v1/relay/signers": {
+        "get": {
+            "summary": "The gateway's relay ticket signers, as a relay's verify_keys_file",
+            "security": [],
+            "responses": {"200": _json(_ref("RelaySigners"), "signers")},
+        }
+    },
+    "/api/v1/relay/tickets": {
+        "post": {
+            "summary": "A relay ticket for the calling device to reach a peer",
+            "security": [{"deviceToken": []}],
+            "requestBody": {
+                "required": True,
+                "content": {JSON: {"schema": _ref("TicketRequest")}},
+            },
+            "responses": {
+                "201": _json(_ref("Ticket"), "issued"),
+                **_errors(400, 401, 403, 404, 413, 415, 503),
+            },
+        }
     },
     "/api/v1/openapi.json": {
         "get": {

@@ -113,8 +113,8 @@ def _raise_nofile() -> None:
 @_with_logs
 def relay(config_file: Path | None, stun_listen: tuple[str, ...], **flags: Any) -> None:
     """Run the STUN server and, with a relay id, the authenticated WireGuard relay."""
+    from relay.relay_server import forwarding_from_settings
     from relay.server import run_relay
-    from relay.settings import forwarding_from_settings
 
     settings = _settings(RelaySettings, config_file, stun_listen=list(stun_listen), **flags)
     try:

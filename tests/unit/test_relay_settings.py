@@ -19,8 +19,8 @@ from gateway.errors import ConfigError
 from relay.client import stun_query
 from relay.control import Refused, parse_control
 from relay.relay_client import build_allocate
+from relay.relay_server import forwarding_from_settings, parse_signers
 from relay.server import RelayServer, run_relay
-from relay.settings import forwarding_from_settings, parse_signers
 from relay.tickets import TrustedSigner
 
 LOOPBACK = "127.0.0.1"

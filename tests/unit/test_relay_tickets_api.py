@@ -18,7 +18,7 @@ from gateway.config import GatewaySettings, load_settings
 from gateway.errors import ConfigError
 from gateway.relays import KEY_FILE, RelayEndpoint, load_or_create_signing_key, parse_relays
 from identity.policy import Policy
-from relay.settings import parse_signers
+from relay.relay_server import parse_signers
 from relay.tickets import Side, parse_ticket
 from tests.unit.test_api import (
     Client,

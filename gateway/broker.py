@@ -96,6 +96,10 @@ class Broker:
             else:
                 self._revoke(stream.device_id, "device removed")
 
+    def may_peer(self, a: Device, b: Device) -> bool:
+        """Whether the policy the maps are built from lets ``a`` and ``b`` peer."""
+        return self._policy.may_peer(a.tags, b.tags)
+
     def set_policy(self, policy: Policy, version: int) -> None:
         """Apply a new policy: every connected agent gets a full map at ``version``."""
         self._policy = policy

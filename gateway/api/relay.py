@@ -81,9 +81,7 @@ async def create_ticket(request: web.Request) -> web.Response:
 def _check_pair(broker: Broker, caller: Device, peer: Device) -> None:
     if caller.id == peer.id:
         raise BadInput("a device cannot relay to itself")
-    # The broker's policy is the one its map is built from. TODO: a public
-    # Broker.may_peer(a, b) would avoid reaching into it.
-    if not broker._policy.may_peer(caller.tags, peer.tags):
+    if not broker.may_peer(caller, peer):
         raise Forbidden("the policy does not let these devices peer", code="not_peers")
 
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from relay.control import (
+    REASONS,
     Allocate,
     Allocated,
     Bind,
@@ -75,20 +76,7 @@ OUTCOMES = (
     "malformed_control",
     "unexpected_control",
     "no_allocation",
-    "ticket_malformed",
-    "ticket_unknown_signer",
-    "ticket_bad_signature",
-    "ticket_wrong_relay",
-    "ticket_wrong_tenant",
-    "ticket_expired",
-    "ticket_not_yet_valid",
-    "ticket_replayed",
-    "no_verify_keys",
-    "bad_cookie",
-    "wrong_port",
-    "device_quota",
-    "relay_full",
-    "replay_cache_full",
+    *REASONS[1:],  # every refusal reason the relay can send on the wire
     "unbound_source",
     "not_wireguard",
     "too_large",

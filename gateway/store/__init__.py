@@ -1,6 +1,16 @@
-"""The gateway's durable state: devices, identities, enrollment keys, map version."""
+"""The gateway's durable state: devices, identities, enrollment keys, logins, map version."""
 
-from gateway.store.records import DeviceRecord, Enrolled, EnrollRequest, KeyRecord, KeySpec
+from gateway.store.records import (
+    DeviceRecord,
+    Enrolled,
+    EnrollRequest,
+    KeyRecord,
+    KeySpec,
+    LoginApproved,
+    LoginCreated,
+    LoginPoll,
+    LoginRecord,
+)
 from gateway.store.store import DEFAULT_POOL, Store
 
 __all__ = [
@@ -10,5 +20,9 @@ __all__ = [
     "Enrolled",
     "KeyRecord",
     "KeySpec",
+    "LoginApproved",
+    "LoginCreated",
+    "LoginPoll",
+    "LoginRecord",
     "Store",
 ]

@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "DeviceRow", "EnrollmentKeyRow", "IdentityRow", "MetaRow"]
+__all__ = ["Base", "DeviceRow", "EnrollmentKeyRow", "IdentityRow", "LoginRequestRow", "MetaRow"]
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -104,3 +104,26 @@ class EnrollmentKeyRow(Base):
     expires_at: Mapped[float] = mapped_column(Float, nullable=False)
     used_count: Mapped[int] = mapped_column(Integer, nullable=False)
     revoked: Mapped[bool] = mapped_column(Boolean, nullable=False)
+
+
+class LoginRequestRow(Base):
+    """A device login request; only the SHA-256 of its user code and poll token is stored."""
+
+    __tablename__ = "login_requests"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_code_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    poll_token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    public_key: Mapped[str] = mapped_column(String(44), nullable=False)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    expires_at: Mapped[float] = mapped_column(Float, nullable=False)
+    last_poll_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    interval: Mapped[int] = mapped_column(Integer, nullable=False)
+    approved_by_issuer: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    approved_by_subject: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    device_id: Mapped[str | None] = mapped_column(
+        ForeignKey("devices.id", ondelete="SET NULL"), nullable=True
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.model import Device, Identity
-from gateway.store.models import DeviceRow, EnrollmentKeyRow
+from gateway.store.models import DeviceRow, EnrollmentKeyRow, LoginRequestRow
 from identity.enrollment import KeyState
 
 __all__ = [
@@ -15,9 +15,14 @@ __all__ = [
     "Enrolled",
     "KeyRecord",
     "KeySpec",
+    "LoginApproved",
+    "LoginCreated",
+    "LoginPoll",
+    "LoginRecord",
     "device_record",
     "key_record",
     "key_state",
+    "login_record",
 ]
 
 ENROLLMENT_ISSUER = "wiregate:enrollment-key"
@@ -76,6 +81,63 @@ class Enrolled:
     record: DeviceRecord
     token: str
     version: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoginRecord:
+    """A login request as the approver sees it: the device's name and key fingerprint."""
+
+    id: str
+    name: str
+    public_key: str
+    fingerprint: str
+    status: str
+    created_at: float
+    expires_at: float
+    device_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoginCreated:
+    """A new login request with its user code (canonical form) and poll token, shown once."""
+
+    record: LoginRecord
+    user_code: str
+    poll_token: str
+    interval: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoginApproved:
+    """The device an approval enrolled and the map version it produced (no token)."""
+
+    login: LoginRecord
+    record: DeviceRecord
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoginPoll:
+    """A poll's answer; ``record`` and ``token`` only with ``approved``, only once."""
+
+    status: str
+    interval: int
+    record: DeviceRecord | None = None
+    token: str | None = None
+
+
+def login_record(row: LoginRequestRow) -> LoginRecord:
+    """Convert a login request row to a value (the hashes stay behind)."""
+    return LoginRecord(
+        id=row.id,
+        name=row.name,
+        public_key=row.public_key,
+        fingerprint=row.fingerprint,
+        status=row.status,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        device_id=row.device_id,
+    )
 
 
 def device_record(row: DeviceRow, identity: Identity) -> DeviceRecord:

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
-from sqlalchemy import ColumnElement, Select, or_, select, text, update
+from sqlalchemy import ColumnElement, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -27,6 +27,7 @@ from gateway.errors import ConfigError, Conflict, NotFound, Unauthorized
 from gateway.ipam import Allocation, Pool, allocate
 from gateway.logging import get_logger
 from gateway.model import Identity
+from gateway.store import logins
 from gateway.store.engine import create_engine
 from gateway.store.migrate import current_revision, head_revision, upgrade
 from gateway.store.models import DeviceRow, EnrollmentKeyRow, IdentityRow, MetaRow
@@ -37,10 +38,18 @@ from gateway.store.records import (
     EnrollRequest,
     KeyRecord,
     KeySpec,
+    LoginApproved,
+    LoginCreated,
+    LoginPoll,
+    LoginRecord,
     device_record,
     key_record,
     key_state,
+    login_record,
 )
+from gateway.store.rows import Grant, device_query, new_device
+from gateway.wgkey import parse_public_key
+from identity.device_login import Event, decide_poll, normalize_user_code
 from identity.enrollment import (
     KEY_PREFIX,
     check_usable,
@@ -104,7 +113,7 @@ class Store:
     async def list_devices(self) -> list[DeviceRecord]:
         """Every device, oldest first."""
         async with self._sessions() as s:
-            rows = await s.execute(_device_query().order_by(DeviceRow.created_at, DeviceRow.id))
+            rows = await s.execute(device_query().order_by(DeviceRow.created_at, DeviceRow.id))
             return [device_record(d, Identity(iss, sub)) for d, iss, sub in rows.tuples()]
 
     async def get_device(self, device_id: str) -> DeviceRecord:
@@ -138,11 +147,9 @@ class Store:
         async with self._write() as s:
             version = await self._bump(s)
             key = await self._consume_key(s, secret, now)
-            await self._refuse_duplicate(s, request.public_key)
             identity = Identity(ENROLLMENT_ISSUER, key.id)
-            row = _new_device(request, key, await self._allocate(s), token, now)
-            row.identity_id = await self._identity_id(s, identity, now)
-            s.add(row)
+            grant = Grant(identity, tuple(key.tags), key.ephemeral)
+            row = await self._add_device(s, request, grant, token, now)
         _log.info("device_enrolled", device_id=row.id, key_id=key.id, version=version)
         return Enrolled(device_record(row, identity), token, version)
 
@@ -209,6 +216,83 @@ class Store:
                 raise NotFound(f"no enrollment key {key_id!r}")
         _log.info("enrollment_key_revoked", key_id=key_id)
 
+    # -- device login ------------------------------------------------------------
+
+    async def create_login_request(self, public_key: str, name: str, now: float) -> LoginCreated:
+        """A pending login request for ``public_key``; its user code and poll token, once.
+
+        :class:`BadKey` for an unusable key, :class:`Conflict` when a device
+        already has it, :class:`TooManyGuesses` (429) when too many wait.
+        """
+        key = parse_public_key(public_key)
+        for attempt in range(3):
+            try:
+                async with self._write() as s:
+                    await self._refuse_duplicate(s, key)
+                    await logins.make_room(s, now)
+                    created = await logins.insert(s, key, name, now)
+                break
+            except Conflict as exc:  # a user code collided with an older one: draw again
+                if exc.code != Conflict.code or attempt == 2:
+                    raise
+        _log.info("login_request_created", request_id=created.record.id,
+                  fingerprint=created.record.fingerprint)  # fmt: skip
+        return created
+
+    async def find_login_request(self, user_code: str, now: float) -> LoginRecord:
+        """The pending request a person's typed code names (name, fingerprint), or NotFound."""
+        code = normalize_user_code(user_code)
+        async with self._sessions() as s:
+            return login_record(await logins.by_user_code(s, code, now))
+
+    async def approve_login_request(
+        self,
+        request_id: str,
+        identity: Identity,
+        tags: Sequence[str],
+        now: float,
+        *,
+        keepalive: int | None = None,
+    ) -> LoginApproved:
+        """Approve a pending request: enroll its device for ``identity``, exactly once."""
+        async with self._write() as s:
+            version = await self._bump(s)
+            row = await logins.advance(s, request_id, Event.APPROVE, now,
+                                       approved_by_issuer=identity.issuer,
+                                       approved_by_subject=identity.subject)  # fmt: skip
+            request = EnrollRequest(row.public_key, row.name, keepalive=keepalive)
+            grant = Grant(identity, tuple(dict.fromkeys(tags)), False)
+            device = await self._add_device(s, request, grant, generate_device_token(), now)
+            row.device_id = device.id
+        _log.info("login_request_approved", request_id=request_id, device_id=device.id,
+                  issuer=identity.issuer, version=version)  # fmt: skip
+        return LoginApproved(login_record(row), device_record(device, identity), version)
+
+    async def deny_login_request(self, request_id: str, now: float) -> LoginRecord:
+        """Deny a pending request; its device will be told ``denied``."""
+        async with self._write() as s:
+            row = await logins.advance(s, request_id, Event.DENY, now)
+        _log.info("login_request_denied", request_id=request_id)
+        return login_record(row)
+
+    async def poll_login_request(self, poll_token: str, now: float) -> LoginPoll:
+        """The device's poll: pending, slow_down, approved (device and token, once), ..."""
+        token = generate_device_token()
+        async with self._write() as s:
+            row = await logins.by_poll_token(s, poll_token)
+            if row is None:
+                raise Unauthorized("the poll token is not valid", code="invalid_poll_token")
+            decision = decide_poll(logins.poll_state(row), now)
+            if not await logins.record_poll(s, row, decision, now):
+                return LoginPoll("slow_down", decision.interval)
+            if decision.reported != "approved":
+                return LoginPoll(decision.reported, decision.interval)
+            if not await logins.rotate_device_token(s, row.device_id, token):
+                return LoginPoll("expired", decision.interval)
+        _log.info("login_request_consumed", request_id=row.id, device_id=row.device_id)
+        record = await self.get_device(str(row.device_id))
+        return LoginPoll("approved", decision.interval, record, token)
+
     # -- internals -----------------------------------------------------------------
 
     @asynccontextmanager
@@ -266,6 +350,17 @@ class Store:
                 hint="generate a new key pair, or delete the old device first",
             )
 
+    async def _add_device(
+        self, s: AsyncSession, request: EnrollRequest, grant: Grant, token: str, now: float
+    ) -> DeviceRow:
+        """The one enrollment path: refuse a duplicate key, allocate, add (flushed)."""
+        await self._refuse_duplicate(s, request.public_key)
+        row = new_device(request, grant, await self._allocate(s), token, now)
+        row.identity_id = await self._identity_id(s, grant.identity, now)
+        s.add(row)
+        await s.flush()
+        return row
+
     async def _allocate(self, s: AsyncSession) -> Allocation:
         meta = await s.get_one(MetaRow, 1, populate_existing=True)
         in_use = set((await s.execute(select(DeviceRow.ip_index))).scalars())
@@ -287,36 +382,8 @@ class Store:
 
     async def _one_device(self, where: ColumnElement[bool]) -> DeviceRecord:
         async with self._sessions() as s:
-            found = (await s.execute(_device_query().where(where))).tuples().first()
+            found = (await s.execute(device_query().where(where))).tuples().first()
         if found is None:
             raise NotFound("no such device")
         row, issuer, subject = found
         return device_record(row, Identity(issuer, subject))
-
-
-def _device_query() -> Select[tuple[DeviceRow, str, str]]:
-    return select(DeviceRow, IdentityRow.issuer, IdentityRow.subject).join(
-        IdentityRow, DeviceRow.identity_id == IdentityRow.id
-    )
-
-
-def _new_device(
-    request: EnrollRequest, key: EnrollmentKeyRow, allocation: Allocation, token: str, now: float
-) -> DeviceRow:
-    return DeviceRow(
-        id="dev_" + secrets.token_hex(8),
-        name=request.name,
-        public_key=request.public_key,
-        ip_index=allocation.index,
-        ipv4=allocation.ipv4,
-        ipv6=allocation.ipv6,
-        tags=list(key.tags),
-        endpoints=list(request.endpoints),
-        routes=list(request.routes),
-        keepalive=request.keepalive,
-        ephemeral=key.ephemeral,
-        token_hash=hash_secret(token),
-        created_at=now,
-        expires_at=None,
-        last_seen=None,
-    )

@@ -32,7 +32,7 @@ async def test_models_and_migrations_agree(tmp_path: Path) -> None:
         async with engine.begin() as conn:
             await conn.run_sync(upgrade)
             assert await conn.run_sync(_diff) == []
-            assert await conn.run_sync(current_revision) == head_revision() == "0001"
+            assert await conn.run_sync(current_revision) == head_revision() == "0002"
     finally:
         await engine.dispose()
 
@@ -57,7 +57,7 @@ async def test_open_migrates_to_head_and_downgrade_drops_all(tmp_path: Path) -> 
     try:
         async with engine.begin() as conn:
             tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
-            assert {"meta", "identities", "devices", "enrollment_keys"} <= tables
+            assert {"meta", "identities", "devices", "enrollment_keys", "login_requests"} <= tables
             await conn.run_sync(_downgrade)
             left = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
         assert left == {"alembic_version"}

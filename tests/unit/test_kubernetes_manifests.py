@@ -27,7 +27,11 @@ Doc = dict[str, Any]
 def _kubectl() -> str:
     path = shutil.which("kubectl")
     if path is None:
-        pytest.fail(f"kubectl not found (needed for `kubectl kustomize`): {SETUP_HINT}")
+        pytest.fail(
+            "kubectl not found (needed for `kubectl kustomize` with components, kubectl >= 1.21);"
+            " Debian 12 packages only kubernetes-client 1.20, whose kustomize lacks components;"
+            " install a current kubectl (this project's CI machine image ships one)"
+        )
     return path
 
 

@@ -28,7 +28,7 @@ from prometheus_client import (
 )
 
 from gateway.api import error_middleware, setup_routes
-from gateway.api.common import ADMIN_TOKEN, BROKER, SETTINGS, STORE
+from gateway.api.common import ADMIN_TOKEN, BROKER, CLOCK, SETTINGS, STORE
 from gateway.broker import Broker
 from gateway.config import GatewaySettings
 from gateway.errors import ConfigError
@@ -72,6 +72,7 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[ADMIN_TOKEN] = read_admin_token(settings.admin_token_file)
+    app[CLOCK] = clock
     app[METRICS], app[_REQUESTS] = _api_metrics()
     setup_routes(app)
     app.cleanup_ctx.append(_state(settings, broker_factory, clock))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api import devices, enroll, keys, openapi, relay
+from gateway.api import devices, enroll, keys, login, openapi, relay
 from gateway.api.common import STORE, error_middleware
 from gateway.logging import get_logger
 
@@ -35,7 +35,16 @@ async def readyz(request: web.Request) -> web.Response:
 
 def setup_routes(app: web.Application) -> None:
     """Register every API route on ``app``."""
-    tables = (health, enroll.routes, devices.routes, keys.routes, relay.routes, openapi.routes)
+    tables = (
+        health,
+        enroll.routes,
+        devices.routes,
+        keys.routes,
+        login.routes,
+        relay.routes,
+        openapi.routes,
+    )
     for table in tables:
         app.router.add_routes(table)
     relay.setup(app)
+    login.setup(app)

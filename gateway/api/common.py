@@ -29,6 +29,7 @@ from gateway.wgkey import fingerprint
 __all__ = [
     "ADMIN_TOKEN",
     "BROKER",
+    "CLOCK",
     "SETTINGS",
     "STORE",
     "EndpointsCallback",
@@ -54,6 +55,7 @@ STORE = web.AppKey("store", Store)
 BROKER = web.AppKey("broker", Broker)
 SETTINGS = web.AppKey("settings", GatewaySettings)
 ADMIN_TOKEN = web.AppKey("admin_token", bytes)  # empty: admin over TCP is refused
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")  # POSIX seconds; a fake in tests
 
 
 class PayloadTooLarge(RemoteError):
@@ -115,7 +117,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except WiregateError as exc:
-        _log.info("request_refused", path=request.path, status=exc.status, error=exc.code)
+        _log.info("request_refused", route=_route(request), status=exc.status, error=exc.code)
         return web.json_response(exc.to_dict(), status=exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -123,9 +125,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = (exc.reason or "error").lower().replace(" ", "_")
         return web.json_response({"error": code, "message": exc.reason}, status=exc.status)
     except Exception:
-        _log.exception("request_failed", path=request.path)
+        _log.exception("request_failed", route=_route(request))
         body = {"error": "internal", "message": "internal error"}
         return web.json_response(body, status=500)
+
+
+def _route(request: web.Request) -> str:
+    """The matched route's template (never the concrete path: it may hold a user code)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
 def bearer_token(request: web.Request) -> str | None:

@@ -119,11 +119,57 @@ _SCHEMAS: dict[str, Any] = {
             "ticket": {"type": "string", "description": "signed ticket for the caller, base64"},
         }
     ),
+    "LoginRequest": _obj(
+        {
+            "public_key": {"type": "string", "description": "WireGuard public key, base64"},
+            "name": {"type": "string", "pattern": NAME_PATTERN},
+        }
+    ),
+    "LoginCreated": _obj(
+        {
+            "request_id": _STR,
+            "user_code": {"type": "string", "description": "XXXX-XXXX, shown to the person"},
+            "verification_uri": _STR,
+            "verification_uri_complete": _STR,
+            "poll_token": {"type": "string", "description": "secret; only for polling"},
+            "interval": {"type": "integer", "description": "seconds between polls"},
+            "expires_in": {"type": "integer", "description": "seconds"},
+        }
+    ),
+    "PollRequest": _obj({"poll_token": _STR}),
+    "PollResponse": _obj(
+        {
+            "status": {
+                "type": "string",
+                "enum": ["pending", "slow_down", "approved", "denied", "expired"],
+            },
+            "interval": {"type": "integer"},
+            "device": _ref("Device"),
+            "token": {"type": "string", "description": "device token, only once with approved"},
+        },
+        ["status", "interval"],
+    ),
+    "Login": _obj(
+        {
+            "request_id": _STR,
+            "name": _STR,
+            "public_key": _STR,
+            "fingerprint": _STR,
+            "status": _STR,
+            "created_at": _TIME,
+            "expires_at": _TIME,
+        }
+    ),
+    "ApproveRequest": _obj({"issuer": _STR, "subject": _STR, "tags": _TAGS}, ["issuer", "subject"]),
+    "Approved": _obj(
+        {"login": _ref("Login"), "device": _ref("Device"), "map_version": {"type": "integer"}}
+    ),
     "Health": {"type": "object", "properties": {"status": _STR}, "required": ["status"]},
 }
 
 _ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
 _ID = [{"name": "id", "in": "path", "required": True, "schema": _STR}]
+_CODE = [{"name": "user_code", "in": "path", "required": True, "schema": _STR}]
 _PATHS: dict[str, Any] = {
     "/api/v1/enroll": {
         "post": {
@@ -196,6 +242,65 @@ _PATHS: dict[str, Any] = {
             "summary": "Revoke an enrollment key",
             "security": _ADMIN,
             "responses": {"204": {"description": "revoked"}, **_errors(401, 403, 404)},
+        },
+    },
+    "/api/v1/login/requests": {
+        "post": {
+            "summary": "Start a device login (user code and poll token are returned only here)",
+            "security": [],
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("LoginRequest")}}},
+            "responses": {
+                "201": _json(_ref("LoginCreated"), "created"),
+                **_errors(400, 409, 413, 415, 429),
+            },
+        }
+    },
+    "/api/v1/login/poll": {
+        "post": {
+            "summary": "Poll a device login (RFC 8628 semantics: slow_down, expired)",
+            "security": [],
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("PollRequest")}}},
+            "responses": {
+                "200": _json(_ref("PollResponse"), "the login's status"),
+                **_errors(400, 401, 413, 415),
+            },
+        }
+    },
+    "/api/v1/login/requests/{user_code}": {
+        "parameters": _CODE,
+        "get": {
+            "summary": "Show the pending login a user code names (name, key fingerprint)",
+            "security": _ADMIN,
+            "responses": {
+                "200": _json(_ref("Login"), "the pending login"),
+                **_errors(400, 401, 403, 404, 429),
+            },
+        },
+    },
+    "/api/v1/login/requests/{user_code}/approve": {
+        "parameters": _CODE,
+        "post": {
+            "summary": "Approve a pending login for an identity: its device is enrolled",
+            "security": _ADMIN,
+            "requestBody": {
+                "required": True,
+                "content": {JSON: {"schema": _ref("ApproveRequest")}},
+            },
+            "responses": {
+                "200": _json(_ref("Approved"), "approved and enrolled"),
+                **_errors(400, 401, 403, 404, 409, 413, 415, 429),
+            },
+        },
+    },
+    "/api/v1/login/requests/{user_code}/deny": {
+        "parameters": _CODE,
+        "post": {
+            "summary": "Deny a pending login",
+            "security": _ADMIN,
+            "responses": {
+                "200": _json(_ref("Login"), "denied"),
+                **_errors(400, 401, 403, 404, 409, 429),
+            },
         },
     },
     "/api/v1/relay/signers": {

@@ -140,9 +140,11 @@ class PathMachine:
     def handle(self, event: Event) -> list[Action]:
         """Apply ``event`` (and any deadline it passes); the actions to perform, in order."""
         self._now = max(self._now, event.now)
-        self._catch_up()
-        self._apply(event)
-        self._catch_up()
+        if not isinstance(event, PeerUpdate):  # new endpoints replace what a timer would try
+            self._catch_up()
+        if not isinstance(event, Tick):  # a tick acts only through the deadline it passes
+            self._apply(event)
+            self._catch_up()
         out, self._out = self._out, []
         return out
 

@@ -158,6 +158,58 @@ def agent(config_file: Path | None, endpoints: tuple[str, ...], **flags: Any) ->
 
 @main.command()
 @click.option(
+    "--server",
+    envvar="WIREGATE_SERVER",
+    required=True,
+    help="Gateway URL, e.g. https://gateway.example:443.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="WIREGATE_STATE_DIR",
+    default=str(AgentSettings.model_fields["state_dir"].default),
+    show_default=True,
+    help="The agent's state dir (key and enrollment).",
+)
+@click.option("--hostname", help="Device name (default: this host's name).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def login(server: str, state_dir: Path, hostname: str | None, as_json: bool) -> None:
+    """Enroll this host by device login: show a code, wait for a person to approve it."""
+    import socket
+
+    import aiohttp
+
+    from gateway.agent.control import ControlClient
+    from gateway.agent.login import login as device_login
+    from gateway.agent.state import StateDir
+
+    def out(line: str) -> None:
+        click.echo(line, err=as_json)
+
+    async def go() -> Any:
+        async with aiohttp.ClientSession() as session:
+            client = ControlClient(server, session)
+            name = hostname or socket.gethostname().split(".")[0]
+            return await device_login(
+                client, StateDir(state_dir), name, sleep=asyncio.sleep, out=out
+            )
+
+    enrollment = _run(go())
+    if as_json:
+        doc = {
+            "status": "approved",
+            "device": {
+                "id": enrollment.device_id,
+                "name": enrollment.name,
+                "addresses": list(enrollment.addresses),
+            },
+            "state_dir": str(state_dir),
+        }
+        click.echo(json.dumps(doc, indent=2))
+
+
+@main.command()
+@click.option(
     "--run-dir", type=click.Path(path_type=Path, file_okay=False), default="/run/wiregate"
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

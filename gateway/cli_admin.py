@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 
@@ -57,7 +58,7 @@ def _echo(data: Any, as_json: bool, rows: list[str]) -> None:
 def admin(
     ctx: click.Context, socket_path: Path, server: str | None, token_file: Path | None
 ) -> None:
-    """Administer enrollment keys and devices."""
+    """Administer enrollment keys, devices and device-login requests."""
     sock = None if server else socket_path
     ctx.obj = AdminClient(socket=sock, server=server, token_file=token_file)
 
@@ -156,3 +157,68 @@ def devices_remove(ctx: click.Context, device_id: str) -> None:
     """Remove a device: every peer drops it and its agent tears down."""
     _call(ctx, "DELETE", f"/api/v1/devices/{device_id}")
     click.echo(f"removed {device_id}")
+
+
+@admin.group("login")
+def login_requests() -> None:
+    """Device-login requests (``wiregate login``), named by their user code."""
+
+
+def _login_rows(login: dict[str, Any]) -> list[str]:
+    return [
+        f"name         {login['name']}",
+        f"fingerprint  {login['fingerprint']}",
+        f"status       {login['status']}",
+        f"created      {login['created_at']}",
+        f"expires      {login['expires_at']}",
+        f"request      {login['request_id']}",
+    ]
+
+
+def _code_path(code: str, action: str = "") -> str:
+    return f"/api/v1/login/requests/{quote(code.strip(), safe='')}{action}"
+
+
+@login_requests.command("show")
+@click.argument("code")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def login_show(ctx: click.Context, code: str, as_json: bool) -> None:
+    """Show the pending request CODE names: compare its fingerprint with the device's."""
+    data = _call(ctx, "GET", _code_path(code))
+    _echo(data, as_json, _login_rows(data))
+
+
+@login_requests.command("approve")
+@click.argument("code")
+@click.option("--issuer", required=True, help="The approved identity's OIDC issuer.")
+@click.option("--subject", required=True, help="The approved identity's subject.")
+@click.option("--tags", default="", help="Comma-separated tags, e.g. tag:laptop,tag:dev.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def login_approve(
+    ctx: click.Context, code: str, issuer: str, subject: str, tags: str, as_json: bool
+) -> None:
+    """Approve request CODE for (issuer, subject): its device is enrolled."""
+    body = {
+        "issuer": issuer,
+        "subject": subject,
+        "tags": [t.strip() for t in tags.split(",") if t.strip()],
+    }
+    data = _call(ctx, "POST", _code_path(code, "/approve"), body)
+    device = data["device"]
+    rows = [
+        f"approved {data['login']['name']}: device {device['id']} "
+        f"{' '.join(device['addresses'])} (map v{data['map_version']})"
+    ]
+    _echo(data, as_json, rows)
+
+
+@login_requests.command("deny")
+@click.argument("code")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def login_deny(ctx: click.Context, code: str, as_json: bool) -> None:
+    """Deny request CODE: the device's next poll says denied."""
+    data = _call(ctx, "POST", _code_path(code, "/deny"))
+    _echo(data, as_json, [f"denied {data['name']} ({data['request_id']})"])

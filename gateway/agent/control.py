@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import aiohttp
 from gateway.agent.state import Enrollment
 from gateway.errors import ConfigError, RemoteError, Unauthorized, Unavailable, WiregateError
 
-__all__ = ["ControlClient", "read_auth_key"]
+__all__ = ["ControlClient", "LoginPoll", "LoginStart", "read_auth_key"]
 
 _TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
 
@@ -35,6 +36,31 @@ def read_auth_key(spec: str) -> str:
             "no enrollment key", hint="pass --auth-key file:PATH or set WIREGATE_AUTH_KEY"
         )
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class LoginStart:
+    """A device-login request the gateway created (``POST /api/v1/login/requests``)."""
+
+    request_id: str
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str
+    poll_token: str
+    interval: int
+    expires_in: int
+
+    def __repr__(self) -> str:  # the poll token never reaches logs or tracebacks
+        return f"LoginStart(request_id={self.request_id!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class LoginPoll:
+    """One poll's answer; ``enrollment`` only when ``status`` is ``approved``."""
+
+    status: str  # pending | slow_down | approved | denied | expired
+    interval: int | None
+    enrollment: Enrollment | None = None
 
 
 class ControlClient:
@@ -62,6 +88,35 @@ class ControlClient:
             addresses=tuple(str(a) for a in device["addresses"]),
             token=str(data["token"]),
         )
+
+    async def start_login(self, public_key: str, name: str) -> LoginStart:
+        """Create a device-login request for this host's public key."""
+        data = await self._post("/api/v1/login/requests", {"public_key": public_key, "name": name})
+        return LoginStart(
+            request_id=str(data["request_id"]),
+            user_code=str(data["user_code"]),
+            verification_uri=str(data["verification_uri"]),
+            verification_uri_complete=str(data["verification_uri_complete"]),
+            poll_token=str(data["poll_token"]),
+            interval=int(data["interval"]),
+            expires_in=int(data["expires_in"]),
+        )
+
+    async def poll_login(self, poll_token: str) -> LoginPoll:
+        """Poll a device-login request; an approved answer carries the enrollment, once."""
+        data = await self._post("/api/v1/login/poll", {"poll_token": poll_token})
+        status = str(data["status"])
+        interval = data.get("interval")
+        enrollment = None
+        if status == "approved":
+            device = data["device"]
+            enrollment = Enrollment(
+                device_id=str(device["id"]),
+                name=str(device["name"]),
+                addresses=tuple(str(a) for a in device["addresses"]),
+                token=str(data["token"]),
+            )
+        return LoginPoll(status, None if interval is None else int(interval), enrollment)
 
     async def stream(self, token: str, since: int | None) -> AsyncIterator[tuple[Any, Any]]:
         """Open the map stream; yield ``(message, websocket)`` for each JSON message."""

@@ -299,3 +299,13 @@ async def test_admin_cli_show_approve_and_deny(
     assert "denied laptop-2" in denied.output
     clock.now += 5
     assert (await rc.poll_login(second.poll_token)).status == "denied"
+
+
+def test_real_qr_code_renders_as_a_square_block() -> None:
+    from gateway.agent.login import render_qr
+
+    text = render_qr("http://198.51.100.1:8080/login?code=BCDF-GHJK")
+    assert text is not None
+    lines = text.splitlines()
+    assert len(lines) > 10 and len({len(line) for line in lines}) == 1  # a square-ish block
+    assert set(text) <= {"█", "▀", "▄", " ", "\n"}

@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.errors import ConfigError, RemoteError, Unavailable
+from gateway.errors import ConfigError, Unavailable, from_api_response
 
 __all__ = ["AdminClient"]
 
@@ -42,14 +42,7 @@ class AdminClient:
             ):
                 data = await resp.json(content_type=None) if resp.status != 204 else None
                 if resp.status >= 400:
-                    raise _error(resp.status, data)
+                    raise from_api_response(resp.status, data)
                 return data
         except (aiohttp.ClientError, OSError) as exc:
             raise Unavailable(f"cannot reach the gateway admin API at {where}: {exc}") from exc
-
-
-def _error(status: int, data: Any) -> RemoteError:
-    message = data.get("message", "refused") if isinstance(data, dict) else f"HTTP {status}"
-    err = RemoteError(message, hint=data.get("hint") if isinstance(data, dict) else None)
-    err.status = status
-    return err

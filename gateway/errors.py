@@ -34,6 +34,7 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "WiregateError",
+    "from_api_response",
 ]
 
 
@@ -109,3 +110,16 @@ class Conflict(RemoteError):
 class Unavailable(RemoteError):
     status = 503
     code = "unavailable"
+
+
+def from_api_response(status: int, body: object) -> RemoteError:
+    """The error a client raises for a gateway's error response (``status`` ≥ 400)."""
+    doc = body if isinstance(body, dict) else {}
+    message = str(doc.get("message") or f"request refused (HTTP {status})")
+    hint = doc.get("hint")
+    err: RemoteError = Unauthorized(message) if status == 401 else RemoteError(message)
+    err.hint = str(hint) if hint else None
+    err.status = status
+    if isinstance(doc.get("error"), str):
+        err.code = doc["error"]
+    return err

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from gateway.agent.state import Enrollment
-from gateway.errors import ConfigError, RemoteError, Unauthorized, Unavailable, WiregateError
+from gateway.errors import ConfigError, Unauthorized, Unavailable, from_api_response
 
 __all__ = ["ControlClient", "LoginPoll", "LoginStart", "read_auth_key"]
 
@@ -142,17 +142,7 @@ class ControlClient:
             async with self.session.post(self.server + path, json=body, timeout=_TIMEOUT) as resp:
                 data = await resp.json(content_type=None)
                 if resp.status >= 400:
-                    raise _api_error(resp.status, data)
+                    raise from_api_response(resp.status, data)
                 return dict(data)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise Unavailable(f"cannot reach the gateway at {self.server}: {exc}") from exc
-
-
-def _api_error(status: int, data: Any) -> WiregateError:
-    message = data.get("message", "request refused") if isinstance(data, dict) else str(data)
-    hint = data.get("hint") if isinstance(data, dict) else None
-    if status == 401:
-        return Unauthorized(message, hint=hint)
-    err = RemoteError(message, hint=hint)
-    err.status = status
-    return err

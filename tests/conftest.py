@@ -1,0 +1,17 @@
+"""Test-wide settings.
+
+Hypothesis: no per-example deadline (these 2-core machines are noisy, and a slow
+example is not a wrong one); under CI (``CI`` set) the examples are derandomized,
+so a red run can be reproduced exactly and a green one is not luck. Run without
+``CI`` locally to keep exploring new examples.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import settings
+
+settings.register_profile("wiregate", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "wiregate")

@@ -12,19 +12,19 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
+from gateway.cli_admin import admin, run_or_exit
 from gateway.config import AgentSettings, GatewaySettings, RelaySettings, load_settings
 from gateway.errors import WiregateError
 from gateway.logging import configure_logging
 
 __all__ = ["main"]
 
-T = TypeVar("T")
 
 _config_option = click.option(
     "--config",
@@ -43,19 +43,6 @@ def _with_logs(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(_log_options):
         fn = option(fn)
     return fn
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine; turn wiregate errors into a clear message and exit code 1."""
-    try:
-        return asyncio.run(coro)
-    except WiregateError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        if exc.hint:
-            click.echo(f"hint: {exc.hint}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 def _settings(cls: type[Any], config_file: Path | None, **flags: Any) -> Any:
@@ -88,7 +75,7 @@ def gateway(config_file: Path | None, **flags: Any) -> None:
 
     settings = _settings(GatewaySettings, config_file, **flags)
     _raise_nofile()
-    _run(run_gateway(settings))
+    run_or_exit(run_gateway(settings))
 
 
 def _raise_nofile() -> None:
@@ -122,7 +109,7 @@ def relay(config_file: Path | None, stun_listen: tuple[str, ...], **flags: Any) 
     except WiregateError as exc:
         hint = f"\nhint: {exc.hint}" if exc.hint else ""
         raise click.ClickException(exc.message + hint) from exc
-    _run(run_relay(settings, forwarding=forwarding))
+    run_or_exit(run_relay(settings, forwarding=forwarding))
 
 
 @main.command()
@@ -150,7 +137,7 @@ def agent(config_file: Path | None, endpoints: tuple[str, ...], **flags: Any) ->
 
     settings = _settings(AgentSettings, config_file, endpoints=list(endpoints), **flags)
     try:
-        _run(Agent(settings).run_until_signalled())
+        run_or_exit(Agent(settings).run_until_signalled())
     except DeviceRevoked as exc:
         click.echo(f"device revoked: {exc}", err=True)
         sys.exit(3)
@@ -194,7 +181,7 @@ def login(server: str, state_dir: Path, hostname: str | None, as_json: bool) -> 
                 client, StateDir(state_dir), name, sleep=asyncio.sleep, out=out
             )
 
-    enrollment = _run(go())
+    enrollment = run_or_exit(go())
     if as_json:
         doc = {
             "status": "approved",
@@ -217,7 +204,7 @@ def status(run_dir: Path, as_json: bool) -> None:
     """Show this host's device, its gateway connection and its peers."""
     from gateway.agent.status import fetch_status
 
-    doc = _run(fetch_status(run_dir / "agent.sock"))
+    doc = run_or_exit(fetch_status(run_dir / "agent.sock"))
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -265,7 +252,7 @@ def netcheck(
         raise click.UsageError("no STUN server: give --stun HOST:PORT or set agent.stun_servers")
     try:
         servers = [parse_hostport(s) for s in settings.stun_servers]
-        report = _run(run_netcheck(servers, settings.listen_port))
+        report = run_or_exit(run_netcheck(servers, settings.listen_port))
     except (WiregateError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     doc = report.to_dict()
@@ -287,7 +274,5 @@ def _format_netcheck(doc: dict[str, Any]) -> str:
         lines.append(f"{s['server']:<24} {reach:<10} {s['mapped'] or '-':<24} {rtt:>10}")
     return "\n".join(lines)
 
-
-from gateway.cli_admin import admin  # noqa: E402
 
 main.add_command(admin)

@@ -6,8 +6,9 @@ import asyncio
 import json
 import re
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import click
@@ -15,7 +16,9 @@ import click
 from gateway.admin_client import AdminClient
 from gateway.errors import WiregateError
 
-__all__ = ["admin", "parse_duration"]
+__all__ = ["admin", "parse_duration", "run_or_exit"]
+
+T = TypeVar("T")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -28,15 +31,22 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
-def _call(ctx: click.Context, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    client: AdminClient = ctx.obj
+def run_or_exit(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine; turn wiregate errors into a clear message and exit code 1."""
     try:
-        return asyncio.run(client.call(method, path, body))
+        return asyncio.run(coro)
     except WiregateError as exc:
         click.echo(f"error: {exc.message}", err=True)
         if exc.hint:
             click.echo(f"hint: {exc.hint}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _call(ctx: click.Context, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    client: AdminClient = ctx.obj
+    return run_or_exit(client.call(method, path, body))
 
 
 def _echo(data: Any, as_json: bool, rows: list[str]) -> None:

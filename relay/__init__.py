@@ -5,7 +5,8 @@ and the attribute values), the sans-IO server core (``StunServer``), the client
 helpers (``build_binding_request``, ``parse_binding_response``, ``stun_query``);
 relay tickets (``Ticket``, ``sign_ticket``, ``issue_pair``, ``parse_ticket``), the
 sans-IO relay core (``Relay``, ``RelayConfig``, ``Send``), the agent's bind
-helpers (``build_allocate`` ... ``parse_bound``), the asyncio adapter settings
+helpers (``build_allocate`` ... ``parse_bound``), the liveness probe
+(``build_ping``, ``parse_pong``, ``ping_relay``), the asyncio adapter settings
 (``ForwardingSettings``); the process entry point ``run_relay`` and the errors.
 """
 
@@ -26,6 +27,7 @@ from relay.errors import (
     NoTrustedSigners,
     NotStun,
     RelayRefused,
+    RelayTimeout,
     ReplayedTicket,
     StunError,
     StunErrorResponse,
@@ -37,13 +39,16 @@ from relay.errors import (
     WrongRelay,
     WrongTenant,
 )
+from relay.probe import PingResult, ping_relay
 from relay.relay_client import (
     build_allocate,
     build_bind,
     build_confirm,
+    build_ping,
     parse_allocated,
     parse_bound,
     parse_challenge,
+    parse_pong,
 )
 from relay.relay_server import ForwardingSettings
 from relay.server import RelayServer, run_relay
@@ -88,12 +93,14 @@ __all__ = [
     "Node",
     "NotStun",
     "OtherAddress",
+    "PingResult",
     "RateLimiter",
     "RawAttribute",
     "Relay",
     "RelayConfig",
     "RelayRefused",
     "RelayServer",
+    "RelayTimeout",
     "ReplayedTicket",
     "ResponseOrigin",
     "Send",
@@ -119,13 +126,16 @@ __all__ = [
     "build_binding_request",
     "build_confirm",
     "build_message",
+    "build_ping",
     "issue_pair",
     "parse_allocated",
     "parse_binding_response",
     "parse_bound",
     "parse_challenge",
     "parse_message",
+    "parse_pong",
     "parse_ticket",
+    "ping_relay",
     "run_relay",
     "sign_ticket",
     "stun_query",

@@ -8,6 +8,9 @@ address *from* ``port_B`` (the endpoint B's kernel expects), and vice versa.
 
 Admission (see :mod:`relay.control` for the messages):
 
+0. ``PING(nonce)`` on the control port is answered with ``PONG(nonce,
+   allocations, capacity)``, no ticket needed: the gateway's liveness probe
+   and load figure (same filters, rate limit and size rule as every reply).
 1. ``ALLOCATE(ticket)`` on the control port creates the pair's allocation (or
    finds it) and answers ``ALLOCATED(port)`` for the ticket's side.
 2. ``BIND(ticket)`` from the agent's WireGuard port to that relay port is
@@ -42,6 +45,8 @@ from relay.control import (
     Challenge,
     Confirm,
     ControlMessage,
+    Ping,
+    Pong,
     Refused,
     build_control,
     is_control,
@@ -66,6 +71,7 @@ __all__ = ["OUTCOMES", "Addr", "AllocationView", "Relay", "RelayConfig", "Send"]
 #: Every label a :class:`Relay` counts: what it did, then why it dropped a datagram.
 OUTCOMES = (
     "allocated",
+    "pinged",
     "challenged",
     "bound",
     "forwarded",
@@ -178,6 +184,10 @@ class Relay:
         times = [a.last_active for a in self._pool]
         return min(times) + self.config.idle_timeout if times else None
 
+    def load(self) -> tuple[int, int]:
+        """Live allocations and how many fit (what a PONG reports)."""
+        return len(self._pool), self._pool.capacity
+
     def allocations(self) -> list[AllocationView]:
         """Every live allocation."""
         return [a.view() for a in self._pool]
@@ -243,9 +253,11 @@ class Relay:
         msg = self._gate(data, src, ip, now)
         if isinstance(msg, str):
             return [], msg
+        port = self.config.control_port
+        if isinstance(msg, Ping):
+            return self._reply(data, src, port, Pong(msg.nonce, *self.load())), "pinged"
         if not isinstance(msg, Allocate):
             return [], "unexpected_control"
-        port = self.config.control_port
         try:
             ticket = self._admit(msg.ticket, now)
             alloc = self._pool.get_or_create(ticket.pair, now)

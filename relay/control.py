@@ -12,6 +12,13 @@ offset 4; 0x57 has top bits 01). Then a kind byte and the body::
     CONFIRM    cookie 16 | ticket           agent's WireGuard port -> its relay port
     BOUND      ticket_id 16 | peer_bound u8 relay port -> the bound address
     REFUSED    ticket_id 16 | reason u8     either -> the request's source
+    PING       nonce 16 | padding 8         anyone -> control port (liveness, load)
+    PONG       nonce 16 | allocations u32 | capacity u32
+                                            control port -> the PING's source
+
+PING carries eight bytes of padding (zeros when built, ignored when read) so
+that its PONG, with the relay's load figures, is never larger than it: the
+relay stays no amplifier for unauthenticated senders.
 
 The cookie is HMAC-SHA256, truncated to 16 bytes, keyed with the relay's
 secret, over the source address and port, the relay port, the ticket id and
@@ -33,6 +40,7 @@ from relay.tickets import MAX_TICKET_SIZE
 
 __all__ = [
     "MAGIC",
+    "NONCE_SIZE",
     "REASONS",
     "Allocate",
     "Allocated",
@@ -42,6 +50,8 @@ __all__ = [
     "Confirm",
     "ControlMessage",
     "Kind",
+    "Ping",
+    "Pong",
     "Refused",
     "build_control",
     "is_control",
@@ -52,7 +62,10 @@ __all__ = [
 MAGIC = b"WGRL"
 VERSION = 1
 COOKIE_SIZE = 16
+NONCE_SIZE = 16
 _ID = 16
+_PING_PADDING = 8
+_LOAD = struct.Struct("!II")
 _HEADER = len(MAGIC) + 2
 
 #: Refusal reasons on the wire, by code; the index is the code.
@@ -85,6 +98,8 @@ class Kind(IntEnum):
     CONFIRM = 5
     BOUND = 6
     REFUSED = 7
+    PING = 8
+    PONG = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +156,23 @@ class Refused:
     reason: str
 
 
-ControlMessage = Allocate | Allocated | Bind | Challenge | Confirm | Bound | Refused
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """A liveness probe of the control port; ``nonce`` is echoed in the :class:`Pong`."""
+
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """The answer to a :class:`Ping`: its nonce and the relay's load (live, at most)."""
+
+    nonce: bytes
+    allocations: int
+    capacity: int
+
+
+ControlMessage = Allocate | Allocated | Bind | Challenge | Confirm | Bound | Refused | Ping | Pong
 
 
 def is_control(data: bytes) -> bool:
@@ -161,7 +192,19 @@ def _exact(body: bytes, size: int) -> bytes:
     return body
 
 
+def _nonce(nonce: bytes) -> bytes:
+    if len(nonce) != NONCE_SIZE:
+        raise ControlError(f"a ping nonce is {NONCE_SIZE} bytes, not {len(nonce)}")
+    return nonce
+
+
 def _parse_body(kind: Kind, body: bytes) -> ControlMessage:
+    if kind is Kind.PING:
+        return Ping(_exact(body, NONCE_SIZE + _PING_PADDING)[:NONCE_SIZE])
+    if kind is Kind.PONG:
+        fixed = _exact(body, NONCE_SIZE + _LOAD.size)
+        allocations, capacity = _LOAD.unpack(fixed[NONCE_SIZE:])
+        return Pong(fixed[:NONCE_SIZE], allocations, capacity)
     if kind is Kind.ALLOCATE:
         return Allocate(_ticket(body))
     if kind is Kind.BIND:
@@ -192,6 +235,10 @@ def parse_control(data: bytes) -> ControlMessage:
 
 
 def _encode(msg: ControlMessage) -> tuple[Kind, bytes]:
+    if isinstance(msg, Ping):
+        return Kind.PING, _nonce(msg.nonce) + bytes(_PING_PADDING)
+    if isinstance(msg, Pong):
+        return Kind.PONG, _nonce(msg.nonce) + _LOAD.pack(msg.allocations, msg.capacity)
     if isinstance(msg, Allocate):
         return Kind.ALLOCATE, msg.ticket
     if isinstance(msg, Bind):

@@ -27,7 +27,8 @@
     │   │       ├── TicketNotYetValid     issued in the future
     │   │       └── ReplayedTicket        its id already bound an address
     │   └── Unavailable
-    │       └── StunTimeout               no answer from the STUN server in time
+    │       ├── StunTimeout               no answer from the STUN server in time
+    │       └── RelayTimeout              no PONG from a relay's control port in time
     └── LocalError
         └── ConfigError
             └── NoTrustedSigners          no verify key loaded: the relay admits nobody
@@ -54,6 +55,7 @@ __all__ = [
     "NoTrustedSigners",
     "NotStun",
     "RelayRefused",
+    "RelayTimeout",
     "ReplayedTicket",
     "StunError",
     "StunErrorResponse",
@@ -132,6 +134,12 @@ class StunTimeout(Unavailable):
     """The STUN server did not answer in time."""
 
     code = "stun_timeout"
+
+
+class RelayTimeout(Unavailable):
+    """A relay's control port did not answer a PING in time (down, or filtered)."""
+
+    code = "relay_timeout"
 
 
 # --- the authenticated UDP relay -------------------------------------------------------------

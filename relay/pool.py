@@ -109,6 +109,11 @@ class AllocationPool:
     def __len__(self) -> int:
         return len(self._by_pair)
 
+    @property
+    def capacity(self) -> int:
+        """How many allocations fit: the configured maximum, or half the relay ports."""
+        return self._capacity
+
     def __iter__(self) -> Iterator[Allocation]:
         return iter(list(self._by_pair.values()))
 

@@ -11,6 +11,10 @@ The agent's sequence, with the ticket the gateway gave it for one side of a pair
 3. ``build_confirm(ticket, cookie)`` to the same relay port from the same port;
    ``parse_bound(reply, ticket)`` says whether the peer has bound too.
 
+Liveness: ``build_ping(nonce)`` to the control port (16 random bytes, fresh per
+probe); ``parse_pong(reply, nonce)`` gives the relay's load figures.
+:func:`relay.probe.ping_relay` does the exchange over asyncio.
+
 Each ``parse_*`` raises :class:`~relay.errors.RelayRefused` if the relay refused
 (its ``reason`` tells the agent whether a fresh ticket would help),
 :class:`~relay.errors.ControlError` for anything else that is not the expected
@@ -19,6 +23,7 @@ answer to *this* ticket.
 
 from __future__ import annotations
 
+import hmac
 from typing import TypeVar
 
 from relay.control import (
@@ -29,6 +34,8 @@ from relay.control import (
     Challenge,
     Confirm,
     ControlMessage,
+    Ping,
+    Pong,
     Refused,
     build_control,
     parse_control,
@@ -40,9 +47,11 @@ __all__ = [
     "build_allocate",
     "build_bind",
     "build_confirm",
+    "build_ping",
     "parse_allocated",
     "parse_bound",
     "parse_challenge",
+    "parse_pong",
 ]
 
 _M = TypeVar("_M", Allocated, Challenge, Bound)
@@ -85,3 +94,16 @@ def parse_challenge(data: bytes, ticket: bytes) -> bytes:
 def parse_bound(data: bytes, ticket: bytes) -> bool:
     """Whether the peer is bound too, from the BOUND answer."""
     return _expect(data, ticket, Bound).peer_bound
+
+
+def build_ping(nonce: bytes) -> bytes:
+    """The PING probe carrying ``nonce`` (16 bytes; ControlError otherwise)."""
+    return build_control(Ping(nonce))
+
+
+def parse_pong(data: bytes, nonce: bytes) -> Pong:
+    """The PONG answering the PING with ``nonce``; ControlError for anything else."""
+    msg = parse_control(data)
+    if not isinstance(msg, Pong) or not hmac.compare_digest(msg.nonce, nonce):
+        raise ControlError("not the PONG answer to this nonce")
+    return msg

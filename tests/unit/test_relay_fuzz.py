@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from relay_fixtures import CONTROL, Lab, make_lab, node, pair_tickets, signer
 
 from relay.allocation import OUTCOMES
-from relay.control import MAGIC, build_control, parse_control
+from relay.control import MAGIC, Ping, Pong, build_control, parse_control
 from relay.errors import ControlError
 from relay.filters import destination_refusal, normalize_ip
-from relay.relay_client import build_allocate, build_bind, build_confirm
+from relay.relay_client import build_allocate, build_bind, build_confirm, build_ping, parse_pong
 
 KEY, TRUSTED = signer()
 A, B = node("dev-a"), node("dev-b")
@@ -52,6 +52,8 @@ def seeds(port_a: int) -> list[bytes]:
         b"\x01\x00\x00\x00" + bytes(144),
         b"\x04\x00\x00\x00" + bytes(28),
         MAGIC + b"\x01\x07" + bytes(17),
+        build_ping(bytes(16)),
+        build_control(Pong(bytes(16), 1, 2)),
     ]
 
 
@@ -74,7 +76,7 @@ datagram = st.one_of(
     wireguard_shaped,
     st.builds(lambda tail: MAGIC + tail, st.binary(max_size=600)),
     st.tuples(
-        st.integers(0, 5),
+        st.integers(0, 7),
         st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255))),
         st.integers(0, 50),
     ),
@@ -128,3 +130,31 @@ def test_control_codec_raises_only_control_errors(data: bytes) -> None:
 @given(st.integers(0, 9), st.binary(max_size=500))
 def test_control_codec_with_the_magic_prefix(kind: int, tail: bytes) -> None:
     round_trips_or_refuses(MAGIC + bytes([1, kind]) + tail)
+
+
+nonces = st.binary(min_size=16, max_size=16)
+u32 = st.integers(0, 2**32 - 1)
+
+
+@given(nonces, u32, u32)
+def test_ping_and_pong_round_trip_and_pong_never_outgrows_ping(
+    nonce: bytes, allocations: int, capacity: int
+) -> None:
+    ping, pong = build_ping(nonce), build_control(Pong(nonce, allocations, capacity))
+    assert parse_control(ping) == Ping(nonce)
+    assert parse_pong(pong, nonce) == Pong(nonce, allocations, capacity)
+    assert len(pong) <= len(ping)
+
+
+@settings(max_examples=300)
+@given(nonces, st.binary(max_size=60), source)
+def test_every_pong_answers_its_own_ping(nonce: bytes, noise: bytes, src: tuple) -> None:
+    """PINGs, corrupted PINGs and noise: a reply only ever carries the sender's nonce."""
+    lab = make_lab([TRUSTED])
+    for data in (build_ping(nonce), build_ping(nonce)[:-1] + noise, MAGIC + b"\x01\x08" + noise):
+        for send in lab.relay.handle(data, src, CONTROL, lab.now):
+            ping = parse_control(data)
+            assert isinstance(ping, Ping) and send.dst == src and len(send.data) <= len(data)
+            assert parse_control(send.data) == Pong(ping.nonce, 0, 8)
+            assert destination_refusal(normalize_ip(send.dst[0])) is None
+    assert set(lab.relay.counters) <= set(OUTCOMES)

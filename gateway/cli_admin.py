@@ -232,3 +232,19 @@ def login_deny(ctx: click.Context, code: str, as_json: bool) -> None:
     """Deny request CODE: the device's next poll says denied."""
     data = _call(ctx, "POST", _code_path(code, "/deny"))
     _echo(data, as_json, [f"denied {data['name']} ({data['request_id']})"])
+
+
+@admin.command("audit")
+@click.option("--since", default=None, help="RFC 3339 time or POSIX seconds.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def audit(ctx: click.Context, since: str | None, limit: int, as_json: bool) -> None:
+    """The audit log, newest first: who did what to what."""
+    query = f"?limit={limit}" + (f"&since={quote(since, safe='')}" if since else "")
+    data = _call(ctx, "GET", f"/api/v1/audit{query}")
+    rows = [f"{'AT':<28} {'ACTOR':<32} {'ACTION':<20} {'TARGET':<24} DETAIL"]
+    for e in data["events"]:
+        detail = " ".join(f"{k}={v}" for k, v in sorted(e["detail"].items()))
+        rows.append(f"{e['at']:<28} {e['actor']:<32} {e['action']:<20} {e['target']:<24} {detail}")
+    _echo(data, as_json, rows)

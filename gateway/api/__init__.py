@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api import devices, enroll, keys, login, openapi, relay
+from gateway.api import audit, devices, enroll, keys, login, openapi, relay
 from gateway.api.common import STORE, error_middleware
 from gateway.logging import get_logger
 
@@ -42,6 +42,7 @@ def setup_routes(app: web.Application) -> None:
         keys.routes,
         login.routes,
         relay.routes,
+        audit.routes,
         openapi.routes,
     )
     for table in tables:

@@ -24,6 +24,8 @@ from gateway.config import GatewaySettings
 from gateway.errors import BadInput, Forbidden, RemoteError, Unauthorized, WiregateError
 from gateway.logging import get_logger
 from gateway.store import DeviceRecord, KeyRecord, Store
+from gateway.store.audit import ADMIN_SOCKET as ADMIN_SOCKET_ACTOR
+from gateway.store.audit import ADMIN_TOKEN as ADMIN_TOKEN_ACTOR
 from gateway.wgkey import fingerprint
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "PayloadTooLarge",
     "StrictModel",
     "UnsupportedMediaType",
+    "admin_actor",
     "bearer_token",
     "device_json",
     "error_middleware",
@@ -156,6 +159,12 @@ def require_admin(request: web.Request) -> None:
     given = bearer_token(request)
     if given is None or not hmac.compare_digest(given.encode(), expected):
         raise Unauthorized("a valid admin bearer token is required", code="invalid_admin_token")
+
+
+def admin_actor(request: web.Request) -> str:
+    """:func:`require_admin`, then the audit actor: ``admin:socket`` or ``admin:token``."""
+    require_admin(request)
+    return ADMIN_SOCKET_ACTOR if _over_unix_socket(request) else ADMIN_TOKEN_ACTOR
 
 
 def _over_unix_socket(request: web.Request) -> bool:

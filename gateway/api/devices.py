@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api.common import BROKER, STORE, device_json, require_admin
+from gateway.api.common import BROKER, STORE, admin_actor, device_json, require_admin
 from gateway.logging import get_logger
 
 __all__ = ["routes"]
@@ -32,9 +32,9 @@ async def get_device(request: web.Request) -> web.Response:
 @routes.delete("/api/v1/devices/{id}")
 async def delete_device(request: web.Request) -> web.Response:
     """Delete a device: its peers drop it and its own stream is told it was revoked."""
-    require_admin(request)
+    actor = admin_actor(request)
     device_id = request.match_info["id"]
-    version = await request.app[STORE].delete_device(device_id)
+    version = await request.app[STORE].delete_device(device_id, actor=actor)
     request.app[BROKER].remove(device_id, version)
     _log.info("device_deleted", device_id=device_id, version=version)
     return web.Response(status=204)

@@ -7,7 +7,14 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import Field
 
-from gateway.api.common import STORE, StrictModel, key_json, read_json, require_admin
+from gateway.api.common import (
+    STORE,
+    StrictModel,
+    admin_actor,
+    key_json,
+    read_json,
+    require_admin,
+)
 from gateway.store import KeySpec
 
 __all__ = ["MAX_EXPIRY", "TAG_PATTERN", "KeyBody", "routes"]
@@ -31,7 +38,7 @@ class KeyBody(StrictModel):
 @routes.post("/api/v1/keys")
 async def create_key(request: web.Request) -> web.Response:
     """Create an enrollment key; the response is the only place its secret appears."""
-    require_admin(request)
+    actor = admin_actor(request)
     body = await read_json(request, KeyBody)
     spec = KeySpec(
         tags=tuple(dict.fromkeys(body.tags)),
@@ -40,7 +47,7 @@ async def create_key(request: web.Request) -> web.Response:
         ephemeral=body.ephemeral,
         description=body.description,
     )
-    key, secret = await request.app[STORE].create_key(spec)
+    key, secret = await request.app[STORE].create_key(spec, actor=actor)
     return web.json_response({"key": key_json(key), "secret": secret}, status=201)
 
 
@@ -55,6 +62,6 @@ async def list_keys(request: web.Request) -> web.Response:
 @routes.delete("/api/v1/keys/{id}")
 async def revoke_key(request: web.Request) -> web.Response:
     """Revoke an enrollment key; devices it enrolled are not affected."""
-    require_admin(request)
-    await request.app[STORE].revoke_key(request.match_info["id"])
+    actor = admin_actor(request)
+    await request.app[STORE].revoke_key(request.match_info["id"], actor=actor)
     return web.Response(status=204)

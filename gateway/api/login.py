@@ -21,6 +21,7 @@ from gateway.api.common import (
     SETTINGS,
     STORE,
     StrictModel,
+    admin_actor,
     device_json,
     read_json,
     require_admin,
@@ -119,7 +120,7 @@ async def show_request(request: web.Request) -> web.Response:
 @routes.post("/api/v1/login/requests/{user_code}/approve")
 async def approve(request: web.Request) -> web.Response:
     """Approve a pending request for an identity: its device is enrolled."""
-    require_admin(request)
+    actor = admin_actor(request)
     body = await read_json(request, ApproveBody)
     found = await _lookup(request)
     store, now = request.app[STORE], request.app[CLOCK]()
@@ -129,6 +130,7 @@ async def approve(request: web.Request) -> web.Response:
         body.tags,
         now,
         keepalive=request.app[SETTINGS].default_keepalive,
+        actor=actor,
     )
     request.app[BROKER].upsert(approved.record.device, approved.version)
     payload = {"login": login_json(approved.login), "device": device_json(approved.record)}
@@ -138,9 +140,10 @@ async def approve(request: web.Request) -> web.Response:
 @routes.post("/api/v1/login/requests/{user_code}/deny")
 async def deny(request: web.Request) -> web.Response:
     """Deny a pending request; the device's next poll says ``denied``."""
-    require_admin(request)
+    actor = admin_actor(request)
     found = await _lookup(request)
-    denied = await request.app[STORE].deny_login_request(found.id, request.app[CLOCK]())
+    now = request.app[CLOCK]()
+    denied = await request.app[STORE].deny_login_request(found.id, now, actor=actor)
     return web.json_response(login_json(denied))
 
 

@@ -12,6 +12,8 @@ from aiohttp import web
 
 from gateway.api.enroll import MAX_ENDPOINTS, MAX_ROUTES, NAME_PATTERN
 from gateway.api.keys import MAX_EXPIRY, TAG_PATTERN
+from gateway.api.openapi_lifecycle import PATHS as LIFECYCLE_PATHS
+from gateway.api.openapi_lifecycle import SCHEMAS as LIFECYCLE_SCHEMAS
 
 __all__ = ["DOCUMENT", "routes"]
 
@@ -165,6 +167,7 @@ _SCHEMAS: dict[str, Any] = {
         {"login": _ref("Login"), "device": _ref("Device"), "map_version": {"type": "integer"}}
     ),
     "Health": {"type": "object", "properties": {"status": _STR}, "required": ["status"]},
+    **LIFECYCLE_SCHEMAS,
 }
 
 _ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
@@ -348,6 +351,7 @@ _PATHS: dict[str, Any] = {
             },
         }
     },
+    **LIFECYCLE_PATHS,
 }
 
 DOCUMENT: dict[str, Any] = {

@@ -19,10 +19,19 @@ from sqlalchemy import (
     MetaData,
     String,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "DeviceRow", "EnrollmentKeyRow", "IdentityRow", "LoginRequestRow", "MetaRow"]
+__all__ = [
+    "AuditRow",
+    "Base",
+    "DeviceRow",
+    "EnrollmentKeyRow",
+    "IdentityRow",
+    "LoginRequestRow",
+    "MetaRow",
+]
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -62,6 +71,7 @@ class IdentityRow(Base):
     issuer: Mapped[str] = mapped_column(String(512), nullable=False)
     subject: Mapped[str] = mapped_column(String(512), nullable=False)
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
 
 
 class DeviceRow(Base):
@@ -87,6 +97,8 @@ class DeviceRow(Base):
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
+    previous_public_key: Mapped[str | None] = mapped_column(String(44), nullable=True)
+    key_rotated_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class EnrollmentKeyRow(Base):
@@ -104,6 +116,7 @@ class EnrollmentKeyRow(Base):
     expires_at: Mapped[float] = mapped_column(Float, nullable=False)
     used_count: Mapped[int] = mapped_column(Integer, nullable=False)
     revoked: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    device_key_expiry: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class LoginRequestRow(Base):
@@ -127,3 +140,19 @@ class LoginRequestRow(Base):
     device_id: Mapped[str | None] = mapped_column(
         ForeignKey("devices.id", ondelete="SET NULL"), nullable=True
     )
+
+
+class AuditRow(Base):
+    """One audit record: who (actor) did what (action) to what (target), and when.
+
+    ``detail`` is a flat object of strings; never a secret (see :mod:`gateway.store.audit`).
+    """
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, nullable=False, index=True)
+    actor: Mapped[str] = mapped_column(String(1100), nullable=False)
+    action: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    target: Mapped[str] = mapped_column(String(1100), nullable=False)
+    detail: Mapped[dict[str, str]] = mapped_column(JSON, nullable=False)

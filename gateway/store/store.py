@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from sqlalchemy import ColumnElement, or_, select, text, update
@@ -27,7 +27,8 @@ from gateway.errors import ConfigError, Conflict, NotFound, Unauthorized
 from gateway.ipam import Allocation, Pool, allocate
 from gateway.logging import get_logger
 from gateway.model import Identity
-from gateway.store import logins
+from gateway.store import audit, logins
+from gateway.store.audit import AuditRecord, device_actor, oidc_actor
 from gateway.store.engine import create_engine
 from gateway.store.migrate import current_revision, head_revision, upgrade
 from gateway.store.models import DeviceRow, EnrollmentKeyRow, IdentityRow, MetaRow
@@ -59,11 +60,12 @@ from identity.enrollment import (
     secret_matches,
 )
 
-__all__ = ["DEFAULT_POOL", "Clock", "Store"]
+__all__ = ["DEFAULT_POOL", "UNATTRIBUTED", "Clock", "Store"]
 
 Clock = Callable[[], float]
 DEFAULT_POOL = Pool.parse("100.64.0.0/16", "fd7a:7767:6174::/64")
 _log = get_logger("gateway.store")
+UNATTRIBUTED = "system:unattributed"  # a caller that did not say who acted
 
 
 class Store:
@@ -116,6 +118,15 @@ class Store:
             rows = await s.execute(device_query().order_by(DeviceRow.created_at, DeviceRow.id))
             return [device_record(d, Identity(iss, sub)) for d, iss, sub in rows.tuples()]
 
+    async def devices_of(self, identity: Identity) -> list[DeviceRecord]:
+        """The devices enrolled for ``identity`` (issuer and subject), oldest first."""
+        query = device_query().where(
+            IdentityRow.issuer == identity.issuer, IdentityRow.subject == identity.subject
+        )
+        async with self._sessions() as s:
+            rows = await s.execute(query.order_by(DeviceRow.created_at, DeviceRow.id))
+            return [device_record(d, identity) for d, _iss, _sub in rows.tuples()]
+
     async def get_device(self, device_id: str) -> DeviceRecord:
         """One device, or :class:`NotFound`."""
         return await self._one_device(DeviceRow.id == device_id)
@@ -134,6 +145,11 @@ class Store:
         async with self._sessions() as s:
             return [key_record(row) for row in (await s.execute(query)).scalars()]
 
+    async def list_audit(self, since: float | None = None, limit: int = 100) -> list[AuditRecord]:
+        """Audit records at or after ``since`` (POSIX seconds), newest first."""
+        async with self._sessions() as s:
+            return await audit.query(s, since, limit)
+
     # -- map-changing writes ---------------------------------------------------
 
     async def enroll(self, secret: str, request: EnrollRequest) -> Enrolled:
@@ -150,10 +166,12 @@ class Store:
             identity = Identity(ENROLLMENT_ISSUER, key.id)
             grant = Grant(identity, tuple(key.tags), key.ephemeral)
             row = await self._add_device(s, request, grant, token, now)
+            detail = {"key_id": key.id, "name": row.name, "public_key": row.public_key}
+            await audit.add(s, now, device_actor(row.id), "device.enroll", row.id, detail)
         _log.info("device_enrolled", device_id=row.id, key_id=key.id, version=version)
         return Enrolled(device_record(row, identity), token, version)
 
-    async def delete_device(self, device_id: str) -> int:
+    async def delete_device(self, device_id: str, *, actor: str = UNATTRIBUTED) -> int:
         """Delete a device (its addresses return to the pool); the new map version."""
         async with self._write() as s:
             version = await self._bump(s)
@@ -161,6 +179,8 @@ class Store:
             if row is None:
                 raise NotFound(f"no device {device_id!r}")
             await s.delete(row)
+            await audit.add(s, self._clock(), actor, "device.delete", device_id,
+                            {"name": row.name, "public_key": row.public_key})  # fmt: skip
         _log.info("device_deleted", device_id=device_id, version=version)
         return version
 
@@ -179,6 +199,17 @@ class Store:
             row.endpoints = list(endpoints)
         return await self.get_device(device_id), version
 
+    async def rename_device(self, device_id: str, name: str) -> tuple[DeviceRecord, int]:
+        """Rename a device (peers see the name: the map version is bumped)."""
+        async with self._write() as s:
+            version = await self._bump(s)
+            row = await s.get(DeviceRow, device_id)
+            if row is None:
+                raise NotFound(f"no device {device_id!r}")
+            row.name = name
+        _log.info("device_renamed", device_id=device_id, version=version)
+        return await self.get_device(device_id), version
+
     # -- other writes ------------------------------------------------------------
 
     async def touch(self, device_id: str) -> None:
@@ -187,7 +218,16 @@ class Store:
             stmt = update(DeviceRow).where(DeviceRow.id == device_id)
             await s.execute(stmt.values(last_seen=self._clock()))
 
-    async def create_key(self, spec: KeySpec) -> tuple[KeyRecord, str]:
+    async def record_audit(
+        self, actor: str, action: str, target: str, detail: Mapping[str, str]
+    ) -> None:
+        """Record an audit event on its own (changes the store makes record themselves)."""
+        async with self._write() as s:
+            await audit.add(s, self._clock(), actor, action, target, detail)
+
+    async def create_key(
+        self, spec: KeySpec, *, actor: str = UNATTRIBUTED
+    ) -> tuple[KeyRecord, str]:
         """Create an enrollment key; returns it with its secret (shown only once)."""
         secret, now = generate_secret(), self._clock()
         row = EnrollmentKeyRow(
@@ -202,18 +242,22 @@ class Store:
             used_count=0,
             revoked=False,
         )
+        detail = {"tags": ",".join(spec.tags), "reusable": str(spec.reusable),
+                  "ephemeral": str(spec.ephemeral)}  # fmt: skip
         async with self._write() as s:
             s.add(row)
+            await audit.add(s, now, actor, "key.create", row.id, detail)
         _log.info("enrollment_key_created", key_id=row.id, tags=list(spec.tags))
         return key_record(row), secret
 
-    async def revoke_key(self, key_id: str) -> None:
+    async def revoke_key(self, key_id: str, *, actor: str = UNATTRIBUTED) -> None:
         """Revoke an enrollment key (devices it enrolled stay)."""
         async with self._write() as s:
             stmt = update(EnrollmentKeyRow).where(EnrollmentKeyRow.id == key_id)
             done = await s.execute(stmt.values(revoked=True).returning(EnrollmentKeyRow.id))
             if done.scalar_one_or_none() is None:
                 raise NotFound(f"no enrollment key {key_id!r}")
+            await audit.add(s, self._clock(), actor, "key.revoke", key_id)
         _log.info("enrollment_key_revoked", key_id=key_id)
 
     # -- device login ------------------------------------------------------------
@@ -253,8 +297,12 @@ class Store:
         now: float,
         *,
         keepalive: int | None = None,
+        actor: str | None = None,
     ) -> LoginApproved:
-        """Approve a pending request: enroll its device for ``identity``, exactly once."""
+        """Approve a pending request: enroll its device for ``identity``, exactly once.
+
+        ``actor`` is who approved (default: ``identity`` itself, signed in with OIDC).
+        """
         async with self._write() as s:
             version = await self._bump(s)
             row = await logins.advance(s, request_id, Event.APPROVE, now,
@@ -264,14 +312,22 @@ class Store:
             grant = Grant(identity, tuple(dict.fromkeys(tags)), False)
             device = await self._add_device(s, request, grant, generate_device_token(), now)
             row.device_id = device.id
+            await audit.add(s, now, actor or oidc_actor(identity), "login.approve", request_id,
+                            {"device_id": device.id, "issuer": identity.issuer,
+                             "subject": identity.subject, "tags": ",".join(grant.tags),
+                             "fingerprint": row.fingerprint})  # fmt: skip
         _log.info("login_request_approved", request_id=request_id, device_id=device.id,
                   issuer=identity.issuer, version=version)  # fmt: skip
         return LoginApproved(login_record(row), device_record(device, identity), version)
 
-    async def deny_login_request(self, request_id: str, now: float) -> LoginRecord:
+    async def deny_login_request(
+        self, request_id: str, now: float, *, actor: str = UNATTRIBUTED
+    ) -> LoginRecord:
         """Deny a pending request; its device will be told ``denied``."""
         async with self._write() as s:
             row = await logins.advance(s, request_id, Event.DENY, now)
+            await audit.add(s, now, actor, "login.deny", request_id,
+                            {"name": row.name, "fingerprint": row.fingerprint})  # fmt: skip
         _log.info("login_request_denied", request_id=request_id)
         return login_record(row)
 
@@ -289,6 +345,8 @@ class Store:
                 return LoginPoll(decision.reported, decision.interval)
             if not await logins.rotate_device_token(s, row.device_id, token):
                 return LoginPoll("expired", decision.interval)
+            await audit.add(s, now, device_actor(str(row.device_id)), "device.enroll",
+                            str(row.device_id), {"login_request": row.id})  # fmt: skip
         _log.info("login_request_consumed", request_id=row.id, device_id=row.device_id)
         record = await self.get_device(str(row.device_id))
         return LoginPoll("approved", decision.interval, record, token)

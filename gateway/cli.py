@@ -220,17 +220,24 @@ def _format_status(doc: dict[str, Any]) -> str:
         f"interface {doc.get('interface')} [{doc.get('backend')}]",
         f"gateway   {gw.get('server')}  {state}  map v{gw.get('map_version')}",
         "",
-        f"{'PEER':<20} {'ADDRESS':<16} {'ENDPOINT':<24} {'HANDSHAKE':>10} {'RX':>10} {'TX':>10}",
+        f"{'PEER':<20} {'ADDRESS':<16} {'PATH':<14} {'ENDPOINT':<24} {'HANDSHAKE':>10} "
+        f"{'RX':>10} {'TX':>10}",
     ]
     now = time.time()
     for p in doc.get("peers", []):
         hs = p.get("last_handshake")
         age = f"{int(now - hs)}s ago" if hs else "never"
         addr = (p.get("addresses") or ["?"])[0].split("/")[0]
+        path = p.get("path") or {}
+        kind = path.get("path", "-")
+        if kind == "relayed" and path.get("relay"):
+            kind = f"relay:{path['relay']}"
         lines.append(
-            f"{p['name'][:20]:<20} {addr:<16} {p.get('endpoint') or '-'!s:<24} "
+            f"{p['name'][:20]:<20} {addr:<16} {kind[:14]:<14} {p.get('endpoint') or '-'!s:<24} "
             f"{age:>10} {p.get('rx_bytes', 0):>10} {p.get('tx_bytes', 0):>10}"
         )
+        if path.get("reason"):
+            lines.append(f"{'':<20} why: {path['reason']}")
     lines.extend(f"problem: {problem}" for problem in doc.get("problems", []))
     return "\n".join(lines)
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from gateway.agent.relaylink import RelayGrant
 from gateway.agent.state import Enrollment
 from gateway.errors import ConfigError, Unauthorized, Unavailable, from_api_response
+from relay.server import parse_hostport
 
 __all__ = ["ControlClient", "LoginPoll", "LoginStart", "read_auth_key"]
 
@@ -137,9 +141,29 @@ class ControlClient:
                     break
                 yield json.loads(msg.data), ws
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def relay_ticket(self, token: str, peer_id: str, avoid: Sequence[str] = ()) -> RelayGrant:
+        """A signed ticket to reach ``peer_id`` through the relay the gateway assigns
+        (never one of ``avoid``, relays this agent found dead)."""
+        body: dict[str, Any] = {"peer": peer_id}
+        if avoid:
+            body["avoid"] = list(avoid)
+        data = await self._post("/api/v1/relay/tickets", body, token=token)
         try:
-            async with self.session.post(self.server + path, json=body, timeout=_TIMEOUT) as resp:
+            relay = data["relay"]
+            host, port = parse_hostport(str(relay["control"]))
+            ticket = base64.b64decode(str(data["ticket"]), validate=True)
+            return RelayGrant(str(relay["id"]), (host, port), ticket)
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise Unavailable(f"the gateway sent a malformed relay ticket answer: {exc}") from exc
+
+    async def _post(
+        self, path: str, body: dict[str, Any], token: str | None = None
+    ) -> dict[str, Any]:
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        try:
+            async with self.session.post(
+                self.server + path, json=body, headers=headers, timeout=_TIMEOUT
+            ) as resp:
                 data = await resp.json(content_type=None)
                 if resp.status >= 400:
                     raise from_api_response(resp.status, data)

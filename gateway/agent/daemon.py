@@ -12,6 +12,7 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +20,13 @@ import aiohttp
 
 from gateway.agent.candidates import merge_candidates
 from gateway.agent.control import ControlClient, read_auth_key
-from gateway.agent.dataplane import DataPlane
-from gateway.agent.endpoints import candidates, local_addresses
+from gateway.agent.dataplane import DataPlane, PeerStatus
+from gateway.agent.endpoints import candidates, local_addresses, local_networks
 from gateway.agent.keyfile import load_or_create_key
 from gateway.agent.netcheck import NetReport, run_netcheck
+from gateway.agent.pathdriver import PathBook, PathRunner, RelayHooks
+from gateway.agent.paths import LocalNat, PathTimers, SetEndpoint
+from gateway.agent.relaylink import Addr, RelayBinding, RelayGrant, bind_at_relay
 from gateway.agent.session import Action, MapSession
 from gateway.agent.state import Enrollment, StateDir
 from gateway.agent.status import serve_status
@@ -31,13 +35,12 @@ from gateway.errors import Unauthorized, Unavailable, WiregateError
 from gateway.logging import get_logger
 from gateway.model import NetMap
 from gateway.wgkey import encode_key, public_from_private
+from relay.probe import ping_relay
 from relay.server import parse_hostport
 
 __all__ = ["Agent", "DeviceRevoked"]
 
 log = get_logger("agent")
-
-NETCHECK_INTERVAL = 60.0  # seconds between STUN probes of the WireGuard port
 
 
 class DeviceRevoked(Exception):
@@ -71,6 +74,14 @@ class Agent:
         self.netreport: NetReport | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._advertised: list[str] | None = None  # None: not sent on this stream yet
+        self.paths = PathBook(
+            PathTimers(
+                probe_timeout=settings.path_probe_timeout,
+                silence=settings.path_silence,
+                retry_first=settings.path_retry,
+            )
+        )
+        self._runner: PathRunner | None = None
 
     async def run_until_signalled(self) -> None:
         """Run until SIGTERM/SIGINT; the data plane is left running (fail static)."""
@@ -96,12 +107,16 @@ class Agent:
             control = ControlClient(self.settings.server, http)
             self.enrollment = self.state.load_enrollment() or await self._enroll(control)
             await asyncio.to_thread(self.dataplane.setup)
+            self._runner = self._path_runner(control)
             cached = self.state.load_netmap()
             if cached is not None:
                 self.session = MapSession(cached)
-                await self._apply(cached)
+                await self._map_changed(cached)
             status = await serve_status(self.settings.run_dir / "agent.sock", self)
-            tasks = [asyncio.create_task(self._reconcile_periodically())]
+            tasks = [
+                asyncio.create_task(self._reconcile_periodically()),
+                asyncio.create_task(self._runner.run()),
+            ]
             if self.settings.stun_servers:
                 tasks.append(asyncio.create_task(self._netcheck_periodically()))
             try:
@@ -111,6 +126,30 @@ class Agent:
                     task.cancel()
                 await status.cleanup()
                 (self.settings.run_dir / "agent.sock").unlink(missing_ok=True)
+
+    def _path_runner(self, control: ControlClient) -> PathRunner:
+        s = self.settings
+
+        async def ticket(peer_id: str, avoid: Sequence[str]) -> RelayGrant:
+            assert self.enrollment is not None
+            return await control.relay_ticket(self.enrollment.token, peer_id, avoid)
+
+        async def bind(grant: RelayGrant) -> RelayBinding:
+            return await bind_at_relay(grant, s.listen_port)
+
+        async def probe(relay: Addr) -> None:
+            await ping_relay(relay, timeout=2.0)
+
+        async def read_status() -> Sequence[PeerStatus]:
+            assert self.dataplane is not None
+            return await asyncio.to_thread(self.dataplane.status)
+
+        async def reapply() -> None:
+            if self.session.netmap is not None:
+                await self._apply(self.session.netmap)
+
+        hooks = RelayHooks(ticket, bind, probe, ping_interval=s.relay_ping_interval)
+        return PathRunner(self.paths, hooks, read_status, reapply)
 
     def _make_dataplane(self, private: bytes) -> DataPlane:
         s = self.settings
@@ -145,18 +184,25 @@ class Agent:
         return merge_candidates(self.settings.endpoints, reflexive, found)
 
     async def _netcheck_periodically(self) -> None:
-        """Probe the WireGuard port's NAT mapping now and every ``NETCHECK_INTERVAL``;
-        tell the gateway when the endpoint candidates change. A failed probe keeps
-        the last report (and so the last candidates)."""
+        """Probe the WireGuard port's NAT mapping now and every ``netcheck_interval``;
+        tell the gateway when the endpoint candidates change and the path machines
+        what this side's NAT is. A failed probe keeps the last report (and so the
+        last candidates)."""
         while True:
             try:
                 servers = [parse_hostport(s) for s in self.settings.stun_servers]
                 self.netreport = await run_netcheck(servers, self.settings.listen_port)
                 log.info("netcheck", **self.netreport.to_dict())
                 await self._advertise()
+                await self._paths_learn_nat(self.netreport)
             except (OSError, WiregateError, aiohttp.ClientError) as exc:
                 log.warning("netcheck failed; candidates kept", error=str(exc))
-            await asyncio.sleep(NETCHECK_INTERVAL)
+            await asyncio.sleep(self.settings.netcheck_interval)
+
+    async def _paths_learn_nat(self, report: NetReport) -> None:
+        networks = await asyncio.to_thread(local_networks, {self.settings.interface})
+        if self._runner is not None:
+            await self._runner.perform(self.paths.local_nat(LocalNat.from_report(report, networks)))
 
     async def _advertise(self) -> None:
         """Send the endpoint candidates on the map stream if they changed since last sent."""
@@ -190,7 +236,7 @@ class Agent:
             self._ws = ws
             outcome = self.session.receive(message)
             if outcome.action is Action.APPLY and self.session.netmap is not None:
-                await self._apply(self.session.netmap)
+                await self._map_changed(self.session.netmap)
                 self.state.save_netmap(self.session.netmap)
             elif outcome.action is Action.REVOKED:
                 await self._revoked(outcome.reason)
@@ -215,10 +261,18 @@ class Agent:
                 except WiregateError as exc:
                     log.warning("periodic reconcile failed", error=exc.message)
 
+    async def _map_changed(self, netmap: NetMap) -> None:
+        """A new map: the path machines learn of new, gone and moved peers first, so
+        the data plane is written once with the endpoints they choose."""
+        actions = self.paths.update_map(netmap, time.time())
+        await self._apply(netmap)
+        if self._runner is not None:
+            await self._runner.perform([a for a in actions if not isinstance(a, SetEndpoint)])
+
     async def _apply(self, netmap: NetMap) -> None:
         assert self.dataplane is not None
         async with self._apply_lock:
-            result = await asyncio.to_thread(self.dataplane.apply, netmap)
+            result = await asyncio.to_thread(self.dataplane.apply, self.paths.shape(netmap))
         self.health.problems = tuple(result.problems)
         for problem in result.problems:
             log.warning("peer refused", problem=problem)
@@ -251,7 +305,7 @@ class Agent:
             },
             "problems": list(self.health.problems),
             "netcheck": self.netreport.to_dict() if self.netreport else None,
-            "peers": [_peer_doc(p, live.get(p.public_key)) for p in peers],
+            "peers": [_peer_doc(p, live.get(p.public_key), self.paths.report(p.id)) for p in peers],
         }
 
 
@@ -262,8 +316,9 @@ def _device_doc(enr: Enrollment | None, public_key: str, netmap: NetMap | None) 
     return {"id": enr.device_id, "name": enr.name, "public_key": public_key, "addresses": addresses}
 
 
-def _peer_doc(peer: Any, live: Any) -> dict[str, Any]:
+def _peer_doc(peer: Any, live: Any, path: dict[str, Any] | None) -> dict[str, Any]:
     return {
+        "path": path,
         "id": peer.id,
         "name": peer.name,
         "public_key": peer.public_key,

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from pyroute2 import IPRoute
 
-__all__ = ["candidates", "format_endpoint", "local_addresses"]
+__all__ = ["candidates", "format_endpoint", "local_addresses", "local_networks"]
 
 
 def format_endpoint(ip: str, port: int) -> str:
@@ -43,3 +43,19 @@ def local_addresses() -> list[tuple[str, str]]:
             for a in ipr.get_addr()
             if a.get_attr("IFA_ADDRESS")
         ]
+
+
+def local_networks(skip: Iterable[str] = ()) -> tuple[str, ...]:
+    """The networks (CIDRs) of this namespace's addresses, except loopback and ``skip``
+    interfaces: where a peer's private address means "on my LAN"."""
+    skipped = set(skip)
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        found: list[str] = []
+        for a in ipr.get_addr():
+            address, name = a.get_attr("IFA_ADDRESS"), names.get(a["index"], "")
+            if not address or name in skipped or name == "lo":
+                continue
+            network = ipaddress.ip_interface(f"{address}/{a['prefixlen']}").network
+            found.append(str(network))
+    return tuple(dict.fromkeys(found))

@@ -31,6 +31,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from relay.client import BindingResponse, build_binding_request, parse_binding_response
 from relay.errors import StunError, StunErrorResponse, StunTimeout
@@ -42,11 +43,13 @@ __all__ = [
     "build_udp_header",
     "is_reply",
     "parse_ipv4_udp",
+    "raw_request",
     "raw_stun_query",
     "reply_filter",
 ]
 
 Addr = tuple[str, int]
+_T = TypeVar("_T")
 _UDP = struct.Struct("!HHHH")
 _IP_PROTO_UDP = 17
 _BPF = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
@@ -175,9 +178,38 @@ async def raw_stun_query(
 
     The RTT is measured from the last (re)transmission to the answer."""
     transaction_id, request = build_binding_request()
+
+    def parse(payload: bytes) -> BindingResponse | None:
+        try:
+            return parse_binding_response(payload, transaction_id)
+        except StunErrorResponse:
+            raise
+        except StunError:
+            return None  # not ours, or malformed: keep listening
+
+    try:
+        response, rtt = await raw_request(server, local_port, request, parse, wait, clock)
+    except TimeoutError:
+        raise StunTimeout(f"no STUN answer from {server[0]}:{server[1]} within {wait}s") from None
+    return RawAnswer(response, rtt)
+
+
+async def raw_request(
+    server: Addr,
+    local_port: int,
+    request: bytes,
+    parse: Callable[[bytes], _T | None],
+    wait: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[_T, float]:
+    """Send ``request`` from ``local_port`` to ``server`` through a raw socket,
+    retransmitting with a doubling timeout, until ``parse`` accepts an answer's payload
+    (None: not the answer, keep listening; an exception from ``parse`` ends the
+    exchange). Returns the parsed answer and the RTT from the last transmission;
+    raises ``TimeoutError`` after ``wait`` seconds."""
     with RawUdpSocket() as sock:
         sock.keep_only(server, local_port)
-        listener = asyncio.create_task(_await_answer(sock, server, local_port, transaction_id))
+        listener = asyncio.create_task(_await_answer(sock, server, local_port, parse))
         try:
             return await _retransmit(sock, server, local_port, request, listener, wait, clock)
         finally:
@@ -185,18 +217,14 @@ async def raw_stun_query(
 
 
 async def _await_answer(
-    sock: RawUdpSocket, server: Addr, local_port: int, transaction_id: bytes
-) -> BindingResponse:
+    sock: RawUdpSocket, server: Addr, local_port: int, parse: Callable[[bytes], _T | None]
+) -> _T:
     while True:
         datagram = await sock.receive()
-        if not is_reply(datagram, server, local_port):
-            continue
-        try:
-            return parse_binding_response(datagram.payload, transaction_id)
-        except StunErrorResponse:
-            raise
-        except StunError:
-            continue  # not ours, or malformed: keep listening
+        if is_reply(datagram, server, local_port):
+            answer = parse(datagram.payload)
+            if answer is not None:
+                return answer
 
 
 async def _retransmit(
@@ -204,19 +232,16 @@ async def _retransmit(
     server: Addr,
     local_port: int,
     request: bytes,
-    listener: asyncio.Task[BindingResponse],
+    listener: asyncio.Task[_T],
     wait: float,
     clock: Callable[[], float],
-) -> RawAnswer:
+) -> tuple[_T, float]:
     rto = wait / 4
-    try:
-        async with asyncio.timeout(wait):
-            while True:
-                sent = clock()
-                await sock.send(local_port, server, request)
-                done, _ = await asyncio.wait({listener}, timeout=rto)
-                if done:
-                    return RawAnswer(listener.result(), clock() - sent)
-                rto *= 2
-    except TimeoutError:
-        raise StunTimeout(f"no STUN answer from {server[0]}:{server[1]} within {wait}s") from None
+    async with asyncio.timeout(wait):
+        while True:
+            sent = clock()
+            await sock.send(local_port, server, request)
+            done, _ = await asyncio.wait({listener}, timeout=rto)
+            if done:
+                return listener.result(), clock() - sent
+            rto *= 2

@@ -116,7 +116,7 @@ def test_stun_request_survives_the_udp_wrapping() -> None:
 def test_exports() -> None:
     assert set(rawudp.__all__) == {
         "RawAnswer", "RawUdpSocket", "UdpDatagram", "build_udp_header", "is_reply",
-        "parse_ipv4_udp", "raw_stun_query", "reply_filter",
+        "parse_ipv4_udp", "raw_request", "raw_stun_query", "reply_filter",
     }  # fmt: skip
 
 

@@ -13,8 +13,9 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigError
@@ -22,6 +23,7 @@ from gateway.errors import ConfigError
 __all__ = [
     "AgentSettings",
     "GatewaySettings",
+    "OidcIssuerSettings",
     "RelaySettings",
     "load_settings",
     "parse_port_range",
@@ -126,6 +128,29 @@ class _Base(BaseSettings):
         return (init_settings, env_settings, toml)
 
 
+class OidcIssuerSettings(BaseModel):
+    """One OpenID Provider of the SSO web pages (``[[gateway.oidc]]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str  # shown on the issuer chooser; lowercase letters, digits, - and _
+    issuer: str  # exactly as the provider's discovery document says
+    client_id: str
+    client_secret: str  # "file:PATH" or "env:VAR"; never the secret itself
+    scopes: list[str] = ["openid", "email", "profile"]
+    algorithms: list[str] = ["RS256"]  # asymmetric only
+    groups_claim: str = "groups"
+    insecure_http: bool = False  # http:// on loopback only (tests)
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret_reference(cls, value: str) -> str:
+        kind, sep, rest = value.partition(":")
+        if not sep or kind not in ("file", "env") or not rest:
+            raise ValueError("client_secret must be file:PATH or env:VAR, never the secret")
+        return value
+
+
 class GatewaySettings(_Base):
     """Settings of ``wiregate gateway``."""
 
@@ -143,6 +168,38 @@ class GatewaySettings(_Base):
     policy_file: Path | None = None
     max_body_bytes: int = 64 * 1024
     relays: list[str] = []  # "id=HOST:PORT" of each relay's control port
+    relay_probe_interval: float = 5.0  # PING every relay this often; down after 2 misses
+
+    # -- SSO web pages (gateway/web): sign-in, device approval, my devices, admin ------
+    public_url: str = ""  # what browsers use, e.g. https://gw.example.com; redirect URI base
+    oidc: list[OidcIssuerSettings] = []  # no issuer: the pages say SSO is not configured
+    admin_groups: list[str] = []  # members of any of these groups may use /admin
+    session_lifetime: float = 8 * 3600.0
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.hostname
+                      or parts.path not in ("", "/") or parts.query or parts.fragment):  # fmt: skip
+            raise ValueError("public_url must be http(s)://HOST[:PORT] without a path")
+        return value.rstrip("/")
+
+    @field_validator("session_lifetime")
+    @classmethod
+    def _session_lifetime(cls, value: float) -> float:
+        if not 300.0 <= value <= 7 * 86400.0:
+            raise ValueError("session_lifetime must be 300..604800 seconds")
+        return value
+
+    # -- end of the SSO web pages block ---------------------------------------------------
+
+    @field_validator("relay_probe_interval")
+    @classmethod
+    def _relay_probe_interval(cls, value: float) -> float:
+        if not 0.1 <= value <= 300.0:
+            raise ValueError("relay_probe_interval must be 0.1..300 seconds")
+        return value
 
     @field_validator("relays")
     @classmethod
@@ -193,6 +250,11 @@ class AgentSettings(_Base):
     endpoints: list[str] = []  # extra "ip:port" candidates to advertise
     stun_servers: list[str] = []  # "host:port" STUN servers for netcheck (reflexive endpoint)
     reconcile_interval: float = 30.0  # read the interface back and repair drift this often
+    netcheck_interval: float = 60.0  # seconds between STUN probes of the WireGuard port
+    path_probe_timeout: float = 5.0  # seconds a direct candidate gets to carry a handshake
+    path_silence: float = 180.0  # a direct path without a handshake this long is dead
+    path_retry: float = 30.0  # first retry of direct while relayed (doubles, up to 300 s)
+    relay_ping_interval: float = 5.0  # liveness probe of the relay a peer is relayed through
     tags: list[str] = []
 
     @field_validator("listen_port")

@@ -114,11 +114,42 @@ _SCHEMAS: dict[str, Any] = {
             }
         }
     ),
-    "TicketRequest": _obj({"peer": {"type": "string", "description": "the peer's device id"}}),
+    "TicketRequest": _obj(
+        {
+            "peer": {"type": "string", "description": "the peer's device id"},
+            "avoid": {
+                "type": "array",
+                "items": {"type": "string", "pattern": "^[A-Za-z0-9._-]+$", "maxLength": 64},
+                "maxItems": 8,
+                "description": "relay ids this device could not use (suspect for the pair)",
+            },
+        },
+        ["peer"],
+    ),
     "Ticket": _obj(
         {
             "relay": _obj({"id": _STR, "control": {"type": "string", "description": "host:port"}}),
             "ticket": {"type": "string", "description": "signed ticket for the caller, base64"},
+            "expires_in": {"type": "integer", "description": "seconds the ticket is valid"},
+        }
+    ),
+    "Relays": _obj(
+        {
+            "relays": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "id": _STR,
+                        "control": {"type": "string", "description": "host:port"},
+                        "up": {"type": "boolean", "description": "answers the gateway's PING"},
+                        "rtt_ms": {"type": ["number", "null"]},
+                        "allocations": {"type": "integer", "minimum": 0},
+                        "capacity": {"type": "integer", "minimum": 0},
+                        "load": {"type": ["number", "null"], "description": "allocations/capacity"},
+                        "error": {"type": ["string", "null"], "description": "last probe failure"},
+                    }
+                ),
+            }
         }
     ),
     "LoginRequest": _obj(
@@ -325,6 +356,13 @@ _PATHS: dict[str, Any] = {
                 "201": _json(_ref("Ticket"), "issued"),
                 **_errors(400, 401, 403, 404, 413, 415, 503),
             },
+        }
+    },
+    "/api/v1/relays": {
+        "get": {
+            "summary": "Every relay with the gateway's view: up/down, RTT, load",
+            "security": [{"deviceToken": []}, *_ADMIN],
+            "responses": {"200": _json(_ref("Relays"), "relays"), **_errors(401, 403)},
         }
     },
     "/api/v1/openapi.json": {

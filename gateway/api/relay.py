@@ -1,58 +1,170 @@
-"""Relay routes: the gateway's ticket signers (for relays) and relay tickets (for devices).
+"""Relay routes: the gateway's ticket signers (for relays), relay tickets and relay health.
 
 ``GET /api/v1/relay/signers`` serves the public key in the exact format of a
 relay's ``verify_keys_file``. ``POST /api/v1/relay/tickets`` gives an enrolled
 device (device bearer token, as on the stream) a signed ticket to reach a peer
-through a relay, if the policy lets the two peer.
+through a relay, if the policy lets the two peer; the relay is the pair's
+current one or, for a new pair or after a failure, the least loaded relay that
+is up (:class:`~gateway.relays.RelaySelector`). ``avoid`` lists relays the
+device could not use. ``GET /api/v1/relays`` (device token or admin) shows what
+the gateway's probes know of every relay.
+
+A :class:`~gateway.relays.RelayMonitor` PINGs every relay each
+``relay_probe_interval`` seconds from the app's cleanup context; its figures
+are also Prometheus gauges on the API's metrics registry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-from collections.abc import AsyncIterator
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
 from pydantic import Field
 
-from gateway.api.common import BROKER, SETTINGS, STORE, StrictModel, bearer_token, read_json
+from gateway.api.common import (
+    BROKER,
+    SETTINGS,
+    STORE,
+    StrictModel,
+    bearer_token,
+    read_json,
+    require_admin,
+)
 from gateway.broker import Broker
-from gateway.errors import BadInput, Forbidden, Unauthorized, Unavailable
+from gateway.errors import BadInput, Forbidden, Unauthorized
 from gateway.logging import get_logger
 from gateway.model import Device
-from gateway.relays import RelayEndpoint, RelaySigner, load_or_create_signing_key, parse_relays
+from gateway.relays import (
+    Probe,
+    RelayEndpoint,
+    RelayMonitor,
+    RelaySelector,
+    RelaySigner,
+    load_or_create_signing_key,
+    parse_relays,
+)
+from relay.probe import ping_relay
+from relay.tickets import DEFAULT_LIFETIME
 
-__all__ = ["RELAYS", "RELAY_SIGNER", "TicketBody", "routes", "setup"]
+__all__ = [
+    "MAX_AVOID",
+    "RELAYS",
+    "RELAY_MONITOR",
+    "RELAY_PROBE",
+    "RELAY_SELECTOR",
+    "RELAY_SIGNER",
+    "TicketBody",
+    "routes",
+    "setup",
+]
 
 routes = web.RouteTableDef()
 RELAY_SIGNER = web.AppKey("relay_signer", RelaySigner)
 RELAYS = web.AppKey("relays", tuple[RelayEndpoint, ...])
+RELAY_SELECTOR = web.AppKey("relay_selector", RelaySelector)
+RELAY_MONITOR = web.AppKey("relay_monitor", RelayMonitor)
+#: The probe the monitor uses; set it before the app starts to replace the real PING.
+RELAY_PROBE: web.AppKey[Probe] = web.AppKey("relay_probe")
+MAX_AVOID = 8
 _log = get_logger("gateway.api.relay")
+
+RelayId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 
 
 class TicketBody(StrictModel):
     """``POST /api/v1/relay/tickets`` request body."""
 
     peer: Annotated[str, Field(min_length=1, max_length=64)]
+    avoid: Annotated[list[RelayId], Field(max_length=MAX_AVOID)] = []
 
 
 def setup(app: web.Application) -> None:
-    """Load (or create) the signing key and parse the relays when the app starts."""
+    """Load (or create) the signing key, parse the relays and probe them while the app runs."""
     app.cleanup_ctx.append(_relay_state)
 
 
 async def _relay_state(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[RELAYS] = parse_relays(settings.relays)
+    endpoints = parse_relays(settings.relays)
+    app[RELAYS] = endpoints
     app[RELAY_SIGNER] = RelaySigner(load_or_create_signing_key(settings.state_dir))
     _log.info("relay_signer_loaded", public_key=app[RELAY_SIGNER].public_key)
-    yield
+    selector = RelaySelector(endpoints)
+    probe = app.get(RELAY_PROBE, ping_relay)
+    monitor = RelayMonitor(selector, probe, settings.relay_probe_interval)
+    app[RELAY_SELECTOR], app[RELAY_MONITOR] = selector, monitor
+    registry, collector = _metrics_registry(app), _RelayCollector(selector)
+    registry.register(collector)
+    task = asyncio.create_task(monitor.run(), name="relay-monitor")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        registry.unregister(collector)
+
+
+def _metrics_registry(app: web.Application) -> CollectorRegistry:
+    from gateway.app import METRICS  # here: gateway.app imports this package
+
+    return app[METRICS]
+
+
+class _RelayCollector(Collector):
+    """Relay health as gauges, read from the selector at scrape time."""
+
+    def __init__(self, selector: RelaySelector) -> None:
+        self._selector = selector
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "wiregate_relay_up", "1 if the relay answers PING, else 0.", labels=["relay"]
+        )
+        rtt = GaugeMetricFamily(
+            "wiregate_relay_rtt_seconds", "Last PING round-trip time.", labels=["relay"]
+        )
+        load = GaugeMetricFamily(
+            "wiregate_relay_load", "Allocations over capacity, as last reported.", labels=["relay"]
+        )
+        for status in self._selector.status():
+            up.add_metric([status.relay.id], 1.0 if status.up else 0.0)
+            if status.rtt is not None and status.load is not None:
+                rtt.add_metric([status.relay.id], status.rtt)
+                load.add_metric([status.relay.id], status.load)
+        yield from (up, rtt, load)
 
 
 @routes.get("/api/v1/relay/signers")
 async def signers(request: web.Request) -> web.Response:
     """The public keys relays should trust, as a relay's ``verify_keys_file``."""
     return web.json_response(request.app[RELAY_SIGNER].signers_document())
+
+
+@routes.get("/api/v1/relays")
+async def relays(request: web.Request) -> web.Response:
+    """Every configured relay with what the probes know: up, RTT, load."""
+    await _device_or_admin(request)
+    await request.app[RELAY_MONITOR].wait_first_round()
+    status = request.app[RELAY_SELECTOR].status()
+    return web.json_response({"relays": [s.to_dict() for s in status]})
+
+
+async def _device_or_admin(request: web.Request) -> None:
+    with contextlib.suppress(Unauthorized, Forbidden):
+        require_admin(request)
+        return
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("a device or admin bearer token is required", code="invalid_token")
+    await request.app[STORE].device_by_token(token)
 
 
 @routes.post("/api/v1/relay/tickets")
@@ -66,13 +178,17 @@ async def create_ticket(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
     caller, peer = broker.device(record.device.id), broker.device(body.peer)
     _check_pair(broker, caller, peer)
-    relay = _pick_relay(request.app[RELAYS])
+    await request.app[RELAY_MONITOR].wait_first_round()
+    relay = request.app[RELAY_SELECTOR].choose(caller.id, peer.id, body.avoid, time.monotonic())
     ticket = request.app[RELAY_SIGNER].ticket_for(relay, caller, peer)
-    _log.info("relay_ticket_issued", device_id=caller.id, peer=peer.id, relay=relay.id)
+    _log.info(
+        "relay_ticket_issued", device_id=caller.id, peer=peer.id, relay=relay.id, avoid=body.avoid
+    )
     return web.json_response(
         {
             "relay": {"id": relay.id, "control": relay.control},
             "ticket": base64.b64encode(ticket).decode(),
+            "expires_in": DEFAULT_LIFETIME,
         },
         status=201,
     )
@@ -83,11 +199,3 @@ def _check_pair(broker: Broker, caller: Device, peer: Device) -> None:
         raise BadInput("a device cannot relay to itself")
     if not broker.may_peer(caller, peer):
         raise Forbidden("the policy does not let these devices peer", code="not_peers")
-
-
-def _pick_relay(relays: tuple[RelayEndpoint, ...]) -> RelayEndpoint:
-    # The first configured relay for now; choosing the nearest or least loaded
-    # relay (latency reports, allocation counts) is later work.
-    if not relays:
-        raise Unavailable("no relay is configured", hint="set relays in [gateway]")
-    return relays[0]

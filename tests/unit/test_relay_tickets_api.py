@@ -1,4 +1,8 @@
-"""The gateway signs relay tickets: signers endpoint, ticket endpoint, the signing key file."""
+"""The gateway signs relay tickets: signers endpoint, ticket endpoint, the signing key file.
+
+Relay probes are scripted (:class:`ScriptedProbe`): the selection and failover
+seen through the API, the relays' health route and its metrics.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +15,19 @@ from typing import Any
 import pytest
 import structlog
 from nacl.signing import SigningKey
+from prometheus_client import generate_latest
 
-from gateway.api.relay import RELAY_SIGNER
-from gateway.app import create_app
+from gateway.api.relay import RELAY_MONITOR, RELAY_PROBE, RELAY_SIGNER
+from gateway.app import METRICS, create_app
 from gateway.config import GatewaySettings, load_settings
 from gateway.errors import ConfigError
 from gateway.relays import KEY_FILE, RelayEndpoint, load_or_create_signing_key, parse_relays
 from identity.policy import Policy
+from relay.probe import PingResult
 from relay.relay_server import parse_signers
-from relay.tickets import Side, parse_ticket
+from relay.tickets import DEFAULT_LIFETIME, Side, parse_ticket
 from tests.unit.test_api import (
+    AUTH,
     Client,
     ClientFactory,
     FakeClock,
@@ -30,8 +37,17 @@ from tests.unit.test_api import (
     enroll,
     make_settings,
 )
+from tests.unit.test_relay_selection import ScriptedProbe
 
 RELAYS = ["relay-1=relay.example:3480", "relay-2=[2001:db8::1]:3480"]
+CONTROL_1, CONTROL_2 = ("relay.example", 3480), ("2001:db8::1", 3480)
+
+
+def both_up() -> ScriptedProbe:
+    probe = ScriptedProbe()
+    probe.answers[CONTROL_1] = PingResult(0.010, 0, 100)
+    probe.answers[CONTROL_2] = PingResult(0.010, 0, 100)
+    return probe
 
 
 async def start(
@@ -40,11 +56,17 @@ async def start(
     *,
     relays: list[str] | None = None,
     policy: Policy | None = None,
+    probe: ScriptedProbe | None = None,
 ) -> Client:
     settings = make_settings(tmp_path, relays=RELAYS if relays is None else relays)
     broker = RecordingBroker(policy)
     app = create_app(settings, broker_factory=lambda _p: broker, clock=FakeClock())
+    app[RELAY_PROBE] = both_up() if probe is None else probe
     return await aiohttp_client(app)
+
+
+async def probe_round(client: Client) -> None:
+    await client.app[RELAY_MONITOR].probe_all()
 
 
 async def two_devices(client: Client, tags: tuple[str, str] = ("tag:a", "tag:a")) -> list[Any]:
@@ -57,9 +79,17 @@ async def two_devices(client: Client, tags: tuple[str, str] = ("tag:a", "tag:a")
     return out
 
 
-async def ask(client: Client, token: str | None, peer: str) -> Any:
+async def ask(client: Client, token: str | None, peer: str, avoid: Any = None) -> Any:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return await client.post("/api/v1/relay/tickets", json={"peer": peer}, headers=headers)
+    body: dict[str, Any] = {"peer": peer} if avoid is None else {"peer": peer, "avoid": avoid}
+    return await client.post("/api/v1/relay/tickets", json=body, headers=headers)
+
+
+async def relay_of(client: Client, me: Any, peer: Any, avoid: Any = None) -> str:
+    resp = await ask(client, me["token"], peer["device"]["id"], avoid)
+    assert resp.status == 201, await resp.text()
+    relay_id: str = (await resp.json())["relay"]["id"]
+    return relay_id
 
 
 async def signers(client: Client) -> dict[str, Any]:
@@ -87,7 +117,8 @@ async def test_ticket_parses_with_the_served_signer(
     resp = await ask(client, me["token"], peer["device"]["id"])
     assert resp.status == 201, await resp.text()
     data = await resp.json()
-    assert data["relay"] == {"id": "relay-1", "control": "relay.example:3480"}  # the first
+    assert data["relay"] == {"id": "relay-1", "control": "relay.example:3480"}  # tie: lowest id
+    assert data["expires_in"] == DEFAULT_LIFETIME
     trusted = parse_signers(await signers(client))
     ticket = parse_ticket(
         base64.b64decode(data["ticket"]), trusted, time.time(), relay_id="relay-1"
@@ -135,6 +166,121 @@ async def test_no_relay_is_503(aiohttp_client: ClientFactory, tmp_path: Path) ->
     client = await start(aiohttp_client, tmp_path, relays=[])
     me, peer = await two_devices(client)
     await assert_refused(client, await ask(client, me["token"], peer["device"]["id"]), 503)
+
+
+async def test_no_relay_up_is_503_with_a_hint(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    client = await start(aiohttp_client, tmp_path, probe=ScriptedProbe())
+    me, peer = await two_devices(client)
+    resp = await ask(client, me["token"], peer["device"]["id"])
+    await assert_refused(client, resp, 503)
+    body = await resp.json()
+    assert body["error"] == "no_relay_up" and "/api/v1/relays" in body["hint"]
+
+
+async def test_least_loaded_relay_and_both_sides_share_it(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    probe = both_up()
+    probe.answers[CONTROL_1] = PingResult(0.001, 80, 100)
+    probe.answers[CONTROL_2] = PingResult(0.050, 5, 100)
+    client = await start(aiohttp_client, tmp_path, probe=probe)
+    me, peer = await two_devices(client)
+    assert await relay_of(client, me, peer) == "relay-2"
+    assert await relay_of(client, peer, me) == "relay-2"  # the other side: the same relay
+
+
+async def test_a_dead_relay_moves_its_pairs_and_they_stay_moved(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    probe = both_up()
+    client = await start(aiohttp_client, tmp_path, probe=probe)
+    me, peer = await two_devices(client)
+    assert await relay_of(client, me, peer) == "relay-1"
+    del probe.answers[CONTROL_1]
+    await probe_round(client)
+    assert await relay_of(client, peer, me) == "relay-1"  # one missed probe: still up
+    await probe_round(client)
+    assert await relay_of(client, peer, me) == "relay-2"  # two: down, the pair moves
+    assert await relay_of(client, me, peer) == "relay-2"
+    probe.answers[CONTROL_1] = PingResult(0.001, 0, 100)
+    await probe_round(client)
+    assert await relay_of(client, me, peer) == "relay-2"  # sticky while relay-2 is up
+
+
+async def test_avoid_moves_the_pair_for_both_sides(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    client = await start(aiohttp_client, tmp_path)
+    me, peer = await two_devices(client)
+    assert await relay_of(client, me, peer) == "relay-1"
+    assert await relay_of(client, me, peer, ["relay-1"]) == "relay-2"
+    assert await relay_of(client, peer, me) == "relay-2"
+    resp = await ask(client, peer["token"], me["device"]["id"], ["relay-1", "relay-2"])
+    await assert_refused(client, resp, 503)
+
+
+@pytest.mark.parametrize(
+    "avoid",
+    [
+        [f"relay-{i}" for i in range(9)],  # more than eight
+        ["bad id"],
+        [""],
+        ["x" * 65],
+        "relay-1",
+        [1],
+    ],
+)
+async def test_avoid_is_validated(
+    aiohttp_client: ClientFactory, tmp_path: Path, avoid: Any
+) -> None:
+    client = await start(aiohttp_client, tmp_path)
+    me, peer = await two_devices(client)
+    await assert_refused(client, await ask(client, me["token"], peer["device"]["id"], avoid), 400)
+
+
+async def test_relays_route_for_devices_and_admins(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    probe = both_up()
+    probe.answers[CONTROL_2] = None
+    client = await start(aiohttp_client, tmp_path, probe=probe)
+    me, _ = await two_devices(client)
+    for headers in ({"Authorization": f"Bearer {me['token']}"}, AUTH):
+        resp = await client.get("/api/v1/relays", headers=headers)
+        assert resp.status == 200, await resp.text()
+        first, second = (await resp.json())["relays"]
+        assert first == {
+            "id": "relay-1",
+            "control": "relay.example:3480",
+            "up": True,
+            "rtt_ms": 10.0,
+            "allocations": 0,
+            "capacity": 100,
+            "load": 0.0,
+            "error": None,
+        }
+        assert second["id"] == "relay-2" and second["control"] == "[2001:db8::1]:3480"
+        assert second["up"] is False and second["error"] == "no PONG"
+    for bad in ({}, {"Authorization": "Bearer wgd_nope"}):
+        await assert_refused(client, await client.get("/api/v1/relays", headers=bad), 401)
+
+
+async def test_relay_gauges_on_the_metrics_registry(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    probe = both_up()
+    probe.answers[CONTROL_1] = PingResult(0.004, 25, 100)
+    probe.answers[CONTROL_2] = None
+    client = await start(aiohttp_client, tmp_path, probe=probe)
+    await client.get("/api/v1/relays", headers=AUTH)
+    text = generate_latest(client.app[METRICS]).decode()
+    assert 'wiregate_relay_up{relay="relay-1"} 1.0' in text
+    assert 'wiregate_relay_up{relay="relay-2"} 0.0' in text
+    assert 'wiregate_relay_rtt_seconds{relay="relay-1"} 0.004' in text
+    assert 'wiregate_relay_load{relay="relay-1"} 0.25' in text
+    assert 'wiregate_relay_rtt_seconds{relay="relay-2"}' not in text
 
 
 async def test_signing_key_file_is_private_and_survives_a_restart(

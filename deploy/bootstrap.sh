@@ -1,0 +1,567 @@
+#!/bin/sh
+# wiregate VM bootstrap: join this machine to a wiregate mesh with one command.
+#
+#   curl -fsSL https://GATEWAY/bootstrap.sh | sudo sh -s -- \
+#       --server https://GATEWAY --auth-key file:/root/wiregate.key
+#
+# Installs WireGuard (the kernel module when `modprobe wireguard` works, else
+# wireguard-go), the wiregate agent in a virtualenv (/opt/wiregate, linked from
+# /usr/local/bin/wiregate), /etc/wiregate/agent.toml and a hardened systemd unit,
+# waits for the clock to be synchronised, then enables and starts the agent.
+# Running it again changes only what differs; --uninstall removes everything it
+# installed (packages from the distribution are kept and listed).
+#
+# Options:
+#   --server URL              the gateway (https://...; required to install)
+#   --auth-key file:PATH      enrollment key in a file, or env:VAR; the key itself on
+#                             the command line is refused (ps and shell history show it)
+#   --workload-token file:PATH  a workload identity token: copied to
+#                             /etc/wiregate/workload-token (0600) and handed to the agent
+#                             once the agent supports workload identity; until then an
+#                             --auth-key is still needed for the first enrollment
+#   --package SPEC            pip requirement or wheel path/URL (default: wiregate)
+#   --find-links DIR          install offline from this wheelhouse (pip --no-index)
+#   --interface NAME          WireGuard interface (default wg0)
+#   --hostname NAME           device name (default: this host's name)
+#   --uninstall               stop and remove the agent, its files and its interface
+#   --dry-run                 print the plan; change nothing
+#
+# Environment, for tests and unusual hosts (defaults are the real things):
+#   WIREGATE_ROOT             install below this directory instead of / (the unit then
+#                             points into it too)
+#   WIREGATE_OS_RELEASE       the os-release file (default /etc/os-release)
+#   WIREGATE_SYSTEMCTL        systemctl command; when set, a service manager is assumed
+#                             even if systemd is not PID 1
+#   WIREGATE_APT_GET, WIREGATE_DNF  package manager commands (default apt-get, dnf or yum)
+#   WIREGATE_MODPROBE         modprobe command (default modprobe)
+#   WIREGATE_PYTHON           Python 3.11+ used to create the virtualenv (default python3)
+#   WIREGATE_TIMESYNC_TIMEOUT seconds to wait for time synchronisation (default 60)
+#
+# Everything happens inside main(), called on the last line: a truncated download
+# defines an incomplete function and runs nothing.
+
+main() {
+    set -eu
+    umask 077
+
+    PROG=wiregate-bootstrap
+    UNIT_NAME=wiregate-agent.service
+
+    say() { printf '%s: %s\n' "$PROG" "$*" >&2; }
+    warn() { printf '%s: warning: %s\n' "$PROG" "$*" >&2; }
+    die() {
+        printf '%s: error: %s\n' "$PROG" "$1" >&2
+        [ -z "${2:-}" ] || printf '%s: hint: %s\n' "$PROG" "$2" >&2
+        exit "${3:-2}"
+    }
+    have() { command -v "$1" >/dev/null 2>&1; }
+
+    # step DESCRIPTION: print what is about to change; in --dry-run only print it and
+    # return 1 so that the caller skips the change.
+    step() {
+        if [ "$DRY_RUN" = yes ]; then
+            printf 'would: %s\n' "$*"
+            return 1
+        fi
+        say "$*"
+        CHANGED=yes
+        return 0
+    }
+
+    usage() {
+        cat <<'EOF'
+usage: bootstrap.sh --server URL --auth-key file:PATH|env:VAR [options]
+       bootstrap.sh --uninstall [--dry-run]
+options: --workload-token file:PATH  --package SPEC  --find-links DIR
+         --interface NAME  --hostname NAME  --dry-run  --uninstall  --help
+EOF
+    }
+
+    # ------------------------------------------------------------------ arguments
+
+    need_value() {
+        [ "$2" -ge 2 ] || die "$1 needs a value" "see --help"
+    }
+
+    parse_args() {
+        SERVER='' AUTH_KEY='' WORKLOAD_TOKEN='' PACKAGE=wiregate FIND_LINKS=''
+        IFACE='' HOSTNAME_OPT='' UNINSTALL=no DRY_RUN=no
+        while [ $# -gt 0 ]; do
+            opt=$1
+            case $opt in
+                --*=*)
+                    value=${opt#*=}
+                    opt=${opt%%=*}
+                    shift
+                    set -- "$opt" "$value" "$@"
+                    ;;
+            esac
+            case $opt in
+                --server) need_value "$opt" $#; SERVER=$2; shift 2 ;;
+                --auth-key) need_value "$opt" $#; AUTH_KEY=$2; shift 2 ;;
+                --workload-token) need_value "$opt" $#; WORKLOAD_TOKEN=$2; shift 2 ;;
+                --package) need_value "$opt" $#; PACKAGE=$2; shift 2 ;;
+                --find-links) need_value "$opt" $#; FIND_LINKS=$2; shift 2 ;;
+                --interface) need_value "$opt" $#; IFACE=$2; shift 2 ;;
+                --hostname) need_value "$opt" $#; HOSTNAME_OPT=$2; shift 2 ;;
+                --uninstall) UNINSTALL=yes; shift ;;
+                --dry-run) DRY_RUN=yes; shift ;;
+                -h | --help) usage; exit 0 ;;
+                *) die "unknown option: $opt" "see --help" ;;
+            esac
+        done
+    }
+
+    check_source() { # check_source OPTION VALUE: file:PATH (readable, non-empty) or env:VAR
+        case $2 in
+            file:?*)
+                src=${2#file:}
+                if [ ! -f "$src" ] || [ ! -r "$src" ]; then die "$1: cannot read $src"; fi
+                [ -s "$src" ] || die "$1: $src is empty"
+                ;;
+            env:?*)
+                [ "$1" = --auth-key ] || die "$1 must be file:PATH"
+                var=${2#env:}
+                case $var in
+                    [A-Za-z_]*) ;;
+                    *) die "$1: $var is not a variable name" ;;
+                esac
+                case $var in *[!A-Za-z0-9_]*) die "$1: $var is not a variable name" ;; esac
+                eval "val=\${$var:-}"
+                [ -n "$val" ] || die "$1: the environment variable $var is empty or unset"
+                ;;
+            *)
+                die "$1 takes file:PATH or env:VAR, not the secret itself" \
+                    "a secret on the command line is visible in ps and shell history; put it in a 0600 file"
+                ;;
+        esac
+    }
+
+    check_name() { # check_name OPTION VALUE MAXLEN
+        case $2 in
+            '' | *[!A-Za-z0-9._-]*) die "$1: '$2' may use only letters, digits, '.', '_' and '-'" ;;
+        esac
+        [ "${#2}" -le "$3" ] || die "$1: '$2' is longer than $3 characters"
+    }
+
+    validate_args() {
+        case $ROOT in
+            /*) ;;
+            *) die "WIREGATE_ROOT must be an absolute path" ;;
+        esac
+        case $ROOT in *[\"\\\ ]* | *"
+"*) die "WIREGATE_ROOT must not contain quotes, backslashes or spaces" ;; esac
+        [ "$UNINSTALL" = yes ] && return 0
+        [ -n "$SERVER" ] || die "--server URL is required" "e.g. --server https://gateway.example.com"
+        case $SERVER in
+            https://?* | http://?*) ;;
+            *) die "--server must be an http:// or https:// URL, not '$SERVER'" ;;
+        esac
+        case $SERVER in *[\"\\\'\ \	]* | *"
+"*) die "--server must not contain quotes, backslashes or spaces" ;; esac
+        case $SERVER in http://*) warn "--server is not https: the enrollment key crosses the network in clear" ;; esac
+        [ -n "$AUTH_KEY" ] || die "--auth-key file:PATH (or env:VAR) is required" \
+            "create one on the gateway: wiregate admin keys create --tags tag:vm"
+        check_source --auth-key "$AUTH_KEY"
+        [ -z "$WORKLOAD_TOKEN" ] || check_source --workload-token "$WORKLOAD_TOKEN"
+        [ -z "$IFACE" ] || check_name --interface "$IFACE" 15
+        [ -z "$HOSTNAME_OPT" ] || check_name --hostname "$HOSTNAME_OPT" 63
+        [ -z "$FIND_LINKS" ] || [ -d "$FIND_LINKS" ] || die "--find-links: $FIND_LINKS is not a directory"
+        case $PACKAGE in '' | -*) die "--package must be a pip requirement or a wheel, not '$PACKAGE'" ;; esac
+    }
+
+    # ------------------------------------------------------------------ the host
+
+    detect_distro() {
+        os_release=${WIREGATE_OS_RELEASE:-/etc/os-release}
+        [ -r "$os_release" ] || die "cannot read $os_release: unknown distribution" \
+            "supported: Debian, Ubuntu, RHEL, CentOS, Rocky, AlmaLinux, Fedora"
+        ID='' ID_LIKE=''
+        # shellcheck disable=SC1090
+        . "$os_release"
+        DISTRO=''
+        for id in $ID $ID_LIKE; do
+            case $id in
+                debian | ubuntu) DISTRO=debian; break ;;
+                rhel | centos | rocky | almalinux | alma | fedora) DISTRO=rhel; break ;;
+            esac
+        done
+        [ -n "$DISTRO" ] || die "unsupported distribution '${ID:-unknown}' (from $os_release)" \
+            "supported: Debian, Ubuntu, RHEL, CentOS, Rocky, AlmaLinux, Fedora; install wireguard-tools and the agent by hand"
+        PKG=''
+        if [ "$DISTRO" = debian ]; then
+            PKG=${WIREGATE_APT_GET:-apt-get}
+        elif [ -n "${WIREGATE_DNF:-}" ]; then
+            PKG=$WIREGATE_DNF
+        elif have dnf; then
+            PKG=dnf
+        else
+            PKG=yum
+        fi
+        say "distribution: ${ID:-?} (${DISTRO} family, packages with ${PKG##*/})"
+    }
+
+    kernel_wireguard() {
+        [ -d /sys/module/wireguard ] && return 0
+        ${WIREGATE_MODPROBE:-modprobe} wireguard >/dev/null 2>&1
+    }
+
+    python_ok() {
+        "$PY" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1
+    }
+
+    install_packages() {
+        missing=''
+        have wg || missing="$missing wireguard-tools"
+        if ! have ip; then
+            if [ "$DISTRO" = debian ]; then missing="$missing iproute2"; else missing="$missing iproute"; fi
+        fi
+        if kernel_wireguard; then
+            BACKEND=kernel
+        else
+            BACKEND=userspace
+            have wireguard-go || missing="$missing wireguard-go"
+        fi
+        if ! python_ok; then
+            if [ "$DISTRO" = debian ]; then missing="$missing python3 python3-venv"; else missing="$missing python3"; fi
+        fi
+        say "WireGuard: $BACKEND backend"
+        if [ -z "$missing" ]; then
+            say "packages: all present"
+            return 0
+        fi
+        step "install packages:$missing" || return 0
+        # shellcheck disable=SC2086 # word splitting of the package list is wanted
+        if [ "$DISTRO" = debian ]; then
+            DEBIAN_FRONTEND=noninteractive $PKG update -q
+            DEBIAN_FRONTEND=noninteractive $PKG install -y -q --no-install-recommends $missing
+        else
+            $PKG install -y -q $missing ||
+                die "could not install$missing" "wireguard-go may need EPEL on RHEL-family systems without the wireguard module"
+        fi
+        mkdirs "$R/var/lib/wiregate"
+        # shellcheck disable=SC2086 # one package a line
+        printf '%s\n' $missing >>"$R/var/lib/wiregate/bootstrap-packages"
+        python_ok || die "$PY cannot create virtualenvs (Python 3.11+ with venv and ensurepip is needed)"
+    }
+
+    # ------------------------------------------------------------------ files
+
+    mkdirs() { # mkdirs DIR...: create missing directories, remembering which ones we made
+        for d in "$@"; do
+            missing_dirs=''
+            p=$d
+            while [ ! -d "$p" ]; do
+                missing_dirs="$p $missing_dirs"
+                p=$(dirname "$p")
+            done
+            for m in $missing_dirs; do
+                mkdir -m 0755 "$m"
+                [ "$m" = "$R/var/lib/wiregate" ] || printf '%s\n' "$m" >>"$CREATED_TMP"
+            done
+        done
+    }
+
+    # put_file PATH MODE SOURCE: install SOURCE's content as PATH (atomically, with MODE)
+    # when it differs; return 0 when PATH changes (or would, in --dry-run), 1 otherwise.
+    put_file() {
+        if [ -f "$1" ] && cmp -s "$3" "$1"; then
+            return 1
+        fi
+        # (set -e does not apply inside a function called from a condition: check each write)
+        if step "write $1"; then
+            if ! { mkdirs "$(dirname "$1")" && cp "$3" "$1.new" && chmod "$2" "$1.new" &&
+                mv -f "$1.new" "$1"; }; then
+                die "cannot write $1" "" 1
+            fi
+        fi
+        return 0
+    }
+
+    # copy_secret file:PATH|env:VAR DEST: the secret into DEST (0600); the temporary copy
+    # lives in the 0700 work directory
+    copy_secret() {
+        case $1 in
+            file:*) cat -- "${1#file:}" >"$WORK/secret" ;;
+            env:*) eval "printf '%s\\n' \"\${${1#env:}}\"" >"$WORK/secret" ;;
+        esac
+        put_file "$2" 0600 "$WORK/secret" || true
+        rm -f "$WORK/secret"
+    }
+
+    agent_toml() {
+        cat <<EOF
+# Written by wiregate's bootstrap.sh; re-running it rewrites this file.
+[agent]
+server = "$SERVER"
+auth_key = "file:$ETC/auth-key"
+interface = "${IFACE:-wg0}"
+backend = "$BACKEND"
+EOF
+        [ -z "$HOSTNAME_OPT" ] || printf 'hostname = "%s"\n' "$HOSTNAME_OPT"
+        [ -z "$WORKLOAD_TOKEN" ] ||
+            printf '# workload token: %s (used once the agent supports workload identity)\n' "$ETC/workload-token"
+    }
+
+    unit_text() {
+        cat <<EOF
+[Unit]
+Description=wiregate agent (WireGuard mesh member, installed by bootstrap.sh)
+Wants=network-online.target time-sync.target
+After=network-online.target time-sync.target
+
+[Service]
+Type=exec
+ExecStart=$R/usr/local/bin/wiregate agent --config $ETC/agent.toml --state-dir $R/var/lib/wiregate/agent --run-dir $R/run/wiregate
+Restart=on-failure
+RestartSec=2s
+RestartPreventExitStatus=3
+StateDirectory=wiregate/agent
+StateDirectoryMode=0700
+RuntimeDirectory=wiregate wireguard
+RuntimeDirectoryMode=0755
+RuntimeDirectoryPreserve=yes
+KillMode=process
+AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW
+CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+ProtectKernelTunables=no
+ProtectKernelModules=no
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=no
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+SystemCallArchitectures=native
+UMask=0077
+LimitNOFILE=65536
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    }
+
+    # ------------------------------------------------------------------ the agent
+
+    package_id() {
+        if [ -f "$PACKAGE" ]; then
+            printf '%s %s\n' "$PACKAGE" "$(cksum <"$PACKAGE")"
+        else
+            printf '%s %s\n' "$PACKAGE" "$FIND_LINKS"
+        fi
+    }
+
+    install_agent() {
+        if [ ! -x "$VENV/bin/python" ]; then
+            step "create the virtualenv $VENV" && { mkdirs "$(dirname "$VENV")"; "$PY" -m venv "$VENV"; }
+        fi
+        want=$(package_id)
+        if [ -f "$VENV/.bootstrap-package" ] && [ "$(cat "$VENV/.bootstrap-package")" = "$want" ] &&
+            [ -x "$VENV/bin/wiregate" ]; then
+            say "agent: $PACKAGE already installed in $VENV"
+        elif step "install $PACKAGE into $VENV"; then
+            if [ -n "$FIND_LINKS" ]; then
+                "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-index \
+                    --find-links "$FIND_LINKS" "$PACKAGE"
+            else
+                "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$PACKAGE"
+            fi
+            printf '%s\n' "$want" >"$VENV/.bootstrap-package"
+        fi
+        link="$R/usr/local/bin/wiregate"
+        if [ "$(readlink "$link" 2>/dev/null || true)" != "$VENV/bin/wiregate" ]; then
+            if step "link $link -> $VENV/bin/wiregate"; then
+                mkdirs "$(dirname "$link")"
+                ln -sfn "$VENV/bin/wiregate" "$link"
+            fi
+        fi
+    }
+
+    wait_time_sync() {
+        limit=${WIREGATE_TIMESYNC_TIMEOUT:-60}
+        if have timedatectl && timedatectl show -p NTPSynchronized --value >/dev/null 2>&1; then
+            waited=0
+            while [ "$(timedatectl show -p NTPSynchronized --value 2>/dev/null)" != yes ]; do
+                if [ "$waited" -ge "$limit" ]; then
+                    warn "the clock is not synchronised after ${limit}s; starting anyway (tokens and handshakes need a correct clock)"
+                    return 0
+                fi
+                [ "$waited" -gt 0 ] || say "waiting up to ${limit}s for time synchronisation"
+                sleep 1
+                waited=$((waited + 1))
+            done
+            say "clock synchronised (timedatectl)"
+        elif have chronyc; then
+            if chronyc waitsync "$(((limit + 1) / 2 + 1))" 0 0 2 >/dev/null 2>&1; then
+                say "clock synchronised (chronyc)"
+            else
+                warn "chrony did not report synchronisation within ${limit}s; starting anyway"
+            fi
+        else
+            warn "cannot tell whether the clock is synchronised (neither timedatectl nor chronyc answers); starting anyway"
+        fi
+    }
+
+    service_manager() {
+        if [ -n "${WIREGATE_SYSTEMCTL:-}" ]; then
+            SYSTEMCTL=$WIREGATE_SYSTEMCTL
+        elif [ -d /run/systemd/system ]; then
+            SYSTEMCTL=systemctl
+        else
+            SYSTEMCTL=''
+        fi
+    }
+
+    start_agent() {
+        if [ -z "$SYSTEMCTL" ]; then
+            warn "systemd is not running: start the agent yourself: $R/usr/local/bin/wiregate agent --config $ETC/agent.toml"
+            return 0
+        fi
+        [ "$UNIT_CHANGED" = no ] || { step "reload systemd units" && $SYSTEMCTL daemon-reload; }
+        if ! $SYSTEMCTL is-enabled --quiet "$UNIT_NAME" 2>/dev/null; then
+            step "enable $UNIT_NAME" && $SYSTEMCTL enable --quiet "$UNIT_NAME"
+        fi
+        if ! $SYSTEMCTL is-active --quiet "$UNIT_NAME" 2>/dev/null; then
+            [ "$DRY_RUN" = yes ] && { printf 'would: wait for time synchronisation, then start %s\n' "$UNIT_NAME"; return 0; }
+            wait_time_sync
+            step "start $UNIT_NAME" && $SYSTEMCTL start "$UNIT_NAME"
+        elif [ "$RESTART" = yes ]; then
+            step "restart $UNIT_NAME (its configuration changed)" && $SYSTEMCTL restart "$UNIT_NAME"
+        else
+            say "$UNIT_NAME is running and up to date"
+        fi
+    }
+
+    install() {
+        [ "$DRY_RUN" = yes ] || [ "$(id -u)" = 0 ] || die "run as root (sudo sh bootstrap.sh ...)"
+        detect_distro
+        install_packages
+        CHANGED=no
+        install_agent
+        RESTART=$CHANGED
+        [ "$DRY_RUN" = yes ] || [ -d "$ETC" ] || { mkdirs "$ETC" && chmod 0700 "$ETC"; }
+        agent_toml >"$WORK/agent.toml"
+        put_file "$ETC/agent.toml" 0600 "$WORK/agent.toml" || true
+        copy_secret "$AUTH_KEY" "$ETC/auth-key"
+        [ -z "$WORKLOAD_TOKEN" ] || copy_secret "$WORKLOAD_TOKEN" "$ETC/workload-token"
+        [ "$CHANGED" = no ] || RESTART=yes
+        UNIT_CHANGED=no
+        unit_text >"$WORK/unit"
+        if put_file "$UNIT" 0644 "$WORK/unit"; then
+            UNIT_CHANGED=yes
+            RESTART=yes
+        fi
+        # Directories the agent creates itself (systemd does it under a real install):
+        # made here so that --uninstall can tell they are ours.
+        [ "$DRY_RUN" = yes ] || mkdirs "$R/var/lib/wiregate" "$R/run"
+        remember_created
+        start_agent
+        if [ "$DRY_RUN" = yes ]; then
+            say "dry run: nothing was changed"
+        else
+            say "done: $R/usr/local/bin/wiregate status shows the tunnel"
+        fi
+    }
+
+    remember_created() {
+        [ -s "$CREATED_TMP" ] || return 0
+        [ "$DRY_RUN" = no ] || return 0
+        mkdirs "$R/var/lib/wiregate"
+        cat "$CREATED_TMP" >>"$R/var/lib/wiregate/bootstrap-created"
+        : >"$CREATED_TMP"
+    }
+
+    # ------------------------------------------------------------------ uninstall
+
+    configured_interface() {
+        if [ -n "$IFACE" ]; then
+            printf '%s\n' "$IFACE"
+        elif [ -f "$ETC/agent.toml" ]; then
+            sed -n 's/^interface = "\([A-Za-z0-9._-]*\)"$/\1/p' "$ETC/agent.toml" | head -n 1
+        fi
+    }
+
+    remove_path() {
+        [ -e "$1" ] || [ -L "$1" ] || return 0
+        step "remove $1" && rm -rf -- "$1"
+        return 0
+    }
+
+    uninstall() {
+        [ "$DRY_RUN" = yes ] || [ "$(id -u)" = 0 ] || die "run as root (sudo sh bootstrap.sh --uninstall)"
+        CHANGED=no
+        iface=$(configured_interface)
+        if [ -n "$SYSTEMCTL" ] && [ -f "$UNIT" ]; then
+            step "stop and disable $UNIT_NAME" && { $SYSTEMCTL disable --now --quiet "$UNIT_NAME" || true; }
+        fi
+        if [ -n "$iface" ] && ip link show dev "$iface" >/dev/null 2>&1; then
+            step "delete the interface $iface" && ip link del dev "$iface"
+        fi
+        if [ -n "$iface" ] && [ -S "/var/run/wireguard/$iface.sock" ]; then
+            step "remove /var/run/wireguard/$iface.sock" && {
+                sleep 1
+                rm -f "/var/run/wireguard/$iface.sock"
+            }
+        fi
+        if [ -f "$UNIT" ]; then
+            remove_path "$UNIT"
+            [ -z "$SYSTEMCTL" ] || { step "reload systemd units" && $SYSTEMCTL daemon-reload; }
+        fi
+        link="$R/usr/local/bin/wiregate"
+        [ "$(readlink "$link" 2>/dev/null || true)" != "$VENV/bin/wiregate" ] || remove_path "$link"
+        remove_path "$VENV"
+        remove_path "$ETC"
+        remove_path "$R/run/wiregate"
+        state="$R/var/lib/wiregate"
+        packages=''
+        [ ! -f "$state/bootstrap-packages" ] || packages=$(sort -u "$state/bootstrap-packages" | tr '\n' ' ')
+        created=''
+        [ ! -f "$state/bootstrap-created" ] || created=$(sort -r -u "$state/bootstrap-created")
+        remove_path "$state"
+        for d in $created; do # directories bootstrap made, deepest first, when now empty
+            [ -d "$d" ] || continue
+            [ -n "$(ls -A "$d")" ] || { step "remove the empty directory $d" && rmdir "$d"; }
+        done
+        [ -z "$packages" ] || say "packages installed by bootstrap were kept: $packages(remove them with your package manager if nothing else needs them)"
+        if [ "$DRY_RUN" = yes ]; then
+            say "dry run: nothing was changed"
+        elif [ "$CHANGED" = yes ]; then
+            say "wiregate removed"
+        else
+            say "nothing to remove"
+        fi
+    }
+
+    # ------------------------------------------------------------------ main
+
+    parse_args "$@"
+    ROOT=${WIREGATE_ROOT:-/}
+    validate_args
+    R=${ROOT%/}
+    ETC="$R/etc/wiregate"
+    VENV="$R/opt/wiregate"
+    UNIT="$R/etc/systemd/system/$UNIT_NAME"
+    PY=${WIREGATE_PYTHON:-python3}
+    BACKEND=auto
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/wiregate-bootstrap.XXXXXX")
+    trap 'rm -rf "$WORK"' EXIT
+    trap 'exit 130' INT TERM
+    CREATED_TMP="$WORK/created"
+    : >"$CREATED_TMP"
+    service_manager
+    [ "$DRY_RUN" = no ] || say "dry run: printing the plan"
+    if [ "$UNINSTALL" = yes ]; then
+        uninstall
+    else
+        install
+    fi
+}
+
+main "$@"

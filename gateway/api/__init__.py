@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api import audit, devices, enroll, keys, login, openapi, relay
+from gateway.api import audit, bootstrap, devices, enroll, keys, login, openapi, relay
 from gateway.api.common import STORE, error_middleware
 from gateway.logging import get_logger
 
@@ -44,6 +44,7 @@ def setup_routes(app: web.Application) -> None:
         relay.routes,
         audit.routes,
         openapi.routes,
+        bootstrap.routes,
     )
     for table in tables:
         app.router.add_routes(table)

@@ -372,6 +372,19 @@ _PATHS: dict[str, Any] = {
             "responses": {"200": {"description": "OpenAPI 3.1 document"}},
         }
     },
+    "/bootstrap.sh": {
+        "get": {
+            "summary": "The VM bootstrap script (deploy/bootstrap.sh), no credential needed",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "the script",
+                    "content": {"text/x-shellscript": {"schema": _STR}},
+                },
+                "304": {"description": "unchanged (If-None-Match)"},
+            },
+        }
+    },
     "/livez": {
         "get": {
             "summary": "The process is up",

@@ -199,13 +199,17 @@ class Store:
             row.endpoints = list(endpoints)
         return await self.get_device(device_id), version
 
-    async def rename_device(self, device_id: str, name: str) -> tuple[DeviceRecord, int]:
+    async def rename_device(
+        self, device_id: str, name: str, *, actor: str = UNATTRIBUTED
+    ) -> tuple[DeviceRecord, int]:
         """Rename a device (peers see the name: the map version is bumped)."""
         async with self._write() as s:
             version = await self._bump(s)
             row = await s.get(DeviceRow, device_id)
             if row is None:
                 raise NotFound(f"no device {device_id!r}")
+            await audit.add(s, self._clock(), actor, "device.rename", device_id,
+                            {"from": row.name, "to": name})  # fmt: skip
             row.name = name
         _log.info("device_renamed", device_id=device_id, version=version)
         return await self.get_device(device_id), version

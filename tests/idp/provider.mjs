@@ -1,6 +1,10 @@
 // A real OpenID Provider for wiregate's relying-party tests: panva's oidc-provider
 // (OpenID Certified), with development login/consent pages and the device flow.
 // Usage: node provider.mjs PORT   (listens on 127.0.0.1:PORT only; issuer http://127.0.0.1:PORT)
+// WIREGATE_IDP_REDIRECT_URIS: more redirect URIs for both clients (space separated), e.g. a
+// gateway on a random loopback port: http://127.0.0.1:PORT/oidc/callback
+// Accounts: any login works; its id is the subject. Ids starting with "admin" are in the
+// groups wiregate-admins and engineering, the others in engineering only.
 // Test-only secrets: this provider must never face a real network.
 import Provider from 'oidc-provider';
 
@@ -11,13 +15,15 @@ if (!Number.isInteger(port) || port <= 0 || port > 65535) {
 }
 const issuer = `http://127.0.0.1:${port}`;
 const grants = ['authorization_code', 'urn:ietf:params:oauth:grant-type:device_code'];
+const extraRedirects = (process.env.WIREGATE_IDP_REDIRECT_URIS || '').split(/\s+/).filter(Boolean);
+const redirectUris = ['http://127.0.0.1/oidc/callback', ...extraRedirects];
 
 const provider = new Provider(issuer, {
   clients: [
     {
       client_id: 'wiregate',
       client_secret: 'wiregate-test-secret-basic',
-      redirect_uris: ['http://127.0.0.1/oidc/callback'],
+      redirect_uris: redirectUris,
       grant_types: grants,
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_basic',
@@ -25,18 +31,24 @@ const provider = new Provider(issuer, {
     {
       client_id: 'wiregate-post',
       client_secret: 'wiregate-test-secret-post',
-      redirect_uris: ['http://127.0.0.1/oidc/callback'],
+      redirect_uris: redirectUris,
       grant_types: grants,
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_post',
     },
   ],
-  claims: { openid: ['sub'], email: ['email', 'email_verified'] },
+  claims: {
+    openid: ['sub'],
+    email: ['email', 'email_verified'],
+    profile: ['name'],
+    groups: ['groups'],
+  },
   async findAccount(ctx, sub) {
     return {
       accountId: sub,
       async claims() {
-        return { sub, email: `${sub}@example.test`, email_verified: true };
+        const groups = sub.startsWith('admin') ? ['wiregate-admins', 'engineering'] : ['engineering'];
+        return { sub, email: `${sub}@example.test`, email_verified: true, name: `Test ${sub}`, groups };
       },
     };
   },

@@ -1,0 +1,71 @@
+"""Approving a device login: the approval page, ``POST /login/approve`` and ``/login/deny``.
+
+The page shows the device's name and its key fingerprint (the person compares
+it with what ``wiregate login`` printed) before anything is approved. Every
+lookup of a typed code is charged to the API's :class:`GuessLimiter` first, so
+guessing codes through the pages is bounded exactly as through the API. An
+approval enrolls the device for the signed-in (issuer, subject), with no tags.
+The store records each decision in the audit log as ``oidc:<iss>#<sub>``.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from multidict import MultiDictProxy
+
+from gateway.api.common import BROKER, CLOCK, SETTINGS, STORE
+from gateway.api.login import LIMITER
+from gateway.errors import BadInput, NotFound
+from gateway.store import LoginRecord
+from gateway.web.context import render
+from gateway.web.guard import form_post
+from gateway.web.sessions import Session
+from identity.device_login import format_user_code, normalize_user_code
+
+__all__ = ["approval_page", "routes"]
+
+routes = web.RouteTableDef()
+
+
+async def approval_page(request: web.Request, typed: str) -> web.StreamResponse:
+    """The pending request ``typed`` names, to approve or deny; the code form otherwise."""
+    try:
+        found = await _lookup(request, typed)
+    except (BadInput, NotFound) as exc:
+        return render(request, "code_form.html", status=exc.status, error=exc)
+    code = format_user_code(normalize_user_code(typed))
+    return render(request, "approve.html", login=found, user_code=code)
+
+
+async def _lookup(request: web.Request, typed: str) -> LoginRecord:
+    now = request.app[CLOCK]()
+    request.app[LIMITER].check(request.remote or "local", now)
+    return await request.app[STORE].find_login_request(typed, now)
+
+
+@routes.post("/login/approve")
+@form_post
+async def approve(
+    request: web.Request, session: Session, form: MultiDictProxy[str]
+) -> web.StreamResponse:
+    """Enroll the device of a pending request for the signed-in identity."""
+    found = await _lookup(request, form.get("user_code", ""))
+    store, now = request.app[STORE], request.app[CLOCK]()
+    keepalive = request.app[SETTINGS].default_keepalive
+    approved = await store.approve_login_request(
+        found.id, session.identity, (), now, keepalive=keepalive, actor=session.actor
+    )
+    request.app[BROKER].upsert(approved.record.device, approved.version)
+    return render(request, "done.html", title="Device approved", login=found, approved=True)
+
+
+@routes.post("/login/deny")
+@form_post
+async def deny(
+    request: web.Request, session: Session, form: MultiDictProxy[str]
+) -> web.StreamResponse:
+    """Deny a pending request; the device's next poll says ``denied``."""
+    found = await _lookup(request, form.get("user_code", ""))
+    now = request.app[CLOCK]()
+    await request.app[STORE].deny_login_request(found.id, now, actor=session.actor)
+    return render(request, "done.html", title="Device denied", login=found, approved=False)

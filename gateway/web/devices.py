@@ -1,0 +1,107 @@
+"""My devices: ``GET /devices``, ``POST /devices/{id}/rename`` and ``/devices/{id}/revoke``.
+
+A person sees and changes only the devices enrolled for their own (issuer,
+subject); another's device is "not found", exactly like a missing one. A rename
+bumps the map (peers see names); a revocation is the admin API's DELETE: the
+store deletes the device and the broker tells its peers and its own agent.
+The store records each change in the audit log as ``oidc:<iss>#<sub>``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from aiohttp import web
+from multidict import MultiDictProxy
+
+from gateway.api.common import BROKER, CLOCK, STORE
+from gateway.api.enroll import NAME_PATTERN
+from gateway.errors import BadInput, NotFound
+from gateway.store import DeviceRecord
+from gateway.web.context import render
+from gateway.web.guard import form_post, signed_in
+from gateway.web.sessions import Session
+from gateway.wgkey import fingerprint
+
+__all__ = ["device_view", "revoke_device", "routes", "see_other"]
+
+routes = web.RouteTableDef()
+
+
+def see_other(path: str) -> web.Response:
+    """Post/redirect/get: send the browser to ``path``."""
+    return web.Response(status=303, headers={"Location": path})
+
+
+def device_view(record: DeviceRecord, now: float) -> dict[str, Any]:
+    """What the pages show of a device."""
+    d = record.device
+    return {
+        "id": d.id,
+        "name": d.name,
+        "issuer": d.identity.issuer,
+        "subject": d.identity.subject,
+        "addresses": (d.ipv4, d.ipv6),
+        "fingerprint": fingerprint(d.public_key),
+        "created_at": d.created_at,
+        "key_age_days": max(0.0, now - d.created_at) / 86400,
+        "expires_at": d.expires_at,
+        "last_seen": record.last_seen,
+        "tags": d.tags,
+    }
+
+
+async def revoke_device(request: web.Request, session: Session, device_id: str) -> None:
+    """Delete a device as the admin API does: its peers drop it, its agent tears down."""
+    version = await request.app[STORE].delete_device(device_id, actor=session.actor)
+    request.app[BROKER].remove(device_id, version)
+
+
+async def _own_device(request: web.Request, session: Session) -> DeviceRecord:
+    try:
+        record = await request.app[STORE].get_device(request.match_info["id"])
+    except NotFound:
+        record = None
+    if record is None or record.device.identity != session.identity:
+        raise NotFound("you have no such device", hint="see your devices at /devices")
+    return record
+
+
+@routes.get("/devices")
+@signed_in
+async def my_devices(request: web.Request, session: Session) -> web.StreamResponse:
+    """The signed-in person's devices, with rename and revoke forms."""
+    records = await request.app[STORE].devices_of(session.identity)
+    now = request.app[CLOCK]()
+    return render(request, "devices.html", devices=[device_view(r, now) for r in records])
+
+
+@routes.post("/devices/{id}/rename")
+@form_post
+async def rename(
+    request: web.Request, session: Session, form: MultiDictProxy[str]
+) -> web.StreamResponse:
+    """Rename one of my devices."""
+    record = await _own_device(request, session)
+    name = form.get("name", "").strip()
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise BadInput(
+            "that is not a device name",
+            hint="1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+    store = request.app[STORE]
+    renamed, version = await store.rename_device(record.device.id, name, actor=session.actor)
+    request.app[BROKER].upsert(renamed.device, version)
+    return see_other("/devices")
+
+
+@routes.post("/devices/{id}/revoke")
+@form_post
+async def revoke(
+    request: web.Request, session: Session, _form: MultiDictProxy[str]
+) -> web.StreamResponse:
+    """Revoke one of my devices: it leaves the network and its token stops working."""
+    record = await _own_device(request, session)
+    await revoke_device(request, session, record.device.id)
+    return see_other("/devices")

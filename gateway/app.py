@@ -8,15 +8,12 @@ Prometheus metrics are on their own listener, ``settings.metrics_listen``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
-import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -28,7 +25,7 @@ from prometheus_client import (
 )
 
 from gateway.api import error_middleware, setup_routes
-from gateway.api.common import ADMIN_TOKEN, BROKER, CLOCK, SETTINGS, STORE
+from gateway.api.common import ADMIN_TOKEN, BROKER, CLOCK, POLICY, SETTINGS, STORE
 from gateway.broker import Broker
 from gateway.config import GatewaySettings
 from gateway.errors import ConfigError
@@ -37,6 +34,7 @@ from gateway.logging import get_logger
 from gateway.store import Store
 from gateway.store.store import Clock
 from identity.policy import Policy
+from identity.policy_file import PolicyFile, load_policy_file
 
 __all__ = [
     "BROKER",
@@ -88,7 +86,9 @@ def _state(
         pool = Pool.parse(settings.ipv4_pool, settings.ipv6_pool)
         store = await Store.open(settings.effective_database_url(), pool=pool, clock=clock)
         try:
-            broker = broker_factory(load_policy(settings.policy_file))
+            document = load_policy_document(settings.policy_file)
+            app[POLICY] = document
+            broker = broker_factory(document.policy)
             devices = [record.device for record in await store.list_devices()]
             broker.load(devices, await store.map_version())
             app[STORE], app[BROKER] = store, broker
@@ -113,16 +113,16 @@ def read_admin_token(path: Path | None) -> bytes:
     return token
 
 
-def load_policy(path: Path | None) -> Policy | None:
-    """The peering policy from a JSON or TOML file (None: the broker's default)."""
+def load_policy_document(path: Path | None) -> PolicyFile:
+    """The policy file (YAML, JSON, or legacy TOML); without one, everyone peers."""
     if path is None:
-        return None
-    try:
-        text = path.read_text(encoding="utf-8")
-        data: Any = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load policy_file {path}: {exc}") from exc
-    return Policy.from_dict(data, error=ConfigError)
+        return PolicyFile(policy=Policy.allow_all(), legacy=True)
+    return load_policy_file(path)
+
+
+def load_policy(path: Path | None) -> Policy | None:
+    """The peering policy from the policy file (None: the broker's default)."""
+    return None if path is None else load_policy_document(path).policy
 
 
 def _api_metrics() -> tuple[CollectorRegistry, Counter]:

@@ -44,6 +44,7 @@ from gateway.netmap import (
     dumps,
     encode_delta_body,
     encode_full,
+    signature,
 )
 from identity.policy import Policy
 
@@ -98,7 +99,7 @@ class Broker:
 
     def may_peer(self, a: Device, b: Device) -> bool:
         """Whether the policy the maps are built from lets ``a`` and ``b`` peer."""
-        return self._policy.may_peer(a.tags, b.tags)
+        return self._policy.may_peer(signature(a), signature(b))
 
     def set_policy(self, policy: Policy, version: int) -> None:
         """Apply a new policy: every connected agent gets a full map at ``version``."""

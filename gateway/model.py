@@ -14,7 +14,12 @@ The network map travels over the agent's WebSocket stream as JSON text frames:
 The agent sends ``{"type": "endpoints", "endpoints": ["ip:port", ...]}`` when its
 candidate endpoints change.
 
-PEER is :meth:`Peer.to_wire`, SELF is :meth:`SelfView.to_wire`.
+PEER is :meth:`Peer.to_wire`, SELF is :meth:`SelfView.to_wire`. Optional fields
+are sent only when they say something, and readers ignore fields they do not
+know, so older agents keep working: a PEER's ``"filter": ["tcp:5432", "icmp"]``
+lists what that peer may open on the receiving device (absent: everything;
+``[]``: nothing, only replies); SELF's ``"refused_routes"`` lists the device's
+advertised routes the policy did not approve (its peers do not get them).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class Device:
     keepalive: int | None = None
     created_at: float = 0.0
     expires_at: float | None = None
+    groups: tuple[str, ...] = ()  # policy groups of its owner at enrollment (never sent)
 
     def tunnel_cidrs(self) -> tuple[str, ...]:
         return (f"{self.ipv4}/32", f"{self.ipv6}/128")
@@ -97,9 +103,10 @@ class Peer:
     endpoints: tuple[str, ...] = ()  # "192.0.2.2:51820", "[2001:db8::1]:51820"
     keepalive: int | None = None
     tags: tuple[str, ...] = ()
+    filter: tuple[str, ...] | None = None  # what this peer may open on the viewer; None: all
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
             "public_key": self.public_key,
@@ -109,6 +116,9 @@ class Peer:
             "keepalive": self.keepalive,
             "tags": list(self.tags),
         }
+        if self.filter is not None:
+            wire["filter"] = list(self.filter)
+        return wire
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Peer:
@@ -121,6 +131,7 @@ class Peer:
             endpoints=tuple(str(e) for e in data.get("endpoints") or ()),
             keepalive=None if data.get("keepalive") is None else int(data["keepalive"]),
             tags=tuple(str(t) for t in data.get("tags") or ()),
+            filter=None if data.get("filter") is None else tuple(str(f) for f in data["filter"]),
         )
 
 
@@ -133,15 +144,19 @@ class SelfView:
     public_key: str
     addresses: tuple[str, ...]
     tags: tuple[str, ...] = ()
+    refused_routes: tuple[str, ...] = ()  # advertised routes the policy did not approve
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
             "public_key": self.public_key,
             "addresses": list(self.addresses),
             "tags": list(self.tags),
         }
+        if self.refused_routes:
+            wire["refused_routes"] = list(self.refused_routes)
+        return wire
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> SelfView:
@@ -151,6 +166,7 @@ class SelfView:
             public_key=str(data["public_key"]),
             addresses=tuple(str(a) for a in data["addresses"]),
             tags=tuple(str(t) for t in data.get("tags") or ()),
+            refused_routes=tuple(str(r) for r in data.get("refused_routes") or ()),
         )
 
 

@@ -7,8 +7,14 @@ peer with (a cost in groups, memoized by the policy). The peers of a device are
 then the members of its group's linked groups, so a change costs time in
 proportion to the peers it affects, not to the fleet.
 
-Peering is symmetric, so the devices that see device D (its *viewers*) are
-exactly D's own peers.
+A device's group is its *signature*: its tags plus ``group:NAME`` per policy
+group (:func:`identity.policy.principals`). Peering is symmetric, so the
+devices that see device D (its *viewers*) are exactly D's own peers. What a
+peer may open on a viewer is not symmetric: when the policy restricts ports
+between two groups, the pair's ``filter`` is recorded with the link and spliced
+into the viewer's copy of the peer's JSON; pairs without one (the usual case)
+take the unfiltered fast path. Advertised routes the policy does not approve
+are left out of a device's peer entry and listed in its own self view.
 
 :func:`apply_upsert` and :func:`apply_remove` mutate the state and return a
 :class:`Fanout`: per affected agent, the peers to upsert, the peer ids to remove
@@ -27,12 +33,12 @@ from __future__ import annotations
 import json
 import json.encoder
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.errors import NotFound
 from gateway.model import Device, NetMap, Peer, SelfView
-from identity.policy import Policy
+from identity.policy import Filter, Policy, principals
 
 __all__ = [
     "AgentUpdate",
@@ -47,18 +53,33 @@ __all__ = [
     "encode_full",
     "encode_peer",
     "full_map",
+    "signature",
 ]
 
 TagSet = frozenset[str]
 
 
+def signature(device: Device) -> TagSet:
+    """The policy principals of ``device`` (its group in :class:`NetworkState`)."""
+    return principals(device.tags, device.groups)
+
+
 @dataclass(frozen=True, slots=True)
 class AgentUpdate:
-    """What changed for one agent: peers (by id) to upsert and to remove, new self view."""
+    """What changed for one agent: peers (by id) to upsert and to remove, new self view.
+
+    ``filters`` is empty when no upserted peer is filtered, else one entry per
+    ``upsert`` (None: unfiltered).
+    """
 
     upsert: tuple[str, ...] = ()
     remove: tuple[str, ...] = ()
     self_view: SelfView | None = None
+    filters: tuple[Filter | None, ...] = ()
+
+    def filter_at(self, index: int) -> Filter | None:
+        """The filter of the ``index``-th upserted peer."""
+        return self.filters[index] if self.filters else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +102,13 @@ class NetworkState:
     def __init__(self, policy: Policy | None = None, devices: Iterable[Device] = ()) -> None:
         self.policy = policy if policy is not None else Policy.allow_all()
         self._devices: dict[str, Device] = {}
+        self._shown: dict[str, Device] = {}  # as peers see it: approved routes only
+        self._refused: dict[str, tuple[str, ...]] = {}  # only devices with refused routes
         self._group_of: dict[str, TagSet] = {}
         self._members: dict[TagSet, set[str]] = {}
         self._links: dict[TagSet, set[TagSet]] = {}
+        self._filter: dict[tuple[TagSet, TagSet], Filter] = {}  # (viewer, peer): filtered pairs
+        self._filtered: dict[TagSet, set[TagSet]] = {}  # viewer group -> filtered peer groups
         self._peer: dict[str, Peer] = {}
         self._peer_text: dict[str, str] = {}  # str keys and values: nothing for the GC to track
         self._self_text: dict[str, str] = {}
@@ -112,8 +137,24 @@ class NetworkState:
 
     @property
     def groups(self) -> int:
-        """How many distinct tag sets the devices carry."""
+        """How many distinct signatures (tag and group sets) the devices carry."""
         return len(self._members)
+
+    def filter_between(self, viewer_id: str, peer_id: str) -> Filter | None:
+        """What ``peer_id`` may open on ``viewer_id`` (None: everything)."""
+        return self._filter.get((self._group_of[viewer_id], self._group_of[peer_id]))
+
+    def peer_for(self, viewer_id: str, peer_id: str) -> Peer:
+        """The peer as ``viewer_id`` sees it: :meth:`peer` with the pair's filter."""
+        peer = self.peer(peer_id)
+        rule = self.filter_between(viewer_id, peer_id)
+        return peer if rule is None else replace(peer, filter=rule)
+
+    def self_view(self, device_id: str) -> SelfView:
+        """The device's own view, with the routes the policy refused."""
+        view = self._devices[device_id].to_self()
+        refused = self._refused.get(device_id)
+        return view if refused is None else replace(view, refused_routes=refused)
 
     def viewers(self, device_id: str) -> set[str]:
         """Ids of the devices that peer with ``device_id`` (its peers, as peering is symmetric)."""
@@ -128,14 +169,14 @@ class NetworkState:
         """The device as its peers see it (cached until the device changes)."""
         peer = self._peer.get(device_id)
         if peer is None:
-            peer = self._peer[device_id] = self._devices[device_id].to_peer()
+            peer = self._peer[device_id] = self._shown[device_id].to_peer()
         return peer
 
     def peer_text(self, device_id: str) -> str:
         """The PEER JSON text of a device, serialized once per change."""
         text = self._peer_text.get(device_id)
         if text is None:
-            text = self._peer_text[device_id] = encode_peer(self._devices[device_id])
+            text = self._peer_text[device_id] = encode_peer(self._shown[device_id])
         return text
 
     def peer_texts(self, device_ids: Iterable[str]) -> list[str]:
@@ -148,13 +189,14 @@ class NetworkState:
         """The SELF JSON text of a device, serialized once per change."""
         text = self._self_text.get(device_id)
         if text is None:
-            view = self._devices[device_id].to_self()
+            view = self.self_view(device_id)
             text = self._self_text[device_id] = dumps(view.to_wire())
         return text
 
     def _place(self, device: Device) -> None:
-        group = frozenset(device.tags)
+        group = signature(device)
         self._devices[device.id] = device
+        self._show(device, group)
         self._group_of[device.id] = group
         members = self._members.get(group)
         if members is None:
@@ -162,12 +204,39 @@ class NetworkState:
             self._link(group)
         members.add(device.id)
 
+    def _show(self, device: Device, group: TagSet) -> None:
+        if not device.routes or self.policy.routes is None:
+            self._shown[device.id] = device
+            return
+        approved, refused = self.policy.approve_routes(group, device.routes)
+        if refused:
+            self._shown[device.id] = replace(device, routes=approved)
+            self._refused[device.id] = refused
+        else:
+            self._shown[device.id] = device
+
     def _link(self, group: TagSet) -> None:
         links = self._links[group] = set()
         for other in self._members:
             if self.policy.may_peer(group, other):
                 links.add(other)
                 self._links[other].add(group)
+                self._record_filter(group, other)
+                self._record_filter(other, group)
+
+    def _record_filter(self, viewer: TagSet, peer: TagSet) -> None:
+        rule = self.policy.reach(viewer, peer)
+        if rule is not None:
+            self._filter[(viewer, peer)] = rule
+            self._filtered.setdefault(viewer, set()).add(peer)
+
+    def _drop_filters(self, group: TagSet, other: TagSet) -> None:
+        for viewer, peer in ((group, other), (other, group)):
+            if self._filter.pop((viewer, peer), None) is not None:
+                peers = self._filtered[viewer]
+                peers.discard(peer)
+                if not peers:
+                    del self._filtered[viewer]
 
     def _unplace(self, device_id: str) -> None:
         del self._devices[device_id]
@@ -178,10 +247,13 @@ class NetworkState:
         if not members:
             del self._members[group]
             for other in self._links.pop(group):
+                self._drop_filters(group, other)
                 if other != group:
                     self._links[other].discard(group)
 
     def _forget(self, device_id: str) -> None:
+        self._shown.pop(device_id, None)
+        self._refused.pop(device_id, None)
         self._peer.pop(device_id, None)
         self._peer_text.pop(device_id, None)
         self._self_text.pop(device_id, None)
@@ -189,9 +261,9 @@ class NetworkState:
 
 def full_map(state: NetworkState, device_id: str, version: int) -> NetMap:
     """The whole map of ``device_id`` at ``version``; :class:`NotFound` if unknown."""
-    device = state.device(device_id)
-    peers = {pid: state.peer(pid) for pid in sorted(state.viewers(device_id))}
-    return NetMap(version=version, self_view=device.to_self(), peers=peers)
+    state.device(device_id)
+    peers = {pid: state.peer_for(device_id, pid) for pid in sorted(state.viewers(device_id))}
+    return NetMap(version=version, self_view=state.self_view(device_id), peers=peers)
 
 
 def apply_upsert(state: NetworkState, device: Device) -> Fanout:
@@ -199,35 +271,95 @@ def apply_upsert(state: NetworkState, device: Device) -> Fanout:
     old = state.get(device.id)
     if old == device:
         return Fanout()
-    before = state.viewers(device.id) if old is not None else set()
-    same_group = old is not None and frozenset(old.tags) == frozenset(device.tags)
+    old_group = state._group_of.get(device.id)
+    before, old_peer, old_self = set(), None, None
     if old is not None:
+        before, old_peer = state.viewers(device.id), state.peer(device.id)
+        old_self = state.self_view(device.id)
         state._unplace(device.id)
     state._place(device)
+    group = state._group_of[device.id]
+    same_group = old_group == group
     after = before if same_group else state.viewers(device.id)
     peer = state.peer(device.id)
     updates: dict[str, AgentUpdate] = {}
     gone = AgentUpdate(remove=(device.id,))
     updates.update(dict.fromkeys(before - after, gone))
-    changed = AgentUpdate(upsert=(device.id,))
-    told = after if old is None or old.to_peer() != peer else after - before
-    updates.update(dict.fromkeys(told, changed))
+    if old_peer is None or old_peer != peer:
+        told = after
+    else:
+        told = after - before
+        if not same_group:
+            told |= _refiltered(state, before & after, old_group, group, viewers_side=True)
+    _tell(state, updates, told, device.id, group)
     peers = {device.id: peer} if told else {}
-    if old is not None:
-        own = _own_update(old, device, before, after)
+    if old_group is not None and old_self is not None:
+        own = _own_update(state, device.id, old_self, old_group, before, after)
         if own is not None:
             updates[device.id] = own
             peers.update((pid, state.peer(pid)) for pid in own.upsert)
     return Fanout(updates=updates, peers=peers)
 
 
-def _own_update(old: Device, new: Device, before: set[str], after: set[str]) -> AgentUpdate | None:
-    new_self = new.to_self()
-    self_view = new_self if new_self != old.to_self() else None
-    upsert, remove = tuple(sorted(after - before)), tuple(sorted(before - after))
+def _refiltered(
+    state: NetworkState,
+    kept: set[str],
+    old: TagSet | None,
+    new: TagSet,
+    *,
+    viewers_side: bool,
+) -> set[str]:
+    """Devices of ``kept`` whose filter with the changed device differs between groups."""
+    if old is None:
+        return set()
+    rule = state.policy.reach
+    group_of = state._group_of
+    if viewers_side:  # what the changed device may open on each kept viewer
+        return {v for v in kept if rule(group_of[v], old) != rule(group_of[v], new)}
+    return {v for v in kept if rule(old, group_of[v]) != rule(new, group_of[v])}
+
+
+def _tell(
+    state: NetworkState, updates: dict[str, AgentUpdate], told: set[str], pid: str, group: TagSet
+) -> None:
+    """Upsert ``pid`` to each of ``told``, with the filter of each viewer's group."""
+    plain = AgentUpdate(upsert=(pid,))
+    if not any(group in state._filtered.get(g, ()) for g in state._links[group]):
+        updates.update(dict.fromkeys(told, plain))
+        return
+    by_filter: dict[Filter, AgentUpdate] = {}
+    for viewer in told:
+        rule = state._filter.get((state._group_of[viewer], group))
+        if rule is None:
+            updates[viewer] = plain
+        else:
+            update = by_filter.get(rule)
+            if update is None:
+                update = by_filter[rule] = AgentUpdate(upsert=(pid,), filters=(rule,))
+            updates[viewer] = update
+
+
+def _own_update(
+    state: NetworkState,
+    device_id: str,
+    old_self: SelfView,
+    old_group: TagSet,
+    before: set[str],
+    after: set[str],
+) -> AgentUpdate | None:
+    new_self = state.self_view(device_id)
+    self_view = new_self if new_self != old_self else None
+    group = state._group_of[device_id]
+    added = after - before
+    if old_group != group:
+        added |= _refiltered(state, before & after, old_group, group, viewers_side=False)
+    upsert, remove = tuple(sorted(added)), tuple(sorted(before - after))
     if self_view is None and not upsert and not remove:
         return None
-    return AgentUpdate(upsert=upsert, remove=remove, self_view=self_view)
+    filters: tuple[Filter | None, ...] = ()
+    if group in state._filtered:
+        filters = tuple(state.filter_between(device_id, pid) for pid in upsert)
+    return AgentUpdate(upsert=upsert, remove=remove, self_view=self_view, filters=filters)
 
 
 def apply_remove(state: NetworkState, device_id: str) -> Fanout:
@@ -250,9 +382,16 @@ def delta_wire(fanout: Fanout, agent_id: str, base: int, version: int) -> dict[s
         "base": base,
         "version": version,
         "self": None if update.self_view is None else update.self_view.to_wire(),
-        "upsert": [fanout.peers[pid].to_wire() for pid in update.upsert],
+        "upsert": [
+            _filtered(fanout.peers[pid], update.filter_at(i)).to_wire()
+            for i, pid in enumerate(update.upsert)
+        ],
         "remove": list(update.remove),
     }
+
+
+def _filtered(peer: Peer, rule: Filter | None) -> Peer:
+    return peer if rule is None else replace(peer, filter=rule)
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -297,17 +436,33 @@ def encode_peer(device: Device) -> str:
         return dumps(device.to_peer().to_wire())
 
 
+def _with_filter(text: str, rule: Filter) -> str:
+    """A PEER text with ``"filter"`` appended (PEER texts end with ``}``)."""
+    return f'{text[:-1]},"filter":[{_strings(rule)}]}}'
+
+
 def encode_full(state: NetworkState, device_id: str, version: int) -> str:
     """The ``full`` message of ``device_id`` as JSON text, built from cached fragments."""
-    peers = ",".join(state.peer_texts(sorted(state.viewers(device_id))))
+    ids = sorted(state.viewers(device_id))
+    texts = state.peer_texts(ids)
+    own = state._group_of[device_id]
+    if own in state._filtered:
+        pair, group_of = state._filter, state._group_of
+        for i, pid in enumerate(ids):
+            rule = pair.get((own, group_of[pid]))
+            if rule is not None:
+                texts[i] = _with_filter(texts[i], rule)
     head = f'{{"type":"full","version":{version},"self":{state.self_text(device_id)}'
-    return f'{head},"peers":[{peers}]}}'
+    return f'{head},"peers":[{",".join(texts)}]}}'
 
 
 def encode_delta_body(state: NetworkState, update: AgentUpdate) -> str:
     """The tail of a ``delta`` message (upsert and remove), shared by agents with one update."""
-    upsert = ",".join(state.peer_text(pid) for pid in update.upsert)
-    return f'"upsert":[{upsert}],"remove":{dumps(list(update.remove))}}}'
+    texts = [state.peer_text(pid) for pid in update.upsert]
+    for i, rule in enumerate(update.filters):
+        if rule is not None:
+            texts[i] = _with_filter(texts[i], rule)
+    return f'"upsert":[{",".join(texts)}],"remove":{dumps(list(update.remove))}}}'
 
 
 def encode_delta(base: int, version: int, self_text: str | None, body: str) -> str:

@@ -27,6 +27,7 @@ from gateway.store import DeviceRecord, KeyRecord, Store
 from gateway.store.audit import ADMIN_SOCKET as ADMIN_SOCKET_ACTOR
 from gateway.store.audit import ADMIN_TOKEN as ADMIN_TOKEN_ACTOR
 from gateway.wgkey import fingerprint
+from identity.policy_file import PolicyFile
 
 __all__ = [
     "ADMIN_TOKEN",
@@ -59,6 +60,7 @@ BROKER = web.AppKey("broker", Broker)
 SETTINGS = web.AppKey("settings", GatewaySettings)
 ADMIN_TOKEN = web.AppKey("admin_token", bytes)  # empty: admin over TCP is refused
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")  # POSIX seconds; a fake in tests
+POLICY = web.AppKey("policy", PolicyFile)  # groups and tag rules for enrollments by claims
 
 
 class PayloadTooLarge(RemoteError):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from gateway.model import Device, Identity
 from gateway.store.models import DeviceRow, EnrollmentKeyRow, LoginRequestRow
 from identity.enrollment import KeyState
+from identity.policy import GROUP_PREFIX
 
 __all__ = [
     "ENROLLMENT_ISSUER",
@@ -149,12 +150,14 @@ def device_record(row: DeviceRow, identity: Identity) -> DeviceRecord:
         identity=identity,
         ipv4=row.ipv4,
         ipv6=row.ipv6,
-        tags=tuple(row.tags),
+        tags=tuple(t for t in row.tags if not t.startswith(GROUP_PREFIX)),
         endpoints=tuple(row.endpoints),
         routes=tuple(row.routes),
         keepalive=row.keepalive,
         created_at=row.created_at,
         expires_at=row.expires_at,
+        # group memberships granted at enrollment share the tag column: "group:NAME"
+        groups=tuple(t[len(GROUP_PREFIX) :] for t in row.tags if t.startswith(GROUP_PREFIX)),
     )
     return DeviceRecord(device, row.last_seen, row.ephemeral)
 

@@ -1,0 +1,391 @@
+"""The policy file: groups, tag rules, ACLs with ports, route approval, key expiry (pure).
+
+The document (YAML or JSON; see ``docs/policy.md``)::
+
+    groups:
+      eng: {issuer: "https://idp.example.com", claim: groups, values: [engineering]}
+    tag_rules:
+      - {issuer: "https://kubernetes.default.svc", claim: sub,
+         match: "system:serviceaccount:wiregate:*", tags: [tag:node]}
+      - {group: eng, tags: [tag:laptop]}
+    acls:
+      - {src: [group:eng], dst: [tag:db], ports: ["tcp:5432", "icmp"]}
+      - {src: [tag:node], dst: [tag:node, tag:vm]}
+    routes:
+      - {tags: [tag:node], allow: ["10.244.0.0/16"]}
+    key_expiry: {default: 180d, "tag:node": never}
+
+:func:`parse_policy` validates every field and raises :class:`ConfigError`
+naming the path inside the document (``acls[2].dst[0]: unknown group "ops"``).
+The legacy form ``{"rules": [...]}`` is still accepted (every port, every
+route approved). :func:`load_policy_file` reads a file (YAML with
+``yaml.safe_load`` semantics and duplicate keys refused, JSON, or legacy TOML).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.errors import ConfigError
+from gateway.portspec import PortSpec, parse_port
+from identity.claims import check_url
+from identity.policy import ANY, GROUP_PREFIX, Policy, RouteRule, Rule
+
+__all__ = [
+    "NEVER",
+    "Group",
+    "PolicyFile",
+    "TagRule",
+    "load_policy_file",
+    "parse_duration",
+    "parse_policy",
+]
+
+NEVER = None  # a key_expiry value: the device key does not expire
+_TAG = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_CLAIM = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
+_DURATION = re.compile(r"^([0-9]{1,6})([smhdw])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# Claims an end user (or a careless IdP) can set: never a basis for authorization.
+UNSAFE_CLAIMS = frozenset(
+    {"preferred_username", "name", "nickname", "given_name", "family_name", "middle_name",
+     "email_verified", "phone_number", "phone_number_verified", "picture", "profile",
+     "website", "locale", "zoneinfo", "nonce", "aud", "azp", "exp", "iat", "nbf"}
+)  # fmt: skip
+_TOP = ("groups", "tag_rules", "acls", "routes", "key_expiry")
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Identities of ``issuer`` whose ``claim`` holds one of ``values``."""
+
+    name: str
+    issuer: str
+    claim: str
+    values: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TagRule:
+    """Tags granted at enrollment: to members of ``group``, or on a claim of ``issuer``.
+
+    A claim rule matches when the claim's value (or one of them, for a list)
+    is in ``values`` or matches the glob ``match`` (``*`` any run, ``?`` one
+    character).
+    """
+
+    tags: tuple[str, ...]
+    group: str | None = None
+    issuer: str | None = None
+    claim: str | None = None
+    match: str | None = None
+    values: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyFile:
+    """A loaded policy document: the evaluated :class:`Policy` and the enrollment rules.
+
+    ``key_expiry`` maps ``"default"`` and tags to seconds (None: never).
+    """
+
+    policy: Policy
+    groups: Mapping[str, Group] = field(default_factory=dict)
+    tag_rules: tuple[TagRule, ...] = ()
+    key_expiry: Mapping[str, float | None] = field(default_factory=dict)
+    legacy: bool = False
+
+    def summary(self) -> str:
+        """One line per section, for ``wiregate policy check``."""
+        ported = sum(1 for r in self.policy.rules if r.ports is not None)
+        routes = "all approved" if self.policy.routes is None else len(self.policy.routes)
+        lines = [
+            f"form: {'legacy rules' if self.legacy else 'policy file'}",
+            f"groups: {len(self.groups)} ({', '.join(sorted(self.groups)) or '-'})",
+            f"tag_rules: {len(self.tag_rules)}",
+            f"acls: {len(self.policy.rules)} ({ported} restricted to ports)",
+            f"routes: {routes}",
+            f"key_expiry: {_expiry_text(self.key_expiry)}",
+        ]
+        return "\n".join(lines)
+
+
+def _expiry_text(expiry: Mapping[str, float | None]) -> str:
+    if not expiry:
+        return "-"
+    return ", ".join(f"{k}={'never' if v is None else f'{v:g}s'}" for k, v in expiry.items())
+
+
+def load_policy_file(path: Path) -> PolicyFile:
+    """Read and validate the policy file at ``path``; :class:`ConfigError` if anything is off."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read policy file {path}: {exc.strerror}") from None
+    try:
+        if path.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
+        else:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"policy file {path} does not parse: {exc}") from None
+    return parse_policy(data)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` semantics, refusing a key repeated in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_policy(data: Any) -> PolicyFile:
+    """Validate a policy document (new or legacy form); :class:`ConfigError` names the path."""
+    if isinstance(data, Mapping) and "rules" in data:
+        if len(data) > 1:
+            raise ConfigError(
+                "(document): 'rules' is the legacy form and cannot be mixed with other sections",
+                hint="write the rules as 'acls'",
+            )
+        return PolicyFile(policy=Policy.from_dict(data, error=ConfigError), legacy=True)
+    doc = _mapping(data, "(document)", set(_TOP))
+    groups = _groups(doc.get("groups", {}))
+    tag_rules = tuple(
+        _tag_rule(raw, f"tag_rules[{i}]", groups)
+        for i, raw in enumerate(_list(doc.get("tag_rules", []), "tag_rules", empty=True))
+    )
+    acls = tuple(
+        _acl(raw, f"acls[{i}]", groups)
+        for i, raw in enumerate(_list(doc.get("acls", []), "acls", empty=True))
+    )
+    routes = tuple(
+        _route_rule(raw, f"routes[{i}]", groups)
+        for i, raw in enumerate(_list(doc.get("routes", []), "routes", empty=True))
+    )
+    return PolicyFile(
+        policy=Policy(rules=acls, routes=routes, directional=True),
+        groups=groups,
+        tag_rules=tag_rules,
+        key_expiry=_key_expiry(doc.get("key_expiry", {})),
+    )
+
+
+# -- sections -------------------------------------------------------------------
+
+
+def _groups(raw: Any) -> dict[str, Group]:
+    doc = _mapping(raw, "groups", None)
+    out: dict[str, Group] = {}
+    for name, body in doc.items():
+        path = f"groups.{name}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(
+                f"groups: {name!r} is not a group name",
+                hint="lowercase letters, digits, '.', '_', '-'",
+            )
+        entry = _mapping(body, path, {"issuer", "claim", "values"})
+        _require(entry, path, ("issuer", "claim", "values"))
+        out[name] = Group(
+            name=name,
+            issuer=_issuer(entry["issuer"], f"{path}.issuer"),
+            claim=_claim(entry["claim"], f"{path}.claim"),
+            values=frozenset(_strings(entry["values"], f"{path}.values")),
+        )
+    return out
+
+
+def _tag_rule(raw: Any, path: str, groups: Mapping[str, Group]) -> TagRule:
+    entry = _mapping(raw, path, {"group", "issuer", "claim", "match", "values", "tags"})
+    tags = tuple(_tags(entry.get("tags"), f"{path}.tags"))
+    if "group" in entry:
+        extra = sorted(k for k in entry if k not in ("group", "tags"))
+        if extra:
+            raise ConfigError(f"{path}: 'group' cannot be combined with {extra[0]!r}")
+        return TagRule(tags=tags, group=_group_ref(entry["group"], f"{path}.group", groups))
+    _require(entry, path, ("issuer", "claim"))
+    if ("match" in entry) == ("values" in entry):
+        raise ConfigError(f"{path}: give exactly one of 'match' (a glob) and 'values' (a list)")
+    match = entry.get("match")
+    if match is not None and (not isinstance(match, str) or not match):
+        raise ConfigError(f"{path}.match: expected a non-empty glob string")
+    values = _strings(entry["values"], f"{path}.values") if "values" in entry else []
+    return TagRule(
+        tags=tags,
+        issuer=_issuer(entry["issuer"], f"{path}.issuer"),
+        claim=_claim(entry["claim"], f"{path}.claim"),
+        match=match,
+        values=frozenset(values),
+    )
+
+
+def _acl(raw: Any, path: str, groups: Mapping[str, Group]) -> Rule:
+    entry = _mapping(raw, path, {"src", "dst", "ports"})
+    _require(entry, path, ("src", "dst"))
+    ports: tuple[PortSpec, ...] | None = None
+    if "ports" in entry:
+        items = _list(entry["ports"], f"{path}.ports", empty=False)
+        ports = tuple(_port(p, f"{path}.ports[{i}]") for i, p in enumerate(items))
+    return Rule(
+        src=_entries(entry["src"], f"{path}.src", groups),
+        dst=_entries(entry["dst"], f"{path}.dst", groups),
+        ports=ports,
+    )
+
+
+def _route_rule(raw: Any, path: str, groups: Mapping[str, Group]) -> RouteRule:
+    entry = _mapping(raw, path, {"tags", "allow"})
+    _require(entry, path, ("tags", "allow"))
+    items = _list(entry["allow"], f"{path}.allow", empty=False)
+    return RouteRule(
+        match=_entries(entry["tags"], f"{path}.tags", groups),
+        allow=tuple(_prefix(p, f"{path}.allow[{i}]") for i, p in enumerate(items)),
+    )
+
+
+def _key_expiry(raw: Any) -> dict[str, float | None]:
+    doc = _mapping(raw, "key_expiry", None)
+    out: dict[str, float | None] = {}
+    for key, value in doc.items():
+        if key != "default" and not (isinstance(key, str) and _TAG.match(key)):
+            raise ConfigError(f"key_expiry: {key!r} is neither 'default' nor a tag")
+        out[key] = parse_duration(value, f"key_expiry.{key}")
+    return out
+
+
+def parse_duration(value: Any, path: str) -> float | None:
+    """``"never"`` → None, ``"90d"`` → seconds (units s, m, h, d, w)."""
+    if value == "never":
+        return NEVER
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) == 0:
+        raise ConfigError(
+            f"{path}: {value!r} is not a duration", hint="'never' or a number and s|m|h|d|w: '180d'"
+        )
+    return float(int(match.group(1)) * _UNIT[match.group(2)])
+
+
+# -- fields ---------------------------------------------------------------------
+
+
+def _entries(raw: Any, path: str, groups: Mapping[str, Group]) -> frozenset[str]:
+    items = _list(raw, path, empty=False)
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]"
+        if isinstance(item, str) and item.startswith(GROUP_PREFIX):
+            _group_ref(item[len(GROUP_PREFIX) :], where, groups)
+        elif not isinstance(item, str) or not (item == ANY or _TAG.match(item)):
+            raise ConfigError(
+                f"{where}: {item!r} is neither '*', a tag nor a group",
+                hint="tags look like 'tag:db', groups like 'group:eng'",
+            )
+    return frozenset(items)
+
+
+def _group_ref(name: Any, path: str, groups: Mapping[str, Group]) -> str:
+    if not isinstance(name, str) or name not in groups:
+        known = ", ".join(sorted(groups)) or "none defined"
+        raise ConfigError(f'{path}: unknown group "{name}"', hint=f"groups: {known}")
+    return name
+
+
+def _tags(raw: Any, path: str) -> list[str]:
+    items = _list(raw, path, empty=False)
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not _TAG.match(item):
+            raise ConfigError(f"{path}[{i}]: {item!r} is not a tag (tag:name)")
+    return items
+
+
+def _port(raw: Any, path: str) -> PortSpec:
+    try:
+        return parse_port(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _prefix(raw: Any, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(raw, str):
+        raise ConfigError(f"{path}: expected a CIDR prefix string")
+    try:
+        return ipaddress.ip_network(raw, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {raw!r} is not a CIDR prefix ({exc})") from None
+
+
+def _issuer(raw: Any, path: str) -> str:
+    if not isinstance(raw, str):
+        raise ConfigError(f"{path}: expected the issuer URL as a string")
+    check_url(raw, insecure_http=True, what=path, error=ConfigError)
+    return raw
+
+
+def _claim(raw: Any, path: str) -> str:
+    if not isinstance(raw, str) or not _CLAIM.match(raw):
+        raise ConfigError(f"{path}: expected a claim name")
+    if raw in UNSAFE_CLAIMS:
+        raise ConfigError(
+            f"{path}: the claim {raw!r} is not verified data and cannot grant access",
+            hint="use sub, email (only when email_verified), groups or another IdP-set claim",
+        )
+    return raw
+
+
+def _strings(raw: Any, path: str) -> list[str]:
+    items = _list(raw, path, empty=False)
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"{path}[{i}]: expected a non-empty string")
+    return items
+
+
+def _list(raw: Any, path: str, *, empty: bool) -> list[Any]:
+    if not isinstance(raw, list) or (not raw and not empty):
+        raise ConfigError(f"{path}: expected a {'' if empty else 'non-empty '}list")
+    return raw
+
+
+def _mapping(raw: Any, path: str, allowed: set[str] | None) -> Mapping[Any, Any]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping")
+    if allowed is not None:
+        extra = sorted(str(k) for k in raw if k not in allowed)
+        if extra:
+            raise ConfigError(
+                f"{path}: unknown field {extra[0]!r}", hint=f"allowed: {sorted(allowed)}"
+            )
+    return raw
+
+
+def _require(entry: Mapping[Any, Any], path: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        if name not in entry:
+            raise ConfigError(f"{path}: missing {name!r}")

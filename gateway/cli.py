@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,6 +22,10 @@ from gateway.cli_admin import admin, run_or_exit
 from gateway.config import AgentSettings, GatewaySettings, RelaySettings, load_settings
 from gateway.errors import WiregateError
 from gateway.logging import configure_logging
+
+if TYPE_CHECKING:  # imported lazily at run time: the CLI starts fast
+    from gateway.agent.netcheck import NetReport
+    from gateway.relays import RelayEndpoint
 
 __all__ = ["main"]
 
@@ -246,24 +250,76 @@ def _format_status(doc: dict[str, Any]) -> str:
 @_config_option
 @click.option("--stun", "stun", multiple=True, help="STUN server HOST:PORT (repeatable).")
 @click.option("--port", type=int, default=None, help="WireGuard listen port (default 51820).")
+@click.option(
+    "--relay",
+    "relay_flags",
+    multiple=True,
+    help="Relay ID=HOST:PORT to ping (repeatable; default: the gateway's relays).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="The agent's state dir (its device token lists the gateway's relays).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def netcheck(
-    config_file: Path | None, stun: tuple[str, ...], port: int | None, as_json: bool
+    config_file: Path | None,
+    stun: tuple[str, ...],
+    port: int | None,
+    relay_flags: tuple[str, ...],
+    state_dir: Path | None,
+    as_json: bool,
 ) -> None:
-    """Find the NAT type and the reflexive address of the WireGuard port (needs CAP_NET_RAW)."""
-    from gateway.agent.netcheck import run_netcheck
+    """Find the NAT type and the reflexive address of the WireGuard port (needs CAP_NET_RAW),
+    and ping each relay."""
+    from gateway.relays import parse_relays
     from relay.server import parse_hostport
 
-    settings = _settings(AgentSettings, config_file, stun_servers=list(stun), listen_port=port)
+    settings = _settings(
+        AgentSettings, config_file, stun_servers=list(stun), listen_port=port, state_dir=state_dir
+    )
     if not settings.stun_servers:
         raise click.UsageError("no STUN server: give --stun HOST:PORT or set agent.stun_servers")
     try:
+        relays = parse_relays(relay_flags)
+    except WiregateError as exc:
+        raise click.UsageError(f"--relay: {exc.message}") from exc
+    try:
         servers = [parse_hostport(s) for s in settings.stun_servers]
-        report = run_or_exit(run_netcheck(servers, settings.listen_port))
+        report = run_or_exit(_netcheck(settings, servers, relays))
     except (WiregateError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     doc = report.to_dict()
     click.echo(json.dumps(doc, indent=2) if as_json else _format_netcheck(doc))
+
+
+async def _netcheck(
+    settings: AgentSettings, servers: list[tuple[str, int]], relays: tuple[RelayEndpoint, ...]
+) -> NetReport:
+    from gateway.agent.netcheck import run_netcheck
+
+    if not relays:
+        relays = await _gateway_relays(settings)
+    return await run_netcheck(servers, settings.listen_port, relays=relays)
+
+
+async def _gateway_relays(settings: AgentSettings) -> tuple[RelayEndpoint, ...]:
+    """The gateway's relays, asked with the agent's device token; none (and a note) if not."""
+    from gateway.agent.netcheck import fetch_relays
+    from gateway.agent.state import StateDir
+
+    try:
+        enrollment = StateDir(settings.state_dir).load_enrollment()
+        if enrollment is None:
+            click.echo("relays: not enrolled; give --relay ID=HOST:PORT to ping relays", err=True)
+            return ()
+        return await fetch_relays(settings.server, enrollment.token)
+    except OSError as exc:
+        click.echo(f"relays: cannot read the device token: {exc.strerror}", err=True)
+    except WiregateError as exc:
+        click.echo(f"relays: {exc.message}", err=True)
+    return ()
 
 
 def _format_netcheck(doc: dict[str, Any]) -> str:
@@ -279,6 +335,12 @@ def _format_netcheck(doc: dict[str, Any]) -> str:
         rtt = "-" if s["rtt_ms"] is None else f"{s['rtt_ms']:.1f}ms"
         reach = "yes" if s["reachable"] else "no"
         lines.append(f"{s['server']:<24} {reach:<10} {s['mapped'] or '-':<24} {rtt:>10}")
+    if doc.get("relays"):
+        lines += ["", f"{'RELAY':<16} {'CONTROL':<32} {'REACHABLE':<10} {'RTT':>10}  ERROR"]
+    for r in doc.get("relays", []):
+        rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f}ms"
+        reach = "yes" if r["reachable"] else "no"
+        lines.append(f"{r['id']:<16} {r['control']:<32} {reach:<10} {rtt:>10}  {r['error']}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,9 @@ local address, and returns a :class:`NetReport`. :func:`run_netcheck` is the pro
 it asks the STUN servers from the WireGuard listen port through a raw socket
 (:mod:`gateway.agent.rawudp`), adding the first server's OTHER-ADDRESS when only
 one server is configured, so the mappings compared are the ones WireGuard uses.
+Given relays (:func:`fetch_relays` asks the gateway's ``GET /api/v1/relays``
+with the device token), it also PINGs each relay's control port, at the same
+time, and reports reachability and latency (:class:`RelayProbe`).
 
 NAT types:
 
@@ -28,14 +31,29 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import aiohttp
+
 from gateway.agent.endpoints import format_endpoint
 from gateway.agent.rawudp import RawAnswer, raw_stun_query
-from gateway.errors import WiregateError
+from gateway.errors import Unavailable, WiregateError, from_api_response
+from gateway.relays import RelayEndpoint, parse_relays
+from relay.probe import PingResult, ping_relay
 
-__all__ = ["NatType", "NetReport", "Probe", "classify", "run_netcheck"]
+__all__ = [
+    "NatType",
+    "NetReport",
+    "Probe",
+    "RelayProbe",
+    "check_relays",
+    "classify",
+    "fetch_relays",
+    "run_netcheck",
+]
 
 Addr = tuple[str, int]
 Query = Callable[[Addr, int, float], Awaitable[RawAnswer]]
+Ping = Callable[[Addr, float], Awaitable[PingResult]]
+_HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
 
 
 class NatType(StrEnum):
@@ -69,6 +87,28 @@ class Probe:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayProbe:
+    """One relay's answer to PING (``rtt``) or why there was none (``error``)."""
+
+    relay: RelayEndpoint
+    rtt: float | None = None
+    error: str = ""
+
+    @property
+    def reachable(self) -> bool:
+        return self.rtt is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.relay.id,
+            "control": self.relay.control,
+            "reachable": self.reachable,
+            "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class NetReport:
     """The outcome of one netcheck, with the evidence that led to it."""
 
@@ -78,6 +118,7 @@ class NetReport:
     probes: tuple[Probe, ...]
     evidence: str
     checked_at: float
+    relays: tuple[RelayProbe, ...] = ()
 
     @property
     def usable_reflexive(self) -> str | None:
@@ -94,13 +135,19 @@ class NetReport:
             "evidence": self.evidence,
             "checked_at": self.checked_at,
             "servers": [p.to_dict() for p in self.probes],
+            "relays": [r.to_dict() for r in self.relays],
         }
 
 
-def classify(probes: Sequence[Probe], local: Addr | None, now: float) -> NetReport:
+def classify(
+    probes: Sequence[Probe],
+    local: Addr | None,
+    now: float,
+    relays: Sequence[RelayProbe] = (),
+) -> NetReport:
     """Decide the NAT type from the probes' answers and the local ``(ip, port)``."""
     nat, reflexive, evidence = _decide(probes, local)
-    return NetReport(nat, reflexive, local, tuple(probes), evidence, now)
+    return NetReport(nat, reflexive, local, tuple(probes), evidence, now, tuple(relays))
 
 
 def _decide(probes: Sequence[Probe], local: Addr | None) -> tuple[NatType, Addr | None, str]:
@@ -136,8 +183,11 @@ async def run_netcheck(
     wait: float = 1.5,
     query: Query = raw_stun_query,
     clock: Callable[[], float] = time.time,
+    relays: Sequence[RelayEndpoint] = (),
+    ping: Ping = ping_relay,
 ) -> NetReport:
-    """Probe ``servers`` (host names allowed; IPv4) from UDP ``port`` and classify.
+    """Probe ``servers`` (host names allowed; IPv4) from UDP ``port`` and classify;
+    PING ``relays`` meanwhile.
 
     With a single server, its OTHER-ADDRESS (if any) is probed as the second one.
     ``OSError`` from the raw socket (no CAP_NET_RAW) propagates.
@@ -145,12 +195,57 @@ async def run_netcheck(
     targets = [await _resolve(s) for s in servers]
     if not targets:
         raise ValueError("netcheck needs at least one STUN server")
-    first = await _probe(query, targets[0], port, wait)
-    if len(targets) == 1 and first.other_address is not None:
-        targets.append(first.other_address)
-    rest = await asyncio.gather(*(_probe(query, t, port, wait) for t in targets[1:]))
-    local = await _local_address(targets[0], port)
-    return classify([first, *rest], local, clock())
+    relay_task = asyncio.ensure_future(check_relays(relays, wait=wait, ping=ping))
+    try:
+        first = await _probe(query, targets[0], port, wait)
+        if len(targets) == 1 and first.other_address is not None:
+            targets.append(first.other_address)
+        rest = await asyncio.gather(*(_probe(query, t, port, wait) for t in targets[1:]))
+        local = await _local_address(targets[0], port)
+        relay_probes = await relay_task
+    finally:
+        relay_task.cancel()
+    return classify([first, *rest], local, clock(), relay_probes)
+
+
+async def check_relays(
+    relays: Sequence[RelayEndpoint], *, wait: float = 1.5, ping: Ping = ping_relay
+) -> list[RelayProbe]:
+    """PING every relay's control port at once; each gets ``wait`` seconds."""
+    return list(await asyncio.gather(*(_ping(ping, r, wait) for r in relays)))
+
+
+async def _ping(ping: Ping, relay: RelayEndpoint, wait: float) -> RelayProbe:
+    try:
+        result = await ping((relay.host, relay.port), wait)
+    except WiregateError as exc:
+        return RelayProbe(relay, error=exc.message)
+    except OSError as exc:  # unresolvable name, no route
+        return RelayProbe(relay, error=exc.strerror or str(exc))
+    return RelayProbe(relay, rtt=result.rtt)
+
+
+async def fetch_relays(server: str, token: str) -> tuple[RelayEndpoint, ...]:
+    """The relays the gateway at ``server`` knows (``GET /api/v1/relays``, device token).
+
+    Raises :class:`~gateway.errors.Unavailable` when the gateway cannot be reached
+    or answers nonsense, the mapped API error when it refuses.
+    """
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=_HTTP_TIMEOUT) as session,
+            session.get(server.rstrip("/") + "/api/v1/relays", headers=headers) as resp,
+        ):
+            data = await resp.json(content_type=None)
+            if resp.status >= 400:
+                raise from_api_response(resp.status, data)
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        raise Unavailable(f"cannot get the relays from the gateway at {server}: {exc}") from exc
+    try:
+        return parse_relays([f"{r['id']}={r['control']}" for r in data["relays"]])
+    except (KeyError, TypeError, WiregateError) as exc:
+        raise Unavailable(f"the gateway sent a malformed relay list: {exc}") from exc
 
 
 async def _probe(query: Query, server: Addr, port: int, wait: float) -> Probe:

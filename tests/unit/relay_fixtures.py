@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 
 from nacl.signing import SigningKey
+from prometheus_client import CollectorRegistry
 
 from gateway.wgkey import decode_key, encode_key, generate_private_key, public_from_private
 from relay.allocation import Relay, RelayConfig, Send
 from relay.control import Allocated, Bound, Challenge, Refused, parse_control
 from relay.filters import mac1
 from relay.relay_client import build_allocate, build_bind, build_confirm
+from relay.relay_server import ForwardingSettings, RelayForwarder
 from relay.tickets import Node, Side, Ticket, TrustedSigner, issue_pair, sign_ticket
 
 RELAY_ID = "relay-1"
@@ -122,3 +125,17 @@ def refusal(sends: list[Send]) -> str | None:
 
 def make_lab(signers: list[TrustedSigner], **overrides: object) -> Lab:
     return Lab(Relay(config(**overrides), signers, secret=b"s" * 32))
+
+
+async def loopback_forwarder(signers: tuple[TrustedSigner, ...], ports: int = 4) -> RelayForwarder:
+    """A real relay forwarder on 127.0.0.1 (control port + ``ports`` relay ports); close it."""
+    socks = []
+    for _ in range(ports + 1):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        socks.append(sock)
+    config = RelayConfig(RELAY_ID, 0, (), allow_loopback=True)
+    settings = ForwardingSettings("127.0.0.1", 0, (0,) * ports, config, signers, b"k" * 32)
+    forwarder = RelayForwarder(settings, CollectorRegistry())
+    await forwarder.start(socks)
+    return forwarder

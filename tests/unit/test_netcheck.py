@@ -2,21 +2,39 @@
 
 from __future__ import annotations
 
+import json
+import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from relay_fixtures import loopback_forwarder
 
 from gateway.agent import netcheck
 from gateway.agent.candidates import merge_candidates
 from gateway.agent.daemon import Agent
-from gateway.agent.netcheck import NatType, NetReport, Probe, classify, run_netcheck
+from gateway.agent.netcheck import (
+    NatType,
+    NetReport,
+    Probe,
+    RelayProbe,
+    classify,
+    run_netcheck,
+)
 from gateway.agent.rawudp import RawAnswer
+from gateway.agent.state import Enrollment, StateDir
 from gateway.cli import _format_netcheck, main
 from gateway.config import AgentSettings
+from gateway.errors import Unauthorized, Unavailable
+from gateway.relays import RelayEndpoint
 from relay.client import BindingResponse
-from relay.errors import StunTimeout
+from relay.errors import RelayTimeout, StunTimeout
+from relay.probe import PingResult
+from relay.relay_server import RelayForwarder
+from tests.unit.test_api import ClientFactory
+from tests.unit.test_relay_tickets_api import start, two_devices
 
 S1, S2 = ("198.51.100.2", 3478), ("198.51.100.2", 3479)
 LOCAL = ("192.0.2.2", 51820)
@@ -86,6 +104,7 @@ def test_to_dict() -> None:
         {"server": "198.51.100.2:3479", "reachable": False, "mapped": None, "rtt_ms": None,
          "error": "no STUN answer"},
     ]  # fmt: skip
+    assert doc["relays"] == []  # a report without relays: the old keys, and an empty list
 
 
 class FakeNet:
@@ -129,7 +148,10 @@ async def test_needs_a_server() -> None:
 
 
 def test_exports() -> None:
-    assert set(netcheck.__all__) == {"NatType", "NetReport", "Probe", "classify", "run_netcheck"}
+    assert all(callable(getattr(netcheck, name)) for name in netcheck.__all__)
+    assert {"NetReport", "classify", "run_netcheck", "RelayProbe", "check_relays"} <= set(
+        netcheck.__all__
+    ) and "fetch_relays" in netcheck.__all__
 
 
 def test_candidates_order_configured_reflexive_local() -> None:
@@ -180,3 +202,134 @@ def test_cli_text_and_missing_server() -> None:
     assert "nat type   eim" in text and f"{WAN}:51820" in text and "2.0ms" in text
     result = CliRunner().invoke(main, ["netcheck"], env={"WIREGATE_STUN_SERVERS": "[]"})
     assert result.exit_code == 2 and "no STUN server" in result.output
+
+
+# --- relays ----------------------------------------------------------------------------------
+
+R1 = RelayEndpoint("relay-1", "192.0.2.50", 3480)
+R2 = RelayEndpoint("relay-2", "2001:db8::5", 3480)
+R3 = RelayEndpoint("relay-3", "relay.invalid", 3480)
+
+
+async def fake_ping(control: tuple[str, int], wait: float) -> PingResult:
+    if control == ("192.0.2.50", 3480):
+        return PingResult(0.0042, 1, 10)
+    if control[0] == "relay.invalid":
+        raise OSError(-2, "Name or service not known")
+    raise RelayTimeout(f"no PONG from {control[0]}:{control[1]} within {wait}s")
+
+
+async def test_relays_are_pinged_with_the_stun_probes() -> None:
+    net = FakeNet({S1: (WAN, 51820), S2: (WAN, 51820)}, other=False)
+    report = await run_netcheck([S1, S2], 51820, query=net, relays=[R1, R2, R3], ping=fake_ping)
+    assert report.nat_type is NatType.EIM
+    assert [r.to_dict() for r in report.relays] == [
+        {"id": "relay-1", "control": "192.0.2.50:3480", "reachable": True, "rtt_ms": 4.2,
+         "error": ""},
+        {"id": "relay-2", "control": "[2001:db8::5]:3480", "reachable": False, "rtt_ms": None,
+         "error": "no PONG from 2001:db8::5:3480 within 1.5s"},
+        {"id": "relay-3", "control": "relay.invalid:3480", "reachable": False, "rtt_ms": None,
+         "error": "Name or service not known"},
+    ]  # fmt: skip
+    assert report.to_dict()["relays"][0]["id"] == "relay-1"
+
+
+def test_cli_text_shows_relays() -> None:
+    report = classify(eim_report().probes, LOCAL, 0.0, [RelayProbe(R1, 0.0042), RelayProbe(R2)])
+    text = _format_netcheck(report.to_dict())
+    relay_lines = [line for line in text.splitlines() if line.startswith("relay-")]
+    assert relay_lines[0].split()[:4] == ["relay-1", "192.0.2.50:3480", "yes", "4.2ms"]
+    assert relay_lines[1].split()[:4] == ["relay-2", "[2001:db8::5]:3480", "no", "-"]
+    assert "RELAY" not in _format_netcheck(eim_report().to_dict())
+
+
+@pytest.fixture
+async def forwarder() -> AsyncIterator[RelayForwarder]:
+    fwd = await loopback_forwarder(())
+    yield fwd
+    fwd.close()
+
+
+async def test_check_relays_pings_a_real_relay(forwarder: RelayForwarder) -> None:
+    assert forwarder.control_address is not None
+    host, port = forwarder.control_address
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        live = RelayEndpoint("live", host, port)
+        dead = RelayEndpoint("dead", "127.0.0.1", silent.getsockname()[1])
+        up, down = await netcheck.check_relays([live, dead], wait=0.3)
+    finally:
+        silent.close()
+    assert up.reachable and up.rtt is not None and 0 < up.rtt < 0.3
+    assert not down.reachable and "no PONG" in down.error
+
+
+async def test_fetch_relays_from_the_gateway(aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    client = await start(aiohttp_client, tmp_path)
+    me, _ = await two_devices(client)
+    server = str(client.make_url("")).rstrip("/")
+    relays = await netcheck.fetch_relays(server, me["token"])
+    assert relays == (
+        RelayEndpoint("relay-1", "relay.example", 3480),
+        RelayEndpoint("relay-2", "2001:db8::1", 3480),
+    )
+    with pytest.raises(Unauthorized):
+        await netcheck.fetch_relays(server, "wgd_nope")
+    with pytest.raises(Unavailable, match="cannot get the relays"):
+        await netcheck.fetch_relays("http://127.0.0.1:1", me["token"])
+
+
+class RecordingNetcheck:
+    def __init__(self) -> None:
+        self.relays: list[Any] = []
+
+    async def __call__(self, servers: Any, port: int, *, relays: Any = ()) -> NetReport:
+        self.relays = list(relays)
+        return classify(eim_report().probes, LOCAL, 0.0, [RelayProbe(r, 0.001) for r in relays])
+
+
+def test_cli_relay_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = RecordingNetcheck()
+    monkeypatch.setattr(netcheck, "run_netcheck", fake)
+    args = ["netcheck", "--stun", "198.51.100.2:3478", "--json", "--state-dir", str(tmp_path)]
+    result = CliRunner().invoke(main, [*args, "--relay", "r1=192.0.2.50:3480"])
+    assert result.exit_code == 0, result.output
+    assert fake.relays == [RelayEndpoint("r1", "192.0.2.50", 3480)]
+    doc = json.loads(result.stdout)
+    assert doc["relays"] == [
+        {"id": "r1", "control": "192.0.2.50:3480", "reachable": True, "rtt_ms": 1.0, "error": ""}
+    ]
+    bad = CliRunner().invoke(main, [*args, "--relay", "192.0.2.50:3480"])
+    assert bad.exit_code == 2 and "--relay" in bad.output
+
+
+def test_cli_without_enrollment_notes_it_and_checks_no_relay(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake = RecordingNetcheck()
+    monkeypatch.setattr(netcheck, "run_netcheck", fake)
+    args = ["netcheck", "--stun", "198.51.100.2:3478", "--json", "--state-dir", str(tmp_path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert fake.relays == [] and json.loads(result.stdout)["relays"] == []
+    assert "not enrolled" in result.stderr
+
+
+def test_cli_asks_the_gateway_with_the_device_token(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake, asked = RecordingNetcheck(), []
+
+    async def fetch(server: str, token: str) -> tuple[RelayEndpoint, ...]:
+        asked.append((server, token))
+        return (R1,)
+
+    monkeypatch.setattr(netcheck, "run_netcheck", fake)
+    monkeypatch.setattr(netcheck, "fetch_relays", fetch)
+    StateDir(tmp_path).save_enrollment(Enrollment("dev_1", "vm", ("100.64.0.2",), "wgd_secret"))
+    args = ["netcheck", "--stun", "198.51.100.2:3478", "--state-dir", str(tmp_path)]
+    result = CliRunner().invoke(main, args, env={"WIREGATE_SERVER": "http://gw.example:8080"})
+    assert result.exit_code == 0, result.output
+    assert asked == [("http://gw.example:8080", "wgd_secret")] and fake.relays == [R1]
+    assert "relay-1" in result.stdout and "wgd_secret" not in result.output

@@ -13,15 +13,13 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
-from prometheus_client import CollectorRegistry
-from relay_fixtures import CONTROL, RELAY_ID, Lab, make_lab, node, pair_tickets, signer
+from relay_fixtures import CONTROL, Lab, loopback_forwarder, make_lab, node, pair_tickets, signer
 
-from relay.allocation import RelayConfig
 from relay.control import MAGIC, Ping, Pong, build_control, parse_control
 from relay.errors import ControlError, RelayTimeout
 from relay.probe import PingResult, ping_relay
 from relay.relay_client import build_ping, parse_pong
-from relay.relay_server import ForwardingSettings, RelayForwarder
+from relay.relay_server import RelayForwarder
 
 KEY, TRUSTED = signer()
 A, B = node("dev-a"), node("dev-b")
@@ -135,15 +133,7 @@ def test_pings_are_rate_limited_per_source(lab: Lab) -> None:
 
 @pytest.fixture
 async def forwarder() -> AsyncIterator[RelayForwarder]:
-    socks = []
-    for _ in range(5):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
-        socks.append(sock)
-    config = RelayConfig(RELAY_ID, 0, (), allow_loopback=True, max_allocations=100)
-    settings = ForwardingSettings("127.0.0.1", 0, (0,) * 4, config, (TRUSTED,), b"k" * 32)
-    fwd = RelayForwarder(settings, CollectorRegistry())
-    await fwd.start(socks)
+    fwd = await loopback_forwarder((TRUSTED,))
     yield fwd
     fwd.close()
 

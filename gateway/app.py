@@ -29,10 +29,12 @@ from gateway.api.common import ADMIN_TOKEN, BROKER, CLOCK, POLICY, SETTINGS, STO
 from gateway.broker import Broker
 from gateway.config import GatewaySettings
 from gateway.errors import ConfigError
+from gateway.expiry import people_lifetime
 from gateway.ipam import Pool
 from gateway.logging import get_logger
 from gateway.store import Store
 from gateway.store.store import Clock
+from gateway.sweeper import sweeper_ctx
 from identity.policy import Policy
 from identity.policy_file import PolicyFile, load_policy_file
 
@@ -74,6 +76,7 @@ def create_app(
     app[METRICS], app[_REQUESTS] = _api_metrics()
     setup_routes(app)
     app.cleanup_ctx.append(_state(settings, broker_factory, clock))
+    app.cleanup_ctx.append(sweeper_ctx(settings.expiry_sweep_interval))
     return app
 
 
@@ -85,6 +88,7 @@ def _state(
             settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         pool = Pool.parse(settings.ipv4_pool, settings.ipv6_pool)
         store = await Store.open(settings.effective_database_url(), pool=pool, clock=clock)
+        store.set_key_lifetime(people_lifetime(settings.key_expiry))
         try:
             document = load_policy_document(settings.policy_file)
             app[POLICY] = document

@@ -115,15 +115,16 @@ class Broker:
         self._set_version(version)
         self._publish(fanout, version, started)
 
-    def remove(self, device_id: str, version: int) -> None:
-        """Remove a device at ``version``: its viewers drop it, its own stream is revoked."""
+    def remove(self, device_id: str, version: int, reason: str = "device removed") -> None:
+        """Remove a device at ``version``: its viewers drop it, its own stream is revoked
+        (told ``reason``)."""
         if self._stale(version):
             return
         started = time.perf_counter()
         fanout = apply_remove(self._state, device_id)
         self._set_version(version)
         self._publish(fanout, version, started)
-        self._revoke(device_id, "device removed")
+        self._revoke(device_id, reason)
 
     def device(self, device_id: str) -> Device:
         """The device as the broker knows it; :class:`~gateway.errors.NotFound` if unknown."""
@@ -138,6 +139,10 @@ class Broker:
     def connected(self) -> int:
         """How many agents have an open stream."""
         return len(self._streams)
+
+    def connected_ids(self) -> frozenset[str]:
+        """The devices whose agent has an open stream now."""
+        return frozenset(self._streams)
 
     def __contains__(self, device_id: object) -> bool:
         return device_id in self._state

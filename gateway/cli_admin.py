@@ -84,6 +84,7 @@ def keys() -> None:
 @click.option("--reusable", is_flag=True, help="Allow many enrollments with this key.")
 @click.option("--ephemeral", is_flag=True, help="Devices are removed when they go away.")
 @click.option("--description", default="")
+@click.option("--device-key-expiry", default=None, help="Key lifetime of its devices: 90d …")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def keys_create(
@@ -93,6 +94,7 @@ def keys_create(
     reusable: bool,
     ephemeral: bool,
     description: str,
+    device_key_expiry: str | None,
     as_json: bool,
 ) -> None:
     """Create an enrollment key; print its secret once."""
@@ -103,6 +105,8 @@ def keys_create(
         "ephemeral": ephemeral,
         "description": description,
     }
+    if device_key_expiry is not None:
+        body["device_key_expiry"] = parse_duration(device_key_expiry)
     data = _call(ctx, "POST", "/api/v1/keys", body)
     key = data["key"]
     _echo(data, as_json, [data["secret"], f"# id {key['id']}, expires {key['expires_at']}"])
@@ -143,11 +147,13 @@ def devices() -> None:
 def devices_list(ctx: click.Context, as_json: bool) -> None:
     """List devices with their addresses and key fingerprints."""
     data = _call(ctx, "GET", "/api/v1/devices")
-    rows = [f"{'ID':<24} {'NAME':<20} {'ADDRESSES':<40} {'FINGERPRINT':<20} LAST SEEN"]
+    head = f"{'ID':<24} {'NAME':<20} {'ADDRESSES':<40} {'FINGERPRINT':<20} {'LAST SEEN':<28}"
+    rows = [head + " EXPIRES"]
     for d in data["devices"]:
         rows.append(
             f"{d['id']:<24} {d['name'][:20]:<20} {' '.join(d['addresses']):<40} "
-            f"{d['fingerprint'][:19]:<20} {d.get('last_seen') or '-'}"
+            f"{d['fingerprint'][:19]:<20} {d.get('last_seen') or '-':<28} "
+            f"{d.get('expires_at') or 'never'}"
         )
     _echo(data, as_json, rows)
 
@@ -248,3 +254,62 @@ def audit(ctx: click.Context, since: str | None, limit: int, as_json: bool) -> N
         detail = " ".join(f"{k}={v}" for k, v in sorted(e["detail"].items()))
         rows.append(f"{e['at']:<28} {e['actor']:<32} {e['action']:<20} {e['target']:<24} {detail}")
     _echo(data, as_json, rows)
+
+
+@admin.group()
+def identities() -> None:
+    """Identities (OIDC users, enrollment keys) and everything they own."""
+
+
+@identities.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def identities_list(ctx: click.Context, as_json: bool) -> None:
+    """List identities with their device counts."""
+    data = _call(ctx, "GET", "/api/v1/identities")
+    rows = [f"{'ID':>6} {'DISABLED':<9} {'DEVICES':>7}  ISSUER # SUBJECT"]
+    for i in data["identities"]:
+        rows.append(
+            f"{i['id']:>6} {i['disabled']!s:<9} {i['devices']:>7}  {i['issuer']} # {i['subject']}"
+        )
+    _echo(data, as_json, rows)
+
+
+def _identity_ref(
+    ctx: click.Context, ref: str | None, issuer: str | None, subject: str | None
+) -> int:
+    if ref is not None and ref.isdigit():
+        return int(ref)
+    if issuer is None or subject is None:
+        raise click.UsageError("give an identity ID, or --issuer and --subject")
+    query = f"?issuer={quote(issuer, safe='')}&subject={quote(subject, safe='')}"
+    found = _call(ctx, "GET", f"/api/v1/identities{query}")
+    return int(found["identities"][0]["id"])
+
+
+def _identity_command(name: str, method: str, action: str, summary: str) -> None:
+    @identities.command(name, help=summary)
+    @click.argument("identity_id", required=False)
+    @click.option("--issuer", help="The identity's issuer (with --subject, instead of an ID).")
+    @click.option("--subject", help="The identity's subject.")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def command(
+        ctx: click.Context,
+        identity_id: str | None,
+        issuer: str | None,
+        subject: str | None,
+        as_json: bool,
+    ) -> None:
+        ident = _identity_ref(ctx, identity_id, issuer, subject)
+        data = _call(ctx, method, f"/api/v1/identities/{ident}{action}")
+        who = data["identity"]
+        removed = ", ".join(data["removed"]) or "no device"
+        _echo(data, as_json, [f"{name}d {who['issuer']} # {who['subject']}: removed {removed}"])
+
+
+_identity_command("revoke", "DELETE", "", "Revoke an identity: all its devices leave every map.")
+_identity_command(
+    "disable", "POST", "/disable", "Disable an identity: its devices go, no new ones."
+)
+_identity_command("enable", "POST", "/enable", "Enable a disabled identity again.")

@@ -169,6 +169,10 @@ class GatewaySettings(_Base):
     max_body_bytes: int = 64 * 1024
     relays: list[str] = []  # "id=HOST:PORT" of each relay's control port
     relay_probe_interval: float = 5.0  # PING every relay this often; down after 2 misses
+    # -- device lifecycle: key expiry, ephemeral devices -------------------------------
+    key_expiry: float | None = 180 * 86400.0  # people's device keys; None: never expire
+    expiry_sweep_interval: float = 30.0  # how often expired/ephemeral devices are swept
+    ephemeral_timeout: float = 300.0  # an ephemeral device away this long is removed
 
     # -- SSO web pages (gateway/web): sign-in, device approval, my devices, admin ------
     public_url: str = ""  # what browsers use, e.g. https://gw.example.com; redirect URI base

@@ -63,6 +63,7 @@ class Device:
     keepalive: int | None = None
     created_at: float = 0.0
     expires_at: float | None = None
+    previous_public_key: str | None = None  # the key its last rotation replaced
     groups: tuple[str, ...] = ()  # policy groups of its owner at enrollment (never sent)
 
     def tunnel_cidrs(self) -> tuple[str, ...]:
@@ -88,6 +89,8 @@ class Device:
             public_key=self.public_key,
             addresses=self.tunnel_cidrs(),
             tags=self.tags,
+            expires_at=self.expires_at,
+            previous_public_key=self.previous_public_key,
         )
 
 
@@ -137,13 +140,22 @@ class Peer:
 
 @dataclass(frozen=True, slots=True)
 class SelfView:
-    """What an agent needs to know about its own device."""
+    """What an agent needs to know about its own device.
+
+    ``public_key`` is the key the network uses for this device. After a key
+    rotation it is the device's next key and ``previous_public_key`` the key it
+    replaces: "switch now". Every peer's entry changed in the same map version,
+    so the agent switches its interface's private key on receiving it.
+    ``expires_at`` (POSIX seconds) is when the key stops being accepted.
+    """
 
     id: str
     name: str
     public_key: str
     addresses: tuple[str, ...]
     tags: tuple[str, ...] = ()
+    expires_at: float | None = None
+    previous_public_key: str | None = None
     refused_routes: tuple[str, ...] = ()  # advertised routes the policy did not approve
 
     def to_wire(self) -> dict[str, Any]:
@@ -156,6 +168,10 @@ class SelfView:
         }
         if self.refused_routes:
             wire["refused_routes"] = list(self.refused_routes)
+        if self.expires_at is not None:
+            wire["expires_at"] = self.expires_at
+        if self.previous_public_key is not None:
+            wire["previous_public_key"] = self.previous_public_key
         return wire
 
     @classmethod
@@ -167,6 +183,8 @@ class SelfView:
             addresses=tuple(str(a) for a in data["addresses"]),
             tags=tuple(str(t) for t in data.get("tags") or ()),
             refused_routes=tuple(str(r) for r in data.get("refused_routes") or ()),
+            expires_at=_optional_float(data.get("expires_at")),
+            previous_public_key=_optional_str(data.get("previous_public_key")),
         )
 
 
@@ -194,6 +212,14 @@ class NetMap:
             self_view=SelfView.from_wire(data["self"]),
             peers={p.id: p for p in peers},
         )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def apply_delta(current: NetMap, delta: dict[str, Any]) -> NetMap:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api import audit, bootstrap, devices, enroll, keys, login, openapi, relay
+from gateway.api import (
+    audit,
+    bootstrap,
+    devices,
+    enroll,
+    keys,
+    lifecycle,
+    login,
+    openapi,
+    relay,
+)
 from gateway.api.common import STORE, error_middleware
 from gateway.logging import get_logger
 
@@ -43,6 +53,7 @@ def setup_routes(app: web.Application) -> None:
         login.routes,
         relay.routes,
         audit.routes,
+        lifecycle.routes,
         openapi.routes,
         bootstrap.routes,
     )

@@ -198,6 +198,8 @@ def device_json(record: DeviceRecord) -> dict[str, Any]:
         "created_at": rfc3339(d.created_at),
         "expires_at": rfc3339(d.expires_at),
         "last_seen": rfc3339(record.last_seen),
+        "key_rotated_at": rfc3339(record.key_rotated_at),
+        "ephemeral": record.ephemeral,
     }
 
 
@@ -213,4 +215,5 @@ def key_json(key: KeyRecord) -> dict[str, Any]:
         "expires_at": rfc3339(key.expires_at),
         "used_count": key.used_count,
         "revoked": key.revoked,
+        "device_key_expiry": key.device_key_expiry,
     }

@@ -144,7 +144,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await request.app[STORE].touch(record.device.id)
     _log.info("stream_open", device_id=record.device.id, since=since)
     broker = request.app[BROKER]
-    return await broker.serve(request, record.device.id, since, _on_endpoints(request.app))
+    try:
+        return await broker.serve(request, record.device.id, since, _on_endpoints(request.app))
+    finally:  # when it went away: ephemeral devices are swept ephemeral_timeout later
+        await request.app[STORE].touch(record.device.id)
 
 
 def _parse_since(text: str | None) -> int | None:

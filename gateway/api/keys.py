@@ -22,6 +22,7 @@ __all__ = ["MAX_EXPIRY", "TAG_PATTERN", "KeyBody", "routes"]
 routes = web.RouteTableDef()
 TAG_PATTERN = r"^tag:[a-z0-9][a-z0-9-]{0,62}$"
 MAX_EXPIRY = 90 * 24 * 3600
+MAX_DEVICE_KEY_EXPIRY = 10 * 365 * 24 * 3600
 Tag = Annotated[str, Field(pattern=TAG_PATTERN)]
 
 
@@ -33,6 +34,7 @@ class KeyBody(StrictModel):
     reusable: bool = False
     ephemeral: bool = False
     description: Annotated[str, Field(max_length=255)] = ""
+    device_key_expiry: Annotated[int, Field(ge=60, le=MAX_DEVICE_KEY_EXPIRY)] | None = None
 
 
 @routes.post("/api/v1/keys")
@@ -46,6 +48,7 @@ async def create_key(request: web.Request) -> web.Response:
         reusable=body.reusable,
         ephemeral=body.ephemeral,
         description=body.description,
+        device_key_expiry=None if body.device_key_expiry is None else float(body.device_key_expiry),
     )
     key, secret = await request.app[STORE].create_key(spec, actor=actor)
     return web.json_response({"key": key_json(key), "secret": secret}, status=201)

@@ -62,6 +62,8 @@ _SCHEMAS: dict[str, Any] = {
             "created_at": _TIME,
             "expires_at": {"type": ["string", "null"], "format": "date-time"},
             "last_seen": {"type": ["string", "null"], "format": "date-time"},
+            "key_rotated_at": {"type": ["string", "null"], "format": "date-time"},
+            "ephemeral": {"type": "boolean"},
         }
     ),
     "Key": _obj(
@@ -75,6 +77,7 @@ _SCHEMAS: dict[str, Any] = {
             "expires_at": _TIME,
             "used_count": {"type": "integer", "minimum": 0},
             "revoked": {"type": "boolean"},
+            "device_key_expiry": {"type": ["number", "null"], "description": "seconds"},
         }
     ),
     "EnrollRequest": _obj(
@@ -97,6 +100,11 @@ _SCHEMAS: dict[str, Any] = {
             "reusable": {"type": "boolean", "default": False},
             "ephemeral": {"type": "boolean", "default": False},
             "description": {"type": "string", "maxLength": 255},
+            "device_key_expiry": {
+                "type": ["integer", "null"],
+                "minimum": 60,
+                "description": "lifetime (s) of the keys of devices it enrolls; null: none",
+            },
         },
         [],
     ),

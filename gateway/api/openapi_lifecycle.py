@@ -28,6 +28,19 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 
 SCHEMAS: dict[str, Any] = {
+    "IdentityRecord": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "integer"},
+            "issuer": _STR,
+            "subject": _STR,
+            "created_at": _TIME,
+            "disabled": {"type": "boolean"},
+            "devices": {"type": "integer", "minimum": 0},
+        },
+        "required": ["id", "issuer", "subject", "created_at", "disabled", "devices"],
+    },
     "AuditEvent": {
         "type": "object",
         "additionalProperties": False,
@@ -47,7 +60,95 @@ SCHEMAS: dict[str, Any] = {
     },
 }
 
+_IDENTITY_ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
+_CHANGED = _json(
+    {
+        "type": "object",
+        "properties": {
+            "identity": _ref("IdentityRecord"),
+            "removed": {"type": "array", "items": _STR},
+            "map_version": {"type": ["integer", "null"]},
+        },
+        "required": ["identity", "removed", "map_version"],
+    },
+    "changed; every removed device has left every map and its stream was told revoked",
+)
+
+
+def _identity_op(summary: str) -> dict[str, Any]:
+    return {"summary": summary, "security": _ADMIN,
+            "responses": {"200": _CHANGED, **_errors(400, 401, 403, 404)}}  # fmt: skip
+
+
 PATHS: dict[str, Any] = {
+    "/api/v1/identities": {
+        "get": {
+            "summary": "List identities (issuer and subject together narrow to one)",
+            "security": _ADMIN,
+            "parameters": [
+                {"name": "issuer", "in": "query", "schema": _STR},
+                {"name": "subject", "in": "query", "schema": _STR},
+            ],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "identities": {"type": "array", "items": _ref("IdentityRecord")}
+                        },
+                        "required": ["identities"],
+                    },
+                    "identities",
+                ),
+                **_errors(401, 403, 404),
+            },
+        }
+    },
+    "/api/v1/identities/{id}": {
+        "parameters": _IDENTITY_ID,
+        "delete": _identity_op("Revoke an identity: all its devices leave every map"),
+    },
+    "/api/v1/identities/{id}/disable": {
+        "parameters": _IDENTITY_ID,
+        "post": _identity_op("Disable an identity: its devices go; no new login or enrollment"),
+    },
+    "/api/v1/identities/{id}/enable": {
+        "parameters": _IDENTITY_ID,
+        "post": _identity_op("Enable a disabled identity again"),
+    },
+    "/api/v1/devices/self/rotate": {
+        "post": {
+            "summary": "Rotate the calling device's key (make-before-break, one map version)",
+            "security": [{"deviceToken": []}],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    JSON: {
+                        "schema": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"public_key": _STR},
+                            "required": ["public_key"],
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "device": _ref("Device"),
+                            "map_version": {"type": "integer"},
+                        },
+                        "required": ["device", "map_version"],
+                    },
+                    "rotated: the next map version carries the new key",
+                ),
+                **_errors(400, 401, 409, 413, 415),
+            },
+        }
+    },
     "/api/v1/audit": {
         "get": {
             "summary": "The audit log, newest first",

@@ -1,5 +1,6 @@
 """The gateway's durable state: devices, identities, enrollment keys, logins, map version."""
 
+from gateway.store.lifecycle import IdentityRecord, KeyLifetime
 from gateway.store.records import (
     DeviceRecord,
     Enrolled,
@@ -10,6 +11,7 @@ from gateway.store.records import (
     LoginCreated,
     LoginPoll,
     LoginRecord,
+    Removal,
 )
 from gateway.store.store import DEFAULT_POOL, Store
 
@@ -18,11 +20,14 @@ __all__ = [
     "DeviceRecord",
     "EnrollRequest",
     "Enrolled",
+    "IdentityRecord",
+    "KeyLifetime",
     "KeyRecord",
     "KeySpec",
     "LoginApproved",
     "LoginCreated",
     "LoginPoll",
     "LoginRecord",
+    "Removal",
     "Store",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.model import Device, Identity
@@ -11,6 +12,7 @@ from identity.policy import GROUP_PREFIX
 
 __all__ = [
     "ENROLLMENT_ISSUER",
+    "NO_EXPIRY",
     "DeviceRecord",
     "EnrollRequest",
     "Enrolled",
@@ -20,6 +22,7 @@ __all__ = [
     "LoginCreated",
     "LoginPoll",
     "LoginRecord",
+    "Removal",
     "device_record",
     "key_record",
     "key_state",
@@ -29,6 +32,11 @@ __all__ = [
 ENROLLMENT_ISSUER = "wiregate:enrollment-key"
 
 
+def NO_EXPIRY(_identity: Identity, _tags: Sequence[str]) -> float | None:
+    """The default key lifetime: keys never expire."""
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceRecord:
     """A device plus what only the control plane cares about."""
@@ -36,6 +44,17 @@ class DeviceRecord:
     device: Device
     last_seen: float | None = None
     ephemeral: bool = False
+    previous_public_key: str | None = None
+    key_rotated_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """A device the store deleted, at which map version, and why (the agent is told)."""
+
+    device_id: str
+    version: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +70,7 @@ class KeyRecord:
     expires_at: float
     used_count: int
     revoked: bool
+    device_key_expiry: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +82,7 @@ class KeySpec:
     reusable: bool = False
     ephemeral: bool = False
     description: str = ""
+    device_key_expiry: float | None = None  # lifetime of the keys of devices it enrolls
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +177,13 @@ def device_record(row: DeviceRow, identity: Identity) -> DeviceRecord:
         keepalive=row.keepalive,
         created_at=row.created_at,
         expires_at=row.expires_at,
+        previous_public_key=row.previous_public_key,
         # group memberships granted at enrollment share the tag column: "group:NAME"
         groups=tuple(t[len(GROUP_PREFIX) :] for t in row.tags if t.startswith(GROUP_PREFIX)),
     )
-    return DeviceRecord(device, row.last_seen, row.ephemeral)
+    return DeviceRecord(
+        device, row.last_seen, row.ephemeral, row.previous_public_key, row.key_rotated_at
+    )
 
 
 def key_record(row: EnrollmentKeyRow) -> KeyRecord:
@@ -174,6 +198,7 @@ def key_record(row: EnrollmentKeyRow) -> KeyRecord:
         expires_at=row.expires_at,
         used_count=row.used_count,
         revoked=row.revoked,
+        device_key_expiry=row.device_key_expiry,
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from sqlalchemy import ColumnElement, or_, select, text, update
@@ -27,13 +27,15 @@ from gateway.errors import ConfigError, Conflict, NotFound, Unauthorized
 from gateway.ipam import Allocation, Pool, allocate
 from gateway.logging import get_logger
 from gateway.model import Identity
-from gateway.store import audit, logins
-from gateway.store.audit import AuditRecord, device_actor, oidc_actor
+from gateway.store import audit, lifecycle, logins
+from gateway.store.audit import AuditRecord, device_actor, oidc_actor, system_actor
 from gateway.store.engine import create_engine
+from gateway.store.lifecycle import IdentityRecord, KeyLifetime
 from gateway.store.migrate import current_revision, head_revision, upgrade
 from gateway.store.models import DeviceRow, EnrollmentKeyRow, IdentityRow, MetaRow
 from gateway.store.records import (
     ENROLLMENT_ISSUER,
+    NO_EXPIRY,
     DeviceRecord,
     Enrolled,
     EnrollRequest,
@@ -43,6 +45,7 @@ from gateway.store.records import (
     LoginCreated,
     LoginPoll,
     LoginRecord,
+    Removal,
     device_record,
     key_record,
     key_state,
@@ -60,12 +63,13 @@ from identity.enrollment import (
     secret_matches,
 )
 
-__all__ = ["DEFAULT_POOL", "UNATTRIBUTED", "Clock", "Store"]
+__all__ = ["DEFAULT_POOL", "MIN_ROTATION_INTERVAL", "UNATTRIBUTED", "Clock", "Store"]
 
 Clock = Callable[[], float]
 DEFAULT_POOL = Pool.parse("100.64.0.0/16", "fd7a:7767:6174::/64")
 _log = get_logger("gateway.store")
 UNATTRIBUTED = "system:unattributed"  # a caller that did not say who acted
+MIN_ROTATION_INTERVAL = 5.0  # seconds between two key rotations of one device
 
 
 class Store:
@@ -78,6 +82,15 @@ class Store:
         self._pool = pool
         self._clock = clock
         self._lock = asyncio.Lock()
+        self._key_lifetime: KeyLifetime = NO_EXPIRY
+
+    def set_key_lifetime(self, lifetime: KeyLifetime) -> None:
+        """How long new devices' keys live (by identity and tags); see :mod:`gateway.expiry`.
+
+        An enrollment key's own ``device_key_expiry`` takes precedence for the
+        devices it enrolls.
+        """
+        self._key_lifetime = lifetime
 
     @classmethod
     async def open(cls, url: str, *, pool: Pool = DEFAULT_POOL, clock: Clock = time.time) -> Store:
@@ -166,6 +179,8 @@ class Store:
             identity = Identity(ENROLLMENT_ISSUER, key.id)
             grant = Grant(identity, tuple(key.tags), key.ephemeral)
             row = await self._add_device(s, request, grant, token, now)
+            if key.device_key_expiry is not None:
+                row.expires_at = now + key.device_key_expiry
             detail = {"key_id": key.id, "name": row.name, "public_key": row.public_key}
             await audit.add(s, now, device_actor(row.id), "device.enroll", row.id, detail)
         _log.info("device_enrolled", device_id=row.id, key_id=key.id, version=version)
@@ -245,6 +260,7 @@ class Store:
             expires_at=now + spec.expiry,
             used_count=0,
             revoked=False,
+            device_key_expiry=spec.device_key_expiry,
         )
         detail = {"tags": ",".join(spec.tags), "reusable": str(spec.reusable),
                   "ephemeral": str(spec.ephemeral)}  # fmt: skip
@@ -355,6 +371,114 @@ class Store:
         record = await self.get_device(str(row.device_id))
         return LoginPoll("approved", decision.interval, record, token)
 
+    # -- identities, expiry, ephemeral devices, rotation -----------------------------
+
+    async def list_identities(self) -> list[IdentityRecord]:
+        """Every identity with its device count and whether it is disabled."""
+        async with self._sessions() as s:
+            return await lifecycle.list_identities(s)
+
+    async def get_identity(self, ref: int | Identity) -> IdentityRecord:
+        """One identity by id or (issuer, subject), or :class:`NotFound`."""
+        async with self._sessions() as s:
+            row = await lifecycle.find_identity(s, ref)
+            devices = len(await lifecycle.identity_devices(s, row.id))
+        return lifecycle.identity_record(row, devices)
+
+    async def revoke_identity(self, ref: int | Identity, *, actor: str) -> list[Removal]:
+        """Delete every device of an identity (by id or (issuer, subject))."""
+        return await self._identity_change(ref, None, actor)
+
+    async def set_identity_disabled(
+        self, ref: int | Identity, disabled: bool, *, actor: str
+    ) -> list[Removal]:
+        """Disable an identity (its devices are deleted, none may be added) or enable it."""
+        return await self._identity_change(ref, disabled, actor)
+
+    async def _identity_change(
+        self, ref: int | Identity, disabled: bool | None, actor: str
+    ) -> list[Removal]:
+        async with self._sessions() as s:
+            row = await lifecycle.find_identity(s, ref)
+            ids = [d.id for d in await lifecycle.identity_devices(s, row.id)]
+        action = {None: "identity.revoke", True: "identity.disable", False: "identity.enable"}
+        reason = "identity disabled" if disabled else "identity revoked"
+        async with self._write() as s:
+            versions = [await self._bump(s) for _ in ids]  # first: takes the write lock
+            row = await lifecycle.find_identity(s, ref)
+            if disabled is not None:
+                row.disabled = disabled
+            detail = {"issuer": row.issuer, "subject": row.subject, "devices": str(len(ids))}
+            await audit.add(s, self._clock(), actor, action[disabled], str(row.id), detail)
+            return await self._remove(s, ids, versions, actor, reason)
+
+    async def expire_devices(self, now: float) -> list[Removal]:
+        """Delete the devices whose key has expired at ``now``."""
+        async with self._sessions() as s:
+            ids = [row.id for row in await lifecycle.expired(s, now)]
+        return await self._sweep(ids, system_actor("expiry"), "key expired")
+
+    async def sweep_ephemeral(
+        self, now: float, away: float, connected: Collection[str]
+    ) -> list[Removal]:
+        """Delete ephemeral devices away from their stream for ``away`` s or more."""
+        async with self._sessions() as s:
+            ids = [r.id for r in await lifecycle.ephemeral_gone(s, now, away, connected)]
+        return await self._sweep(ids, system_actor("ephemeral"), "ephemeral device gone")
+
+    async def sweep_abandoned_logins(self, now: float) -> list[Removal]:
+        """Delete devices of approved logins whose token was never collected in time."""
+        async with self._sessions() as s:
+            ids = [d.id for _, d in await lifecycle.abandoned_logins(s, now)]
+        return await self._sweep(ids, system_actor("login-expiry"), "login never completed")
+
+    async def _sweep(self, ids: list[str], actor: str, reason: str) -> list[Removal]:
+        if not ids:
+            return []
+        async with self._write() as s:
+            versions = [await self._bump(s) for _ in ids]
+            return await self._remove(s, ids, versions, actor, reason)
+
+    async def _remove(
+        self, s: AsyncSession, ids: list[str], versions: list[int], actor: str, reason: str
+    ) -> list[Removal]:
+        """Delete the devices still there, each at its own version (audited)."""
+        removed = []
+        for device_id, version in zip(ids, versions, strict=True):
+            row = await s.get(DeviceRow, device_id)
+            if row is None:
+                continue
+            await s.delete(row)
+            detail = {"name": row.name, "public_key": row.public_key, "reason": reason}
+            await audit.add(s, self._clock(), actor, "device.delete", device_id, detail)
+            removed.append(Removal(device_id, version, reason))
+        _log.info("devices_removed", actor=actor, reason=reason, devices=len(removed))
+        return removed
+
+    async def rotate_key(self, device_id: str, public_key: str) -> tuple[DeviceRecord, int]:
+        """Replace a device's key by its next one (same addresses); the new map version.
+
+        The previous key is kept (``previous_public_key``) and may not be reused
+        by any device. The key's lifetime restarts. :class:`Conflict` for a key in
+        use or a rotation within :data:`MIN_ROTATION_INTERVAL` of the last.
+        """
+        key, now = parse_public_key(public_key), self._clock()
+        async with self._write() as s:
+            version = await self._bump(s)
+            row = await s.get(DeviceRow, device_id, populate_existing=True)
+            if row is None:
+                raise NotFound(f"no device {device_id!r}")
+            if row.key_rotated_at is not None and now - row.key_rotated_at < MIN_ROTATION_INTERVAL:
+                raise Conflict("this device rotated its key moments ago", code="rotated_recently")
+            await self._refuse_duplicate(s, key)
+            old = row.public_key
+            row.previous_public_key, row.public_key = old, key
+            row.expires_at, row.key_rotated_at = lifecycle.renewed_expiry(row, now), now
+            detail = {"previous_public_key": old, "public_key": key}
+            await audit.add(s, now, device_actor(device_id), "device.rotate", device_id, detail)
+        _log.info("device_key_rotated", device_id=device_id, version=version)
+        return await self.get_device(device_id), version
+
     # -- internals -----------------------------------------------------------------
 
     @asynccontextmanager
@@ -404,8 +528,10 @@ class Store:
         return row
 
     async def _refuse_duplicate(self, s: AsyncSession, public_key: str) -> None:
-        found = await s.execute(select(DeviceRow.id).where(DeviceRow.public_key == public_key))
-        if found.first() is not None:
+        query = select(DeviceRow.id).where(
+            or_(DeviceRow.public_key == public_key, DeviceRow.previous_public_key == public_key)
+        )
+        if (await s.execute(query)).first() is not None:
             raise Conflict(
                 "a device with this public key is already enrolled",
                 code="duplicate_public_key",
@@ -415,9 +541,13 @@ class Store:
     async def _add_device(
         self, s: AsyncSession, request: EnrollRequest, grant: Grant, token: str, now: float
     ) -> DeviceRow:
-        """The one enrollment path: refuse a duplicate key, allocate, add (flushed)."""
+        """The one enrollment path: refuse a disabled identity and a duplicate key,
+        allocate, add (flushed); the key's expiry comes from :meth:`set_key_lifetime`."""
+        await lifecycle.refuse_disabled(s, grant.identity)
         await self._refuse_duplicate(s, request.public_key)
         row = new_device(request, grant, await self._allocate(s), token, now)
+        lifetime = self._key_lifetime(grant.identity, grant.tags)
+        row.expires_at = None if lifetime is None else now + lifetime
         row.identity_id = await self._identity_id(s, grant.identity, now)
         s.add(row)
         await s.flush()

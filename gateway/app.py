@@ -35,6 +35,7 @@ from gateway.logging import get_logger
 from gateway.store import Store
 from gateway.store.store import Clock
 from gateway.sweeper import sweeper_ctx
+from gateway.web import setup as setup_web
 from identity.policy import Policy
 from identity.policy_file import PolicyFile, load_policy_file
 
@@ -75,6 +76,7 @@ def create_app(
     app[CLOCK] = clock
     app[METRICS], app[_REQUESTS] = _api_metrics()
     setup_routes(app)
+    setup_web(app)  # the SSO pages (gateway/web); not part of /api/v1
     app.cleanup_ctx.append(_state(settings, broker_factory, clock))
     app.cleanup_ctx.append(sweeper_ctx(settings.expiry_sweep_interval))
     return app

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigError
@@ -259,6 +259,12 @@ class AgentSettings(_Base):
     path_silence: float = 180.0  # a direct path without a handshake this long is dead
     path_retry: float = 30.0  # first retry of direct while relayed (doubles, up to 300 s)
     relay_ping_interval: float = 5.0  # liveness probe of the relay a peer is relayed through
+    # -- Kubernetes node integration (gateway/agent/kubenode.py) ------------------------
+    kubernetes: bool = False  # read this node's Node: pod CIDRs as routes, InternalIP, annotations
+    node_name: str = Field(  # NODE_NAME from the downward API
+        "", validation_alias=AliasChoices("node_name", "WIREGATE_NODE_NAME", "NODE_NAME")
+    )
+    kubeconfig: Path | None = None  # None: the in-cluster ServiceAccount config
     tags: list[str] = []
 
     @field_validator("listen_port")

@@ -170,8 +170,11 @@ class Agent:
     async def _enroll(self, control: ControlClient) -> Enrollment:
         auth_key = read_auth_key(self.settings.auth_key)
         name = self.settings.hostname or socket.gethostname()
+        from gateway.agent.kubenode import advertised_routes  # pod CIDRs when kubernetes = true
+
+        routes = await advertised_routes(self.settings)
         enrollment = await control.enroll(
-            auth_key, self.public_key, name, await self._endpoints(), routes=[]
+            auth_key, self.public_key, name, await self._endpoints(), routes=routes
         )
         self.state.save_enrollment(enrollment)
         log.info("enrolled", device_id=enrollment.device_id, addresses=enrollment.addresses)
@@ -181,7 +184,10 @@ class Agent:
         local = await asyncio.to_thread(local_addresses)
         found = candidates(local, self.settings.listen_port, {self.settings.interface})
         reflexive = self.netreport.usable_reflexive if self.netreport else None
-        return merge_candidates(self.settings.endpoints, reflexive, found)
+        from gateway.agent.kubenode import advertised_endpoints  # the Node's, if kubernetes
+
+        configured = [*self.settings.endpoints, *await advertised_endpoints(self.settings)]
+        return merge_candidates(configured, reflexive, found)
 
     async def _netcheck_periodically(self) -> None:
         """Probe the WireGuard port's NAT mapping now and every ``netcheck_interval``;

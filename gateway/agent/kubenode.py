@@ -33,7 +33,6 @@ from gateway.errors import (
     ConfigError,
     Forbidden,
     NotFound,
-    Unauthorized,
     Unavailable,
     WiregateError,
 )
@@ -257,8 +256,11 @@ def read_node(node_name: str, kubeconfig: Path | None) -> Mapping[str, Any]:
 
 
 def _api_error(status: int, node_name: str) -> WiregateError:
-    if status == 401:
-        return Unauthorized("the Kubernetes API refused the agent's credentials (401)")
+    if status == 401:  # not Unauthorized: that one means the *gateway* dropped this device
+        return ConfigError(
+            "the Kubernetes API refused the agent's credentials (401)",
+            hint="check the ServiceAccount token, or the user in kubeconfig",
+        )
     if status == 403:
         return Forbidden(
             f"the agent may not read Node {node_name!r} (403)",
@@ -342,7 +344,15 @@ async def advertised_routes(settings: AgentSettings) -> list[str]:
 
 
 async def advertised_endpoints(settings: AgentSettings) -> list[str]:
-    """Endpoint candidates from the Node (before any discovered ones); none when off."""
+    """Endpoint candidates from the Node (before any discovered ones); none when off.
+
+    Never raises: the discovered candidates still work without these, so a Node that
+    cannot be read costs a warning, not the map stream.
+    """
     if not settings.kubernetes:
         return []
-    return (await _source(settings).facts()).endpoints(settings.listen_port)
+    try:
+        return (await _source(settings).facts()).endpoints(settings.listen_port)
+    except WiregateError as exc:
+        log.warning("no endpoint candidates from the Node", error=exc.message, hint=exc.hint)
+        return []

@@ -22,7 +22,6 @@ from gateway.errors import (
     ConfigError,
     Forbidden,
     NotFound,
-    Unauthorized,
     Unavailable,
     WiregateError,
 )
@@ -180,13 +179,13 @@ async def test_missing_rbac_is_forbidden_with_a_hint(api: tuple[web.Application,
     assert caught.value.hint is not None and "get on nodes" in caught.value.hint
 
 
-async def test_a_wrong_token_is_unauthorized(
+async def test_a_wrong_token_is_a_config_error(
     api: tuple[web.Application, Path], tmp_path: Path
 ) -> None:
     server = json.loads(api[1].read_text())["clusters"][0]["cluster"]["server"]
     wrong = write_kubeconfig(tmp_path / "wrong", server, "not-the-token")
-    with pytest.raises(Unauthorized):
-        await asyncio.to_thread(read_node, "kind-worker", wrong)
+    with pytest.raises(ConfigError, match="refused the agent's credentials"):
+        await asyncio.to_thread(read_node, "kind-worker", wrong)  # not the gateway's 401
 
 
 async def test_a_server_error_is_unavailable(api: tuple[web.Application, Path]) -> None:
@@ -301,3 +300,12 @@ def test_node_name_comes_from_the_downward_api_variable(monkeypatch: pytest.Monk
     monkeypatch.setenv("WIREGATE_KUBERNETES", "true")
     settings = AgentSettings()
     assert settings.node_name == "kind-worker" and settings.kubernetes
+
+
+async def test_an_unreadable_node_costs_endpoints_a_warning_only(
+    api: tuple[web.Application, Path],
+) -> None:
+    settings = AgentSettings(kubernetes=True, node_name="locked-node", kubeconfig=api[1])
+    assert await kubenode.advertised_endpoints(settings) == []
+    with pytest.raises(Forbidden):  # enrolling without its routes would be wrong: refused
+        await kubenode.advertised_routes(settings)

@@ -18,6 +18,8 @@ import aiohttp
 import pytest
 from playwright.sync_api import BrowserContext, Page
 
+from gateway.web.keyfile import load_or_create_session_key
+from gateway.web.sessions import CookieBox
 from gateway.wgkey import encode_key, fingerprint, generate_private_key, public_from_private
 from identity.enrollment import KEY_PREFIX
 from tests.browser.conftest import Gateway
@@ -270,3 +272,41 @@ def test_posts_without_the_right_csrf_token_change_nothing(
 
     time.sleep(0.1)
     assert poll(gateway, started)["status"] == "pending"  # nothing was approved
+
+
+# -- sessions: fixation, cookie flags, sign-out --------------------------------------------
+
+
+def _cookies(context: BrowserContext) -> dict[str, dict[str, Any]]:
+    return {c["name"]: dict(c) for c in context.cookies() if c["name"].startswith("wiregate_")}
+
+
+def test_each_sign_in_makes_a_new_session_unrelated_to_earlier_cookies(
+    gateway: Gateway, sso_idp: RunningIdp, context: BrowserContext, page: Page
+) -> None:
+    box = CookieBox(load_or_create_session_key(gateway.state_dir))
+    planted = {"name": "wiregate_session", "value": "planted-by-someone-else", "url": gateway.url}
+    context.add_cookies([planted])  # type: ignore[list-item]
+    page.goto(gateway.url + "/devices")
+    page.wait_for_url(sso_idp.issuer + "/**")
+    pre = box.open_pre_login(_cookies(context)["wiregate_login"]["value"], time.time())
+    assert pre is not None and pre.return_to == "/devices"
+    idp_sign_in(page, sso_idp, gateway, "grace")
+    cookies = _cookies(context)
+    assert "wiregate_login" not in cookies  # the login in progress is used once
+    first = box.open_session(cookies["wiregate_session"]["value"], time.time())
+    assert first is not None and first.subject == "grace" and first.groups == ("engineering",)
+    assert first.email == "grace@example.test" and first.name == "Test grace"
+    carried = {pre.start.state, pre.start.nonce, pre.start.code_verifier, planted["value"]}
+    assert not {first.session_id, first.csrf_secret} & carried
+    flags = cookies["wiregate_session"]
+    assert flags["httpOnly"] and flags["sameSite"] == "Lax" and flags["path"] == "/"
+
+    page.click("#sign-out")
+    assert page.text_content("#signed-out") == "Signed out"
+    assert "wiregate_session" not in _cookies(context)
+    page.goto(gateway.url + "/devices")  # the IdP still knows grace: straight back, new session
+    page.wait_for_url(gateway.url + "/devices")
+    second = box.open_session(_cookies(context)["wiregate_session"]["value"], time.time())
+    assert second is not None and second.subject == "grace"
+    assert second.session_id != first.session_id and second.csrf_secret != first.csrf_secret

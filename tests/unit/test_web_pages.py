@@ -313,3 +313,20 @@ async def test_admin_page_is_for_admin_groups_only(web_client: Client) -> None:
     assert made.status == 200 and KEY_PREFIX in await made.text()
     keys = await web_client.app[STORE].list_keys()
     assert [k.tags for k in keys] == [("tag:ci",)]
+
+
+async def test_several_issuers_get_a_chooser_that_keeps_the_page(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    settings = sso_settings(tmp_path)
+    second = settings.oidc[0].model_copy(update={"name": "partner"})
+    settings = settings.model_copy(update={"oidc": [settings.oidc[0], second]})
+    client = await aiohttp_client(create_app(settings, broker_factory=RecordingBroker))
+    for path in ("/login?user_code=BCDF-GHJK", "/login?user_code=BCDF-GHJK&provider=nope"):
+        resp = await client.get(path, allow_redirects=False)
+        text = await resp.text()
+        assert resp.status == 200 and "Set-Cookie" not in resp.headers
+        assert 'href="/login?user_code=BCDF-GHJK&amp;provider=corp"' in text
+        assert 'href="/login?user_code=BCDF-GHJK&amp;provider=partner"' in text
+    chosen = await client.get("/login?user_code=BCDF-GHJK&provider=partner")
+    assert chosen.status == 503 and "partner" in await chosen.text()  # its IdP is down

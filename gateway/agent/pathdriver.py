@@ -53,7 +53,8 @@ __all__ = ["PathBook", "PathRunner", "RelayHooks"]
 
 log = get_logger("agent.paths")
 
-_PROBING = frozenset({PathState.PROBING_DIRECT, PathState.RETRY_DIRECT, PathState.RELAY_PENDING})
+_DIRECT_PROBES = frozenset({PathState.PROBING_DIRECT, PathState.RETRY_DIRECT})
+_PROBING = _DIRECT_PROBES | {PathState.RELAY_PENDING}
 
 
 class PathBook:
@@ -67,6 +68,8 @@ class PathBook:
         self._keys: dict[str, str] = {}  # public key -> peer id
         self._endpoints: dict[str, tuple[str, ...]] = {}
         self._local: LocalNat | None = None
+        self._sessions: set[str] = set()  # peers the device has shaken hands with
+        self.resetting: set[str] = set()  # peers left out of the next write (see needs_reset)
 
     def update_map(self, netmap: NetMap, now: float) -> list[Action]:
         """New peers get a machine, gone peers lose theirs, changed endpoints are told."""
@@ -99,6 +102,8 @@ class PathBook:
             peer_id = self._keys.get(status.public_key)
             machine = self.machines.get(peer_id) if peer_id else None
             if machine is not None:
+                if status.last_handshake:
+                    self._sessions.add(machine.peer_id)
                 event = Handshake(now, status.last_handshake, status.endpoint)
                 out += self._feed(machine, event)
         return out
@@ -134,13 +139,27 @@ class PathBook:
         """Whether some peer's path is being decided (poll the device more often)."""
         return any(m.state in _PROBING for m in self.machines.values())
 
+    def needs_reset(self, action: SetEndpoint) -> bool:
+        """Whether probing ``action``'s endpoint needs a fresh WireGuard session.
+
+        A handshake is the proof that a direct candidate works, and WireGuard only
+        shakes hands when it has no session (or an old one). With a session in
+        place (over the relay, or a direct path that went silent) the peer is
+        removed and re-added once, which makes WireGuard shake hands at once
+        (persistent keepalive) towards the endpoint being probed."""
+        machine = self.machines.get(action.peer_id)
+        probing = machine is not None and machine.state in _DIRECT_PROBES
+        return probing and action.peer_id in self._sessions
+
     def shape(self, netmap: NetMap) -> NetMap:
-        """``netmap`` with each peer's endpoint set to the one its machine chose."""
-        if not self.chosen:
+        """``netmap`` with each peer's endpoint set to the one its machine chose
+        (and the peers being reset left out)."""
+        if not self.chosen and not self.resetting:
             return netmap
         peers = {
             pid: replace(p, endpoints=(self.chosen[pid],)) if pid in self.chosen else p
             for pid, p in netmap.peers.items()
+            if pid not in self.resetting
         }
         return replace(netmap, peers=peers)
 
@@ -175,6 +194,7 @@ class PathBook:
         self.chosen.pop(peer_id, None)
         self.relays.pop(peer_id, None)
         self._endpoints.pop(peer_id, None)
+        self._sessions.discard(peer_id)
         return [ReleaseRelay(peer_id)] if machine.state is not PathState.IDLE else []
 
 
@@ -240,10 +260,15 @@ class PathRunner:
         for action in actions:
             if isinstance(action, SetEndpoint):
                 moved = True
+                if self.book.needs_reset(action):
+                    self.book.resetting.add(action.peer_id)
             elif isinstance(action, RequestRelay):
                 self._start_session(action.peer_id)
             elif isinstance(action, ReleaseRelay):
                 self._stop_session(action.peer_id)
+        if self.book.resetting:
+            await self._reapply()
+            self.book.resetting.clear()
         if moved:
             await self._reapply()
         self._wake.set()

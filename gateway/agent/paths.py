@@ -13,7 +13,7 @@ States (:class:`PathState`)::
                                                v   v
              retry_direct <──tick (backoff)── relayed    failed ──tick (backoff)──> (decide)
                  │ handshake ──> direct (release the relay)
-                 └ tick ──> relayed (backoff doubles: 30 s -> 5 min)
+                 └ tick ──> relayed (backoff doubles: 30 s -> 4 min, on a wall-clock grid)
 
 Every transition is a row of :data:`TRANSITIONS`: ``(state, event kind)`` -> a
 :class:`Rule` naming the handler and the states it may lead to; :meth:`handle`
@@ -41,6 +41,7 @@ Wiring into the agent daemon (next step)::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -241,8 +242,13 @@ class PathMachine:
         return PathState.RELAYED
 
     def _schedule_retry(self, delay: float) -> None:
+        """Retry direct at the first multiple of ``delay`` (wall clock) after ``now + delay``.
+
+        Both sides of a pair run the same schedule (backoffs double from the same
+        first value, so every coarser grid lies on the finer ones), so their retries
+        meet: a NAT pinhole opens only when both send at about the same time."""
         plausible = self._blocker() is None
-        self._retry_at = self._now + delay if plausible else None
+        self._retry_at = math.ceil((self._now + delay) / delay) * delay if plausible else None
 
     def _release(self) -> None:
         if self._relay != "none":
@@ -252,8 +258,8 @@ class PathMachine:
     def _direct_evidence(self, event: Handshake) -> bool:
         """Whether ``event`` proves the current (direct) endpoint carries a handshake."""
         latest, endpoint = event.latest, self._endpoint
-        if latest is None or endpoint is None or endpoint == self._relay_endpoint:
-            return False
+        if latest is None or endpoint is None or endpoint not in self._ranked.order:
+            return False  # not a direct candidate (a relay's, perhaps one just lost)
         fresh = latest >= self._endpoint_at and latest > self._now - self.timers.silence
         return fresh and event.endpoint in (None, endpoint)
 

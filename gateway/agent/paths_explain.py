@@ -68,7 +68,7 @@ class PathTimers:
     silence: float = 180.0
     relay_timeout: float = 15.0
     retry_first: float = 30.0
-    retry_max: float = 300.0
+    retry_max: float = 240.0  # retry_first * 2**k, so that the retry grids nest
 
 
 # -- events -------------------------------------------------------------------------------

@@ -113,26 +113,44 @@ def test_direct_going_silent_moves_to_relay() -> None:
 def test_retry_direct_success_returns_to_direct_and_releases_relay() -> None:
     m = machine(NatType.EIM, NatType.EIM)
     relayed(m)
-    assert m.next_deadline() == 40.0
-    assert m.handle(Tick(40.0)) == [SetEndpoint("peer-1", PUB)]
+    assert m.next_deadline() == 60.0  # now + 30 s, up to the 30 s wall-clock grid
+    assert m.handle(Tick(60.0)) == [SetEndpoint("peer-1", PUB)]
     assert m.state is PathState.RETRY_DIRECT
-    assert m.handle(Handshake(41.0, 41.0, PUB)) == [ReleaseRelay("peer-1")]
+    assert m.handle(Handshake(61.0, 61.0, PUB)) == [ReleaseRelay("peer-1")]
     assert m.explain().path == "direct"
 
 
 def test_failed_retries_back_off_and_cap() -> None:
     m = machine(NatType.EIM, NatType.EIM, (PUB,))
     relayed(m, 5.0)
-    waits = []
-    for _ in range(7):
+    for backoff in (30.0, 60.0, 120.0, 240.0, 240.0, 240.0, 240.0):
         deadline = m.next_deadline()
         assert deadline is not None
-        waits.append(deadline - m.explain().since)
+        # on the backoff's wall-clock grid, so that both sides of a pair retry together
+        assert deadline % backoff == 0
+        assert backoff <= deadline - m.explain().since < 2 * backoff
         m.handle(Tick(deadline))
         assert m.state is PathState.RETRY_DIRECT
         assert m.handle(Tick(deadline + 5.0)) == [SetEndpoint("peer-1", RELAY)]
-    assert waits == [30.0, 60.0, 120.0, 240.0, 300.0, 300.0, 300.0]
-    assert "retrying direct every 300 s" in m.explain().reason
+    assert "retrying direct every 240 s" in m.explain().reason
+
+
+def test_retry_grids_of_two_sides_meet() -> None:
+    """Two sides relayed at different moments, with different backoffs, still retry at
+    the same instant within one period of the slower one."""
+    a = machine(NatType.EIM, NatType.EIM, (PUB,))
+    b = machine(NatType.EIM, NatType.EIM, (PUB,))
+    relayed(a, 5.0)
+    relayed(b, 47.0)
+    times: dict[str, set[float]] = {"a": set(), "b": set()}
+    for name, m in (("a", a), ("b", b)):
+        for _ in range(4):
+            deadline = m.next_deadline()
+            assert deadline is not None
+            times[name].add(deadline)
+            m.handle(Tick(deadline))
+            m.handle(Tick(deadline + 5.0))
+    assert times["a"] & times["b"]
 
 
 def test_relay_unavailable_fails_with_reason() -> None:
@@ -239,7 +257,22 @@ def test_random_sequences_keep_the_invariants(events: list[Event]) -> None:
                 outstanding = False
         if isinstance(event, RelayFailed):  # it answers the request made by then; re-asked?
             outstanding = m.state is PathState.RELAY_PENDING
+            last_set = None  # a timer due at the same instant may have moved first
         assert (m.state, event.kind) in states
         deadline = m.next_deadline()
         assert deadline is None or deadline > event.now
         assert m.explain().reason
+
+
+def test_handshakes_over_a_lost_relay_are_no_direct_evidence() -> None:
+    """The relay dies: WireGuard still reports the handshakes made through it, at the
+    relay's endpoint; they must not make the path look direct."""
+    m = machine(NatType.SYMMETRIC, NatType.EIM, (PUB,))
+    relayed(m, 5.0)
+    assert m.state is PathState.RELAYED
+    m.handle(Handshake(12.0, 11.0, RELAY))
+    m.handle(RelayFailed(13.0, "relay r1 stopped answering"))
+    assert m.state is PathState.RELAY_PENDING
+    m.handle(Handshake(14.0, 11.0, RELAY))
+    assert m.state is PathState.RELAY_PENDING
+    assert m.explain().path == "probing"

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from gateway.cli_admin import admin, run_or_exit
+from gateway.cli_policy import policy
 from gateway.config import AgentSettings, GatewaySettings, RelaySettings, load_settings
 from gateway.errors import WiregateError
 from gateway.logging import configure_logging
@@ -345,3 +346,4 @@ def _format_netcheck(doc: dict[str, Any]) -> str:
 
 
 main.add_command(admin)
+main.add_command(policy)

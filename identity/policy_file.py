@@ -123,7 +123,7 @@ class PolicyFile:
 def _expiry_text(expiry: Mapping[str, float | None]) -> str:
     if not expiry:
         return "-"
-    return ", ".join(f"{k}={'never' if v is None else f'{v:g}s'}" for k, v in expiry.items())
+    return ", ".join(f"{k}={'never' if v is None else f'{v:.0f}s'}" for k, v in expiry.items())
 
 
 def load_policy_file(path: Path) -> PolicyFile:

@@ -4,7 +4,9 @@
 else userspace), creates or adopts the interface and sets key, port, fwmark,
 MTU, link up and the policy rule, without touching existing peers (an agent
 restart keeps the tunnels). ``apply`` validates a network map and reconciles
-the device and link layer incrementally. ``teardown`` removes everything.
+the device and link layer incrementally, then the inbound packet filter
+(:mod:`gateway.agent.firewall`; a missing ``nft`` is reported as a problem, the
+agent keeps running). ``teardown`` removes everything.
 
 An apply costs time proportional to what changed: the map is validated
 incrementally (:class:`~gateway.agent.desired.DesiredBuilder`), and the live
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from gateway.agent.backend import WireGuardBackend
 from gateway.agent.desired import DesiredBuilder, DesiredDevice, DesiredLink, LocalSettings
+from gateway.agent.firewall import Firewall, NftMissing
 from gateway.agent.livestate import LiveBelief, Snapshot
 from gateway.agent.mtu import DEFAULT_UNDERLAY_MTU, tunnel_mtu, underlay_mtu
 from gateway.agent.netlink import KernelUnsupported, NetlinkBackend
@@ -86,6 +89,7 @@ class DataPlane:
         clock: Callable[[], float] = time.monotonic,
         wireguard: WireGuardBackend | None = None,
         links: LinkLayer | None = None,
+        firewall: Firewall | None = None,
     ) -> None:
         _check_config(interface, fwmark, backend, private_key)
         self.interface = interface
@@ -109,6 +113,8 @@ class DataPlane:
         self._builder = DesiredBuilder(self.settings)
         self._belief = LiveBelief(clock=clock, resync_interval=resync_interval)
         self._mtu_for: tuple[str | None, int] | None = None  # (first endpoint, tunnel MTU)
+        # in-memory link layers (tests) get no kernel packet filter unless one is injected
+        self.firewall = firewall or Firewall(interface, None if links is None else _no_nft)
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -163,6 +169,7 @@ class DataPlane:
 
     def teardown(self) -> None:
         """Remove the rule, routes and interface (stopping wireguard-go)."""
+        self.firewall.teardown()
         links = self._links or LinkManager()
         links.remove(self.interface, self.rule)
         backend = self._backend or self._injected or self._guess_backend()
@@ -200,8 +207,9 @@ class DataPlane:
             writes = finish()
             self._last = config.device
         self._belief.snapshot = after
+        problems = config.problems + self.firewall.apply(netmap, repair=snap.fresh)
         peers = len(config.device.peers)
-        return ApplyResult(writes=writes + link_writes, problems=config.problems, peers=peers)
+        return ApplyResult(writes=writes + link_writes, problems=problems, peers=peers)
 
     def _snapshot(self) -> Snapshot:
         snap = self._belief.current()
@@ -260,6 +268,10 @@ class DataPlane:
         if underlay is None:
             underlay = (DEFAULT_UNDERLAY_MTU, 6) if fallback else None
         return 0 if underlay is None else tunnel_mtu(*underlay)
+
+
+def _no_nft(_script: str) -> None:
+    raise NftMissing("no packet filter with an in-memory link layer", hint="inject a Firewall")
 
 
 def _is_wireguard_link(links: LinkLayer, interface: str) -> bool:

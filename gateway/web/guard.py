@@ -2,7 +2,8 @@
 
 * :func:`page` — security headers on every answer (CSP ``default-src 'self'``,
   no framing, no referrer to other origins, no caching) and errors rendered as
-  an HTML page with their status (never JSON, never a traceback).
+  an HTML page with their status (never JSON, never a traceback; an unexpected
+  failure is a logged 500 page).
 * :func:`signed_in` — the session is required; without one a GET starts a
   sign-in that returns to the same page.
 * :func:`form_post` — for every POST: the request must come from our own origin
@@ -18,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
-from gateway.errors import Forbidden, WiregateError
+from gateway.errors import Forbidden, RemoteError, WiregateError
 from gateway.logging import get_logger
 from gateway.web.context import SESSION, WEB, read_session, render
 from gateway.web.sessions import Session, csrf_matches, same_origin
@@ -41,6 +42,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 _log = get_logger("gateway.web")
+_INTERNAL = WiregateError("internal error", hint="try again; the gateway's log has the details")
 
 
 def page(handler: Handler) -> Handler:
@@ -54,12 +56,29 @@ def page(handler: Handler) -> Handler:
         try:
             response = await handler(request)
         except WiregateError as exc:
-            _log.info("page_refused", route=_route(request), status=exc.status, error=exc.code)
-            response = render(request, "error.html", status=exc.status, error=exc)
+            response = _error_page(request, exc)
+        except web.HTTPException as exc:  # e.g. 413 from aiohttp for an oversized form
+            if exc.status < 400:
+                raise
+            response = _error_page(request, _http_error(exc))
+        except Exception:
+            _log.exception("page_failed", route=_route(request))
+            response = _error_page(request, _INTERNAL)
         response.headers.update(SECURITY_HEADERS)
         return response
 
     return wrapped
+
+
+def _error_page(request: web.Request, exc: WiregateError) -> web.Response:
+    _log.info("page_refused", route=_route(request), status=exc.status, error=exc.code)
+    return render(request, "error.html", status=exc.status, error=exc)
+
+
+def _http_error(exc: web.HTTPException) -> RemoteError:
+    error = RemoteError(exc.reason or "request refused", code=f"http_{exc.status}")
+    error.status = exc.status
+    return error
 
 
 def signed_in(handler: SessionHandler) -> Handler:

@@ -330,3 +330,40 @@ async def test_several_issuers_get_a_chooser_that_keeps_the_page(
         assert 'href="/login?user_code=BCDF-GHJK&amp;provider=partner"' in text
     chosen = await client.get("/login?user_code=BCDF-GHJK&provider=partner")
     assert chosen.status == 503 and "partner" in await chosen.text()  # its IdP is down
+
+
+async def test_oversized_forms_and_failures_are_html_pages_with_headers(
+    web_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    me = make_session()
+    big = {"user_code": "x" * 8000, "csrf": csrf_token(me)}
+    resp = await web_client.post("/login/approve", data=big, headers=form_headers(web_client, me))
+    assert resp.status == 413 and resp.content_type == "text/html"
+    assert resp.headers["X-Frame-Options"] == "DENY"
+
+    async def broken(_identity: Identity) -> None:
+        raise RuntimeError("database exploded at /secret/path")
+
+    monkeypatch.setattr(web_client.app[STORE], "devices_of", broken)
+    failed = await web_client.get("/devices", headers=cookie(web_client, me))
+    text = await failed.text()
+    assert failed.status == 500 and "internal error" in text and "/secret/path" not in text
+    assert failed.headers["Content-Security-Policy"] == SECURITY_HEADERS["Content-Security-Policy"]
+
+
+def test_client_secret_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.web.context import build_context
+
+    settings = sso_settings(tmp_path)
+    issuer = settings.oidc[0].model_copy(update={"client_secret": "env:WG_TEST_OIDC_SECRET"})
+    settings = settings.model_copy(update={"oidc": [issuer]})
+    with pytest.raises(ConfigError, match="WG_TEST_OIDC_SECRET is empty or unset"):
+        build_context(settings, clock=lambda: T0)
+    monkeypatch.setenv("WG_TEST_OIDC_SECRET", "from-env")
+    ctx = build_context(settings, clock=lambda: T0)
+    assert ctx.rp is not None and ctx.rp.providers == ("corp",)
+    provider = ctx.rp._issuers["corp"].provider
+    assert provider.client_secret.reveal() == "from-env" and "from-env" not in repr(provider)
+    assert provider.redirect_uri == ORIGIN + "/oidc/callback"

@@ -1,7 +1,8 @@
 """Parse what an agent sends on its map stream (pure).
 
 The only message an agent sends is
-``{"type": "endpoints", "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:51820"]}``;
+``{"type": "endpoints", "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:51820"], "nat": "eim"}``
+(``nat``, optional: the NAT type its netcheck measured, one of :data:`NAT_TYPES`);
 anything else is :class:`~gateway.errors.BadInput`.
 """
 
@@ -9,19 +10,29 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import WSMsgType
 
 from gateway.errors import BadInput
 
-__all__ = ["MAX_ENDPOINTS", "parse_agent_message", "parse_endpoint"]
+__all__ = ["MAX_ENDPOINTS", "NAT_TYPES", "AgentEndpoints", "parse_agent_message", "parse_endpoint"]
 
 MAX_ENDPOINTS = 32
+NAT_TYPES = frozenset({"open", "eim", "symmetric", "udp-blocked", "unknown"})
 
 
-def parse_agent_message(kind: WSMsgType, data: Any) -> list[str]:
-    """The endpoints of an agent's ``endpoints`` message, or raise :class:`BadInput`."""
+@dataclass(frozen=True, slots=True)
+class AgentEndpoints:
+    """An agent's endpoint candidates and, when measured, its NAT type."""
+
+    endpoints: list[str]
+    nat: str | None = None
+
+
+def parse_agent_message(kind: WSMsgType, data: Any) -> AgentEndpoints:
+    """The content of an agent's ``endpoints`` message, or raise :class:`BadInput`."""
     if kind is not WSMsgType.TEXT:
         raise BadInput(f"expected a text frame, got {kind.name}")
     try:
@@ -33,7 +44,10 @@ def parse_agent_message(kind: WSMsgType, data: Any) -> list[str]:
     endpoints = msg.get("endpoints")
     if not isinstance(endpoints, list) or len(endpoints) > MAX_ENDPOINTS:
         raise BadInput(f"endpoints: expected a list of at most {MAX_ENDPOINTS} 'ip:port'")
-    return list(dict.fromkeys(parse_endpoint(e) for e in endpoints))
+    nat = msg.get("nat")
+    if nat is not None and nat not in NAT_TYPES:
+        raise BadInput(f"nat: expected one of {', '.join(sorted(NAT_TYPES))}")
+    return AgentEndpoints(list(dict.fromkeys(parse_endpoint(e) for e in endpoints)), nat)
 
 
 def parse_endpoint(text: Any) -> str:

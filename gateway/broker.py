@@ -31,7 +31,7 @@ from aiohttp import WSCloseCode, web
 from prometheus_client import Counter, Gauge, Histogram
 
 from gateway._agentlog import AgentDelta, AgentLog, CloseItem, Item, Stream
-from gateway._agentmsg import parse_agent_message
+from gateway._agentmsg import AgentEndpoints, parse_agent_message
 from gateway.errors import RemoteError
 from gateway.logging import get_logger
 from gateway.model import Device
@@ -63,7 +63,7 @@ FANOUT_SECONDS = Histogram(
 )
 MAP_VERSION = Gauge("wiregate_netmap_version", "Version of the network map held by the broker")
 
-OnEndpoints = Callable[[str, list[str]], Awaitable[None]]
+OnEndpoints = Callable[[str, AgentEndpoints], Awaitable[None]]
 
 log = get_logger("broker")
 
@@ -277,8 +277,7 @@ class Broker:
             if stream.closing:
                 return
             try:
-                endpoints = parse_agent_message(msg.type, msg.data)
-                await on_endpoints(stream.device_id, endpoints)
+                await on_endpoints(stream.device_id, parse_agent_message(msg.type, msg.data))
             except RemoteError as exc:
                 log.warning(
                     "closing agent stream: bad message",

@@ -65,6 +65,7 @@ class Device:
     expires_at: float | None = None
     previous_public_key: str | None = None  # the key its last rotation replaced
     groups: tuple[str, ...] = ()  # policy groups of its owner at enrollment (never sent)
+    nat: str | None = None  # NAT type its agent measured: open, eim, symmetric, udp-blocked
 
     def tunnel_cidrs(self) -> tuple[str, ...]:
         return (f"{self.ipv4}/32", f"{self.ipv6}/128")
@@ -80,6 +81,7 @@ class Device:
             endpoints=self.endpoints,
             keepalive=self.keepalive,
             tags=self.tags,
+            nat=self.nat,
         )
 
     def to_self(self) -> SelfView:
@@ -107,6 +109,7 @@ class Peer:
     keepalive: int | None = None
     tags: tuple[str, ...] = ()
     filter: tuple[str, ...] | None = None  # what this peer may open on the viewer; None: all
+    nat: str | None = None  # the peer's NAT type as its agent measured it; None: unknown
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -119,6 +122,8 @@ class Peer:
             "keepalive": self.keepalive,
             "tags": list(self.tags),
         }
+        if self.nat is not None:
+            wire["nat"] = self.nat
         if self.filter is not None:
             wire["filter"] = list(self.filter)
         return wire
@@ -135,6 +140,7 @@ class Peer:
             keepalive=None if data.get("keepalive") is None else int(data["keepalive"]),
             tags=tuple(str(t) for t in data.get("tags") or ()),
             filter=None if data.get("filter") is None else tuple(str(f) for f in data["filter"]),
+            nat=None if data.get("nat") is None else str(data["nat"]),
         )
 
 

@@ -430,7 +430,8 @@ def encode_peer(device: Device) -> str:
             f'"public_key":{_string(device.public_key)},'
             f'"addresses":[{addresses}],"allowed_ips":[{allowed}],'
             f'"endpoints":[{_strings(device.endpoints)}],"keepalive":{alive},'
-            f'"tags":[{_strings(device.tags)}]}}'
+            f'"tags":[{_strings(device.tags)}]'
+            + ("}" if device.nat is None else f',"nat":{_string(device.nat)}}}')
         )
     except TypeError:  # a field that is not a str after all: let the encoder decide
         return dumps(device.to_peer().to_wire())

@@ -27,6 +27,7 @@ from gateway.agent.netcheck import NetReport, run_netcheck
 from gateway.agent.pathdriver import PathBook, PathRunner, RelayHooks
 from gateway.agent.paths import LocalNat, PathTimers, SetEndpoint
 from gateway.agent.relaylink import Addr, RelayBinding, RelayGrant, bind_at_relay
+from gateway.agent.rotation import KeyRotator
 from gateway.agent.session import Action, MapSession
 from gateway.agent.state import Enrollment, StateDir
 from gateway.agent.status import serve_status
@@ -73,7 +74,7 @@ class Agent:
         self._apply_lock = asyncio.Lock()
         self.netreport: NetReport | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._advertised: list[str] | None = None  # None: not sent on this stream yet
+        self._advertised: dict[str, Any] | None = None  # None: not sent on this stream yet
         self.paths = PathBook(
             PathTimers(
                 probe_timeout=settings.path_probe_timeout,
@@ -82,6 +83,7 @@ class Agent:
             )
         )
         self._runner: PathRunner | None = None
+        self.rotation = KeyRotator(self)  # make-before-break key rotation
 
     async def run_until_signalled(self) -> None:
         """Run until SIGTERM/SIGINT; the data plane is left running (fail static)."""
@@ -119,6 +121,7 @@ class Agent:
             ]
             if self.settings.stun_servers:
                 tasks.append(asyncio.create_task(self._netcheck_periodically()))
+            tasks.append(asyncio.create_task(self.rotation.run()))
             try:
                 await self._stream_forever(control)
             finally:
@@ -211,12 +214,15 @@ class Agent:
             await self._runner.perform(self.paths.local_nat(LocalNat.from_report(report, networks)))
 
     async def _advertise(self) -> None:
-        """Send the endpoint candidates on the map stream if they changed since last sent."""
-        endpoints = await self._endpoints()
-        if self._ws is None or self._ws.closed or endpoints == self._advertised:
+        """Send the endpoint candidates (and the measured NAT type) on the map stream if
+        they changed since last sent."""
+        message: dict[str, Any] = {"type": "endpoints", "endpoints": await self._endpoints()}
+        if self.netreport is not None:
+            message["nat"] = str(self.netreport.nat_type)
+        if self._ws is None or self._ws.closed or message == self._advertised:
             return
-        await self._ws.send_json({"type": "endpoints", "endpoints": endpoints})
-        self._advertised = endpoints
+        await self._ws.send_json(message)
+        self._advertised = message
 
     async def _stream_forever(self, control: ControlClient) -> None:
         delay = 0.5
@@ -278,7 +284,9 @@ class Agent:
     async def _apply(self, netmap: NetMap) -> None:
         assert self.dataplane is not None
         async with self._apply_lock:
+            self.rotation.before_apply(netmap)  # a rotated key: switch in this apply
             result = await asyncio.to_thread(self.dataplane.apply, self.paths.shape(netmap))
+            await self.rotation.after_apply(netmap)
         self.health.problems = tuple(result.problems)
         for problem in result.problems:
             log.warning("peer refused", problem=problem)
@@ -319,7 +327,8 @@ def _device_doc(enr: Enrollment | None, public_key: str, netmap: NetMap | None) 
     if enr is None:
         return {"public_key": public_key}
     addresses = list(netmap.self_view.addresses) if netmap else list(enr.addresses)
-    return {"id": enr.device_id, "name": enr.name, "public_key": public_key, "addresses": addresses}
+    doc = {"id": enr.device_id, "name": enr.name, "public_key": public_key, "addresses": addresses}
+    return {**doc, "expires_at": netmap.self_view.expires_at if netmap else None}
 
 
 def _peer_doc(peer: Any, live: Any, path: dict[str, Any] | None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from gateway.agent.dataplane import PeerStatus
 from gateway.agent.desired import check_endpoint
+from gateway.agent.netcheck import NatType
 from gateway.agent.paths import (
     Action,
     Event,
@@ -66,7 +67,7 @@ class PathBook:
         self.chosen: dict[str, str] = {}  # peer id -> endpoint its machine set
         self.relays: dict[str, str] = {}  # peer id -> relay id while bound there
         self._keys: dict[str, str] = {}  # public key -> peer id
-        self._endpoints: dict[str, tuple[str, ...]] = {}
+        self._endpoints: dict[str, tuple[tuple[str, ...], str | None]] = {}
         self._local: LocalNat | None = None
         self._sessions: set[str] = set()  # peers the device has shaken hands with
         self.resetting: set[str] = set()  # peers left out of the next write (see needs_reset)
@@ -78,16 +79,17 @@ class PathBook:
             out += self._forget(peer_id)
         self._keys = {p.public_key: p.id for p in netmap.peers.values()}
         for peer in netmap.peers.values():
-            endpoints = _valid_endpoints(peer)
-            if peer.id in self.machines and self._endpoints.get(peer.id) == endpoints:
+            seen = (_valid_endpoints(peer), peer.nat)
+            if peer.id in self.machines and self._endpoints.get(peer.id) == seen:
                 continue
-            self._endpoints[peer.id] = endpoints
+            self._endpoints[peer.id] = seen
+            endpoints = seen[0]
             machine = self.machines.get(peer.id)
             if machine is None:
                 machine = self.machines[peer.id] = PathMachine(peer.id, self.timers)
                 if self._local is not None:
                     out += self._feed(machine, self._local)
-            out += self._feed(machine, PeerUpdate(now, endpoints))
+            out += self._feed(machine, PeerUpdate(now, endpoints, nat=_nat(peer.nat)))
         return out
 
     def local_nat(self, event: LocalNat) -> list[Action]:
@@ -196,6 +198,14 @@ class PathBook:
         self._endpoints.pop(peer_id, None)
         self._sessions.discard(peer_id)
         return [ReleaseRelay(peer_id)] if machine.state is not PathState.IDLE else []
+
+
+def _nat(text: str | None) -> NatType | None:
+    """The peer's NAT type from the map (None when unknown or not one we know)."""
+    try:
+        return None if text is None else NatType(text)
+    except ValueError:
+        return None
 
 
 def _valid_endpoints(peer: Peer) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from gateway.broker import Broker
+from gateway.broker import Broker, OnEndpoints
 from gateway.config import GatewaySettings
 from gateway.errors import BadInput, Forbidden, RemoteError, Unauthorized, WiregateError
 from gateway.logging import get_logger
@@ -52,7 +52,7 @@ __all__ = [
 _log = get_logger("gateway.api")
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-EndpointsCallback = Callable[[str, list[str]], Awaitable[None]]
+EndpointsCallback = OnEndpoints
 
 
 STORE = web.AppKey("store", Store)

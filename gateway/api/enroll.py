@@ -9,6 +9,7 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import Field
 
+from gateway._agentmsg import AgentEndpoints
 from gateway.api.common import (
     BROKER,
     SETTINGS,
@@ -167,10 +168,10 @@ def _agent_endpoints(endpoints: object) -> tuple[str, ...]:
 
 
 def _on_endpoints(app: web.Application) -> EndpointsCallback:
-    async def on_endpoints(device_id: str, endpoints: list[str]) -> None:
+    async def on_endpoints(device_id: str, report: AgentEndpoints) -> None:
         try:
-            valid = _agent_endpoints(endpoints)
-            changed = await app[STORE].set_endpoints(device_id, valid)
+            valid = _agent_endpoints(report.endpoints)
+            changed = await app[STORE].set_endpoints(device_id, valid, report.nat)
         except (BadInput, NotFound) as exc:
             _log.warning("endpoints_refused", device_id=device_id, reason=exc.message)
             return

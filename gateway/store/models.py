@@ -99,6 +99,7 @@ class DeviceRow(Base):
     last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
     previous_public_key: Mapped[str | None] = mapped_column(String(44), nullable=True)
     key_rotated_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    nat_type: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class EnrollmentKeyRow(Base):

@@ -178,6 +178,7 @@ def device_record(row: DeviceRow, identity: Identity) -> DeviceRecord:
         created_at=row.created_at,
         expires_at=row.expires_at,
         previous_public_key=row.previous_public_key,
+        nat=row.nat_type,
         # group memberships granted at enrollment share the tag column: "group:NAME"
         groups=tuple(t[len(GROUP_PREFIX) :] for t in row.tags if t.startswith(GROUP_PREFIX)),
     )

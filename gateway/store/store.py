@@ -200,11 +200,13 @@ class Store:
         return version
 
     async def set_endpoints(
-        self, device_id: str, endpoints: Sequence[str]
+        self, device_id: str, endpoints: Sequence[str], nat: str | None = None
     ) -> tuple[DeviceRecord, int] | None:
-        """Record a device's endpoint candidates; None if they did not change."""
+        """Record a device's endpoint candidates and NAT type (None: keep the one known);
+        None if nothing changed."""
         current = await self.get_device(device_id)
-        if current.device.endpoints == tuple(endpoints):
+        nat = nat or current.device.nat
+        if current.device.endpoints == tuple(endpoints) and current.device.nat == nat:
             return None
         async with self._write() as s:
             version = await self._bump(s)
@@ -212,6 +214,7 @@ class Store:
             if row is None:
                 raise NotFound(f"no device {device_id!r}")
             row.endpoints = list(endpoints)
+            row.nat_type = nat
         return await self.get_device(device_id), version
 
     async def rename_device(

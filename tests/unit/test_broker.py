@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
-from gateway._agentmsg import parse_endpoint
+from gateway._agentmsg import AgentEndpoints, parse_endpoint
 from gateway.broker import Broker
 from gateway.errors import BadInput
 from gateway.model import Device, Identity, NetMap, apply_delta
@@ -58,7 +58,7 @@ def broker() -> Broker:
 
 @pytest.fixture
 async def harness(aiohttp_client: Any, broker: Broker) -> Harness:
-    async def on_endpoints(device_id: str, endpoints: list[str]) -> None:
+    async def on_endpoints(device_id: str, endpoints: AgentEndpoints) -> None:
         h.endpoints.append((device_id, endpoints))
 
     async def stream(request: web.Request) -> web.StreamResponse:
@@ -197,7 +197,15 @@ async def test_endpoints_are_forwarded(harness: Harness) -> None:
     await recv(ws)
     await ws.send_json({"type": "endpoints", "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:1"]})
     await until(lambda: bool(harness.endpoints))
-    assert harness.endpoints == [("d1", ["192.0.2.1:51820", "[2001:db8::1]:1"])]
+    assert harness.endpoints == [("d1", AgentEndpoints(["192.0.2.1:51820", "[2001:db8::1]:1"]))]
+
+
+async def test_the_nat_type_comes_with_the_endpoints(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    await recv(ws)
+    await ws.send_json({"type": "endpoints", "endpoints": [], "nat": "symmetric"})
+    await until(lambda: bool(harness.endpoints))
+    assert harness.endpoints == [("d1", AgentEndpoints([], "symmetric"))]
 
 
 @pytest.mark.parametrize(
@@ -207,6 +215,8 @@ async def test_endpoints_are_forwarded(harness: Harness) -> None:
         '{"type": "hello"}',
         '{"type": "endpoints", "endpoints": ["192.0.2.1"]}',
         '{"type": "endpoints", "endpoints": ["2001:db8::1:80"]}',
+        '{"type": "endpoints", "endpoints": [], "nat": "cone"}',
+        '{"type": "endpoints", "endpoints": [], "nat": 3}',
     ],
 )
 async def test_malformed_message_closes_with_1008(harness: Harness, bad: str) -> None:

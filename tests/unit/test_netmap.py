@@ -236,6 +236,7 @@ random_devices = st.builds(
     endpoints=short_tuples,
     routes=short_tuples,
     keepalive=st.none() | st.integers(min_value=-(2**70), max_value=2**70),
+    nat=st.none() | texts,
 )
 
 

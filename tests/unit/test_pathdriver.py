@@ -11,7 +11,14 @@ import pytest
 from gateway.agent.dataplane import PeerStatus
 from gateway.agent.netcheck import NatType
 from gateway.agent.pathdriver import PathBook, PathRunner, RelayHooks
-from gateway.agent.paths import LocalNat, PathState, PathTimers, ReleaseRelay, SetEndpoint
+from gateway.agent.paths import (
+    LocalNat,
+    PathState,
+    PathTimers,
+    ReleaseRelay,
+    RequestRelay,
+    SetEndpoint,
+)
 from gateway.agent.relaylink import Addr, RelayBinding
 from gateway.errors import Unavailable
 from gateway.model import NetMap, Peer, SelfView
@@ -171,4 +178,16 @@ async def test_runner_reports_a_failed_path_when_no_relay_can_be_had() -> None:
     assert report is not None
     assert report["reason"] == (
         "UDP blocked on this network; no relay: cannot bind at a relay: no relay is up"
+    )
+
+
+def test_the_peers_nat_type_from_the_map_skips_futile_probes() -> None:
+    book = PathBook()
+    book.local_nat(LocalNat(0.0, NatType.SYMMETRIC))
+    sym = Peer("b", "b", KEY_B, ("100.64.0.2/32",), ("100.64.0.2/32",), (PUB_B,), nat="symmetric")
+    assert book.update_map(netmap(sym), 1.0) == [RequestRelay("b")]
+    report = book.report("b")
+    assert (
+        report is not None
+        and report["reason"] == "asking for a relay: both sides behind symmetric NAT"
     )

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from relay_fixtures import loopback_forwarder
 
+from gateway import cli
 from gateway.agent import netcheck
 from gateway.agent.candidates import merge_candidates
 from gateway.agent.daemon import Agent
@@ -280,6 +281,12 @@ async def test_fetch_relays_from_the_gateway(aiohttp_client: ClientFactory, tmp_
         await netcheck.fetch_relays("http://127.0.0.1:1", me["token"])
 
 
+@pytest.fixture
+def quiet_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI configures structlog for the whole process (cached loggers): not in tests."""
+    monkeypatch.setattr(cli, "configure_logging", lambda *_args: None)
+
+
 class RecordingNetcheck:
     def __init__(self) -> None:
         self.relays: list[Any] = []
@@ -289,7 +296,7 @@ class RecordingNetcheck:
         return classify(eim_report().probes, LOCAL, 0.0, [RelayProbe(r, 0.001) for r in relays])
 
 
-def test_cli_relay_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_cli_relay_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, quiet_cli: None) -> None:
     fake = RecordingNetcheck()
     monkeypatch.setattr(netcheck, "run_netcheck", fake)
     args = ["netcheck", "--stun", "198.51.100.2:3478", "--json", "--state-dir", str(tmp_path)]
@@ -305,7 +312,7 @@ def test_cli_relay_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
 
 
 def test_cli_without_enrollment_notes_it_and_checks_no_relay(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, quiet_cli: None
 ) -> None:
     fake = RecordingNetcheck()
     monkeypatch.setattr(netcheck, "run_netcheck", fake)
@@ -317,7 +324,7 @@ def test_cli_without_enrollment_notes_it_and_checks_no_relay(
 
 
 def test_cli_asks_the_gateway_with_the_device_token(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, quiet_cli: None
 ) -> None:
     fake, asked = RecordingNetcheck(), []
 

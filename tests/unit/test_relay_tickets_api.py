@@ -6,6 +6,7 @@ seen through the API, the relays' health route and its metrics.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import stat
 import time
@@ -16,8 +17,9 @@ import pytest
 import structlog
 from nacl.signing import SigningKey
 from prometheus_client import generate_latest
+from relay_fixtures import loopback_forwarder
 
-from gateway.api.relay import RELAY_MONITOR, RELAY_PROBE, RELAY_SIGNER
+from gateway.api.relay import RELAY_MONITOR, RELAY_PROBE, RELAY_SELECTOR, RELAY_SIGNER
 from gateway.app import METRICS, create_app
 from gateway.config import GatewaySettings, load_settings
 from gateway.errors import ConfigError
@@ -281,6 +283,38 @@ async def test_relay_gauges_on_the_metrics_registry(
     assert 'wiregate_relay_rtt_seconds{relay="relay-1"} 0.004' in text
     assert 'wiregate_relay_load{relay="relay-1"} 0.25' in text
     assert 'wiregate_relay_rtt_seconds{relay="relay-2"}' not in text
+
+
+async def test_real_relays_probed_and_a_dead_one_fails_over(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    """Two real relay forwarders on loopback, real PINGs every 0.4 s: kill one, the pair moves."""
+    forwarders = [await loopback_forwarder(()), await loopback_forwarder((), ports=8)]
+    try:
+        ports = [f.control_address[1] for f in forwarders if f.control_address]
+        relays = [f"relay-{i}=127.0.0.1:{port}" for i, port in enumerate(ports)]
+        settings = make_settings(tmp_path, relays=relays, relay_probe_interval=0.4)
+        app = create_app(settings, broker_factory=lambda _p: RecordingBroker(), clock=FakeClock())
+        client = await aiohttp_client(app)
+        me, peer = await two_devices(client)
+        status = (await (await client.get("/api/v1/relays", headers=AUTH)).json())["relays"]
+        assert [(r["up"], r["capacity"]) for r in status] == [(True, 2), (True, 4)]
+        assert all(0 < r["rtt_ms"] < 100 for r in status)
+        used = await relay_of(client, me, peer)
+        other = "relay-1" if used == "relay-0" else "relay-0"
+        forwarders[int(used[-1])].close()
+        for _ in range(100):  # two missed rounds: about 0.8 s
+            await asyncio.sleep(0.05)
+            if not client.app[RELAY_SELECTOR].is_up(used):
+                break
+        assert await relay_of(client, peer, me) == other
+        assert await relay_of(client, me, peer) == other
+        status = (await (await client.get("/api/v1/relays", headers=AUTH)).json())["relays"]
+        (dead,) = (r for r in status if r["id"] == used)
+        assert dead["up"] is False and "no PONG" in dead["error"]
+    finally:
+        for forwarder in forwarders:
+            forwarder.close()
 
 
 async def test_signing_key_file_is_private_and_survives_a_restart(

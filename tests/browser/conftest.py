@@ -4,7 +4,9 @@ For the whole session: one OpenID Provider (tests/idp, started by
 :func:`tests.integration.conftest.start_idp` with this gateway's redirect URI
 registered through ``WIREGATE_IDP_REDIRECT_URIS``), one ``wiregate gateway``
 process with SSO configured (admin group ``wiregate-admins``), one headless
-Chromium. Each test gets a fresh browser context, so its own cookies.
+Chromium driven by Playwright's async API on the session's event loop (the
+sync API would leave its loop running under every later asyncio test). Each
+test gets fresh browser contexts, so its own cookies.
 
 In the test IdP any login works; ids starting with ``admin`` are admins.
 """
@@ -20,13 +22,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+import pytest_asyncio
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from tests.integration.conftest import CLIENT_SECRETS, RunningIdp, start_idp
 
@@ -160,30 +163,41 @@ def gateway(
             process.wait(timeout=5)
 
 
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
-    """One headless Chromium for the session."""
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    """One headless Chromium for the session (on the session's event loop)."""
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
         )
         try:
             yield chromium
         finally:
-            chromium.close()
+            await chromium.close()
 
 
-@pytest.fixture
-def context(browser: Browser) -> Iterator[BrowserContext]:
+@pytest_asyncio.fixture(loop_scope="session")
+async def new_context(browser: Browser) -> AsyncIterator[Callable[[], Awaitable[BrowserContext]]]:
+    """Makes fresh browser profiles (no cookies), closed after the test."""
+    made: list[BrowserContext] = []
+
+    async def make() -> BrowserContext:
+        ctx = await browser.new_context()
+        ctx.set_default_timeout(15_000)
+        made.append(ctx)
+        return ctx
+
+    yield make
+    for ctx in made:
+        await ctx.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def context(new_context: Callable[[], Awaitable[BrowserContext]]) -> BrowserContext:
     """A fresh browser profile (no cookies) for one test."""
-    ctx = browser.new_context()
-    ctx.set_default_timeout(15_000)
-    try:
-        yield ctx
-    finally:
-        ctx.close()
+    return await new_context()
 
 
-@pytest.fixture
-def page(context: BrowserContext) -> Page:
-    return context.new_page()
+@pytest_asyncio.fixture(loop_scope="session")
+async def page(context: BrowserContext) -> Page:
+    return await context.new_page()

@@ -20,6 +20,7 @@ import click
 
 from gateway.cli_admin import admin, run_or_exit
 from gateway.cli_policy import policy
+from gateway.cli_rotate import rotate
 from gateway.config import AgentSettings, GatewaySettings, RelaySettings, load_settings
 from gateway.errors import WiregateError
 from gateway.logging import configure_logging
@@ -216,12 +217,19 @@ def status(run_dir: Path, as_json: bool) -> None:
     click.echo(_format_status(doc))
 
 
+def _expiry(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
+
+
 def _format_status(doc: dict[str, Any]) -> str:
     dev, gw = doc.get("device", {}), doc.get("gateway", {})
     state = "connected" if gw.get("connected") else f"disconnected ({gw.get('last_error', '')})"
     addresses = " ".join(dev.get("addresses", []))
     lines = [
         f"device    {dev.get('name', '?')} ({dev.get('id', '?')})  {addresses}",
+        f"key       {dev.get('public_key', '?')}  expires {_expiry(dev.get('expires_at'))}",
         f"interface {doc.get('interface')} [{doc.get('backend')}]",
         f"gateway   {gw.get('server')}  {state}  map v{gw.get('map_version')}",
         "",
@@ -346,4 +354,5 @@ def _format_netcheck(doc: dict[str, Any]) -> str:
 
 
 main.add_command(admin)
+main.add_command(rotate)
 main.add_command(policy)

@@ -265,6 +265,7 @@ class AgentSettings(_Base):
         "", validation_alias=AliasChoices("node_name", "WIREGATE_NODE_NAME", "NODE_NAME")
     )
     kubeconfig: Path | None = None  # None: the in-cluster ServiceAccount config
+    rotation_check_interval: float = 60.0  # how often the key's rotation time is checked
     tags: list[str] = []
 
     @field_validator("listen_port")

@@ -183,6 +183,12 @@ class DataPlane:
             return self.userspace
         return NetlinkBackend()
 
+    def set_private_key(self, private_key: bytes) -> None:
+        """Use ``private_key`` from the next :meth:`apply` on (a key rotation's switch)."""
+        _check_config(self.interface, self.settings.fwmark, self.requested_backend, private_key)
+        self.settings = replace(self.settings, private_key=private_key)
+        self._builder = DesiredBuilder(self.settings)
+
     # --- reconcile ---------------------------------------------------------
 
     def apply(self, netmap: NetMap) -> ApplyResult:

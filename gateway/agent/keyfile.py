@@ -26,9 +26,12 @@ class KeyFileError(ConfigError):
     code = "key_file"
 
 
-def load_or_create_key(state_dir: Path) -> bytes:
-    """Load the private key from ``state_dir``, creating it (atomically, 0600) if absent."""
-    path = Path(state_dir) / KEY_FILE
+def load_or_create_key(state_dir: Path, name: str = KEY_FILE) -> bytes:
+    """Load the private key from ``state_dir``, creating it (atomically, 0600) if absent.
+
+    ``name`` is the file (``private.key``; the next key of a rotation has its own).
+    """
+    path = Path(state_dir) / name
     try:
         return _load(path)
     except FileNotFoundError:

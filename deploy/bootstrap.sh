@@ -367,13 +367,16 @@ EOF
             [ -x "$VENV/bin/wiregate" ]; then
             say "agent: $PACKAGE already installed in $VENV"
         elif step "install $PACKAGE into $VENV"; then
+            # Bytecode is compiled after the agent has started (see install), not here.
             if [ -n "$FIND_LINKS" ]; then
-                "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-index \
-                    --find-links "$FIND_LINKS" "$PACKAGE"
+                "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile \
+                    --no-index --find-links "$FIND_LINKS" "$PACKAGE"
             else
-                "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$PACKAGE"
+                "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile \
+                    "$PACKAGE"
             fi
             printf '%s\n' "$want" >"$VENV/.bootstrap-package"
+            COMPILE=yes
         fi
         link="$R/usr/local/bin/wiregate"
         if [ "$(readlink "$link" 2>/dev/null || true)" != "$VENV/bin/wiregate" ]; then
@@ -444,6 +447,7 @@ EOF
         detect_distro
         install_packages
         CHANGED=no
+        COMPILE=no
         install_agent
         RESTART=$CHANGED
         [ "$DRY_RUN" = yes ] || [ -d "$ETC" ] || { mkdirs "$ETC" && chmod 0700 "$ETC"; }
@@ -463,6 +467,13 @@ EOF
         [ "$DRY_RUN" = yes ] || mkdirs "$R/var/lib/wiregate" "$R/run"
         remember_created
         start_agent
+        if [ "$COMPILE" = yes ]; then
+            # After the start: the first handshake does not wait for it. The unit's
+            # ProtectSystem=strict keeps the agent from writing bytecode itself.
+            say "compiling the agent's bytecode"
+            "$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" >/dev/null 2>&1 ||
+                warn "compiling bytecode failed; the agent still runs, only starts slower"
+        fi
         if [ "$DRY_RUN" = yes ]; then
             say "dry run: nothing was changed"
         else

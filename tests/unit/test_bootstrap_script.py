@@ -384,7 +384,7 @@ def test_a_new_package_is_installed_over_the_old_one(box: Sandbox) -> None:
     assert box.install("--package", "wiregate==0.2.0").returncode == 0
     pip = [c for c in box.calls() if " -m pip " in c]
     assert len(pip) == 1
-    assert pip[0].endswith("install -q --disable-pip-version-check wiregate==0.2.0")
+    assert pip[0].endswith("install -q --disable-pip-version-check --no-compile wiregate==0.2.0")
     assert "systemctl restart wiregate-agent.service" in box.calls()
 
 
@@ -393,8 +393,12 @@ def test_find_links_installs_offline(box: Sandbox) -> None:
     wheels.mkdir()
     assert box.install("--find-links", str(wheels)).returncode == 0
     pip = [c for c in box.calls() if " -m pip " in c]
-    assert pip == [f"python -m pip install -q --disable-pip-version-check --no-index "
-                   f"--find-links {wheels} wiregate"]  # fmt: skip
+    assert pip == [f"python -m pip install -q --disable-pip-version-check --no-compile "
+                   f"--no-index --find-links {wheels} wiregate"]  # fmt: skip
+    compile_calls = [c for c in box.calls() if "-m compileall" in c]
+    assert compile_calls == [f"python -m compileall -q -j 0 {box.root}/opt/wiregate/lib"]
+    start = box.calls().index("systemctl start wiregate-agent.service")
+    assert box.calls().index(compile_calls[0]) > start  # after the agent started
 
 
 def test_uninstall_leaves_nothing_behind(box: Sandbox) -> None:

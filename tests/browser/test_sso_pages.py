@@ -132,9 +132,25 @@ async def test_device_login_approved_in_the_browser(
     assert await stream_status(gateway, answer["token"]) == 101
     await page.goto(gateway.url + "/devices")  # the new device is listed as alice's
     assert await text(page, f"#device-{device['id']} .name") == "laptop-alice"
+    session_cookie = next(c["value"] for c in await page.context.cookies()
+                          if c["name"] == "wiregate_session")  # fmt: skip
+    logged = gateway.log.read_text()
+    assert '"event": "web_signed_in"' in logged and '"subject": "alice"' in logged
+    for secret in (started["user_code"], started["poll_token"], answer["token"], session_cookie):
+        assert secret not in logged
+    alice = f"oidc:{sso_idp.issuer}#alice"
+    assert ("login.approve", started["request_id"]) in audit_of(gateway, alice)
 
 
 # -- (b) my devices: rename, revoke ------------------------------------------------------
+
+
+def audit_of(gateway: Gateway, actor: str) -> list[tuple[str, str]]:
+    """(action, target) of the audit log's events by ``actor``, oldest first."""
+    status, log = gateway.admin("GET", "/api/v1/audit?limit=1000")
+    assert status == 200, log
+    newest_first = [(e["action"], e["target"]) for e in log["events"] if e["actor"] == actor]
+    return newest_first[::-1]
 
 
 def _enrolled(gateway: Gateway, idp: RunningIdp, subject: str, name: str) -> dict[str, Any]:
@@ -173,6 +189,8 @@ async def test_my_devices_rename_and_revoke(
     assert await stream_status(gateway, token) == 401
     assert gateway.admin("GET", f"/api/v1/devices/{device_id}")[0] == 404
     assert await stream_status(gateway, other["token"]) == 101  # erin's device is untouched
+    bob = f"oidc:{sso_idp.issuer}#bob"
+    assert audit_of(gateway, bob) == [("device.rename", device_id), ("device.delete", device_id)]
 
 
 # -- (c) the admin page ------------------------------------------------------------------

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "deploy" / "bootstrap.sh"
@@ -473,3 +474,21 @@ def test_the_unit_verifies(box: Sandbox) -> None:
     assert done.returncode == 0 and copy.name not in done.stderr, done.stderr
     exec_start = _unit_directives(text)["ExecStart"]
     assert "auth-key" not in exec_start and "wgk_" not in exec_start
+
+
+# --------------------------------------------------------------------------- cloud-init
+
+
+def test_the_cloud_init_example() -> None:
+    path = REPO / "deploy" / "cloud-init" / "wiregate-vm.yaml"
+    text = path.read_text()
+    assert text.startswith("#cloud-config\n")
+    doc = yaml.safe_load(text)
+    (key_file,) = doc["write_files"]
+    assert key_file["permissions"] == "0600" and key_file["owner"] == "root:root"
+    assert key_file["content"].startswith("wgk_")
+    command = doc["runcmd"][0][-1]
+    assert f"--auth-key file:{key_file['path']}" in command
+    assert "/bootstrap.sh | sh -s -- --server https://" in command
+    assert key_file["content"].strip() not in command  # the key only in the 0600 file
+    assert doc["runcmd"][-1] == ["rm", "-f", key_file["path"]]

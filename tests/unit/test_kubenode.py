@@ -309,3 +309,18 @@ async def test_an_unreadable_node_costs_endpoints_a_warning_only(
     assert await kubenode.advertised_endpoints(settings) == []
     with pytest.raises(Forbidden):  # enrolling without its routes would be wrong: refused
         await kubenode.advertised_routes(settings)
+
+
+def test_the_agent_daemonset_turns_node_integration_on() -> None:
+    from test_kubernetes_manifests import container, env_of, find, render
+
+    docs = render("overlays/mesh")
+    env = env_of(container(find(docs, "DaemonSet", "wiregate-agent"), "agent"))
+    assert env["WIREGATE_KUBERNETES"]["value"] == "true"
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    settings = AgentSettings.model_validate(
+        {"kubernetes": env["WIREGATE_KUBERNETES"]["value"], "node_name": "n"}
+    )
+    assert settings.kubernetes is True
+    role = find(docs, "ClusterRole", "wiregate-agent")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]

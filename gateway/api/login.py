@@ -86,7 +86,8 @@ async def create_request(request: web.Request) -> web.Response:
     now = request.app[CLOCK]()
     created = await request.app[STORE].create_login_request(body.public_key, body.name, now)
     user_code = format_user_code(created.user_code)
-    uri = str(request.url.origin().with_path(VERIFICATION_PATH))
+    origin = request.app[SETTINGS].public_url or str(request.url.origin())  # what browsers use
+    uri = origin + VERIFICATION_PATH
     payload = {
         "request_id": created.record.id,
         "user_code": user_code,

@@ -367,3 +367,10 @@ def test_client_secret_from_the_environment(
     provider = ctx.rp._issuers["corp"].provider
     assert provider.client_secret.reveal() == "from-env" and "from-env" not in repr(provider)
     assert provider.redirect_uri == ORIGIN + "/oidc/callback"
+
+
+async def test_verification_uri_is_on_the_public_url(web_client: Client) -> None:
+    body = {"public_key": new_key(), "name": "laptop-9"}
+    created = await (await web_client.post("/api/v1/login/requests", json=body)).json()
+    assert created["verification_uri"] == ORIGIN + "/login"
+    assert created["verification_uri_complete"].startswith(ORIGIN + "/login?code=")

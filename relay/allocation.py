@@ -10,7 +10,9 @@ Admission (see :mod:`relay.control` for the messages):
 
 0. ``PING(nonce)`` on the control port is answered with ``PONG(nonce,
    allocations, capacity)``, no ticket needed: the gateway's liveness probe
-   and load figure (same filters, rate limit and size rule as every reply).
+   and load figure (same filters, rate limit and size rule as every reply,
+   except that a PING from a local own address is answered: see
+   :class:`RelayConfig`).
 1. ``ALLOCATE(ticket)`` on the control port creates the pair's allocation (or
    finds it) and answers ``ALLOCATED(port)`` for the ticket's side.
 2. ``BIND(ticket)`` from the agent's WireGuard port to that relay port is
@@ -37,7 +39,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from relay.control import (
+    MAGIC,
     REASONS,
+    VERSION,
     Allocate,
     Allocated,
     Bind,
@@ -45,6 +49,7 @@ from relay.control import (
     Challenge,
     Confirm,
     ControlMessage,
+    Kind,
     Ping,
     Pong,
     Refused,
@@ -92,6 +97,9 @@ OUTCOMES = (
 )
 
 
+_KIND = len(MAGIC) + 1  # offset of the kind byte
+
+
 @dataclass(frozen=True, slots=True)
 class Send:
     """A datagram to send to ``dst`` from the relay's ``local_port``."""
@@ -103,7 +111,14 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
-    """Limits and identity of one relay. ``allow_loopback`` is for loopback-only tests."""
+    """Limits and identity of one relay. ``allow_loopback`` is for loopback-only tests.
+
+    ``local_addresses`` are the own addresses configured on this host (the
+    adapter checks): a PING from one of them was sent by a process here, as
+    Linux drops datagrams from outside that carry a local source address, so it
+    is answered (a gateway on the relay's host probes it); never from one of
+    the relay's own ports, and nothing else is exempted.
+    """
 
     relay_id: str
     control_port: int
@@ -120,6 +135,7 @@ class RelayConfig:
     ticket_skew: float = 5.0
     check_mac1: bool = True
     allow_loopback: bool = False
+    local_addresses: tuple[str, ...] = ()
 
 
 class _Refusal(Exception):
@@ -151,6 +167,7 @@ class Relay:
         # ports on its own addresses stay forbidden (no relay-to-itself loops).
         self._own = frozenset(a for a in own if not (config.allow_loopback and a.is_loopback))
         self._own_ports = frozenset((config.control_port, *config.ports))
+        self._local = frozenset(normalize_ip(a) for a in config.local_addresses) & own
         ports = [p for p in config.ports if p != config.control_port]
         self._pool = AllocationPool(
             ports,
@@ -225,7 +242,7 @@ class Relay:
 
     def _gate(self, data: bytes, src: Addr, ip: IPAddress, now: float) -> ControlMessage | str:
         """The parsed control message of an unauthenticated sender, or why it is dropped."""
-        if self._forbidden(ip, src[1]):
+        if self._forbidden(ip, src[1]) and not self._local_ping(data, ip, src[1]):
             return "forbidden_destination"
         if not self._limiter.allow(ip, now):
             return "rate_limited"
@@ -233,6 +250,14 @@ class Relay:
             return parse_control(data)
         except ControlError:
             return "malformed_control"
+
+    def _local_ping(self, data: bytes, ip: IPAddress, port: int) -> bool:
+        """A PING from a process on this host (see :class:`RelayConfig`)."""
+        return (
+            ip in self._local
+            and port not in self._own_ports
+            and data[: _KIND + 1] == MAGIC + bytes([VERSION, Kind.PING])
+        )
 
     def _reply(self, request: bytes, dst: Addr, port: int, msg: ControlMessage) -> list[Send]:
         """``msg`` back to ``dst``, only if it is no larger than ``request``."""

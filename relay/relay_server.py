@@ -44,6 +44,7 @@ __all__ = [
     "RelayForwarder",
     "RelayPortProtocol",
     "forwarding_from_settings",
+    "is_local_address",
     "load_verify_keys",
     "parse_signers",
 ]
@@ -132,7 +133,11 @@ class RelayForwarder:
         if not normalize_ip(control[0]).is_unspecified:
             own = (*own, control[0])
         config = replace(
-            s.config, control_port=control[1], ports=tuple(relay_ports), own_addresses=own
+            s.config,
+            control_port=control[1],
+            ports=tuple(relay_ports),
+            own_addresses=own,
+            local_addresses=tuple(a for a in own if is_local_address(a)),
         )
         for outcome in OUTCOMES:
             self._outcomes.labels(outcome=outcome)
@@ -175,6 +180,27 @@ class RelayForwarder:
         for transport in self._transports.values():
             transport.close()
         self._transports.clear()
+
+
+def is_local_address(text: str) -> bool:
+    """Whether ``text`` is a non-loopback address configured on this host (it can be bound).
+
+    Loopback is left out: with ``route_localnet`` (set by kube-proxy) Linux
+    accepts 127/8 sources from outside, so they prove nothing.
+    """
+    try:
+        ip = normalize_ip(text)
+    except ValueError:
+        return False
+    if ip.is_loopback or ip.is_unspecified:
+        return False
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((str(ip), 0))
+        except OSError:
+            return False
+    return True
 
 
 _HINT = 'write {"signers": [{"public_key": "<base64>", "tenants": ["default"]}]}'

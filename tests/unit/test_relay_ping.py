@@ -18,8 +18,8 @@ from relay_fixtures import CONTROL, Lab, loopback_forwarder, make_lab, node, pai
 from relay.control import MAGIC, Ping, Pong, build_control, parse_control
 from relay.errors import ControlError, RelayTimeout
 from relay.probe import PingResult, ping_relay
-from relay.relay_client import build_ping, parse_pong
-from relay.relay_server import RelayForwarder
+from relay.relay_client import build_allocate, build_ping, parse_pong
+from relay.relay_server import RelayForwarder, is_local_address
 
 KEY, TRUSTED = signer()
 A, B = node("dev-a"), node("dev-b")
@@ -119,6 +119,35 @@ def test_a_short_ping_gets_nothing(lab: Lab) -> None:
 def test_never_pongs_to_forbidden_addresses(lab: Lab, host: str) -> None:
     assert lab.send(build_ping(NONCE), (host, 40000), CONTROL) == []
     assert lab.relay.counters["forbidden_destination"] == 1
+
+
+def test_a_ping_from_the_relays_own_host_is_answered() -> None:
+    """A gateway on the relay's host: its PING comes from an own address that is local."""
+    own = "192.0.2.1"
+    lab = make_lab([TRUSTED], own_addresses=(own,), local_addresses=(own,))
+    assert pong_of(lab, src=(own, 50000)).capacity == 8
+    assert lab.send(build_ping(NONCE), (own, CONTROL), CONTROL) == []  # never from own ports
+    assert lab.send(build_ping(NONCE), (own, 40003), CONTROL) == []
+    for_a, _ = pair_tickets(KEY, A, B)
+    assert lab.send(build_allocate(for_a), (own, 50000), CONTROL) == []  # only PING is exempt
+    assert lab.send(build_ping(NONCE)[:-1], (own, 50000), CONTROL) == []
+    assert lab.relay.counters["forbidden_destination"] == 3
+    assert lab.relay.counters["malformed_control"] == 1
+
+
+def test_local_addresses_must_be_own_addresses() -> None:
+    lab = make_lab([TRUSTED], local_addresses=("127.0.0.1", "169.254.169.254"))
+    for host in ("127.0.0.1", "169.254.169.254"):
+        assert lab.send(build_ping(NONCE), (host, 50000), CONTROL) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "local"),
+    [("127.0.0.1", False), ("::1", False), ("0.0.0.0", False), ("203.0.113.77", False),
+     ("not-an-address", False)],
+)  # fmt: skip
+def test_is_local_address_refuses_loopback_and_foreign(text: str, local: bool) -> None:
+    assert is_local_address(text) is local
 
 
 def test_pings_are_rate_limited_per_source(lab: Lab) -> None:

@@ -294,6 +294,9 @@ class RelayMonitor:
             result = await self._probe((relay.host, relay.port), self.timeout)
         except (WiregateError, OSError) as exc:
             self._selector.missed(relay.id, str(exc) or exc.__class__.__name__)
+        except Exception as exc:  # a bug must not stop the probes of every relay
+            _log.exception("relay_probe_failed", relay=relay.id)
+            self._selector.missed(relay.id, f"probe failed: {exc.__class__.__name__}")
         else:
             self._selector.answered(relay.id, result.rtt, result.allocations, result.capacity)
         if self._selector.is_up(relay.id) != was_up:

@@ -208,3 +208,19 @@ async def test_monitor_counts_resolution_errors_as_misses() -> None:
     monitor = RelayMonitor(sel, unresolvable, interval=5.0)
     await monitor.probe_all()
     assert sel.status()[0].error == "Name or service not known"
+
+
+async def test_a_failing_probe_is_a_miss_and_the_monitor_goes_on() -> None:
+    sel, calls = selector(R1, R2), []
+
+    async def buggy(control: tuple[str, int], timeout: float) -> PingResult:
+        calls.append(control)
+        if control[0] == "192.0.2.1":
+            raise KeyError("bug")
+        return PingResult(0.01, 0, 10)
+
+    monitor = RelayMonitor(sel, buggy, interval=5.0)
+    await monitor.probe_all()
+    await monitor.probe_all()
+    assert [s.up for s in sel.status()] == [False, True]
+    assert sel.status()[0].error == "probe failed: KeyError" and len(calls) == 4

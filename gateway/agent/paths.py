@@ -170,14 +170,16 @@ class PathMachine:
 
     def _reason(self) -> str:
         state = self.state
+        # off the direct path: a blocker learnt since (the NATs measured) says it best
+        why = self._why if state is PathState.RETRY_DIRECT else self._blocker() or self._why
         if state is PathState.RELAYED:
             if self._retry_at is None:
-                return f"{self._why}; not retrying direct"
-            return f"{self._why}; retrying direct every {self._backoff:g} s"
+                return f"{why}; not retrying direct"
+            return f"{why}; retrying direct every {self._backoff:g} s"
         if state is PathState.RELAY_PENDING:
-            return f"asking for a relay: {self._why}"
+            return f"asking for a relay: {why}"
         if state is PathState.FAILED:
-            return f"{self._why}; no relay: {self._relay_error or 'unavailable'}"
+            return f"{why}; no relay: {self._relay_error or 'unavailable'}"
         if state is PathState.RETRY_DIRECT:
             return f"relayed ({self._why}); trying direct candidate {self._endpoint}"
         return self._why

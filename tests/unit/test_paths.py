@@ -276,3 +276,13 @@ def test_handshakes_over_a_lost_relay_are_no_direct_evidence() -> None:
     m.handle(Handshake(14.0, 11.0, RELAY))
     assert m.state is PathState.RELAY_PENDING
     assert m.explain().path == "probing"
+
+
+def test_a_blocker_learnt_while_relayed_becomes_the_reason() -> None:
+    m = machine(NatType.UNKNOWN, None)
+    relayed(m)
+    assert m.explain().reason.startswith("no handshake on any direct candidate")
+    m.handle(LocalNat(11.0, NatType.SYMMETRIC, None))
+    m.handle(PeerUpdate(12.0, (PUB, LAN), NatType.SYMMETRIC))
+    assert m.explain().reason == "both sides behind symmetric NAT; not retrying direct"
+    assert m.next_deadline() is None

@@ -284,7 +284,7 @@ class Agent:
     async def _apply(self, netmap: NetMap) -> None:
         assert self.dataplane is not None
         async with self._apply_lock:
-            self.rotation.before_apply(netmap)  # a rotated key: switch in this apply
+            await self.rotation.before_apply(netmap)  # a rotated key: switch in this apply
             result = await asyncio.to_thread(self.dataplane.apply, self.paths.shape(netmap))
             await self.rotation.after_apply(netmap)
         self.health.problems = tuple(result.problems)

@@ -11,11 +11,16 @@ The flow (see docs/operations.md, "Key rotation"):
    entry for this device carries the new key with the same allowed IPs, and
    this device's ``self`` carries it too ("switch now"; ``previous_public_key``
    names the key it replaces).
-3. Peers replace the peer (WireGuard identifies a peer by its public key, and
-   allowed IPs cannot be on two peers of one interface, so the old peer goes
-   and the new one takes its addresses in one write). This agent sets the new
-   private key in the same apply (:meth:`KeyRotator.before_apply`), then makes
-   ``private.key.next`` the ``private.key`` (``os.replace``).
+3. This agent sets the new private key in the apply of that version
+   (:meth:`KeyRotator.before_apply`), then makes ``private.key.next`` the
+   ``private.key`` (``os.replace``). Peers replace the peer (WireGuard
+   identifies a peer by its public key, and allowed IPs cannot be on two peers
+   of one interface, so the old peer goes and the new one takes its addresses
+   in one write) :data:`ROTATION_GRACE` after receiving the version, so that
+   the rotating device has switched first: make before break. In between, the
+   rotating device still *accepts* the old session (changing the private key
+   only stops WireGuard sending on it) and queues what it sends while its
+   handshake waits for the peers.
 4. Both sides then *nudge* the peers whose key changed: one small UDP datagram
    to the peer's tunnel address makes WireGuard start a handshake at once.
    Whichever side applied the version last completes it on the first try
@@ -52,10 +57,11 @@ from gateway.logging import get_logger
 from gateway.model import NetMap, Peer
 from gateway.wgkey import encode_key, fingerprint, public_from_private
 
-__all__ = ["NEXT_KEY_FILE", "NUDGE_PORT", "KeyRotator", "nudge"]
+__all__ = ["NEXT_KEY_FILE", "NUDGE_PORT", "ROTATION_GRACE", "KeyRotator", "nudge"]
 
 NEXT_KEY_FILE = "private.key.next"
 NUDGE_PORT = 9  # discard: the datagram only has to make WireGuard shake hands
+ROTATION_GRACE = 0.25  # s a peer waits before replacing a rotated key (WireGuard queues more)
 ROTATE_PATH = "/api/v1/devices/self/rotate"
 log = get_logger("agent.rotation")
 
@@ -177,8 +183,12 @@ class KeyRotator:
 
     # -- switching (called by the daemon around each apply, under its apply lock) --
 
-    def before_apply(self, netmap: NetMap) -> None:
-        """If the map names our next key, give it to the data plane for this apply."""
+    async def before_apply(self, netmap: NetMap) -> None:
+        """Before an apply: if the map names our next key, give it to the data plane;
+        if it rotates a peer's key, first give that peer :data:`ROTATION_GRACE` to switch."""
+        known = self._peer_keys
+        if any(known.get(i, p.public_key) != p.public_key for i, p in netmap.peers.items()):
+            await asyncio.sleep(ROTATION_GRACE)
         wanted = netmap.self_view.public_key
         if wanted == self._agent.public_key or self._agent.dataplane is None:
             return

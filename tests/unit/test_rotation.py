@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from gateway.agent.backend import MemoryBackend
 from gateway.agent.dataplane import DataPlane
 from gateway.agent.keyfile import KEY_FILE, load_or_create_key
-from gateway.agent.rotation import NEXT_KEY_FILE, KeyRotator, nudge
+from gateway.agent.rotation import NEXT_KEY_FILE, ROTATION_GRACE, KeyRotator, nudge
 from gateway.agent.session import MapSession
 from gateway.agent.state import Enrollment
 from gateway.api.common import STORE
@@ -27,6 +27,8 @@ from gateway.store import EnrollRequest, KeySpec
 from gateway.wgkey import encode_key, public_from_private
 from tests.unit.test_api import FakeClock, RecordingBroker, make_settings, new_key
 from tests.unit.test_dataplane import IFACE, MemoryLinks
+
+KEY1 = new_key()
 
 
 def pub(private: bytes) -> str:
@@ -72,7 +74,7 @@ def make_agent(tmp_path: Path) -> tuple[FakeAgent, MemoryBackend]:
 
 async def apply(agent: FakeAgent, rotator: KeyRotator, nm: NetMap) -> None:
     agent.session = MapSession(nm)
-    rotator.before_apply(nm)
+    await rotator.before_apply(nm)
     agent.dataplane.apply(nm)
     await rotator.after_apply(nm)
 
@@ -127,6 +129,28 @@ async def test_peers_whose_key_changed_are_nudged(tmp_path: Path, monkeypatch: A
     assert nudged == []  # first map: nothing changed
     await apply(agent, rotator, netmap(agent.public_key, [a, replace(b, public_key=new_key())]))
     assert nudged == [["d1"]]
+
+
+async def test_a_peer_waits_for_the_rotating_device_to_switch_first(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    agent, backend = make_agent(tmp_path)
+    rotator = KeyRotator(agent)
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr("gateway.agent.rotation.asyncio.sleep", sleep)
+    monkeypatch.setattr("gateway.agent.rotation.nudge", lambda ps: 0)
+    a = peer(0, new_key())
+    await apply(agent, rotator, netmap(agent.public_key, [a]))
+    await apply(agent, rotator, netmap(agent.public_key, [a, peer(1, KEY1)]))
+    assert slept == []  # a new peer is no rotation
+    rotated = replace(a, public_key=new_key())
+    await apply(agent, rotator, netmap(agent.public_key, [rotated, peer(1, KEY1)]))
+    assert slept == [ROTATION_GRACE]
+    assert rotated.public_key in backend.read(IFACE).peers
 
 
 def test_nudge_sends_one_datagram_per_peer(monkeypatch: Any) -> None:

@@ -401,19 +401,19 @@ class Store:
     async def _identity_change(
         self, ref: int | Identity, disabled: bool | None, actor: str
     ) -> list[Removal]:
-        async with self._sessions() as s:
-            row = await lifecycle.find_identity(s, ref)
-            ids = [d.id for d in await lifecycle.identity_devices(s, row.id)]
         action = {None: "identity.revoke", True: "identity.disable", False: "identity.enable"}
         reason = "identity disabled" if disabled else "identity revoked"
         async with self._write() as s:
-            versions = [await self._bump(s) for _ in ids]  # first: takes the write lock
+            versions = [await self._bump(s)]  # first: takes the write lock
             row = await lifecycle.find_identity(s, ref)
+            owned = [d.id for d in await lifecycle.identity_devices(s, row.id)]
+            ids = [] if disabled is False else owned  # enabling removes nothing
+            versions += [await self._bump(s) for _ in ids[1:]]
             if disabled is not None:
                 row.disabled = disabled
             detail = {"issuer": row.issuer, "subject": row.subject, "devices": str(len(ids))}
             await audit.add(s, self._clock(), actor, action[disabled], str(row.id), detail)
-            return await self._remove(s, ids, versions, actor, reason)
+            return await self._remove(s, ids, versions[: len(ids)], actor, reason)
 
     async def expire_devices(self, now: float) -> list[Removal]:
         """Delete the devices whose key has expired at ``now``."""

@@ -100,6 +100,14 @@ async def test_disabled_identity_cannot_get_devices_until_enabled(
     assert (await approve(client, created["user_code"])).status == 200
 
 
+async def test_enabling_an_identity_keeps_its_devices(client: Client) -> None:
+    device = await login_device(client)
+    ident = await identity_id(client, "https://idp.example", "alice")
+    resp = await client.post(f"/api/v1/identities/{ident}/enable", headers=AUTH)
+    assert (await resp.json())["removed"] == []
+    assert await device_ids(client) == {device["device"]["id"]}
+
+
 async def test_disabled_enrollment_key_identity_refuses_enrollment(client: Client) -> None:
     key = await create_key(client, reusable=True)
     await enroll(client, key["secret"])

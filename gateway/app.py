@@ -38,6 +38,7 @@ from gateway.sweeper import sweeper_ctx
 from gateway.web import setup as setup_web
 from identity.policy import Policy
 from identity.policy_file import PolicyFile, load_policy_file
+from identity.principals import lifetime_rule
 
 __all__ = [
     "BROKER",
@@ -94,6 +95,8 @@ def _state(
         try:
             document = load_policy_document(settings.policy_file)
             app[POLICY] = document
+            if document.key_expiry:  # the policy file's key_expiry replaces the settings' rule
+                store.set_key_lifetime(lifetime_rule(document))
             broker = broker_factory(document.policy)
             devices = [record.device for record in await store.list_devices()]
             broker.load(devices, await store.map_version())

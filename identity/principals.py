@@ -17,10 +17,11 @@ A policy change to a group's definition applies to devices enrolled after it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+from gateway.model import Identity
 from identity.claims import Claims, verified_email
 from identity.policy import GROUP_PREFIX
 from identity.policy_file import PolicyFile, TagRule
@@ -29,7 +30,9 @@ __all__ = [
     "Grant",
     "claim_values",
     "enrollment_grant",
+    "grant_for",
     "key_lifetime",
+    "lifetime_rule",
     "split_stored_tags",
     "stored_tags",
 ]
@@ -43,6 +46,9 @@ class Grant:
     groups: tuple[str, ...] = ()
 
 
+Verified = Mapping[str, str | Sequence[str]]  # claim name -> verified value(s)
+
+
 def claim_values(claims: Claims, claim: str) -> tuple[str, ...]:
     """The verified string values of ``claim`` (a string or a list of strings)."""
     if claim == "sub":
@@ -52,34 +58,51 @@ def claim_values(claims: Claims, claim: str) -> tuple[str, ...]:
     if claim == "email":
         email = verified_email(claims)
         return () if email is None else (email,)
-    raw = claims.raw.get(claim)
+    return _strings(claims.raw.get(claim))
+
+
+def _strings(raw: object) -> tuple[str, ...]:
     if isinstance(raw, str):
         return (raw,)
-    if isinstance(raw, list):
+    if isinstance(raw, list | tuple):
         return tuple(v for v in raw if isinstance(v, str))
     return ()
 
 
 def enrollment_grant(policy: PolicyFile, claims: Claims, extra_tags: Iterable[str] = ()) -> Grant:
     """The groups and tags ``claims`` earn under ``policy``, plus ``extra_tags``."""
+    names = {g.claim for g in policy.groups.values()} | {r.claim for r in policy.tag_rules}
+    verified = {n: claim_values(claims, n) for n in names if n is not None}
+    return grant_for(policy, claims.issuer, verified, extra_tags)
+
+
+def grant_for(
+    policy: PolicyFile, issuer: str, verified: Verified, extra_tags: Iterable[str] = ()
+) -> Grant:
+    """:func:`enrollment_grant` from already verified claim values of a token of ``issuer``.
+
+    For callers that keep a verified subset of a token (a web session: its
+    ``sub``, ``email`` only if verified, its groups); the caller answers for
+    ``verified`` holding nothing a user could set.
+    """
     groups = sorted(
         g.name
         for g in policy.groups.values()
-        if g.issuer == claims.issuer and not g.values.isdisjoint(claim_values(claims, g.claim))
+        if g.issuer == issuer and not g.values.isdisjoint(_strings(verified.get(g.claim)))
     )
     tags = set(extra_tags)
     for rule in policy.tag_rules:
-        if _rule_matches(rule, claims, groups):
+        if _rule_matches(rule, issuer, verified, groups):
             tags.update(rule.tags)
     return Grant(tags=tuple(sorted(tags)), groups=tuple(groups))
 
 
-def _rule_matches(rule: TagRule, claims: Claims, groups: list[str]) -> bool:
+def _rule_matches(rule: TagRule, issuer: str, verified: Verified, groups: list[str]) -> bool:
     if rule.group is not None:
         return rule.group in groups
-    if rule.issuer != claims.issuer or rule.claim is None:
+    if rule.issuer != issuer or rule.claim is None:
         return False
-    values = claim_values(claims, rule.claim)
+    values = _strings(verified.get(rule.claim))
     if rule.match is not None:
         return any(fnmatchcase(v, rule.match) for v in values)
     return not rule.values.isdisjoint(values)
@@ -96,6 +119,15 @@ def key_lifetime(policy: PolicyFile, tags: Iterable[str]) -> float | None:
         return expiry.get("default")
     finite = [v for v in own if v is not None]
     return min(finite) if finite else None
+
+
+def lifetime_rule(policy: PolicyFile) -> Callable[[Identity, Sequence[str]], float | None]:
+    """:func:`key_lifetime` as the store's key-lifetime rule (``Store.set_key_lifetime``)."""
+
+    def lifetime(_identity: Identity, tags: Sequence[str]) -> float | None:
+        return key_lifetime(policy, tags)
+
+    return lifetime
 
 
 def stored_tags(grant: Grant) -> tuple[str, ...]:

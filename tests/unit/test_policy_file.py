@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from gateway.cli import main
 from gateway.errors import ConfigError
+from gateway.model import Identity
 from gateway.portspec import PortSpec, parse_port
 from identity.claims import Claims
 from identity.policy import principals
@@ -19,7 +20,9 @@ from identity.policy_file import load_policy_file, parse_policy
 from identity.principals import (
     Grant,
     enrollment_grant,
+    grant_for,
     key_lifetime,
+    lifetime_rule,
     split_stored_tags,
     stored_tags,
 )
@@ -222,3 +225,14 @@ def test_key_lifetime_by_tags() -> None:
     assert key_lifetime(doc, []) == 180 * 86400.0
     assert key_lifetime(doc, ["tag:node", "tag:laptop"]) == 30 * 86400.0
     assert key_lifetime(parse_policy({"acls": []}), ["tag:x"]) is None
+
+
+def test_grant_from_a_verified_subset_and_the_store_rule() -> None:
+    doc = parse_policy(DOC)
+    grant = grant_for(doc, IDP, {"email": "alice@example.com", "groups": ("engineering",)})
+    assert grant == Grant(tags=("tag:laptop",), groups=("admins", "eng"))
+    assert grant_for(doc, IDP, {"groups": "engineering"}).groups == ("eng",)
+    assert grant_for(doc, KUBE, {"groups": ["engineering"]}) == Grant()
+    rule = lifetime_rule(doc)
+    assert rule(Identity(IDP, "u1"), ["tag:node"]) is None
+    assert rule(Identity(IDP, "u1"), ["group:eng"]) == 180 * 86400.0

@@ -294,6 +294,13 @@ def test_a_vm_joins_with_bootstrap_and_reaches_a_pod(
     routes = vm_host.run(["ip", "route", "show", "table", "51820"]).stdout
     assert f"{POD_CIDR} dev {vm.iface}" in routes  # the pod CIDR goes through the tunnel only
     assert "10.244" not in vm_host.run(["ip", "route", "show", "table", "main"]).stdout
+    # next to the CNI: the node's pod route stays in main, wiregate adds one rule only
+    assert f"{POD_CIDR} dev podveth" in node.run(["ip", "route", "show", "table", "main"]).stdout
+    assert POD_CIDR not in node.run(["ip", "route", "show", "table", "51820"]).stdout
+    rules = node.run(["ip", "-4", "rule", "show"]).stdout.splitlines()
+    assert [r.split(":")[0] for r in rules] == ["0", "5210", "32766", "32767"], rules
+    assert rules[1].split(":", 1)[1].split() == ["not", "from", "all", "fwmark", "0x5747",
+                                                 "lookup", "51820"]  # fmt: skip
     vm_tunnel = statuses["vm"]["device"]["addresses"][0].split("/")[0]
     assert _ping_until(node, vm_tunnel, timeout=30) is not None, "the node cannot reach the VM"
     transfer = vm_host.run(["wg", "show", vm.iface, "transfer"]).stdout.split()

@@ -4,7 +4,9 @@ The page shows the device's name and its key fingerprint (the person compares
 it with what ``wiregate login`` printed) before anything is approved. Every
 lookup of a typed code is charged to the API's :class:`GuessLimiter` first, so
 guessing codes through the pages is bounded exactly as through the API. An
-approval enrolls the device for the signed-in (issuer, subject), with no tags.
+approval enrolls the device for the signed-in (issuer, subject), with the tags
+and groups the policy file's rules give that person (nothing else: the page
+offers no tags).
 The store records each decision in the audit log as ``oidc:<iss>#<sub>``.
 """
 
@@ -13,14 +15,15 @@ from __future__ import annotations
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from gateway.api.common import BROKER, CLOCK, SETTINGS, STORE
+from gateway.api.common import BROKER, CLOCK, POLICY, SETTINGS, STORE
 from gateway.api.login import LIMITER
 from gateway.errors import BadInput, NotFound
 from gateway.store import LoginRecord
-from gateway.web.context import render
+from gateway.web.context import WEB, render
 from gateway.web.guard import form_post
 from gateway.web.sessions import Session
 from identity.device_login import format_user_code, normalize_user_code
+from identity.principals import grant_for, stored_tags
 
 __all__ = ["approval_page", "routes"]
 
@@ -43,6 +46,21 @@ async def _lookup(request: web.Request, typed: str) -> LoginRecord:
     return await request.app[STORE].find_login_request(typed, now)
 
 
+def _policy_tags(request: web.Request, session: Session) -> tuple[str, ...]:
+    """What the policy file grants this person (tag rules, ``group:NAME``), from the session.
+
+    The session holds the verified subset of the ID token: ``sub``, the email
+    only when verified, and the groups claim under its configured name.
+    """
+    issuer = next((i for i in request.app[WEB].issuers.values() if i.issuer == session.issuer),
+                  None)  # fmt: skip
+    verified: dict[str, str | tuple[str, ...]] = {"sub": session.subject}
+    verified[issuer.groups_claim if issuer is not None else "groups"] = session.groups
+    if session.email is not None:
+        verified["email"] = session.email
+    return stored_tags(grant_for(request.app[POLICY], session.issuer, verified))
+
+
 @routes.post("/login/approve")
 @form_post
 async def approve(
@@ -52,8 +70,9 @@ async def approve(
     found = await _lookup(request, form.get("user_code", ""))
     store, now = request.app[STORE], request.app[CLOCK]()
     keepalive = request.app[SETTINGS].default_keepalive
+    tags = _policy_tags(request, session)
     approved = await store.approve_login_request(
-        found.id, session.identity, (), now, keepalive=keepalive, actor=session.actor
+        found.id, session.identity, tags, now, keepalive=keepalive, actor=session.actor
     )
     request.app[BROKER].upsert(approved.record.device, approved.version)
     return render(request, "done.html", title="Device approved", login=found, approved=True)

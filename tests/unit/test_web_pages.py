@@ -7,6 +7,8 @@ which is also what "the IdP is down" must look like.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -374,3 +376,48 @@ async def test_verification_uri_is_on_the_public_url(web_client: Client) -> None
     created = await (await web_client.post("/api/v1/login/requests", json=body)).json()
     assert created["verification_uri"] == ORIGIN + "/login"
     assert created["verification_uri_complete"].startswith(ORIGIN + "/login?code=")
+
+
+POLICY_DOC = {
+    "groups": {"eng": {"issuer": "https://idp.example", "claim": "groups", "values": ["eng"]}},
+    "tag_rules": [
+        {"group": "eng", "tags": ["tag:laptop"]},
+        {
+            "issuer": "https://idp.example",
+            "claim": "email",
+            "match": "*@example.test",
+            "tags": ["tag:staff"],
+        },
+    ],
+    "acls": [{"src": ["*"], "dst": ["*"]}],
+}
+
+
+@pytest.mark.parametrize(
+    ("groups", "email", "tags", "policy_groups"),
+    [
+        (("eng",), "dave@example.test", ("tag:laptop", "tag:staff"), ("eng",)),
+        (("eng",), None, ("tag:laptop",), ("eng",)),  # an unverified email is not in a session
+        (("sales",), None, (), ()),
+    ],
+)
+async def test_approval_gives_what_the_policy_grants(
+    aiohttp_client: ClientFactory,
+    tmp_path: Path,
+    groups: tuple[str, ...],
+    email: str | None,
+    tags: tuple[str, ...],
+    policy_groups: tuple[str, ...],
+) -> None:
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(POLICY_DOC))
+    settings = sso_settings(tmp_path, policy_file=policy)
+    app = create_app(settings, broker_factory=RecordingBroker, clock=FakeClock())
+    client = await aiohttp_client(app)
+    me = dataclasses.replace(make_session("dave", groups), email=email)
+    code, _ = await pending_code(client)
+    form = {"user_code": code, "csrf": csrf_token(me)}
+    resp = await client.post("/login/approve", data=form, headers=form_headers(client, me))
+    assert resp.status == 200
+    [device] = await client.app[STORE].devices_of(me.identity)
+    assert (device.device.tags, device.device.groups) == (tags, policy_groups)

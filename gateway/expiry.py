@@ -25,10 +25,11 @@ ROTATE_AT = 2 / 3
 
 
 def people_lifetime(seconds: float | None) -> KeyLifetime:
-    """Keys of people's devices live ``seconds`` (None: forever); enrolled nodes' forever."""
+    """Keys of people's devices live ``seconds`` (None or 0: forever); enrolled nodes' forever."""
+    people = seconds if seconds is not None and seconds > 0 else None
 
     def lifetime(identity: Identity, _tags: Sequence[str]) -> float | None:
-        return None if identity.issuer == ENROLLMENT_ISSUER else seconds
+        return None if identity.issuer == ENROLLMENT_ISSUER else people
 
     return lifetime
 

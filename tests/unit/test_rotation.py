@@ -22,8 +22,10 @@ from gateway.agent.session import MapSession
 from gateway.agent.state import Enrollment
 from gateway.api.common import STORE
 from gateway.app import create_app
-from gateway.model import NetMap, Peer, SelfView
+from gateway.expiry import people_lifetime, rotate_after
+from gateway.model import Identity, NetMap, Peer, SelfView
 from gateway.store import EnrollRequest, KeySpec
+from gateway.store.records import ENROLLMENT_ISSUER
 from gateway.wgkey import encode_key, public_from_private
 from tests.unit.test_api import FakeClock, RecordingBroker, make_settings, new_key
 from tests.unit.test_dataplane import IFACE, MemoryLinks
@@ -188,3 +190,13 @@ async def test_rotate_registers_the_next_key_with_the_gateway(tmp_path: Path) ->
         agent.session = MapSession(netmap(new, []))
         clock.now += 60
         assert await rotator.rotate() == new
+
+
+def test_key_lifetimes() -> None:
+    person, node = Identity("https://idp.example", "alice"), Identity(ENROLLMENT_ISSUER, "key_1")
+    assert people_lifetime(3600.0)(person, ()) == 3600.0
+    assert people_lifetime(3600.0)(node, ()) is None
+    assert people_lifetime(0)(person, ()) is None  # 0: never
+    assert people_lifetime(None)(person, ()) is None
+    assert rotate_after(100.0, 400.0) == pytest.approx(300.0)
+    assert rotate_after(100.0, None) is None

@@ -421,3 +421,15 @@ async def test_approval_gives_what_the_policy_grants(
     assert resp.status == 200
     [device] = await client.app[STORE].devices_of(me.identity)
     assert (device.device.tags, device.device.groups) == (tags, policy_groups)
+
+
+async def test_a_disabled_identity_cannot_approve(web_client: Client) -> None:
+    me = make_session()
+    await enroll_for(web_client, me.identity, "first")  # the identity exists
+    await web_client.app[STORE].set_identity_disabled(me.identity, True, actor="admin:socket")
+    code, _ = await pending_code(web_client, "second")
+    before = await snapshot(web_client)
+    form = {"user_code": code, "csrf": csrf_token(me)}
+    resp = await web_client.post("/login/approve", data=form, headers=form_headers(web_client, me))
+    assert resp.status == 403 and 'data-code="identity_disabled"' in await resp.text()
+    assert await snapshot(web_client) == before

@@ -30,6 +30,7 @@ first full map after a load, when nothing is cached yet, stays cheap.
 
 from __future__ import annotations
 
+import functools
 import json
 import json.encoder
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -112,6 +113,7 @@ class NetworkState:
         self._peer: dict[str, Peer] = {}
         self._peer_text: dict[str, str] = {}  # str keys and values: nothing for the GC to track
         self._self_text: dict[str, str] = {}
+        self._tailed: dict[str, dict[str, str]] = {}  # filter tail -> {peer id: filtered text}
         for device in devices:
             self._place(device)
 
@@ -251,7 +253,35 @@ class NetworkState:
                 if other != group:
                     self._links[other].discard(group)
 
+    def peer_texts_for(self, viewer_id: str, device_ids: list[str]) -> list[str]:
+        """:meth:`peer_texts` as ``viewer_id`` sees them: filtered where the policy says so."""
+        own = self._group_of[viewer_id]
+        filtered = self._filtered.get(own)
+        if not filtered:
+            return self.peer_texts(device_ids)
+        caches = {g: self._tail_cache(self._filter[(own, g)]) for g in filtered}
+        group_of, plain = self._group_of, self._peer_text.get
+        out: list[str] = []
+        for pid in device_ids:
+            cache = caches.get(group_of[pid])
+            text = plain(pid) if cache is None else cache[1].get(pid)
+            if text is None:
+                text = self.peer_text(pid)
+                if cache is not None:
+                    text = cache[1][pid] = text[:-1] + cache[0]
+            out.append(text)
+        return out
+
+    def _tail_cache(self, rule: Filter) -> tuple[str, dict[str, str]]:
+        tail = _filter_tail(rule)
+        cache = self._tailed.get(tail)
+        if cache is None:
+            cache = self._tailed[tail] = {}
+        return tail, cache
+
     def _forget(self, device_id: str) -> None:
+        for cache in self._tailed.values():
+            cache.pop(device_id, None)
         self._shown.pop(device_id, None)
         self._refused.pop(device_id, None)
         self._peer.pop(device_id, None)
@@ -437,22 +467,20 @@ def encode_peer(device: Device) -> str:
         return dumps(device.to_peer().to_wire())
 
 
+@functools.lru_cache(maxsize=4096)
+def _filter_tail(rule: Filter) -> str:
+    """What replaces a PEER text's closing ``}`` to add ``"filter"``."""
+    return f',"filter":[{_strings(rule)}]}}'
+
+
 def _with_filter(text: str, rule: Filter) -> str:
     """A PEER text with ``"filter"`` appended (PEER texts end with ``}``)."""
-    return f'{text[:-1]},"filter":[{_strings(rule)}]}}'
+    return text[:-1] + _filter_tail(rule)
 
 
 def encode_full(state: NetworkState, device_id: str, version: int) -> str:
     """The ``full`` message of ``device_id`` as JSON text, built from cached fragments."""
-    ids = sorted(state.viewers(device_id))
-    texts = state.peer_texts(ids)
-    own = state._group_of[device_id]
-    if own in state._filtered:
-        pair, group_of = state._filter, state._group_of
-        for i, pid in enumerate(ids):
-            rule = pair.get((own, group_of[pid]))
-            if rule is not None:
-                texts[i] = _with_filter(texts[i], rule)
+    texts = state.peer_texts_for(device_id, sorted(state.viewers(device_id)))
     head = f'{{"type":"full","version":{version},"self":{state.self_text(device_id)}'
     return f'{head},"peers":[{",".join(texts)}]}}'
 

@@ -36,6 +36,8 @@
 #   WIREGATE_MODPROBE         modprobe command (default modprobe)
 #   WIREGATE_PYTHON           Python 3.11+ used to create the virtualenv (default python3)
 #   WIREGATE_TIMESYNC_TIMEOUT seconds to wait for time synchronisation (default 60)
+#   WIREGATE_ENROLL_TIMEOUT   seconds to wait for the first enrollment (default 90); a
+#                             first install whose enrollment fails is removed again
 #
 # Everything happens inside main(), called on the last line: a truncated download
 # defines an incomplete function and runs nothing.
@@ -442,8 +444,42 @@ EOF
         fi
     }
 
+    # After a first start: wait until the agent has enrolled (its device.json exists).
+    # A refused enrollment (expired, used or revoked key; wrong server) makes the agent
+    # exit, so the unit is seen inactive; then a first install is rolled back whole.
+    wait_enrolled() {
+        enrolled="$R/var/lib/wiregate/agent/device.json"
+        if [ -z "$SYSTEMCTL" ] || [ "$DRY_RUN" = yes ] || [ -f "$enrolled" ]; then
+            return 0
+        fi
+        limit=${WIREGATE_ENROLL_TIMEOUT:-90}
+        say "waiting up to ${limit}s for the agent to enroll"
+        waited=0 down=0
+        while [ ! -f "$enrolled" ]; do
+            if $SYSTEMCTL is-active --quiet "$UNIT_NAME" 2>/dev/null; then down=0; else down=$((down + 1)); fi
+            if [ "$down" -ge 2 ] || [ "$waited" -ge "$limit" ]; then
+                enrollment_failed "$([ "$down" -ge 2 ] && echo 'the agent exited' || echo "no enrollment after ${limit}s")"
+            fi
+            sleep 1
+            waited=$((waited + 1))
+        done
+        say "the agent has enrolled"
+    }
+
+    enrollment_failed() {
+        hint="check the enrollment key (expired, used up or revoked?) and --server; journalctl -u $UNIT_NAME shows the agent's error"
+        if [ "$FIRST_INSTALL" = yes ]; then
+            warn "enrollment failed ($1): removing what this run installed"
+            uninstall
+            die "the agent could not enroll ($1); nothing was left installed" "$hint" 1
+        fi
+        die "the agent could not enroll ($1); the previous installation was kept" "$hint" 1
+    }
+
     install() {
         [ "$DRY_RUN" = yes ] || [ "$(id -u)" = 0 ] || die "run as root (sudo sh bootstrap.sh ...)"
+        FIRST_INSTALL=no
+        [ -e "$ETC/agent.toml" ] || [ -e "$VENV" ] || FIRST_INSTALL=yes
         detect_distro
         install_packages
         CHANGED=no
@@ -467,6 +503,7 @@ EOF
         [ "$DRY_RUN" = yes ] || mkdirs "$R/var/lib/wiregate" "$R/run"
         remember_created
         start_agent
+        wait_enrolled
         if [ "$COMPILE" = yes ]; then
             # After the start: the first handshake does not wait for it. The unit's
             # ProtectSystem=strict keeps the agent from writing bytecode itself.

@@ -340,3 +340,21 @@ def _alive(pid: int) -> bool:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         return state != "Z"
     return False
+
+
+def test_a_refused_key_leaves_nothing_behind(lab: Lab, gateway: Wiregate, wheelhouse: Path) -> None:
+    """The key is revoked before the agent enrolls (as when it expires mid-bootstrap): the
+    script says so and removes everything it installed."""
+    vm_host = lab.add_host("vm")
+    key_file = gateway.create_key(tags="tag:lab", expiry="1h", reusable=False)
+    gateway.admin("keys", "revoke", key_file.name.removeprefix("key-"))
+    vm = VM(lab, vm_host, wheelhouse, key_file, gateway.server)
+    done = vm.bootstrap(*vm.args)
+    assert done.returncode == 1, done.stderr
+    assert "the agent could not enroll (the agent exited)" in done.stderr
+    assert "nothing was left installed" in done.stderr
+    assert sorted(p.name for p in vm.root.iterdir()) == []
+    assert vm_host.run(["ip", "link", "show", "dev", vm.iface], check=False).returncode != 0
+    assert gateway.devices() == []
+    service_log = (vm.shim_dir / "service.log").read_text()
+    assert "error:" in service_log and key_file.read_text().strip() not in service_log

@@ -36,7 +36,12 @@ case "$name $1" in
     "systemctl is-enabled") [ -f "$state.enabled" ] ;;
     "systemctl is-active") [ -f "$state.active" ] ;;
     "systemctl enable") touch "$state.enabled" ;;
-    "systemctl start"|"systemctl restart") touch "$state.active" ;;
+    "systemctl start"|"systemctl restart")
+        # the agent starts and enrolls, unless told that its key is refused
+        [ "${FAKE_ENROLL:-}" = fail ] && exit 0
+        touch "$state.active"
+        mkdir -p "$WIREGATE_ROOT/var/lib/wiregate/agent"
+        echo '{}' > "$WIREGATE_ROOT/var/lib/wiregate/agent/device.json" ;;
     "systemctl disable") rm -f "$state.enabled" "$state.active" ;;
     "modprobe "*) exit 1 ;;
     *) exit 0 ;;
@@ -404,7 +409,7 @@ def test_find_links_installs_offline(box: Sandbox) -> None:
 
 def test_uninstall_leaves_nothing_behind(box: Sandbox) -> None:
     assert box.install("--workload-token", f"file:{box.key}").returncode == 0
-    (box.root / "var/lib/wiregate/agent").mkdir()  # what the agent creates when it runs
+    (box.root / "var/lib/wiregate/agent").mkdir(exist_ok=True)  # the agent's, as it runs
     (box.root / "var/lib/wiregate/agent/private.key").write_text("x")
     (box.root / "run/wiregate").mkdir()
     box.reset_calls()
@@ -414,6 +419,24 @@ def test_uninstall_leaves_nothing_behind(box: Sandbox) -> None:
     assert "systemctl disable --now --quiet wiregate-agent.service" in box.calls()
     again = box.run("--uninstall")
     assert again.returncode == 0 and "nothing to remove" in again.stderr
+
+
+def test_a_refused_enrollment_rolls_a_first_install_back(box: Sandbox) -> None:
+    done = box.install(FAKE_ENROLL="fail")
+    assert done.returncode == 1
+    assert "error: the agent could not enroll (the agent exited)" in done.stderr
+    assert "nothing was left installed" in done.stderr and "enrollment key" in done.stderr
+    assert box.tree() == []
+    assert "systemctl disable --now --quiet wiregate-agent.service" in box.calls()
+
+
+def test_a_refused_enrollment_keeps_an_earlier_install(box: Sandbox) -> None:
+    assert box.install().returncode == 0
+    (box.root / "var/lib/wiregate/agent/device.json").unlink()  # say the device was removed
+    (box.logs / "state.active").unlink()
+    done = box.install(FAKE_ENROLL="fail")
+    assert done.returncode == 1 and "the previous installation was kept" in done.stderr
+    assert (box.root / "etc/wiregate/agent.toml").exists()
 
 
 def test_uninstall_keeps_directories_it_did_not_make(box: Sandbox) -> None:

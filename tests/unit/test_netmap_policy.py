@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.model import Device, Identity, NetMap, apply_delta
+from gateway.model import Device, Identity, NetMap, Peer, SelfView, apply_delta
 from gateway.netmap import (
     Fanout,
     NetworkState,
@@ -98,6 +99,17 @@ def test_a_group_change_refilters_peers_that_stay() -> None:
     assert full_map(state, "d2", 2).peers["d1"].filter == ("icmp", "tcp:22")
 
 
+def test_the_wire_fields_round_trip_and_unknown_fields_are_ignored() -> None:
+    peer = replace(device(1).to_peer(), filter=("icmp",))
+    wire = peer.to_wire()
+    assert Peer.from_wire(wire) == peer
+    assert Peer.from_wire({**wire, "some_future_field": [1]}) == peer
+    assert "filter" not in device(1).to_peer().to_wire()  # unfiltered: the old bytes
+    view = replace(device(1).to_self(), refused_routes=("10.0.0.0/8",))
+    assert SelfView.from_wire({**view.to_wire(), "x": 1}) == view
+    assert "refused_routes" not in device(1).to_self().to_wire()
+
+
 # --- the property: deltas applied to each agent's map == the map from scratch ---
 
 acls = st.fixed_dictionaries(
@@ -140,6 +152,8 @@ def check(state: NetworkState, maps: dict[str, NetMap], version: int) -> None:
         assert current.peers == fresh.peers, agent
         assert json.loads(encode_full(state, agent, version)) == fresh.to_wire()
         me = signature(state.device(agent))
+        allowed = {d.id for d in state if d.id != agent and state.policy.may_peer(me, signature(d))}
+        assert set(current.peers) == allowed, agent  # every allowed peer, and only those
         for pid, peer in current.peers.items():  # never a peer the policy does not allow
             other = signature(state.device(pid))
             assert state.policy.may_peer(me, other)

@@ -31,7 +31,7 @@
 #                             points into it too)
 #   WIREGATE_OS_RELEASE       the os-release file (default /etc/os-release)
 #   WIREGATE_SYSTEMCTL        systemctl command; when set, a service manager is assumed
-#                             even if systemd is not PID 1
+#                             even if systemd is not PID 1; set but empty: none is used
 #   WIREGATE_APT_GET, WIREGATE_DNF  package manager commands (default apt-get, dnf or yum)
 #   WIREGATE_MODPROBE         modprobe command (default modprobe)
 #   WIREGATE_PYTHON           Python 3.11+ used to create the virtualenv (default python3)
@@ -415,8 +415,8 @@ EOF
     }
 
     service_manager() {
-        if [ -n "${WIREGATE_SYSTEMCTL:-}" ]; then
-            SYSTEMCTL=$WIREGATE_SYSTEMCTL
+        if [ -n "${WIREGATE_SYSTEMCTL+set}" ]; then
+            SYSTEMCTL=$WIREGATE_SYSTEMCTL # set but empty: act as without a service manager
         elif [ -d /run/systemd/system ]; then
             SYSTEMCTL=systemctl
         else

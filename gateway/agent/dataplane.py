@@ -213,7 +213,8 @@ class DataPlane:
             writes = finish()
             self._last = config.device
         self._belief.snapshot = after
-        problems = config.problems + self.firewall.apply(netmap, repair=snap.fresh)
+        configured = config.device.peers.keys()
+        problems = config.problems + self.firewall.apply(netmap, keys=configured, repair=snap.fresh)
         peers = len(config.device.peers)
         return ApplyResult(writes=writes + link_writes, problems=problems, peers=peers)
 

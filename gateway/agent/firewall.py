@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from gateway.errors import DataPlaneError
@@ -84,11 +84,17 @@ class Rendered:
     problems: tuple[str, ...] = ()
 
 
-def peer_rules(netmap: NetMap) -> tuple[PeerRule, ...]:
-    """Each peer of ``netmap`` as a :class:`PeerRule`, in device-id order."""
+def peer_rules(netmap: NetMap, keys: Collection[str] | None = None) -> tuple[PeerRule, ...]:
+    """Each peer of ``netmap`` as a :class:`PeerRule`, in device-id order.
+
+    ``keys``: the public keys of the peers actually configured (a peer the agent
+    refused gets no rule, so it cannot lend its allowance to addresses another
+    peer carries).
+    """
     return tuple(
         PeerRule(peer.name, peer.allowed_ips, peer.filter)
         for _, peer in sorted(netmap.peers.items())
+        if keys is None or peer.public_key in keys
     )
 
 
@@ -187,9 +193,14 @@ class Firewall:
         self._applied: str | None = None
         self.enforced = False
 
-    def apply(self, netmap: NetMap, *, repair: bool = False) -> tuple[str, ...]:
-        """Bring the table to ``netmap``; return problems (never raises for a missing nft)."""
-        rendered = render(self.interface, peer_rules(netmap))
+    def apply(
+        self, netmap: NetMap, *, keys: Collection[str] | None = None, repair: bool = False
+    ) -> tuple[str, ...]:
+        """Bring the table to ``netmap`` (its peers with ``keys``); return problems.
+
+        Never raises for a missing or failing ``nft``: that is a problem to report.
+        """
+        rendered = render(self.interface, peer_rules(netmap, keys))
         if rendered.script == self._applied and not repair:
             return rendered.problems
         try:

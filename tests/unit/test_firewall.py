@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
+from gateway.agent.backend import MemoryBackend
+from gateway.agent.dataplane import DataPlane
 from gateway.agent.firewall import Firewall, NftMissing, PeerRule, peer_rules, render
 from gateway.errors import DataPlaneError
 from gateway.model import NetMap, Peer, SelfView
+from tests.unit.test_dataplane import IFACE, PRIVATE, MemoryLinks
+from tests.unit.test_dataplane import netmap as dp_netmap
+from tests.unit.test_dataplane import peer as dp_peer
 
 GOLDEN = """\
 table inet wiregate
@@ -119,3 +127,45 @@ def test_a_refused_ruleset_is_reported_and_retried() -> None:
     assert fw.apply(netmap(peer(2, None)))[0].startswith("packet filter not enforced: nft refused")
     fw.apply(netmap(peer(2, None)))
     assert len(nft.scripts) == 2
+
+
+def test_peers_the_agent_refused_get_no_rule() -> None:
+    nm = netmap(peer(2, None), peer(3, ("icmp",)))
+    rules = peer_rules(nm, keys={nm.peers["d3"].public_key})
+    assert [r.name for r in rules] == ["host3"]
+    assert "100.64.0.2" not in render("wg0", rules).script
+
+
+def test_the_data_plane_filters_what_it_configured_and_reports_a_missing_nft() -> None:
+    backend, links = MemoryBackend(), MemoryLinks()
+    backend.create(IFACE)
+    nft = Recorder()
+    dp = DataPlane(
+        interface=IFACE, private_key=PRIVATE, listen_port=51820, fwmark=0xCA6C, table=51820,
+        rule_priority=5210, mtu=1420, run_dir=Path("/nonexistent"), wireguard=backend,
+        links=links, firewall=Firewall(IFACE, nft),
+    )  # fmt: skip
+    dp.setup()
+    good = replace(dp_peer(0), filter=("tcp:5432",))
+    bad = replace(dp_peer(1), public_key="not a key")  # refused by the agent
+    result = dp.apply(dp_netmap([good, bad]))
+    assert result.peers == 1 and len(result.problems) == 1  # the refused peer, nothing else
+    [script] = nft.scripts
+    assert "ip saddr { 100.64.0.2/32 } tcp dport 5432 accept" in script
+    assert "100.64.0.3" not in script
+    dp.apply(dp_netmap([good, bad], version=2))
+    assert len(nft.scripts) == 1  # same rendering: not rewritten
+    dp.teardown()
+    assert nft.scripts[-1].endswith("delete table inet wiregate\n")
+
+    other = MemoryBackend()
+    other.create(IFACE)
+    missing = DataPlane(
+        interface=IFACE, private_key=PRIVATE, listen_port=51820, fwmark=0xCA6C, table=51820,
+        rule_priority=5210, mtu=1420, run_dir=Path("/nonexistent"), wireguard=other,
+        links=MemoryLinks(),
+    )  # fmt: skip
+    missing.setup()
+    problems = missing.apply(dp_netmap([good])).problems
+    assert problems == ("packet filter not enforced: no packet filter with an in-memory link "
+                        "layer (inject a Firewall)",)  # fmt: skip

@@ -7,6 +7,8 @@
   :class:`NetworkState` each repetition, so no peer JSON is cached yet (cold);
 * ``netmap_full_10k_warm_ms``: the same once every peer's JSON is cached (later connects);
 * ``netmap_full_10k_netmap_json_ms``: :func:`full_map` + ``json.dumps(NetMap.to_wire())``;
+* ``netmap_full_10k_filtered_ms`` / ``..._filtered_warm_ms``: the cold and warm full map when
+  a policy file restricts ports between every pair (every peer entry carries a ``filter``);
 * ``netmap_change_us_per_affected_peer``: one endpoint change seen by 9 999 peers;
 * ``netmap_delta_bytes_10k``: bytes of the deltas that change pushes;
 * ``netmap_slope``: log-log slope of change time against affected peers
@@ -32,6 +34,7 @@ from gateway.netmap import (
     full_map,
 )
 from identity.policy import Policy
+from identity.policy_file import parse_policy
 
 SIZES = (100, 1_000, 10_000)
 COLD_REPEAT = 9
@@ -88,6 +91,22 @@ def measure_full(state: NetworkState) -> dict[str, float]:
     }
 
 
+def measure_filtered(devices: list[Device]) -> dict[str, float]:
+    """Full-map figures when every peer of d1 is filtered (a policy with ports), in ms."""
+    tagged = [replace(d, tags=("tag:a",)) for d in devices]
+    acl = {"src": ["tag:a"], "dst": ["tag:a"], "ports": ["tcp:22", "icmp"]}
+    policy = parse_policy({"acls": [acl]}).policy
+    cold = []
+    for _ in range(COLD_REPEAT):
+        fresh = NetworkState(policy, tagged)
+        cold.append(median_seconds(functools.partial(encode_full, fresh, "d1", 1), repeat=1))
+    return {
+        "netmap_full_10k_filtered_ms": 1e3 * statistics.median(cold),
+        "netmap_full_10k_filtered_warm_ms": 1e3
+        * median_seconds(lambda: encode_full(fresh, "d1", 1)),
+    }
+
+
 def run() -> dict[str, float]:
     """Measure every figure; see the module docstring."""
     results: dict[str, float] = {}
@@ -106,6 +125,7 @@ def run() -> dict[str, float]:
                 results["netmap_change_10k_ms"] = took * 1e3
                 results["netmap_delta_bytes_10k"] = size
                 results.update(measure_full(state))
+                results.update(measure_filtered(list(state)))
     results["netmap_slope"] = loglog_slope(affected, seconds)
     return results
 

@@ -211,3 +211,50 @@ def test_rotation_keeps_traffic_flowing(lab: Lab, gateway: Wiregate) -> None:
 
 
 MAX_LOST = 0  # see docs/operations.md: measured loss of the make-before-break switch
+
+
+# --------------------------------------------------------------------------- expiry
+
+KEY_LIFETIME = 60  # seconds (the shortest device_key_expiry the API accepts)
+
+
+def test_running_agents_rotate_before_expiry_and_expired_ones_are_removed(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 60 s device key: the agent that checks its key every second rotates at ~40 s
+    and stays; the one that does not check expires at 60 s and is told ``revoked``."""
+    monkeypatch.setenv("WIREGATE_EXPIRY_SWEEP_INTERVAL", "1")
+    gateway = Wiregate(lab)
+    gateway.start_gateway()
+    doc = gateway.admin_json("keys", "create", "--tags", "tag:lab", "--reusable",
+                             "--device-key-expiry", f"{KEY_LIFETIME}s")  # fmt: skip
+    key_file = lab.workdir / "short-key"
+    key_file.write_text(doc["secret"] + "\n")
+    key_file.chmod(0o600)
+    hosts = {name: lab.add_host(name) for name in ("a", "b")}
+    monkeypatch.setenv("WIREGATE_ROTATION_CHECK_INTERVAL", "1")
+    a = gateway.start_agent(hosts["a"], key_file)
+    monkeypatch.setenv("WIREGATE_ROTATION_CHECK_INTERVAL", "3600")
+    b = gateway.start_agent(hosts["b"], key_file)
+    statuses = gateway.wait_mesh([a, b], timeout=90)
+    enrolled = time.monotonic()
+    a_old, b_key = (statuses[n]["device"]["public_key"] for n in ("a", "b"))
+    assert statuses["a"]["device"]["expires_at"] is not None
+
+    assert b.proc is not None
+    b_proc = b.proc
+    poll(lambda: b_proc.returncode is not None, timeout=KEY_LIFETIME + 30, interval=0.5,
+         what="b's key to expire")  # fmt: skip
+    expired_after = time.monotonic() - enrolled
+    assert b_proc.returncode == 3 and "key expired" in b_proc.output()
+    assert interface_gone(b)
+    poll(lambda: b_key not in wg_peers(a), timeout=5, what="b to leave a's interface")
+
+    a_now = gateway.status(a)["device"]
+    assert a_now["public_key"] != a_old, "a did not rotate before its key expired"
+    assert {d["name"] for d in gateway.devices()} == {"a"}
+    events = gateway.admin_json("audit")["events"]
+    actions = {(e["actor"].split(":")[0], e["action"]) for e in events}
+    assert ("device", "device.rotate") in actions and ("system", "device.delete") in actions
+    print(f"\nb expired and was revoked {expired_after:.1f} s after enrollment "
+          f"(lifetime {KEY_LIFETIME} s); a rotated and stays")  # fmt: skip

@@ -362,7 +362,10 @@ EOF
 
     install_agent() {
         if [ ! -x "$VENV/bin/python" ]; then
-            step "create the virtualenv $VENV" && { mkdirs "$(dirname "$VENV")"; "$PY" -m venv "$VENV"; }
+            if step "create the virtualenv $VENV"; then
+                mkdirs "$(dirname "$VENV")"
+                "$PY" -m venv "$VENV" || die "$PY -m venv $VENV failed" "" 1
+            fi
         fi
         want=$(package_id)
         if [ -f "$VENV/.bootstrap-package" ] && [ "$(cat "$VENV/.bootstrap-package")" = "$want" ] &&
@@ -371,12 +374,13 @@ EOF
         elif step "install $PACKAGE into $VENV"; then
             # Bytecode is compiled after the agent has started (see install), not here.
             if [ -n "$FIND_LINKS" ]; then
-                "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile \
-                    --no-index --find-links "$FIND_LINKS" "$PACKAGE"
+                set -- --no-index --find-links "$FIND_LINKS"
             else
-                "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile \
-                    "$PACKAGE"
+                set --
             fi
+            "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile "$@" \
+                "$PACKAGE" || die "could not install $PACKAGE into $VENV" \
+                "pip's message is above; with --find-links, DIR must hold a wheel of every dependency" 1
             printf '%s\n' "$want" >"$VENV/.bootstrap-package"
             COMPILE=yes
         fi
@@ -469,9 +473,7 @@ EOF
     enrollment_failed() {
         hint="check the enrollment key (expired, used up or revoked?) and --server; journalctl -u $UNIT_NAME shows the agent's error"
         if [ "$FIRST_INSTALL" = yes ]; then
-            warn "enrollment failed ($1): removing what this run installed"
-            uninstall
-            die "the agent could not enroll ($1); nothing was left installed" "$hint" 1
+            die "the agent could not enroll ($1); nothing is left installed" "$hint" 1
         fi
         die "the agent could not enroll ($1); the previous installation was kept" "$hint" 1
     }
@@ -480,6 +482,9 @@ EOF
         [ "$DRY_RUN" = yes ] || [ "$(id -u)" = 0 ] || die "run as root (sudo sh bootstrap.sh ...)"
         FIRST_INSTALL=no
         [ -e "$ETC/agent.toml" ] || [ -e "$VENV" ] || FIRST_INSTALL=yes
+        # A first install that fails (or is interrupted) before the agent has enrolled
+        # is removed again by on_exit: nothing half-configured stays behind.
+        [ "$FIRST_INSTALL" = no ] || [ "$DRY_RUN" = yes ] || ROLLBACK=yes
         detect_distro
         install_packages
         CHANGED=no
@@ -504,6 +509,7 @@ EOF
         remember_created
         start_agent
         wait_enrolled
+        ROLLBACK=no
         if [ "$COMPILE" = yes ]; then
             # After the start: the first handshake does not wait for it. The unit's
             # ProtectSystem=strict keeps the agent from writing bytecode itself.
@@ -570,8 +576,8 @@ EOF
         state="$R/var/lib/wiregate"
         packages=''
         [ ! -f "$state/bootstrap-packages" ] || packages=$(sort -u "$state/bootstrap-packages" | tr '\n' ' ')
-        created=''
-        [ ! -f "$state/bootstrap-created" ] || created=$(sort -r -u "$state/bootstrap-created")
+        [ ! -f "$state/bootstrap-created" ] || cat "$state/bootstrap-created" >>"$CREATED_TMP"
+        created=$(sort -r -u "$CREATED_TMP")
         remove_path "$state"
         for d in $created; do # directories bootstrap made, deepest first, when now empty
             [ -d "$d" ] || continue
@@ -598,8 +604,21 @@ EOF
     UNIT="$R/etc/systemd/system/$UNIT_NAME"
     PY=${WIREGATE_PYTHON:-python3}
     BACKEND=auto
+    on_exit() {
+        status=$?
+        trap - EXIT
+        if [ "$status" -ne 0 ] && [ "$ROLLBACK" = yes ]; then
+            ROLLBACK=no
+            set +e
+            warn "the first install failed: removing what this run installed"
+            uninstall
+        fi
+        rm -rf "$WORK"
+        exit "$status"
+    }
+    ROLLBACK=no
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/wiregate-bootstrap.XXXXXX")
-    trap 'rm -rf "$WORK"' EXIT
+    trap on_exit EXIT
     trap 'exit 130' INT TERM
     CREATED_TMP="$WORK/created"
     : >"$CREATED_TMP"

@@ -55,6 +55,7 @@ case "$1 $2" in
     "-m venv")
         mkdir -p "$3/bin" && cp "$0" "$3/bin/python"
         printf '#!/bin/sh\\n' > "$3/bin/wiregate" && chmod +x "$3/bin/wiregate" ;;
+    "-m pip") [ "${FAKE_PIP:-}" = fail ] && { echo "ERROR: no distribution" >&2; exit 1; } ;;
 esac
 exit 0
 """
@@ -421,11 +422,20 @@ def test_uninstall_leaves_nothing_behind(box: Sandbox) -> None:
     assert again.returncode == 0 and "nothing to remove" in again.stderr
 
 
+def test_a_failed_package_install_rolls_a_first_install_back(box: Sandbox) -> None:
+    done = box.install(FAKE_PIP="fail")
+    assert done.returncode == 1
+    assert "error: could not install wiregate" in done.stderr
+    assert "removing what this run installed" in done.stderr
+    assert box.tree() == []
+    assert not any(c.startswith("systemctl") and "is-" not in c for c in box.calls())
+
+
 def test_a_refused_enrollment_rolls_a_first_install_back(box: Sandbox) -> None:
     done = box.install(FAKE_ENROLL="fail")
     assert done.returncode == 1
     assert "error: the agent could not enroll (the agent exited)" in done.stderr
-    assert "nothing was left installed" in done.stderr and "enrollment key" in done.stderr
+    assert "nothing is left installed" in done.stderr and "enrollment key" in done.stderr
     assert box.tree() == []
     assert "systemctl disable --now --quiet wiregate-agent.service" in box.calls()
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("netmap", "reconcile", "fanout", "tunnel")
+BENCHMARKS = ("netmap", "reconcile", "fanout", "tunnel", "bootstrap")
 RESULTS = Path(__file__).with_name("results.json")
 
 

@@ -468,6 +468,13 @@ EOF
             waited=$((waited + 1))
         done
         say "the agent has enrolled"
+        # and, briefly, until it has applied its first map (so that the work after this,
+        # compiling bytecode, does not slow the first handshake down)
+        waited=0
+        while [ ! -f "$R/var/lib/wiregate/agent/netmap.json" ] && [ "$waited" -lt 10 ]; do
+            sleep 1
+            waited=$((waited + 1))
+        done
     }
 
     enrollment_failed() {
@@ -511,8 +518,8 @@ EOF
         wait_enrolled
         ROLLBACK=no
         if [ "$COMPILE" = yes ]; then
-            # After the start: the first handshake does not wait for it. The unit's
-            # ProtectSystem=strict keeps the agent from writing bytecode itself.
+            # After the agent has enrolled: its start and first handshake do not wait for
+            # it. The unit's ProtectSystem=strict keeps the agent from writing bytecode.
             say "compiling the agent's bytecode"
             "$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" >/dev/null 2>&1 ||
                 warn "compiling bytecode failed; the agent still runs, only starts slower"

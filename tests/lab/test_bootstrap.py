@@ -137,8 +137,11 @@ def _dependency_wheels() -> Path:
 
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The cached dependency wheels plus a wheel of this checkout, in one directory."""
-    house = tmp_path_factory.mktemp("wheelhouse")
+    return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
+
+
+def build_wheelhouse(house: Path) -> Path:
+    """The cached dependency wheels plus a wheel of this checkout, in ``house``."""
     for wheel in _dependency_wheels().glob("*.whl"):
         (house / wheel.name).symlink_to(wheel)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(house),
@@ -207,11 +210,11 @@ class VM:
 
     def __init__(self, lab: Lab, host: Host, wheelhouse: Path, key_file: Path, server: str):
         self.host = host
-        self.root = lab.workdir / "vm-root"
+        self.root = lab.workdir / f"{host.name}-root"
         self.root.mkdir()
-        self.shim_dir = lab.workdir / "systemctl-shim"
+        self.shim_dir = lab.workdir / f"{host.name}-systemctl-shim"
         self.shim_dir.mkdir()
-        shim = lab.workdir / "systemctl"
+        shim = lab.workdir / f"{host.name}-systemctl"
         shim.write_text(SHIM.format(python=sys.executable))
         shim.chmod(0o755)
         self.iface = host.wg_ifname
@@ -226,6 +229,17 @@ class VM:
             "WIREGATE_PYTHON": "/usr/bin/python3",
             "WIREGATE_TIMESYNC_TIMEOUT": "2",
         }
+
+    def join_timed(self, timeout: float = 240) -> tuple[float, float]:
+        """Run the bootstrap; (seconds from its start to the first reply from the pod,
+        seconds the script ran)."""
+        started = time.monotonic()
+        script = self.host.spawn(["sh", str(SCRIPT), *self.args], env=self.env,
+                                 name=f"bootstrap-{self.host.name}")  # fmt: skip
+        first_packet = _ping_until(self.host, POD_ADDR, timeout=timeout, while_alive=script)
+        assert script.wait(timeout=timeout) == 0, script.output()
+        assert first_packet is not None, "the VM never reached the pod"
+        return first_packet, time.monotonic() - started
 
     def bootstrap(self, *extra: str) -> subprocess.CompletedProcess[str]:
         return self.host.run(["sh", str(SCRIPT), *extra], env=self.env, timeout=300, check=False)
@@ -278,12 +292,7 @@ def test_a_vm_joins_with_bootstrap_and_reaches_a_pod(
     vm = VM(lab, vm_host, wheelhouse, key_file, gateway.server)
 
     # -- install: one command; the pod answers across the tunnel (timed from the start)
-    started = time.monotonic()
-    script = vm_host.spawn(["sh", str(SCRIPT), *vm.args], env=vm.env, name="bootstrap")
-    first_packet = _ping_until(vm_host, POD_ADDR, timeout=240, while_alive=script)
-    assert script.wait(timeout=240) == 0, script.output()
-    script_s = time.monotonic() - started
-    assert first_packet is not None, f"the VM never reached the pod\n{lab.logs()}"
+    first_packet, script_s = vm.join_timed()
     print(f"\nbootstrap_s={first_packet:.2f} (script ran {script_s:.2f} s)")
 
     vm_agent = vm.agent(key_file)

@@ -41,7 +41,8 @@ case "$name $1" in
         [ "${FAKE_ENROLL:-}" = fail ] && exit 0
         touch "$state.active"
         mkdir -p "$WIREGATE_ROOT/var/lib/wiregate/agent"
-        echo '{}' > "$WIREGATE_ROOT/var/lib/wiregate/agent/device.json" ;;
+        echo '{}' > "$WIREGATE_ROOT/var/lib/wiregate/agent/device.json"
+        echo '{}' > "$WIREGATE_ROOT/var/lib/wiregate/agent/netmap.json" ;;
     "systemctl disable") rm -f "$state.enabled" "$state.active" ;;
     "modprobe "*) exit 1 ;;
     *) exit 0 ;;
@@ -442,7 +443,8 @@ def test_a_refused_enrollment_rolls_a_first_install_back(box: Sandbox) -> None:
 
 def test_a_refused_enrollment_keeps_an_earlier_install(box: Sandbox) -> None:
     assert box.install().returncode == 0
-    (box.root / "var/lib/wiregate/agent/device.json").unlink()  # say the device was removed
+    for name in ("device.json", "netmap.json"):  # say the device was removed
+        (box.root / "var/lib/wiregate/agent" / name).unlink()
     (box.logs / "state.active").unlink()
     done = box.install(FAKE_ENROLL="fail")
     assert done.returncode == 1 and "the previous installation was kept" in done.stderr

@@ -208,8 +208,24 @@ EOF
         ${WIREGATE_MODPROBE:-modprobe} wireguard >/dev/null 2>&1
     }
 
-    python_ok() {
-        "$PY" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1
+    python_ok() { # python_ok [PYTHON]: 3.11 or newer, with venv and ensurepip
+        "${1:-$PY}" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1
+    }
+
+    # pick_python: WIREGATE_PYTHON, else the first of python3, python3.13 .. python3.11
+    # that is new enough (RHEL 8/9 ship an older python3 and python3.11 beside it)
+    pick_python() {
+        if [ -n "${WIREGATE_PYTHON:-}" ]; then
+            python_ok
+            return
+        fi
+        for candidate in python3 python3.13 python3.12 python3.11; do
+            if have "$candidate" && python_ok "$candidate"; then
+                PY=$candidate
+                return 0
+            fi
+        done
+        return 1
     }
 
     install_packages() {
@@ -224,8 +240,8 @@ EOF
             BACKEND=userspace
             have wireguard-go || missing="$missing wireguard-go"
         fi
-        if ! python_ok; then
-            if [ "$DISTRO" = debian ]; then missing="$missing python3 python3-venv"; else missing="$missing python3"; fi
+        if ! pick_python; then
+            if [ "$DISTRO" = debian ]; then missing="$missing python3 python3-venv"; else missing="$missing python3.11"; fi
         fi
         say "WireGuard: $BACKEND backend"
         if [ -z "$missing" ]; then
@@ -244,7 +260,8 @@ EOF
         mkdirs "$R/var/lib/wiregate"
         # shellcheck disable=SC2086 # one package a line
         printf '%s\n' $missing >>"$R/var/lib/wiregate/bootstrap-packages"
-        python_ok || die "$PY cannot create virtualenvs (Python 3.11+ with venv and ensurepip is needed)"
+        pick_python ||
+            die "no Python 3.11+ with venv and ensurepip after installing packages" "set WIREGATE_PYTHON to one"
     }
 
     # ------------------------------------------------------------------ files

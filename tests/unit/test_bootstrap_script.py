@@ -51,7 +51,8 @@ esac
 
 # A stand-in for python3: `-m venv DIR` makes DIR/bin/{python,wiregate}; `-m pip` is recorded.
 FAKE_PYTHON = """#!/bin/sh
-echo "python $*" >> "$LOG_DIR/calls"
+echo "$(basename "$0") $*" >> "$LOG_DIR/calls"
+[ "$1" = -c ] && [ "$(basename "$0")" = "${FAKE_OLD_PYTHON:-}" ] && exit 1  # too old
 case "$1 $2" in
     "-m venv")
         mkdir -p "$3/bin" && cp "$0" "$3/bin/python"
@@ -253,7 +254,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(box: Sandbox) -> None:
         "would: wait for time synchronisation, then start wiregate-agent.service",
     ]
     calls = box.calls()
-    assert all(c.startswith(("modprobe", "systemctl is-", "python -c")) for c in calls), calls
+    assert all(c.startswith(("modprobe", "systemctl is-", "python3 -c")) for c in calls), calls
     box.reset_calls()
     _untouched(box)
 
@@ -307,6 +308,30 @@ def test_missing_packages_come_from_the_distribution(
     assert recorded == ["wireguard-tools", "wireguard-go"]
     done = box.run("--uninstall")
     assert "packages installed by bootstrap were kept: wireguard-go wireguard-tools" in done.stderr
+    assert box.tree() == []
+
+
+def test_an_old_python3_makes_way_for_python3_11(box: Sandbox) -> None:
+    """RHEL 8/9: python3 is 3.6/3.9, python3.11 is installed beside it."""
+    fake = box.tmp / "bin" / "python3"
+    shutil.copy(fake, box.tmp / "bin" / "python3.11")
+    path = f"{box.tmp / 'bin'}:{_path_without(box.tmp, 'python3.11', 'python3.12', 'python3.13')}"
+    env = {k: v for k, v in box.env.items() if k != "WIREGATE_PYTHON"}
+    done = subprocess.run(["sh", str(SCRIPT), "--server", "https://gw.example", "--auth-key",
+                           f"file:{box.key}"], capture_output=True, text=True,
+                          env={**env, "PATH": path, "FAKE_OLD_PYTHON": "python3"},
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"python3.11 -m venv {box.root}/opt/wiregate" in box.calls()
+    assert not any(c.startswith(("apt-get", "dnf")) for c in box.calls())
+
+
+def test_no_new_enough_python_is_installed(box: Sandbox) -> None:
+    (box.tmp / "os-release").write_text(OS_RELEASES["rocky"][0])
+    done = box.install(FAKE_OLD_PYTHON="python3")  # WIREGATE_PYTHON names an old one
+    assert done.returncode != 0
+    assert "dnf install -y -q python3.11" in box.calls()
+    assert "no Python 3.11+ with venv and ensurepip" in done.stderr
     assert box.tree() == []
 
 
@@ -369,7 +394,7 @@ def test_a_second_run_changes_nothing(box: Sandbox) -> None:
     assert done.returncode == 0, done.stderr
     after = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in box.root.rglob("*")}
     assert after == before
-    assert [c for c in box.calls() if not c.startswith(("modprobe", "python -c"))] == [
+    assert [c for c in box.calls() if not c.startswith(("modprobe", "python3 -c"))] == [
         "systemctl is-enabled --quiet wiregate-agent.service",
         "systemctl is-active --quiet wiregate-agent.service",
     ]

@@ -178,9 +178,9 @@ EOF
         os_release=${WIREGATE_OS_RELEASE:-/etc/os-release}
         [ -r "$os_release" ] || die "cannot read $os_release: unknown distribution" \
             "supported: Debian, Ubuntu, RHEL, CentOS, Rocky, AlmaLinux, Fedora"
-        ID='' ID_LIKE=''
-        # shellcheck disable=SC1090
-        . "$os_release"
+        # read, not sourced: only ID and ID_LIKE, quotes dropped
+        ID=$(sed -n 's/^ID=//p' "$os_release" | tr -d "\"'" | head -n 1)
+        ID_LIKE=$(sed -n 's/^ID_LIKE=//p' "$os_release" | tr -d "\"'" | head -n 1)
         DISTRO=''
         for id in $ID $ID_LIKE; do
             case $id in

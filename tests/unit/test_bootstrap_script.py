@@ -268,6 +268,14 @@ def test_distribution_detection(box: Sandbox, distro: str) -> None:
     assert f"distribution: {distro} ({expected}" in done.stderr
 
 
+def test_os_release_is_read_not_run(box: Sandbox) -> None:
+    marker = box.tmp / "ran"
+    (box.tmp / "os-release").write_text(f"ID=debian\ntouch {marker}\nID_LIKE=$(touch {marker})\n")
+    done = box.install("--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "distribution: debian (debian family" in done.stderr and not marker.exists()
+
+
 def test_unsupported_distribution_is_a_clear_error(box: Sandbox) -> None:
     (box.tmp / "os-release").write_text('ID=alpine\nPRETTY_NAME="Alpine Linux"\n')
     done = box.install()

@@ -1,14 +1,15 @@
-"""deploy/bootstrap.sh for real: a "VM" namespace joins the mesh and reaches a pod.
+"""deploy/bootstrap.sh for real: a "VM" namespace joins the mesh and reaches pods.
 
-The lab holds a gateway, a "cluster node" running ``wiregate agent`` with
-``kubernetes = true`` (its Node object served by the recorded-response API stand-in,
-tests/lab/kubeapi.py, inside the node's namespace: pod CIDR 10.244.1.0/24, with
-10.244.1.10 on a dummy interface acting as the pod), and a "VM" namespace where the
-bootstrap script runs for real against a scratch root (``WIREGATE_ROOT``): a real
-virtualenv installed offline from a wheelhouse, the userspace backend
-(wireguard-go), and systemctl replaced by a shim that starts the ExecStart= line of
-the unit the script wrote. Then: pod <-> VM across the tunnel, a re-run that changes
-nothing, and ``--uninstall`` leaving nothing in the scratch root and no interface.
+The lab holds a gateway and two "cluster nodes" running ``wiregate agent`` with
+``kubernetes = true``, each reading its Node object from the recorded-response API
+stand-in (tests/lab/kubeapi.py) inside its namespace: node n has pod CIDR
+10.244.n.0/24 and a pod namespace (10.244.n.10) behind a veth, as a CNI would wire
+it. In a "VM" namespace the bootstrap script runs for real against a scratch root
+(``WIREGATE_ROOT``): a real virtualenv installed offline from a wheelhouse, the
+userspace backend (wireguard-go), and systemctl replaced by a shim that starts the
+ExecStart= line of the unit the script wrote. Then: VM -> pods, pods -> VM and pod
+-> pod across nodes through the tunnels, a re-run that changes nothing, and
+``--uninstall`` leaving nothing in the scratch root and no interface.
 """
 
 from __future__ import annotations
@@ -45,9 +46,8 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "deploy" / "bootstrap.sh"
 WHEEL_CACHE = Path("/var/cache/wiregate-wheelhouse")
-POD_CIDR = "10.244.1.0/24"
+POD_CIDR = "10.244.1.0/24"  # node n has 10.244.n.0/24, its pod 10.244.n.10 (n = 1: these)
 POD_ADDR = "10.244.1.10"
-POD_GATEWAY = "10.244.1.1"
 KUBE_API = "127.0.0.1:6443"
 KUBE_TOKEN = "lab-node-token"
 
@@ -152,42 +152,46 @@ def build_wheelhouse(house: Path) -> Path:
 # --------------------------------------------------------------------------- the cluster node
 
 
-def _node_document(node: Host) -> bytes:
+def _node_document(node: Host, pod_cidr: str) -> bytes:
     """The recorded kind Node, renamed and readdressed for this lab node."""
     doc = json.loads(recorded("node-kind-worker.json"))
     doc["metadata"]["name"] = node.name
-    doc["spec"]["podCIDR"], doc["spec"]["podCIDRs"] = POD_CIDR, [POD_CIDR]
+    doc["spec"]["podCIDR"], doc["spec"]["podCIDRs"] = pod_cidr, [pod_cidr]
     doc["status"]["addresses"] = [{"type": "InternalIP", "address": node.addr},
                                   {"type": "Hostname", "address": node.name}]  # fmt: skip
     return json.dumps(doc).encode()
 
 
-def add_pod(lab: Lab, node: Host) -> Namespace:
+def add_pod(lab: Lab, node: Host, index: int) -> Namespace:
     """A pod namespace on a veth from the node, as a CNI bridge-less plugin would wire it:
-    the node holds 10.244.1.1 and forwards, the pod holds POD_ADDR."""
-    pod = Namespace(lab, "pod")
+    the node holds 10.244.INDEX.1 and forwards, the pod holds 10.244.INDEX.10."""
+    pod = Namespace(lab, f"pod{index}")
     lab._add_namespace(pod)
     node.run(["ip", "link", "add", "podveth", "type", "veth", "peer", "name", "eth0",
               "netns", pod.netns])  # fmt: skip
-    node.run(["ip", "addr", "add", f"{POD_GATEWAY}/24", "dev", "podveth"])
+    node.run(["ip", "addr", "add", f"10.244.{index}.1/24", "dev", "podveth"])
     node.run(["ip", "link", "set", "podveth", "up"])
     node.sysctl("net.ipv4.ip_forward", "1")
-    pod.run(["ip", "addr", "add", f"{POD_ADDR}/24", "dev", "eth0"])
+    pod.run(["ip", "addr", "add", f"10.244.{index}.10/24", "dev", "eth0"])
     pod.run(["ip", "link", "set", "eth0", "up"])
-    pod.run(["ip", "route", "add", "default", "via", POD_GATEWAY])
+    pod.run(["ip", "route", "add", "default", "via", f"10.244.{index}.1"])
     return pod
 
 
-def start_cluster_node(lab: Lab, gateway: Wiregate, node: Host, key_file: Path) -> Agent:
-    """A pod behind the node, the API stand-in, and the agent with kubernetes on."""
-    add_pod(lab, node)
-    document = lab.workdir / "node.json"
-    document.write_bytes(_node_document(node))
+def start_cluster_node(
+    lab: Lab, gateway: Wiregate, node: Host, key_file: Path, index: int = 1
+) -> tuple[Agent, Namespace]:
+    """Pod CIDR 10.244.INDEX.0/24 with a pod behind the node, the API stand-in, and the
+    agent with kubernetes on."""
+    pod = add_pod(lab, node, index)
+    document = lab.workdir / f"{node.name}.json"
+    document.write_bytes(_node_document(node, f"10.244.{index}.0/24"))
     api = node.spawn([sys.executable, "-m", "tests.lab.kubeapi", "--listen", KUBE_API,
                       "--token", KUBE_TOKEN, "--node", f"{node.name}={document}"],
-                     env={"PYTHONPATH": str(REPO)}, name="kubeapi")  # fmt: skip
+                     env={"PYTHONPATH": str(REPO)}, name=f"kubeapi-{node.name}")  # fmt: skip
     poll(lambda: "Running on" in api.output(), timeout=30, what="the Kubernetes API stand-in")
-    kubeconfig = write_kubeconfig(lab.workdir / "kubeconfig", f"http://{KUBE_API}", KUBE_TOKEN)
+    kubeconfig = write_kubeconfig(lab.workdir / f"kubeconfig-{node.name}", f"http://{KUBE_API}",
+                                  KUBE_TOKEN)  # fmt: skip
     agent = Agent(node, lab.workdir / "agents" / node.name, key_file)
     gateway.agents[node.name] = agent
     agent.proc = node.spawn(
@@ -199,7 +203,7 @@ def start_cluster_node(lab: Lab, gateway: Wiregate, node: Host, key_file: Path) 
              "WIREGATE_KUBECONFIG": str(kubeconfig)},
         name=f"agent-{node.name}",
     )  # fmt: skip
-    return agent
+    return agent, pod
 
 
 # --------------------------------------------------------------------------- the VM
@@ -263,7 +267,7 @@ class VM:
 
 
 def _ping_until(
-    host: Host, addr: str, timeout: float, while_alive: Process | None = None
+    host: Namespace, addr: str, timeout: float, while_alive: Process | None = None
 ) -> float | None:
     """Seconds until ``addr`` answered a ping from ``host``, or None (also once
     ``while_alive`` has failed)."""
@@ -286,9 +290,10 @@ def gateway(lab: Lab) -> Iterator[Wiregate]:
 def test_a_vm_joins_with_bootstrap_and_reaches_a_pod(
     lab: Lab, gateway: Wiregate, wheelhouse: Path
 ) -> None:
-    node, vm_host = lab.add_host("node"), lab.add_host("vm")
+    node, node2, vm_host = lab.add_host("node1"), lab.add_host("node2"), lab.add_host("vm")
     key_file = gateway.create_key(tags="tag:lab", expiry="1h", reusable=True)
-    node_agent = start_cluster_node(lab, gateway, node, key_file)
+    node_agent, pod = start_cluster_node(lab, gateway, node, key_file, index=1)
+    node2_agent, _pod2 = start_cluster_node(lab, gateway, node2, key_file, index=2)
     vm = VM(lab, vm_host, wheelhouse, key_file, gateway.server)
 
     # -- install: one command; the pod answers across the tunnel (timed from the start)
@@ -297,21 +302,28 @@ def test_a_vm_joins_with_bootstrap_and_reaches_a_pod(
 
     vm_agent = vm.agent(key_file)
     gateway.agents[vm_host.name] = vm_agent
-    statuses = gateway.wait_mesh([node_agent, vm_agent], timeout=60)
-    (node_peer,) = statuses["vm"]["peers"]
-    assert node_peer["name"] == "node"
+    statuses = gateway.wait_mesh([node_agent, node2_agent, vm_agent], timeout=60)
+    assert sorted(p["name"] for p in statuses["vm"]["peers"]) == ["node1", "node2"]
     routes = vm_host.run(["ip", "route", "show", "table", "51820"]).stdout
-    assert f"{POD_CIDR} dev {vm.iface}" in routes  # the pod CIDR goes through the tunnel only
+    for cidr in (POD_CIDR, "10.244.2.0/24"):  # every node's pods, each through the tunnel
+        assert f"{cidr} dev {vm.iface}" in routes
     assert "10.244" not in vm_host.run(["ip", "route", "show", "table", "main"]).stdout
+    assert _ping_until(vm_host, "10.244.2.10", timeout=30) is not None, "VM -> pod on node2"
+
     # next to the CNI: the node's pod route stays in main, wiregate adds one rule only
     assert f"{POD_CIDR} dev podveth" in node.run(["ip", "route", "show", "table", "main"]).stdout
-    assert POD_CIDR not in node.run(["ip", "route", "show", "table", "51820"]).stdout
+    node_routes = node.run(["ip", "route", "show", "table", "51820"]).stdout
+    assert POD_CIDR not in node_routes and "10.244.2.0/24 dev " + node.wg_ifname in node_routes
     rules = node.run(["ip", "-4", "rule", "show"]).stdout.splitlines()
     assert [r.split(":")[0] for r in rules] == ["0", "5210", "32766", "32767"], rules
     assert rules[1].split(":", 1)[1].split() == ["not", "from", "all", "fwmark", "0x5747",
                                                  "lookup", "51820"]  # fmt: skip
+
+    # pods reach the VM, and each other across nodes (mesh mode), through the tunnels
     vm_tunnel = statuses["vm"]["device"]["addresses"][0].split("/")[0]
-    assert _ping_until(node, vm_tunnel, timeout=30) is not None, "the node cannot reach the VM"
+    assert _ping_until(node, vm_tunnel, timeout=30) is not None, "node -> VM"
+    assert _ping_until(pod, vm_tunnel, timeout=30) is not None, "pod -> VM"
+    assert _ping_until(pod, "10.244.2.10", timeout=30) is not None, "pod on node1 -> pod on node2"
     transfer = vm_host.run(["wg", "show", vm.iface, "transfer"]).stdout.split()
     assert int(transfer[1]) > 0 and int(transfer[2]) > 0  # bytes both ways through WireGuard
 

@@ -28,6 +28,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_mesh import (
+    PATTERN,
+    is_wireguard,
+    parse_frame,
+    read_pcap,
+    start_capture,
+    stop_capture,
+)
 from tests.lab.harness import (
     WG_PORT,
     Agent,
@@ -326,6 +334,7 @@ def test_a_vm_joins_with_bootstrap_and_reaches_a_pod(
     assert _ping_until(pod, "10.244.2.10", timeout=30) is not None, "pod on node1 -> pod on node2"
     transfer = vm_host.run(["wg", "show", vm.iface, "transfer"]).stdout.split()
     assert int(transfer[1]) > 0 and int(transfer[2]) > 0  # bytes both ways through WireGuard
+    assert_encrypted_on_the_underlay(vm_host, node2, "10.244.2.10", lab.workdir / "vm.pcap")
 
     # the unit's own command line is what runs, with the secret only in a file
     execstart = (vm.shim_dir / "execstart").read_text()
@@ -349,6 +358,22 @@ def test_a_vm_joins_with_bootstrap_and_reaches_a_pod(
     assert pid is not None and not _alive(pid)
     assert not Path(f"/var/run/wireguard/{vm.iface}.sock").exists()
     assert vm_host.ping(POD_ADDR, count=1, timeout=1.0) is False
+
+
+def assert_encrypted_on_the_underlay(src: Host, node: Host, pod_addr: str, pcap: Path) -> None:
+    """Pings from ``src`` to a pod behind ``node`` cross ``src``'s underlay link as WireGuard
+    UDP to the node only: no ICMP, no pod address, no payload in clear."""
+    capture = start_capture(src, pcap)
+    src.run(["ping", "-n", "-c", "5", "-i", "0.2", "-s", "200", "-p", PATTERN.hex(), pod_addr])
+    stop_capture(capture, pcap, min_frames=10)
+    frames = read_pcap(pcap)
+    packets = [p for f in frames if (p := parse_frame(f)) is not None]
+    assert not [f for f in frames if PATTERN in f], "ping payload seen in clear"
+    assert not [p for p in packets if pod_addr in (p.src, p.dst) or p.proto == 1]
+    big = [p for p in packets if is_wireguard(p) and len(p.frame) > 200]
+    to_node = [p for p in big if p.dst == node.addr]
+    from_node = [p for p in big if p.src == node.addr]
+    assert len(to_node) >= 5 and len(from_node) >= 5, "the pings did not cross as WireGuard"
 
 
 def _identity(path: Path) -> tuple[int, int, int]:

@@ -160,10 +160,11 @@ def build_wheelhouse(house: Path) -> Path:
 # --------------------------------------------------------------------------- the cluster node
 
 
-def _node_document(node: Host, pod_cidr: str) -> bytes:
+def _node_document(node: Host, pod_cidr: str, annotations: dict[str, str]) -> bytes:
     """The recorded kind Node, renamed and readdressed for this lab node."""
     doc = json.loads(recorded("node-kind-worker.json"))
     doc["metadata"]["name"] = node.name
+    doc["metadata"]["annotations"].update(annotations)
     doc["spec"]["podCIDR"], doc["spec"]["podCIDRs"] = pod_cidr, [pod_cidr]
     doc["status"]["addresses"] = [{"type": "InternalIP", "address": node.addr},
                                   {"type": "Hostname", "address": node.name}]  # fmt: skip
@@ -187,13 +188,18 @@ def add_pod(lab: Lab, node: Host, index: int) -> Namespace:
 
 
 def start_cluster_node(
-    lab: Lab, gateway: Wiregate, node: Host, key_file: Path, index: int = 1
+    lab: Lab,
+    gateway: Wiregate,
+    node: Host,
+    key_file: Path,
+    index: int = 1,
+    annotations: dict[str, str] | None = None,
 ) -> tuple[Agent, Namespace]:
     """Pod CIDR 10.244.INDEX.0/24 with a pod behind the node, the API stand-in, and the
     agent with kubernetes on."""
     pod = add_pod(lab, node, index)
     document = lab.workdir / f"{node.name}.json"
-    document.write_bytes(_node_document(node, f"10.244.{index}.0/24"))
+    document.write_bytes(_node_document(node, f"10.244.{index}.0/24", annotations or {}))
     api = node.spawn([sys.executable, "-m", "tests.lab.kubeapi", "--listen", KUBE_API,
                       "--token", KUBE_TOKEN, "--node", f"{node.name}={document}"],
                      env={"PYTHONPATH": str(REPO)}, name=f"kubeapi-{node.name}")  # fmt: skip
@@ -404,3 +410,20 @@ def test_a_refused_key_leaves_nothing_behind(lab: Lab, gateway: Wiregate, wheelh
     assert gateway.devices() == []
     service_log = (vm.shim_dir / "service.log").read_text()
     assert "error:" in service_log and key_file.read_text().strip() not in service_log
+
+
+def test_a_malformed_node_annotation_stops_the_agent_before_anything_is_set_up(
+    lab: Lab, gateway: Wiregate
+) -> None:
+    node = lab.add_host("node1")
+    key_file = gateway.create_key(tags="tag:lab", expiry="1h", reusable=True)
+    bad = {"wiregate.io/persistent-keepalive": "often"}
+    agent, _pod = start_cluster_node(lab, gateway, node, key_file, annotations=bad)
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=60) == 1
+    output = agent.proc.output()
+    assert (
+        "annotation wiregate.io/persistent-keepalive='often' is not a number of seconds" in output
+    )
+    assert gateway.devices() == []  # never enrolled
+    assert node.run(["ip", "link", "show", "dev", agent.iface], check=False).returncode != 0

@@ -23,9 +23,9 @@ from gateway.agent.control import ControlClient, read_auth_key
 from gateway.agent.dataplane import DataPlane, PeerStatus
 from gateway.agent.endpoints import candidates, local_addresses, local_networks
 from gateway.agent.keyfile import load_or_create_key
-from gateway.agent.netcheck import NetReport, run_netcheck
+from gateway.agent.netcheck import NetReport, fetch_relays, run_netcheck
 from gateway.agent.pathdriver import PathBook, PathRunner, RelayHooks
-from gateway.agent.paths import LocalNat, PathTimers, SetEndpoint
+from gateway.agent.paths import LocalNat, PathTimers
 from gateway.agent.relaylink import Addr, RelayBinding, RelayGrant, bind_at_relay
 from gateway.agent.rotation import KeyRotator
 from gateway.agent.session import Action, MapSession
@@ -35,6 +35,7 @@ from gateway.config import AgentSettings
 from gateway.errors import Unauthorized, Unavailable, WiregateError
 from gateway.logging import get_logger
 from gateway.model import NetMap
+from gateway.relays import RelayEndpoint
 from gateway.wgkey import encode_key, public_from_private
 from relay.probe import ping_relay
 from relay.server import parse_hostport
@@ -200,7 +201,10 @@ class Agent:
         while True:
             try:
                 servers = [parse_hostport(s) for s in self.settings.stun_servers]
-                self.netreport = await run_netcheck(servers, self.settings.listen_port)
+                relays = await self._relays()
+                self.netreport = await run_netcheck(
+                    servers, self.settings.listen_port, relays=relays
+                )
                 log.info("netcheck", **self.netreport.to_dict())
                 await self._advertise()
                 await self._paths_learn_nat(self.netreport)
@@ -208,9 +212,22 @@ class Agent:
                 log.warning("netcheck failed; candidates kept", error=str(exc))
             await asyncio.sleep(self.settings.netcheck_interval)
 
+    async def _relays(self) -> tuple[RelayEndpoint, ...]:
+        """The gateway's relays, for netcheck to PING (none when it cannot say)."""
+        if self.enrollment is None:
+            return ()
+        try:
+            return await fetch_relays(self.settings.server, self.enrollment.token)
+        except WiregateError as exc:
+            log.debug("relay list unavailable for netcheck", error=exc.message)
+            return ()
+
     async def _paths_learn_nat(self, report: NetReport) -> None:
         networks = await asyncio.to_thread(local_networks, {self.settings.interface})
+        before = self.paths.local_reflexive()
         if self._runner is not None:
+            if before is not None and report.usable_reflexive != before:
+                self._runner.rebind_all()
             await self._runner.perform(self.paths.local_nat(LocalNat.from_report(report, networks)))
 
     async def _advertise(self) -> None:
@@ -277,9 +294,10 @@ class Agent:
         """A new map: the path machines learn of new, gone and moved peers first, so
         the data plane is written once with the endpoints they choose."""
         actions = self.paths.update_map(netmap, time.time())
-        await self._apply(netmap)
-        if self._runner is not None:
-            await self._runner.perform([a for a in actions if not isinstance(a, SetEndpoint)])
+        if self._runner is None:
+            await self._apply(netmap)
+        else:  # probes of peers with a session first reset them (see PathBook.needs_reset)
+            await self._runner.perform(actions, apply=True)
 
     async def _apply(self, netmap: NetMap) -> None:
         assert self.dataplane is not None

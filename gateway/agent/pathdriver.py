@@ -92,6 +92,10 @@ class PathBook:
             out += self._feed(machine, PeerUpdate(now, endpoints, nat=_nat(peer.nat)))
         return out
 
+    def local_reflexive(self) -> str | None:
+        """The reflexive endpoint of the last netcheck (None before one)."""
+        return None if self._local is None else self._local.reflexive
+
     def local_nat(self, event: LocalNat) -> list[Action]:
         """A new netcheck report, for every machine."""
         self._local = event
@@ -263,10 +267,12 @@ class PathRunner:
         self._sessions: dict[str, asyncio.Task[None]] = {}
         self._avoid: dict[str, _Avoid] = {}
         self._wake = asyncio.Event()
+        self._generation = 0  # bumped when every relay binding must be renewed at once
 
-    async def perform(self, actions: Sequence[Action]) -> None:
-        """Carry out what the machines asked for; re-apply the map if an endpoint moved."""
-        moved = False
+    async def perform(self, actions: Sequence[Action], *, apply: bool = False) -> None:
+        """Carry out what the machines asked for; re-apply the map if an endpoint moved
+        (or ``apply``: the map itself changed)."""
+        moved = apply
         for action in actions:
             if isinstance(action, SetEndpoint):
                 moved = True
@@ -301,6 +307,11 @@ class PathRunner:
             for peer_id in list(self._sessions):
                 self._stop_session(peer_id)
 
+    def rebind_all(self) -> None:
+        """This host's NAT mapping changed: every relay binding is renewed at its next
+        liveness probe (the relays still know the old mapping)."""
+        self._generation += 1
+
     def _poll_delay(self, now: float) -> float:
         delay = 1.0 if self.book.probing() else 5.0
         deadline = self.book.next_deadline()
@@ -327,6 +338,7 @@ class PathRunner:
             return
         await self.perform(self.book.relay_ready(peer_id, binding, self._clock()))
         misses, rebind_at = 0, self._clock() + hooks.rebind_interval
+        generation = self._generation
         while True:
             await asyncio.sleep(hooks.ping_interval)
             try:
@@ -338,7 +350,8 @@ class PathRunner:
                 avoid.add(binding.relay_id, self._clock() + hooks.avoid_for)
                 await self._failed(peer_id, f"relay {binding.relay_id} stopped answering")
                 return
-            if self._clock() >= rebind_at:
+            if self._clock() >= rebind_at or generation != self._generation:
+                generation = self._generation
                 fresh = await self._rebind(peer_id, avoid, binding)
                 if fresh.endpoint != binding.endpoint:  # another relay, or it restarted
                     await self._failed(peer_id, f"relay moved to {fresh.relay_id} {fresh.endpoint}")

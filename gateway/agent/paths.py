@@ -49,6 +49,7 @@ from typing import Any
 
 from gateway.agent.netcheck import NatType
 from gateway.agent.paths_explain import (
+    OTHER,
     Action,
     Event,
     Handshake,
@@ -130,6 +131,7 @@ class PathMachine:
         self._handshake: float | None = None
         self._relay = "none"  # none | pending | ready
         self._relay_endpoint: str | None = None
+        self._relays_used: tuple[str, ...] = ()  # the last few relay endpoints, newest last
         self._relay_error = ""
         self._backoff = self.timers.retry_first
         self._retry_at: float | None = None
@@ -258,12 +260,21 @@ class PathMachine:
         self._relay, self._relay_endpoint = "none", None
 
     def _direct_evidence(self, event: Handshake) -> bool:
-        """Whether ``event`` proves the current (direct) endpoint carries a handshake."""
+        """Whether ``event`` proves a direct path: a fresh handshake at the direct
+        endpoint being tried, or one that WireGuard took from the peer's own address
+        (it roams to where authenticated packets come from: the peer reached us)."""
         latest, endpoint = event.latest, self._endpoint
-        if latest is None or endpoint is None or endpoint not in self._ranked.order:
-            return False  # not a direct candidate (a relay's, perhaps one just lost)
-        fresh = latest >= self._endpoint_at and latest > self._now - self.timers.silence
-        return fresh and event.endpoint in (None, endpoint)
+        if latest is None or endpoint is None:
+            return False
+        if latest < self._endpoint_at or latest <= self._now - self.timers.silence:
+            return False
+        if event.endpoint in (None, endpoint):
+            return endpoint in self._ranked.order  # not a relay's (perhaps one just lost)
+        return self._roamed_direct(event.endpoint)
+
+    def _roamed_direct(self, live: str | None) -> bool:
+        """Whether ``live``, where WireGuard roamed to, is the peer itself (not a relay)."""
+        return live is not None and live not in self._relays_used
 
 
 # -- handlers: each returns the next state; TRANSITIONS says which ones it may return -------
@@ -274,10 +285,15 @@ def _stay(m: PathMachine, event: Any) -> PathState:
 
 
 def _record_local(m: PathMachine, event: LocalNat) -> PathState:
+    moved = m._local.reflexive is not None and event.reflexive != m._local.reflexive
     m._local = event
     m._rank()
     if m.state is PathState.RELAYED and (m._retry_at is None) != (m._blocker() is not None):
         m._schedule_retry(m._backoff)
+    if m.state is PathState.DIRECT and moved and m._endpoint in m._ranked.order:
+        # Our NAT mapping changed: the peer's NAT knows only the old one. Probe the
+        # same endpoint afresh, as the peer probes our new one, so both open at once.
+        return m._probe(m._ranked.order.index(m._endpoint))
     return m.state
 
 
@@ -331,11 +347,16 @@ def _handshake_direct(m: PathMachine, event: Handshake) -> PathState:
     """A handshake on the direct endpoint being tried: the path is direct."""
     if not m._direct_evidence(event):
         return m.state
+    if event.endpoint not in (None, m._endpoint):  # adopt where WireGuard already sends
+        assert event.endpoint is not None
+        m._set_endpoint(event.endpoint)
     m._handshake = event.latest
     m._release()
     m._backoff, m._retry_at = m.timers.retry_first, None
     rank = m._ranked.rank_of(m._endpoint)
     m._why = direct_reason(rank, m._local.nat, m._peer.nat)
+    if rank is None:
+        m._why = f"the peer reached this host directly (from {m._endpoint})"
     return PathState.DIRECT
 
 
@@ -358,7 +379,14 @@ def _direct_tick(m: PathMachine, event: Tick) -> PathState:
 
 def _relay_ready(m: PathMachine, event: RelayReady) -> PathState:
     m._relay, m._relay_endpoint = "ready", event.endpoint
+    m._relays_used = (*m._relays_used, event.endpoint)[-4:]
     return m._enter_relayed()
+
+
+def _note_relay(m: PathMachine, event: RelayReady) -> PathState:
+    """A relay answer nobody waits for: remember it is a relay's, and stay."""
+    m._relays_used = (*m._relays_used, event.endpoint)[-4:]
+    return m.state
 
 
 def _relay_failed(m: PathMachine, event: RelayFailed) -> PathState:
@@ -387,7 +415,14 @@ def _relayed_tick(m: PathMachine, event: Tick) -> PathState:
     if not order or m._blocker() is not None:
         m._retry_at = None
         return m.state
-    m._set_endpoint(order[m._round % len(order)])
+    # Every other retry goes to the best candidate, so both sides of a pair (whose
+    # rounds advance together) meet there; the rounds between rotate over the rest.
+    # A private address on a network of neither side (rank OTHER) only if nothing else.
+    worth = [e for e, rank in zip(order, m._ranked.ranks, strict=True) if rank < OTHER]
+    worth = worth or list(order)
+    k = m._round
+    index = 0 if k % 2 == 0 or len(worth) == 1 else 1 + (k // 2) % (len(worth) - 1)
+    m._set_endpoint(worth[index])
     m._round += 1
     return PathState.RETRY_DIRECT
 
@@ -422,7 +457,9 @@ _HANDSHAKE = {s: _rule(_handshake_direct, s, S.DIRECT) for s in S}
 
 TRANSITIONS: dict[tuple[PathState, str], Rule] = {
     **{(s, "local_nat"): _RECORD[s] for s in S},
-    **{(s, k): _STAY[s] for s in S for k in ("relay_ready", "relay_failed")},
+    (S.DIRECT, "local_nat"): _rule(_record_local, S.DIRECT, S.PROBING_DIRECT),
+    **{(s, "relay_ready"): _rule(_note_relay, s) for s in S},
+    **{(s, "relay_failed"): _STAY[s] for s in S},
     (S.IDLE, "peer"): _rule(_peer_decide, S.PROBING_DIRECT, *_TO_RELAY),
     (S.IDLE, "handshake"): _STAY[S.IDLE],
     (S.IDLE, "tick"): _STAY[S.IDLE],
@@ -438,7 +475,7 @@ TRANSITIONS: dict[tuple[PathState, str], Rule] = {
     (S.RELAY_PENDING, "relay_failed"): _rule(_relay_failed, S.FAILED),
     (S.RELAY_PENDING, "tick"): _rule(_relay_timeout, S.FAILED),
     (S.RELAYED, "peer"): _rule(_peer_while_relayed, S.RELAYED),
-    (S.RELAYED, "handshake"): _STAY[S.RELAYED],
+    (S.RELAYED, "handshake"): _HANDSHAKE[S.RELAYED],
     (S.RELAYED, "relay_failed"): _rule(_relay_lost, *_TO_RELAY),
     (S.RELAYED, "tick"): _rule(_relayed_tick, S.RELAYED, S.RETRY_DIRECT),
     (S.RETRY_DIRECT, "peer"): _rule(_peer_while_retrying, S.RETRY_DIRECT, *_TO_RELAY),

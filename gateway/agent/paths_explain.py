@@ -32,6 +32,7 @@ from gateway.agent.backend import IPAddress, parse_endpoint
 from gateway.agent.netcheck import NatType, NetReport
 
 __all__ = [
+    "OTHER",
     "Action",
     "Event",
     "Handshake",

@@ -11,6 +11,8 @@ pairs must connect; their path is recorded). Then, on the same lab:
 
 * the EIM routers' conntrack tables are flushed mid-stream: the direct pair
   recovers;
+* one EIM router starts mapping to other ports: the pair finds the new mapping
+  (netcheck, then a new probe) and is direct again;
 * the relay carrying the relayed pairs is killed: they move to the other relay.
 """
 
@@ -209,6 +211,24 @@ def test_nat_matrix_paths_conntrack_flush_and_relay_failover(
     assert ping_until(hosts["e1"], addr_e2, timeout=60), "e1<->e2 did not recover"
     recovery = time.monotonic() - started
     print(f"direct pair recovered {recovery:.1f} s after the conntrack flush")
+
+    # -- e1's NAT maps it to another port (the router restarts with a new port range):
+    # e2 learns e1's new reflexive endpoint from netcheck and the pair goes direct again
+    router = lab.routers["re1"]
+    router.run(["iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-o", router.wan_ifname,
+                "-p", "udp", "-j", "MASQUERADE", "--to-ports", "20000-20999"])  # fmt: skip
+    router.run(["conntrack", "-F"], check=False)
+    started = time.monotonic()
+
+    def direct_again() -> bool:
+        live = {p["name"]: p for p in wiregate.status(agents["e2"])["peers"]}
+        endpoint = live["e1"]["endpoint"] or ""
+        port = int(endpoint.rpartition(":")[2] or 0)
+        return live["e1"]["path"]["path"] == "direct" and 20000 <= port <= 20999
+
+    poll(direct_again, timeout=90, interval=0.5, what="e2 to reach e1 directly at its new mapping")
+    assert ping_until(hosts["e2"], _addr(wiregate, agents["e1"]), timeout=20)
+    print(f"direct pair back on the new NAT mapping {time.monotonic() - started:.1f} s later")
 
     # -- the relay carrying s1<->s2 dies: relayed pairs move to the other relay
     relayed = {k: r for k, r in peer_paths(wiregate, agents).items() if r["path"] == "relayed"}

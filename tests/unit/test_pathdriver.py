@@ -75,12 +75,13 @@ def test_unchanged_map_changes_nothing_and_gone_peers_release_their_relay() -> N
 
 def test_probing_with_a_session_in_place_needs_a_reset() -> None:
     book = PathBook(PathTimers(probe_timeout=1.0))
-    book.update_map(netmap(peer("b", KEY_B, (PUB_B,))), 0.0)
+    book.update_map(netmap(peer("b", KEY_B, (PUB_B,))), 1.0)
     action = SetEndpoint("b", PUB_B)
     assert not book.needs_reset(action)  # no handshake yet: nothing to reset
-    book.handshakes([status(KEY_B, None, None)], 0.5)
+    book.handshakes([status(KEY_B, None, None)], 1.5)
     assert not book.needs_reset(action)
-    book.handshakes([status(KEY_B, 0.2, RELAY)], 0.6)  # a session (through a relay)
+    book.handshakes([status(KEY_B, 0.2, PUB_B)], 1.6)  # a session from before the probe
+    assert book.machines["b"].state is PathState.PROBING_DIRECT
     assert book.needs_reset(action)
     book.resetting.add("b")
     assert "b" not in book.shape(netmap(peer("b", KEY_B, (PUB_B,)))).peers
@@ -191,3 +192,38 @@ def test_the_peers_nat_type_from_the_map_skips_futile_probes() -> None:
         report is not None
         and report["reason"] == "asking for a relay: both sides behind symmetric NAT"
     )
+
+
+@pytest.mark.asyncio
+async def test_a_changed_nat_mapping_renews_relay_bindings_at_once() -> None:
+    net = FakeNet()
+    binds: list[str] = []
+
+    async def bind(relay_id: Any) -> RelayBinding:
+        binds.append(str(relay_id))
+        return await net.bind(relay_id)
+
+    book = PathBook(PathTimers(probe_timeout=0.05))
+    book.local_nat(LocalNat(0.0, NatType.SYMMETRIC))
+    m = netmap(peer("b", KEY_B, (PUB_B,)))
+
+    async def read_status() -> Sequence[PeerStatus]:
+        return []
+
+    async def reapply() -> None:
+        return None
+
+    hooks = RelayHooks(net.ticket, bind, net.probe, ping_interval=0.02, rebind_interval=3600)
+    runner = PathRunner(book, hooks, read_status, reapply, clock=_clock())
+    await runner.perform(book.update_map(m, 0.0))
+    task = asyncio.create_task(runner.run())
+    try:
+        await _until(lambda: len(binds) == 1)
+        await asyncio.sleep(0.1)
+        assert len(binds) == 1  # nothing renews before the hour is up...
+        runner.rebind_all()
+        await _until(lambda: len(binds) == 2)  # ...but a new mapping renews at once
+        assert book.relays["b"] == "r1"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

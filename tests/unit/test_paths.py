@@ -170,10 +170,29 @@ def test_peer_endpoint_change_while_direct_reprobes() -> None:
     assert m.handle(PeerUpdate(51.0, (new,), NatType.EIM)) == []
 
 
-def test_roamed_endpoint_is_no_evidence_of_direct() -> None:
-    m = machine(NatType.EIM, NatType.EIM)
-    m.handle(Handshake(1.0, 1.0, RELAY))
-    assert m.state is PathState.PROBING_DIRECT
+def test_roaming_to_a_relay_is_no_evidence_of_direct() -> None:
+    m = machine(NatType.EIM, NatType.EIM, (PUB,))
+    relayed(m, 5.0)
+    m.handle(Tick(60.0))  # retry direct (30 s after, on the 30 s grid)
+    assert m.state is PathState.RETRY_DIRECT
+    m.handle(Handshake(61.0, 61.0, RELAY))  # the peer's packets came through the relay
+    assert m.state is PathState.RETRY_DIRECT
+
+
+def test_the_peer_reaching_us_directly_while_relayed_makes_the_path_direct() -> None:
+    """A symmetric-NAT peer reaches an open host: the open host's probes of the peer's
+    STUN mapping fail, but the peer's handshake arrives from its real mapping, where
+    WireGuard roams to. That address is adopted and the relay released."""
+    m = machine(NatType.OPEN, NatType.SYMMETRIC, (PUB,))
+    relayed(m, 5.0)
+    real = "203.0.113.5:61234"
+    assert m.handle(Handshake(20.0, 19.5, real)) == [
+        SetEndpoint("peer-1", real),
+        ReleaseRelay("peer-1"),
+    ]
+    report = m.explain()
+    assert report.path == "direct" and report.endpoint == real
+    assert report.reason == f"the peer reached this host directly (from {real})"
 
 
 def test_same_nat_prefers_lan_address() -> None:
@@ -244,7 +263,13 @@ def test_random_sequences_keep_the_invariants(events: list[Event]) -> None:
         if isinstance(event, RelayFailed):  # whatever the relay held for us is gone,
             outstanding, last_set = False, None  # so moving off it at once is no flap
         for action in m.handle(event):
-            if isinstance(action, SetEndpoint):
+            adopted = isinstance(event, Handshake) and action == SetEndpoint(
+                "peer-1", event.endpoint or ""
+            )
+            if isinstance(action, SetEndpoint) and adopted:  # where WireGuard already sends
+                assert event.endpoint not in relays
+                last_set = event.now
+            elif isinstance(action, SetEndpoint):
                 assert action.endpoint in candidates | relays
                 if last_set is not None:
                     assert event.now - last_set >= m.timers.probe_timeout - 1e-6  # float sums
@@ -286,3 +311,16 @@ def test_a_blocker_learnt_while_relayed_becomes_the_reason() -> None:
     m.handle(PeerUpdate(12.0, (PUB, LAN), NatType.SYMMETRIC))
     assert m.explain().reason == "both sides behind symmetric NAT; not retrying direct"
     assert m.next_deadline() is None
+
+
+def test_our_mapping_changing_reprobes_a_direct_path() -> None:
+    m = machine(NatType.EIM, NatType.EIM)
+    m.handle(Handshake(1.0, 1.0, PUB))
+    assert m.state is PathState.DIRECT
+    assert m.handle(LocalNat(30.0, NatType.EIM, "198.51.100.1:51820")) == []  # the same
+    assert m.handle(LocalNat(60.0, NatType.EIM, "198.51.100.1:20641")) == [
+        SetEndpoint("peer-1", PUB)
+    ]
+    assert m.state is PathState.PROBING_DIRECT
+    m.handle(Handshake(61.0, 61.0, PUB))
+    assert m.state is PathState.DIRECT

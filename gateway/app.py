@@ -26,6 +26,7 @@ from prometheus_client import (
 
 from gateway.api import error_middleware, setup_routes
 from gateway.api.common import ADMIN_TOKEN, BROKER, CLOCK, POLICY, SETTINGS, STORE
+from gateway.api.workload import WORKLOAD, build_verifier
 from gateway.broker import Broker
 from gateway.config import GatewaySettings
 from gateway.errors import ConfigError
@@ -76,6 +77,7 @@ def create_app(
     app[ADMIN_TOKEN] = read_admin_token(settings.admin_token_file)
     app[CLOCK] = clock
     app[METRICS], app[_REQUESTS] = _api_metrics()
+    app[WORKLOAD] = build_verifier(settings, clock)  # [[gateway.workload_issuers]]
     setup_routes(app)
     setup_web(app)  # the SSO pages (gateway/web); not part of /api/v1
     app.cleanup_ctx.append(_state(settings, broker_factory, clock))

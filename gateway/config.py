@@ -12,7 +12,7 @@ import ipaddress
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -25,6 +25,7 @@ __all__ = [
     "GatewaySettings",
     "OidcIssuerSettings",
     "RelaySettings",
+    "WorkloadIssuerSettings",
     "load_settings",
     "parse_port_range",
     "parse_relay_entry",
@@ -151,6 +152,23 @@ class OidcIssuerSettings(BaseModel):
         return value
 
 
+class WorkloadIssuerSettings(BaseModel):
+    """A trusted issuer of workload tokens (``[[gateway.workload_issuers]]``); see
+    identity/workload.py and docs/operations.md "Workload identity"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str  # shown in audit records and errors
+    issuer: str  # exactly as its discovery document says (a cluster: kube-apiserver's issuer)
+    kind: Literal["kubernetes", "oidc"] = "oidc"
+    audience: str = ""  # the gateway's name in the tokens; default: public_url
+    algorithms: list[str] = ["RS256"]  # asymmetric only
+    ca_bundle: Path | None = None  # CA for the issuer's HTTPS (a cluster CA)
+    tags: list[str] = []  # granted to every workload of this issuer (plus policy tag_rules)
+    max_lifetime: float = 48 * 3600.0  # tokens living longer than this are refused
+    insecure_http: bool = False  # http:// on loopback only (tests)
+
+
 class GatewaySettings(_Base):
     """Settings of ``wiregate gateway``."""
 
@@ -179,6 +197,7 @@ class GatewaySettings(_Base):
     oidc: list[OidcIssuerSettings] = []  # no issuer: the pages say SSO is not configured
     admin_groups: list[str] = []  # members of any of these groups may use /admin
     session_lifetime: float = 8 * 3600.0
+    workload_issuers: list[WorkloadIssuerSettings] = []  # POST /api/v1/enroll workload_token
 
     @field_validator("public_url")
     @classmethod
@@ -240,6 +259,9 @@ class AgentSettings(_Base):
 
     server: str = "http://127.0.0.1:8080"
     auth_key: str = ""  # "file:PATH" or "env:VAR"; never the key itself in argv
+    # "file:PATH" of a workload token (re-read at each enrollment: projected tokens rotate);
+    # with kubernetes = true and no auth_key: the projected token of deploy/kubernetes
+    workload_token: str = ""
     state_dir: Path = Path("/var/lib/wiregate/agent")
     run_dir: Path = Path("/run/wiregate")
     interface: str = "wg0"
@@ -259,6 +281,7 @@ class AgentSettings(_Base):
     path_silence: float = 180.0  # a direct path without a handshake this long is dead
     path_retry: float = 30.0  # first retry of direct while relayed (doubles, up to 300 s)
     relay_ping_interval: float = 5.0  # liveness probe of the relay a peer is relayed through
+    pmtu_interval: float = 600.0  # re-probe each tunnel's path MTU this often (0: never probe)
     # -- Kubernetes node integration (gateway/agent/kubenode.py) ------------------------
     kubernetes: bool = False  # read this node's Node: pod CIDRs as routes, InternalIP, annotations
     node_name: str = Field(  # NODE_NAME from the downward API

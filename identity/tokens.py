@@ -92,8 +92,14 @@ def _b64decode(segment: str, what: str) -> bytes:
     return raw
 
 
-def parse_header(token: str, algorithms: tuple[str, ...]) -> TokenHeader:
-    """Check a token's shape and header against an issuer's ``algorithms``."""
+def parse_header(
+    token: str, algorithms: tuple[str, ...], *, extra_types: frozenset[str] = frozenset()
+) -> TokenHeader:
+    """Check a token's shape and header against an issuer's ``algorithms``.
+
+    ``extra_types`` are lowercased ``typ`` values accepted besides ``JWT`` (a
+    workload issuer's RFC 9068 access tokens: ``at+jwt``).
+    """
     header_b64, payload_b64, signature_b64 = _segments(token)
     if len(header_b64) > _MAX_HEADER_CHARS:
         raise refuse("header too large")
@@ -102,7 +108,7 @@ def parse_header(token: str, algorithms: tuple[str, ...]) -> TokenHeader:
     header = loads_strict(_b64decode(header_b64, "header"), "header", refuse)
     alg = _check_alg(header.get("alg"), algorithms)
     _check_no_key_headers(header)
-    typ = _check_typ(header.get("typ"))
+    typ = _check_typ(header.get("typ"), extra_types)
     kid = header.get("kid")
     if not is_safe_kid(kid):
         raise refuse("kid missing, not a string, too long or unsafe")
@@ -130,12 +136,14 @@ def _check_no_key_headers(header: dict[str, Any]) -> None:
             raise refuse(f"'{name}' header not supported")
 
 
-def _check_typ(typ: Any) -> str | None:
+def _check_typ(typ: Any, extra_types: frozenset[str]) -> str | None:
     if typ is None:
         return None
     if not isinstance(typ, str):
         raise refuse("typ malformed")
     lowered = typ.lower()
+    if lowered in extra_types:
+        return typ
     if lowered in _TYPE_REASONS:
         raise refuse(_TYPE_REASONS[lowered])
     if lowered not in _JWT_TYPES:
@@ -208,6 +216,7 @@ class TokenValidator:
         clock: Clock,
         *,
         nonces: NonceStore | None = None,
+        extra_types: frozenset[str] = frozenset(),
     ) -> None:
         if jwks.issuer != config.issuer:
             raise ConfigError(f"JWKS cache is for {jwks.issuer}, not {config.issuer}")
@@ -215,6 +224,7 @@ class TokenValidator:
         self._jwks = jwks
         self._clock = clock
         self._nonces = nonces
+        self._extra_types = extra_types
 
     async def validate_id_token(
         self,
@@ -231,7 +241,7 @@ class TokenValidator:
         """
         if not audience:
             raise ConfigError("validate_id_token: audience (the client id) is required")
-        header = parse_header(token, self.config.algorithms)
+        header = parse_header(token, self.config.algorithms, extra_types=self._extra_types)
         key = await self._jwks.key(header.kid, header.alg)
         at = self._clock() if now is None else now
         claims = verify_id_token(

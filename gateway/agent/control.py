@@ -18,7 +18,18 @@ from gateway.agent.state import Enrollment
 from gateway.errors import ConfigError, Unauthorized, Unavailable, from_api_response
 from relay.server import parse_hostport
 
-__all__ = ["ControlClient", "LoginPoll", "LoginStart", "read_auth_key"]
+__all__ = [
+    "KUBERNETES_TOKEN_PATH",
+    "ControlClient",
+    "LoginPoll",
+    "LoginStart",
+    "read_auth_key",
+    "read_workload_token",
+    "workload_token_source",
+]
+
+# the projected ServiceAccount token (audience: the gateway) of deploy/kubernetes
+KUBERNETES_TOKEN_PATH = "/var/run/secrets/wiregate.io/gateway-token/token"  # noqa: S105
 
 _TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
 
@@ -39,6 +50,36 @@ def read_auth_key(spec: str) -> str:
         raise ConfigError(
             "no enrollment key", hint="pass --auth-key file:PATH or set WIREGATE_AUTH_KEY"
         )
+    return value
+
+
+def workload_token_source(spec: str, *, kubernetes: bool, auth_key: str) -> str | None:
+    """Where the agent's workload token is (``file:PATH``), or None: enroll with the auth key.
+
+    With ``kubernetes`` and neither a workload token nor an auth key configured,
+    the projected token of deploy/kubernetes (:data:`KUBERNETES_TOKEN_PATH`).
+    """
+    if spec:
+        if not spec.startswith("file:") or len(spec) == 5:
+            raise ConfigError(
+                "workload_token must be file:PATH",
+                hint="a token in an environment variable or argv is visible to others",
+            )
+        return spec
+    if kubernetes and not auth_key:
+        return "file:" + KUBERNETES_TOKEN_PATH
+    return None
+
+
+def read_workload_token(spec: str) -> str:
+    """The current token in ``file:PATH`` (re-read each time: projected tokens rotate)."""
+    path = Path(spec.removeprefix("file:"))
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read workload token file {path}: {exc.strerror}") from exc
+    if not value:
+        raise ConfigError(f"the workload token file {path} is empty")
     return value
 
 
@@ -75,10 +116,21 @@ class ControlClient:
         self.session = session
 
     async def enroll(
-        self, auth_key: str, public_key: str, name: str, endpoints: list[str], routes: list[str]
+        self,
+        auth_key: str,
+        public_key: str,
+        name: str,
+        endpoints: list[str],
+        routes: list[str],
+        *,
+        workload_token: str | None = None,
     ) -> Enrollment:
+        """Enroll with an enrollment key, or with ``workload_token`` (then ``auth_key`` unused)."""
+        credential = (
+            {"auth_key": auth_key} if workload_token is None else {"workload_token": workload_token}
+        )
         body = {
-            "auth_key": auth_key,
+            **credential,
             "public_key": public_key,
             "name": name,
             "endpoints": endpoints,

@@ -19,13 +19,19 @@ from typing import Any
 import aiohttp
 
 from gateway.agent.candidates import merge_candidates
-from gateway.agent.control import ControlClient, read_auth_key
+from gateway.agent.control import (
+    ControlClient,
+    read_auth_key,
+    read_workload_token,
+    workload_token_source,
+)
 from gateway.agent.dataplane import DataPlane, PeerStatus
 from gateway.agent.endpoints import candidates, local_addresses, local_networks
 from gateway.agent.keyfile import load_or_create_key
 from gateway.agent.netcheck import NetReport, fetch_relays, run_netcheck
 from gateway.agent.pathdriver import PathBook, PathRunner, RelayHooks
 from gateway.agent.paths import LocalNat, PathTimers
+from gateway.agent.pmtu_io import PmtuProber
 from gateway.agent.relaylink import Addr, RelayBinding, RelayGrant, bind_at_relay
 from gateway.agent.rotation import KeyRotator
 from gateway.agent.session import Action, MapSession
@@ -85,6 +91,7 @@ class Agent:
         )
         self._runner: PathRunner | None = None
         self.rotation = KeyRotator(self)  # make-before-break key rotation
+        self.pmtu: PmtuProber | None = None  # path-MTU probes through each tunnel
 
     async def run_until_signalled(self) -> None:
         """Run until SIGTERM/SIGINT; the data plane is left running (fail static)."""
@@ -123,6 +130,12 @@ class Agent:
             if self.settings.stun_servers:
                 tasks.append(asyncio.create_task(self._netcheck_periodically()))
             tasks.append(asyncio.create_task(self.rotation.run()))
+            if self.settings.pmtu_interval > 0:
+                self.pmtu = PmtuProber(
+                    self.dataplane, lambda: self.session.netmap, self._apply,
+                    fwmark=self.settings.fwmark, interval=self.settings.pmtu_interval,
+                )  # fmt: skip
+                tasks.append(asyncio.create_task(self.pmtu.run()))
             try:
                 await self._stream_forever(control)
             finally:
@@ -172,13 +185,19 @@ class Agent:
         )
 
     async def _enroll(self, control: ControlClient) -> Enrollment:
-        auth_key = read_auth_key(self.settings.auth_key)
+        s = self.settings
+        source = workload_token_source(
+            s.workload_token, kubernetes=s.kubernetes, auth_key=s.auth_key
+        )
+        auth_key = "" if source is not None else read_auth_key(s.auth_key)
         name = self.settings.hostname or socket.gethostname()
         from gateway.agent.kubenode import advertised_routes  # pod CIDRs when kubernetes = true
 
         routes = await advertised_routes(self.settings)
+        endpoints = await self._endpoints()
+        token = None if source is None else read_workload_token(source)  # read now: it rotates
         enrollment = await control.enroll(
-            auth_key, self.public_key, name, await self._endpoints(), routes=routes
+            auth_key, self.public_key, name, endpoints, routes=routes, workload_token=token
         )
         self.state.save_enrollment(enrollment)
         log.info("enrolled", device_id=enrollment.device_id, addresses=enrollment.addresses)
@@ -337,7 +356,12 @@ class Agent:
             },
             "problems": list(self.health.problems),
             "netcheck": self.netreport.to_dict() if self.netreport else None,
-            "peers": [_peer_doc(p, live.get(p.public_key), self.paths.report(p.id)) for p in peers],
+            "pmtu": self.pmtu.to_dict() if self.pmtu else None,
+            "peers": [
+                _peer_doc(p, live.get(p.public_key), self.paths.report(p.id))
+                | (self.pmtu.peer_doc(p.public_key) if self.pmtu else {"path_mtu": None})
+                for p in peers
+            ],
         }
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Annotated
 
 from aiohttp import web
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gateway._agentmsg import AgentEndpoints
 from gateway.api.common import (
@@ -20,10 +20,12 @@ from gateway.api.common import (
     device_json,
     read_json,
 )
+from gateway.api.workload import enroll_workload
 from gateway.errors import BadInput, NotFound, Unauthorized
 from gateway.logging import get_logger
 from gateway.store import EnrollRequest
 from gateway.wgkey import parse_public_key
+from identity.tokens import MAX_TOKEN_CHARS
 
 __all__ = ["EnrollBody", "parse_endpoint", "parse_route", "routes"]
 
@@ -40,15 +42,22 @@ _METADATA = frozenset(
 
 
 class EnrollBody(StrictModel):
-    """``POST /api/v1/enroll`` request body."""
+    """``POST /api/v1/enroll`` request body: exactly one of ``auth_key``, ``workload_token``."""
 
-    auth_key: Annotated[str, Field(min_length=1, max_length=256)]
+    auth_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    workload_token: Annotated[str, Field(min_length=1, max_length=MAX_TOKEN_CHARS)] | None = None
     public_key: Annotated[str, Field(max_length=64)]
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     endpoints: Annotated[
         list[Annotated[str, Field(max_length=64)]], Field(max_length=MAX_ENDPOINTS)
     ] = []
     routes: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=MAX_ROUTES)] = []
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> EnrollBody:
+        if (self.auth_key is None) == (self.workload_token is None):
+            raise ValueError("give exactly one of auth_key and workload_token")
+        return self
 
 
 def parse_endpoint(text: str) -> str:
@@ -114,7 +123,8 @@ def _pools(request: web.Request) -> tuple[IPNetwork, IPNetwork]:
 
 @routes.post("/api/v1/enroll")
 async def enroll(request: web.Request) -> web.Response:
-    """Enroll a device with an enrollment key; returns it, its stream token, the map version."""
+    """Enroll a device with an enrollment key or a workload token; returns it, its stream
+    token, the map version."""
     body = await read_json(request, EnrollBody)
     pools = _pools(request)
     enroll_request = EnrollRequest(
@@ -124,8 +134,12 @@ async def enroll(request: web.Request) -> web.Response:
         routes=tuple(dict.fromkeys(parse_route(r, pools) for r in body.routes)),
         keepalive=request.app[SETTINGS].default_keepalive,
     )
-    enrolled = await request.app[STORE].enroll(body.auth_key, enroll_request)
-    request.app[BROKER].upsert(enrolled.record.device, enrolled.version)
+    if body.workload_token is not None:
+        enrolled = await enroll_workload(request, body.workload_token, enroll_request)
+    else:
+        assert body.auth_key is not None
+        enrolled = await request.app[STORE].enroll(body.auth_key, enroll_request)
+        request.app[BROKER].upsert(enrolled.record.device, enrolled.version)
     payload = {
         "device": device_json(enrolled.record),
         "token": enrolled.token,

@@ -186,6 +186,53 @@ class Store:
         _log.info("device_enrolled", device_id=row.id, key_id=key.id, version=version)
         return Enrolled(device_record(row, identity), token, version)
 
+    async def enroll_identity(
+        self,
+        identity: Identity,
+        tags: Sequence[str],
+        request: EnrollRequest,
+        *,
+        actor: str,
+        detail: Mapping[str, str],
+    ) -> tuple[Enrolled, Removal | None]:
+        """Enroll a device for a verified (workload) ``identity``.
+
+        A device of the *same* identity with the same name is replaced (a node
+        re-enrolling after a reinstall): removed at one map version, the new
+        device added at the next, both audited. Returns the enrollment and the
+        replaced device's removal, if any.
+        """
+        now = self._clock()
+        token = generate_device_token()
+        async with self._write() as s:
+            removed = None
+            old = await self._device_named(s, identity, request.name)
+            if old is not None:
+                removed = Removal(old.id, await self._bump(s), "replaced by a re-enrollment")
+                await s.delete(old)
+                await s.flush()
+                await audit.add(s, now, actor, "device.replace", old.id,
+                                {"name": old.name, "public_key": old.public_key})  # fmt: skip
+            version = await self._bump(s)
+            grant = Grant(identity, tuple(dict.fromkeys(tags)), False)
+            row = await self._add_device(s, request, grant, token, now)
+            await audit.add(s, now, actor, "device.enroll", row.id,
+                            {**detail, "name": row.name, "public_key": row.public_key,
+                             "tags": ",".join(grant.tags)})  # fmt: skip
+        _log.info("device_enrolled", device_id=row.id, issuer=identity.issuer, version=version)
+        return Enrolled(device_record(row, identity), token, version), removed
+
+    async def _device_named(
+        self, s: AsyncSession, identity: Identity, name: str
+    ) -> DeviceRow | None:
+        query = (
+            select(DeviceRow)
+            .join(IdentityRow, DeviceRow.identity_id == IdentityRow.id)
+            .where(IdentityRow.issuer == identity.issuer, IdentityRow.subject == identity.subject)
+            .where(DeviceRow.name == name)
+        )
+        return (await s.execute(query)).scalars().first()
+
     async def delete_device(self, device_id: str, *, actor: str = UNATTRIBUTED) -> int:
         """Delete a device (its addresses return to the pool); the new map version."""
         async with self._write() as s:

@@ -5,8 +5,12 @@
 // gateway on a random loopback port: http://127.0.0.1:PORT/oidc/callback
 // Accounts: any login works; its id is the subject. Ids starting with "admin" are in the
 // groups wiregate-admins and engineering, the others in engineering only.
+// Workload tokens: the client "wiregate-workload" (client_secret_basic) gets RFC 9068 JWT
+// access tokens (typ at+jwt, sub = client_id, 5 min) from the client_credentials grant for
+// one resource, the gateway: WIREGATE_IDP_WORKLOAD_AUDIENCE (default
+// https://gateway.wiregate.test), scope wiregate:enroll.
 // Test-only secrets: this provider must never face a real network.
-import Provider from 'oidc-provider';
+import Provider, { errors } from 'oidc-provider';
 
 const port = Number(process.argv[2]);
 if (!Number.isInteger(port) || port <= 0 || port > 65535) {
@@ -17,6 +21,8 @@ const issuer = `http://127.0.0.1:${port}`;
 const grants = ['authorization_code', 'urn:ietf:params:oauth:grant-type:device_code'];
 const extraRedirects = (process.env.WIREGATE_IDP_REDIRECT_URIS || '').split(/\s+/).filter(Boolean);
 const redirectUris = ['http://127.0.0.1/oidc/callback', ...extraRedirects];
+const workloadAudience = process.env.WIREGATE_IDP_WORKLOAD_AUDIENCE || 'https://gateway.wiregate.test';
+const WORKLOAD_CLIENT = 'wiregate-workload';
 
 const provider = new Provider(issuer, {
   clients: [
@@ -35,6 +41,14 @@ const provider = new Provider(issuer, {
       grant_types: grants,
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_post',
+    },
+    {
+      client_id: WORKLOAD_CLIENT,
+      client_secret: 'wiregate-test-secret-workload',
+      redirect_uris: [],
+      grant_types: ['client_credentials'],
+      response_types: [],
+      token_endpoint_auth_method: 'client_secret_basic',
     },
   ],
   claims: {
@@ -56,6 +70,24 @@ const provider = new Provider(issuer, {
   features: {
     devInteractions: { enabled: true },
     deviceFlow: { enabled: true },
+    clientCredentials: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      defaultResource: (ctx, client) => (client?.clientId === WORKLOAD_CLIENT ? workloadAudience : undefined),
+      useGrantedResource: () => false,
+      async getResourceServerInfo(ctx, resource, client) {
+        if (client.clientId !== WORKLOAD_CLIENT || resource !== workloadAudience) {
+          throw new errors.InvalidTarget();
+        }
+        return {
+          scope: 'wiregate:enroll',
+          audience: workloadAudience,
+          accessTokenTTL: 300,
+          accessTokenFormat: 'jwt',
+          jwt: { sign: { alg: 'RS256' } },
+        };
+      },
+    },
   },
   pkce: { required: () => true, methods: ['S256'] },
   // scope claims (email) in the ID token too, not only at userinfo

@@ -83,12 +83,18 @@ _SCHEMAS: dict[str, Any] = {
     "EnrollRequest": _obj(
         {
             "auth_key": {"type": "string", "description": "enrollment key secret, wgk_..."},
+            "workload_token": {
+                "type": "string",
+                "maxLength": 16384,
+                "description": "instead of auth_key: a JWT of a trusted workload issuer "
+                "(OIDC or a Kubernetes ServiceAccount token), audience = the gateway",
+            },
             "public_key": {"type": "string", "description": "WireGuard public key, base64"},
             "name": {"type": "string", "pattern": NAME_PATTERN},
             "endpoints": {"type": "array", "items": _STR, "maxItems": MAX_ENDPOINTS},
             "routes": {"type": "array", "items": _STR, "maxItems": MAX_ROUTES},
         },
-        ["auth_key", "public_key", "name"],
+        ["public_key", "name"],  # and exactly one of auth_key, workload_token
     ),
     "EnrollResponse": _obj(
         {"device": _ref("Device"), "token": _STR, "map_version": {"type": "integer"}}

@@ -251,6 +251,8 @@ def _format_status(doc: dict[str, Any]) -> str:
         )
         if path.get("reason"):
             lines.append(f"{'':<20} why: {path['reason']}")
+        if p.get("path_mtu"):
+            lines.append(f"{'':<20} path MTU {p['path_mtu']}")
     lines.extend(f"problem: {problem}" for problem in doc.get("problems", []))
     return "\n".join(lines)
 

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
+from gateway.agent.mss import mss_chains
 from gateway.errors import DataPlaneError
 from gateway.logging import get_logger
 from gateway.model import NetMap
@@ -73,6 +74,7 @@ class PeerRule:
     name: str
     sources: tuple[str, ...]
     filter: tuple[str, ...] | None
+    path_mtu: int | None = None  # the probed path MTU through the tunnel (MSS clamp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,29 +86,39 @@ class Rendered:
     problems: tuple[str, ...] = ()
 
 
-def peer_rules(netmap: NetMap, keys: Collection[str] | None = None) -> tuple[PeerRule, ...]:
+def peer_rules(
+    netmap: NetMap,
+    keys: Collection[str] | None = None,
+    path_mtu: Mapping[str, int] | None = None,
+) -> tuple[PeerRule, ...]:
     """Each peer of ``netmap`` as a :class:`PeerRule`, in device-id order.
 
     ``keys``: the public keys of the peers actually configured (a peer the agent
     refused gets no rule, so it cannot lend its allowance to addresses another
-    peer carries).
+    peer carries). ``path_mtu``: probed path MTUs by public key.
     """
+    mtus = path_mtu or {}
     return tuple(
-        PeerRule(peer.name, peer.allowed_ips, peer.filter)
+        PeerRule(peer.name, peer.allowed_ips, peer.filter, mtus.get(peer.public_key))
         for _, peer in sorted(netmap.peers.items())
         if keys is None or peer.public_key in keys
     )
 
 
-def render(interface: str, peers: Iterable[PeerRule]) -> Rendered:
-    """The script that replaces ``table inet wiregate`` with these peers' rules."""
+def render(interface: str, peers: Iterable[PeerRule], *, clamp: bool = False) -> Rendered:
+    """The script that replaces ``table inet wiregate`` with these peers' rules.
+
+    ``clamp``: also clamp the MSS of TCP SYNs through the tunnel (:mod:`gateway.agent.mss`).
+    """
     lines: list[str] = []
     problems: list[str] = []
     restricted = False
+    peers = tuple(peers)
     for peer in peers:
         restricted = restricted or peer.filter is not None
         lines.extend(_peer_lines(peer, problems))
     body = "".join(f"\t\t{line}\n" for line in lines)
+    clamps = mss_chains(interface, [(p.sources, p.path_mtu) for p in peers]) if clamp else ""
     hook = f'\t\tiifname "{interface}" jump from_tunnel\n'
     script = (
         f"table inet {TABLE}\n"
@@ -119,7 +131,7 @@ def render(interface: str, peers: Iterable[PeerRule]) -> Rendered:
         f"{hook}\t}}\n"
         "\tchain from_tunnel {\n\t\tct state established,related accept\n"
         f'{body}\t\tcounter name "dropped" drop\n\t}}\n'
-        "}\n"
+        f"{clamps}}}\n"
     )
     return Rendered(script, restricted, tuple(problems))
 
@@ -187,11 +199,13 @@ def run_nft(script: str, binary: str = "nft") -> None:
 class Firewall:
     """Keeps ``table inet wiregate`` equal to the rendering of the last map."""
 
-    def __init__(self, interface: str, runner: Runner | None = None) -> None:
+    def __init__(self, interface: str, runner: Runner | None = None, *, clamp: bool = True) -> None:
         self.interface = interface
         self._run = runner or run_nft
         self._applied: str | None = None
         self.enforced = False
+        self.clamp = clamp  # MSS clamping of TCP SYNs through the tunnel
+        self.path_mtu: dict[str, int] = {}  # probed path MTU by peer public key (MSS clamp)
 
     def apply(
         self, netmap: NetMap, *, keys: Collection[str] | None = None, repair: bool = False
@@ -200,7 +214,8 @@ class Firewall:
 
         Never raises for a missing or failing ``nft``: that is a problem to report.
         """
-        rendered = render(self.interface, peer_rules(netmap, keys))
+        rules = peer_rules(netmap, keys, self.path_mtu)
+        rendered = render(self.interface, rules, clamp=self.clamp)
         if rendered.script == self._applied and not repair:
             return rendered.problems
         try:

@@ -15,10 +15,11 @@
 #   --server URL              the gateway (https://...; required to install)
 #   --auth-key file:PATH      enrollment key in a file, or env:VAR; the key itself on
 #                             the command line is refused (ps and shell history show it)
-#   --workload-token file:PATH  a workload identity token: copied to
-#                             /etc/wiregate/workload-token (0600) and handed to the agent
-#                             once the agent supports workload identity; until then an
-#                             --auth-key is still needed for the first enrollment
+#   --workload-token file:PATH  instead of (or with) --auth-key: a workload identity token
+#                             (OIDC, audience = the gateway) copied to
+#                             /etc/wiregate/workload-token (0600); the agent enrolls with
+#                             it (workload_token in agent.toml), re-reading the file at each
+#                             attempt, so a token renewed in place is picked up
 #   --package SPEC            pip requirement or wheel path/URL (default: wiregate)
 #   --find-links DIR          install offline from this wheelhouse (pip --no-index)
 #   --interface NAME          WireGuard interface (default wg0)
@@ -73,6 +74,7 @@ main() {
     usage() {
         cat <<'EOF'
 usage: bootstrap.sh --server URL --auth-key file:PATH|env:VAR [options]
+       bootstrap.sh --server URL --workload-token file:PATH [options]
        bootstrap.sh --uninstall [--dry-run]
 options: --workload-token file:PATH  --package SPEC  --find-links DIR
          --interface NAME  --hostname NAME  --dry-run  --uninstall  --help
@@ -162,9 +164,10 @@ EOF
         case $SERVER in *[\"\\\'\ \	]* | *"
 "*) die "--server must not contain quotes, backslashes or spaces" ;; esac
         case $SERVER in http://*) warn "--server is not https: the enrollment key crosses the network in clear" ;; esac
-        [ -n "$AUTH_KEY" ] || die "--auth-key file:PATH (or env:VAR) is required" \
-            "create one on the gateway: wiregate admin keys create --tags tag:vm"
-        check_source --auth-key "$AUTH_KEY"
+        [ -n "$AUTH_KEY" ] || [ -n "$WORKLOAD_TOKEN" ] ||
+            die "--auth-key file:PATH (or env:VAR) is required, or --workload-token file:PATH" \
+                "create one on the gateway: wiregate admin keys create --tags tag:vm"
+        [ -z "$AUTH_KEY" ] || check_source --auth-key "$AUTH_KEY"
         [ -z "$WORKLOAD_TOKEN" ] || check_source --workload-token "$WORKLOAD_TOKEN"
         [ -z "$IFACE" ] || check_name --interface "$IFACE" 15
         [ -z "$HOSTNAME_OPT" ] || check_name --hostname "$HOSTNAME_OPT" 63
@@ -313,13 +316,13 @@ EOF
 # Written by wiregate's bootstrap.sh; re-running it rewrites this file.
 [agent]
 server = "$SERVER"
-auth_key = "file:$ETC/auth-key"
 interface = "${IFACE:-wg0}"
 backend = "$BACKEND"
 EOF
         [ -z "$HOSTNAME_OPT" ] || printf 'hostname = "%s"\n' "$HOSTNAME_OPT"
-        [ -z "$WORKLOAD_TOKEN" ] ||
-            printf '# workload token: %s (used once the agent supports workload identity)\n' "$ETC/workload-token"
+        [ -z "$AUTH_KEY" ] || printf 'auth_key = "file:%s"\n' "$ETC/auth-key"
+        # the agent enrolls with the workload token when both are given
+        [ -z "$WORKLOAD_TOKEN" ] || printf 'workload_token = "file:%s"\n' "$ETC/workload-token"
     }
 
     unit_text() {
@@ -518,7 +521,7 @@ EOF
         [ "$DRY_RUN" = yes ] || [ -d "$ETC" ] || { mkdirs "$ETC" && chmod 0700 "$ETC"; }
         agent_toml >"$WORK/agent.toml"
         put_file "$ETC/agent.toml" 0600 "$WORK/agent.toml" || true
-        copy_secret "$AUTH_KEY" "$ETC/auth-key"
+        [ -z "$AUTH_KEY" ] || copy_secret "$AUTH_KEY" "$ETC/auth-key"
         [ -z "$WORKLOAD_TOKEN" ] || copy_secret "$WORKLOAD_TOKEN" "$ETC/workload-token"
         [ "$CHANGED" = no ] || RESTART=yes
         UNIT_CHANGED=no

@@ -122,6 +122,7 @@ def relay(config_file: Path | None, stun_listen: tuple[str, ...], **flags: Any) 
 @_config_option
 @click.option("--server", help="Gateway URL, e.g. https://gateway.example:443.")
 @click.option("--auth-key", help="Enrollment key as file:PATH or env:VAR (never the key itself).")
+@click.option("--workload-token", help="Workload identity token as file:PATH (instead of a key).")
 @click.option("--interface", help="WireGuard interface name (default wg0).")
 @click.option("--listen-port", type=int)
 @click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False))

@@ -392,6 +392,20 @@ def test_workload_token_is_kept_for_the_agent(box: Sandbox) -> None:
     assert done.returncode == 0, done.stderr
     kept = box.root / "etc/wiregate/workload-token"
     assert kept.read_text() == token.read_text() and _mode(kept) == 0o600
+    toml = (box.root / "etc/wiregate/agent.toml").read_text()
+    assert f'workload_token = "file:{kept}"' in toml and "eyJ" not in toml
+
+
+def test_a_workload_token_alone_configures_the_agent(box: Sandbox) -> None:
+    token = box.tmp / "token"
+    token.write_text("eyJhbGciOi.test.token")
+    done = box.run("--server", "https://gw.example", "--workload-token", f"file:{token}")
+    assert done.returncode == 0, done.stderr
+    etc = box.root / "etc/wiregate"
+    toml = (etc / "agent.toml").read_text()
+    assert f'workload_token = "file:{etc}/workload-token"' in toml
+    assert "auth_key" not in toml and not (etc / "auth-key").exists()
+    assert "eyJhbGciOi" not in done.stdout + done.stderr
 
 
 def test_a_second_run_changes_nothing(box: Sandbox) -> None:

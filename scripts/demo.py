@@ -1,8 +1,14 @@
-"""wiregate demo: a gateway and three agents in a network-namespace lab.
+"""wiregate demo: a gateway, a local OpenID Provider and four agents in a netns lab.
 
-Builds the lab, enrolls three hosts with one enrollment key, waits until every
-agent holds the full map, prints a status table and a ✓/✗ matrix of pings across
-every tunnel (IPv4 and IPv6), then tears everything down. Exits non-zero if any
+Builds the lab, starts a real OpenID Provider (panva's oidc-provider,
+tests/idp/provider.mjs) on the loopback of the lab's internet namespace next to
+the gateway, whose single sign-on it configures (``[[gateway.oidc]]``,
+``public_url``). Enrolls three hosts with one enrollment key, and a fourth by
+``wiregate login``: its user code is approved through the gateway's web pages
+after signing in at the IdP (an HTTP client plays the browser, inside the
+namespace). Waits until every agent holds the full map, prints a status table,
+a ✓/✗ matrix of pings across every tunnel (IPv4 and IPv6) and the sign-in URL
+with a test account, then tears everything down. Exits non-zero if any step or
 ping fails. ``--keep`` leaves the lab running until Ctrl-C.
 
     sudo .venv/bin/python scripts/demo.py [--keep]
@@ -11,17 +17,42 @@ ping fails. ``--keep`` leaves the lab running until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
+import os
+import re
+import shutil
 import signal
 import sys
 import time
+from html.parser import HTMLParser
+from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
-from tests.lab.harness import Agent, Lab, Wiregate, bare, lab_requirements
+import aiohttp
+
+from tests.lab.harness import (
+    Agent,
+    Host,
+    Lab,
+    Process,
+    Wiregate,
+    bare,
+    lab_requirements,
+    poll,
+    write_secret,
+)
 
 HOSTS = ("alpha", "bravo", "charlie")
+SSO_HOST = "delta"  # enrolled by `wiregate login`, approved through the IdP
 FAMILIES = ("v4", "v6")
+REPO = Path(__file__).resolve().parents[1]
+IDP_SCRIPT = REPO / "tests" / "idp" / "provider.mjs"
+IDP_PORT = 9400  # on the internet namespace's loopback, next to the gateway
+IDP_CLIENT, IDP_SECRET = "wiregate", "wiregate-test-secret-basic"  # test-only (provider.mjs)
+TEST_ACCOUNT = "admin-demo"  # any login works at the dev IdP; "admin*" is in wiregate-admins
 
 
 def _size(n: int) -> str:
@@ -92,6 +123,132 @@ def matrix_text(names: list[str], matrix: dict[tuple[str, str, str], bool]) -> s
     return "\n".join(lines)
 
 
+# -- the local OpenID Provider and single sign-on -----------------------------------------
+
+
+def start_idp(lab: Lab, public_url: str) -> tuple[str, Process]:
+    """Start the dev OpenID Provider on the internet namespace's loopback; its issuer URL."""
+    node = shutil.which("node")
+    if node is None or not (IDP_SCRIPT.parent / "node_modules" / "oidc-provider").is_dir():
+        raise RuntimeError("node and tests/idp/node_modules are needed: run scripts/setup.sh")
+    issuer = f"http://127.0.0.1:{IDP_PORT}"
+    env = {"WIREGATE_IDP_REDIRECT_URIS": f"{public_url}/oidc/callback",
+           "WIREGATE_IDP_WORKLOAD_AUDIENCE": public_url}  # fmt: skip
+    proc = lab.internet.spawn([node, str(IDP_SCRIPT), str(IDP_PORT)], env=env, name="idp")
+    url = f"{issuer}/.well-known/openid-configuration"
+
+    def up() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"the OpenID Provider exited:\n{proc.output(2000)}")
+        probe = lab.internet.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                  "-m", "2", url], check=False, timeout=10)  # fmt: skip
+        return probe.stdout.strip() == "200"
+
+    poll(up, timeout=30, what="OpenID Provider discovery")
+    return issuer, proc
+
+
+def loopback_public_url(lab: Lab) -> str:
+    """The gateway's URL for browsers in the internet namespace: 127.0.0.1:8080, DNATed to
+    the gateway's address (an http redirect URI must be loopback; https needs a CA)."""
+    host, port = urlsplit(Wiregate(lab).server).netloc.split(":")
+    dnat = ["-j", "DNAT", "--to-destination", f"{host}:{port}"]
+    lab.internet.run(["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.1",
+                      "--dport", port, *dnat])  # fmt: skip
+    return f"http://127.0.0.1:{port}"
+
+
+def gateway_config(lab: Lab, public_url: str, issuer: str) -> Path:
+    """A [gateway] table: SSO at the local IdP (the client secret in a 0600 file)."""
+    secret = lab.workdir / "oidc-demo.secret"
+    write_secret(secret, IDP_SECRET)
+    path = lab.workdir / "gateway.toml"
+    path.write_text(
+        f'[gateway]\npublic_url = "{public_url}"\nadmin_groups = ["wiregate-admins"]\n\n'
+        f'[[gateway.oidc]]\nname = "demo-idp"\nissuer = "{issuer}"\n'
+        f'client_id = "{IDP_CLIENT}"\nclient_secret = "file:{secret}"\n'
+        'scopes = ["openid", "email", "profile", "groups"]\ninsecure_http = true\n'
+    )
+    return path
+
+
+def start_gateway(wiregate: Wiregate, config: Path) -> None:
+    """Start the lab's gateway with ``config`` (passed as WIREGATE_CONFIG to it only)."""
+    os.environ["WIREGATE_CONFIG"] = str(config)
+    try:
+        wiregate.start_gateway()
+    finally:
+        del os.environ["WIREGATE_CONFIG"]
+
+
+def enroll_by_sso(lab: Lab, wiregate: Wiregate, host: Host) -> Agent:
+    """``wiregate login`` on ``host``, approved at the web pages after an IdP sign-in."""
+    agent = Agent(host, lab.workdir / "agents" / host.name, lab.workdir / "no-enrollment-key")
+    login = host.spawn([*wiregate.cmd, "login", "--server", wiregate.server, "--hostname",
+                        host.name, "--state-dir", str(agent.state_dir), "--json"],
+                       name=f"login-{host.name}")  # fmt: skip
+    url = poll(lambda: _verification_url(login.output()), timeout=20, what="wiregate login code")
+    approve = [sys.executable, str(Path(__file__).resolve()), "--approve", url]
+    done = lab.internet.run(approve, check=False, timeout=60, env={**os.environ})
+    if done.returncode != 0:
+        raise RuntimeError(f"the SSO approval failed:\n{done.stdout}{done.stderr}")
+    if login.wait(timeout=30) != 0:
+        raise RuntimeError(f"wiregate login failed:\n{login.output(2000)}")
+    wiregate.agents[host.name] = agent
+    wiregate.start_agent(host)  # enrolled already: the key file is never read
+    return agent
+
+
+def _verification_url(output: str) -> str | None:
+    found = re.search(r"^\s+(http\S+)\s*$.*?enter the code:\s+(\S+)", output, re.M | re.S)
+    return None if found is None else f"{found[1]}?code={found[2]}"
+
+
+class _Forms(HTMLParser):
+    """The forms of a page: (method, action, fields)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[tuple[str, str, dict[str, str]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "form":
+            self.forms.append((a.get("method", "get").upper(), a.get("action", ""), {}))
+        elif tag == "input" and self.forms and a.get("name"):
+            value = {"text": TEST_ACCOUNT, "password": "any"}.get(a.get("type", "text"))
+            self.forms[-1][2][a["name"]] = a.get("value", "") if value is None else value
+
+
+async def approve_as_browser(url: str) -> str:
+    """Play the person's browser: sign in at the IdP as the test account, then Approve."""
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies for IP-address hosts
+    async with aiohttp.ClientSession(cookie_jar=jar, timeout=aiohttp.ClientTimeout(20)) as http:
+        method, data, approved = "GET", None, False
+        for _ in range(25):
+            parts = urlsplit(url)
+            origin = {"Origin": f"{parts.scheme}://{parts.netloc}"} if method == "POST" else {}
+            async with http.request(method, url, data=data, headers=origin,
+                                    allow_redirects=False) as resp:  # fmt: skip
+                body, location = await resp.text(), resp.headers.get("Location")
+            if location is not None:
+                url, method, data = urljoin(url, location), "GET", None
+                continue
+            if resp.status != 200:
+                raise RuntimeError(f"{url}: HTTP {resp.status}")
+            if approved:
+                return body
+            page = _Forms()
+            page.feed(body)
+            forms = [f for f in page.forms if f[1] not in ("/logout", "/login/deny")]
+            if not forms:
+                raise RuntimeError(f"{url}: no form to submit")
+            method, action, data = forms[0]
+            approved = action == "/login/approve"
+            url = urljoin(url, action)
+    raise RuntimeError("the sign-in did not finish in 25 steps")
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -99,13 +256,21 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def demo(keep: bool) -> int:
     with Lab() as lab:
         try:
-            print(f"lab {lab.prefix}: internet 198.51.100.0/24, hosts {', '.join(HOSTS)}")
+            names = ", ".join((*HOSTS, SSO_HOST))
+            print(f"lab {lab.prefix}: internet 198.51.100.0/24, hosts {names}")
             hosts = [lab.add_host(name) for name in HOSTS]
             wiregate = Wiregate(lab)
-            wiregate.start_gateway()
+            public_url = loopback_public_url(lab)
+            issuer, _idp = start_idp(lab, public_url)
+            print(f"OpenID Provider (panva oidc-provider) ready at {issuer}")
+            start_gateway(wiregate, gateway_config(lab, public_url, issuer))
             print(f"gateway ready on {wiregate.server} (admin socket {wiregate.admin_socket})")
             key = wiregate.create_key(tags="tag:demo", expiry="1h", reusable=True)
             agents = {h.name: wiregate.start_agent(h, key) for h in hosts}
+            agents[SSO_HOST] = enroll_by_sso(lab, wiregate, lab.add_host(SSO_HOST))
+            [owner] = [d["identity"] for d in wiregate.devices() if d["name"] == SSO_HOST]
+            print(f"{SSO_HOST}: `wiregate login` approved at the web pages after signing in at"
+                  f" the IdP; owner {owner['issuer']} subject {owner['subject']}")  # fmt: skip
             wiregate.wait_mesh(list(agents.values()), timeout=90)
             print("every agent holds the full map\n")
             matrix = ping_matrix(wiregate, agents)
@@ -117,6 +282,12 @@ def demo(keep: bool) -> int:
             return 1
         ok = all(matrix.values())
         print("all tunnels up" if ok else "SOME TUNNELS FAILED")
+        print(
+            f"\nsingle sign-on: {public_url}/devices (inside the lab's internet namespace:"
+            f" ip netns exec {lab.internet.netns} ...)\n"
+            f"  IdP {issuer}, test account: any login, e.g. {TEST_ACCOUNT} (any password;"
+            " admin* logins may use /admin)"
+        )
         if keep:
             _wait_for_interrupt(lab, wiregate, agents)
         return 0 if ok else 1
@@ -141,7 +312,11 @@ def _wait_for_interrupt(lab: Lab, wiregate: Wiregate, agents: dict[str, Agent]) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="wiregate in a network-namespace lab")
     parser.add_argument("--keep", action="store_true", help="leave the lab up until Ctrl-C")
+    parser.add_argument("--approve", metavar="URL", help=argparse.SUPPRESS)  # the browser part
     args = parser.parse_args(argv)
+    if args.approve:
+        asyncio.run(approve_as_browser(args.approve))
+        return 0
     if reason := lab_requirements():
         print(f"cannot run the demo: {reason}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""wiregate demo: a gateway, a local OpenID Provider and four agents in a netns lab.
+"""wiregate demo: a gateway, a local OpenID Provider and five agents in a netns lab.
 
 Builds the lab, starts a real OpenID Provider (panva's oidc-provider,
 tests/idp/provider.mjs) on the loopback of the lab's internet namespace next to
@@ -6,7 +6,9 @@ the gateway, whose single sign-on it configures (``[[gateway.oidc]]``,
 ``public_url``). Enrolls three hosts with one enrollment key, and a fourth by
 ``wiregate login``: its user code is approved through the gateway's web pages
 after signing in at the IdP (an HTTP client plays the browser, inside the
-namespace). Waits until every agent holds the full map, prints a status table,
+namespace); a fifth agent enrolls with a workload token the same IdP minted
+for the gateway (``client_credentials``, an RFC 9068 JWT access token) instead
+of a key. Waits until every agent holds the full map, prints a status table,
 a ✓/✗ matrix of pings across every tunnel (IPv4 and IPv6) and the sign-in URL
 with a test account, then tears everything down. Exits non-zero if any step or
 ping fails. ``--keep`` leaves the lab running until Ctrl-C.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import os
 import re
 import shutil
@@ -47,6 +50,8 @@ from tests.lab.harness import (
 
 HOSTS = ("alpha", "bravo", "charlie")
 SSO_HOST = "delta"  # enrolled by `wiregate login`, approved through the IdP
+WORKLOAD_HOST = "echo"  # enrolled with a workload token the IdP minted (client_credentials)
+WORKLOAD_CLIENT, WORKLOAD_SECRET = "wiregate-workload", "wiregate-test-secret-workload"
 FAMILIES = ("v4", "v6")
 REPO = Path(__file__).resolve().parents[1]
 IDP_SCRIPT = REPO / "tests" / "idp" / "provider.mjs"
@@ -167,7 +172,9 @@ def gateway_config(lab: Lab, public_url: str, issuer: str) -> Path:
         f'[gateway]\npublic_url = "{public_url}"\nadmin_groups = ["wiregate-admins"]\n\n'
         f'[[gateway.oidc]]\nname = "demo-idp"\nissuer = "{issuer}"\n'
         f'client_id = "{IDP_CLIENT}"\nclient_secret = "file:{secret}"\n'
-        'scopes = ["openid", "email", "profile", "groups"]\ninsecure_http = true\n'
+        'scopes = ["openid", "email", "profile", "groups"]\ninsecure_http = true\n\n'
+        f'[[gateway.workload_issuers]]\nname = "demo-idp"\nissuer = "{issuer}"\n'
+        'tags = ["tag:workload"]\ninsecure_http = true\n'  # audience: public_url
     )
     return path
 
@@ -197,6 +204,23 @@ def enroll_by_sso(lab: Lab, wiregate: Wiregate, host: Host) -> Agent:
     wiregate.agents[host.name] = agent
     wiregate.start_agent(host)  # enrolled already: the key file is never read
     return agent
+
+
+def enroll_by_workload_token(lab: Lab, wiregate: Wiregate, host: Host, issuer: str,
+                             audience: str) -> Agent:  # fmt: skip
+    """The agent on ``host`` enrolls with a token the IdP minted for the gateway."""
+    client = lab.workdir / "workload-client.curlrc"  # the client secret never in argv
+    write_secret(client, f'user = "{WORKLOAD_CLIENT}:{WORKLOAD_SECRET}"')
+    minted = lab.internet.run(["curl", "-sf", "-K", str(client),
+                               "-d", "grant_type=client_credentials", "-d", "scope=wiregate:enroll",
+                               "-d", f"resource={audience}", f"{issuer}/token"])  # fmt: skip
+    token_file = lab.workdir / f"workload-token-{host.name}"
+    write_secret(token_file, json.loads(minted.stdout)["access_token"])
+    os.environ["WIREGATE_WORKLOAD_TOKEN"] = f"file:{token_file}"
+    try:  # no enrollment key: the file does not exist and is never read
+        return wiregate.start_agent(host, lab.workdir / "no-enrollment-key")
+    finally:
+        del os.environ["WIREGATE_WORKLOAD_TOKEN"]
 
 
 def _verification_url(output: str) -> str | None:
@@ -256,7 +280,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def demo(keep: bool) -> int:
     with Lab() as lab:
         try:
-            names = ", ".join((*HOSTS, SSO_HOST))
+            names = ", ".join((*HOSTS, SSO_HOST, WORKLOAD_HOST))
             print(f"lab {lab.prefix}: internet 198.51.100.0/24, hosts {names}")
             hosts = [lab.add_host(name) for name in HOSTS]
             wiregate = Wiregate(lab)
@@ -271,7 +295,13 @@ def demo(keep: bool) -> int:
             [owner] = [d["identity"] for d in wiregate.devices() if d["name"] == SSO_HOST]
             print(f"{SSO_HOST}: `wiregate login` approved at the web pages after signing in at"
                   f" the IdP; owner {owner['issuer']} subject {owner['subject']}")  # fmt: skip
+            agents[WORKLOAD_HOST] = enroll_by_workload_token(
+                lab, wiregate, lab.add_host(WORKLOAD_HOST), issuer, public_url
+            )
             wiregate.wait_mesh(list(agents.values()), timeout=90)
+            [tags] = [d["tags"] for d in wiregate.devices() if d["name"] == WORKLOAD_HOST]
+            print(f"{WORKLOAD_HOST}: enrolled with a workload token from the IdP (client_"
+                  f"credentials, audience {public_url}); tags {', '.join(tags)}")  # fmt: skip
             print("every agent holds the full map\n")
             matrix = ping_matrix(wiregate, agents)
             statuses = {name: wiregate.status(agent) for name, agent in agents.items()}

@@ -255,7 +255,8 @@ async def test_without_a_policy_file_the_issuer_tags_apply(
 
 # -- refusals (SECURITY.md "Tokens") ----------------------------------------------------
 
-PEM = public_key_forms()["pem"]
+FORMS = public_key_forms()
+PEM = FORMS["pem"]
 HEADER = {"alg": "RS256", "kid": "k1"}
 REFUSED: list[tuple[str, Callable[[], str], str]] = [
     ("alg none", lambda: hand_made({"alg": "none", "kid": "k1"}, oidc_claims()), "unsigned"),
@@ -286,6 +287,27 @@ REFUSED: list[tuple[str, Callable[[], str], str]] = [
     ("logout token", lambda: sign(oidc_claims(), headers={"typ": "logout+jwt"}), "logout"),
     ("unknown kid", lambda: sign(oidc_claims(), kid="nope"), "unknown key id"),
     ("not a JWT", lambda: "not-a-token", "compact JWS"),
+    ("alg None", lambda: hand_made({"alg": "None", "kid": "k1"}, oidc_claims(), b"x"), "unsigned"),
+    ("HS256 with the SSH public key",
+     lambda: hs256({"alg": "HS256", "kid": "k1"}, oidc_claims(), FORMS["ssh"]), "symmetric"),
+    ("HS256 with the JWK JSON",
+     lambda: hs256({"alg": "HS256", "kid": "k1"}, oidc_claims(), FORMS["jwk"]), "symmetric"),
+    ("huge kid", lambda: sign(oidc_claims(), kid="k" * 500), "kid"),
+    ("path-like kid", lambda: sign(oidc_claims(), kid="../../etc/passwd"), "kid"),
+    ("non-string kid", lambda: hand_made({"alg": "RS256", "kid": 7}, oidc_claims(), b"x"), "kid"),
+    ("another tenant", lambda: sign(oidc_claims(iss=ISSUER.replace("tenant-a", "tenant-b"))),
+     "trusted workload issuer"),
+    ("no audience", lambda: sign(oidc_claims(aud=None)), "aud"),
+    ("an extra untrusted audience", lambda: sign(oidc_claims(aud=[GATEWAY, "other"], azp=GATEWAY)),
+     "untrusted audience"),
+    ("azp of another client", lambda: sign(oidc_claims(azp="someone-else")), "azp"),
+    ("no exp", lambda: sign(oidc_claims(exp=None)), "exp and iat are required"),
+    ("exp not a number", lambda: sign(oidc_claims(exp="tomorrow")), "not a number"),
+    ("huge exp", lambda: sign(oidc_claims(exp=2**53)), "out of range"),
+    ("iat far in the future", lambda: sign(oidc_claims(iat=T0 + 3600)), "iat"),
+    ("expired just past the leeway", lambda: sign(oidc_claims(exp=T0 - 60)), "expired"),
+    ("a cluster token typed as an access token",
+     lambda: sign(sa_claims(), headers={"typ": "at+jwt"}), "access token"),
     ("cluster token for another audience", lambda: sign(sa_claims(aud=["api"])), "aud"),
     ("cluster token with a forged sub", lambda: sign(sa_claims(sub="system:serviceaccount:x:y")),
      "sub does not match"),
@@ -313,6 +335,23 @@ async def test_refused_tokens_say_why_and_change_nothing(
         assert token not in seen and (len(signature) < 16 or signature not in seen)
     assert await gw.client.app[STORE].list_devices() == []
     assert await gw.client.app[STORE].map_version() == 0
+    if reason == "trusted workload issuer":  # refused before any network traffic
+        assert gw.issuers.calls == []
+
+
+async def test_leeway_boundary_and_the_issuers_own_access_tokens(gw: Gateway) -> None:
+    inside = await gw.enroll(sign(oidc_claims(exp=T0 - 59)), name="late")
+    assert inside.status == 201, await inside.text()  # within the 60 s leeway
+    typed = await gw.enroll(sign(oidc_claims(), headers={"typ": "at+jwt"}), name="rfc9068")
+    assert typed.status == 201, await typed.text()  # RFC 9068, for kind = "oidc" only
+
+
+async def test_discovery_naming_another_issuer_is_refused(gw: Gateway) -> None:
+    gw.issuers.idps[0].discovery_issuer = "https://evil.example.com"
+    resp = await gw.enroll(sign(oidc_claims()), name="ci")
+    assert resp.status == 503
+    assert (await resp.json())["error"] == "issuer_mismatch"
+    assert await gw.client.app[STORE].list_devices() == []
 
 
 async def test_unknown_kid_flood_costs_one_jwks_fetch(gw: Gateway) -> None:

@@ -130,6 +130,10 @@ class Broker:
         """The device as the broker knows it; :class:`~gateway.errors.NotFound` if unknown."""
         return self._state.device(device_id)
 
+    def route_owners(self, route: str) -> list[Device]:
+        """The devices carrying a route that overlaps ``route``, by id."""
+        return [self._state.device(i) for i in sorted(self._state.route_owners(route))]
+
     @property
     def version(self) -> int:
         """The map version the broker holds."""

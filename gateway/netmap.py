@@ -14,7 +14,10 @@ peer may open on a viewer is not symmetric: when the policy restricts ports
 between two groups, the pair's ``filter`` is recorded with the link and spliced
 into the viewer's copy of the peer's JSON; pairs without one (the usual case)
 take the unfiltered fast path. Advertised routes the policy does not approve
-are left out of a device's peer entry and listed in its own self view.
+are left out of a device's peer entry and listed in its own self view, and so
+are routes overlapping a route another device already carries
+(:class:`~gateway.routeclaims.RouteClaims`: the device placed first keeps it;
+the other gets it once it is placed again after the holder let go).
 
 :func:`apply_upsert` and :func:`apply_remove` mutate the state and return a
 :class:`Fanout`: per affected agent, the peers to upsert, the peer ids to remove
@@ -39,6 +42,7 @@ from typing import Any
 
 from gateway.errors import NotFound
 from gateway.model import Device, NetMap, Peer, SelfView
+from gateway.routeclaims import RouteClaims
 from identity.policy import Filter, Policy, principals
 
 __all__ = [
@@ -105,6 +109,8 @@ class NetworkState:
         self._devices: dict[str, Device] = {}
         self._shown: dict[str, Device] = {}  # as peers see it: approved routes only
         self._refused: dict[str, tuple[str, ...]] = {}  # only devices with refused routes
+        self._claims = RouteClaims()  # shown routes: no two devices' overlap
+        self._blocked: dict[str, tuple[str, ...]] = {}  # routes refused as another's
         self._group_of: dict[str, TagSet] = {}
         self._members: dict[TagSet, set[str]] = {}
         self._links: dict[TagSet, set[TagSet]] = {}
@@ -206,11 +212,19 @@ class NetworkState:
             self._link(group)
         members.add(device.id)
 
+    def route_owners(self, route: str) -> set[str]:
+        """Ids of the devices carrying a route that overlaps ``route``."""
+        return self._claims.overlapping(route)
+
     def _show(self, device: Device, group: TagSet) -> None:
-        if not device.routes or self.policy.routes is None:
+        if not device.routes:
             self._shown[device.id] = device
             return
         approved, refused = self.policy.approve_routes(group, device.routes)
+        approved, clashing = self._claims.claim(device.id, approved)  # first come keeps it
+        if clashing:
+            self._blocked[device.id] = clashing
+        refused += clashing
         if refused:
             self._shown[device.id] = replace(device, routes=approved)
             self._refused[device.id] = refused
@@ -284,6 +298,8 @@ class NetworkState:
             cache.pop(device_id, None)
         self._shown.pop(device_id, None)
         self._refused.pop(device_id, None)
+        self._claims.release(device_id)
+        self._blocked.pop(device_id, None)
         self._peer.pop(device_id, None)
         self._peer_text.pop(device_id, None)
         self._self_text.pop(device_id, None)
@@ -298,8 +314,43 @@ def full_map(state: NetworkState, device_id: str, version: int) -> NetMap:
 
 def apply_upsert(state: NetworkState, device: Device) -> Fanout:
     """Add or replace ``device`` in ``state``; return what each affected agent must learn."""
+    fanout = _upsert(state, device)
+    return _reclaim(state, fanout) if state._blocked else fanout
+
+
+def _reclaim(state: NetworkState, fanout: Fanout) -> Fanout:
+    """Place again the devices refused a route that no other device carries any more."""
+    for device_id in sorted(state._blocked):
+        blocked = state._blocked.get(device_id, ())
+        if any(not state.route_owners(r) - {device_id} for r in blocked):
+            fanout = _merge(fanout, _upsert(state, state.device(device_id), force=True))
+    return fanout
+
+
+def _merge(first: Fanout, then: Fanout) -> Fanout:
+    """One fanout telling each agent what ``first`` and then ``then`` told it."""
+    updates = dict(first.updates)
+    for agent, update in then.updates.items():
+        earlier = updates.get(agent)
+        updates[agent] = update if earlier is None else _merge_update(earlier, update)
+    return Fanout(updates, {**first.peers, **then.peers}, first.revoked + then.revoked)
+
+
+def _merge_update(first: AgentUpdate, then: AgentUpdate) -> AgentUpdate:
+    upsert = tuple(dict.fromkeys(first.upsert + then.upsert))
+    remove = tuple(r for r in dict.fromkeys(first.remove + then.remove) if r not in upsert)
+    filters: tuple[Filter | None, ...] = ()
+    if first.filters or then.filters:
+        later = {pid: then.filter_at(i) for i, pid in enumerate(then.upsert)}
+        earlier = {pid: first.filter_at(i) for i, pid in enumerate(first.upsert)}
+        filters = tuple(later[p] if p in later else earlier[p] for p in upsert)
+    self_view = then.self_view or first.self_view
+    return AgentUpdate(upsert=upsert, remove=remove, self_view=self_view, filters=filters)
+
+
+def _upsert(state: NetworkState, device: Device, *, force: bool = False) -> Fanout:
     old = state.get(device.id)
-    if old == device:
+    if old == device and not force:
         return Fanout()
     old_group = state._group_of.get(device.id)
     before, old_peer, old_self = set(), None, None
@@ -398,10 +449,11 @@ def apply_remove(state: NetworkState, device_id: str) -> Fanout:
         return Fanout()
     viewers = state.viewers(device_id)
     state._unplace(device_id)
-    return Fanout(
+    fanout = Fanout(
         updates=dict.fromkeys(viewers, AgentUpdate(remove=(device_id,))),
         revoked=(device_id,),
     )
+    return _reclaim(state, fanout) if state._blocked else fanout
 
 
 def delta_wire(fanout: Fanout, agent_id: str, base: int, version: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from gateway.api.common import (
     read_json,
 )
 from gateway.api.workload import enroll_workload
+from gateway.broker import Broker
 from gateway.errors import BadInput, NotFound, Unauthorized
 from gateway.logging import get_logger
 from gateway.store import EnrollRequest
@@ -111,6 +112,19 @@ def parse_route(text: str, pools: Iterable[IPNetwork]) -> str:
     return str(net)
 
 
+def refuse_route_clashes(broker: Broker, routes: Iterable[str], name: str) -> None:
+    """Refuse a route overlapping one another device carries (a device of the same
+    name is left out: a re-enrollment replaces it, and the map refuses any clash left)."""
+    for route in routes:
+        others = [d for d in broker.route_owners(route) if d.name != name]
+        if others:
+            raise BadInput(
+                f"route {route!r} overlaps a route of device {others[0].name!r} "
+                f"({others[0].id}): two devices cannot carry the same addresses",
+                hint="advertise a prefix no other device carries, or remove that device first",
+            )
+
+
 def parse_endpoints(texts: Iterable[str]) -> tuple[str, ...]:
     """Validate endpoints; duplicates are dropped, order is kept."""
     return tuple(dict.fromkeys(parse_endpoint(t) for t in texts))
@@ -134,6 +148,7 @@ async def enroll(request: web.Request) -> web.Response:
         routes=tuple(dict.fromkeys(parse_route(r, pools) for r in body.routes)),
         keepalive=request.app[SETTINGS].default_keepalive,
     )
+    refuse_route_clashes(request.app[BROKER], enroll_request.routes, body.name)
     if body.workload_token is not None:
         enrolled = await enroll_workload(request, body.workload_token, enroll_request)
     else:

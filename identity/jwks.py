@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import PyJWTError
 
-from gateway.errors import ConfigError, Unavailable
+from gateway.errors import ConfigError, Unauthorized, Unavailable
 from gateway.logging import get_logger
 from identity.claims import IssuerConfig, check_url, is_safe_kid, loads_strict, refuse
 
@@ -316,7 +316,13 @@ class JwksCache:
 
     async def key(self, kid: str, alg: str) -> VerifyKey:
         """The issuer's key ``kid`` for ``alg``; raise Unauthorized or Unavailable."""
-        step = self._state.decide(kid, alg, self._clock())
+        in_flight = self._lock.locked()
+        try:
+            step = self._state.decide(kid, alg, self._clock())
+        except Unauthorized:
+            if not in_flight:
+                raise
+            step = FETCH  # cooling down because a fetch is under way: wait for its keys
         if isinstance(step, VerifyKey):
             return step
         async with self._lock:  # concurrent misses share one fetch, then see the cool-down

@@ -8,6 +8,7 @@ self-signed CA, because a real kube-apiserver cannot run here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import time
@@ -108,9 +109,11 @@ class Issuers:
                     keys=[public_jwk(rsa_key(), "k1", "RS256")]),
         ]  # fmt: skip
         self.calls: list[str] = []
+        self.delay = 0.0
 
     async def fetch(self, url: str) -> Fetched:
         self.calls.append(url)
+        await asyncio.sleep(self.delay)
         for idp in self.idps:
             doc = idp.documents().get(url)
             if doc is not None:
@@ -359,6 +362,16 @@ async def test_unknown_kid_flood_costs_one_jwks_fetch(gw: Gateway) -> None:
         resp = await gw.enroll(sign(oidc_claims(), kid=f"flood-{i}"))
         assert resp.status == 401
     assert gw.issuers.jwks_fetches() == 1  # then the cool-down: no fetch per request
+
+
+async def test_concurrent_first_enrollments_share_one_fetch(gw: Gateway) -> None:
+    gw.issuers.delay = 0.2  # the cold cache's fetch is in flight while others arrive
+    names = [f"node-{i}" for i in range(5)]
+    tokens = [sign(sa_claims(node=name)) for name in names]
+    pairs = zip(tokens, names, strict=True)
+    answers = await asyncio.gather(*(gw.enroll(t, name=n) for t, n in pairs))
+    assert [a.status for a in answers] == [201] * 5, [await a.text() for a in answers]
+    assert gw.issuers.jwks_fetches() == 1
 
 
 async def test_exactly_one_credential(gw: Gateway) -> None:

@@ -40,6 +40,8 @@ _IPV6_MTU_DISCOVER = 23
 _HEADER = {4: 20 + 8, 6: 40 + 8}  # IP + ICMP echo headers
 _ECHO = {4: (8, 0), 6: (128, 129)}  # (request, reply) types
 
+Echo = Callable[[str, str, int, float, int], bool]  # (interface, target, size, timeout, seq)
+
 
 def icmp_checksum(data: bytes) -> int:
     """The Internet checksum (RFC 1071) of ``data``."""
@@ -138,7 +140,14 @@ class PmtuProber:
         interval: float = 600.0,
         tick: float = 5.0,
         timeout: float = 1.0,
+        send: Echo | None = None,
+        underlay: Callable[[str | None, int], tuple[int | None, int]] = endpoint_pmtu,
+        link_mtu: Callable[[str], int] | None = None,
     ) -> None:
+        """``send``, ``underlay`` and ``link_mtu`` replace the probe's I/O (tests)."""
+        self._echo = send or echo
+        self._underlay = underlay
+        self._link_mtu = link_mtu or _link_mtu
         self.dataplane = dataplane
         self.book = PmtuBook(interval=interval, retry=min(60.0, interval))
         self._map = current_map
@@ -177,14 +186,14 @@ class PmtuProber:
         return changed
 
     def _search(self, peer: PeerSeen, target: str) -> MtuSearch:
-        _, version = endpoint_pmtu(peer.endpoint, self.fwmark)
+        _, version = self._underlay(peer.endpoint, self.fwmark)
         inner = ipaddress.ip_address(target).version
-        ceiling = _link_mtu(self.dataplane.interface)
+        ceiling = self._link_mtu(self.dataplane.interface)
         search = MtuSearch(ceiling=ceiling, floor=FLOOR[inner], overhead=OVERHEAD[version])
         while (size := search.next_size()) is not None:
             self._seq = (self._seq + 1) & 0xFFFF
-            ok = echo(self.dataplane.interface, target, size, self.timeout, self._seq)
-            underlay, _ = endpoint_pmtu(peer.endpoint, self.fwmark)
+            ok = self._echo(self.dataplane.interface, target, size, self.timeout, self._seq)
+            underlay, _ = self._underlay(peer.endpoint, self.fwmark)
             if ok:
                 search.reply(size, underlay)
             else:

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import struct
+import time
+from typing import cast
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.agent.dataplane import DataPlane, PeerStatus
 from gateway.agent.firewall import Firewall, PeerRule, peer_rules, render
 from gateway.agent.mss import mss_chains, mss_for
 from gateway.agent.pmtu import FLOOR, HANDSHAKE_FRESH, MtuSearch, PeerSeen, PmtuBook
-from gateway.agent.pmtu_io import _is_reply, _request, _tunnel_target, icmp_checksum
+from gateway.agent.pmtu_io import (
+    PmtuProber,
+    _is_reply,
+    _request,
+    _tunnel_target,
+    icmp_checksum,
+)
 from gateway.cli import _format_status
+from gateway.model import NetMap
 from tests.unit.test_firewall import Recorder, netmap, peer
 
 
@@ -174,3 +184,43 @@ def test_the_probe_targets_the_peers_ipv4_tunnel_address() -> None:
 def test_status_text_shows_the_path_mtu(mtu: int | None) -> None:
     doc = {"peers": [{"name": "b", "addresses": ["100.64.0.2/32"], "path_mtu": mtu}]}
     assert ("path MTU 1216" in _format_status(doc)) is (mtu is not None)
+
+
+class FakeDataPlane:
+    """What the prober uses of the data plane: the interface, live peers, the firewall."""
+
+    def __init__(self, peers: list[PeerStatus]) -> None:
+        self.interface = "wg0"
+        self.peers = peers
+        self.firewall = Firewall("wg0", Recorder())
+
+    def status(self) -> tuple[PeerStatus, ...]:
+        return tuple(self.peers)
+
+
+async def test_the_prober_searches_a_fresh_peer_and_reclamps_once() -> None:
+    nm = netmap(peer(2, None))
+    key = nm.peers["d2"].public_key
+    live = PeerStatus(key, "192.0.2.9:51820", time.time(), 0, 0, ())
+    dataplane = FakeDataPlane([live])
+    sent: list[tuple[str, int]] = []
+    applied: list[int] = []
+
+    def send(interface: str, target: str, size: int, timeout: float, seq: int) -> bool:
+        sent.append((target, size))
+        return size <= 1216  # a black hole above 1216 bytes
+
+    async def apply(netmap_: NetMap) -> None:
+        applied.append(netmap_.version)
+
+    prober = PmtuProber(
+        cast(DataPlane, dataplane), lambda: nm, apply, fwmark=0x5747,
+        send=send, underlay=lambda _e, _m: (1500, 4), link_mtu=lambda _i: 1440,
+    )  # fmt: skip
+    assert await prober.step(time.time())
+    assert sent[0] == ("100.64.0.2", 1440) and dataplane.firewall.path_mtu == {key: 1216}
+    assert applied == [1]  # the map re-applied: the clamp is rendered with the new MTU
+    assert prober.peer_doc(key)["path_mtu"] == 1216 and prober.peer_doc("x")["pmtu"] is None
+    assert prober.to_dict()["black_holes"] == 1
+    assert not await prober.step(time.time())  # probed: nothing due until the interval
+    assert applied == [1]

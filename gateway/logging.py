@@ -32,7 +32,9 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # not cached: a logger bound before a reconfiguration (tests capturing logs,
+        # a CLI run inside a test process) must follow the configuration in force
+        cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 

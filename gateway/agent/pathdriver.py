@@ -69,7 +69,6 @@ class PathBook:
         self._keys: dict[str, str] = {}  # public key -> peer id
         self._endpoints: dict[str, tuple[tuple[str, ...], str | None]] = {}
         self._local: LocalNat | None = None
-        self._sessions: set[str] = set()  # peers the device has shaken hands with
         self.resetting: set[str] = set()  # peers left out of the next write (see needs_reset)
 
     def update_map(self, netmap: NetMap, now: float) -> list[Action]:
@@ -108,8 +107,6 @@ class PathBook:
             peer_id = self._keys.get(status.public_key)
             machine = self.machines.get(peer_id) if peer_id else None
             if machine is not None:
-                if status.last_handshake:
-                    self._sessions.add(machine.peer_id)
                 event = Handshake(now, status.last_handshake, status.endpoint)
                 out += self._feed(machine, event)
         return out
@@ -146,16 +143,15 @@ class PathBook:
         return any(m.state in _PROBING for m in self.machines.values())
 
     def needs_reset(self, action: SetEndpoint) -> bool:
-        """Whether probing ``action``'s endpoint needs a fresh WireGuard session.
+        """Whether probing ``action``'s endpoint needs a fresh WireGuard session: always.
 
         A handshake is the proof that a direct candidate works, and WireGuard only
-        shakes hands when it has no session (or an old one). With a session in
-        place (over the relay, or a direct path that went silent) the peer is
-        removed and re-added once, which makes WireGuard shake hands at once
-        (persistent keepalive) towards the endpoint being probed."""
+        shakes hands when it has no session (or an old one), and retries a pending
+        handshake only every 5 s, towards whatever endpoint is set by then. So for
+        each probe the peer is removed and re-added, which makes WireGuard shake
+        hands at once (persistent keepalive) towards the endpoint being probed."""
         machine = self.machines.get(action.peer_id)
-        probing = machine is not None and machine.state in _DIRECT_PROBES
-        return probing and action.peer_id in self._sessions
+        return machine is not None and machine.state in _DIRECT_PROBES
 
     def shape(self, netmap: NetMap) -> NetMap:
         """``netmap`` with each peer's endpoint set to the one its machine chose
@@ -200,7 +196,6 @@ class PathBook:
         self.chosen.pop(peer_id, None)
         self.relays.pop(peer_id, None)
         self._endpoints.pop(peer_id, None)
-        self._sessions.discard(peer_id)
         return [ReleaseRelay(peer_id)] if machine.state is not PathState.IDLE else []
 
 

@@ -160,8 +160,8 @@ class PathMachine:
             return (self._handshake or self._since) + t.silence
         if state is PathState.RELAY_PENDING:
             return self._asked_at + t.relay_timeout
-        if state is PathState.FAILED:
-            return self._since + self._backoff
+        if state is PathState.FAILED:  # on the wall-clock grid, like retries (see there)
+            return math.ceil((self._since + self._backoff) / self._backoff) * self._backoff
         return self._retry_at if state is PathState.RELAYED else None
 
     def explain(self) -> PathReport:
@@ -316,9 +316,12 @@ def _peer_record(m: PathMachine, event: PeerUpdate) -> PathState:
 
 
 def _peer_while_probing(m: PathMachine, event: PeerUpdate) -> PathState:
+    """New candidates while probing: go on with the one being probed if it is still the
+    best, else start over from the best (a reflexive address that arrived late)."""
+    old = m._ranked.order
     _peer_record(m, event)
     order = m._ranked.order
-    if m._endpoint in order:
+    if m._endpoint in order and (order == old or m._endpoint == order[0]):
         return m.state
     return m._probe(0) if order else m._to_relay("the peer advertises no direct endpoint")
 

@@ -73,16 +73,15 @@ def test_unchanged_map_changes_nothing_and_gone_peers_release_their_relay() -> N
     assert book.machines == {} and book.shape(netmap()).peers == {}
 
 
-def test_probing_with_a_session_in_place_needs_a_reset() -> None:
+def test_every_direct_probe_resets_the_peer() -> None:
     book = PathBook(PathTimers(probe_timeout=1.0))
     book.update_map(netmap(peer("b", KEY_B, (PUB_B,))), 1.0)
     action = SetEndpoint("b", PUB_B)
-    assert not book.needs_reset(action)  # no handshake yet: nothing to reset
-    book.handshakes([status(KEY_B, None, None)], 1.5)
-    assert not book.needs_reset(action)
-    book.handshakes([status(KEY_B, 0.2, PUB_B)], 1.6)  # a session from before the probe
     assert book.machines["b"].state is PathState.PROBING_DIRECT
     assert book.needs_reset(action)
+    book.handshakes([status(KEY_B, 1.2, PUB_B)], 1.6)  # direct now: nothing to reset
+    assert book.machines["b"].state is PathState.DIRECT
+    assert not book.needs_reset(action)
     book.resetting.add("b")
     assert "b" not in book.shape(netmap(peer("b", KEY_B, (PUB_B,)))).peers
 

@@ -325,3 +325,11 @@ def test_our_mapping_changing_reprobes_a_direct_path() -> None:
     assert m.state is PathState.PROBING_DIRECT
     m.handle(Handshake(61.0, 61.0, PUB))
     assert m.state is PathState.DIRECT
+
+
+def test_a_better_candidate_arriving_while_probing_is_probed_first() -> None:
+    """The peer's reflexive address reaches the map while its LAN address is probed."""
+    m = machine(NatType.EIM, NatType.EIM, (LAN,))
+    assert m.state is PathState.PROBING_DIRECT
+    assert m.handle(PeerUpdate(1.0, (PUB, LAN), NatType.EIM)) == [SetEndpoint("peer-1", PUB)]
+    assert m.handle(PeerUpdate(2.0, (PUB, LAN), NatType.EIM)) == []  # nothing new: go on

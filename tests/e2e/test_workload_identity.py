@@ -11,30 +11,19 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.test_mesh import ping_until
-from tests.lab.harness import Lab, Wiregate, bare, poll
+from tests.lab.harness import Lab, bare, poll
 from tests.lab.sso import (
     enroll_by_workload_token,
-    gateway_config,
-    loopback_public_url,
     mint_workload_token,
-    start_gateway,
-    start_idp,
+    start_sso_gateway,
     start_workload_agent,
 )
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 
 
-def _gateway(lab: Lab) -> tuple[Wiregate, str, str]:
-    wiregate = Wiregate(lab)
-    public_url = loopback_public_url(lab)
-    issuer, _idp = start_idp(lab, public_url)
-    start_gateway(wiregate, gateway_config(lab, public_url, issuer))
-    return wiregate, issuer, public_url
-
-
 def test_vms_enroll_with_workload_tokens_and_reach_each_other(lab: Lab) -> None:
-    wiregate, issuer, public_url = _gateway(lab)
+    wiregate, issuer, public_url = start_sso_gateway(lab)
     hosts = [lab.add_host("a"), lab.add_host("b")]
     agents = [enroll_by_workload_token(lab, wiregate, h, issuer, public_url) for h in hosts]
     statuses = wiregate.wait_mesh(agents, timeout=90)
@@ -53,7 +42,7 @@ def test_vms_enroll_with_workload_tokens_and_reach_each_other(lab: Lab) -> None:
 
 
 def test_a_refused_token_stops_the_agent_and_a_renewed_file_is_read_again(lab: Lab) -> None:
-    wiregate, issuer, public_url = _gateway(lab)
+    wiregate, issuer, public_url = start_sso_gateway(lab)
     host = lab.add_host("a")
     token_file = mint_workload_token(lab, issuer, public_url, lab.workdir / "token-a")
     header, payload, signature = token_file.read_text().strip().split(".")

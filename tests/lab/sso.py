@@ -40,6 +40,7 @@ __all__ = [
     "mint_workload_token",
     "start_gateway",
     "start_idp",
+    "start_sso_gateway",
     "start_workload_agent",
 ]
 
@@ -105,6 +106,15 @@ def start_gateway(wiregate: Wiregate, config: Path) -> None:
         wiregate.start_gateway()
     finally:
         del os.environ["WIREGATE_CONFIG"]
+
+
+def start_sso_gateway(lab: Lab) -> tuple[Wiregate, str, str]:
+    """The IdP and the gateway configured for it: (gateway, issuer URL, public_url)."""
+    wiregate = Wiregate(lab)
+    public_url = loopback_public_url(lab)
+    issuer, _idp = start_idp(lab, public_url)
+    start_gateway(wiregate, gateway_config(lab, public_url, issuer))
+    return wiregate, issuer, public_url
 
 
 def enroll_by_sso(lab: Lab, wiregate: Wiregate, host: Host) -> Agent:

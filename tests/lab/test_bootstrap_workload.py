@@ -14,15 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_mesh import ping_until
-from tests.lab.harness import Lab, Wiregate, bare
-from tests.lab.sso import (
-    enroll_by_workload_token,
-    gateway_config,
-    loopback_public_url,
-    mint_workload_token,
-    start_gateway,
-    start_idp,
-)
+from tests.lab.harness import Lab, bare
+from tests.lab.sso import enroll_by_workload_token, mint_workload_token, start_sso_gateway
 from tests.lab.test_bootstrap import VM
 from tests.lab.test_bootstrap import wheelhouse as wheelhouse  # the module-scoped fixture
 
@@ -30,10 +23,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 
 
 def test_a_vm_joins_with_a_workload_token_only(lab: Lab, wheelhouse: Path) -> None:
-    wiregate = Wiregate(lab)
-    public_url = loopback_public_url(lab)
-    issuer, _idp = start_idp(lab, public_url)
-    start_gateway(wiregate, gateway_config(lab, public_url, issuer))
+    wiregate, issuer, public_url = start_sso_gateway(lab)
     peer = enroll_by_workload_token(lab, wiregate, lab.add_host("peer"), issuer, public_url)
     vm_host = lab.add_host("vm")
     token = mint_workload_token(lab, issuer, public_url, lab.workdir / "vm-token")

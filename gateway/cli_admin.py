@@ -109,7 +109,9 @@ def keys_create(
         body["device_key_expiry"] = parse_duration(device_key_expiry)
     data = _call(ctx, "POST", "/api/v1/keys", body)
     key = data["key"]
-    _echo(data, as_json, [data["secret"], f"# id {key['id']}, expires {key['expires_at']}"])
+    _echo(data, as_json, [data["secret"]])
+    if not as_json:  # to stderr, so that `… keys create > key-file` holds the secret alone
+        click.echo(f"# id {key['id']}, expires {key['expires_at']}", err=True)
 
 
 @keys.command("list")

@@ -67,3 +67,12 @@ def test_identities_and_audit_from_the_cli(socket_path: Path) -> None:
     assert missing.exit_code == 1 and "no such identity" in missing.output
     usage = invoke(socket_path, "identities", "disable")
     assert usage.exit_code == 2 and "--issuer and --subject" in usage.output
+
+
+def test_a_created_key_on_stdout_is_the_secret_alone(socket_path: Path) -> None:
+    """`wiregate admin keys create > key-file` must give the agent a usable key file."""
+    result = invoke(socket_path, "keys", "create", "--tags", "tag:vm", "--expiry", "1h")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and len(lines[0]) >= 32 and not lines[0].startswith("#")
+    assert result.stderr.startswith("# id key_")

@@ -51,6 +51,9 @@ __all__ = ["Agent", "DeviceRevoked"]
 log = get_logger("agent")
 
 
+DATAPLANE_SETUP_TIMEOUT = 60.0  # seconds; the backends' own steps time out sooner
+
+
 class DeviceRevoked(Exception):
     """The gateway removed this device; the agent has torn its interface down."""
 
@@ -116,7 +119,7 @@ class Agent:
         async with aiohttp.ClientSession() as http:
             control = ControlClient(self.settings.server, http)
             self.enrollment = self.state.load_enrollment() or await self._enroll(control)
-            await asyncio.to_thread(self.dataplane.setup)
+            await self._setup_dataplane()
             self._runner = self._path_runner(control)
             cached = self.state.load_netmap()
             if cached is not None:
@@ -143,6 +146,19 @@ class Agent:
                     task.cancel()
                 await status.cleanup()
                 (self.settings.run_dir / "agent.sock").unlink(missing_ok=True)
+
+    async def _setup_dataplane(self) -> None:
+        """Create or adopt the interface; a setup that hangs is an error, not a silence."""
+        assert self.dataplane is not None
+        try:
+            async with asyncio.timeout(DATAPLANE_SETUP_TIMEOUT):
+                await asyncio.to_thread(self.dataplane.setup)
+        except TimeoutError:
+            raise Unavailable(
+                f"setting up {self.settings.interface} took over {DATAPLANE_SETUP_TIMEOUT:g} s"
+            ) from None
+        log.info("data plane up", interface=self.settings.interface,
+                 backend=self.dataplane.backend_name)  # fmt: skip
 
     def _path_runner(self, control: ControlClient) -> PathRunner:
         s = self.settings

@@ -147,6 +147,14 @@ def _time_setconf(iface: str, run_dir: Path, text: str, *, up: bool = False) -> 
     backend.create(iface)
     if up:  # as the agent's interface is: wireguard-go starts each peer's routines at once
         subprocess.run(["ip", "link", "set", iface, "up"], check=True)
+    try:
+        return _timed_setconf(iface, run_dir, text)
+    finally:
+        backend.delete(iface)
+
+
+def _timed_setconf(iface: str, run_dir: Path, text: str) -> float:
+    """Seconds ``wg setconf IFACE`` takes to apply ``text`` (written to a 0600 file first)."""
     fd, name = tempfile.mkstemp(dir=run_dir, suffix=".conf")  # 0600: holds the private key
     try:
         os.write(fd, text.encode())
@@ -156,7 +164,6 @@ def _time_setconf(iface: str, run_dir: Path, text: str, *, up: bool = False) -> 
         return time.perf_counter() - started
     finally:
         os.unlink(name)
-        backend.delete(iface)
 
 
 class _Clock:
@@ -169,7 +176,9 @@ class _Clock:
         return time.monotonic() + self.skew
 
 
-def _dataplane(iface: str, port: int, private: bytes, run_dir: Path, clock: _Clock) -> Any:
+def _dataplane(
+    iface: str, port: int, private: bytes, run_dir: Path, clock: _Clock, backend: str = "userspace"
+) -> Any:
     from gateway.agent.dataplane import DataPlane
 
     return DataPlane(
@@ -179,7 +188,7 @@ def _dataplane(iface: str, port: int, private: bytes, run_dir: Path, clock: _Clo
         fwmark=0xCA6C,
         table=51820,
         rule_priority=5210,
-        backend="userspace",
+        backend=backend,
         run_dir=run_dir,
         clock=clock,
     )

@@ -3,12 +3,20 @@
 pyroute2's ``WireGuard.set`` carries at most one peer per message, so a write
 issues one message for the device fields plus the first peer change, then one
 per further peer change; the returned count is the number of messages sent.
+
+pyroute2's synchronous API drives an asyncio loop of its own, bound to the
+thread that made the object: called on a thread whose event loop is running it
+fails ("This event loop is already running"), and called from another thread
+its socket answers ECONNRESET from then on. The agent reads the device from its
+event loop (status) and applies from worker threads, so each backend owns one
+thread on which its pyroute2 objects are made, used and closed, one call at a time.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -74,41 +82,47 @@ class NetlinkBackend:
     name = "kernel"
 
     def __init__(self) -> None:
-        self.ipr = IPRoute()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+        self.ipr = self._call(IPRoute)
         self.wg: Any = None
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on this backend's own thread (see the module docstring)."""
+        return self._thread.submit(fn, *args, **kwargs).result()
 
     def _wireguard(self) -> Any:
         if self.wg is None:
-            self.wg = WireGuard()
+            self.wg = self._call(WireGuard)
         return self.wg
 
     def close(self) -> None:
-        """Release the netlink sockets."""
+        """Release the netlink sockets and the backend's thread."""
         if self.wg is not None:
-            self.wg.close()
-        self.ipr.close()
+            self._call(self.wg.close)
+        self._call(self.ipr.close)
+        self._thread.shutdown()
 
     def exists(self, name: str) -> bool:
-        return bool(self.ipr.link_lookup(ifname=name))
+        return bool(self._call(self.ipr.link_lookup, ifname=name))
 
     def create(self, name: str) -> None:
         if self.exists(name):
             return
         try:
-            self.ipr.link("add", ifname=name, kind="wireguard")
+            self._call(self.ipr.link, "add", ifname=name, kind="wireguard")
         except NetlinkError as exc:
             if exc.code in _NOT_SUPPORTED:
                 raise KernelUnsupported("this kernel has no WireGuard module") from None
             raise DataPlaneError(f"creating {name} failed: {exc}") from None
 
     def delete(self, name: str) -> None:
-        found = self.ipr.link_lookup(ifname=name)
+        found = self._call(self.ipr.link_lookup, ifname=name)
         if found:
-            self.ipr.link("del", index=found[0])
+            self._call(self.ipr.link, "del", index=found[0])
 
     def read(self, name: str) -> LiveDevice:
         try:
-            messages = list(self._wireguard().info(name))
+            messages = list(self._call(self._wireguard().info, name))
         except NetlinkError as exc:
             raise DataPlaneError(f"reading {name} failed: {exc}") from None
         peers: dict[str, LivePeer] = {}
@@ -130,7 +144,8 @@ class NetlinkBackend:
         wg = self._wireguard()
         requests = [peer_request(p) for p in update.peers]
         private = None if update.private_key is None else encode_key(update.private_key)
-        try:
+
+        def send() -> None:
             wg.set(
                 name,
                 private_key=private,
@@ -140,6 +155,9 @@ class NetlinkBackend:
             )
             for request in requests[1:]:
                 wg.set(name, peer=request)
+
+        try:
+            self._call(send)
         except NetlinkError as exc:
             raise DataPlaneError(f"WireGuard netlink set on {name} failed: {exc.code}") from None
         return max(1, len(requests))

@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -27,17 +27,6 @@ from gateway.wgkey import encode_key, generate_private_key, public_from_private
 pytestmark = pytest.mark.kernel
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _kernel_has_wireguard() -> bool:
-    return Path("/sys/module/wireguard").exists()
-
-
-@pytest.fixture(autouse=True)
-def _real_kernel_module() -> None:
-    """Deselected on the host (-m 'not kernel'); where selected, the module must be there."""
-    assert os.geteuid() == 0, "the kernel tier runs as root"
-    assert _kernel_has_wireguard(), "no wireguard module: run scripts/kernel-test.sh (QEMU)"
 
 
 def pub() -> str:
@@ -211,3 +200,31 @@ def test_dataplane_tunnel_between_namespaces(tmp_path: Path) -> None:
     finally:
         for ns in names.values():
             subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_reads_from_a_running_event_loop_and_writes_from_worker_threads(iface: str) -> None:
+    """The agent's pattern: status reads on the event loop, applies in to_thread workers.
+
+    pyroute2's synchronous API failed when called on a thread with a running loop
+    ("This event loop is already running") and its socket then answered ECONNRESET
+    to every later call, so the next apply failed and the agent exited.
+    """
+
+    async def agent() -> LiveDevice:
+        backend = NetlinkBackend()  # made on the loop's thread, as the agent's data plane is
+        try:
+            assert backend.read(iface).peers == {}
+            k = pub()
+            update = DeviceUpdate(
+                peers=(PeerUpdate(k, allowed_ips=frozenset({net("10.9.0.0/24")})),)
+            )
+            await asyncio.to_thread(backend.write, iface, update)
+            assert set(backend.read(iface).peers) == {k}
+            await asyncio.to_thread(
+                backend.write, iface, DeviceUpdate(peers=(PeerUpdate(k, remove=True),))
+            )
+            return await asyncio.to_thread(backend.read, iface)
+        finally:
+            backend.close()
+
+    assert asyncio.run(agent()).peers == {}

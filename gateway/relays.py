@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
-import os
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +37,7 @@ from gateway.config import parse_relay_entry
 from gateway.errors import ConfigError, Unavailable, WiregateError
 from gateway.logging import get_logger
 from gateway.model import Device
+from gateway.secretfile import load_or_create_key_file
 from relay.probe import PingResult
 from relay.tickets import Node, issue_pair
 
@@ -343,44 +341,6 @@ class RelaySigner:
 
 
 def load_or_create_signing_key(state_dir: Path) -> SigningKey:
-    """The key in ``state_dir/relay-signing.key``, created (0600) on first use."""
+    """The key in ``state_dir/relay-signing.key``: a 32-byte seed, created (0600) on first use."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = state_dir / KEY_FILE
-    if not path.exists():
-        _create(path)
-    return _read(path)
-
-
-def _create(path: Path) -> None:
-    seed = base64.b64encode(secrets.token_bytes(32)) + b"\n"
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(seed)
-            fh.flush()
-            os.fsync(fh.fileno())
-        with contextlib.suppress(FileExistsError):  # another process won: use its key
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read(path: Path) -> SigningKey:
-    try:
-        mode = path.stat().st_mode
-        text = path.read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the relay signing key {path}: {exc.strerror}") from exc
-    if mode & 0o077:
-        raise ConfigError(
-            f"the relay signing key {path} is readable by others",
-            hint=f"chmod 600 {path}",
-        )
-    try:
-        seed = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        seed = b""
-    if len(seed) != 32:
-        raise ConfigError(f"the relay signing key {path} is not a base64 32-byte seed")
-    return SigningKey(seed)
+    return SigningKey(load_or_create_key_file(state_dir / KEY_FILE, "relay signing key"))

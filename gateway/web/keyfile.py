@@ -1,23 +1,16 @@
 """The key that seals the web pages' cookies: ``state_dir/web-session.key``.
 
-32 random bytes (base64), created 0600 on first use through a temporary file and
-a hard link, so two processes never see a half-written key nor overwrite each
-other's. A key readable by group or others is refused. Deleting the file (and
-restarting) ends every session and every login in progress.
+32 random bytes (base64), 0600 (see :mod:`gateway.secretfile`). Deleting the file
+(and restarting) ends every session and every login in progress.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import contextlib
-import os
-import secrets
 from pathlib import Path
 
-from gateway.errors import ConfigError
+from gateway.secretfile import load_or_create_key_file
 
-__all__ = ["KEY_FILE", "load_or_create_key_file", "load_or_create_session_key"]
+__all__ = ["KEY_FILE", "load_or_create_session_key"]
 
 KEY_FILE = "web-session.key"
 
@@ -26,46 +19,3 @@ def load_or_create_session_key(state_dir: Path) -> bytes:
     """The 32-byte key in ``state_dir/web-session.key``, created (0600) on first use."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     return load_or_create_key_file(state_dir / KEY_FILE, "web session key")
-
-
-def load_or_create_key_file(path: Path, what: str) -> bytes:
-    """32 random bytes kept base64 in ``path`` (0600), created on first use.
-
-    :class:`ConfigError` when the file is readable by group or others, unreadable,
-    or not 32 bytes of base64; ``what`` names the key in the message.
-    """
-    if not path.exists():
-        _write_new(path)
-    return _read_key(path, what)
-
-
-def _write_new(path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(base64.b64encode(secrets.token_bytes(32)) + b"\n")
-            out.flush()
-            os.fsync(out.fileno())
-        with contextlib.suppress(FileExistsError):  # another process won: use its key
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read_key(path: Path, what: str) -> bytes:
-    try:
-        mode, text = path.stat().st_mode, path.read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from exc
-    if mode & 0o077:
-        raise ConfigError(
-            f"the {what} {path} is readable by group or others", hint=f"chmod 600 {path}"
-        )
-    try:
-        key = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        key = b""
-    if len(key) != 32:
-        raise ConfigError(f"the {what} {path} is not 32 bytes of base64")
-    return key

@@ -355,11 +355,11 @@ def test_key_file_refusals(tmp_path: Path) -> None:
     load_or_create_signing_key(tmp_path)
     path = tmp_path / KEY_FILE
     path.chmod(0o644)
-    with pytest.raises(ConfigError, match="readable by others"):
+    with pytest.raises(ConfigError, match="readable by group or others"):
         load_or_create_signing_key(tmp_path)
     path.write_text("not a key\n")
     path.chmod(0o600)
-    with pytest.raises(ConfigError, match="32-byte seed"):
+    with pytest.raises(ConfigError, match="not 32 bytes of base64"):
         load_or_create_signing_key(tmp_path)
 
 

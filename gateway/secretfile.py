@@ -1,0 +1,63 @@
+"""Secret key files of the gateway: 32 random bytes, base64, mode 0600.
+
+Created on first use through a temporary file and a hard link, so two processes
+never see a half-written key nor overwrite each other's. A key readable by group
+or others is refused. Used for the relay ticket signing seed and the web pages'
+cookie key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+from gateway.errors import ConfigError
+
+__all__ = ["load_or_create_key_file"]
+
+
+def load_or_create_key_file(path: Path, what: str) -> bytes:
+    """32 random bytes kept base64 in ``path`` (0600), created on first use.
+
+    :class:`ConfigError` when the file is readable by group or others, unreadable,
+    or not 32 bytes of base64; ``what`` names the key in the message.
+    """
+    if not path.exists():
+        _write_new(path)
+    return _read_key(path, what)
+
+
+def _write_new(path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(base64.b64encode(secrets.token_bytes(32)) + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        with contextlib.suppress(FileExistsError):  # another process won: use its key
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_key(path: Path, what: str) -> bytes:
+    try:
+        mode, text = path.stat().st_mode, path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from exc
+    if mode & 0o077:
+        raise ConfigError(
+            f"the {what} {path} is readable by group or others", hint=f"chmod 600 {path}"
+        )
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(f"the {what} {path} is not 32 bytes of base64")
+    return key

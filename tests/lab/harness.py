@@ -703,8 +703,13 @@ class Wiregate:
 
     # -- agents
 
-    def start_agent(self, host: Host, key_file: Path | None = None) -> Agent:
-        """Start (or restart, with the same directories) the agent on ``host``."""
+    def start_agent(
+        self, host: Host, key_file: Path | None = None, *, backend: str | None = None
+    ) -> Agent:
+        """Start (or restart, with the same directories) the agent on ``host``.
+
+        ``backend`` (auto, kernel or userspace) is passed as ``--backend`` when given.
+        """
         agent = self.agents.get(host.name)
         if agent is None:
             if key_file is None:
@@ -718,7 +723,8 @@ class Wiregate:
             [*self.cmd, "agent", "--server", self.server, "--auth-key", f"file:{agent.key_file}",
              "--interface", agent.iface, "--hostname", host.name,
              "--state-dir", str(agent.state_dir), "--run-dir", str(agent.run_dir),
-             "--listen-port", str(WG_PORT), "--log-format", "json"],
+             "--listen-port", str(WG_PORT), "--log-format", "json",
+             *(["--backend", backend] if backend else [])],
             name=f"agent-{host.name}-{agent.restarts}",
         )  # fmt: skip
         return agent

@@ -49,6 +49,35 @@ def iface() -> Iterator[str]:
         backend.close()
 
 
+def test_a_thousand_peers_in_batched_messages(iface: str) -> None:
+    """One write of 1 000 peers goes out as a few messages of many peers each, and the
+    kernel holds every peer with its endpoint and allowed IPs afterwards."""
+    backend = NetlinkBackend()
+    keys = [pub() for _ in range(1000)]
+    peers = tuple(
+        PeerUpdate(
+            k,
+            endpoint=f"198.51.100.{i % 250 + 1}:{20000 + i}",
+            keepalive=25,
+            allowed_ips=frozenset(
+                {net(f"100.64.{i // 250}.{i % 250}/32"), net(f"fd7a::{i:x}/128")}
+            ),
+        )
+        for i, k in enumerate(keys)
+    )
+    update = DeviceUpdate(private_key=generate_private_key(), listen_port=51998, peers=peers)
+    try:
+        count = backend.write(iface, update)
+        assert 1 < count < 50
+        live = backend.read(iface)
+        assert set(live.peers) == set(keys)
+        for i, k in enumerate(keys):
+            assert live.peers[k].endpoint == f"198.51.100.{i % 250 + 1}:{20000 + i}"
+            assert len(live.peers[k].allowed_ips) == 2
+    finally:
+        backend.close()
+
+
 def test_roundtrip_and_write_counts(iface: str) -> None:
     backend = NetlinkBackend()
     private = generate_private_key()
@@ -63,7 +92,7 @@ def test_roundtrip_and_write_counts(iface: str) -> None:
         },
     )
     update = diff(want, backend.read(iface), None)
-    assert backend.write(iface, update) == 2  # device + first peer, then one per peer
+    assert backend.write(iface, update) == 1  # one message: the device fields and both peers
     live = backend.read(iface)
     assert live.public_key == encode_key(public_from_private(private))
     assert live.listen_port == 51999 and live.fwmark == 0xCA6C
@@ -73,7 +102,7 @@ def test_roundtrip_and_write_counts(iface: str) -> None:
     assert backend.write(iface, DeviceUpdate()) == 0
 
     changed = PeerUpdate(k2, update_only=True, allowed_ips=frozenset({net("10.1.0.0/16")}))
-    assert backend.write(iface, DeviceUpdate(peers=(PeerUpdate(k1, remove=True), changed))) == 2
+    assert backend.write(iface, DeviceUpdate(peers=(PeerUpdate(k1, remove=True), changed))) == 1
     live = backend.read(iface)
     assert set(live.peers) == {k2}
     assert live.peers[k2].allowed_ips == {net("10.1.0.0/16")}

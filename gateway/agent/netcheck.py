@@ -35,6 +35,7 @@ import aiohttp
 
 from gateway.agent.endpoints import format_endpoint
 from gateway.agent.rawudp import RawAnswer, raw_stun_query
+from gateway.agent.relaylink import resolve_ipv4
 from gateway.errors import Unavailable, WiregateError, from_api_response
 from gateway.relays import RelayEndpoint, parse_relays
 from relay.probe import PingResult, ping_relay
@@ -192,7 +193,7 @@ async def run_netcheck(
     With a single server, its OTHER-ADDRESS (if any) is probed as the second one.
     ``OSError`` from the raw socket (no CAP_NET_RAW) propagates.
     """
-    targets = [await _resolve(s) for s in servers]
+    targets = [await resolve_ipv4(s) for s in servers]
     if not targets:
         raise ValueError("netcheck needs at least one STUN server")
     relay_task = asyncio.ensure_future(check_relays(relays, wait=wait, ping=ping))
@@ -255,12 +256,6 @@ async def _probe(query: Query, server: Addr, port: int, wait: float) -> Probe:
         return Probe(server, error=exc.message)
     response = answer.response
     return Probe(server, response.mapped, answer.rtt, response.other_address)
-
-
-async def _resolve(server: Addr) -> Addr:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(*server, family=socket.AF_INET, type=socket.SOCK_DGRAM)
-    return str(infos[0][4][0]), int(infos[0][4][1])
 
 
 async def _local_address(server: Addr, port: int) -> Addr | None:

@@ -37,7 +37,7 @@ from relay.relay_client import (
     parse_challenge,
 )
 
-__all__ = ["RelayBinding", "RelayGrant", "bind_at_relay", "udp_request"]
+__all__ = ["RelayBinding", "RelayGrant", "bind_at_relay", "resolve_ipv4", "udp_request"]
 
 Addr = tuple[str, int]
 _T = TypeVar("_T")
@@ -89,7 +89,7 @@ async def resolve_ipv4(addr: Addr) -> Addr:
     try:
         infos = await loop.getaddrinfo(*addr, family=socket.AF_INET, type=socket.SOCK_DGRAM)
     except OSError as exc:
-        raise Unavailable(f"cannot resolve relay {addr[0]}: {exc}") from exc
+        raise Unavailable(f"cannot resolve {addr[0]}: {exc}") from exc
     return str(infos[0][4][0]), int(infos[0][4][1])
 
 

@@ -9,9 +9,23 @@ so a red run can be reproduced exactly and a green one is not luck. Run without
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import settings
+
+from tests.pg import PgServer
 
 settings.register_profile("wiregate", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "wiregate")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One real PostgreSQL (Debian's binaries) for the whole run, started on first use."""
+    server = PgServer().start()
+    try:
+        yield server
+    finally:
+        server.destroy()

@@ -1,4 +1,5 @@
-"""The Store against a real SQLite file: round trips, versions, races, restarts."""
+"""The Store against a real SQLite file and a real PostgreSQL: round trips, versions, races,
+restarts. Every test taking ``db_url`` (or ``store``) runs on both."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from gateway.ipam import Pool
 from gateway.store import EnrollRequest, KeySpec, Store
 from gateway.store.engine import create_engine
 from gateway.wgkey import encode_key, generate_private_key, public_from_private
+from tests.pg import PgServer
 
 T0 = 1_700_000_000.0
 SMALL = Pool.parse("10.9.0.0/29", "fd00:9::/120")  # 6 addresses
@@ -40,9 +42,17 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return url(tmp_path)
+    pg: PgServer = request.getfixturevalue("pg_server")
+    return pg.create_database()
+
+
 @pytest.fixture
-async def store(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
-    s = await Store.open(url(tmp_path), clock=clock)
+async def store(db_url: str, clock: FakeClock) -> AsyncIterator[Store]:
+    s = await Store.open(db_url, clock=clock)
     yield s
     await s.close()
 
@@ -130,9 +140,9 @@ async def test_single_use_key_races_have_one_winner(store: Store) -> None:
     assert len(await store.list_devices()) == 1
 
 
-async def test_single_use_key_race_across_two_stores(tmp_path: Path) -> None:
-    a = await Store.open(url(tmp_path))
-    b = await Store.open(url(tmp_path))
+async def test_single_use_key_race_across_two_stores(db_url: str) -> None:
+    a = await Store.open(db_url)
+    b = await Store.open(db_url)
     try:
         _, secret = await a.create_key(KeySpec())
         results = await asyncio.gather(
@@ -157,14 +167,14 @@ async def test_fifty_concurrent_enrollments_get_distinct_addresses(store: Store)
     assert await used_count(store) == [50]
 
 
-async def test_restart_keeps_devices_addresses_and_cursor(tmp_path: Path) -> None:
-    s = await Store.open(url(tmp_path), pool=SMALL)
+async def test_restart_keeps_devices_addresses_and_cursor(db_url: str) -> None:
+    s = await Store.open(db_url, pool=SMALL)
     _, secret = await s.create_key(KeySpec(reusable=True))
     first = await s.enroll(secret, EnrollRequest(new_key(), "a"))
     second = await s.enroll(secret, EnrollRequest(new_key(), "b"))
     await s.delete_device(first.record.device.id)
     await s.close()
-    s = await Store.open(url(tmp_path), pool=SMALL)
+    s = await Store.open(db_url, pool=SMALL)
     try:
         assert await s.list_devices() == [second.record]
         assert await s.map_version() == 3
@@ -174,8 +184,8 @@ async def test_restart_keeps_devices_addresses_and_cursor(tmp_path: Path) -> Non
         await s.close()
 
 
-async def test_released_address_reused_after_wrap_and_exhaustion(tmp_path: Path) -> None:
-    s = await Store.open(url(tmp_path), pool=SMALL)
+async def test_released_address_reused_after_wrap_and_exhaustion(db_url: str) -> None:
+    s = await Store.open(db_url, pool=SMALL)
     try:
         _, secret = await s.create_key(KeySpec(reusable=True))
         devices = [await s.enroll(secret, EnrollRequest(new_key(), f"d{i}")) for i in range(6)]
@@ -190,11 +200,11 @@ async def test_released_address_reused_after_wrap_and_exhaustion(tmp_path: Path)
         await s.close()
 
 
-async def test_changed_pool_is_refused_on_open(tmp_path: Path) -> None:
-    s = await Store.open(url(tmp_path), pool=SMALL)
+async def test_changed_pool_is_refused_on_open(db_url: str) -> None:
+    s = await Store.open(db_url, pool=SMALL)
     await s.close()
     with pytest.raises(ConfigError):
-        await Store.open(url(tmp_path))
+        await Store.open(db_url)
 
 
 async def test_unknown_device_and_token(store: Store) -> None:
@@ -207,8 +217,10 @@ async def test_unknown_device_and_token(store: Store) -> None:
     assert await store.map_version() == 0
 
 
-async def test_ready_and_sqlite_pragmas(store: Store, tmp_path: Path) -> None:
+async def test_ready_and_sqlite_pragmas(tmp_path: Path) -> None:
+    store = await Store.open(url(tmp_path))
     assert await store.ready()
+    await store.close()
     engine = create_engine(url(tmp_path))
     try:
         async with engine.connect() as conn:

@@ -29,6 +29,7 @@ from gateway.api.common import ADMIN_TOKEN, BROKER, CLOCK, POLICY, SETTINGS, STO
 from gateway.api.workload import WORKLOAD, build_verifier
 from gateway.broker import Broker
 from gateway.config import GatewaySettings
+from gateway.diagnostics import ASYNCIO_TASKS  # noqa: F401 (registers the gauge)
 from gateway.errors import ConfigError
 from gateway.expiry import people_lifetime
 from gateway.ipam import Pool

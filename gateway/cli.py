@@ -131,6 +131,7 @@ def relay(config_file: Path | None, stun_listen: tuple[str, ...], **flags: Any) 
 @click.option("--backend", type=click.Choice(["auto", "kernel", "userspace"]))
 @click.option("--endpoint", "endpoints", multiple=True, help="Extra endpoint IP:PORT to advertise.")
 @click.option("--mtu", type=int, help="Tunnel MTU (default: underlay MTU minus 60/80).")
+@click.option("--metrics-listen", help="Prometheus metrics address, HOST:PORT (default: off).")
 @_with_logs
 def agent(config_file: Path | None, endpoints: tuple[str, ...], **flags: Any) -> None:
     """Enroll this host and keep its WireGuard interface in step with the gateway."""

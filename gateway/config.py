@@ -282,6 +282,7 @@ class AgentSettings(_Base):
     path_retry: float = 30.0  # first retry of direct while relayed (doubles, up to 300 s)
     relay_ping_interval: float = 5.0  # liveness probe of the relay a peer is relayed through
     pmtu_interval: float = 600.0  # re-probe each tunnel's path MTU this often (0: never probe)
+    metrics_listen: str = ""  # "HOST:PORT" serves Prometheus /metrics; empty: no listener
     # -- Kubernetes node integration (gateway/agent/kubenode.py) ------------------------
     kubernetes: bool = False  # read this node's Node: pod CIDRs as routes, InternalIP, annotations
     node_name: str = Field(  # NODE_NAME from the downward API
@@ -305,7 +306,7 @@ class RelaySettings(_Base):
     _table: ClassVar[str] = "relay"
 
     stun_listen: list[str] = ["0.0.0.0:3478"]
-    metrics_listen: str = "127.0.0.1:9091"
+    metrics_listen: str = "127.0.0.1:9091"  # Prometheus /metrics and /livez; empty: none
     relay_id: str = ""  # empty: no WireGuard relay, STUN only
     relay_listen: str = "0.0.0.0:3480"  # the control port
     relay_ports: str = "40000-40063"  # "FIRST-LAST", or a comma list of ports and ranges

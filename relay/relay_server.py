@@ -30,13 +30,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from gateway.config import RelaySettings, parse_port_range
 from gateway.errors import ConfigError
 from gateway.logging import get_logger
-from relay.allocation import OUTCOMES, Relay, RelayConfig
+from relay.allocation import Relay, RelayConfig
 from relay.filters import normalize_ip
+from relay.metrics import ForwardingMetrics
 from relay.tickets import MAX_TEXT, TrustedSigner
 
 __all__ = [
@@ -102,24 +103,14 @@ class RelayForwarder:
         self.core: Relay | None = None
         self.control_address: tuple[str, int] | None = None
         self.relay_ports: tuple[int, ...] = ()
-        self._outcomes = Counter(
-            "wiregate_relay_datagrams",
-            "Relay datagrams received, by outcome (what was done, or why it was dropped).",
-            ["outcome"],
-            registry=registry,
-        )
-        self._bytes = Counter(
-            "wiregate_relay_forwarded_bytes", "WireGuard bytes forwarded.", registry=registry
-        )
-        self._allocations = Gauge(
-            "wiregate_relay_allocations", "Live relay allocations.", registry=registry
-        )
+        self._metrics = ForwardingMetrics(registry)
 
     async def start(self, socks: Sequence[socket.socket]) -> None:
         """Serve on bound sockets: the control port first, then the relay ports."""
         bound = [(str(sock.getsockname()[0]), int(sock.getsockname()[1])) for sock in socks]
         self.control_address, self.relay_ports = bound[0], tuple(p for _, p in bound[1:])
         self.core = self._make_core(bound[0], self.relay_ports)
+        self._metrics.serve(self.core.config.relay_id, self.core.load)
         loop = asyncio.get_running_loop()
         for sock, (_, port) in zip(socks, bound, strict=True):
             factory = functools.partial(RelayPortProtocol, self, port)
@@ -139,13 +130,8 @@ class RelayForwarder:
             own_addresses=own,
             local_addresses=tuple(a for a in own if is_local_address(a)),
         )
-        for outcome in OUTCOMES:
-            self._outcomes.labels(outcome=outcome)
         secret = s.secret if s.secret is not None else secrets.token_bytes(32)
-        return Relay(config, s.verify_keys, secret=secret, observe=self._observe)
-
-    def _observe(self, outcome: str) -> None:
-        self._outcomes.labels(outcome=outcome).inc()
+        return Relay(config, s.verify_keys, secret=secret, observe=self._metrics.observe)
 
     def attach(self, port: int, transport: asyncio.DatagramTransport) -> None:
         """Called by each socket's protocol once it is connected."""
@@ -155,12 +141,14 @@ class RelayForwarder:
         """One datagram in; whatever the core returns, out."""
         if self.core is None:
             return
+        before = self.core.load()[0]
         for send in self.core.handle(data, src, port, self._clock()):
             transport = self._transports.get(send.local_port)
             if transport is not None:
                 transport.sendto(send.data, send.dst)
                 if send.data is data:
-                    self._bytes.inc(len(data))
+                    self._metrics.forwarded(len(data))
+        self._metrics.created(self.core.load()[0] - before)
 
     def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
@@ -169,7 +157,6 @@ class RelayForwarder:
     def _housekeeping(self) -> None:
         if self.core is not None:
             self.core.expire(self._clock())
-            self._allocations.set(len(self.core.allocations()))
         self._schedule()
 
     def close(self) -> None:

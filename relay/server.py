@@ -18,13 +18,14 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gateway.config import RelaySettings
 from gateway.errors import ConfigError
 from gateway.logging import get_logger
+from relay.metrics import StunMetrics
 from relay.relay_server import ForwardingSettings, RelayForwarder
-from relay.stun_server import OUTCOMES, Addr, RateLimiter, StunServer
+from relay.stun_server import Addr, RateLimiter, StunServer
 
 __all__ = ["RelayServer", "StunProtocol", "parse_hostport", "run_relay"]
 
@@ -45,8 +46,10 @@ def parse_hostport(text: str) -> Addr:
 class StunProtocol(asyncio.DatagramProtocol):
     """One STUN listener: datagram in, ``core.handle``, reply out on the same socket."""
 
-    def __init__(self, core: StunServer, local: Addr, clock: Callable[[], float]) -> None:
-        self._core, self._local, self._clock = core, local, clock
+    def __init__(
+        self, core: StunServer, local: Addr, clock: Callable[[], float], metrics: StunMetrics
+    ) -> None:
+        self._core, self._local, self._clock, self._metrics = core, local, clock, metrics
         self._transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -56,6 +59,7 @@ class StunProtocol(asyncio.DatagramProtocol):
         reply = self._core.handle(data, (str(addr[0]), int(addr[1])), self._local, self._clock())
         if reply is not None and self._transport is not None:
             self._transport.sendto(reply, addr)
+            self._metrics.replied((str(addr[0]), int(addr[1])), self._local)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("stun socket error", local=self._local, error=str(exc))
@@ -74,12 +78,7 @@ class RelayServer:
     ) -> None:
         self._settings, self._limiter, self._forwarding = settings, limiter, forwarding
         self.registry = CollectorRegistry()
-        self._stun_counter = Counter(
-            "wiregate_stun_datagrams",
-            "STUN datagrams received, by outcome (a reply sent, or why none was).",
-            ["outcome"],
-            registry=self.registry,
-        )
+        self._stun = StunMetrics(self.registry)
         self._transports: list[asyncio.DatagramTransport] = []
         self.forwarder = (
             RelayForwarder(forwarding, self.registry, clock=clock) if forwarding else None
@@ -102,12 +101,11 @@ class RelayServer:
     async def _start_stun(self) -> None:
         socks = await _bind_all([parse_hostport(a) for a in self._settings.stun_listen])
         self.stun_addresses = [_sockname(s) for s in socks]
-        for outcome in OUTCOMES:
-            self._stun_counter.labels(outcome=outcome)
-        core = StunServer(self.stun_addresses, limiter=self._limiter, observe=self._observe)
+        core = StunServer(self.stun_addresses, limiter=self._limiter, observe=self._stun.observe)
         loop = asyncio.get_running_loop()
         for sock, local in zip(socks, self.stun_addresses, strict=True):
-            factory = functools.partial(StunProtocol, core, local, loop.time)
+            self._stun.listening(local)
+            factory = functools.partial(StunProtocol, core, local, loop.time, self._stun)
             transport, _ = await loop.create_datagram_endpoint(factory, sock=sock)
             self._transports.append(transport)
 
@@ -118,10 +116,9 @@ class RelayServer:
         ports = (fwd.control_port, *fwd.relay_ports)
         await self.forwarder.start(await _bind_all([(fwd.host, p) for p in ports]))
 
-    def _observe(self, outcome: str) -> None:
-        self._stun_counter.labels(outcome=outcome).inc()
-
     async def _start_metrics(self) -> None:
+        if not self._settings.metrics_listen:  # "": no metrics listener
+            return
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/livez", _livez)

@@ -28,6 +28,7 @@ from gateway.agent.control import (
 from gateway.agent.dataplane import DataPlane, PeerStatus
 from gateway.agent.endpoints import candidates, local_addresses, local_networks
 from gateway.agent.keyfile import load_or_create_key
+from gateway.agent.metrics import serve_metrics
 from gateway.agent.netcheck import NetReport, fetch_relays, run_netcheck
 from gateway.agent.pathdriver import PathBook, PathRunner, RelayHooks
 from gateway.agent.paths import LocalNat, PathTimers
@@ -126,6 +127,7 @@ class Agent:
                 self.session = MapSession(cached)
                 await self._map_changed(cached)
             status = await serve_status(self.settings.run_dir / "agent.sock", self)
+            metrics = await serve_metrics(self)  # None unless metrics_listen is set
             tasks = [
                 asyncio.create_task(self._reconcile_periodically()),
                 asyncio.create_task(self._runner.run()),
@@ -145,6 +147,8 @@ class Agent:
                 for task in tasks:
                     task.cancel()
                 await status.cleanup()
+                if metrics is not None:
+                    await metrics.cleanup()
                 (self.settings.run_dir / "agent.sock").unlink(missing_ok=True)
 
     async def _setup_dataplane(self) -> None:

@@ -134,9 +134,12 @@ def parse_errno(reply: bytes) -> int:
     if key != b"errno" or not sep:
         raise MalformedUapi("UAPI reply does not end with errno=N")
     try:
-        return int(value)
+        errno = int(value)
     except ValueError:
         raise MalformedUapi("UAPI errno is not an integer") from None
+    if not -(1 << 31) < errno < 1 << 31:  # os.strerror takes a C int
+        raise MalformedUapi("UAPI errno is out of range")
+    return errno
 
 
 def parse_get(reply: bytes) -> LiveDevice:
@@ -155,7 +158,7 @@ def parse_get(reply: bytes) -> LiveDevice:
         )
     except MalformedUapi:
         raise
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise MalformedUapi(f"bad value in UAPI reply ({type(exc).__name__})") from None
 
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from gateway.api.metrics import count_rejected
 from gateway.broker import Broker, OnEndpoints
 from gateway.config import GatewaySettings
 from gateway.errors import BadInput, Forbidden, RemoteError, Unauthorized, WiregateError
@@ -123,11 +124,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except WiregateError as exc:
         _log.info("request_refused", route=_route(request), status=exc.status, error=exc.code)
+        count_rejected(_route(request), exc.status, exc.code)
         return web.json_response(exc.to_dict(), status=exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = (exc.reason or "error").lower().replace(" ", "_")
+        count_rejected(_route(request), exc.status, code)
         return web.json_response({"error": code, "message": exc.reason}, status=exc.status)
     except Exception:
         _log.exception("request_failed", route=_route(request))

@@ -20,11 +20,13 @@ from gateway.api.common import (
     device_json,
     read_json,
 )
+from gateway.api.metrics import ENROLLMENT_REFUSALS, ENROLLMENTS
 from gateway.api.workload import enroll_workload
 from gateway.broker import Broker
-from gateway.errors import BadInput, NotFound, Unauthorized
+from gateway.errors import BadInput, NotFound, Unauthorized, WiregateError
 from gateway.logging import get_logger
 from gateway.store import EnrollRequest
+from gateway.store.records import Enrolled
 from gateway.wgkey import parse_public_key
 from identity.tokens import MAX_TOKEN_CHARS
 
@@ -140,6 +142,22 @@ async def enroll(request: web.Request) -> web.Response:
     """Enroll a device with an enrollment key or a workload token; returns it, its stream
     token, the map version."""
     body = await read_json(request, EnrollBody)
+    method = "auth_key" if body.workload_token is None else "workload_token"
+    try:
+        enrolled = await _enroll(request, body)
+    except WiregateError as exc:
+        ENROLLMENT_REFUSALS.labels(method=method, reason=exc.code).inc()
+        raise
+    ENROLLMENTS.labels(method=method).inc()
+    payload = {
+        "device": device_json(enrolled.record),
+        "token": enrolled.token,
+        "map_version": enrolled.version,
+    }
+    return web.json_response(payload, status=201)
+
+
+async def _enroll(request: web.Request, body: EnrollBody) -> Enrolled:
     pools = _pools(request)
     enroll_request = EnrollRequest(
         public_key=parse_public_key(body.public_key),
@@ -155,12 +173,7 @@ async def enroll(request: web.Request) -> web.Response:
         assert body.auth_key is not None
         enrolled = await request.app[STORE].enroll(body.auth_key, enroll_request)
         request.app[BROKER].upsert(enrolled.record.device, enrolled.version)
-    payload = {
-        "device": device_json(enrolled.record),
-        "token": enrolled.token,
-        "map_version": enrolled.version,
-    }
-    return web.json_response(payload, status=201)
+    return enrolled
 
 
 @routes.get("/api/v1/stream")

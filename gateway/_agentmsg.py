@@ -37,7 +37,7 @@ def parse_agent_message(kind: WSMsgType, data: Any) -> AgentEndpoints:
         raise BadInput(f"expected a text frame, got {kind.name}")
     try:
         msg = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can read
         raise BadInput("message is not JSON") from None
     if not isinstance(msg, dict) or msg.get("type") != "endpoints":
         raise BadInput("expected a message of type 'endpoints'")
@@ -45,7 +45,7 @@ def parse_agent_message(kind: WSMsgType, data: Any) -> AgentEndpoints:
     if not isinstance(endpoints, list) or len(endpoints) > MAX_ENDPOINTS:
         raise BadInput(f"endpoints: expected a list of at most {MAX_ENDPOINTS} 'ip:port'")
     nat = msg.get("nat")
-    if nat is not None and nat not in NAT_TYPES:
+    if nat is not None and (not isinstance(nat, str) or nat not in NAT_TYPES):
         raise BadInput(f"nat: expected one of {', '.join(sorted(NAT_TYPES))}")
     return AgentEndpoints(list(dict.fromkeys(parse_endpoint(e) for e in endpoints)), nat)
 

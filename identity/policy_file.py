@@ -28,7 +28,7 @@ import ipaddress
 import json
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,17 +129,18 @@ def _expiry_text(expiry: Mapping[str, float | None]) -> str:
 def load_policy_file(path: Path) -> PolicyFile:
     """Read and validate the policy file at ``path``; :class:`ConfigError` if anything is off."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read policy file {path}: {exc.strerror}") from None
     try:
+        text = raw.decode("utf-8")
         if path.suffix == ".toml":
             data: Any = tomllib.loads(text)
         elif path.suffix == ".json":
             data = json.loads(text, object_pairs_hook=_unique_pairs)
         else:
             data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except (ValueError, yaml.YAMLError) as exc:
+    except (ValueError, yaml.YAMLError, RecursionError) as exc:  # Recursion: nested too deep
         raise ConfigError(f"policy file {path} does not parse: {exc}") from None
     return parse_policy(data)
 
@@ -160,6 +161,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                break  # the SafeLoader refuses it ("found unhashable key")
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -344,7 +347,10 @@ def _prefix(raw: Any, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Networ
 def _issuer(raw: Any, path: str) -> str:
     if not isinstance(raw, str):
         raise ConfigError(f"{path}: expected the issuer URL as a string")
-    check_url(raw, insecure_http=True, what=path, error=ConfigError)
+    try:
+        check_url(raw, insecure_http=True, what=path, error=ConfigError)
+    except ValueError as exc:  # urlsplit: "Invalid IPv6 URL"
+        raise ConfigError(f"{path}: {raw!r} is not a URL ({exc})") from None
     return raw
 
 

@@ -24,6 +24,7 @@ from gateway.broker import Broker, OnEndpoints
 from gateway.config import GatewaySettings
 from gateway.errors import BadInput, Forbidden, RemoteError, Unauthorized, WiregateError
 from gateway.logging import get_logger
+from gateway.replication import Follower
 from gateway.store import DeviceRecord, KeyRecord, Store
 from gateway.store.audit import ADMIN_SOCKET as ADMIN_SOCKET_ACTOR
 from gateway.store.audit import ADMIN_TOKEN as ADMIN_TOKEN_ACTOR
@@ -34,6 +35,7 @@ __all__ = [
     "ADMIN_TOKEN",
     "BROKER",
     "CLOCK",
+    "FOLLOWER",
     "SETTINGS",
     "STORE",
     "EndpointsCallback",
@@ -61,6 +63,7 @@ BROKER = web.AppKey("broker", Broker)
 SETTINGS = web.AppKey("settings", GatewaySettings)
 ADMIN_TOKEN = web.AppKey("admin_token", bytes)  # empty: admin over TCP is refused
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")  # POSIX seconds; a fake in tests
+FOLLOWER = web.AppKey("follower", Follower)  # PostgreSQL: the change feed (replicas)
 POLICY = web.AppKey("policy", PolicyFile)  # groups and tag rules for enrollments by claims
 
 
@@ -87,7 +90,7 @@ async def read_json(request: web.Request, model: type[M]) -> M:
     body = await _read_limited(request, request.app[SETTINGS].max_body_bytes)
     try:
         data = json.loads(body, parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # Recursion: nested too deep
         raise BadInput(f"malformed JSON: {exc.__class__.__name__}") from None
     try:
         return model.model_validate(data)

@@ -21,6 +21,7 @@ from gateway.agent.metrics import (
 from gateway.config import AgentSettings
 from gateway.errors import DataPlaneError
 from gateway.model import NetMap
+from relay.server import parse_hostport
 
 NOW = 1_700_000_000.0
 
@@ -159,3 +160,15 @@ async def test_served_over_http_on_metrics_listen() -> None:
 
 async def test_no_listener_unless_configured() -> None:
     assert await serve_metrics(FakeAgent(AgentSettings(), status_document())) is None
+
+
+def test_the_daemonset_serves_agent_metrics_on_the_node_address() -> None:
+    from test_kubernetes_manifests import container, env_of, find, render
+
+    agent = container(find(render("overlays/mesh"), "DaemonSet", "wiregate-agent"), "agent")
+    env = env_of(agent)
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    listen = env["WIREGATE_METRICS_LISTEN"]["value"]
+    assert listen == "$(POD_IP):9092"  # never 0.0.0.0 on the host network
+    assert parse_hostport(listen.replace("$(POD_IP)", "10.0.0.5")) == ("10.0.0.5", 9092)
+    assert {"name": "metrics", "containerPort": 9092, "protocol": "TCP"} in agent["ports"]

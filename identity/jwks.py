@@ -224,7 +224,7 @@ class JwksState:
         if self._may_fetch(now):
             return FETCH
         if self._last_error is not None:
-            raise Unavailable(f"keys of {self.issuer} unavailable: {self._last_error}")
+            raise _keys_unavailable(self.issuer, self._last_error)
         raise refuse("unknown key id (key refresh cooling down)")
 
     def fetch_started(self, now: float) -> None:
@@ -267,6 +267,17 @@ class JwksState:
         while len(self._negative) >= self._policy.negative_max:
             del self._negative[next(iter(self._negative))]
         self._negative[kid] = now + self._policy.negative_ttl
+
+
+def _keys_unavailable(issuer: str, reason: str) -> Unavailable:
+    """The error for a token whose key is not cached while the issuer's keys cannot be
+    fetched: it names the issuer and why, so that the caller knows it is not the token."""
+    return Unavailable(
+        f"signing keys of issuer {issuer} unavailable (its JWKS cannot be fetched): {reason}",
+        code="jwks_unavailable",
+        hint="tokens signed with a key not cached yet are refused until the issuer answers; "
+        "retry later",
+    )
 
 
 def _pick(keys: tuple[VerifyKey, ...], alg: str) -> VerifyKey:
@@ -339,7 +350,9 @@ class JwksCache:
         except Unavailable as exc:
             self._state.fetch_failed(exc.message)
             log.warning("jwks fetch failed", issuer=self.issuer, error=exc.message)
-            raise
+            if exc.code != Unavailable.code:  # e.g. issuer_mismatch: says it all
+                raise
+            raise _keys_unavailable(self.issuer, exc.message) from None
         ttl = self._policy.ttl(max_age)
         self._state.fetch_succeeded(keys, ttl, self._clock())
         log.info("jwks fetched", issuer=self.issuer, kids=len(keys), ttl=ttl)

@@ -10,7 +10,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 PACKAGES="python3 python3-venv python3-dev gcc make wireguard-go wireguard-tools iproute2 \
-iptables nftables conntrack iputils-ping tcpdump iperf3 procps kmod systemd chromium shellcheck"
+iptables nftables conntrack iputils-ping tcpdump iperf3 procps kmod systemd chromium shellcheck \
+faketime postgresql"
 
 missing=""
 for pkg in $PACKAGES; do

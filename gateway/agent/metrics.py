@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from gateway.agent.dataplane import ApplyResult, DataPlane
 from gateway.config import AgentSettings
+from gateway.errors import ConfigError
 from gateway.model import NetMap
 from relay.server import parse_hostport
 
@@ -158,7 +159,19 @@ def _age(last_handshake: Any, now: float) -> float:
     return max(0.0, now - float(last_handshake))
 
 
+def _info(doc: Mapping[str, Any]) -> Metric:
+    device = doc.get("device") or {}
+    info = GaugeMetricFamily(
+        "wiregate_agent_info", "1, labelled with this agent's device, interface and backend.",
+        labels=["device", "device_id", "interface", "backend"],
+    )  # fmt: skip
+    values = (device.get("name"), device.get("id"), doc.get("interface"), doc.get("backend"))
+    info.add_metric([str(v or "") for v in values], 1.0)
+    return info
+
+
 def _agent(doc: Mapping[str, Any]) -> Iterable[Metric]:
+    yield _info(doc)
     yield _gauge(
         "wiregate_agent_peers_refused",
         "Peers of the map the agent refused to configure (see `wiregate status`).",
@@ -254,5 +267,12 @@ async def serve_metrics(agent: _Agent) -> web.AppRunner | None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, port = parse_hostport(listen)
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            f"cannot serve metrics on {listen}: {exc.strerror}",
+            hint="is another process using that port, or is the address not on this host?",
+        ) from exc
     return runner

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -19,7 +20,7 @@ from gateway.agent.metrics import (
     serve_metrics,
 )
 from gateway.config import AgentSettings
-from gateway.errors import DataPlaneError
+from gateway.errors import ConfigError, DataPlaneError
 from gateway.model import NetMap
 from relay.server import parse_hostport
 
@@ -42,6 +43,8 @@ def status_document() -> dict[str, Any]:
     """What ``Agent.status()`` returns, plus the metrics' own ``agent`` section."""
     return {
         "device": {"id": "dev-me", "name": "me", "expires_at": NOW + 86_400},
+        "interface": "wg0",
+        "backend": "userspace",
         "gateway": {"connected": True, "map_version": 42, "last_sync": NOW - 3, "reconnects": 2},
         "problems": ["peer x: overlapping allowed IPs"],
         "netcheck": {"nat_type": "eim"},
@@ -97,6 +100,8 @@ def test_gateway_apply_and_transfer_figures() -> None:
     assert value(s, "wiregate_agent_key_expiry_timestamp_seconds") == NOW + 86_400
     assert value(s, "wiregate_agent_nat_info", nat_type="eim") == 1
     assert value(s, "wiregate_agent_pmtu_probes_lost_total") == 1
+    info = {"device": "me", "device_id": "dev-me", "interface": "wg0", "backend": "userspace"}
+    assert value(s, "wiregate_agent_info", **info) == 1
 
 
 def test_a_fresh_agent_without_map_or_gateway_still_scrapes() -> None:
@@ -156,6 +161,16 @@ async def test_served_over_http_on_metrics_listen() -> None:
     assert value(samples, "wiregate_agent_peers", path="relayed") == 1
     assert value(samples, "wiregate_agent_applies_total") == 0  # no data plane: no applies
     assert any(name == "process_cpu_seconds_total" for name, _ in samples)
+
+
+async def test_a_busy_metrics_port_is_a_configuration_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        agent = FakeAgent(AgentSettings(metrics_listen=f"127.0.0.1:{port}"), status_document())
+        with pytest.raises(ConfigError, match="cannot serve metrics"):
+            await serve_metrics(agent)
 
 
 async def test_no_listener_unless_configured() -> None:

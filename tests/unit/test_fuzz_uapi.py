@@ -1,9 +1,10 @@
 """UAPI codec properties (tests/unit/test_uapi.py has captured replies and byte fuzzing).
 
-A generated device is rendered the way wireguard-go answers ``get=1`` and
-parses back to itself; replies with a line removed, duplicated, given an
-arbitrary value or an arbitrary errno are refused with a :class:`UapiError`
-only; ``build_set`` always writes one well-formed request.
+A generated device is rendered the way wireguard-go answers ``get=1``
+(tests/fuzz/uapi_text.py, shared with the atheris harness) and parses back to
+itself; replies with a line removed, duplicated, given an arbitrary value or
+an arbitrary errno are refused with a :class:`UapiError` only; ``build_set``
+always writes one well-formed request.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from nacl.public import PrivateKey
 from gateway.agent.backend import DeviceUpdate, IPNetwork, LiveDevice, LivePeer, PeerUpdate
 from gateway.agent.uapi import MalformedUapi, UapiError, UapiRefused, build_set, parse_get
 from gateway.wgkey import decode_key, encode_key
+from tests.fuzz.uapi_text import render_get
 
 raw_keys = st.binary(min_size=32, max_size=32)
 public_keys = raw_keys.map(lambda seed: encode_key(bytes(PrivateKey(seed).public_key)))
@@ -47,27 +49,6 @@ live_peers = st.builds(
 )
 
 
-def render(private: bytes | None, port: int, fwmark: int, peers: list[LivePeer]) -> bytes:
-    """A ``get=1`` reply as wireguard-go writes it."""
-    lines = [f"private_key={private.hex()}"] if private is not None else []
-    lines += [f"listen_port={port}", f"fwmark={fwmark}"] if port else []
-    for peer in peers:
-        sec = 0 if peer.last_handshake is None else int(peer.last_handshake)
-        lines += [
-            f"public_key={decode_key(peer.public_key).hex()}",
-            "preshared_key=" + "00" * 32,
-            "protocol_version=1",
-            *([f"endpoint={peer.endpoint}"] if peer.endpoint else []),
-            f"last_handshake_time_sec={sec}",
-            "last_handshake_time_nsec=0",
-            f"tx_bytes={peer.tx}",
-            f"rx_bytes={peer.rx}",
-            f"persistent_keepalive_interval={peer.keepalive}",
-            *(f"allowed_ip={net}" for net in sorted(peer.allowed_ips, key=str)),
-        ]
-    return ("".join(f"{line}\n" for line in lines) + "errno=0\n\n").encode()
-
-
 devices = st.tuples(
     st.none() | raw_keys,
     st.integers(0, 65535),
@@ -79,7 +60,7 @@ devices = st.tuples(
 @given(devices)
 def test_rendered_devices_parse_back(device: tuple) -> None:  # type: ignore[type-arg]
     private, port, fwmark, peers = device
-    parsed = parse_get(render(private, port, fwmark, peers))
+    parsed = parse_get(render_get(private, port, fwmark, peers))
     expected_public = (
         None
         if private is None or private == bytes(32)
@@ -88,7 +69,7 @@ def test_rendered_devices_parse_back(device: tuple) -> None:  # type: ignore[typ
     assert parsed == LiveDevice(
         public_key=expected_public,
         listen_port=port,
-        fwmark=fwmark if port else 0,
+        fwmark=fwmark,
         peers={p.public_key: p for p in peers},
     )
 
@@ -113,7 +94,7 @@ line_edit = st.one_of(
 
 @given(devices, st.lists(line_edit, min_size=1, max_size=4))
 def test_edited_replies_raise_only_uapi_errors(device: tuple, edits: list) -> None:  # type: ignore[type-arg]
-    lines = render(*device)[:-2].decode().split("\n")  # the last is errno=0
+    lines = render_get(*device)[:-2].decode().split("\n")  # the last is errno=0
     for op, where, text in edits:
         i = where % len(lines)
         if op == "drop" and len(lines) > 1:

@@ -6,7 +6,8 @@ counted twice: :class:`AgentCollector` reads the same document ``wiregate
 status`` prints (:meth:`gateway.agent.daemon.Agent.status`) at scrape time, plus
 an ``"agent"`` section with what the document does not carry (data plane
 applies, the last key rotation), counted by :class:`ApplyCounters` around the
-data plane's ``apply``.
+data plane's ``apply``, and a ``"firewall"`` section: the packet filter's
+``dropped`` counter, read with ``nft -j`` before each scrape.
 
 Per-peer series carry ``peer`` (the device name) and ``peer_id``: their number is
 bounded by the peers the map gives this device.
@@ -14,9 +15,12 @@ bounded by the peers the map gives this device.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
+import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,12 +31,21 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway.agent.dataplane import ApplyResult, DataPlane
+from gateway.agent.firewall import TABLE
 from gateway.config import AgentSettings
 from gateway.errors import ConfigError
 from gateway.model import NetMap
 from relay.server import parse_hostport
 
-__all__ = ["PATHS", "AgentCollector", "ApplyCounters", "metrics_registry", "serve_metrics"]
+__all__ = [
+    "PATHS",
+    "AgentCollector",
+    "ApplyCounters",
+    "metrics_registry",
+    "parse_nft_counter",
+    "read_firewall_drops",
+    "serve_metrics",
+]
 
 #: The path kinds peers are counted under (``unknown``: no path machine yet).
 PATHS = ("direct", "relayed", "probing", "failed", "unknown")
@@ -79,6 +92,7 @@ class AgentCollector(Collector):
         yield from _peers(doc.get("peers") or [], self._clock())
         yield from _agent(doc)
         yield from _pmtu(doc.get("pmtu") or {})
+        yield from _firewall(doc.get("firewall"))
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -216,6 +230,48 @@ def _pmtu(pmtu: Mapping[str, Any]) -> Iterable[Metric]:
         )
 
 
+def _firewall(counter: Mapping[str, Any] | None) -> Iterable[Metric]:
+    if counter is None:  # no nft, or no table (yet): no series rather than a false 0
+        return
+    for unit in ("packets", "bytes"):
+        yield _counter(
+            f"wiregate_agent_firewall_dropped_{unit}",
+            f"{unit.capitalize()} from the tunnel the packet filter dropped (nftables).",
+            float(counter.get(unit) or 0),
+        )
+
+
+NftRunner = Callable[[Sequence[str]], str | None]
+_DROPPED = ("nft", "-j", "list", "counter", "inet", TABLE, "dropped")
+
+
+def parse_nft_counter(text: str) -> dict[str, int] | None:
+    """``packets`` and ``bytes`` of the one counter in ``nft -j list counter`` output."""
+    try:
+        items = json.loads(text)["nftables"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    for item in items if isinstance(items, list) else ():
+        counter = item.get("counter") if isinstance(item, dict) else None
+        if isinstance(counter, dict):
+            return {k: int(counter.get(k) or 0) for k in ("packets", "bytes")}
+    return None
+
+
+def _run_nft(cmd: Sequence[str]) -> str | None:
+    try:
+        done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def read_firewall_drops(run: NftRunner = _run_nft) -> dict[str, int] | None:
+    """The packet filter's ``dropped`` counter; None without nft or without the table."""
+    text = run(_DROPPED)
+    return None if text is None else parse_nft_counter(text)
+
+
 class _Rotation(Protocol):
     @property
     def last_rotation(self) -> float | None: ...
@@ -252,13 +308,18 @@ async def serve_metrics(agent: _Agent) -> web.AppRunner | None:
         plane = agent.dataplane  # the daemon looks ``apply`` up on each call: count them all
         setattr(plane, "apply", applies.wrap(plane.apply))  # noqa: B010
 
+    firewall: dict[str, int] | None = None  # read before each scrape, off the event loop
+
     def document() -> dict[str, Any]:
         last = agent.rotation.last_rotation
-        return agent.status() | {"agent": applies.to_dict() | {"last_rotation": last}}
+        own = {"agent": applies.to_dict() | {"last_rotation": last}, "firewall": firewall}
+        return agent.status() | own
 
     registry = metrics_registry(document)
 
     async def metrics(_request: web.Request) -> web.Response:
+        nonlocal firewall
+        firewall = await asyncio.to_thread(read_firewall_drops)
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

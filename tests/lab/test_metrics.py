@@ -127,6 +127,7 @@ def check_agents(agents: dict[str, Agent], gateway_version: float) -> None:
         assert 2 <= one(s, "wiregate_agent_map_version") <= gateway_version
         assert one(s, "wiregate_agent_applies_total") >= 1
         assert one(s, "wiregate_agent_apply_failures_total") == 0
+        assert one(s, "wiregate_agent_firewall_dropped_packets_total") == 0  # all may peer
         assert one(s, "wiregate_agent_peer_path", **labels, path="relayed") == 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -17,6 +18,8 @@ from gateway.agent.metrics import (
     AgentCollector,
     ApplyCounters,
     metrics_registry,
+    parse_nft_counter,
+    read_firewall_drops,
     serve_metrics,
 )
 from gateway.config import AgentSettings
@@ -56,6 +59,7 @@ def status_document() -> dict[str, Any]:
             peer("d", None, None),
         ],
         "agent": {"applies": 5, "apply_failures": 1, "apply_writes": 12, "last_rotation": NOW},
+        "firewall": {"packets": 7, "bytes": 420},
     }
 
 
@@ -102,6 +106,8 @@ def test_gateway_apply_and_transfer_figures() -> None:
     assert value(s, "wiregate_agent_pmtu_probes_lost_total") == 1
     info = {"device": "me", "device_id": "dev-me", "interface": "wg0", "backend": "userspace"}
     assert value(s, "wiregate_agent_info", **info) == 1
+    assert value(s, "wiregate_agent_firewall_dropped_packets_total") == 7
+    assert value(s, "wiregate_agent_firewall_dropped_bytes_total") == 420
 
 
 def test_a_fresh_agent_without_map_or_gateway_still_scrapes() -> None:
@@ -110,6 +116,28 @@ def test_a_fresh_agent_without_map_or_gateway_still_scrapes() -> None:
     assert value(s, "wiregate_agent_map_version") == 0
     assert value(s, "wiregate_agent_peers", path="direct") == 0
     assert ("wiregate_agent_key_expiry_timestamp_seconds", frozenset()) not in s
+    assert ("wiregate_agent_firewall_dropped_packets_total", frozenset()) not in s
+
+
+NFT_OUTPUT = (
+    '{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, '
+    '{"counter": {"family": "inet", "name": "dropped", "table": "wiregate", "handle": 1, '
+    '"packets": 3, "bytes": 180}}]}'
+)
+
+
+def test_firewall_drops_are_read_from_nft_json() -> None:
+    asked: list[list[str]] = []
+
+    def nft(cmd: Sequence[str]) -> str | None:
+        asked.append(list(cmd))
+        return NFT_OUTPUT
+
+    assert read_firewall_drops(nft) == {"packets": 3, "bytes": 180}
+    assert asked == [["nft", "-j", "list", "counter", "inet", "wiregate", "dropped"]]
+    assert read_firewall_drops(lambda _cmd: None) is None  # no nft, or no table
+    assert parse_nft_counter("not json") is None
+    assert parse_nft_counter('{"nftables": [{"metainfo": {}}]}') is None
 
 
 def test_apply_counters_count_runs_failures_and_writes() -> None:

@@ -1,0 +1,135 @@
+"""The soak's invariants, as pure functions of what the database and the streams hold.
+
+Each check returns a list of problems (empty: the invariant holds); the driver
+prints them and the test asserts they are empty. Who may peer with whom is
+derived here from the tags alone (the soak's policy: ``tag:sim`` devices peer
+with each other, ``tag:real`` and ``tag:probe`` devices with each other), not
+from the gateway's policy code.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from gateway.model import NetMap
+
+__all__ = [
+    "POLICY_YAML",
+    "Live",
+    "check_addresses",
+    "check_map",
+    "check_peer_keys",
+    "expected_peers",
+    "group_of",
+    "live_devices",
+]
+
+POLICY_YAML = """\
+acls:
+  - {src: ["tag:sim"], dst: ["tag:sim"]}
+  - {src: ["tag:real", "tag:probe"], dst: ["tag:real", "tag:probe"]}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """A device as the database holds it (from the admin API's device list)."""
+
+    id: str
+    name: str
+    public_key: str
+    ipv4: str
+    ipv6: str
+    tags: tuple[str, ...]
+    endpoints: tuple[str, ...]
+
+
+def live_devices(docs: Iterable[Mapping[str, object]]) -> dict[str, Live]:
+    """The admin API's DEVICE objects as :class:`Live` values, by id."""
+    out = {}
+    for doc in docs:
+        v4, v6 = (str(a) for a in doc["addresses"])  # type: ignore[attr-defined]
+        out[str(doc["id"])] = Live(
+            id=str(doc["id"]),
+            name=str(doc["name"]),
+            public_key=str(doc["public_key"]),
+            ipv4=v4,
+            ipv6=v6,
+            tags=tuple(str(t) for t in doc["tags"]),  # type: ignore[attr-defined]
+            endpoints=tuple(str(e) for e in doc["endpoints"]),  # type: ignore[attr-defined]
+        )
+    return out
+
+
+def group_of(tags: Iterable[str]) -> str:
+    """The peering group the soak's policy puts a device in."""
+    tags = set(tags)
+    if tags & {"tag:real", "tag:probe"}:
+        return "real"
+    return "sim" if "tag:sim" in tags else "none"
+
+
+def expected_peers(viewer: Live, live: Mapping[str, Live]) -> set[str]:
+    """Every other live device the viewer may peer with."""
+    group = group_of(viewer.tags)
+    return {d.id for d in live.values() if d.id != viewer.id and group_of(d.tags) == group}
+
+
+def check_addresses(live: Mapping[str, Live]) -> list[str]:
+    """Every IPv4 and every IPv6 tunnel address is held by one device at most."""
+    problems = []
+    for family in ("ipv4", "ipv6"):
+        counts = Counter(getattr(d, family) for d in live.values())
+        problems += [f"{family} {a} held by {n} devices" for a, n in counts.items() if n > 1]
+    return problems
+
+
+def check_map(
+    viewer_id: str, netmap: NetMap, live: Mapping[str, Live], version: int, removed: set[str]
+) -> list[str]:
+    """One agent's map: not ahead of the database (an agent's version is the last change
+    that concerned it), its own current key, exactly the permitted live devices with their
+    current keys, addresses and endpoints, no removed device."""
+    viewer = live.get(viewer_id)
+    if viewer is None:
+        return [f"{viewer_id}: connected but not a live device"]
+    where = f"{viewer.name} ({viewer_id})"
+    problems = []
+    if netmap.version > version:
+        problems.append(f"{where}: map version {netmap.version} ahead of the database's {version}")
+    if netmap.self_view.public_key != viewer.public_key:
+        problems.append(f"{where}: self key is not the device's current key")
+    want, have = expected_peers(viewer, live), set(netmap.peers)
+    if missing := want - have:
+        problems.append(f"{where}: {len(missing)} permitted devices missing, e.g. {min(missing)}")
+    if extra := have - want:
+        gone = extra & removed
+        problems.append(f"{where}: {len(extra)} unexpected peers ({len(gone)} removed ones)")
+    for peer_id in want & have:
+        peer, device = netmap.peers[peer_id], live[peer_id]
+        if peer.public_key != device.public_key:
+            problems.append(f"{where}: peer {device.name} has a stale key")
+        if peer.endpoints != device.endpoints:
+            problems.append(f"{where}: peer {device.name} endpoints {peer.endpoints} "
+                            f"!= {device.endpoints}")  # fmt: skip
+        if set(peer.addresses) != {f"{device.ipv4}/32", f"{device.ipv6}/128"}:
+            problems.append(f"{where}: peer {device.name} addresses {peer.addresses}")
+    return problems
+
+
+def check_peer_keys(
+    where: str, keys: set[str], viewer_id: str, live: Mapping[str, Live]
+) -> list[str]:
+    """A real agent's interface holds exactly the current keys of its permitted peers."""
+    viewer = live.get(viewer_id)
+    if viewer is None:
+        return [f"{where}: not a live device"]
+    want = {live[i].public_key for i in expected_peers(viewer, live)}
+    problems = []
+    if missing := want - keys:
+        problems.append(f"{where}: interface lacks {len(missing)} current peer keys")
+    if extra := keys - want:
+        problems.append(f"{where}: interface holds {len(extra)} keys that are not current")
+    return problems

@@ -25,7 +25,16 @@ from prometheus_client import (
 )
 
 from gateway.api import error_middleware, setup_routes
-from gateway.api.common import ADMIN_TOKEN, BROKER, CLOCK, POLICY, SETTINGS, STORE
+from gateway.api.common import (
+    ADMIN_TOKEN,
+    BROKER,
+    CLOCK,
+    DRAINING,
+    FOLLOWER,
+    POLICY,
+    SETTINGS,
+    STORE,
+)
 from gateway.api.workload import WORKLOAD, build_verifier
 from gateway.broker import Broker
 from gateway.config import GatewaySettings
@@ -34,6 +43,7 @@ from gateway.errors import ConfigError
 from gateway.expiry import people_lifetime
 from gateway.ipam import Pool
 from gateway.logging import get_logger
+from gateway.replication import Follower, asyncpg_dsn
 from gateway.store import Store
 from gateway.store.store import Clock
 from gateway.sweeper import sweeper_ctx
@@ -77,10 +87,12 @@ def create_app(
     app[SETTINGS] = settings
     app[ADMIN_TOKEN] = read_admin_token(settings.admin_token_file)
     app[CLOCK] = clock
+    app[DRAINING] = asyncio.Event()
     app[METRICS], app[_REQUESTS] = _api_metrics()
     app[WORKLOAD] = build_verifier(settings, clock)  # [[gateway.workload_issuers]]
     setup_routes(app)
     setup_web(app)  # the SSO pages (gateway/web); not part of /api/v1
+    app.on_shutdown.append(_drain)  # before aiohttp waits for open requests to finish
     app.cleanup_ctx.append(_state(settings, broker_factory, clock))
     app.cleanup_ctx.append(sweeper_ctx(settings.expiry_sweep_interval))
     return app
@@ -104,12 +116,34 @@ def _state(
             devices = [record.device for record in await store.list_devices()]
             broker.load(devices, await store.map_version())
             app[STORE], app[BROKER] = store, broker
+            follower = _follower(settings, store, broker)
+            if follower is not None:
+                app[FOLLOWER] = follower
+                follower.start()
             yield
             await broker.close()
+            if follower is not None:
+                await follower.stop()
         finally:
             await store.close()
 
     return state
+
+
+async def _drain(app: web.Application) -> None:
+    """Close every agent stream with 1012 ("service restart"): agents reconnect to
+    another replica at once instead of waiting for this process to go away."""
+    app[DRAINING].set()
+    if BROKER in app:
+        await app[BROKER].close()
+
+
+def _follower(settings: GatewaySettings, store: Store, broker: Broker) -> Follower | None:
+    """On PostgreSQL the gateway may have replicas: its broker follows the change feed."""
+    url = settings.effective_database_url()
+    if not url.startswith("postgresql"):
+        return None
+    return Follower(store, broker, listen_dsn=asyncpg_dsn(url))
 
 
 def read_admin_token(path: Path | None) -> bytes:
@@ -190,7 +224,9 @@ async def run_gateway(settings: GatewaySettings, *, broker_factory: BrokerFactor
         await _start_sites(settings, api_runner, metrics_runner)
         await _wait_for_stop()
     finally:
-        _log.info("gateway_stopping")
+        _log.info("gateway_stopping", drain_delay=settings.shutdown_delay)
+        api[DRAINING].set()  # /readyz: 503, new agents go elsewhere
+        await asyncio.sleep(settings.shutdown_delay)
         await metrics_runner.cleanup()
         await api_runner.cleanup()
 

@@ -25,7 +25,8 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, web
 from prometheus_client import Counter, Gauge, Histogram
@@ -48,7 +49,15 @@ from gateway.netmap import (
 )
 from identity.policy import Policy
 
-__all__ = ["CONNECTED", "DELTAS_SENT", "FANOUT_SECONDS", "MAP_VERSION", "Broker", "OnEndpoints"]
+__all__ = [
+    "CONNECTED",
+    "DELTAS_SENT",
+    "FANOUT_SECONDS",
+    "MAP_VERSION",
+    "Broker",
+    "FeedChange",
+    "OnEndpoints",
+]
 
 HEARTBEAT_S = 20.0
 CLOSE_TIMEOUT_S = 5.0
@@ -64,6 +73,19 @@ FANOUT_SECONDS = Histogram(
 MAP_VERSION = Gauge("wiregate_netmap_version", "Version of the network map held by the broker")
 
 OnEndpoints = Callable[[str, AgentEndpoints], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedChange:
+    """One change read from the store's feed: ``device`` (its current record) for an
+    upsert, ``removed`` with the ``reason`` its agent is told for a removal."""
+
+    version: int
+    device_id: str
+    device: Device | None
+    removed: bool = False
+    reason: str | None = None
+
 
 log = get_logger("broker")
 
@@ -83,6 +105,7 @@ class Broker:
         self._version = 0
         self._logs: dict[str, AgentLog] = {}
         self._streams: dict[str, Stream] = {}
+        self._wake: Callable[[], None] | None = None
 
     # -- changes from the store -------------------------------------------------
 
@@ -106,10 +129,49 @@ class Broker:
         self._policy = policy
         self.load(list(self._state), version)
 
+    def follow(self, wake: Callable[[], None]) -> None:
+        """Replica mode: the store's change feed is the only source of changes.
+
+        :meth:`upsert` and :meth:`remove` (called by this replica's handlers after
+        their commit) only call ``wake``, so that the feed reads the change back
+        with every other replica's, in version order (:meth:`apply_changes`).
+        """
+        self._wake = wake
+
+    @property
+    def following(self) -> bool:
+        """Whether changes come from the store's change feed (replica mode)."""
+        return self._wake is not None
+
+    def apply_changes(self, head: int, changes: Sequence[FeedChange]) -> None:
+        """Apply the changes the feed read, all settled up to ``head``, from one snapshot.
+
+        Each device's *last* change in the batch is applied (at its version): the
+        records are the snapshot's, so an earlier upsert would otherwise carry a
+        later state at an earlier version, and a replica's deltas would disagree
+        with another's about what a version held.
+        """
+        last = {change.device_id: change.version for change in changes}
+        for change in changes:
+            if last[change.device_id] != change.version or change.version <= self._version:
+                continue
+            if change.device is not None:
+                self._upsert(change.device, change.version)
+            elif change.removed:
+                self._remove(change.device_id, change.version, change.reason or "device removed")
+        if head > self._version:
+            self._set_version(head)
+
     def upsert(self, device: Device, version: int) -> None:
         """Add or change a device at ``version`` and push the deltas it causes."""
+        if self._wake is not None:
+            self._wake()
+            return
         if self._stale(version):
             return
+        self._upsert(device, version)
+
+    def _upsert(self, device: Device, version: int) -> None:
         started = time.perf_counter()
         fanout = apply_upsert(self._state, device)
         self._set_version(version)
@@ -118,8 +180,14 @@ class Broker:
     def remove(self, device_id: str, version: int, reason: str = "device removed") -> None:
         """Remove a device at ``version``: its viewers drop it, its own stream is revoked
         (told ``reason``)."""
+        if self._wake is not None:
+            self._wake()
+            return
         if self._stale(version):
             return
+        self._remove(device_id, version, reason)
+
+    def _remove(self, device_id: str, version: int, reason: str) -> None:
         started = time.perf_counter()
         fanout = apply_remove(self._state, device_id)
         self._set_version(version)

@@ -190,6 +190,9 @@ class GatewaySettings(_Base):
     # -- device lifecycle: key expiry, ephemeral devices -------------------------------
     key_expiry: float | None = 180 * 86400.0  # people's device keys; None: never expire
     expiry_sweep_interval: float = 30.0  # how often expired/ephemeral devices are swept
+    # on SIGTERM: /readyz answers 503 this long before agent streams are closed (1012)
+    # so a load balancer stops sending new agents here first (Kubernetes: a few seconds)
+    shutdown_delay: float = Field(default=0.0, ge=0.0, le=300.0)
     ephemeral_timeout: float = 300.0  # an ephemeral device away this long is removed
 
     # -- SSO web pages (gateway/web): sign-in, device approval, my devices, admin ------

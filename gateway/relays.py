@@ -239,6 +239,18 @@ class RelaySelector:
             "(GET /api/v1/relays)",
         )
 
+    def adopt(self, a: str, b: str, relay_id: str, now: float) -> None:
+        """Make ``relay_id`` the pair's relay (another replica chose it), keeping what this
+        replica suspects of the others; an unknown relay id is ignored."""
+        if relay_id not in self._by_id:
+            return
+        key = pair_key(a, b)
+        current = self._pairs.get(key)
+        if current is None:
+            self._pairs[key] = _Assignment(relay_id, now)
+        else:
+            current.relay_id = relay_id
+
     def forget_idle(self, now: float) -> int:
         """Drop pair assignments unused for ``forget_after`` seconds; how many."""
         idle = [k for k, a in self._pairs.items() if now - a.used_at >= self._forget_after]

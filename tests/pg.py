@@ -19,9 +19,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["PgServer", "pg_bin"]
+__all__ = ["PgServer", "Wrap", "pg_bin"]
+
+Wrap = Callable[[list[str]], list[str]]
 
 
 def pg_bin() -> Path:
@@ -42,12 +45,16 @@ def _free_port() -> int:
 class PgServer:
     """One PostgreSQL cluster in a temporary directory (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, host: str = "127.0.0.1", wrap: Wrap | None = None) -> None:
+        """``host``: the address to listen on; ``wrap`` prefixes every command (e.g. to run
+        the server inside a lab network namespace: ``ip netns exec NS …``)."""
         # In the system temporary directory: pytest's own are private to root, and
         # the server runs as the postgres user.
         self.root = Path(tempfile.mkdtemp(prefix="wiregate-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.host = host
+        self._wrap = wrap or (lambda argv: argv)
+        self.port = _free_port() if wrap is None else 5432
         self.user = "postgres"
         self._bin = pg_bin()
         self._as_root = os.geteuid() == 0
@@ -70,10 +77,12 @@ class PgServer:
             )  # fmt: skip
             with (self.data / "postgresql.conf").open("a") as conf:
                 conf.write(
-                    f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
+                    f"listen_addresses = '{self.host}'\nport = {self.port}\n"
                     f"unix_socket_directories = '{self.data}'\n"
                     "fsync = on\nmax_connections = 300\nshared_buffers = 64MB\n"
                 )
+            with (self.data / "pg_hba.conf").open("a") as hba:  # initdb trusts loopback only
+                hba.write(f"host all all {self.host}/32 trust\n")
         self._run(
             "pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"),
             "-w", "-t", "60", "start",
@@ -121,13 +130,13 @@ class PgServer:
 
     def url(self, database: str) -> str:
         """The SQLAlchemy URL of ``database`` on this server."""
-        return f"postgresql+asyncpg://{self.user}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql+asyncpg://{self.user}@{self.host}:{self.port}/{database}"
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         """Run ``sql`` with psql; its output (tuples only, unaligned)."""
         out = subprocess.run(
-            [str(self._bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port),
-             "-U", self.user, "-d", database, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql],
+            self._wrap([str(self._bin / "psql"), "-h", self.host, "-p", str(self.port),
+             "-U", self.user, "-d", database, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql]),
             check=True, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         return out.stdout.strip()
@@ -135,14 +144,14 @@ class PgServer:
     # -- internals -------------------------------------------------------------
 
     def _accepting(self) -> bool:
-        with socket.socket() as s:
-            s.settimeout(0.2)
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
+        argv = [str(self._bin / "pg_isready"), "-h", self.host, "-p", str(self.port), "-t", "1"]
+        return subprocess.run(self._wrap(argv), capture_output=True, check=False).returncode == 0
 
     def _run(self, tool: str, *args: str, check: bool = True) -> None:
         argv = [str(self._bin / tool), *args]
         if self._as_root:
             argv = ["runuser", "-u", "postgres", "--", *argv]
+        argv = self._wrap(argv)
         result = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd="/")
         if check and result.returncode != 0:
             log = self.root / "server.log"

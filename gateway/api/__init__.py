@@ -15,7 +15,7 @@ from gateway.api import (
     openapi,
     relay,
 )
-from gateway.api.common import STORE, error_middleware
+from gateway.api.common import DRAINING, STORE, error_middleware
 from gateway.logging import get_logger
 
 __all__ = ["error_middleware", "setup_routes"]
@@ -32,7 +32,10 @@ async def livez(_request: web.Request) -> web.Response:
 
 @health.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """The store answers ``SELECT 1`` and its schema is at the newest migration."""
+    """The store answers ``SELECT 1`` and its schema is at the newest migration, and the
+    gateway is not shutting down."""
+    if request.app[DRAINING].is_set():
+        return web.json_response({"status": "draining"}, status=503)
     try:
         ready = await request.app[STORE].ready()
     except Exception as exc:  # a broken database is "not ready", not a crash

@@ -9,6 +9,7 @@ are 400). Every :class:`~gateway.errors.WiregateError` becomes
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import socket
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from gateway.api.metrics import count_rejected
 from gateway.broker import Broker, OnEndpoints
@@ -35,6 +37,7 @@ __all__ = [
     "ADMIN_TOKEN",
     "BROKER",
     "CLOCK",
+    "DRAINING",
     "FOLLOWER",
     "SETTINGS",
     "STORE",
@@ -63,6 +66,7 @@ BROKER = web.AppKey("broker", Broker)
 SETTINGS = web.AppKey("settings", GatewaySettings)
 ADMIN_TOKEN = web.AppKey("admin_token", bytes)  # empty: admin over TCP is refused
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")  # POSIX seconds; a fake in tests
+DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: /readyz answers 503
 FOLLOWER = web.AppKey("follower", Follower)  # PostgreSQL: the change feed (replicas)
 POLICY = web.AppKey("policy", PolicyFile)  # groups and tag rules for enrollments by claims
 
@@ -135,6 +139,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = (exc.reason or "error").lower().replace(" ", "_")
         count_rejected(_route(request), exc.status, code)
         return web.json_response({"error": code, "message": exc.reason}, status=exc.status)
+    except (DisconnectionError, OperationalError, InterfaceError, OSError) as exc:
+        # the database is away (restarting, failing over): a retryable 503, not a 500
+        _log.warning("store_unavailable", route=_route(request), error=exc.__class__.__name__)
+        count_rejected(_route(request), 503, "store_unavailable")
+        body = {"error": "store_unavailable",
+                "message": "the gateway's database is unavailable; retry shortly"}  # fmt: skip
+        return web.json_response(body, status=503, headers={"Retry-After": "2"})
     except Exception:
         _log.exception("request_failed", route=_route(request))
         body = {"error": "internal", "message": "internal error"}

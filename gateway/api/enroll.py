@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from gateway._agentmsg import AgentEndpoints
 from gateway.api.common import (
     BROKER,
+    FOLLOWER,
     SETTINGS,
     STORE,
     EndpointsCallback,
@@ -38,6 +39,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 MAX_ENDPOINTS = 16
+SYNC_WAIT_S = 2.0  # how long a stream waits for this replica to reach the agent's version
 MAX_ROUTES = 64
 _METADATA = frozenset(
     {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
@@ -187,6 +189,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await request.app[STORE].touch(record.device.id)
     _log.info("stream_open", device_id=record.device.id, since=since)
     broker = request.app[BROKER]
+    follower = request.app.get(FOLLOWER)
+    if follower is not None and record.device.id not in broker:
+        # enrolled through another replica moments ago: catch up to the store's head
+        await follower.sync(await request.app[STORE].map_version(), SYNC_WAIT_S)
+    elif follower is not None and since is not None and since > broker.version:
+        # the agent comes from a replica further ahead: catch up so it can resume
+        await follower.sync(since, SYNC_WAIT_S)
     try:
         return await broker.serve(request, record.device.id, since, _on_endpoints(request.app))
     finally:  # when it went away: ephemeral devices are swept ephemeral_timeout later

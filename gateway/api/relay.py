@@ -20,7 +20,7 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Annotated
 
 from aiohttp import web
@@ -179,7 +179,7 @@ async def create_ticket(request: web.Request) -> web.Response:
     caller, peer = broker.device(record.device.id), broker.device(body.peer)
     _check_pair(broker, caller, peer)
     await request.app[RELAY_MONITOR].wait_first_round()
-    relay = request.app[RELAY_SELECTOR].choose(caller.id, peer.id, body.avoid, time.monotonic())
+    relay = await _shared_choice(request, caller.id, peer.id, body.avoid)
     ticket = request.app[RELAY_SIGNER].ticket_for(relay, caller, peer)
     _log.info(
         "relay_ticket_issued", device_id=caller.id, peer=peer.id, relay=relay.id, avoid=body.avoid
@@ -192,6 +192,29 @@ async def create_ticket(request: web.Request) -> web.Response:
         },
         status=201,
     )
+
+
+async def _shared_choice(
+    request: web.Request, a: str, b: str, avoid: Sequence[str]
+) -> RelayEndpoint:
+    """The pair's relay, agreed through the store so that both sides get the same one
+    whichever replica they ask: the claimed relay if this replica finds it usable, else
+    this replica's choice, claimed with compare-and-set (a lost race adopts the
+    winner's)."""
+    selector, store = request.app[RELAY_SELECTOR], request.app[STORE]
+    shared = await store.relay_pair(a, b)
+    for _ in range(3):
+        now = time.monotonic()
+        if shared is not None:
+            selector.adopt(a, b, shared, now)
+        relay = selector.choose(a, b, avoid, now)
+        if relay.id == shared:
+            return relay
+        agreed = await store.claim_relay_pair(a, b, relay.id, shared)
+        if agreed == relay.id:
+            return relay
+        shared, avoid = agreed, ()
+    return relay
 
 
 def _check_pair(broker: Broker, caller: Device, peer: Device) -> None:

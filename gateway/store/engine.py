@@ -19,7 +19,11 @@ _SQLITE_PRAGMAS = (
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """An async engine for ``url``; SQLite gets WAL, durable commits and real BEGINs."""
+    """An async engine for ``url``; SQLite gets WAL, durable commits and real BEGINs,
+    PostgreSQL a pool that survives a server restart."""
+    if url.startswith("postgresql"):
+        # pre_ping: a connection the server dropped (a restart) is replaced, not used
+        return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
     engine = create_async_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_connect)

@@ -29,8 +29,11 @@ __all__ = [
     "DeviceRow",
     "EnrollmentKeyRow",
     "IdentityRow",
+    "LeaseRow",
     "LoginRequestRow",
+    "MapChangeRow",
     "MetaRow",
+    "RelayPairRow",
 ]
 
 NAMING = {
@@ -59,6 +62,8 @@ class MetaRow(Base):
     ipv4_pool: Mapped[str] = mapped_column(String(64), nullable=False)
     ipv6_pool: Mapped[str] = mapped_column(String(64), nullable=False)
     ipam_cursor: Mapped[int] = mapped_column(Integer, nullable=False)
+    # map_changes holds every change after this version (older ones are pruned)
+    changes_floor: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
 
 class IdentityRow(Base):
@@ -157,3 +162,44 @@ class AuditRow(Base):
     action: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
     target: Mapped[str] = mapped_column(String(1100), nullable=False)
     detail: Mapped[dict[str, str]] = mapped_column(JSON, nullable=False)
+
+
+class MapChangeRow(Base):
+    """What one map version changed, for replicas following each other's writes.
+
+    Written in the transaction that took the version; ``kind`` is ``upsert`` (the
+    device's current row is the change) or ``remove`` (with the reason its agent is
+    told). Versions that changed no device (an identity enabled) have no row. Pruned
+    to a window: a replica further behind reloads the whole map.
+    """
+
+    __tablename__ = "map_changes"
+
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(8), nullable=False)
+    device_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    reason: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class LeaseRow(Base):
+    """A named lease: a duty one replica runs at a time (the expiry sweeper) until
+    ``expires_at`` unless it renews."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128), nullable=False)
+    expires_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class RelayPairRow(Base):
+    """The relay a pair of devices shares (``device_a`` < ``device_b``), so both sides get
+    the same relay whichever replica they ask."""
+
+    __tablename__ = "relay_pairs"
+
+    device_a: Mapped[str] = mapped_column(String(32), primary_key=True)
+    device_b: Mapped[str] = mapped_column(String(32), primary_key=True)
+    relay_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    used_at: Mapped[float] = mapped_column(Float, nullable=False)

@@ -28,6 +28,7 @@ from gateway.ipam import Allocation, Pool, allocate
 from gateway.logging import get_logger
 from gateway.model import Identity
 from gateway.store import audit, lifecycle, logins
+from gateway.store import replication as repl
 from gateway.store.audit import AuditRecord, device_actor, oidc_actor, system_actor
 from gateway.store.engine import create_engine
 from gateway.store.lifecycle import IdentityRecord, KeyLifetime
@@ -51,6 +52,7 @@ from gateway.store.records import (
     key_state,
     login_record,
 )
+from gateway.store.replication import ChangeKind, ChangeRow
 from gateway.store.rows import Grant, device_query, new_device
 from gateway.wgkey import parse_public_key
 from identity.device_login import Event, decide_poll, normalize_user_code
@@ -69,6 +71,9 @@ Clock = Callable[[], float]
 DEFAULT_POOL = Pool.parse("100.64.0.0/16", "fd7a:7767:6174::/64")
 _log = get_logger("gateway.store")
 UNATTRIBUTED = "system:unattributed"  # a caller that did not say who acted
+_MIGRATE = 0x77676D69  # PostgreSQL advisory lock key held while migrating
+UPSERT, REMOVE = ChangeKind.UPSERT, ChangeKind.REMOVE
+DELETED = "device removed"  # what an agent is told when an admin deletes its device
 MIN_ROTATION_INTERVAL = 5.0  # seconds between two key rotations of one device
 
 
@@ -98,6 +103,8 @@ class Store:
         engine = create_engine(url)
         try:
             async with engine.begin() as conn:
+                if engine.dialect.name == "postgresql":  # replicas starting together
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE})
                 await conn.run_sync(upgrade)
             store = cls(engine, pool, clock)
             await store._init_meta()
@@ -183,6 +190,7 @@ class Store:
                 row.expires_at = now + key.device_key_expiry
             detail = {"key_id": key.id, "name": row.name, "public_key": row.public_key}
             await audit.add(s, now, device_actor(row.id), "device.enroll", row.id, detail)
+            await repl.record_change(s, version, UPSERT, row.id, now)
         _log.info("device_enrolled", device_id=row.id, key_id=key.id, version=version)
         return Enrolled(device_record(row, identity), token, version)
 
@@ -209,6 +217,7 @@ class Store:
             old = await self._device_named(s, identity, request.name)
             if old is not None:
                 removed = Removal(old.id, await self._bump(s), "replaced by a re-enrollment")
+                await repl.record_change(s, removed.version, REMOVE, old.id, now, removed.reason)
                 await s.delete(old)
                 await s.flush()
                 await audit.add(s, now, actor, "device.replace", old.id,
@@ -219,6 +228,7 @@ class Store:
             await audit.add(s, now, actor, "device.enroll", row.id,
                             {**detail, "name": row.name, "public_key": row.public_key,
                              "tags": ",".join(grant.tags)})  # fmt: skip
+            await repl.record_change(s, version, UPSERT, row.id, now)
         _log.info("device_enrolled", device_id=row.id, issuer=identity.issuer, version=version)
         return Enrolled(device_record(row, identity), token, version), removed
 
@@ -243,6 +253,7 @@ class Store:
             await s.delete(row)
             await audit.add(s, self._clock(), actor, "device.delete", device_id,
                             {"name": row.name, "public_key": row.public_key})  # fmt: skip
+            await repl.record_change(s, version, REMOVE, device_id, self._clock(), DELETED)
         _log.info("device_deleted", device_id=device_id, version=version)
         return version
 
@@ -262,6 +273,7 @@ class Store:
                 raise NotFound(f"no device {device_id!r}")
             row.endpoints = list(endpoints)
             row.nat_type = nat
+            await repl.record_change(s, version, UPSERT, device_id, self._clock())
         return await self.get_device(device_id), version
 
     async def rename_device(
@@ -276,6 +288,7 @@ class Store:
             await audit.add(s, self._clock(), actor, "device.rename", device_id,
                             {"from": row.name, "to": name})  # fmt: skip
             row.name = name
+            await repl.record_change(s, version, UPSERT, device_id, self._clock())
         _log.info("device_renamed", device_id=device_id, version=version)
         return await self.get_device(device_id), version
 
@@ -386,6 +399,7 @@ class Store:
                             {"device_id": device.id, "issuer": identity.issuer,
                              "subject": identity.subject, "tags": ",".join(grant.tags),
                              "fingerprint": row.fingerprint})  # fmt: skip
+            await repl.record_change(s, version, UPSERT, device.id, now)
         _log.info("login_request_approved", request_id=request_id, device_id=device.id,
                   issuer=identity.issuer, version=version)  # fmt: skip
         return LoginApproved(login_record(row), device_record(device, identity), version)
@@ -501,6 +515,7 @@ class Store:
             await s.delete(row)
             detail = {"name": row.name, "public_key": row.public_key, "reason": reason}
             await audit.add(s, self._clock(), actor, "device.delete", device_id, detail)
+            await repl.record_change(s, version, REMOVE, device_id, self._clock(), reason)
             removed.append(Removal(device_id, version, reason))
         _log.info("devices_removed", actor=actor, reason=reason, devices=len(removed))
         return removed
@@ -526,8 +541,65 @@ class Store:
             row.expires_at, row.key_rotated_at = lifecycle.renewed_expiry(row, now), now
             detail = {"previous_public_key": old, "public_key": key}
             await audit.add(s, now, device_actor(device_id), "device.rotate", device_id, detail)
+            await repl.record_change(s, version, UPSERT, device_id, now)
         _log.info("device_key_rotated", device_id=device_id, version=version)
         return await self.get_device(device_id), version
+
+    # -- replicas (see gateway.store.replication) ------------------------------------
+
+    async def changes_since(
+        self, version: int
+    ) -> tuple[int, list[tuple[ChangeRow, DeviceRecord | None]]] | None:
+        """The committed head and each change after ``version`` with the changed device's
+        current record (None: removed since); None when those changes were pruned."""
+        async with self._sessions() as s, s.begin():
+            if self._engine.dialect.name == "postgresql":  # one snapshot for every read
+                await s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            found = await repl.changes_since(s, version)
+            if found is None:
+                return None
+            head, changes = found
+            wanted = {c.device_id for c in changes if c.kind is UPSERT}
+            records: dict[str, DeviceRecord] = {}
+            if wanted:
+                rows = await s.execute(device_query().where(DeviceRow.id.in_(wanted)))
+                for d, iss, sub in rows.tuples():
+                    records[d.id] = device_record(d, Identity(iss, sub))
+        return head, [(c, records.get(c.device_id)) for c in changes]
+
+    async def prune_changes(self, keep: int, relay_pairs_idle: float) -> int:
+        """Drop map changes older than the newest ``keep`` versions and relay pairs idle
+        for ``relay_pairs_idle`` seconds; how many changes went."""
+        async with self._write() as s:
+            await repl.prune_relay_pairs(s, self._clock() - relay_pairs_idle)
+            return await repl.prune_changes(s, keep)
+
+    async def take_lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Take or renew the lease ``name`` for ``ttl`` seconds; whether ``holder`` has it."""
+        async with self._write() as s:
+            return await repl.take_lease(s, name, holder, self._clock(), ttl)
+
+    async def relay_pair(self, a: str, b: str) -> str | None:
+        """The relay claimed for the pair of devices ``a``, ``b`` (any order)."""
+        a, b = sorted((a, b))
+        async with self._sessions() as s:
+            return await repl.relay_pair(s, a, b)
+
+    async def claim_relay_pair(self, a: str, b: str, relay_id: str, expected: str | None) -> str:
+        """Claim ``relay_id`` for the pair if its relay is still ``expected``; the relay the
+        pair uses afterwards (see :func:`gateway.store.replication.claim_relay_pair`)."""
+        a, b = sorted((a, b))
+        async with self._write() as s:
+            return await repl.claim_relay_pair(s, a, b, relay_id, expected, self._clock())
+
+    async def touch_many(self, device_ids: Collection[str]) -> None:
+        """Set ``last_seen`` to now for devices streaming from this replica (their
+        presence, read by the ephemeral sweep of whichever replica runs it)."""
+        ids = sorted(device_ids)
+        for start in range(0, len(ids), 500):
+            async with self._write() as s:
+                stmt = update(DeviceRow).where(DeviceRow.id.in_(ids[start : start + 500]))
+                await s.execute(stmt.values(last_seen=self._clock()))
 
     # -- internals -----------------------------------------------------------------
 
@@ -557,7 +629,9 @@ class Store:
     async def _bump(self, s: AsyncSession) -> int:
         stmt = update(MetaRow).where(MetaRow.id == 1)
         bumped = stmt.values(map_version=MetaRow.map_version + 1).returning(MetaRow.map_version)
-        return (await s.execute(bumped)).scalar_one()
+        version: int = (await s.execute(bumped)).scalar_one()
+        await repl.notify(s, version)
+        return version
 
     async def _consume_key(self, s: AsyncSession, secret: str, now: float) -> EnrollmentKeyRow:
         row = None

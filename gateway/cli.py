@@ -320,6 +320,7 @@ async def _netcheck(
 
 async def _gateway_relays(settings: AgentSettings) -> tuple[RelayEndpoint, ...]:
     """The gateway's relays, asked with the agent's device token; none (and a note) if not."""
+    from gateway.agent.control import server_urls
     from gateway.agent.netcheck import fetch_relays
     from gateway.agent.state import StateDir
 
@@ -328,7 +329,7 @@ async def _gateway_relays(settings: AgentSettings) -> tuple[RelayEndpoint, ...]:
         if enrollment is None:
             click.echo("relays: not enrolled; give --relay ID=HOST:PORT to ping relays", err=True)
             return ()
-        return await fetch_relays(settings.server, enrollment.token)
+        return await fetch_relays(server_urls(settings.server)[0], enrollment.token)
     except OSError as exc:
         click.echo(f"relays: cannot read the device token: {exc.strerror}", err=True)
     except WiregateError as exc:

@@ -25,6 +25,7 @@ __all__ = [
     "LoginStart",
     "read_auth_key",
     "read_workload_token",
+    "server_urls",
     "workload_token_source",
 ]
 
@@ -32,6 +33,7 @@ __all__ = [
 KUBERNETES_TOKEN_PATH = "/var/run/secrets/wiregate.io/gateway-token/token"  # noqa: S105
 
 _TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
+_CLEAN_CLOSE = (1000,)  # anything else (gone, 1006, restarting 1012, 1013) fails over
 
 
 def read_auth_key(spec: str) -> str:
@@ -108,12 +110,39 @@ class LoginPoll:
     enrollment: Enrollment | None = None
 
 
+def server_urls(spec: str) -> tuple[str, ...]:
+    """The gateway base URLs in ``spec``: one, or several separated by commas (replicas
+    reached without a load balancer); :class:`~gateway.errors.ConfigError` if none or
+    one is not ``http(s)://``."""
+    urls = tuple(u.strip().rstrip("/") for u in spec.replace(" ", ",").split(",") if u.strip())
+    if not urls:
+        raise ConfigError("server: no gateway URL given")
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"server: {url!r} is not an http:// or https:// URL")
+    return urls
+
+
 class ControlClient:
-    """Talks to one gateway base URL (``http(s)://host:port``)."""
+    """Talks to the gateway: one base URL (``http(s)://host:port``) or several replicas'.
+
+    Requests go to the current URL; one that cannot be reached moves the client to
+    the next (:meth:`failover`), so an agent follows the replicas that are up.
+    """
 
     def __init__(self, server: str, session: aiohttp.ClientSession) -> None:
-        self.server = server.rstrip("/")
+        self.servers = server_urls(server)
+        self._current = 0
         self.session = session
+
+    @property
+    def server(self) -> str:
+        """The base URL requests go to now."""
+        return self.servers[self._current]
+
+    def failover(self) -> None:
+        """Move to the next gateway URL (no change with only one)."""
+        self._current = (self._current + 1) % len(self.servers)
 
     async def enroll(
         self,
@@ -192,6 +221,10 @@ class ControlClient:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
                 yield json.loads(msg.data), ws
+        if ws.close_code not in _CLEAN_CLOSE:  # gone, restarting or draining: go elsewhere
+            raise Unavailable(
+                f"the map stream from {self.server} ended (close code {ws.close_code})"
+            )
 
     async def relay_ticket(self, token: str, peer_id: str, avoid: Sequence[str] = ()) -> RelayGrant:
         """A signed ticket to reach ``peer_id`` through the relay the gateway assigns
@@ -212,13 +245,21 @@ class ControlClient:
         self, path: str, body: dict[str, Any], token: str | None = None
     ) -> dict[str, Any]:
         headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-        try:
-            async with self.session.post(
-                self.server + path, json=body, headers=headers, timeout=_TIMEOUT
-            ) as resp:
-                data = await resp.json(content_type=None)
-                if resp.status >= 400:
-                    raise from_api_response(resp.status, data)
-                return dict(data)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise Unavailable(f"cannot reach the gateway at {self.server}: {exc}") from exc
+        for attempt in range(len(self.servers)):
+            try:
+                async with self.session.post(
+                    self.server + path, json=body, headers=headers, timeout=_TIMEOUT
+                ) as resp:
+                    data = await resp.json(content_type=None)
+                    if resp.status >= 400:
+                        raise from_api_response(resp.status, data)
+                    return dict(data)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                # Only a request that never reached a replica is sent to the next one
+                # (an enrollment that timed out may have happened).
+                last = attempt + 1 == len(self.servers)
+                unreachable = Unavailable(f"cannot reach the gateway at {self.server}: {exc}")
+                self.failover()
+                if last or not isinstance(exc, aiohttp.ClientConnectorError):
+                    raise unreachable from exc
+        raise AssertionError("unreachable")

@@ -23,6 +23,7 @@ from gateway.agent.control import (
     ControlClient,
     read_auth_key,
     read_workload_token,
+    server_urls,
     workload_token_source,
 )
 from gateway.agent.dataplane import DataPlane, PeerStatus
@@ -94,6 +95,7 @@ class Agent:
             )
         )
         self._runner: PathRunner | None = None
+        self.control: ControlClient | None = None  # set once running
         self.rotation = KeyRotator(self)  # make-before-break key rotation
         self.pmtu: PmtuProber | None = None  # path-MTU probes through each tunnel
 
@@ -112,13 +114,19 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
+    def gateway_url(self) -> str:
+        """The gateway (replica) URL the agent talks to now."""
+        if self.control is not None:
+            return self.control.server
+        return server_urls(self.settings.server)[0]
+
     async def run(self) -> None:
         self.state.ensure()
         private = load_or_create_key(self.settings.state_dir)
         self.public_key = encode_key(public_from_private(private))
         self.dataplane = self._make_dataplane(private)
         async with aiohttp.ClientSession() as http:
-            control = ControlClient(self.settings.server, http)
+            control = self.control = ControlClient(self.settings.server, http)
             self.enrollment = self.state.load_enrollment() or await self._enroll(control)
             await self._setup_dataplane()
             self._runner = self._path_runner(control)
@@ -256,7 +264,7 @@ class Agent:
         if self.enrollment is None:
             return ()
         try:
-            return await fetch_relays(self.settings.server, self.enrollment.token)
+            return await fetch_relays(self.gateway_url(), self.enrollment.token)
         except WiregateError as exc:
             log.debug("relay list unavailable for netcheck", error=exc.message)
             return ()
@@ -289,6 +297,7 @@ class Agent:
             except Unavailable as exc:
                 self.health.last_error = exc.message
                 log.warning("gateway unreachable; data plane kept as is", error=exc.message)
+                control.failover()  # another replica, if several are configured
             except Unauthorized:
                 await self._revoked("the gateway no longer accepts this device")
             self.health.connected = False
@@ -367,7 +376,7 @@ class Agent:
             "interface": self.settings.interface,
             "backend": self.dataplane.backend_name if self.dataplane else None,
             "gateway": {
-                "server": self.settings.server,
+                "server": self.gateway_url(),
                 "connected": self.health.connected,
                 "map_version": self.session.version,
                 "last_sync": self.health.last_sync,

@@ -75,6 +75,8 @@ class _Agent(Protocol):
     public_key: str
     dataplane: Any
 
+    def gateway_url(self) -> str: ...
+
 
 class KeyRotator:
     """Rotates one agent's key: when due, when asked, and switches when the map says."""
@@ -161,7 +163,7 @@ class KeyRotator:
             raise Unavailable("not enrolled yet")
         private = load_or_create_key(self._state_dir, NEXT_KEY_FILE)
         public = encode_key(public_from_private(private))
-        url = self._agent.settings.server.rstrip("/") + ROTATE_PATH
+        url = self._agent.gateway_url() + ROTATE_PATH
         headers = {"Authorization": f"Bearer {enrollment.token}"}
         timeout = aiohttp.ClientTimeout(total=15)
         async with (

@@ -98,6 +98,10 @@ def restore(config_file: Path | None, file: Path, replace: bool) -> None:
     _refuse_running_gateway(settings.admin_socket)
     snapshot = _load(file)
     _refuse_other_pools(snapshot, settings)
+    if (
+        not settings.database_url
+    ):  # the default SQLite file, in a state dir made as the gateway would
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     url = settings.effective_database_url()
     restored = run_or_exit(restore_database(url, snapshot, replace=replace))
     migrated = f", migrated from schema {restored.migrated_from}" if restored.migrated_from else ""

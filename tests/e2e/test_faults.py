@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import re
 import signal
@@ -31,6 +32,7 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -39,6 +41,12 @@ import pytest
 
 from gateway.wgkey import encode_key, generate_private_key, public_from_private
 from tests.e2e.test_mesh import ping_until
+from tests.e2e.test_nat_matrix import (
+    STUN,
+    gateway_with_relays,  # noqa: F401 (a fixture)
+    start_relays,
+)
+from tests.e2e.test_netcheck_mesh import drop_unsolicited
 from tests.lab.harness import (
     INTERNET_GATEWAY,
     METRICS_PORT,
@@ -49,6 +57,7 @@ from tests.lab.harness import (
     Wiregate,
     bare,
     poll,
+    write_secret,
 )
 from tests.lab.sso import (
     enroll_by_workload_token,
@@ -522,3 +531,140 @@ def test_idp_unreachable_sessions_and_tunnels_carry_on_new_sign_ins_fail_clearly
         f"IdP down for {back_at - down:.1f} s; new sign-ins work "
         f"{time.monotonic() - back_at:.1f} s after it came back (no gateway restart)"
     )
+
+
+# --------------------------------------------------------------------------- 3. clock skew
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+KEY_LIFETIME = "24h"  # rotation due at 2/3 of it: 16 h, far beyond the +-2 h of skew
+
+
+@contextmanager
+def skewed_clock(offset: str) -> Iterator[dict[str, str]]:
+    """Processes started inside see the clock moved by ``offset`` (libfaketime; it moves
+    the monotonic clock by as much: leaving it alone makes its clock_nanosleep fail with
+    EINVAL). Go programs (wireguard-go) read the clock through the vDSO: not affected."""
+    if not LIBFAKETIME.exists():
+        pytest.fail("libfaketime is missing: scripts/setup.sh installs faketime")
+    env = {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": offset}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def key_with_device_lifetime(wiregate: Wiregate, lifetime: str) -> Path:
+    """A reusable enrollment key whose devices' WireGuard keys expire after ``lifetime``."""
+    doc = wiregate.admin_json(
+        "keys", "create", "--tags", "tag:lab", "--reusable", "--device-key-expiry", lifetime
+    )
+    path = wiregate.lab.workdir / f"key-{doc['key']['id']}"
+    write_secret(path, str(doc["secret"]))
+    return path
+
+
+def agent_clock_offset(agent: Agent) -> float:
+    """How far the agent process's wall clock is from ours, read from its JSON log."""
+    assert agent.proc is not None
+    for line in agent.proc.output().splitlines():
+        if line.startswith("{") and '"timestamp"' in line:
+            stamp = json.loads(line)["timestamp"]
+            at = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+            return at - agent.proc.log.stat().st_ctime
+    raise AssertionError("no timestamped log line from the agent")
+
+
+@pytest.mark.parametrize("offset", ["+2h", "-2h"])
+def test_an_agent_whose_clock_is_wrong_at_boot_enrolls_and_carries_traffic(
+    lab: Lab,
+    gateway_with_relays: Wiregate,  # noqa: F811 (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
+    offset: str,
+) -> None:
+    wiregate = gateway_with_relays
+    start_relays(lab, wiregate)
+    routers = {n: lab.add_router(f"r{n}", nat="symmetric") for n in ("s1", "s2")}
+    for router in routers.values():
+        drop_unsolicited(router)
+    hosts = {n: lab.add_host(n, behind=r) for n, r in routers.items()}
+    hosts["o1"], hosts["o2"] = lab.add_host("o1"), lab.add_host("o2")
+    for name, value in (
+        ("STUN_SERVERS", json.dumps(STUN)),
+        ("PATH_PROBE_TIMEOUT", "3"),
+        ("RELAY_PING_INTERVAL", "1"),
+        ("NETCHECK_INTERVAL", "15"),
+        ("ROTATION_CHECK_INTERVAL", "1"),
+    ):
+        monkeypatch.setenv(f"WIREGATE_{name}", value)
+    key = key_with_device_lifetime(wiregate, KEY_LIFETIME)
+    agents: dict[str, Agent] = {}
+    with skewed_clock(offset):  # s1 and o1 boot with a wrong clock
+        for name in ("s1", "o1"):
+            agents[name] = wiregate.start_agent(hosts[name], key)
+    for name in ("s2", "o2"):
+        agents[name] = wiregate.start_agent(hosts[name], key)
+    started = time.monotonic()
+    statuses = wiregate.wait_mesh(list(agents.values()), timeout=120)
+    skew = agent_clock_offset(agents["s1"])
+    print(
+        f"{offset}: agent clock {skew:+.0f} s off; enrolled and mapped "
+        f"{time.monotonic() - started:.1f} s after start"
+    )
+    assert abs(abs(skew) - 7200) < 120, f"the agent's clock is not skewed: {skew:+.0f} s"
+    keys = {n: st["device"]["public_key"] for n, st in statuses.items()}
+
+    # the symmetric pair goes through a relay: tickets and bindings work with a wrong clock
+    def relayed() -> dict[str, Any] | None:
+        peers = {p["name"]: p for p in wiregate.status(agents["s1"])["peers"]}
+        path = peers["s2"]["path"] or {}
+        return path if path.get("path") == "relayed" else None
+
+    path = poll(relayed, timeout=90, interval=0.5, what="s1<->s2 on a relay")
+    addresses = {n: wiregate.tunnel_addresses(a) for n, a in agents.items()}
+    failed = [
+        f"{a}->{b}"
+        for a, b in (
+            ("s1", "s2"),
+            ("s2", "s1"),
+            ("o1", "o2"),
+            ("o2", "o1"),
+            ("s1", "o2"),
+            ("o1", "s2"),
+        )
+        if not ping_until(hosts[a], addresses[b][0], timeout=30)
+    ]
+    assert not failed, f"no traffic: {failed}"
+    paths_now = {
+        f"{n}->{p['name']}": (p["path"] or {}).get("path")
+        for n in ("s1", "o1")
+        for p in wiregate.status(agents[n])["peers"]
+    }
+    print(f"{offset}: s1<->s2 relayed via {path.get('relay')}; paths {paths_now}")
+
+    # no key rotation fires (the check runs every second); the key expires in 24 h
+    time.sleep(5)
+    now = wiregate.statuses(list(agents.values()))
+    assert {n: st["device"]["public_key"] for n, st in now.items()} == keys, "a key rotated"
+    rotations = [
+        e for e in wiregate.admin_json("audit")["events"] if e["action"] == "device.rotate"
+    ]
+    assert rotations == []
+
+    # handshake ages: the agent passes WireGuard's own timestamps through
+    for name in ("s1", "o1"):
+        for peer in now[name]["peers"]:
+            age = time.time() - (peer["last_handshake"] or 0)
+            assert 0 <= age < 180, f"{name}->{peer['name']}: handshake {age:.0f} s ago"
+    status_cmd = [*wiregate.cmd, "status", "--run-dir", str(agents["s1"].run_dir)]
+    shown = hosts["s1"].run(status_cmd, timeout=60).stdout
+    ages = [int(a) for a in re.findall(r" (-?\d+)s ago ", shown)]
+    assert len(ages) == 3 and all(0 <= a < 180 for a in ages), shown
+    with skewed_clock(offset) as env:  # the same command under the agent's wrong clock
+        skewed = hosts["s1"].run(status_cmd, env=env, timeout=60).stdout
+    print(f"{offset}: wiregate status:\n{shown}\nunder the agent's clock:\n{skewed}")

@@ -16,7 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("netmap", "reconcile", "fanout", "tunnel", "bootstrap", "kernel_reconcile")
+BENCHMARKS = (
+    "netmap",
+    "reconcile",
+    "fanout",
+    "replicas",
+    "tunnel",
+    "bootstrap",
+    "kernel_reconcile",
+)
 RESULTS = Path(__file__).with_name("results.json")
 
 

@@ -134,7 +134,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_gateway(tmp: Path) -> Gateway:
+def start_gateway(tmp: Path, database_url: str | None = None) -> Gateway:
+    """``wiregate gateway`` with its files in ``tmp`` (SQLite there unless ``database_url``)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     port, mport = free_port(), free_port()
     log = tmp / "gateway.log"
     cmd = [
@@ -144,6 +146,7 @@ def start_gateway(tmp: Path) -> Gateway:
         "--state-dir", str(tmp / "state"),
         "--admin-socket", str(tmp / "gw.sock"),
         "--log-level", "warning",
+        *(["--database-url", database_url] if database_url else []),
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -257,19 +260,7 @@ async def drive(gw: Gateway, n: int, k: int) -> dict[str, float]:
             rss_connected = vmrss_kb(gw.proc.pid)
 
             count0, sum0 = await fanout_histogram(gw, session)
-            per_change, per_agent = [], []
-            for j in range(k):
-                sender = devices[(j * 37) % n].device_id
-                endpoint = f"198.51.100.{j + 1}:51820"
-                times = agents.awaited[endpoint] = []
-                message = json.dumps({"type": "endpoints", "endpoints": [endpoint]})
-                t0 = time.monotonic()
-                await agents.streams[sender].send_str(message)
-                await wait_for_count(times, n - 1, agents, f"change {j} by {sender}")
-                latencies = [t - t0 for t in times]
-                per_change.append(max(latencies))
-                per_agent.extend(latencies)
-                await asyncio.sleep(CHANGE_GAP_S)
+            per_change, per_agent = await timed_changes(agents, devices, k)
             count1, sum1 = await fanout_histogram(gw, session)
             rss_end = vmrss_kb(gw.proc.pid)
         finally:
@@ -287,6 +278,29 @@ async def drive(gw: Gateway, n: int, k: int) -> dict[str, float]:
         "fanout_rss_end_kb_per_agent": (rss_end - rss_before) / n,
         "fanout_agents": n,
     }
+
+
+async def timed_changes(
+    agents: Agents, devices: list[Enrolled], k: int, first: int = 0
+) -> tuple[list[float], list[float]]:
+    """``k`` endpoint changes, one after another, each sent by one agent on its stream;
+    per change, the time until the last other agent had it, and every receipt's time."""
+    n = len(devices)
+    per_change: list[float] = []
+    per_agent: list[float] = []
+    for j in range(first, first + k):
+        sender = devices[(j * 37) % n].device_id
+        endpoint = f"198.51.100.{j % 250 + 1}:{51820 + j}"
+        times = agents.awaited[endpoint] = []
+        message = json.dumps({"type": "endpoints", "endpoints": [endpoint]})
+        t0 = time.monotonic()
+        await agents.streams[sender].send_str(message)
+        await wait_for_count(times, n - 1, agents, f"change {j} by {sender}")
+        latencies = [t - t0 for t in times]
+        per_change.append(max(latencies))
+        per_agent.extend(latencies)
+        await asyncio.sleep(CHANGE_GAP_S)
+    return per_change, per_agent
 
 
 def percentile(values: list[float], pct: float) -> float:

@@ -47,9 +47,12 @@ def _write_new(path: Path) -> None:
 
 def _read_key(path: Path, what: str) -> bytes:
     try:
-        mode, text = path.stat().st_mode, path.read_bytes().strip()
+        st, text = path.stat(), path.read_bytes().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from exc
+    mode = st.st_mode
+    if not mode & 0o007 and _handed_to_our_group(st):
+        mode &= ~0o070  # a Kubernetes Secret mounted with fsGroup: root-owned, our group
     if mode & 0o077:
         raise ConfigError(
             f"the {what} {path} is readable by group or others", hint=f"chmod 600 {path}"
@@ -61,3 +64,9 @@ def _read_key(path: Path, what: str) -> bytes:
     if len(key) != 32:
         raise ConfigError(f"the {what} {path} is not 32 bytes of base64")
     return key
+
+
+def _handed_to_our_group(st: os.stat_result) -> bool:
+    """Whether another user (root) gave the file to this process's group only, as the
+    kubelet mounts a Secret volume for a pod with ``fsGroup``."""
+    return st.st_uid != os.geteuid() and st.st_gid == os.getegid() and st.st_gid != 0

@@ -402,7 +402,8 @@ def _refuse_other_sessions(conn: Connection) -> None:
         return
     query = text(
         "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND backend_type = 'client backend'"  # not autovacuum workers
     )
     others = conn.execute(query).scalar_one()
     if others:

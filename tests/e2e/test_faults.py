@@ -272,13 +272,16 @@ def check_database(wiregate: Wiregate, acknowledged: list[dict[str, Any]]) -> di
     return {"devices": devices, "map_version": version}
 
 
-def metric(lab: Lab, name: str) -> float:
+def metric(lab: Lab, name: str, *labels: str) -> float:
+    """The gateway's series ``name`` whose labels include every ``labels`` (``k="v"``)."""
     text = lab.internet.run(
         ["curl", "-sf", "-m", "5", f"http://{INTERNET_GATEWAY}:{METRICS_PORT}/metrics"]
     ).stdout
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert found, f"{name} not in the gateway's metrics"
-    return float(found[1])
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.partition("{")[0] == name and all(label in series for label in labels):
+            return float(value)
+    raise AssertionError(f"{name} {labels} not in the gateway's metrics")
 
 
 def test_kill_9_during_an_enrollment_storm_loses_nothing_acknowledged(
@@ -483,6 +486,8 @@ def test_idp_unreachable_sessions_and_tunnels_carry_on_new_sign_ins_fail_clearly
     print(f"workload token needing a JWKS fetch: {status} {doc}")
     assert status == 503 and doc["error"] == "jwks_unavailable", doc
     assert f"signing keys of issuer {issuer} unavailable" in doc["message"], doc
+    refusals = ('method="workload_token"', 'reason="jwks_unavailable"')
+    assert metric(lab, "wiregate_enrollment_refusals_total", *refusals) == 1
 
     # the agent's key rotates (device token only), its stream resumes after a gateway restart
     old = wiregate.status(a)["device"]["public_key"]

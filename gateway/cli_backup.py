@@ -53,6 +53,7 @@ def _counts(snapshot: Snapshot) -> str:
 @_config_option
 @click.option(
     "--out",
+    metavar="FILE",
     help="Backup file, created 0600 (replaced atomically if it exists); '-' for stdout. "
     "Default: wiregate-backup-<UTC time>.jsonl in the current directory.",
 )
@@ -85,7 +86,7 @@ def _default_name(now: float) -> str:
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--replace", is_flag=True, help="Discard what the store holds now.")
 def restore(config_file: Path | None, file: Path, replace: bool) -> None:
-    """Restore the store from FILE, written by ``wiregate backup``.
+    """Restore the store from FILE, written by wiregate backup.
 
     Stop the gateway first (every replica): restore refuses while the admin
     socket answers and, on PostgreSQL, while other sessions use the database.

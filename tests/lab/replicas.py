@@ -87,9 +87,10 @@ def logged_at(proc: Process, event: str, after: float, **fields: Any) -> float |
     return None
 
 
-def resumed_on(reps: Replicas, port: int, device_ids: dict[str, str], since: float
-               ) -> dict[str, float]:  # fmt: skip
-    """Seconds from ``since`` until each device's stream opened on replica ``port``."""
+def resumed_on(reps: Replicas, port: int, device_ids: dict[str, str], since: float,
+               timeout: float = 20.0) -> dict[str, float]:  # fmt: skip
+    """Seconds from ``since`` until each device's stream opened on replica ``port``
+    (:class:`TimeoutError` if not all within ``timeout`` seconds)."""
     found: dict[str, float] = {}
 
     def all_opened() -> bool:
@@ -99,7 +100,7 @@ def resumed_on(reps: Replicas, port: int, device_ids: dict[str, str], since: flo
                 found[name] = at - since
         return len(found) == len(device_ids)
 
-    poll(all_opened, timeout=20, interval=0.1, what=f"streams to resume on replica {port}")
+    poll(all_opened, timeout=timeout, interval=0.1, what=f"streams to resume on replica {port}")
     return found
 
 

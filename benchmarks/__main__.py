@@ -21,6 +21,7 @@ BENCHMARKS = (
     "reconcile",
     "fanout",
     "replicas",
+    "failover",
     "tunnel",
     "bootstrap",
     "kernel_reconcile",

@@ -27,6 +27,8 @@ from typing import Any
 import pytest
 import structlog
 from click.testing import CliRunner, Result
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import inspect, select
 from sqlalchemy.engine import Connection
 
@@ -683,3 +685,46 @@ def test_a_running_gateway_is_backed_up_online_and_restored_once_stopped(tmp_pat
         assert again["map_version"] == snapshot.map_version + VERSION_JUMP + 1
     finally:
         gw_b.stop()
+
+
+# -- the document parser on arbitrary input ------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=12,
+)
+_HEADER = {"format": "wiregate-backup", "version": 1, "revision": "0005",
+           "created_at": "2026-01-01T00:00:00Z", "dialect": "sqlite"}  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tables=st.lists(st.sampled_from(["meta", "devices", "x"]), max_size=3),
+    body=st.lists(
+        st.one_of(
+            _json,
+            st.fixed_dictionaries(
+                {
+                    "table": st.sampled_from(["meta", "devices", "x"]),
+                    "columns": st.lists(st.sampled_from(["id", "map_version", "a"]), max_size=3),
+                    "rows": st.integers(-1, 3),
+                }
+            ),
+        ),
+        max_size=8,
+    ),
+)
+def test_any_sealed_document_decodes_or_is_refused(tables: list[str], body: list[Any]) -> None:
+    lines = [json.dumps(_HEADER | {"tables": tables}).encode() + b"\n"]
+    lines += [json.dumps(doc).encode() + b"\n" for doc in body] + [b"end\n"]
+    try:
+        snapshot = decode(_resealed(lines))
+    except BackupError as exc:
+        assert exc.code in ("backup_corrupt", "backup_format")
+        return
+    assert [t.name for t in snapshot.tables] == tables
+    try:
+        assert snapshot.map_version >= 0
+    except BackupError as exc:
+        assert exc.code == "backup_corrupt"

@@ -348,7 +348,7 @@ def _issuer(raw: Any, path: str) -> str:
     if not isinstance(raw, str):
         raise ConfigError(f"{path}: expected the issuer URL as a string")
     try:
-        check_url(raw, insecure_http=True, what=path, error=ConfigError)
+        check_url(raw, insecure_http=True, what=f"{path}:", error=ConfigError)
     except ValueError as exc:  # urlsplit: "Invalid IPv6 URL"
         raise ConfigError(f"{path}: {raw!r} is not a URL ({exc})") from None
     return raw

@@ -23,7 +23,7 @@ with atheris.instrument_imports(include=PROJECT):
 
 SUFFIXES = (".yaml", ".json", ".toml")
 SECTIONS = ("(document)", "groups", "tag_rules", "acls", "routes", "key_expiry", "policy")
-PATH = re.compile(rf"^({'|'.join(map(re.escape, SECTIONS))})([.\[].*?)?(: | ')")
+PATH = re.compile(rf"^({'|'.join(map(re.escape, SECTIONS))})([.\[].*?)?: ")
 SHM = Path("/dev/shm")
 WORK = Path(tempfile.mkdtemp(prefix="wiregate-fuzz-policy-", dir=SHM if SHM.is_dir() else None))
 IDP = "https://idp.example.com"

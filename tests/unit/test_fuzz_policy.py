@@ -46,8 +46,8 @@ DOC: dict[str, Any] = {
     "key_expiry": {"default": "180d", "tag:node": "never", "tag:laptop": "30d"},
 }
 SECTIONS = ("(document)", "groups", "tag_rules", "acls", "routes", "key_expiry", "policy")
-# a section, then the rest of the path up to ": " (or " '" where the URL check words it)
-PATH = re.compile(rf"^({'|'.join(map(re.escape, SECTIONS))})([.\[].*?)?(: | ')")
+# a section, then the rest of the path, then ": "
+PATH = re.compile(rf"^({'|'.join(map(re.escape, SECTIONS))})([.\[].*?)?: ")
 NEAR_VALID = [
     "tag:db", "tag:node", "group:eng", "group:ops", "group:nope", "*", "tcp:5432", "tcp",
     "icmp:1", "udp:0", "tcp:9-1", "10.0.0.0/8", "10.0.0.1/8", "::/0", "https://[", "http://x",
@@ -241,6 +241,21 @@ def test_arbitrary_bytes_load_or_name_a_path(data: bytes, suffix: str) -> None:
 )
 def test_regression_texts_refused_with_config_error(data: bytes, suffix: str) -> None:
     assert load_text(data, suffix) is None
+
+
+def test_regression_issuer_errors_are_path_colon_message() -> None:
+    """atheris (scripts/fuzz.sh): the issuer's URL errors read ``groups.eng.issuer "https:'/..."
+    must be...``, with no ``:`` after the path, unlike every other error of the file."""
+    data = (
+        b"acls:\n- dst:\n  - tag:db\n  ports:\n  - tcp:5432\n  - icmp\n  - udp:1-9\n  src:\n"
+        b"  - group:eng\n- dst:\n  - tag:node\n  - '*'\n  src:\n  - tqg:node\ngroups:\n  eng:\n"
+        b"    claim: groups\n    issuer: https:'/idp.example.com\n    values:\n    - engineering\n"
+        b"key_expiry:\n  defaulgroup: eng\n  tags:\n  - tag:laptop\n"
+    )
+    path = WORK / "policy.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError, match=r"^groups\.eng\.issuer: \"https:'/idp"):
+        load_policy_file(path)
 
 
 def test_regression_issuer_that_is_not_a_url_names_its_path() -> None:

@@ -341,6 +341,37 @@ def test_kill_9_during_an_enrollment_storm_loses_nothing_acknowledged(
     assert ping_until(agents["b"].host, v4(gateway, agents["a"]))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: the retry of an enrollment whose answer was lost is refused with 409 "
+    "duplicate_public_key (the committed device holds the agent's key), so the agent never "
+    "enrolls; see docs/operations.md, runbook 'kill -9 of the gateway during an enrollment storm'",
+)
+def test_an_agent_whose_enrollment_answer_was_lost_enrolls_on_its_next_start(
+    lab: Lab, gateway: Wiregate
+) -> None:
+    """The window between the commit and the answer, made wide: the gateway's answer to
+    the enrollment is dropped (large segments from its port), so the agent gives up
+    after its timeout although the device was committed; then the agent starts again."""
+    host = lab.add_host("a")
+    key = gateway.create_key(tags="tag:lab")
+    rule = ["OUTPUT", "-p", "tcp", "-s", INTERNET_GATEWAY, "--sport", "8080", "-d", host.addr,
+            "-m", "length", "--length", "300:65535", "-j", "DROP"]  # fmt: skip
+    lab.internet.run(["iptables", "-A", *rule])
+    agent = gateway.start_agent(host, key)
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=60) != 0, "the agent enrolled although the answer was lost"
+    committed = gateway.devices()
+    assert [d["name"] for d in committed] == ["a"], "the enrollment was not committed"
+    lab.internet.run(["iptables", "-D", *rule])
+    agent = gateway.start_agent(host)
+    assert agent.proc is not None
+    poll(lambda: not agent.proc.alive() or all_connected(gateway, [agent]), timeout=60,
+         what="the agent to connect or exit")  # fmt: skip
+    assert agent.proc.alive(), f"the agent exited again: {agent.proc.output(400)}"
+    assert [d["id"] for d in gateway.devices()] == [committed[0]["id"]]
+
+
 # --------------------------------------------------------------------------- 2. IdP unreachable
 
 BROWSER_SCRIPT = r"""

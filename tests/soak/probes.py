@@ -209,20 +209,21 @@ def parse_ping(text: str) -> PingLog:
 
 
 def rotation_window(agent_log: str, after: float) -> tuple[float, float] | None:
-    """When the agent rotated (the first rotation it registered at or after ``after``):
-    (registered, switched) from its JSON log, or None if it did not."""
-    registered = None
+    """When the agent rotated (its first rotation at or after ``after``): (registered,
+    switched) from its JSON log, or None if it did not. The switch may be logged first:
+    the map carrying the new key can arrive before the gateway's answer."""
+    seen: dict[str, float] = {}
     for line in agent_log.splitlines():
         if not line.startswith("{") or '"key ' not in line:
             continue
         with contextlib.suppress(ValueError, KeyError):
             doc = json.loads(line)
             when = datetime.fromisoformat(doc["timestamp"].replace("Z", "+00:00")).timestamp()
-            if registered is None and doc["event"] == "key rotation registered" and when >= after:
-                registered = when
-            elif registered is not None and doc["event"] == "key switched":
-                return registered, when
-    return None
+            if when >= after and doc["event"] in ("key rotation registered", "key switched"):
+                seen.setdefault(doc["event"], when)
+    if len(seen) < 2:
+        return None
+    return seen["key rotation registered"], seen["key switched"]
 
 
 # --------------------------------------------------------------------------- iperf3

@@ -5,9 +5,9 @@
 #
 # FUZZ_DIR (default /var/tmp/wiregate-fuzz) keeps each target's corpus between
 # campaigns and the inputs that broke it (TARGET/artifacts/crash-*); FUZZ_TARGETS
-# narrows the list. Prints executions, rate, coverage, corpus size and findings per
-# target; exits 1 if any harness found something (replay one with
-# `.venv/bin/python tests/fuzz/fuzz_TARGET.py FILE`).
+# narrows the list. Prints executions, rate, coverage, corpus size and this run's
+# findings per target (a harness stops at its first); exits 1 if any found something
+# (replay one with `.venv/bin/python tests/fuzz/fuzz_TARGET.py FILE`).
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -26,6 +26,7 @@ for target in $targets; do
     dir="$work/$target"
     mkdir -p "$dir/corpus" "$dir/artifacts"
     log="$dir/last.log"
+    touch "$dir/.started"
     if ! .venv/bin/python "tests/fuzz/fuzz_$target.py" -max_total_time="$seconds" \
         -print_final_stats=1 -rss_limit_mb=2048 -artifact_prefix="$dir/artifacts/" \
         "$dir/corpus" >"$log" 2>&1; then
@@ -35,7 +36,7 @@ for target in $targets; do
     printf '%-14s %12s %8s %6s %7s %s\n' "$target" \
         "$(stat_of number_of_executed_units "$log")" "$(stat_of average_exec_per_sec "$log")" \
         "${cov:--}" "$(find "$dir/corpus" -type f | wc -l)" \
-        "$(find "$dir/artifacts" -type f | wc -l)"
+        "$(find "$dir/artifacts" -type f -newer "$dir/.started" | wc -l)"
 done
 [ "$status" -eq 0 ] || echo "fuzz: a harness failed; see $work/TARGET/last.log and artifacts/" >&2
 exit "$status"

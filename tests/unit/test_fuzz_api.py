@@ -31,7 +31,7 @@ from tests.unit.test_api import AUTH, Client, FakeClock, make_settings, new_key
 from tests.unit.test_relay_tickets_api import RELAYS, both_up
 
 FUZZ = settings(
-    max_examples=50,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )

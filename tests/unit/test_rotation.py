@@ -52,6 +52,9 @@ class FakeAgent:
     session: MapSession = field(default_factory=MapSession)
     enrollment: Enrollment | None = None
 
+    def gateway_url(self) -> str:
+        return str(self.settings.server).rstrip("/")
+
 
 def peer(i: int, key: str) -> Peer:
     ips = (f"127.0.0.{i + 2}/32", f"fd7a:7767:6174::{i + 2:x}/128")

@@ -648,6 +648,7 @@ class Wiregate:
         self.gateway: Process | None = None
         self.agents: dict[str, Agent] = {}
         self._starts = 0
+        self.status_timeout = 20.0  # s per `wiregate status`; raise it on a loaded machine
 
     # -- gateway
 
@@ -732,7 +733,7 @@ class Wiregate:
     def status(self, agent: Agent) -> dict[str, Any]:
         """``wiregate status --json`` of ``agent``."""
         cmd = [*self.cmd, "status", "--run-dir", str(agent.run_dir), "--json"]
-        return dict(json.loads(agent.host.run(cmd, timeout=20).stdout))
+        return dict(json.loads(agent.host.run(cmd, timeout=self.status_timeout).stdout))
 
     def statuses(self, agents: Sequence[Agent]) -> dict[str, dict[str, Any]]:
         """``status`` of several agents at once (each is a CLI process of its own)."""

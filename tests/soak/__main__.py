@@ -9,7 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.soak.driver import format_summary, profile_for, run_soak
+from tests.soak.driver import run_soak
+from tests.soak.profile import profile_for
+from tests.soak.report import format_summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ import contextlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ import aiohttp
 import asyncpg
 
 from gateway.admin_client import AdminClient
+from gateway.errors import RemoteError
 from gateway.model import NetMap
 from tests.lab.harness import (
     INTERNET_GATEWAY,
@@ -52,69 +53,14 @@ from tests.lab.harness import (
 from tests.pg import PgServer
 from tests.soak import checks
 from tests.soak.netns import run_in_netns
-from tests.soak.probes import (
-    Sample,
-    Sampler,
-    fd_breakdown,
-    iperf_figures,
-    parse_ping,
-    rotation_window,
-)
+from tests.soak.probes import Sampler, fd_breakdown
+from tests.soak.profile import PINGS, REAL_HOSTS, Profile, Rotation
+from tests.soak.report import assemble, traffic_figures
 from tests.soak.sim import Fleet, FleetConfig, connected
 
-__all__ = ["CI", "FULL", "Bounds", "Profile", "format_summary", "run_soak"]
+__all__ = ["run_soak"]
 
 API_PORT, METRICS_PORT = 8180, 9190  # + replica index, in the lab's internet namespace
-REAL_HOSTS = ("a", "b", "c")
-PINGS = (("c", "a"), ("c", "b"))  # (from, to): every rotating host is on a pinged path
-
-
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    """What the run must stay within (stated in docs/operations.md, "Soak")."""
-
-    fd_slack: int = 10  # fds after the simulated agents left: at most baseline + this,
-    # not counting unix-socket client connections (the PostgreSQL pool), which may grow
-    db_pool: int = 10  # by the gateway's pool_size at most
-    task_slack: int = 5  # asyncio tasks after they left: baseline +- this
-    rss_growth: float = 0.20  # VmRSS growth from the 25 % mark of the churn to its end
-    rotation_loss: int = 0  # echoes lost around a real agent's rotation
-    ping_loss: float = 0.005  # echoes lost over the whole run, rotations or not
-    settle_s: float = 90.0  # every map agrees with the database within this
-    quiet_s: float = 30.0  # after the simulated devices are gone, before the "after" sample
-
-
-@dataclass(frozen=True, slots=True)
-class Profile:
-    """How big and how long."""
-
-    name: str
-    minutes: float
-    agents: int
-    replicas: int = 2
-    probes: int = 8  # simulated agents the real agents peer with
-    ephemeral_share: float = 0.1
-    mean_action_s: float = 20.0  # per simulated agent
-    mean_delete_s: float = 20.0  # admin deletions (the agent re-enrolls)
-    rotate_every_s: float = 30.0  # a real agent rotates (a, b, c in turn)
-    iperf_mbps: int = 40
-    ping_pps: int = 50
-    sample_every_s: float = 10.0
-    ephemeral_timeout_s: float = 10.0
-    sweep_interval_s: float = 3.0
-    seed: int = 1
-    bounds: Bounds = Bounds()
-
-    @property
-    def churn_s(self) -> float:
-        return self.minutes * 60
-
-
-CI = Profile(
-    "ci", minutes=1.5, agents=150, mean_action_s=15.0, rotate_every_s=8.0,
-    bounds=Bounds(quiet_s=20.0),
-)  # fmt: skip
-FULL = Profile("full", minutes=10, agents=300)
 
 
 @dataclass
@@ -126,26 +72,6 @@ class Replica:
     url: str
     metrics_url: str
     admin_socket: Path
-
-
-@dataclass
-class Rotation:
-    """One ``wiregate rotate`` on a real agent (wall-clock times, as ping -D prints)."""
-
-    host: str
-    start: float
-    end: float
-    ok: bool
-    detail: str = ""
-    registered: float | None = None  # from the agent's log: the next key registered
-    switched: float | None = None  # and switched to
-
-    def window(self) -> tuple[float, float]:
-        """When a rotation could cost packets: from 1 s before the agent registered its
-        next key to 5 s after it switched (a handshake retry is 5 s)."""
-        if self.registered is None or self.switched is None:
-            return self.start - 1, self.end + 5
-        return self.registered - 1, self.switched + 5
 
 
 # --------------------------------------------------------------------------- setup
@@ -381,7 +307,11 @@ async def remove_simulated(run: Run) -> int:
 
     async def delete(device_id: str) -> None:
         async with slots:
-            await admin.call("DELETE", f"/api/v1/devices/{device_id}")
+            try:
+                await admin.call("DELETE", f"/api/v1/devices/{device_id}")
+            except RemoteError as exc:  # an ephemeral one the sweeper removed meanwhile
+                if exc.status != 404:
+                    raise
 
     await asyncio.gather(*map(delete, ids))
     return len(ids)
@@ -451,115 +381,6 @@ async def churn(run: Run) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- figures
-
-
-def resource_figures(
-    profile: Profile, result: dict[str, Any], replicas: int
-) -> tuple[dict[str, Any], list[str]]:
-    bounds = profile.bounds
-    samples = [Sample(**s) for s in result["samples"]]
-    figures: dict[str, Any] = {}
-    failures = []
-    start = result["churn_started"]
-    for replica in range(replicas):
-        mine = [s for s in samples if s.replica == replica]
-        base = next(s for s in mine if s.label == "baseline")
-        after = next(s for s in mine if s.label == "after")
-        end = next(s for s in mine if s.label == "end")
-        churning = [s for s in mine if s.label == "churn"]
-        mark = start + 0.25 * profile.churn_s
-        quarter = min(churning, key=lambda s: abs(s.t - mark)) if churning else base
-        growth = end.rss_kb / quarter.rss_kb - 1
-        peak = max(mine, key=lambda s: s.connected)
-        figures[f"replica{replica}"] = {
-            "baseline": {"fds": base.fds, "tasks": base.tasks, "rss_kb": base.rss_kb,
-                         "connected": base.connected},
-            "peak": {"fds": max(s.fds for s in mine), "tasks": max(s.tasks for s in mine),
-                     "rss_kb": max(s.rss_kb for s in mine), "connected": peak.connected},
-            "rss_kb_at_25pct": quarter.rss_kb,
-            "rss_kb_at_end": end.rss_kb,
-            "rss_growth_25_to_100": round(growth, 3),
-            "after": {"fds": after.fds, "tasks": after.tasks, "rss_kb": after.rss_kb,
-                      "connected": after.connected},
-            "fds_baseline": result["fds_baseline"][replica],
-            "fds_after": result["fds_after"][replica],
-        }  # fmt: skip
-        where = f"replica {replica}"
-        pool = [result[k][replica].get("unix (unnamed)", 0) for k in ("fds_baseline", "fds_after")]
-        if after.fds - pool[1] > base.fds - pool[0] + bounds.fd_slack:
-            failures.append(f"{where}: {after.fds - pool[1]} fds after (not counting the "
-                            f"database pool), baseline {base.fds - pool[0]} "
-                            f"(bound +{bounds.fd_slack})")  # fmt: skip
-        if pool[1] > pool[0] + bounds.db_pool:
-            failures.append(f"{where}: {pool[1]} unix client sockets after, baseline "
-                            f"{pool[0]} (bound +{bounds.db_pool}, the pool size)")  # fmt: skip
-        if abs(after.tasks - base.tasks) > bounds.task_slack:
-            failures.append(f"{where}: {after.tasks} tasks after, baseline {base.tasks} "
-                            f"(bound +-{bounds.task_slack})")  # fmt: skip
-        if after.connected != base.connected:
-            failures.append(f"{where}: {after.connected} streams after, {base.connected} before")
-        if growth >= bounds.rss_growth:
-            failures.append(f"{where}: RSS grew {growth:.1%} from the 25 % mark to the end "
-                            f"(bound {bounds.rss_growth:.0%})")  # fmt: skip
-    return figures, failures
-
-
-def traffic_figures(run: Run, procs: Sequence[Process]) -> tuple[dict[str, Any], list[str]]:
-    failures = []
-    by_name = {p.name: p for p in procs}
-    iperf = iperf_figures(by_name["iperf3-client"].output())
-    if "error" in iperf:
-        failures.append(f"iperf3: {iperf['error']}")
-    elif iperf["min_interval_mbps"] <= 0:
-        failures.append("iperf3: an interval carried nothing (a tunnel stalled)")
-    pings: dict[str, Any] = {}
-    logs = {}
-    for src, dst in PINGS:
-        log = parse_ping(by_name[f"ping-{src}-{dst}"].output())
-        logs[(src, dst)] = log
-        pings[f"{src}->{dst}"] = {"sent": log.sent, "received": len(log.replies),
-                                  "lost": len(log.lost())}  # fmt: skip
-    rotations = []
-    for r in run.rotations:
-        agent = run.agents[r.host]
-        assert agent.proc is not None
-        r.registered, r.switched = rotation_window(agent.proc.output(), r.start) or (None, None)
-        start, end = r.window()
-        lost = {
-            f"{src}->{dst}": log.lost_between(start, end)
-            for (src, dst), log in logs.items()
-            if r.host in (src, dst)
-        }
-        switch = None if r.switched is None or r.registered is None else r.switched - r.registered
-        rotations.append({**asdict(r), "lost": lost, "cli_seconds": round(r.end - r.start, 2),
-                          "switch_seconds": switch and round(switch, 3)})  # fmt: skip
-        if not r.ok:
-            failures.append(f"rotate on {r.host} failed: {r.detail}")
-        if sum(lost.values()) > run.profile.bounds.rotation_loss:
-            failures.append(f"rotate on {r.host} at {r.start:.1f}: lost {lost}")
-    if len(run.rotations) < 3:
-        failures.append(f"only {len(run.rotations)} rotations of real agents happened")
-    for (src, dst), log in logs.items():
-        name = f"{src}->{dst}"
-        windows = [r.window() for r in run.rotations if r.host in (src, dst)]
-        outside = [t for t in log.lost_at() if not any(a <= t <= b for a, b in windows)]
-        pings[name]["lost_outside_rotations"] = len(outside)
-        if len(log.lost()) > run.profile.bounds.ping_loss * max(1, log.sent):
-            failures.append(f"ping {name}: lost {len(log.lost())} of {log.sent}")
-    return {"iperf": iperf, "ping": pings, "rotations": rotations}, failures
-
-
-def fleet_failures(fleet: dict[str, Any]) -> list[str]:
-    counts = fleet["counts"]
-    failures = [f"simulated agents: {e}" for e in fleet["errors"][:10]]
-    for needed in ("enroll", "rotate", "rotate_switched", "endpoints", "reconnect",
-                   "admin_delete", "revoked_seen", "departed"):  # fmt: skip
-        if not counts.get(needed):
-            failures.append(f"simulated agents never did {needed!r}")
-    return failures
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -597,82 +418,12 @@ def run_soak(profile: Profile, workdir: Path) -> dict[str, Any]:
         for proc in traffic:
             with contextlib.suppress(Exception):
                 proc.wait(timeout=30)
-        report = assemble(run, result, traffic, started)
+        outputs = {proc.name: proc.output() for proc in traffic}
+        logs = {name: a.proc.output() if a.proc else "" for name, a in agents.items()}
+        tunnels, failures = traffic_figures(profile, run.rotations, outputs, logs)
+        report = assemble(profile, result, tunnels, failures, started)
         for replica in replicas:
             if not replica.proc.alive():
                 report["failures"].append(f"gateway {replica.index} exited")
     (workdir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
-
-
-def assemble(
-    run: Run, result: dict[str, Any], traffic: Sequence[Process], started: float
-) -> dict[str, Any]:
-    resources, failures = resource_figures(run.profile, result, len(run.replicas))
-    tunnels, traffic_failures = traffic_figures(run, traffic)
-    failures += traffic_failures + fleet_failures(result["fleet"])
-    for name, problems in result["invariants"]["problems"].items():
-        failures += [f"{name}: {p}" for p in problems[:10]]
-    profile = asdict(run.profile)
-    return {
-        "profile": profile,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "wall_seconds": round(time.time() - started, 1),
-        "resources": resources,
-        "tunnels": tunnels,
-        "fleet": result["fleet"],
-        "invariants": {k: v for k, v in result["invariants"].items() if k != "problems"}
-        | {"problems": {k: len(v) for k, v in result["invariants"]["problems"].items()}},
-        "samples": result["samples"],
-        "failures": failures,
-    }
-
-
-def format_summary(report: dict[str, Any]) -> str:
-    """A human summary of a report."""
-    p, inv, tun = report["profile"], report["invariants"], report["tunnels"]
-    lines = [
-        f"soak {p['name']}: {p['agents']} simulated agents, {p['replicas']} replica(s), "
-        f"{p['minutes']} min churn, {report['wall_seconds']} s wall",
-        f"  fleet: {json.dumps(report['fleet']['counts'])}",
-        f"  invariants at version {inv['version']}: {inv['live_devices']} live devices, "
-        f"{inv['maps_checked']} maps checked, settled in {inv['settle_seconds']} s, "
-        f"{inv['resumed']} resumed with since; problems {inv['problems']}",
-    ]
-    for name, r in report["resources"].items():
-        lines.append(
-            f"  {name}: fds {r['baseline']['fds']} -> peak {r['peak']['fds']} -> "
-            f"after {r['after']['fds']}; tasks {r['baseline']['tasks']} -> peak "
-            f"{r['peak']['tasks']} -> after {r['after']['tasks']}; RSS {r['rss_kb_at_25pct']} "
-            f"-> {r['rss_kb_at_end']} KiB ({r['rss_growth_25_to_100']:+.1%} from 25 % to end), "
-            f"peak streams {r['peak']['connected']}"
-        )
-    iperf = tun["iperf"]
-    lines.append(
-        f"  iperf3 a->b: {iperf.get('received_mbps')} Mbit/s received, min 10 s interval "
-        f"{iperf.get('min_interval_mbps')}, retransmits {iperf.get('retransmits')}"
-    )
-    lines.append(f"  ping: {json.dumps(tun['ping'])}")
-    lost = [sum(r["lost"].values()) for r in tun["rotations"]]
-    lines.append(
-        f"  rotations of real agents: {len(lost)}, echoes lost around them: {lost}, "
-        f"registered -> switched (s): {[r['switch_seconds'] for r in tun['rotations']]}"
-    )
-    lines.append("  PASSED" if not report["failures"] else "  FAILED:")
-    lines += [f"    - {f}" for f in report["failures"]]
-    return "\n".join(lines)
-
-
-def profile_for(
-    name: str, minutes: float | None, agents: int | None, replicas: int | None
-) -> Profile:
-    """A named profile with the command line's overrides."""
-    base = {"ci": CI, "full": FULL}[name]
-    changes: dict[str, Any] = {}
-    if minutes is not None:
-        changes["minutes"] = minutes
-    if agents is not None:
-        changes["agents"] = agents
-    if replicas is not None:
-        changes["replicas"] = replicas
-    return replace(base, **changes)

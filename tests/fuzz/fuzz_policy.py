@@ -1,17 +1,16 @@
-"""Coverage-guided fuzzing of the policy loader (identity/policy_file.py) through files.
+"""Coverage-guided fuzzing of the policy loader (identity/policy_file.py): ``load_policy_file``.
 
 The first byte picks the file's suffix (``.yaml``, ``.json``, ``.toml``); the
-rest is the file. Properties: ``load_policy_file`` returns a policy or raises
-:class:`ConfigError` whose message names the file (it does not parse) or the
-path inside the document; a loaded policy summarises.
+rest is the file's content (handed over in memory, read as the file would be).
+Properties: the loader returns a policy or raises :class:`ConfigError` whose
+message names the file (it does not parse) or the path inside the document; a
+loaded policy summarises.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import tempfile
-from pathlib import Path
 
 import atheris
 import yaml
@@ -24,8 +23,6 @@ with atheris.instrument_imports(include=PROJECT):
 SUFFIXES = (".yaml", ".json", ".toml")
 SECTIONS = ("(document)", "groups", "tag_rules", "acls", "routes", "key_expiry", "policy")
 PATH = re.compile(rf"^({'|'.join(map(re.escape, SECTIONS))})([.\[].*?)?: ")
-SHM = Path("/dev/shm")
-WORK = Path(tempfile.mkdtemp(prefix="wiregate-fuzz-policy-", dir=SHM if SHM.is_dir() else None))
 IDP = "https://idp.example.com"
 DOC = {
     "groups": {"eng": {"issuer": IDP, "claim": "groups", "values": ["engineering"]}},
@@ -53,13 +50,25 @@ def seeds() -> list[bytes]:
     ]
 
 
+class _InMemoryFile:
+    """What ``load_policy_file`` uses of a Path (no file system per input)."""
+
+    def __init__(self, data: bytes, suffix: str) -> None:
+        self._data, self.suffix = data, suffix
+
+    def read_bytes(self) -> bytes:
+        return self._data
+
+    def __str__(self) -> str:
+        return f"policy{self.suffix}"
+
+
 def test_one_input(data: bytes) -> None:
     if not data:
         return
-    path = WORK / f"policy{SUFFIXES[data[0] % len(SUFFIXES)]}"
-    path.write_bytes(data[1:])
+    path = _InMemoryFile(data[1:], SUFFIXES[data[0] % len(SUFFIXES)])
     try:
-        policy = load_policy_file(path)
+        policy = load_policy_file(path)  # type: ignore[arg-type]
     except ConfigError as exc:
         named = exc.message.startswith(f"policy file {path} does not parse")
         assert named or PATH.match(exc.message), f"no path in: {exc.message}"

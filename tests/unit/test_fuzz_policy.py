@@ -12,9 +12,11 @@ as YAML or JSON loads to the same policy as the document itself.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -164,6 +166,7 @@ def test_arbitrary_sections_load_or_name_a_path(doc: dict[str, Any]) -> None:
 # --- through files ------------------------------------------------------------------
 
 WORK = Path(tempfile.mkdtemp(prefix="wiregate-policy-fuzz-"))
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 
 
 def load_text(data: bytes, suffix: str) -> PolicyFile | None:

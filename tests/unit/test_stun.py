@@ -272,6 +272,6 @@ def test_exported_members() -> None:
     public = {name for name in dir(relay) if not name.startswith("_")}
     modules = {"client", "errors", "server", "stun", "stun_server", "annotations"}
     modules |= {"allocation", "control", "filters", "pool", "relay_client", "relay_server"}
-    modules |= {"probe", "tickets"}
+    modules |= {"metrics", "probe", "tickets"}
     assert set(relay.__all__) == public - modules
     assert all(getattr(relay, name).__module__.startswith("relay.") for name in relay.__all__)

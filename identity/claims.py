@@ -117,12 +117,16 @@ class IssuerConfig:
 
 def check_url(url: str, *, insecure_http: bool, what: str, error: type[Exception]) -> None:
     """Raise ``error`` unless ``url`` is https (or http on loopback when allowed)."""
-    parts = urlsplit(url)
-    if parts.query or parts.fragment or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname  # raises on a malformed authority ("https://[")
+    except ValueError:
+        raise error(f"{what} {url!r} is not a valid URL") from None
+    if parts.query or parts.fragment or not hostname:
         raise error(f"{what} {url!r} must be an absolute URL without query or fragment")
     if parts.scheme == "https":
         return
-    if parts.scheme == "http" and insecure_http and parts.hostname in _LOOPBACK:
+    if parts.scheme == "http" and insecure_http and hostname in _LOOPBACK:
         return
     raise error(f"{what} {url!r} must use https")
 

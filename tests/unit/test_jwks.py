@@ -347,3 +347,12 @@ def test_exported_api() -> None:
         "ASYMMETRIC_ALGORITHMS", "Claims", "IssuerConfig", "check_claims", "check_url",
         "is_safe_kid", "loads_strict", "refuse", "verified_email",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("url", ["https://[", "https://[::1", "http://[zz]/jwks"])
+def test_a_malformed_url_from_discovery_is_the_named_error(url: str) -> None:
+    from gateway.errors import Unavailable
+    from identity.claims import check_url
+
+    with pytest.raises(Unavailable, match=r"jwks_uri .* is not a valid URL"):
+        check_url(url, insecure_http=True, what="jwks_uri", error=Unavailable)

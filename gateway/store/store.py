@@ -75,6 +75,7 @@ _MIGRATE = 0x77676D69  # PostgreSQL advisory lock key held while migrating
 UPSERT, REMOVE = ChangeKind.UPSERT, ChangeKind.REMOVE
 DELETED = "device removed"  # what an agent is told when an admin deletes its device
 MIN_ROTATION_INTERVAL = 5.0  # seconds between two key rotations of one device
+RETRY_WINDOW = 600.0  # seconds during which a lost enrollment answer may be asked again
 
 
 class Store:
@@ -181,6 +182,9 @@ class Store:
         now = self._clock()
         token = generate_device_token()
         async with self._write() as s:
+            retried = await self._retried_enrollment(s, secret, request, token, now)
+            if retried is not None:
+                return retried
             version = await self._bump(s)
             key = await self._consume_key(s, secret, now)
             identity = Identity(ENROLLMENT_ISSUER, key.id)
@@ -231,6 +235,41 @@ class Store:
             await repl.record_change(s, version, UPSERT, row.id, now)
         _log.info("device_enrolled", device_id=row.id, issuer=identity.issuer, version=version)
         return Enrolled(device_record(row, identity), token, version), removed
+
+    async def _retried_enrollment(
+        self, s: AsyncSession, secret: str, request: EnrollRequest, token: str, now: float
+    ) -> Enrolled | None:
+        """The same enrollment again (its answer was lost: a timeout, a gateway killed
+        between commit and reply): the device this key enrolled with this public key
+        moments ago and that never connected gets a new token (the lost one stops
+        working) instead of a refusal; the key is not used again, the map is unchanged.
+        """
+        if not secret.startswith(KEY_PREFIX):
+            return None
+        key_query = select(EnrollmentKeyRow).where(
+            EnrollmentKeyRow.secret_hash == hash_secret(secret)
+        )
+        key = (await s.execute(key_query)).scalar_one_or_none()
+        if key is None or key.revoked or not secret_matches(secret, key.secret_hash):
+            return None
+        query = device_query().where(
+            DeviceRow.public_key == request.public_key,
+            DeviceRow.name == request.name,
+            DeviceRow.last_seen.is_(None),
+            DeviceRow.created_at >= now - RETRY_WINDOW,
+            IdentityRow.issuer == ENROLLMENT_ISSUER,
+            IdentityRow.subject == key.id,
+        )
+        found = (await s.execute(query)).tuples().first()
+        if found is None:
+            return None
+        row, issuer, subject = found
+        row.token_hash = hash_secret(token)
+        await audit.add(s, now, device_actor(row.id), "device.enroll_retry", row.id,
+                        {"key_id": key.id, "name": row.name})  # fmt: skip
+        version = (await s.execute(select(MetaRow.map_version))).scalar_one()
+        _log.info("device_enroll_retried", device_id=row.id, key_id=key.id)
+        return Enrolled(device_record(row, Identity(issuer, subject)), token, version)
 
     async def _device_named(
         self, s: AsyncSession, identity: Identity, name: str

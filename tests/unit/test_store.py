@@ -232,3 +232,44 @@ async def test_ready_and_sqlite_pragmas(tmp_path: Path) -> None:
         await engine.dispose()
     assert pragma == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1,
                       "busy_timeout": 10000}  # fmt: skip
+
+
+async def test_an_enrollment_whose_answer_was_lost_may_be_asked_again(
+    store: Store, clock: FakeClock
+) -> None:
+    _, secret = await store.create_key(KeySpec())  # single use: consumed by the first
+    request = EnrollRequest(new_key(), "vm-1")
+    first = await store.enroll(secret, request)
+    clock.now += 30
+    again = await store.enroll(secret, request)  # the agent never got the first answer
+    assert again.record.device.id == first.record.device.id
+    assert again.record.device.ipv4 == first.record.device.ipv4
+    assert again.token != first.token
+    assert again.version == first.version  # the map did not change
+    assert (await store.device_by_token(again.token)).device.id == first.record.device.id
+    with pytest.raises(Unauthorized):
+        await store.device_by_token(first.token)  # the lost token stops working
+    assert await used_count(store) == [1]
+    assert [e.action for e in await store.list_audit()][:1] == ["device.enroll_retry"]
+
+
+async def test_a_retried_enrollment_is_refused_once_the_device_connected_or_later(
+    store: Store, clock: FakeClock
+) -> None:
+    _, secret = await store.create_key(KeySpec(reusable=True))
+    request = EnrollRequest(new_key(), "vm-1")
+    first = await store.enroll(secret, request)
+    await store.touch(first.record.device.id)  # its agent opened the stream
+    with pytest.raises(Conflict):
+        await store.enroll(secret, request)
+    late = EnrollRequest(new_key(), "vm-2")
+    await store.enroll(secret, late)
+    clock.now += 601
+    with pytest.raises(Conflict):
+        await store.enroll(secret, late)
+    _, other = await store.create_key(KeySpec(reusable=True))
+    third = EnrollRequest(new_key(), "vm-3")
+    await store.enroll(secret, third)
+    with pytest.raises(Conflict):  # another key cannot take the device over
+        await store.enroll(other, third)
+    assert len(await store.list_devices()) == 3

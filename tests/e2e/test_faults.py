@@ -317,6 +317,10 @@ def test_kill_9_during_an_enrollment_storm_loses_nothing_acknowledged(
     stored = check_database(gateway, acknowledged)
 
     def converged() -> bool:
+        for name, agent in agents.items():
+            assert agent.proc is not None
+            if not agent.proc.alive():
+                raise AssertionError(f"agent {name} exited:\n{agent.proc.output(1500)}")
         statuses = gateway.statuses(list(agents.values()))
         return all(
             st["gateway"]["connected"]

@@ -242,7 +242,7 @@ def _format_status(doc: dict[str, Any]) -> str:
     now = time.time()
     for p in doc.get("peers", []):
         hs = p.get("last_handshake")
-        age = f"{int(now - hs)}s ago" if hs else "never"
+        age = f"{max(0, int(now - hs))}s ago" if hs else "never"  # a clock stepped back: 0
         addr = (p.get("addresses") or ["?"])[0].split("/")[0]
         path = p.get("path") or {}
         kind = path.get("path", "-")

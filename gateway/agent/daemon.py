@@ -285,7 +285,13 @@ class Agent:
             message["nat"] = str(self.netreport.nat_type)
         if self._ws is None or self._ws.closed or message == self._advertised:
             return
-        await self._ws.send_json(message)
+        try:
+            await self._ws.send_json(message)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            # the stream is going away (gateway killed, replica draining): the reader
+            # sees it end and reconnects; the next stream gets the endpoints again
+            log.info("endpoints not sent: the map stream is closing", error=str(exc))
+            return
         self._advertised = message
 
     async def _stream_forever(self, control: ControlClient) -> None:
@@ -294,10 +300,13 @@ class Agent:
             try:
                 await self._stream_once(control)
                 delay = 0.5
-            except Unavailable as exc:
-                self.health.last_error = exc.message
-                log.warning("gateway unreachable; data plane kept as is", error=exc.message)
+            except (Unavailable, aiohttp.ClientError, ConnectionError) as exc:
+                error = exc.message if isinstance(exc, Unavailable) else repr(exc)
+                self.health.last_error = error
+                log.warning("gateway unreachable; data plane kept as is", error=error)
                 control.failover()  # another replica, if several are configured
+                if self.health.connected:  # a stream that worked: back off from the start
+                    delay = 0.5
             except Unauthorized:
                 await self._revoked("the gateway no longer accepts this device")
             self.health.connected = False

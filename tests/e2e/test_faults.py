@@ -346,12 +346,6 @@ def test_kill_9_during_an_enrollment_storm_loses_nothing_acknowledged(
     assert ping_until(agents["b"].host, v4(gateway, agents["a"]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the retry of an enrollment whose answer was lost is refused with 409 "
-    "duplicate_public_key (the committed device holds the agent's key), so the agent never "
-    "enrolls; see docs/operations.md, runbook 'kill -9 of the gateway during an enrollment storm'",
-)
 def test_an_agent_whose_enrollment_answer_was_lost_enrolls_on_its_next_start(
     lab: Lab, gateway: Wiregate
 ) -> None:

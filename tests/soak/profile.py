@@ -5,10 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-__all__ = ["CI", "FULL", "PINGS", "REAL_HOSTS", "Bounds", "Profile", "Rotation", "profile_for"]
+__all__ = [
+    "CI",
+    "FULL",
+    "PINGS",
+    "REAL_HOSTS",
+    "STRICT_PINGS",
+    "Bounds",
+    "Profile",
+    "Rotation",
+    "profile_for",
+]
 
 REAL_HOSTS = ("a", "b", "c")
 PINGS = (("c", "a"), ("c", "b"))  # (from, to): every rotating host is on a pinged path
+# Paths whose echoes lost around a rotation fail the run. c -> b ends at the iperf3
+# receiver, whose wireguard-go queues iperf3 keeps full: its losses are reported (and
+# count in the whole-run bound) but do not fail the run (docs/operations.md, "Soak").
+STRICT_PINGS = frozenset({("c", "a")})
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +34,7 @@ class Bounds:
     db_pool: int = 10  # by the gateway's pool_size at most
     task_slack: int = 5  # asyncio tasks after they left: baseline +- this
     rss_growth: float = 0.20  # VmRSS growth from the 25 % mark of the churn to its end
-    rotation_loss: int = 0  # echoes lost around a real agent's rotation
+    rotation_loss: int = 0  # echoes lost around a real agent's rotation (STRICT_PINGS)
     ping_loss: float = 0.005  # echoes lost over the whole run, rotations or not
     settle_s: float = 90.0  # every map agrees with the database within this
     quiet_s: float = 30.0  # after the simulated devices are gone, before the "after" sample

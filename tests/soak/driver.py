@@ -349,7 +349,7 @@ async def churn(run: Run) -> dict[str, Any]:
         await fleet.stop()
         await asyncio.gather(*background)
         end = await sampler.sample("end")
-        await fleet.settle()
+        fleet.settle()
         # departed ephemeral devices are swept ephemeral_timeout after they left
         swept_by = fleet.tally.departed_at + p.ephemeral_timeout_s + 2 * p.sweep_interval_s + 2
         await asyncio.sleep(max(0.0, swept_by - time.time()))

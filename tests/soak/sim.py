@@ -19,7 +19,7 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,6 @@ from gateway.agent.rotation import ROTATE_PATH
 from gateway.agent.session import Action, MapSession
 from gateway.agent.state import Enrollment
 from gateway.errors import RemoteError, Unauthorized, Unavailable, WiregateError
-from gateway.model import NetMap
 from gateway.wgkey import encode_key, generate_private_key, public_from_private
 
 __all__ = ["Fleet", "FleetConfig", "SimAgent"]
@@ -103,10 +102,6 @@ class SimAgent:
     @property
     def public_key(self) -> str:
         return encode_key(public_from_private(self.private))
-
-    @property
-    def netmap(self) -> NetMap | None:
-        return self.session.netmap
 
     @property
     def tally(self) -> Tally:
@@ -288,7 +283,7 @@ class SimAgent:
             action = self.rng.choices(ACTIONS, ACTION_WEIGHTS)[0]
             await self._guarded(self.act(action))
 
-    async def _guarded(self, work: Any) -> None:
+    async def _guarded(self, work: Awaitable[None]) -> None:
         async with self.fleet.slots:
             try:
                 await work
@@ -376,7 +371,7 @@ class Fleet:
         """Agents whose device should exist (enrolled, neither revoked nor departed)."""
         return [a for a in self.agents if a.enrollment and a.state in ("online", "offline")]
 
-    async def settle(self) -> None:
+    def settle(self) -> None:
         """Bring every live agent online (the offline ones reconnect with ``since``)."""
         for agent in self.live():
             if agent.state == "offline":

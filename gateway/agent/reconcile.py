@@ -77,7 +77,10 @@ def _peer_updates(
         change = _peer_change(want, have, before)
         if change is not None:
             changes.append(change)
-    return tuple(removals + changes)
+    # Additions and changes before removals: a peer taking over addresses (a rotated
+    # key, a reused address) owns them before the old peer goes, so no packet meets
+    # an address without a peer (WireGuard moves an allowed IP to its newest owner).
+    return tuple(changes + removals)
 
 
 def _new_peer(want: DesiredPeer) -> PeerUpdate:

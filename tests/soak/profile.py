@@ -36,6 +36,9 @@ class Bounds:
     rss_growth: float = 0.20  # VmRSS growth from the 25 % mark of the churn to its end
     rotation_loss: int = 0  # echoes lost around a real agent's rotation (STRICT_PINGS)
     ping_loss: float = 0.005  # echoes lost over the whole run, rotations or not
+    # ... on a path into the iperf3 receiver (not in STRICT_PINGS): its wireguard-go,
+    # its queues full, is starved for a second now and then on a loaded 2-core machine
+    receiver_ping_loss: float = 0.05
     settle_s: float = 90.0  # every map agrees with the database within this
     quiet_s: float = 30.0  # after the simulated devices are gone, before the "after" sample
 

@@ -110,7 +110,10 @@ def traffic_figures(
         windows = [r.window() for r in rotations if r.host in (src, dst)]
         outside = [t for t in log.lost_at() if not any(a <= t <= b for a, b in windows)]
         pings[name]["lost_outside_rotations"] = len(outside)
-        if len(log.lost()) > profile.bounds.ping_loss * max(1, log.sent):
+        bound = profile.bounds.ping_loss
+        if (src, dst) not in STRICT_PINGS:
+            bound = profile.bounds.receiver_ping_loss
+        if len(log.lost()) > bound * max(1, log.sent):
             failures.append(f"ping {name}: lost {len(log.lost())} of {log.sent}")
     return {"iperf": iperf, "ping": pings, "rotations": rows}, failures
 

@@ -182,11 +182,13 @@ class Store:
         now = self._clock()
         token = generate_device_token()
         async with self._write() as s:
-            retried = await self._retried_enrollment(s, secret, request, token, now)
-            if retried is not None:
-                return retried
+            found = await self._key_for(s, secret)
+            if found is not None:
+                retried = await self._retried_enrollment(s, found, request, token, now)
+                if retried is not None:
+                    return retried
             version = await self._bump(s)
-            key = await self._consume_key(s, secret, now)
+            key = await self._consume_key(s, found, now)
             identity = Identity(ENROLLMENT_ISSUER, key.id)
             grant = Grant(identity, tuple(key.tags), key.ephemeral)
             row = await self._add_device(s, request, grant, token, now)
@@ -237,20 +239,15 @@ class Store:
         return Enrolled(device_record(row, identity), token, version), removed
 
     async def _retried_enrollment(
-        self, s: AsyncSession, secret: str, request: EnrollRequest, token: str, now: float
-    ) -> Enrolled | None:
+        self, s: AsyncSession, key: EnrollmentKeyRow, request: EnrollRequest, token: str,
+        now: float,
+    ) -> Enrolled | None:  # fmt: skip
         """The same enrollment again (its answer was lost: a timeout, a gateway killed
         between commit and reply): the device this key enrolled with this public key
         moments ago and that never connected gets a new token (the lost one stops
         working) instead of a refusal; the key is not used again, the map is unchanged.
         """
-        if not secret.startswith(KEY_PREFIX):
-            return None
-        key_query = select(EnrollmentKeyRow).where(
-            EnrollmentKeyRow.secret_hash == hash_secret(secret)
-        )
-        key = (await s.execute(key_query)).scalar_one_or_none()
-        if key is None or key.revoked or not secret_matches(secret, key.secret_hash):
+        if key.revoked:
             return None
         query = device_query().where(
             DeviceRow.public_key == request.public_key,
@@ -672,15 +669,19 @@ class Store:
         await repl.notify(s, version)
         return version
 
-    async def _consume_key(self, s: AsyncSession, secret: str, now: float) -> EnrollmentKeyRow:
-        row = None
-        if secret.startswith(KEY_PREFIX):
-            query = select(EnrollmentKeyRow).where(
-                EnrollmentKeyRow.secret_hash == hash_secret(secret)
-            )
-            row = (await s.execute(query)).scalar_one_or_none()
-        genuine = row is not None and secret_matches(secret, row.secret_hash)
-        check_usable(key_state(row) if row is not None and genuine else None, now)
+    async def _key_for(self, s: AsyncSession, secret: str) -> EnrollmentKeyRow | None:
+        """The enrollment key whose secret is ``secret``, if there is one."""
+        if not secret.startswith(KEY_PREFIX):
+            return None
+        query = select(EnrollmentKeyRow).where(EnrollmentKeyRow.secret_hash == hash_secret(secret))
+        row = (await s.execute(query)).scalar_one_or_none()
+        return row if row is not None and secret_matches(secret, row.secret_hash) else None
+
+    async def _consume_key(
+        self, s: AsyncSession, row: EnrollmentKeyRow | None, now: float
+    ) -> EnrollmentKeyRow:
+        """Use ``row`` once (the key :meth:`_key_for` found); refused when unusable."""
+        check_usable(key_state(row) if row is not None else None, now)
         assert row is not None
         k = EnrollmentKeyRow
         stmt = update(k).where(k.id == row.id, k.revoked.is_(False))

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.lab.harness import Lab, Wiregate, lab_requirements
+from lab.harness import Lab, Wiregate, lab_requirements
 from tests.lab.test_bootstrap import VM, build_wheelhouse, start_cluster_node
 
 __all__ = ["run"]

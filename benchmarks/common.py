@@ -11,8 +11,8 @@ import statistics
 import time
 from collections.abc import Callable
 
-from gateway.model import Device, Identity
 from identity.policy import Policy, Rule
+from wiregate.model import Device, Identity
 
 __all__ = [
     "GROUPS",

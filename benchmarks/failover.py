@@ -1,7 +1,7 @@
 """Replica failover: ``python -m benchmarks.failover`` prints one JSON object of figures.
 
-In a lab (network namespaces, real wireguard-go agents; :mod:`tests.lab.harness`), a
-real PostgreSQL and two ``wiregate gateway`` replicas (:mod:`tests.lab.replicas`).
+In a lab (network namespaces, real wireguard-go agents; :mod:`lab.harness`), a
+real PostgreSQL and two ``wiregate gateway`` replicas (:mod:`lab.replicas`).
 Four agents enroll, all streaming from replica 8080 first (``--server A,B``); two
 continuous pings (a → b, c → d, every 20 ms) run across their tunnels for the whole
 benchmark. Each round SIGKILLs the replica the four agents stream from, times per
@@ -34,10 +34,10 @@ from typing import Any
 
 from benchmarks.common import emit
 from benchmarks.fanout import percentile
+from lab.harness import Agent, Lab, Wiregate, bare, lab_requirements, poll
+from lab.pg import pg_bin
+from lab.replicas import PORTS, Replicas, logged_at, replicas_on, resumed_on
 from tests.e2e.test_faults import PingResult, start_ping, stop_ping
-from tests.lab.harness import Agent, Lab, Wiregate, bare, lab_requirements, poll
-from tests.lab.replicas import PORTS, Replicas, logged_at, replicas_on, resumed_on
-from tests.pg import pg_bin
 
 __all__ = ["run"]
 

@@ -48,7 +48,7 @@ from pathlib import Path
 import aiohttp
 
 from benchmarks.common import emit, raise_nofile, vmrss_kb
-from gateway.wgkey import encode_key, generate_private_key, public_from_private
+from wiregate.keys import encode_key, generate_private_key, public_from_private
 
 AGENTS = 1000
 CHANGES = 20

@@ -140,8 +140,8 @@ def _time_setconf(iface: str, run_dir: Path, text: str) -> float:
 
 def _time_netlink(iface: str, port: int, private: bytes, peers: list[dict[str, Any]]) -> float:
     """The netlink backend's write of the same peers alone onto a fresh kernel interface."""
-    from gateway.agent.backend import DeviceUpdate, PeerUpdate
-    from gateway.agent.netlink import NetlinkBackend
+    from agent.dataplane.backend import DeviceUpdate, PeerUpdate
+    from agent.dataplane.netlink import NetlinkBackend
 
     updates = tuple(
         PeerUpdate(
@@ -186,7 +186,7 @@ def _time_agent(
 
 
 def inner(tag: str) -> dict[str, float]:
-    from gateway.wgkey import generate_private_key
+    from wiregate.keys import generate_private_key
 
     private = generate_private_key()
     peers = _peers()

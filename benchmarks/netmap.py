@@ -23,8 +23,7 @@ import statistics
 from dataclasses import replace
 
 from benchmarks.common import emit, fleet, grouped_policy, loglog_slope, median_seconds
-from gateway.model import Device
-from gateway.netmap import (
+from gateway.mapping.netmap import (
     AgentUpdate,
     NetworkState,
     apply_upsert,
@@ -35,6 +34,7 @@ from gateway.netmap import (
 )
 from identity.policy import Policy
 from identity.policy_file import parse_policy
+from wiregate.model import Device
 
 SIZES = (100, 1_000, 10_000)
 COLD_REPEAT = 9

@@ -86,7 +86,7 @@ def _kill_daemons(run_dir: Path) -> None:
 
 
 def _peers() -> list[dict[str, Any]]:
-    from gateway.wgkey import encode_key, generate_private_key, public_from_private
+    from wiregate.keys import encode_key, generate_private_key, public_from_private
 
     peers = []
     for i in range(PEERS):
@@ -110,8 +110,8 @@ def _peers() -> list[dict[str, Any]]:
 
 
 def _netmap(private: bytes, peers: list[dict[str, Any]]) -> Any:
-    from gateway.model import NetMap
-    from gateway.wgkey import encode_key, public_from_private
+    from wiregate.keys import encode_key, public_from_private
+    from wiregate.model import NetMap
 
     self_view = {
         "id": "me",
@@ -141,7 +141,7 @@ def _setconf_text(private: bytes, port: int, peers: list[dict[str, Any]]) -> str
 
 
 def _time_setconf(iface: str, run_dir: Path, text: str, *, up: bool = False) -> float:
-    from gateway.agent.uapi import UapiBackend
+    from agent.dataplane.uapi import UapiBackend
 
     backend = UapiBackend(run_dir=run_dir)
     backend.create(iface)
@@ -179,7 +179,7 @@ class _Clock:
 def _dataplane(
     iface: str, port: int, private: bytes, run_dir: Path, clock: _Clock, backend: str = "userspace"
 ) -> Any:
-    from gateway.agent.dataplane import DataPlane
+    from agent.dataplane.facade import DataPlane
 
     return DataPlane(
         interface=iface,
@@ -207,7 +207,7 @@ def _changed(peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def inner(tag: str, run_dir: Path) -> dict[str, float]:
-    from gateway.wgkey import generate_private_key
+    from wiregate.keys import generate_private_key
 
     private = generate_private_key()
     peers = _peers()

@@ -1,6 +1,6 @@
 """Fan-out with gateway replicas: 1 000 agents over two replicas vs over one, same run.
 
-A real PostgreSQL (Debian's, :class:`tests.pg.PgServer`, loopback) and two real
+A real PostgreSQL (Debian's, :class:`lab.pg.PgServer`, loopback) and two real
 ``wiregate gateway`` processes on it. N devices are enrolled through the first.
 Then, in alternating phases, this process holds N map streams (real WebSockets):
 
@@ -43,7 +43,7 @@ from benchmarks.fanout import (
     timed_changes,
     wait_ready,
 )
-from tests.pg import PgServer
+from lab.pg import PgServer
 
 AGENTS = 1000
 CHANGES = 20  # per layout, over two phases

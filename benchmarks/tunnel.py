@@ -24,7 +24,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from tests.lab.harness import (
+from lab.harness import (
     WG_PORT,
     Host,
     Lab,

@@ -36,21 +36,21 @@ from gateway.api.common import (
     STORE,
 )
 from gateway.api.workload import WORKLOAD, build_verifier
-from gateway.broker import Broker
-from gateway.config import GatewaySettings
-from gateway.diagnostics import ASYNCIO_TASKS  # noqa: F401 (registers the gauge)
-from gateway.errors import ConfigError
-from gateway.expiry import people_lifetime
-from gateway.ipam import Pool
-from gateway.logging import get_logger
-from gateway.replication import Follower, asyncpg_dsn
+from gateway.lifecycle.expiry import people_lifetime
+from gateway.lifecycle.sweeper import sweeper_ctx
+from gateway.mapping.broker import Broker
+from gateway.mapping.follower import Follower, asyncpg_dsn
+from gateway.mapping.ipam import Pool
 from gateway.store import Store
 from gateway.store.store import Clock
-from gateway.sweeper import sweeper_ctx
 from gateway.web import setup as setup_web
 from identity.policy import Policy
 from identity.policy_file import PolicyFile, load_policy_file
 from identity.principals import lifetime_rule
+from wiregate.diagnostics import ASYNCIO_TASKS  # noqa: F401 (registers the gauge)
+from wiregate.errors import ConfigError
+from wiregate.logging import get_logger
+from wiregate.settings import GatewaySettings
 
 __all__ = [
     "BROKER",
@@ -164,11 +164,6 @@ def load_policy_document(path: Path | None) -> PolicyFile:
     if path is None:
         return PolicyFile(policy=Policy.allow_all(), legacy=True)
     return load_policy_file(path)
-
-
-def load_policy(path: Path | None) -> Policy | None:
-    """The peering policy from the policy file (None: the broker's default)."""
-    return None if path is None else load_policy_document(path).policy
 
 
 def _api_metrics() -> tuple[CollectorRegistry, Counter]:

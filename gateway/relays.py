@@ -33,26 +33,24 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from gateway.config import parse_relay_entry
-from gateway.errors import ConfigError, Unavailable, WiregateError
-from gateway.logging import get_logger
-from gateway.model import Device
-from gateway.secretfile import load_or_create_key_file
-from relay.probe import PingResult
+from relay.client.probe import PingResult
+from relay.endpoints import RelayEndpoint
 from relay.tickets import Node, issue_pair
+from wiregate.errors import Unavailable, WiregateError
+from wiregate.files import load_or_create_key_file
+from wiregate.logging import get_logger
+from wiregate.model import Device
 
 __all__ = [
     "KEY_FILE",
     "TENANT",
     "NoRelayUp",
-    "RelayEndpoint",
     "RelayMonitor",
     "RelaySelector",
     "RelaySigner",
     "RelayStatus",
     "load_or_create_signing_key",
     "pair_key",
-    "parse_relays",
 ]
 
 _log = get_logger("gateway.relays")
@@ -61,29 +59,6 @@ Probe = Callable[[tuple[str, int], float], Awaitable[PingResult]]
 
 KEY_FILE = "relay-signing.key"
 TENANT = "default"  # one tenant per gateway for now
-
-
-@dataclass(frozen=True, slots=True)
-class RelayEndpoint:
-    """A relay the gateway hands out: its id (in tickets) and its control port."""
-
-    id: str
-    host: str
-    port: int
-
-    @property
-    def control(self) -> str:
-        """``host:port`` (IPv6 hosts bracketed)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def parse_relays(entries: Sequence[str]) -> tuple[RelayEndpoint, ...]:
-    """``["id=HOST:PORT", ...]`` to relays; ConfigError naming a bad entry."""
-    try:
-        return tuple(RelayEndpoint(*parse_relay_entry(entry)) for entry in entries)
-    except ValueError as exc:
-        raise ConfigError(f"relays: {exc}") from exc
 
 
 class NoRelayUp(Unavailable):
@@ -267,7 +242,7 @@ class RelaySelector:
 class RelayMonitor:
     """PINGs every relay each ``interval`` seconds and reports to a :class:`RelaySelector`.
 
-    ``probe`` is :func:`relay.probe.ping_relay` (a fake in tests); each probe
+    ``probe`` is :func:`relay.client.probe.ping_relay` (a fake in tests); each probe
     waits at most ``min(2, interval / 2)`` seconds. ``first_round`` is set once
     every relay was probed once, so that requests arriving just after start
     wait for it rather than find every relay down.

@@ -3,7 +3,7 @@
 :class:`IssuerConfig` says what one issuer may sign with and how strict the time
 checks are; :func:`check_claims` applies OpenID Connect Core 3.1.3.7 and RFC 8725
 to a payload whose signature has already been verified, at ``now``, and returns
-:class:`Claims`. Every refusal is :class:`~gateway.errors.Unauthorized` with code
+:class:`Claims`. Every refusal is :class:`~wiregate.errors.Unauthorized` with code
 ``invalid_token``; messages never echo the token.
 
 Time rules, with ``L`` the leeway: valid while ``now < exp + L``; ``exp`` no
@@ -23,8 +23,8 @@ from types import MappingProxyType
 from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
-from gateway.errors import ConfigError, Unauthorized
-from gateway.model import Identity
+from wiregate.errors import ConfigError, Unauthorized
+from wiregate.model import Identity
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",

@@ -27,7 +27,7 @@ import secrets
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from gateway.errors import BadInput, Conflict, RemoteError
+from wiregate.errors import BadInput, Conflict, RemoteError
 
 __all__ = [
     "ALPHABET",

@@ -8,7 +8,7 @@ slow hash needed) and compares hashes in constant time.
 
 A key is usable while ``now < expires_at``, it is not revoked, and it is
 reusable or has not been used yet. Every refusal is the same
-:class:`~gateway.errors.Unauthorized` so a caller cannot probe which it was.
+:class:`~wiregate.errors.Unauthorized` so a caller cannot probe which it was.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from gateway.errors import Unauthorized
+from wiregate.errors import Unauthorized
 
 __all__ = [
     "DEVICE_TOKEN_PREFIX",

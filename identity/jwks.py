@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import PyJWTError
 
-from gateway.errors import ConfigError, Unauthorized, Unavailable
-from gateway.logging import get_logger
 from identity.claims import IssuerConfig, check_url, is_safe_kid, loads_strict, refuse
+from wiregate.errors import ConfigError, Unauthorized, Unavailable
+from wiregate.logging import get_logger
 
 __all__ = [
     "FETCH",

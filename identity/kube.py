@@ -11,13 +11,8 @@ then reads the ``kubernetes.io`` claim::
      "pod": {"name": "...", "uid": "..."}, "node": {"name": "...", "uid": "..."}}
 
 :func:`kube_identity` insists ``sub`` is ``system:serviceaccount:NS:NAME`` for
-that namespace and name. The mapping to an :class:`~gateway.model.Identity` and
-tags is pure; tag rules look like::
-
-    [{"match": {"namespace": "kube-system", "serviceaccount": "wiregate-agent"},
-      "tags": ["tag:k8s-node"]}]
-
-and are validated on load (:func:`load_tag_rules`, :class:`ConfigError`).
+that namespace and name. The mapping to an :class:`~wiregate.model.Identity` is pure; tags come
+from the workload issuer's claim rules (:mod:`identity.workload`).
 """
 
 from __future__ import annotations
@@ -27,28 +22,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import ConfigError
-from gateway.model import Identity
 from identity.claims import Claims, IssuerConfig, refuse
 from identity.jwks import AiohttpFetcher, CachePolicy, Fetcher, JwksCache
 from identity.tokens import TokenValidator
+from wiregate.errors import ConfigError
+from wiregate.model import Identity
 
 __all__ = [
     "KubeConfig",
     "KubeIdentity",
     "KubeTokenValidator",
-    "TagRule",
     "kube_identity",
-    "load_tag_rules",
-    "tags_for",
 ]
 
 Clock = Callable[[], float]
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # namespace: DNS-1123 label
 _SUBDOMAIN = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # object names
 _UID = re.compile(r"[A-Za-z0-9-]{1,64}")
-_TAG = re.compile(r"tag:[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # as in identity.policy
-_MATCH_FIELDS = {"namespace": _LABEL, "serviceaccount": _SUBDOMAIN}
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,52 +61,6 @@ class KubeIdentity:
     def to_identity(self) -> Identity:
         """``Identity(issuer, "system:serviceaccount:NS:NAME")``."""
         return Identity(self.issuer, self.subject)
-
-
-@dataclass(frozen=True, slots=True)
-class TagRule:
-    """Workloads whose fields equal every entry of ``match`` get ``tags``."""
-
-    match: tuple[tuple[str, str], ...]
-    tags: tuple[str, ...]
-
-    def matches(self, workload: KubeIdentity) -> bool:
-        """Whether ``workload`` has every field value this rule names."""
-        return all(getattr(workload, name) == value for name, value in self.match)
-
-
-def tags_for(workload: KubeIdentity, rules: tuple[TagRule, ...]) -> tuple[str, ...]:
-    """The sorted, distinct tags of every rule that matches ``workload``."""
-    return tuple(sorted({t for r in rules if r.matches(workload) for t in r.tags}))
-
-
-def load_tag_rules(data: Any) -> tuple[TagRule, ...]:
-    """Tag rules from their list form; :class:`ConfigError` names the bad entry."""
-    if not isinstance(data, list):
-        raise ConfigError("kube tag rules: expected a list of {match, tags} objects")
-    return tuple(_load_rule(entry, f"kube tag rules[{i}]") for i, entry in enumerate(data))
-
-
-def _load_rule(entry: Any, where: str) -> TagRule:
-    if not isinstance(entry, Mapping) or set(entry) != {"match", "tags"}:
-        raise ConfigError(f"{where}: expected exactly the keys 'match' and 'tags'")
-    match, tags = entry["match"], entry["tags"]
-    if not isinstance(match, Mapping) or not match:
-        raise ConfigError(f"{where}.match: expected a non-empty object")
-    for name, value in match.items():
-        pattern = _MATCH_FIELDS.get(name)
-        if pattern is None:
-            raise ConfigError(
-                f"{where}.match: unknown field {name!r}; use namespace, serviceaccount"
-            )
-        if not isinstance(value, str) or not pattern.fullmatch(value):
-            raise ConfigError(f"{where}.match.{name}: {value!r} is not a valid Kubernetes name")
-    if not isinstance(tags, list) or not tags:
-        raise ConfigError(f"{where}.tags: expected a non-empty list of tags")
-    for tag in tags:
-        if not isinstance(tag, str) or not _TAG.fullmatch(tag):
-            raise ConfigError(f"{where}.tags: {tag!r} is not a tag (tag:name)")
-    return TagRule(match=tuple(sorted(match.items())), tags=tuple(tags))
 
 
 def kube_identity(claims: Claims) -> KubeIdentity:
@@ -173,7 +117,6 @@ class KubeConfig:
     ca_bundle: str | None = None
     algorithms: tuple[str, ...] = ("RS256",)
     max_lifetime: float = 48 * 3600.0
-    tag_rules: tuple[TagRule, ...] = ()
     insecure_http: bool = False
 
     def __post_init__(self) -> None:
@@ -221,7 +164,3 @@ class KubeTokenValidator:
             token, audience=self.config.audience, now=now
         )
         return kube_identity(claims)
-
-    def map(self, workload: KubeIdentity) -> tuple[Identity, tuple[str, ...]]:
-        """The identity and tags of ``workload`` under the configured rules."""
-        return workload.to_identity(), tags_for(workload, self.config.tag_rules)

@@ -12,8 +12,8 @@ its JWKS cache, ``aud`` = the client id, one-time ``nonce``).
   :class:`~identity.pkce.DeviceAuthorization` to show the user, and
   :meth:`~OidcRelyingParty.poll_device_token` → :class:`Claims` (RFC 8628).
 
-Refused logins raise :class:`~gateway.errors.Unauthorized` with the reason; an
-unreachable or broken IdP raises :class:`~gateway.errors.Unavailable`. HTTP has
+Refused logins raise :class:`~wiregate.errors.Unauthorized` with the reason; an
+unreachable or broken IdP raises :class:`~wiregate.errors.Unavailable`. HTTP has
 a total timeout, a body cap and no redirects. The client secret, codes,
 verifiers and tokens are never logged nor put in an error.
 """
@@ -31,8 +31,6 @@ from urllib.parse import quote_plus
 
 import aiohttp
 
-from gateway.errors import ConfigError, Unauthorized, Unavailable
-from gateway.logging import get_logger
 from identity.claims import Claims, IssuerConfig, check_url
 from identity.jwks import AiohttpFetcher, CachePolicy, Fetcher, JwksCache, discovery_url
 from identity.pkce import (
@@ -49,6 +47,8 @@ from identity.pkce import (
     token_refusal,
 )
 from identity.tokens import NonceStore, TokenValidator
+from wiregate.errors import ConfigError, Unauthorized, Unavailable
+from wiregate.logging import get_logger
 
 __all__ = [
     "AiohttpPoster",

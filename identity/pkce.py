@@ -27,9 +27,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
-from gateway.errors import Unauthorized, Unavailable
 from identity.claims import check_url, loads_strict
 from identity.jwks import parse_discovery as check_discovery_issuer
+from wiregate.errors import Unauthorized, Unavailable
 
 __all__ = [
     "DeviceAuthorization",

@@ -30,8 +30,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.errors import BadInput, WiregateError
-from gateway.portspec import PortSpec, canonical_ports
+from wiregate.errors import BadInput, WiregateError
+from wiregate.ports import PortSpec, canonical_ports
 
 __all__ = ["ANY", "GROUP_PREFIX", "Filter", "Policy", "RouteRule", "Rule", "principals"]
 
@@ -130,10 +130,6 @@ class Policy:
         return cls(
             rules=tuple(_parse_rule(r, f"policy.rules[{i}]", error) for i, r in enumerate(rules))
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The legacy dict form accepted by :meth:`from_dict` (tags only, every port)."""
-        return {"rules": [{"src": sorted(r.src), "dst": sorted(r.dst)} for r in self.rules]}
 
     def may_peer(self, tags_a: Collection[str], tags_b: Collection[str]) -> bool:
         """Whether devices with principals ``tags_a`` and ``tags_b`` peer (symmetric, memoized)."""

@@ -35,10 +35,10 @@ from typing import Any
 
 import yaml
 
-from gateway.errors import ConfigError
-from gateway.portspec import PortSpec, parse_port
 from identity.claims import check_url
 from identity.policy import ANY, GROUP_PREFIX, Policy, RouteRule, Rule
+from wiregate.errors import ConfigError
+from wiregate.ports import PortSpec, parse_port
 
 __all__ = [
     "NEVER",

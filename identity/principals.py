@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from gateway.model import Identity
 from identity.claims import Claims, verified_email
 from identity.policy import GROUP_PREFIX
 from identity.policy_file import PolicyFile, TagRule
+from wiregate.model import Identity
 
 __all__ = [
     "Grant",
@@ -33,7 +33,6 @@ __all__ = [
     "grant_for",
     "key_lifetime",
     "lifetime_rule",
-    "split_stored_tags",
     "stored_tags",
 ]
 
@@ -133,11 +132,3 @@ def lifetime_rule(policy: PolicyFile) -> Callable[[Identity, Sequence[str]], flo
 def stored_tags(grant: Grant) -> tuple[str, ...]:
     """The tag column of a device: its tags, then ``group:NAME`` for each group."""
     return grant.tags + tuple(GROUP_PREFIX + g for g in grant.groups)
-
-
-def split_stored_tags(column: Iterable[str]) -> Grant:
-    """Inverse of :func:`stored_tags` (order kept)."""
-    items = list(column)
-    tags = tuple(t for t in items if not t.startswith(GROUP_PREFIX))
-    groups = tuple(t[len(GROUP_PREFIX) :] for t in items if t.startswith(GROUP_PREFIX))
-    return Grant(tags=tags, groups=groups)

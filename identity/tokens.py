@@ -1,6 +1,6 @@
 """ID token validation: OpenID Connect Core 3.1.3.7 and RFC 8725, with pyjwt.
 
-The order of checks, each a refusal (:class:`~gateway.errors.Unauthorized`,
+The order of checks, each a refusal (:class:`~wiregate.errors.Unauthorized`,
 code ``invalid_token``) when it fails:
 
 1. shape: a string of at most 16 KiB, three canonical base64url segments, a
@@ -31,9 +31,9 @@ from typing import Any
 from jwt.api_jws import PyJWS
 from jwt.exceptions import PyJWTError
 
-from gateway.errors import ConfigError, Unavailable
 from identity.claims import Claims, IssuerConfig, check_claims, is_safe_kid, loads_strict, refuse
 from identity.jwks import JwksCache, VerifyKey
+from wiregate.errors import ConfigError, Unavailable
 
 __all__ = [
     "MAX_TOKEN_CHARS",

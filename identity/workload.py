@@ -31,14 +31,14 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Literal
 
-from gateway.errors import ConfigError
-from gateway.model import Identity
 from identity.claims import Claims, IssuerConfig, loads_strict, refuse
 from identity.jwks import AiohttpFetcher, CachePolicy, Fetcher, JwksCache
 from identity.kube import KubeConfig, KubeIdentity, KubeTokenValidator, kube_identity
 from identity.policy_file import PolicyFile
 from identity.principals import Grant, enrollment_grant
 from identity.tokens import MAX_TOKEN_CHARS, TokenValidator
+from wiregate.errors import ConfigError
+from wiregate.model import Identity
 
 __all__ = [
     "ACCESS_TOKEN_TYPES",

@@ -40,7 +40,7 @@ metric label when it drops a datagram, and ``stun_code``, the STUN error code
 
 from __future__ import annotations
 
-from gateway.errors import BadInput, ConfigError, RemoteError, Unauthorized, Unavailable
+from wiregate.errors import BadInput, ConfigError, RemoteError, Unauthorized, Unavailable
 
 __all__ = [
     "BadFingerprint",

@@ -1,9 +1,9 @@
 """The relay process's Prometheus metrics, counted at the adapters from what the cores return.
 
-The sans-IO cores (:class:`~relay.stun_server.StunServer`,
-:class:`~relay.allocation.Relay`) know nothing of Prometheus: they pass an
+The sans-IO cores (:class:`~relay.stun_core.StunServer`,
+:class:`~relay.forwarding.Relay`) know nothing of Prometheus: they pass an
 outcome label to an ``observe`` callback, and the adapters of
-:mod:`relay.server` and :mod:`relay.relay_server` hand those labels to the
+:mod:`relay.aio.stun` and :mod:`relay.aio.forwarding` hand those labels to the
 objects here. Live figures (allocations, capacity) are read from the core on
 each scrape by a collector, never copied.
 
@@ -11,12 +11,12 @@ Names (``_total`` is added to counters by the exposition format):
 
 * ``wiregate_stun_datagrams_total{outcome}``: every STUN datagram, by what was
   done (``success``, ``error_420``) or why nothing was (``rate_limited``,
-  ``malformed``, ...: :data:`relay.stun_server.OUTCOMES`).
+  ``malformed``, ...: :data:`relay.stun_core.OUTCOMES`).
 * ``wiregate_stun_replies_total{family, listener}``: replies sent, by address
   family (``ipv4``/``ipv6``) and listening port.
 * ``wiregate_relay_datagrams_total{outcome}``: every datagram on the control
   and relay ports, by what was done or why it was dropped or refused
-  (:data:`relay.allocation.OUTCOMES`; ticket refusals carry their wire reason).
+  (:data:`relay.forwarding.OUTCOMES`; ticket refusals carry their wire reason).
 * ``wiregate_relay_forwarded_bytes_total``: WireGuard bytes forwarded.
 * ``wiregate_relay_allocations_created_total``: allocations (relayed pairs) made.
 * ``wiregate_relay_allocations`` / ``wiregate_relay_allocation_capacity``: live
@@ -32,10 +32,10 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from relay.allocation import OUTCOMES as RELAY_OUTCOMES
 from relay.filters import normalize_ip
-from relay.stun_server import OUTCOMES as STUN_OUTCOMES
-from relay.stun_server import Addr
+from relay.forwarding import OUTCOMES as RELAY_OUTCOMES
+from relay.stun_core import OUTCOMES as STUN_OUTCOMES
+from relay.stun_core import Addr
 
 __all__ = ["ForwardingMetrics", "StunMetrics", "family_of"]
 

@@ -1,6 +1,6 @@
 """The relay's allocation table (pure): relay ports, pairs, per-device quotas and buckets.
 
-:class:`~relay.allocation.Relay` speaks the protocol; this module only keeps
+:class:`~relay.forwarding.Relay` speaks the protocol; this module only keeps
 the books: which pair holds which two relay ports, which address each side
 bound, how many allocations each device is in, and each device's byte bucket.
 """
@@ -11,9 +11,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from gateway.wgkey import decode_key
 from relay.filters import IPAddress
 from relay.tickets import Node, PairKey
+from wiregate.keys import decode_key
 
 __all__ = ["Addr", "Allocation", "AllocationPool", "AllocationView", "PoolExhausted", "Side"]
 

@@ -33,8 +33,6 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from gateway.errors import BadKey
-from gateway.wgkey import decode_key, parse_public_key
 from relay.errors import (
     BadTicketSignature,
     ExpiredTicket,
@@ -45,6 +43,8 @@ from relay.errors import (
     WrongRelay,
     WrongTenant,
 )
+from wiregate.errors import BadKey
+from wiregate.keys import decode_key, parse_public_key
 
 __all__ = [
     "DEFAULT_LIFETIME",

@@ -26,8 +26,8 @@ import time
 from types import FrameType
 from typing import Any
 
-from tests.lab.harness import Agent, Lab, Wiregate, bare, lab_requirements
-from tests.lab.sso import (
+from lab.harness import Agent, Lab, Wiregate, bare, lab_requirements
+from lab.sso import (
     TEST_ACCOUNT,
     enroll_by_sso,
     enroll_by_workload_token,

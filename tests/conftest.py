@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
-from tests.pg import PgServer
+from lab.pg import PgServer
 
 settings.register_profile("wiregate", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True)

@@ -16,7 +16,7 @@ from gateway.api import (
     relay,
 )
 from gateway.api.common import DRAINING, STORE, error_middleware
-from gateway.logging import get_logger
+from wiregate.logging import get_logger
 
 __all__ = ["error_middleware", "setup_routes"]
 

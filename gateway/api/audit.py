@@ -8,8 +8,8 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api.common import STORE, require_admin, rfc3339
-from gateway.errors import BadInput
 from gateway.store.audit import MAX_LIMIT, AuditRecord
+from wiregate.errors import BadInput
 
 __all__ = ["audit_json", "parse_since", "routes"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.errors import ConfigError
+from wiregate.errors import ConfigError
 
 __all__ = ["CONTENT_TYPE", "routes", "script_bytes", "script_path"]
 

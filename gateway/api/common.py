@@ -3,7 +3,7 @@
 Request bodies are parsed strictly: ``application/json`` only (415), at most
 ``settings.max_body_bytes`` (413), valid JSON (400), and validated by a pydantic
 model with ``extra="forbid"`` and ``strict=True`` (unknown fields and wrong types
-are 400). Every :class:`~gateway.errors.WiregateError` becomes
+are 400). Every :class:`~wiregate.errors.WiregateError` becomes
 ``{"error", "message", "hint"?}`` with its status.
 """
 
@@ -22,16 +22,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from gateway.api.metrics import count_rejected
-from gateway.broker import Broker, OnEndpoints
-from gateway.config import GatewaySettings
-from gateway.errors import BadInput, Forbidden, RemoteError, Unauthorized, WiregateError
-from gateway.logging import get_logger
-from gateway.replication import Follower
+from gateway.mapping.broker import Broker, OnEndpoints
+from gateway.mapping.follower import Follower
 from gateway.store import DeviceRecord, KeyRecord, Store
 from gateway.store.audit import ADMIN_SOCKET as ADMIN_SOCKET_ACTOR
 from gateway.store.audit import ADMIN_TOKEN as ADMIN_TOKEN_ACTOR
-from gateway.wgkey import fingerprint
 from identity.policy_file import PolicyFile
+from wiregate.errors import BadInput, Forbidden, RemoteError, Unauthorized, WiregateError
+from wiregate.keys import fingerprint
+from wiregate.logging import get_logger
+from wiregate.settings import GatewaySettings
 
 __all__ = [
     "ADMIN_TOKEN",

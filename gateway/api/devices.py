@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.api.common import BROKER, STORE, admin_actor, device_json, require_admin
-from gateway.logging import get_logger
+from wiregate.logging import get_logger
 
 __all__ = ["routes"]
 

@@ -9,7 +9,6 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import Field, model_validator
 
-from gateway._agentmsg import AgentEndpoints
 from gateway.api.common import (
     BROKER,
     FOLLOWER,
@@ -23,13 +22,14 @@ from gateway.api.common import (
 )
 from gateway.api.metrics import ENROLLMENT_REFUSALS, ENROLLMENTS
 from gateway.api.workload import enroll_workload
-from gateway.broker import Broker
-from gateway.errors import BadInput, NotFound, Unauthorized, WiregateError
-from gateway.logging import get_logger
+from gateway.mapping.broker import Broker
 from gateway.store import EnrollRequest
 from gateway.store.records import Enrolled
-from gateway.wgkey import parse_public_key
 from identity.tokens import MAX_TOKEN_CHARS
+from wiregate.errors import BadInput, NotFound, Unauthorized, WiregateError
+from wiregate.keys import parse_public_key
+from wiregate.logging import get_logger
+from wiregate.mapwire import AgentEndpoints
 
 __all__ = ["EnrollBody", "parse_endpoint", "parse_route", "routes"]
 

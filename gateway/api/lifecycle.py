@@ -25,11 +25,11 @@ from gateway.api.common import (
     require_admin,
     rfc3339,
 )
-from gateway.broker import Broker
-from gateway.errors import BadInput, Unauthorized
-from gateway.logging import get_logger
-from gateway.model import Identity
+from gateway.mapping.broker import Broker
 from gateway.store import IdentityRecord, Removal
+from wiregate.errors import BadInput, Unauthorized
+from wiregate.logging import get_logger
+from wiregate.model import Identity
 
 __all__ = ["RotateBody", "identity_json", "publish_removals", "routes"]
 

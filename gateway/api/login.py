@@ -29,9 +29,9 @@ from gateway.api.common import (
 )
 from gateway.api.enroll import NAME_PATTERN
 from gateway.api.keys import Tag
-from gateway.model import Identity
 from gateway.store import LoginRecord
 from identity.device_login import GuessLimiter, format_user_code
+from wiregate.model import Identity
 
 __all__ = ["LIMITER", "ApproveBody", "LoginBody", "PollBody", "login_json", "routes", "setup"]
 

@@ -11,7 +11,7 @@
   after the body was read, by credential and error code.
 
 Labels are bounded: routes are templates, reasons are the codes of
-:mod:`gateway.errors` and HTTP reason phrases.
+:mod:`wiregate.errors` and HTTP reason phrases.
 """
 
 from __future__ import annotations

@@ -37,21 +37,20 @@ from gateway.api.common import (
     read_json,
     require_admin,
 )
-from gateway.broker import Broker
-from gateway.errors import BadInput, Forbidden, Unauthorized
-from gateway.logging import get_logger
-from gateway.model import Device
+from gateway.mapping.broker import Broker
 from gateway.relays import (
     Probe,
-    RelayEndpoint,
     RelayMonitor,
     RelaySelector,
     RelaySigner,
     load_or_create_signing_key,
-    parse_relays,
 )
-from relay.probe import ping_relay
+from relay.client.probe import ping_relay
+from relay.endpoints import RelayEndpoint, parse_relays
 from relay.tickets import DEFAULT_LIFETIME
+from wiregate.errors import BadInput, Forbidden, Unauthorized
+from wiregate.logging import get_logger
+from wiregate.model import Device
 
 __all__ = [
     "MAX_AVOID",

@@ -18,9 +18,6 @@ from collections.abc import Callable
 from aiohttp import web
 
 from gateway.api.common import BROKER, POLICY, STORE
-from gateway.config import GatewaySettings, WorkloadIssuerSettings
-from gateway.errors import ConfigError, Forbidden, Unauthorized
-from gateway.logging import get_logger
 from gateway.store import EnrollRequest
 from gateway.store.records import Enrolled
 from identity.claims import IssuerConfig
@@ -34,6 +31,9 @@ from identity.workload import (
     workload_actor,
     workload_grant,
 )
+from wiregate.errors import ConfigError, Forbidden, Unauthorized
+from wiregate.logging import get_logger
+from wiregate.settings import GatewaySettings, WorkloadIssuerSettings
 
 __all__ = ["WORKLOAD", "build_verifier", "enroll_workload", "workload_issuer"]
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.model import Identity
 from gateway.store.models import AuditRow
+from wiregate.model import Identity
 
 __all__ = [
     "ADMIN_SOCKET",

@@ -46,10 +46,10 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.errors import LocalError
 from gateway.store.engine import create_engine
 from gateway.store.migrate import alembic_config, current_revision, head_revision, upgrade
 from gateway.store.models import Base
+from wiregate.errors import LocalError
 
 __all__ = [
     "FORMAT",

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from sqlalchemy import ColumnElement, and_, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.errors import Forbidden, NotFound
-from gateway.model import Identity
 from gateway.store.models import DeviceRow, IdentityRow, LoginRequestRow
 from identity.device_login import Status
+from wiregate.errors import Forbidden, NotFound
+from wiregate.model import Identity
 
 __all__ = [
     "IdentityRecord",
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 # How long a device's WireGuard key lives, by who owns it and what it is tagged
-# (None: no expiry). The policy file may supply its own; see gateway/expiry.py.
+# (None: no expiry). The policy file may supply its own; see gateway/lifecycle/expiry.py.
 KeyLifetime = Callable[[Identity, Sequence[str]], float | None]
 
 

@@ -13,10 +13,8 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.errors import NotFound
 from gateway.store.models import DeviceRow, LoginRequestRow
 from gateway.store.records import LoginCreated, login_record
-from gateway.wgkey import fingerprint
 from identity.device_login import (
     INTERVAL,
     LIFETIME,
@@ -32,6 +30,8 @@ from identity.device_login import (
     transition,
 )
 from identity.enrollment import hash_secret
+from wiregate.errors import NotFound
+from wiregate.keys import fingerprint
 
 __all__ = [
     "KEEP_FOR",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.model import Device, Identity
 from gateway.store.models import DeviceRow, EnrollmentKeyRow, LoginRequestRow
 from identity.enrollment import KeyState
 from identity.policy import GROUP_PREFIX
+from wiregate.model import Device, Identity
 
 __all__ = [
     "ENROLLMENT_ISSUER",

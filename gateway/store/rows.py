@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import Select, select
 
-from gateway.ipam import Allocation
-from gateway.model import Identity
+from gateway.mapping.ipam import Allocation
 from gateway.store.models import DeviceRow, IdentityRow
 from gateway.store.records import EnrollRequest
 from identity.enrollment import hash_secret
+from wiregate.model import Identity
 
 __all__ = ["Grant", "device_query", "new_device"]
 

@@ -23,10 +23,7 @@ from sqlalchemy import ColumnElement, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from gateway.errors import ConfigError, Conflict, NotFound, Unauthorized
-from gateway.ipam import Allocation, Pool, allocate
-from gateway.logging import get_logger
-from gateway.model import Identity
+from gateway.mapping.ipam import Allocation, Pool, allocate
 from gateway.store import audit, lifecycle, logins
 from gateway.store import replication as repl
 from gateway.store.audit import AuditRecord, device_actor, oidc_actor, system_actor
@@ -54,7 +51,6 @@ from gateway.store.records import (
 )
 from gateway.store.replication import ChangeKind, ChangeRow
 from gateway.store.rows import Grant, device_query, new_device
-from gateway.wgkey import parse_public_key
 from identity.device_login import Event, decide_poll, normalize_user_code
 from identity.enrollment import (
     KEY_PREFIX,
@@ -64,6 +60,10 @@ from identity.enrollment import (
     hash_secret,
     secret_matches,
 )
+from wiregate.errors import ConfigError, Conflict, NotFound, Unauthorized
+from wiregate.keys import parse_public_key
+from wiregate.logging import get_logger
+from wiregate.model import Identity
 
 __all__ = ["DEFAULT_POOL", "MIN_ROTATION_INTERVAL", "UNATTRIBUTED", "Clock", "Store"]
 
@@ -91,7 +91,7 @@ class Store:
         self._key_lifetime: KeyLifetime = NO_EXPIRY
 
     def set_key_lifetime(self, lifetime: KeyLifetime) -> None:
-        """How long new devices' keys live (by identity and tags); see :mod:`gateway.expiry`.
+        """How long new devices' keys live (by identity, tags); see :mod:`gateway.lifecycle.expiry`.
 
         An enrollment key's own ``device_key_expiry`` takes precedence for the
         devices it enrolls.

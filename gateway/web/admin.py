@@ -13,12 +13,12 @@ from pydantic import ValidationError
 
 from gateway.api.common import CLOCK, STORE
 from gateway.api.keys import MAX_EXPIRY, KeyBody
-from gateway.errors import BadInput, Forbidden
 from gateway.store import KeySpec
 from gateway.web.context import WEB, render
 from gateway.web.devices import device_view, revoke_device, see_other
 from gateway.web.guard import form_post, signed_in
 from gateway.web.sessions import Session
+from wiregate.errors import BadInput, Forbidden
 
 __all__ = ["EXPIRY_CHOICES", "routes"]
 

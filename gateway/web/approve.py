@@ -17,13 +17,13 @@ from multidict import MultiDictProxy
 
 from gateway.api.common import BROKER, CLOCK, POLICY, SETTINGS, STORE
 from gateway.api.login import LIMITER
-from gateway.errors import BadInput, NotFound
 from gateway.store import LoginRecord
 from gateway.web.context import WEB, render
 from gateway.web.guard import form_post
 from gateway.web.sessions import Session
 from identity.device_login import format_user_code, normalize_user_code
 from identity.principals import grant_for, stored_tags
+from wiregate.errors import BadInput, NotFound
 
 __all__ = ["approval_page", "routes"]
 

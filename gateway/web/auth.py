@@ -13,8 +13,6 @@ from importlib.resources import files
 from aiohttp import web
 
 from gateway.api.common import CLOCK
-from gateway.errors import Unauthorized, WiregateError
-from gateway.logging import get_logger
 from gateway.web.approve import approval_page
 from gateway.web.context import (
     CALLBACK_PATH,
@@ -28,6 +26,8 @@ from gateway.web.context import (
 )
 from gateway.web.guard import form_post, page, signed_in
 from gateway.web.sessions import PreLogin, Session, new_session
+from wiregate.errors import Unauthorized, WiregateError
+from wiregate.logging import get_logger
 
 __all__ = ["routes"]
 

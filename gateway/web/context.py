@@ -18,12 +18,12 @@ import jinja2
 from aiohttp import web
 
 from gateway.api.common import CLOCK, SETTINGS, rfc3339
-from gateway.config import GatewaySettings, OidcIssuerSettings
-from gateway.errors import ConfigError
-from gateway.logging import get_logger
 from gateway.web.keyfile import load_or_create_session_key
 from gateway.web.sessions import PRE_LOGIN_TTL, CookieBox, PreLogin, Session, csrf_token
 from identity.oidc import ClientSecret, OidcProvider, OidcRelyingParty
+from wiregate.errors import ConfigError
+from wiregate.logging import get_logger
+from wiregate.settings import GatewaySettings, OidcIssuerSettings
 
 __all__ = [
     "CALLBACK_PATH",

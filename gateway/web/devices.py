@@ -17,12 +17,12 @@ from multidict import MultiDictProxy
 
 from gateway.api.common import BROKER, CLOCK, STORE
 from gateway.api.enroll import NAME_PATTERN
-from gateway.errors import BadInput, NotFound
 from gateway.store import DeviceRecord
 from gateway.web.context import render
 from gateway.web.guard import form_post, signed_in
 from gateway.web.sessions import Session
-from gateway.wgkey import fingerprint
+from wiregate.errors import BadInput, NotFound
+from wiregate.keys import fingerprint
 
 __all__ = ["device_view", "revoke_device", "routes", "see_other"]
 

@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
-from gateway.errors import Forbidden, RemoteError, WiregateError
-from gateway.logging import get_logger
 from gateway.web.context import SESSION, WEB, read_session, render
 from gateway.web.sessions import Session, csrf_matches, same_origin
 from gateway.web.signin import sign_in
+from wiregate.errors import Forbidden, RemoteError, WiregateError
+from wiregate.logging import get_logger
 
 __all__ = ["SECURITY_HEADERS", "FormHandler", "SessionHandler", "form_post", "page", "signed_in"]
 

@@ -1,6 +1,6 @@
 """The key that seals the web pages' cookies: ``state_dir/web-session.key``.
 
-32 random bytes (base64), 0600 (see :mod:`gateway.secretfile`). Deleting the file
+32 random bytes (base64), 0600 (see :mod:`wiregate.files`). Deleting the file
 (and restarting) ends every session and every login in progress.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.secretfile import load_or_create_key_file
+from wiregate.files import load_or_create_key_file
 
 __all__ = ["KEY_FILE", "load_or_create_session_key"]
 

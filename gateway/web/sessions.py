@@ -32,11 +32,11 @@ from urllib.parse import urlsplit
 from nacl.exceptions import CryptoError
 from nacl.secret import SecretBox
 
-from gateway.errors import Unauthorized
-from gateway.model import Identity
 from gateway.store.audit import oidc_actor
 from identity.claims import Claims, verified_email
 from identity.pkce import LoginStart
+from wiregate.errors import Unauthorized
+from wiregate.model import Identity
 
 __all__ = [
     "PRE_LOGIN_TTL",

@@ -20,10 +20,10 @@ from playwright.async_api import BrowserContext, Page
 
 from gateway.web.keyfile import load_or_create_session_key
 from gateway.web.sessions import CookieBox
-from gateway.wgkey import encode_key, fingerprint, generate_private_key, public_from_private
 from identity.enrollment import KEY_PREFIX
 from tests.browser.conftest import Gateway
 from tests.integration.conftest import RunningIdp
+from wiregate.keys import encode_key, fingerprint, generate_private_key, public_from_private
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(120)]
 NewContext = Callable[[], Awaitable[BrowserContext]]

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from lab.harness import Agent, Host, Lab, Wiregate, bare
 from tests.lab import conftest as lab_conftest
-from tests.lab.harness import Agent, Host, Lab, Wiregate, bare
 
 # The lab fixture, and the report hook that lets it print process logs on failure.
 lab = lab_conftest.lab

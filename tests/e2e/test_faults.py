@@ -39,15 +39,7 @@ from urllib.parse import urljoin
 
 import pytest
 
-from gateway.wgkey import encode_key, generate_private_key, public_from_private
-from tests.e2e.test_mesh import ping_until
-from tests.e2e.test_nat_matrix import (
-    STUN,
-    gateway_with_relays,  # noqa: F401 (a fixture)
-    start_relays,
-)
-from tests.e2e.test_netcheck_mesh import drop_unsolicited
-from tests.lab.harness import (
+from lab.harness import (
     INTERNET_GATEWAY,
     METRICS_PORT,
     Agent,
@@ -59,13 +51,21 @@ from tests.lab.harness import (
     poll,
     write_secret,
 )
-from tests.lab.sso import (
+from lab.sso import (
     enroll_by_workload_token,
     mint_workload_token,
     start_gateway,
     start_idp,
     start_sso_gateway,
 )
+from tests.e2e.test_mesh import ping_until
+from tests.e2e.test_nat_matrix import (
+    STUN,
+    gateway_with_relays,  # noqa: F401 (a fixture)
+    start_relays,
+)
+from tests.e2e.test_netcheck_mesh import drop_unsolicited
+from wiregate.keys import encode_key, generate_private_key, public_from_private
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 
@@ -133,7 +133,7 @@ def v4(wiregate: Wiregate, agent: Agent) -> str:
 STORM_SCRIPT = r"""
 import asyncio, json, sys
 import aiohttp
-from gateway.wgkey import encode_key, generate_private_key, public_from_private
+from wiregate.keys import encode_key, generate_private_key, public_from_private
 
 server, key_file, prefix, total, clients, out = sys.argv[1:7]
 secret = open(key_file).read().strip()
@@ -378,7 +378,7 @@ import asyncio, json, sys
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 import aiohttp
-from tests.lab.sso import _Forms
+from lab.sso import _Forms
 
 mode, jar_path, start = sys.argv[1:4]
 STOP = "/oidc/callback"

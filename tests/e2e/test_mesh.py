@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Mesh
-from tests.lab.harness import (
+from lab.harness import (
     GATEWAY_PORT,
     INTERNET_GATEWAY,
     WG_PORT,
@@ -33,6 +32,7 @@ from tests.lab.harness import (
     poll,
     write_secret,
 )
+from tests.e2e.conftest import Mesh
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(400)]
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
+from lab.harness import Host, Lab, Wiregate, bare, poll
 from tests.e2e.test_mesh import ping_until
-from tests.lab.harness import Host, Lab, Wiregate, bare, poll
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(400)]
 

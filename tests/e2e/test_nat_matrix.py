@@ -25,9 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_mesh import ping_until
-from tests.e2e.test_netcheck_mesh import drop_unsolicited, paths
-from tests.lab.harness import (
+from lab.harness import (
     INTERNET_GATEWAY,
     Agent,
     Host,
@@ -38,6 +36,8 @@ from tests.lab.harness import (
     bare,
     poll,
 )
+from tests.e2e.test_mesh import ping_until
+from tests.e2e.test_netcheck_mesh import drop_unsolicited, paths
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_mesh import ping_until
-from tests.lab.harness import (
+from lab.harness import (
     INTERNET_GATEWAY,
     WG_PORT,
     Agent,
@@ -25,6 +24,7 @@ from tests.lab.harness import (
     bare,
     poll,
 )
+from tests.e2e.test_mesh import ping_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 

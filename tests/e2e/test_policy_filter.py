@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.harness import Agent, Host, Lab, Wiregate, bare, poll
+from lab.harness import Agent, Host, Lab, Wiregate, bare, poll
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(400)]
 

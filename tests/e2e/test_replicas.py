@@ -19,9 +19,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from lab.harness import Agent, Lab, poll
+from lab.replicas import Replicas, connected_to, logged_at, replicas_on, resumed_on
 from tests.e2e.test_faults import start_ping, stop_ping
-from tests.lab.harness import Agent, Lab, poll
-from tests.lab.replicas import Replicas, connected_to, logged_at, replicas_on, resumed_on
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 

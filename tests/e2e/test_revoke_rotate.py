@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from lab.harness import Agent, Host, Lab, Wiregate, poll
 from tests.e2e.conftest import Mesh
-from tests.lab.harness import Agent, Host, Lab, Wiregate, poll
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(400)]
 

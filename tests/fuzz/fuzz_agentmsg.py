@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of what agents send on the map stream (gateway/_agentmsg.py).
+"""Coverage-guided fuzzing of what agents send on the map stream (wiregate/mapwire.py).
 
 Properties: ``parse_agent_message`` raises only :class:`BadInput`; what it
 accepts has at most MAX_ENDPOINTS endpoints, each in canonical form (a fixed
@@ -14,8 +14,8 @@ from _harness import PROJECT, fuzz
 from aiohttp import WSMsgType
 
 with atheris.instrument_imports(include=PROJECT):
-    from gateway._agentmsg import MAX_ENDPOINTS, NAT_TYPES, parse_agent_message, parse_endpoint
-    from gateway.errors import BadInput
+    from wiregate.errors import BadInput
+    from wiregate.mapwire import MAX_ENDPOINTS, NAT_TYPES, parse_agent_message, parse_endpoint
 
 
 def seeds() -> list[bytes]:

@@ -17,8 +17,8 @@ import yaml
 from _harness import PROJECT, fuzz
 
 with atheris.instrument_imports(include=PROJECT):
-    from gateway.errors import ConfigError
     from identity.policy_file import load_policy_file
+    from wiregate.errors import ConfigError
 
 SUFFIXES = (".yaml", ".json", ".toml")
 SECTIONS = ("(document)", "groups", "tag_rules", "acls", "routes", "key_expiry", "policy")

@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of the relay control codec (relay/control.py).
+"""Coverage-guided fuzzing of the relay control codec (relay/controlwire.py).
 
 Properties: parsing raises only :class:`ControlError`; whatever parses
 re-encodes to the same message; the refusal codes decode to a known reason.
@@ -10,7 +10,7 @@ import atheris
 from _harness import PROJECT, fuzz
 
 with atheris.instrument_imports(include=PROJECT):
-    from relay.control import (
+    from relay.controlwire import (
         REASONS,
         Allocate,
         Allocated,

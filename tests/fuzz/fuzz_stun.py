@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of the STUN codec and server (relay/stun.py, relay/stun_server.py).
+"""Coverage-guided fuzzing of the STUN codec and server (relay/stun.py, relay/stun_core.py).
 
 Properties: parsing raises only :class:`StunError`; a message that parses
 (integrity aside) re-encodes to a message that parses to the same thing;
@@ -30,7 +30,7 @@ with atheris.instrument_imports(include=PROJECT):
         parse_message,
         verify_integrity,
     )
-    from relay.stun_server import StunServer
+    from relay.stun_core import StunServer
 
 SERVER = StunServer([("127.0.0.1", 3478), ("127.0.0.2", 3479)])
 TXID = bytes(range(12))

@@ -15,9 +15,9 @@ from _harness import PROJECT, fuzz
 from nacl.signing import SigningKey
 
 with atheris.instrument_imports(include=PROJECT):
-    from gateway.wgkey import encode_key, public_from_private
     from relay.errors import TicketError
     from relay.tickets import DOMAIN, Node, TrustedSigner, issue_pair, parse_ticket, sign_ticket
+    from wiregate.keys import encode_key, public_from_private
 
 KEY = SigningKey(bytes(range(32)))
 TRUSTED = [TrustedSigner(bytes(KEY.verify_key), frozenset({"acme", "t"}))]

@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of the UAPI reply parser (gateway/agent/uapi.py).
+"""Coverage-guided fuzzing of the UAPI reply parser (agent/dataplane/uapi.py).
 
 Properties: ``parse_get`` raises only :class:`UapiError`; a device it accepts,
 rendered again as wireguard-go would, parses to the same device.
@@ -13,11 +13,11 @@ import atheris
 from _harness import PROJECT, fuzz
 
 with atheris.instrument_imports(include=PROJECT):
-    from gateway.agent.backend import LivePeer
-    from gateway.agent.uapi import UapiError, parse_get
+    from agent.dataplane.backend import LivePeer
+    from agent.dataplane.uapi import UapiError, parse_get
 from uapi_text import render_get  # after: it imports the project too
 
-CAPTURED = (  # wireguard-go 0.0.20220316, as in tests/unit/test_uapi.py
+CAPTURED = (  # wireguard-go 0.0.20220316, as in tests/unit/agent/test_uapi.py
     b"private_key=d841a6b6b54387b97fd726f8f89452c713642dbfca9163e7454ce547e2d5025a\n"
     b"listen_port=51820\nfwmark=51820\n"
     b"public_key=b9a27c7d053514d65e7ca70baa7bc77cfd9874e2e8e2fc1c92a68c404b534450\n"

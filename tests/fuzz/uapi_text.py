@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gateway.agent.backend import LivePeer
-from gateway.wgkey import decode_key
+from agent.dataplane.backend import LivePeer
+from wiregate.keys import decode_key
 
 __all__ = ["render_get"]
 

@@ -19,12 +19,12 @@ from urllib.parse import parse_qsl, urljoin, urlsplit
 import aiohttp
 import pytest
 
-from gateway.errors import Unauthorized, Unavailable
-from gateway.model import Identity
 from identity.claims import verified_email
 from identity.oidc import AiohttpPoster, ClientSecret, OidcProvider, OidcRelyingParty
 from identity.pkce import LoginStart, new_verifier
 from tests.integration.conftest import REDIRECT_URI, RunningIdp
+from wiregate.errors import Unauthorized, Unavailable
+from wiregate.model import Identity
 
 pytestmark = pytest.mark.timeout(60)
 

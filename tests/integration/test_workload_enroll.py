@@ -19,13 +19,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.agent.control import ControlClient, read_workload_token, workload_token_source
+from agent.gateway_client import ControlClient, read_workload_token, workload_token_source
 from gateway.api.common import STORE
 from gateway.app import create_app
-from gateway.config import GatewaySettings, WorkloadIssuerSettings
-from gateway.model import Identity
-from gateway.wgkey import encode_key, generate_private_key, public_from_private
 from tests.integration.conftest import RunningIdp
+from wiregate.keys import encode_key, generate_private_key, public_from_private
+from wiregate.model import Identity
+from wiregate.settings import GatewaySettings, WorkloadIssuerSettings
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]

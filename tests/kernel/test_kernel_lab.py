@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from gateway.agent.status import fetch_status
+from agent.status import fetch_status
+from lab.harness import Agent, Lab, Wiregate, _run, poll
 from tests.e2e.conftest import Mesh
 from tests.e2e.test_mesh import unreachable_pairs, wg_peers
-from tests.lab.harness import Agent, Lab, Wiregate, _run, poll
 
 # slow: every Python process takes a minute or more to start under software emulation
 pytestmark = [pytest.mark.kernel, pytest.mark.slow, pytest.mark.lab, pytest.mark.timeout(1800)]

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.agent.backend import DeviceUpdate, LiveDevice, PeerUpdate
-from gateway.agent.desired import DesiredDevice, DesiredPeer
-from gateway.agent.netlink import NetlinkBackend
-from gateway.agent.reconcile import diff
-from gateway.wgkey import encode_key, generate_private_key, public_from_private
+from agent.dataplane.backend import DeviceUpdate, LiveDevice, PeerUpdate
+from agent.dataplane.desired import DesiredDevice, DesiredPeer
+from agent.dataplane.netlink import NetlinkBackend
+from agent.dataplane.reconcile import diff
+from wiregate.keys import encode_key, generate_private_key, public_from_private
 
 pytestmark = pytest.mark.kernel
 
@@ -130,8 +130,8 @@ def test_many_peers_span_several_dump_messages(iface: str) -> None:
 NODE = r"""
 import json, sys, base64
 from pathlib import Path
-from gateway.agent.dataplane import DataPlane
-from gateway.model import NetMap
+from agent.dataplane.facade import DataPlane
+from wiregate.model import NetMap
 cfg = json.loads(sys.stdin.read())
 dp = DataPlane(interface=cfg["iface"], private_key=base64.b64decode(cfg["key"]), listen_port=51820,
                fwmark=0xCA6C, table=51820, rule_priority=5210, run_dir=Path(cfg["run_dir"]))

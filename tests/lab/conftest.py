@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.harness import Lab, lab_requirements
+from lab.harness import Lab, lab_requirements
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -2,7 +2,7 @@
 
 The lab holds a gateway and two "cluster nodes" running ``wiregate agent`` with
 ``kubernetes = true``, each reading its Node object from the recorded-response API
-stand-in (tests/lab/kubeapi.py) inside its namespace: node n has pod CIDR
+stand-in (lab/kubeapi.py) inside its namespace: node n has pod CIDR
 10.244.n.0/24 and a pod namespace (10.244.n.10) behind a veth, as a CNI would wire
 it. In a "VM" namespace the bootstrap script runs for real against a scratch root
 (``WIREGATE_ROOT``): a real virtualenv installed offline from a wheelhouse, the
@@ -28,15 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_mesh import (
-    PATTERN,
-    is_wireguard,
-    parse_frame,
-    read_pcap,
-    start_capture,
-    stop_capture,
-)
-from tests.lab.harness import (
+from lab.harness import (
     WG_PORT,
     Agent,
     Host,
@@ -47,7 +39,15 @@ from tests.lab.harness import (
     poll,
     wiregate_command,
 )
-from tests.lab.kubeapi import recorded, write_kubeconfig
+from lab.kubeapi import recorded, write_kubeconfig
+from tests.e2e.test_mesh import (
+    PATTERN,
+    is_wireguard,
+    parse_frame,
+    read_pcap,
+    start_capture,
+    stop_capture,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 
@@ -200,7 +200,7 @@ def start_cluster_node(
     pod = add_pod(lab, node, index)
     document = lab.workdir / f"{node.name}.json"
     document.write_bytes(_node_document(node, f"10.244.{index}.0/24", annotations or {}))
-    api = node.spawn([sys.executable, "-m", "tests.lab.kubeapi", "--listen", KUBE_API,
+    api = node.spawn([sys.executable, "-m", "lab.kubeapi", "--listen", KUBE_API,
                       "--token", KUBE_TOKEN, "--node", f"{node.name}={document}"],
                      env={"PYTHONPATH": str(REPO)}, name=f"kubeapi-{node.name}")  # fmt: skip
     poll(lambda: "Running on" in api.output(), timeout=30, what="the Kubernetes API stand-in")

@@ -1,6 +1,6 @@
 """deploy/bootstrap.sh with ``--workload-token`` and no enrollment key, for real.
 
-The real OpenID Provider runs next to the gateway (tests/lab/sso.py) and mints a
+The real OpenID Provider runs next to the gateway (lab/sso.py) and mints a
 token for the gateway (``client_credentials``); the bootstrap script installs the
 agent in a "VM" namespace (scratch root, offline wheelhouse, wireguard-go, the
 systemctl shim of test_bootstrap.py) with ``workload_token`` in agent.toml; the
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from lab.harness import Lab, bare
+from lab.sso import enroll_by_workload_token, mint_workload_token, start_sso_gateway
 from tests.e2e.test_mesh import ping_until
-from tests.lab.harness import Lab, bare
-from tests.lab.sso import enroll_by_workload_token, mint_workload_token, start_sso_gateway
 from tests.lab.test_bootstrap import VM
 from tests.lab.test_bootstrap import wheelhouse as wheelhouse  # the module-scoped fixture
 

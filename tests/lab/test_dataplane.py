@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from gateway.wgkey import encode_key, generate_private_key, public_from_private
+from wiregate.keys import encode_key, generate_private_key, public_from_private
 
 pytestmark = pytest.mark.lab
 
@@ -37,8 +37,8 @@ NODE = r"""
 import base64, json, sys, time
 from dataclasses import asdict
 from pathlib import Path
-from gateway.agent.dataplane import DataPlane
-from gateway.model import NetMap
+from agent.dataplane.facade import DataPlane
+from wiregate.model import NetMap
 cfg = json.loads(sys.stdin.readline())
 skew = [0.0]  # the test moves this node's clock forward with {"op": "tick"}
 dp = DataPlane(interface=cfg["interface"], private_key=base64.b64decode(cfg["key"]),

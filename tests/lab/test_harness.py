@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.harness import (
+from lab.harness import (
     OWNER_DIR,
     CommandError,
     Lab,

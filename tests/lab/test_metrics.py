@@ -12,9 +12,7 @@ import math
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.test_mesh import ping_until
-from tests.e2e.test_nat_matrix import CONTROL_PORT, RELAY_PORTS, allow_relays_only
-from tests.lab.harness import (
+from lab.harness import (
     INTERNET_GATEWAY,
     METRICS_PORT,
     Agent,
@@ -24,6 +22,8 @@ from tests.lab.harness import (
     Wiregate,
     poll,
 )
+from tests.e2e.test_mesh import ping_until
+from tests.e2e.test_nat_matrix import CONTROL_PORT, RELAY_PORTS, allow_relays_only
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 

@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway.wgkey import encode_key, generate_private_key, public_from_private
-from tests.lab.harness import (
+from lab.harness import (
     INTERNET_GATEWAY,
     WG_PORT,
     WG_RUN_DIR,
@@ -26,6 +25,7 @@ from tests.lab.harness import (
     wiregate_command,
     write_secret,
 )
+from wiregate.keys import encode_key, generate_private_key, public_from_private
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(180)]
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from nacl.signing import SigningKey
 
-from tests.lab.harness import INTERNET_GATEWAY, Lab, Namespace, Process, poll, wiregate_command
+from lab.harness import INTERNET_GATEWAY, Lab, Namespace, Process, poll, wiregate_command
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(180)]
 
@@ -41,7 +41,7 @@ def ping(ns: Namespace, control: str, wait: float = 1.0) -> dict[str, Any]:
     host, port = control.rsplit(":", 1)
     script = (
         "import asyncio, json, sys\n"
-        "from relay.probe import ping_relay\n"
+        "from relay.client.probe import ping_relay\n"
         "try:\n"
         f"    r = asyncio.run(ping_relay(({host!r}, {port}), {wait}))\n"
         "    print(json.dumps({'rtt': r.rtt, 'allocations': r.allocations, "

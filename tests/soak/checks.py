@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from gateway.model import NetMap
+from wiregate.model import NetMap
 
 __all__ = [
     "POLICY_YAML",

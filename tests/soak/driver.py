@@ -1,9 +1,9 @@
 """The soak driver: a bounded load run against real gateway replicas on PostgreSQL.
 
 Everything runs on loopback and in the lab's own network namespaces
-(tests/lab/harness.py):
+(lab/harness.py):
 
-* a throwaway PostgreSQL (tests/pg.py); the gateways reach it through its unix
+* a throwaway PostgreSQL (lab/pg.py); the gateways reach it through its unix
   socket, which no network namespace hides;
 * ``replicas`` ``wiregate gateway`` processes on that one database, in the lab's
   internet namespace, with a policy that puts ``tag:sim`` devices in one peering
@@ -36,10 +36,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from gateway.admin_client import AdminClient
-from gateway.errors import RemoteError
-from gateway.model import NetMap
-from tests.lab.harness import (
+from lab.harness import (
     INTERNET_GATEWAY,
     Agent,
     Lab,
@@ -50,13 +47,16 @@ from tests.lab.harness import (
     poll,
     write_secret,
 )
-from tests.pg import PgServer
+from lab.pg import PgServer
 from tests.soak import checks
 from tests.soak.netns import run_in_netns
 from tests.soak.probes import Sampler, fd_breakdown
 from tests.soak.profile import PINGS, REAL_HOSTS, Profile, Rotation
 from tests.soak.report import assemble, traffic_figures
 from tests.soak.sim import Fleet, FleetConfig, connected
+from wiregate.cli.admin_client import AdminClient
+from wiregate.errors import RemoteError
+from wiregate.model import NetMap
 
 __all__ = ["run_soak"]
 

@@ -1,8 +1,8 @@
 """Simulated agents: the real agent's protocol against real gateways, without a data plane.
 
-Each :class:`SimAgent` enrolls with :class:`~gateway.agent.control.ControlClient`
+Each :class:`SimAgent` enrolls with :class:`~agent.gateway_client.ControlClient`
 (the agent's own client), holds its map stream through the same client and
-applies every message with :class:`~gateway.agent.session.MapSession` (the
+applies every message with :class:`~agent.session.MapSession` (the
 agent's own state machine), advertises endpoints as the agent does (after every
 full map, and when they change), rotates its key through
 ``POST /api/v1/devices/self/rotate`` and switches when its ``self`` carries the
@@ -26,13 +26,13 @@ from typing import Any
 
 import aiohttp
 
-from gateway.admin_client import AdminClient
-from gateway.agent.control import ControlClient
-from gateway.agent.rotation import ROTATE_PATH
-from gateway.agent.session import Action, MapSession
-from gateway.agent.state import Enrollment
-from gateway.errors import RemoteError, Unauthorized, Unavailable, WiregateError
-from gateway.wgkey import encode_key, generate_private_key, public_from_private
+from agent.gateway_client import ControlClient
+from agent.rotation import ROTATE_PATH
+from agent.session import Action, MapSession
+from agent.state import Enrollment
+from wiregate.cli.admin_client import AdminClient
+from wiregate.errors import RemoteError, Unauthorized, Unavailable, WiregateError
+from wiregate.keys import encode_key, generate_private_key, public_from_private
 
 __all__ = ["Fleet", "FleetConfig", "SimAgent"]
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from gateway.model import NetMap
 from tests.soak import checks
 from tests.soak.probes import iperf_figures, parse_metrics, parse_ping, rotation_window
+from wiregate.model import NetMap
 
 KEY_A, KEY_B, KEY_C, KEY_X = (c * 43 + "=" for c in "ABCX")
 

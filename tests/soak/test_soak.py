@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.harness import lab_requirements
+from lab.harness import lab_requirements
 from tests.soak.driver import run_soak
 from tests.soak.profile import CI, FULL, Profile
 from tests.soak.report import format_summary

@@ -1,0 +1,425 @@
+"""The agent daemon: enroll once, hold the map stream, keep the data plane reconciled.
+
+Fail static: the data plane is only ever changed by a map; losing the gateway
+changes nothing, and a restarted agent re-applies its last map before it even
+reaches the gateway. On reconnect it asks to resume from its version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from agent.dataplane.facade import DataPlane, PeerStatus
+from agent.discovery.candidates import merge_candidates
+from agent.discovery.endpoints import candidates, local_addresses, local_networks
+from agent.discovery.netcheck import NetReport, fetch_relays, run_netcheck
+from agent.gateway_client import (
+    ControlClient,
+    read_auth_key,
+    read_workload_token,
+    server_urls,
+    workload_token_source,
+)
+from agent.keyfile import load_or_create_key
+from agent.metrics import serve_metrics
+from agent.paths.driver import PathBook, PathRunner, RelayHooks
+from agent.paths.machine import LocalNat, PathTimers
+from agent.paths.relaylink import Addr, RelayBinding, RelayGrant, bind_at_relay
+from agent.pmtu.prober import PmtuProber
+from agent.rotation import KeyRotator
+from agent.session import Action, MapSession
+from agent.state import Enrollment, StateDir
+from agent.status import serve_status
+from relay.client.probe import ping_relay
+from relay.endpoints import RelayEndpoint
+from wiregate.errors import Unauthorized, Unavailable, WiregateError
+from wiregate.keys import encode_key, public_from_private
+from wiregate.logging import get_logger
+from wiregate.model import NetMap
+from wiregate.net import parse_hostport
+from wiregate.settings import AgentSettings
+
+__all__ = ["Agent", "DeviceRevoked"]
+
+log = get_logger("agent")
+
+
+DATAPLANE_SETUP_TIMEOUT = 60.0  # seconds; the backends' own steps time out sooner
+
+
+class DeviceRevoked(Exception):
+    """The gateway removed this device; the agent has torn its interface down."""
+
+
+@dataclass(slots=True)
+class Health:
+    """What ``wiregate status`` shows about the control connection."""
+
+    connected: bool = False
+    last_sync: float | None = None
+    last_error: str = ""
+    problems: tuple[str, ...] = ()
+    reconnects: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Agent:
+    """One agent process, owning one WireGuard interface."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.state = StateDir(settings.state_dir)
+        self.health = Health()
+        self.session = MapSession()
+        self.enrollment: Enrollment | None = None
+        self.dataplane: DataPlane | None = None
+        self.public_key = ""
+        self._apply_lock = asyncio.Lock()
+        self.netreport: NetReport | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._advertised: dict[str, Any] | None = None  # None: not sent on this stream yet
+        self.paths = PathBook(
+            PathTimers(
+                probe_timeout=settings.path_probe_timeout,
+                silence=settings.path_silence,
+                retry_first=settings.path_retry,
+            )
+        )
+        self._runner: PathRunner | None = None
+        self.control: ControlClient | None = None  # set once running
+        self.rotation = KeyRotator(self)  # make-before-break key rotation
+        self.pmtu: PmtuProber | None = None  # path-MTU probes through each tunnel
+
+    async def run_until_signalled(self) -> None:
+        """Run until SIGTERM/SIGINT; the data plane is left running (fail static)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await self.run()
+        except asyncio.CancelledError:
+            log.info("agent stopped; the tunnel stays up on its last map")
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def gateway_url(self) -> str:
+        """The gateway (replica) URL the agent talks to now."""
+        if self.control is not None:
+            return self.control.server
+        return server_urls(self.settings.server)[0]
+
+    async def run(self) -> None:
+        self.state.ensure()
+        private = load_or_create_key(self.settings.state_dir)
+        self.public_key = encode_key(public_from_private(private))
+        self.dataplane = self._make_dataplane(private)
+        async with aiohttp.ClientSession() as http:
+            control = self.control = ControlClient(self.settings.server, http)
+            self.enrollment = self.state.load_enrollment() or await self._enroll(control)
+            await self._setup_dataplane()
+            self._runner = self._path_runner(control)
+            cached = self.state.load_netmap()
+            if cached is not None:
+                self.session = MapSession(cached)
+                await self._map_changed(cached)
+            status = await serve_status(self.settings.run_dir / "agent.sock", self)
+            metrics = await serve_metrics(self)  # None unless metrics_listen is set
+            tasks = [
+                asyncio.create_task(self._reconcile_periodically()),
+                asyncio.create_task(self._runner.run()),
+            ]
+            if self.settings.stun_servers:
+                tasks.append(asyncio.create_task(self._netcheck_periodically()))
+            tasks.append(asyncio.create_task(self.rotation.run()))
+            if self.settings.pmtu_interval > 0:
+                self.pmtu = PmtuProber(
+                    self.dataplane, lambda: self.session.netmap, self._apply,
+                    fwmark=self.settings.fwmark, interval=self.settings.pmtu_interval,
+                )  # fmt: skip
+                tasks.append(asyncio.create_task(self.pmtu.run()))
+            try:
+                await self._stream_forever(control)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await status.cleanup()
+                if metrics is not None:
+                    await metrics.cleanup()
+                (self.settings.run_dir / "agent.sock").unlink(missing_ok=True)
+
+    async def _setup_dataplane(self) -> None:
+        """Create or adopt the interface; a setup that hangs is an error, not a silence."""
+        assert self.dataplane is not None
+        try:
+            async with asyncio.timeout(DATAPLANE_SETUP_TIMEOUT):
+                await asyncio.to_thread(self.dataplane.setup)
+        except TimeoutError:
+            raise Unavailable(
+                f"setting up {self.settings.interface} took over {DATAPLANE_SETUP_TIMEOUT:g} s"
+            ) from None
+        log.info("data plane up", interface=self.settings.interface,
+                 backend=self.dataplane.backend_name)  # fmt: skip
+
+    def _path_runner(self, control: ControlClient) -> PathRunner:
+        s = self.settings
+
+        async def ticket(peer_id: str, avoid: Sequence[str]) -> RelayGrant:
+            assert self.enrollment is not None
+            return await control.relay_ticket(self.enrollment.token, peer_id, avoid)
+
+        async def bind(grant: RelayGrant) -> RelayBinding:
+            return await bind_at_relay(grant, s.listen_port)
+
+        async def probe(relay: Addr) -> None:
+            await ping_relay(relay, timeout=2.0)
+
+        async def read_status() -> Sequence[PeerStatus]:
+            assert self.dataplane is not None
+            return await asyncio.to_thread(self.dataplane.status)
+
+        async def reapply() -> None:
+            if self.session.netmap is not None:
+                await self._apply(self.session.netmap)
+
+        hooks = RelayHooks(ticket, bind, probe, ping_interval=s.relay_ping_interval)
+        return PathRunner(self.paths, hooks, read_status, reapply)
+
+    def _make_dataplane(self, private: bytes) -> DataPlane:
+        s = self.settings
+        return DataPlane(
+            interface=s.interface,
+            private_key=private,
+            listen_port=s.listen_port,
+            fwmark=s.fwmark,
+            table=s.route_table,
+            rule_priority=s.rule_priority,
+            mtu=s.mtu,
+            backend=s.backend,
+            resync_interval=s.reconcile_interval,
+            userspace_binary=s.userspace_binary,
+            run_dir=s.run_dir,
+        )
+
+    async def _enroll(self, control: ControlClient) -> Enrollment:
+        s = self.settings
+        source = workload_token_source(
+            s.workload_token, kubernetes=s.kubernetes, auth_key=s.auth_key
+        )
+        auth_key = "" if source is not None else read_auth_key(s.auth_key)
+        name = self.settings.hostname or socket.gethostname()
+        from agent.kubenode import advertised_routes  # pod CIDRs when kubernetes = true
+
+        routes = await advertised_routes(self.settings)
+        endpoints = await self._endpoints()
+        token = None if source is None else read_workload_token(source)  # read now: it rotates
+        enrollment = await control.enroll(
+            auth_key, self.public_key, name, endpoints, routes=routes, workload_token=token
+        )
+        self.state.save_enrollment(enrollment)
+        log.info("enrolled", device_id=enrollment.device_id, addresses=enrollment.addresses)
+        return enrollment
+
+    async def _endpoints(self) -> list[str]:
+        local = await asyncio.to_thread(local_addresses)
+        found = candidates(local, self.settings.listen_port, {self.settings.interface})
+        reflexive = self.netreport.usable_reflexive if self.netreport else None
+        from agent.kubenode import advertised_endpoints  # the Node's, if kubernetes
+
+        configured = [*self.settings.endpoints, *await advertised_endpoints(self.settings)]
+        return merge_candidates(configured, reflexive, found)
+
+    async def _netcheck_periodically(self) -> None:
+        """Probe the WireGuard port's NAT mapping now and every ``netcheck_interval``;
+        tell the gateway when the endpoint candidates change and the path machines
+        what this side's NAT is. A failed probe keeps the last report (and so the
+        last candidates)."""
+        while True:
+            try:
+                servers = [parse_hostport(s) for s in self.settings.stun_servers]
+                relays = await self._relays()
+                self.netreport = await run_netcheck(
+                    servers, self.settings.listen_port, relays=relays
+                )
+                log.info("netcheck", **self.netreport.to_dict())
+                await self._advertise()
+                await self._paths_learn_nat(self.netreport)
+            except (OSError, WiregateError, aiohttp.ClientError) as exc:
+                log.warning("netcheck failed; candidates kept", error=str(exc))
+            await asyncio.sleep(self.settings.netcheck_interval)
+
+    async def _relays(self) -> tuple[RelayEndpoint, ...]:
+        """The gateway's relays, for netcheck to PING (none when it cannot say)."""
+        if self.enrollment is None:
+            return ()
+        try:
+            return await fetch_relays(self.gateway_url(), self.enrollment.token)
+        except WiregateError as exc:
+            log.debug("relay list unavailable for netcheck", error=exc.message)
+            return ()
+
+    async def _paths_learn_nat(self, report: NetReport) -> None:
+        networks = await asyncio.to_thread(local_networks, {self.settings.interface})
+        before = self.paths.local_reflexive()
+        if self._runner is not None:
+            if before is not None and report.usable_reflexive != before:
+                self._runner.rebind_all()
+            await self._runner.perform(self.paths.local_nat(LocalNat.from_report(report, networks)))
+
+    async def _advertise(self) -> None:
+        """Send the endpoint candidates (and the measured NAT type) on the map stream if
+        they changed since last sent."""
+        message: dict[str, Any] = {"type": "endpoints", "endpoints": await self._endpoints()}
+        if self.netreport is not None:
+            message["nat"] = str(self.netreport.nat_type)
+        if self._ws is None or self._ws.closed or message == self._advertised:
+            return
+        try:
+            await self._ws.send_json(message)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            # the stream is going away (gateway killed, replica draining): the reader
+            # sees it end and reconnects; the next stream gets the endpoints again
+            log.info("endpoints not sent: the map stream is closing", error=str(exc))
+            return
+        self._advertised = message
+
+    async def _stream_forever(self, control: ControlClient) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._stream_once(control)
+                delay = 0.5
+            except (Unavailable, aiohttp.ClientError, ConnectionError) as exc:
+                error = exc.message if isinstance(exc, Unavailable) else repr(exc)
+                self.health.last_error = error
+                log.warning("gateway unreachable; data plane kept as is", error=error)
+                control.failover()  # another replica, if several are configured
+                if self.health.connected:  # a stream that worked: back off from the start
+                    delay = 0.5
+            except Unauthorized:
+                await self._revoked("the gateway no longer accepts this device")
+            self.health.connected = False
+            self.health.reconnects += 1
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 30.0)
+
+    async def _stream_once(self, control: ControlClient) -> None:
+        assert self.enrollment is not None
+        since = self.session.version
+        async for message, ws in control.stream(self.enrollment.token, since):
+            self.health.connected = True
+            self._ws = ws
+            outcome = self.session.receive(message)
+            if outcome.action is Action.APPLY and self.session.netmap is not None:
+                await self._map_changed(self.session.netmap)
+                self.state.save_netmap(self.session.netmap)
+            elif outcome.action is Action.REVOKED:
+                await self._revoked(outcome.reason)
+            elif outcome.action is Action.RESYNC:
+                log.warning("map stream out of step; resyncing", reason=outcome.reason)
+                self.session = MapSession(self.session.netmap)
+                await ws.close()
+                return
+            self.health.last_sync = time.time()
+            if message.get("type") == "full":
+                self._advertised = None
+                await self._advertise()
+
+    async def _reconcile_periodically(self) -> None:
+        """Re-apply the current map now and then: the data plane reads the interface back
+        every ``resync_interval`` and repairs changes made behind the agent's back."""
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval)
+            if self.session.netmap is not None:
+                try:
+                    await self._apply(self.session.netmap)
+                except WiregateError as exc:
+                    log.warning("periodic reconcile failed", error=exc.message)
+
+    async def _map_changed(self, netmap: NetMap) -> None:
+        """A new map: the path machines learn of new, gone and moved peers first, so
+        the data plane is written once with the endpoints they choose."""
+        actions = self.paths.update_map(netmap, time.time())
+        if self._runner is None:
+            await self._apply(netmap)
+        else:  # probes of peers with a session first reset them (see PathBook.needs_reset)
+            await self._runner.perform(actions, apply=True)
+
+    async def _apply(self, netmap: NetMap) -> None:
+        assert self.dataplane is not None
+        async with self._apply_lock:
+            await self.rotation.before_apply(netmap)  # a rotated key: switch in this apply
+            result = await asyncio.to_thread(self.dataplane.apply, self.paths.shape(netmap))
+            await self.rotation.after_apply(netmap)
+        self.health.problems = tuple(result.problems)
+        for problem in result.problems:
+            log.warning("peer refused", problem=problem)
+        emit = log.info if result.writes else log.debug
+        emit("map applied", version=netmap.version, peers=result.peers, writes=result.writes)
+
+    async def _revoked(self, reason: str) -> None:
+        log.warning("device revoked; tearing down", reason=reason)
+        if self.dataplane is not None:
+            await asyncio.to_thread(self.dataplane.teardown)
+        self.state.forget()
+        raise DeviceRevoked(reason)
+
+    def status(self) -> dict[str, Any]:
+        """The document ``wiregate status`` prints."""
+        netmap = self.session.netmap
+        live = {p.public_key: p for p in self.dataplane.status()} if self.dataplane else {}
+        peers = [] if netmap is None else list(netmap.peers.values())
+        return {
+            "device": _device_doc(self.enrollment, self.public_key, netmap),
+            "interface": self.settings.interface,
+            "backend": self.dataplane.backend_name if self.dataplane else None,
+            "gateway": {
+                "server": self.gateway_url(),
+                "connected": self.health.connected,
+                "map_version": self.session.version,
+                "last_sync": self.health.last_sync,
+                "last_error": self.health.last_error,
+                "reconnects": self.health.reconnects,
+            },
+            "problems": list(self.health.problems),
+            "netcheck": self.netreport.to_dict() if self.netreport else None,
+            "pmtu": self.pmtu.to_dict() if self.pmtu else None,
+            "peers": [
+                _peer_doc(p, live.get(p.public_key), self.paths.report(p.id))
+                | (self.pmtu.peer_doc(p.public_key) if self.pmtu else {"path_mtu": None})
+                for p in peers
+            ],
+        }
+
+
+def _device_doc(enr: Enrollment | None, public_key: str, netmap: NetMap | None) -> dict[str, Any]:
+    if enr is None:
+        return {"public_key": public_key}
+    addresses = list(netmap.self_view.addresses) if netmap else list(enr.addresses)
+    doc = {"id": enr.device_id, "name": enr.name, "public_key": public_key, "addresses": addresses}
+    return {**doc, "expires_at": netmap.self_view.expires_at if netmap else None}
+
+
+def _peer_doc(peer: Any, live: Any, path: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "path": path,
+        "id": peer.id,
+        "name": peer.name,
+        "public_key": peer.public_key,
+        "addresses": list(peer.addresses),
+        "endpoint": getattr(live, "endpoint", None),
+        "last_handshake": getattr(live, "last_handshake", None),
+        "rx_bytes": getattr(live, "rx", 0),
+        "tx_bytes": getattr(live, "tx", 0),
+    }

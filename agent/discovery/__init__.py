@@ -1,0 +1,1 @@
+"""Endpoint discovery: local candidates, STUN from the WireGuard port, the NAT type."""

@@ -1,0 +1,1 @@
+"""Per-peer path choice (direct or relayed): the machine, its vocabulary and its driver."""

@@ -1,0 +1,492 @@
+"""Per-peer path choice: direct first, relay when it must (sans-IO).
+
+One :class:`PathMachine` per peer. It owns no socket, task or clock: the caller
+feeds it events carrying ``now`` (POSIX seconds, the clock WireGuard's
+latest-handshake uses) and performs the actions it returns.
+
+States (:class:`PathState`)::
+
+    idle ──peer──> probing_direct ──handshake──> direct ──tick (silent 180 s)──┐
+      │                │ tick: next candidate; none left ──┐      ^            │
+      └─ pointless ────┴───────────────────────────> relay_pending <───────────┘
+                                   relay_ready │   │ relay_failed / timeout
+                                               v   v
+             retry_direct <──tick (backoff)── relayed    failed ──tick (backoff)──> (decide)
+                 │ handshake ──> direct (release the relay)
+                 └ tick ──> relayed (backoff doubles: 30 s -> 4 min, on a wall-clock grid)
+
+Every transition is a row of :data:`TRANSITIONS`: ``(state, event kind)`` -> a
+:class:`Rule` naming the handler and the states it may lead to; :meth:`handle`
+refuses any other outcome, and the table covers every (state, kind) pair.
+
+Direct is skipped up front when pointless (either side ``udp-blocked``, or both
+``symmetric`` with no shared local network). A handshake counts as evidence for
+a direct candidate only if it is newer than the moment that endpoint was set
+and, when the device reports it, the peer's live endpoint is still that one (an
+authenticated packet from the relay would make WireGuard roam to it).
+
+Wiring into the agent daemon (next step)::
+
+    machine = PathMachine(peer.id)              # one per peer of the map
+    machine.handle(LocalNat.from_report(report, networks))   # after each netcheck
+    machine.handle(PeerUpdate(now, peer.endpoints, nat=None))  # map upsert
+    machine.handle(Handshake(now, live.last_handshake, live.endpoint))  # each poll
+    machine.handle(RelayReady(now, "relay_ip:port")) / RelayFailed(now, why)
+    machine.handle(Tick(now)) when now >= machine.next_deadline()
+    for action in returned: SetEndpoint -> desired peer endpoint (reconciler);
+        RequestRelay -> POST /api/v1/relay/tickets + relay_client allocate/bind;
+        ReleaseRelay -> cancel that / drop the allocation.
+    machine.explain() -> PathReport for ``wiregate status`` and the admin page.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from agent.discovery.netcheck import NatType
+from agent.paths.vocabulary import (
+    OTHER,
+    Action,
+    Event,
+    Handshake,
+    LocalNat,
+    PathKind,
+    PathReport,
+    PathTimers,
+    PeerUpdate,
+    Ranked,
+    RelayFailed,
+    RelayReady,
+    ReleaseRelay,
+    RequestRelay,
+    SetEndpoint,
+    Tick,
+    blocker,
+    direct_reason,
+    rank_candidates,
+)
+
+__all__ = [
+    "TRANSITIONS",
+    "Action",
+    "Event",
+    "Handshake",
+    "LocalNat",
+    "PathMachine",
+    "PathReport",
+    "PathState",
+    "PathTimers",
+    "PeerUpdate",
+    "RelayFailed",
+    "RelayReady",
+    "ReleaseRelay",
+    "RequestRelay",
+    "Rule",
+    "SetEndpoint",
+    "Tick",
+]
+
+
+class PathState(StrEnum):
+    """Where the path to one peer stands (see the module docstring)."""
+
+    IDLE = "idle"
+    PROBING_DIRECT = "probing_direct"
+    DIRECT = "direct"
+    RELAY_PENDING = "relay_pending"
+    RELAYED = "relayed"
+    RETRY_DIRECT = "retry_direct"
+    FAILED = "failed"
+
+
+_PATHS: dict[PathState, PathKind] = {
+    PathState.IDLE: "probing",
+    PathState.PROBING_DIRECT: "probing",
+    PathState.DIRECT: "direct",
+    PathState.RELAY_PENDING: "probing",
+    PathState.RELAYED: "relayed",
+    PathState.RETRY_DIRECT: "probing",
+    PathState.FAILED: "failed",
+}
+
+
+class PathMachine:
+    """The path state of one peer; see the module docstring for how to drive it."""
+
+    def __init__(self, peer_id: str, timers: PathTimers | None = None) -> None:
+        self.peer_id = peer_id
+        self.timers = timers or PathTimers()
+        self.state = PathState.IDLE
+        self._now = self._since = self._endpoint_at = self._asked_at = 0.0
+        self._local = LocalNat(0.0, NatType.UNKNOWN)
+        self._peer = PeerUpdate(0.0, ())
+        self._ranked = Ranked((), ())
+        self._endpoint: str | None = None
+        self._try = 0  # index in the ranking of the candidate being probed
+        self._round = 0  # retry rounds while relayed (rotates the candidate tried)
+        self._handshake: float | None = None
+        self._relay = "none"  # none | pending | ready
+        self._relay_endpoint: str | None = None
+        self._relays_used: tuple[str, ...] = ()  # the last few relay endpoints, newest last
+        self._relay_error = ""
+        self._backoff = self.timers.retry_first
+        self._retry_at: float | None = None
+        self._why = "waiting for the peer's endpoints"
+        self._out: list[Action] = []
+
+    # -- driving ----------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        """Apply ``event`` (and any deadline it passes); the actions to perform, in order."""
+        self._now = max(self._now, event.now)
+        if not isinstance(event, PeerUpdate):  # new endpoints replace what a timer would try
+            self._catch_up()
+        if not isinstance(event, Tick):  # a tick acts only through the deadline it passes
+            self._apply(event)
+            self._catch_up()
+        out, self._out = self._out, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When to deliver the next :class:`Tick`, None if no timer is needed."""
+        state, t = self.state, self.timers
+        if state in (PathState.PROBING_DIRECT, PathState.RETRY_DIRECT):
+            return self._endpoint_at + t.probe_timeout
+        if state is PathState.DIRECT:
+            return (self._handshake or self._since) + t.silence
+        if state is PathState.RELAY_PENDING:
+            return self._asked_at + t.relay_timeout
+        if state is PathState.FAILED:  # on the wall-clock grid, like retries (see there)
+            return math.ceil((self._since + self._backoff) / self._backoff) * self._backoff
+        return self._retry_at if state is PathState.RELAYED else None
+
+    def explain(self) -> PathReport:
+        """The path to this peer and why, for ``wiregate status``."""
+        return PathReport(
+            _PATHS[self.state], self._endpoint, self._since, self._reason(), self.state
+        )
+
+    def _reason(self) -> str:
+        state = self.state
+        # off the direct path: a blocker learnt since (the NATs measured) says it best
+        why = self._why if state is PathState.RETRY_DIRECT else self._blocker() or self._why
+        if state is PathState.RELAYED:
+            if self._retry_at is None:
+                return f"{why}; not retrying direct"
+            return f"{why}; retrying direct every {self._backoff:g} s"
+        if state is PathState.RELAY_PENDING:
+            return f"asking for a relay: {why}"
+        if state is PathState.FAILED:
+            return f"{why}; no relay: {self._relay_error or 'unavailable'}"
+        if state is PathState.RETRY_DIRECT:
+            return f"relayed ({self._why}); trying direct candidate {self._endpoint}"
+        return self._why
+
+    def _apply(self, event: Event) -> None:
+        rule = TRANSITIONS[(self.state, event.kind)]
+        target = rule.handler(self, event)
+        if target not in rule.targets:
+            raise AssertionError(f"{self.state} --{event.kind}--> {target} is not in the table")
+        if target is not self.state:
+            self.state, self._since = target, self._now
+
+    def _catch_up(self) -> None:
+        for _ in range(8):  # each tick handler moves the deadline past now
+            deadline = self.next_deadline()
+            if deadline is None or deadline > self._now:
+                return
+            self._apply(Tick(self._now))
+
+    # -- helpers used by the handlers ------------------------------------------------
+
+    def _set_endpoint(self, endpoint: str) -> None:
+        self._endpoint, self._endpoint_at = endpoint, self._now
+        self._out.append(SetEndpoint(self.peer_id, endpoint))
+
+    def _rank(self) -> None:
+        local, peer = self._local, self._peer
+        self._ranked = rank_candidates(
+            peer.endpoints,
+            peer_reflexive=peer.reflexive,
+            our_reflexive=local.reflexive,
+            our_networks=local.networks,
+        )
+
+        if self._endpoint in self._ranked.order:
+            self._try = self._ranked.order.index(self._endpoint)
+
+    def _blocker(self) -> str | None:
+        return blocker(self._local.nat, self._peer.nat, self._ranked)
+
+    def _probe(self, index: int) -> PathState:
+        self._try = index
+        order = self._ranked.order
+        self._set_endpoint(order[index])
+        self._why = f"probing direct candidate {order[index]} ({index + 1} of {len(order)})"
+        return PathState.PROBING_DIRECT
+
+    def _to_relay(self, why: str) -> PathState:
+        self._why = why
+        if self._relay == "ready" and self._relay_endpoint is not None:
+            return self._enter_relayed()
+        if self._relay == "none":
+            self._relay, self._asked_at = "pending", self._now
+            self._out.append(RequestRelay(self.peer_id))
+        return PathState.RELAY_PENDING
+
+    def _enter_relayed(self) -> PathState:
+        assert self._relay_endpoint is not None
+        if self._endpoint != self._relay_endpoint:
+            self._set_endpoint(self._relay_endpoint)
+        self._schedule_retry(self._backoff)
+        return PathState.RELAYED
+
+    def _schedule_retry(self, delay: float) -> None:
+        """Retry direct at the first multiple of ``delay`` (wall clock) after ``now + delay``.
+
+        Both sides of a pair run the same schedule (backoffs double from the same
+        first value, so every coarser grid lies on the finer ones), so their retries
+        meet: a NAT pinhole opens only when both send at about the same time."""
+        plausible = self._blocker() is None
+        self._retry_at = math.ceil((self._now + delay) / delay) * delay if plausible else None
+
+    def _release(self) -> None:
+        if self._relay != "none":
+            self._out.append(ReleaseRelay(self.peer_id))
+        self._relay, self._relay_endpoint = "none", None
+
+    def _direct_evidence(self, event: Handshake) -> bool:
+        """Whether ``event`` proves a direct path: a fresh handshake at the direct
+        endpoint being tried, or one that WireGuard took from the peer's own address
+        (it roams to where authenticated packets come from: the peer reached us)."""
+        latest, endpoint = event.latest, self._endpoint
+        if latest is None or endpoint is None:
+            return False
+        if latest < self._endpoint_at or latest <= self._now - self.timers.silence:
+            return False
+        if event.endpoint in (None, endpoint):
+            return endpoint in self._ranked.order  # not a relay's (perhaps one just lost)
+        return self._roamed_direct(event.endpoint)
+
+    def _roamed_direct(self, live: str | None) -> bool:
+        """Whether ``live``, where WireGuard roamed to, is the peer itself (not a relay)."""
+        return live is not None and live not in self._relays_used
+
+
+# -- handlers: each returns the next state; TRANSITIONS says which ones it may return -------
+
+
+def _stay(m: PathMachine, event: Any) -> PathState:
+    return m.state
+
+
+def _record_local(m: PathMachine, event: LocalNat) -> PathState:
+    moved = m._local.reflexive is not None and event.reflexive != m._local.reflexive
+    m._local = event
+    m._rank()
+    if m.state is PathState.RELAYED and (m._retry_at is None) != (m._blocker() is not None):
+        m._schedule_retry(m._backoff)
+    if m.state is PathState.DIRECT and moved and m._endpoint in m._ranked.order:
+        # Our NAT mapping changed: the peer's NAT knows only the old one. Probe the
+        # same endpoint afresh, as the peer probes our new one, so both open at once.
+        return m._probe(m._ranked.order.index(m._endpoint))
+    return m.state
+
+
+def _decide(m: PathMachine, event: Any) -> PathState:
+    """Skip direct when pointless, else probe the best candidate."""
+    why = m._blocker()
+    return m._to_relay(why) if why is not None else m._probe(0)
+
+
+def _peer_decide(m: PathMachine, event: PeerUpdate) -> PathState:
+    m._peer = event
+    m._rank()
+    return _decide(m, event)
+
+
+def _peer_record(m: PathMachine, event: PeerUpdate) -> PathState:
+    m._peer = event
+    m._rank()
+    return m.state
+
+
+def _peer_while_probing(m: PathMachine, event: PeerUpdate) -> PathState:
+    """New candidates while probing: go on with the one being probed if it is still the
+    best, else start over from the best (a reflexive address that arrived late)."""
+    old = m._ranked.order
+    _peer_record(m, event)
+    order = m._ranked.order
+    if m._endpoint in order and (order == old or m._endpoint == order[0]):
+        return m.state
+    return m._probe(0) if order else m._to_relay("the peer advertises no direct endpoint")
+
+
+def _peer_while_direct(m: PathMachine, event: PeerUpdate) -> PathState:
+    old = m._ranked.order
+    _peer_record(m, event)
+    if m._ranked.order == old:
+        return m.state
+    return m._probe(0) if m._ranked.order else m._to_relay("the peer advertises no direct endpoint")
+
+
+def _peer_while_relayed(m: PathMachine, event: PeerUpdate) -> PathState:
+    _peer_record(m, event)
+    m._backoff = m.timers.retry_first
+    m._schedule_retry(m.timers.probe_timeout)
+    return m.state
+
+
+def _peer_while_retrying(m: PathMachine, event: PeerUpdate) -> PathState:
+    _peer_record(m, event)
+    return m.state if m._endpoint in m._ranked.order else m._to_relay(m._why)
+
+
+def _handshake_direct(m: PathMachine, event: Handshake) -> PathState:
+    """A handshake on the direct endpoint being tried: the path is direct."""
+    if not m._direct_evidence(event):
+        return m.state
+    if event.endpoint not in (None, m._endpoint):  # adopt where WireGuard already sends
+        assert event.endpoint is not None
+        m._set_endpoint(event.endpoint)
+    m._handshake = event.latest
+    m._release()
+    m._backoff, m._retry_at = m.timers.retry_first, None
+    rank = m._ranked.rank_of(m._endpoint)
+    m._why = direct_reason(rank, m._local.nat, m._peer.nat)
+    if rank is None:
+        m._why = f"the peer reached this host directly (from {m._endpoint})"
+    return PathState.DIRECT
+
+
+def _handshake_keep(m: PathMachine, event: Handshake) -> PathState:
+    """Refresh a direct path's handshake time, unless WireGuard roamed off our endpoint."""
+    if event.latest is not None and event.endpoint in (None, m._endpoint):
+        m._handshake = max(m._handshake or 0.0, event.latest)
+    return m.state
+
+
+def _probe_tick(m: PathMachine, event: Tick) -> PathState:
+    if m._try + 1 < len(m._ranked.order):
+        return m._probe(m._try + 1)
+    return m._to_relay(f"no handshake on any direct candidate within {m.timers.probe_timeout:g} s")
+
+
+def _direct_tick(m: PathMachine, event: Tick) -> PathState:
+    return m._to_relay(f"direct path went silent (no handshake for {m.timers.silence:g} s)")
+
+
+def _relay_ready(m: PathMachine, event: RelayReady) -> PathState:
+    m._relay, m._relay_endpoint = "ready", event.endpoint
+    m._relays_used = (*m._relays_used, event.endpoint)[-4:]
+    return m._enter_relayed()
+
+
+def _note_relay(m: PathMachine, event: RelayReady) -> PathState:
+    """A relay answer nobody waits for: remember it is a relay's, and stay."""
+    m._relays_used = (*m._relays_used, event.endpoint)[-4:]
+    return m.state
+
+
+def _relay_failed(m: PathMachine, event: RelayFailed) -> PathState:
+    m._relay, m._relay_endpoint, m._relay_error = "none", None, event.reason
+    return PathState.FAILED
+
+
+def _relay_timeout(m: PathMachine, event: Tick) -> PathState:
+    m._release()
+    m._relay_error = f"no answer within {m.timers.relay_timeout:g} s"
+    return PathState.FAILED
+
+
+def _relay_lost(m: PathMachine, event: RelayFailed) -> PathState:
+    m._relay, m._relay_endpoint, m._relay_error = "none", None, event.reason
+    return m._to_relay(f"relay dropped: {event.reason}")
+
+
+def _relay_dropped(m: PathMachine, event: RelayFailed) -> PathState:
+    m._relay, m._relay_endpoint, m._relay_error = "none", None, event.reason
+    return m.state
+
+
+def _relayed_tick(m: PathMachine, event: Tick) -> PathState:
+    order = m._ranked.order
+    if not order or m._blocker() is not None:
+        m._retry_at = None
+        return m.state
+    # Every other retry goes to the best candidate, so both sides of a pair (whose
+    # rounds advance together) meet there; the rounds between rotate over the rest.
+    # A private address on a network of neither side (rank OTHER) only if nothing else.
+    worth = [e for e, rank in zip(order, m._ranked.ranks, strict=True) if rank < OTHER]
+    worth = worth or list(order)
+    k = m._round
+    index = 0 if k % 2 == 0 or len(worth) == 1 else 1 + (k // 2) % (len(worth) - 1)
+    m._set_endpoint(worth[index])
+    m._round += 1
+    return PathState.RETRY_DIRECT
+
+
+def _retry_tick(m: PathMachine, event: Tick) -> PathState:
+    m._backoff = min(m._backoff * 2, m.timers.retry_max)
+    return m._to_relay(m._why)
+
+
+def _failed_tick(m: PathMachine, event: Tick) -> PathState:
+    m._backoff = min(m._backoff * 2, m.timers.retry_max)
+    return _decide(m, event)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One row of the table: what handles the event and where it may lead."""
+
+    handler: Callable[[PathMachine, Any], PathState]
+    targets: frozenset[PathState]
+
+
+def _rule(handler: Callable[[PathMachine, Any], PathState], *targets: PathState) -> Rule:
+    return Rule(handler, frozenset(targets))
+
+
+S = PathState
+_TO_RELAY = (S.RELAY_PENDING, S.RELAYED)
+_STAY = {s: _rule(_stay, s) for s in S}
+_RECORD = {s: _rule(_record_local, s) for s in S}
+_HANDSHAKE = {s: _rule(_handshake_direct, s, S.DIRECT) for s in S}
+
+TRANSITIONS: dict[tuple[PathState, str], Rule] = {
+    **{(s, "local_nat"): _RECORD[s] for s in S},
+    (S.DIRECT, "local_nat"): _rule(_record_local, S.DIRECT, S.PROBING_DIRECT),
+    **{(s, "relay_ready"): _rule(_note_relay, s) for s in S},
+    **{(s, "relay_failed"): _STAY[s] for s in S},
+    (S.IDLE, "peer"): _rule(_peer_decide, S.PROBING_DIRECT, *_TO_RELAY),
+    (S.IDLE, "handshake"): _STAY[S.IDLE],
+    (S.IDLE, "tick"): _STAY[S.IDLE],
+    (S.PROBING_DIRECT, "peer"): _rule(_peer_while_probing, S.PROBING_DIRECT, *_TO_RELAY),
+    (S.PROBING_DIRECT, "handshake"): _HANDSHAKE[S.PROBING_DIRECT],
+    (S.PROBING_DIRECT, "tick"): _rule(_probe_tick, S.PROBING_DIRECT, *_TO_RELAY),
+    (S.DIRECT, "peer"): _rule(_peer_while_direct, S.DIRECT, S.PROBING_DIRECT, *_TO_RELAY),
+    (S.DIRECT, "handshake"): _rule(_handshake_keep, S.DIRECT),
+    (S.DIRECT, "tick"): _rule(_direct_tick, *_TO_RELAY),
+    (S.RELAY_PENDING, "peer"): _rule(_peer_record, S.RELAY_PENDING),
+    (S.RELAY_PENDING, "handshake"): _HANDSHAKE[S.RELAY_PENDING],
+    (S.RELAY_PENDING, "relay_ready"): _rule(_relay_ready, S.RELAYED),
+    (S.RELAY_PENDING, "relay_failed"): _rule(_relay_failed, S.FAILED),
+    (S.RELAY_PENDING, "tick"): _rule(_relay_timeout, S.FAILED),
+    (S.RELAYED, "peer"): _rule(_peer_while_relayed, S.RELAYED),
+    (S.RELAYED, "handshake"): _HANDSHAKE[S.RELAYED],
+    (S.RELAYED, "relay_failed"): _rule(_relay_lost, *_TO_RELAY),
+    (S.RELAYED, "tick"): _rule(_relayed_tick, S.RELAYED, S.RETRY_DIRECT),
+    (S.RETRY_DIRECT, "peer"): _rule(_peer_while_retrying, S.RETRY_DIRECT, *_TO_RELAY),
+    (S.RETRY_DIRECT, "handshake"): _HANDSHAKE[S.RETRY_DIRECT],
+    (S.RETRY_DIRECT, "relay_failed"): _rule(_relay_dropped, S.RETRY_DIRECT),
+    (S.RETRY_DIRECT, "tick"): _rule(_retry_tick, *_TO_RELAY),
+    (S.FAILED, "peer"): _rule(_peer_decide, S.PROBING_DIRECT, *_TO_RELAY),
+    (S.FAILED, "handshake"): _HANDSHAKE[S.FAILED],
+    (S.FAILED, "tick"): _rule(_failed_tick, S.PROBING_DIRECT, *_TO_RELAY),
+}
+"""Every (state, event kind) -> :class:`Rule`; nothing changes state outside this table."""

@@ -1,0 +1,1 @@
+"""Path-MTU probing through each tunnel: the pure search and its I/O."""

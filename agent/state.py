@@ -1,0 +1,100 @@
+"""The agent's durable state: its enrollment and the last network map (for fail-static).
+
+Files live in the agent's state directory and are written atomically with mode
+0600: ``device.json`` (device id, name, tunnel addresses and the device token the
+gateway issued) and ``netmap.json`` (the last map applied, so that a restarted
+agent brings the tunnel back before the gateway answers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wiregate.errors import LocalError
+from wiregate.model import NetMap
+
+__all__ = ["Enrollment", "StateDir"]
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """What the gateway told the agent when it enrolled."""
+
+    device_id: str
+    name: str
+    addresses: tuple[str, ...]
+    token: str
+
+    def __repr__(self) -> str:  # the token never reaches logs or tracebacks
+        return f"Enrollment(device_id={self.device_id!r}, name={self.name!r})"
+
+
+class StateDir:
+    """Reads and writes the agent's state files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def ensure(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def load_enrollment(self) -> Enrollment | None:
+        data = self._read("device.json")
+        if data is None:
+            return None
+        return Enrollment(
+            device_id=str(data["device_id"]),
+            name=str(data["name"]),
+            addresses=tuple(str(a) for a in data["addresses"]),
+            token=str(data["token"]),
+        )
+
+    def save_enrollment(self, enrollment: Enrollment) -> None:
+        self._write(
+            "device.json",
+            {
+                "device_id": enrollment.device_id,
+                "name": enrollment.name,
+                "addresses": list(enrollment.addresses),
+                "token": enrollment.token,
+            },
+        )
+
+    def load_netmap(self) -> NetMap | None:
+        data = self._read("netmap.json")
+        return None if data is None else NetMap.from_wire(data)
+
+    def save_netmap(self, netmap: NetMap) -> None:
+        self._write("netmap.json", netmap.to_wire())
+
+    def forget(self) -> None:
+        """Drop the enrollment and the cached map (after the device was revoked)."""
+        for name in ("device.json", "netmap.json"):
+            (self.path / name).unlink(missing_ok=True)
+
+    def _read(self, name: str) -> dict[str, Any] | None:
+        try:
+            text = (self.path / name).read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LocalError(f"state file {self.path / name} is corrupt: {exc}") from exc
+        if not isinstance(data, dict):
+            raise LocalError(f"state file {self.path / name} is corrupt")
+        return data
+
+    def _write(self, name: str, data: dict[str, Any]) -> None:
+        final = self.path / name
+        tmp = self.path / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)

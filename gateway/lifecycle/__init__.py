@@ -1,0 +1,1 @@
+"""A device's life after enrollment: key lifetimes and the background sweeper."""

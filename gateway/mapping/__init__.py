@@ -1,0 +1,1 @@
+"""Network maps: addresses, route claims, per-agent maps and deltas, the broker."""

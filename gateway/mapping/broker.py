@@ -1,0 +1,420 @@
+"""The peering broker: pushes each agent its network map over one WebSocket.
+
+asyncio glue around the pure core in :mod:`gateway.mapping.netmap`. The store owns the
+global, monotonically increasing map ``version``; the broker never invents one.
+
+Per agent (from its first connection until its device is removed) the broker
+keeps the version it last sent and a bounded history of the deltas it built for
+it, connected or not, so a reconnect with ``?since=V`` can resume:
+
+* ``since`` absent, unknown or too old → ``full``;
+* ``since`` is the agent's latest version → ``sync``;
+* ``since`` is the base of a delta in its history → the missed deltas, in order.
+
+Each delta carries ``base`` (the previous version sent to that agent) and
+``version``. A change's peer JSON is serialized once and each agent's message is
+a short per-agent head joined to a shared body. Every connection has its own
+bounded outbound queue and writer task: a slow agent never delays the others,
+and one whose queue overflows is dropped (close 1013) and forgotten, so it
+reconnects to a full map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from aiohttp import WSCloseCode, web
+from prometheus_client import Counter, Gauge, Histogram
+
+from gateway.mapping.agentlog import AgentDelta, AgentLog, CloseItem, Item, Stream
+from gateway.mapping.netmap import (
+    AgentUpdate,
+    Fanout,
+    NetworkState,
+    apply_remove,
+    apply_upsert,
+    dumps,
+    encode_delta_body,
+    encode_full,
+    signature,
+)
+from identity.policy import Policy
+from wiregate.errors import RemoteError
+from wiregate.logging import get_logger
+from wiregate.mapwire import AgentEndpoints, parse_agent_message
+from wiregate.model import Device
+
+__all__ = [
+    "CONNECTED",
+    "DELTAS_SENT",
+    "FANOUT_SECONDS",
+    "MAP_VERSION",
+    "Broker",
+    "FeedChange",
+    "OnEndpoints",
+]
+
+HEARTBEAT_S = 20.0
+CLOSE_TIMEOUT_S = 5.0
+MAX_AGENT_MESSAGE = 64 * 1024
+
+CONNECTED = Gauge("wiregate_broker_connected_agents", "Agents with an open map stream")
+DELTAS_SENT = Counter("wiregate_broker_deltas_sent", "Delta messages written to agent streams")
+FANOUT_SECONDS = Histogram(
+    "wiregate_broker_fanout_seconds",
+    "Time from a map change to its delta being written to an agent's stream",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+MAP_VERSION = Gauge("wiregate_netmap_version", "Version of the network map held by the broker")
+
+OnEndpoints = Callable[[str, AgentEndpoints], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedChange:
+    """One change read from the store's feed: ``device`` (its current record) for an
+    upsert, ``removed`` with the ``reason`` its agent is told for a removal."""
+
+    version: int
+    device_id: str
+    device: Device | None
+    removed: bool = False
+    reason: str | None = None
+
+
+log = get_logger("broker")
+
+
+class Broker:
+    """Network-map streams for every connected agent (see the module docstring)."""
+
+    def __init__(
+        self, policy: Policy | None = None, history: int = 64, queue_size: int = 256
+    ) -> None:
+        if history < 1 or queue_size <= history:
+            raise ValueError("need history >= 1 and queue_size > history")
+        self._policy = policy if policy is not None else Policy.allow_all()
+        self._history = history
+        self._queue_size = queue_size
+        self._state = NetworkState(self._policy)
+        self._version = 0
+        self._logs: dict[str, AgentLog] = {}
+        self._streams: dict[str, Stream] = {}
+        self._wake: Callable[[], None] | None = None
+
+    # -- changes from the store -------------------------------------------------
+
+    def load(self, devices: Iterable[Device], version: int) -> None:
+        """Replace the whole state; connected agents get a full map (or revoked)."""
+        self._state = NetworkState(self._policy, devices)
+        self._set_version(version)
+        self._logs.clear()
+        for stream in list(self._streams.values()):
+            if stream.device_id in self._state:
+                self._push(stream, self._full(stream.device_id), None)
+            else:
+                self._revoke(stream.device_id, "device removed")
+
+    def may_peer(self, a: Device, b: Device) -> bool:
+        """Whether the policy the maps are built from lets ``a`` and ``b`` peer."""
+        return self._policy.may_peer(signature(a), signature(b))
+
+    def set_policy(self, policy: Policy, version: int) -> None:
+        """Apply a new policy: every connected agent gets a full map at ``version``."""
+        self._policy = policy
+        self.load(list(self._state), version)
+
+    def follow(self, wake: Callable[[], None]) -> None:
+        """Replica mode: the store's change feed is the only source of changes.
+
+        :meth:`upsert` and :meth:`remove` (called by this replica's handlers after
+        their commit) only call ``wake``, so that the feed reads the change back
+        with every other replica's, in version order (:meth:`apply_changes`).
+        """
+        self._wake = wake
+
+    @property
+    def following(self) -> bool:
+        """Whether changes come from the store's change feed (replica mode)."""
+        return self._wake is not None
+
+    def apply_changes(self, head: int, changes: Sequence[FeedChange]) -> None:
+        """Apply the changes the feed read, all settled up to ``head``, from one snapshot.
+
+        Each device's *last* change in the batch is applied (at its version): the
+        records are the snapshot's, so an earlier upsert would otherwise carry a
+        later state at an earlier version, and a replica's deltas would disagree
+        with another's about what a version held.
+        """
+        last = {change.device_id: change.version for change in changes}
+        for change in changes:
+            if last[change.device_id] != change.version or change.version <= self._version:
+                continue
+            if change.device is not None:
+                self._upsert(change.device, change.version)
+            elif change.removed:
+                self._remove(change.device_id, change.version, change.reason or "device removed")
+        if head > self._version:
+            self._set_version(head)
+
+    def upsert(self, device: Device, version: int) -> None:
+        """Add or change a device at ``version`` and push the deltas it causes."""
+        if self._wake is not None:
+            self._wake()
+            return
+        if self._stale(version):
+            return
+        self._upsert(device, version)
+
+    def _upsert(self, device: Device, version: int) -> None:
+        started = time.perf_counter()
+        fanout = apply_upsert(self._state, device)
+        self._set_version(version)
+        self._publish(fanout, version, started)
+
+    def remove(self, device_id: str, version: int, reason: str = "device removed") -> None:
+        """Remove a device at ``version``: its viewers drop it, its own stream is revoked
+        (told ``reason``)."""
+        if self._wake is not None:
+            self._wake()
+            return
+        if self._stale(version):
+            return
+        self._remove(device_id, version, reason)
+
+    def _remove(self, device_id: str, version: int, reason: str) -> None:
+        started = time.perf_counter()
+        fanout = apply_remove(self._state, device_id)
+        self._set_version(version)
+        self._publish(fanout, version, started)
+        self._revoke(device_id, reason)
+
+    def device(self, device_id: str) -> Device:
+        """The device as the broker knows it; :class:`~wiregate.errors.NotFound` if unknown."""
+        return self._state.device(device_id)
+
+    def route_owners(self, route: str) -> list[Device]:
+        """The devices carrying a route that overlaps ``route``, by id."""
+        return [self._state.device(i) for i in sorted(self._state.route_owners(route))]
+
+    @property
+    def version(self) -> int:
+        """The map version the broker holds."""
+        return self._version
+
+    @property
+    def connected(self) -> int:
+        """How many agents have an open stream."""
+        return len(self._streams)
+
+    def connected_ids(self) -> frozenset[str]:
+        """The devices whose agent has an open stream now."""
+        return frozenset(self._streams)
+
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._state
+
+    def _stale(self, version: int) -> bool:
+        if version > self._version:
+            return False
+        log.warning("stale map change ignored", version=version, current=self._version)
+        return True
+
+    def _set_version(self, version: int) -> None:
+        self._version = version
+        MAP_VERSION.set(version)
+
+    # -- fan-out ----------------------------------------------------------------
+
+    def _publish(self, fanout: Fanout, version: int, started: float) -> None:
+        bodies: dict[int, str] = {}
+        for agent, update in fanout.updates.items():
+            agent_log = self._logs.get(agent)
+            if agent_log is None:  # never connected: it will get a full map
+                continue
+            delta = AgentDelta(
+                agent_log.version,
+                version,
+                self._self_text(agent, update),
+                self._body(bodies, update),
+            )
+            agent_log.entries.append(delta)
+            agent_log.version = version
+            stream = self._streams.get(agent)
+            if stream is not None:
+                self._push(stream, delta, started)
+
+    def _body(self, bodies: dict[int, str], update: AgentUpdate) -> str:
+        body = bodies.get(id(update))
+        if body is None:
+            body = bodies[id(update)] = encode_delta_body(self._state, update)
+        return body
+
+    def _self_text(self, agent: str, update: AgentUpdate) -> str | None:
+        return None if update.self_view is None else self._state.self_text(agent)
+
+    def _push(self, stream: Stream, item: str | AgentDelta, started: float | None) -> None:
+        if stream.closing:
+            return
+        try:
+            stream.queue.put_nowait((item, started))
+        except asyncio.QueueFull:
+            log.warning("agent too slow, dropping its stream", device_id=stream.device_id)
+            self._logs.pop(stream.device_id, None)  # reconnect gets a full map
+            self._drop(stream, WSCloseCode.TRY_AGAIN_LATER, "too slow, reconnect")
+
+    def _revoke(self, device_id: str, reason: str) -> None:
+        self._logs.pop(device_id, None)
+        stream = self._streams.get(device_id)
+        if stream is None or stream.closing:
+            return
+        self._unregister(stream)
+        while not stream.queue.empty():  # nothing queued matters any more
+            stream.queue.get_nowait()
+        stream.queue.put_nowait((dumps({"type": "revoked", "reason": reason}), None))
+        stream.queue.put_nowait((CloseItem(WSCloseCode.OK, reason), None))
+        stream.closing = True
+
+    # -- opening a stream -------------------------------------------------------
+
+    def _opening(self, device_id: str, since: int | None) -> list[str | AgentDelta]:
+        agent_log = self._logs.get(device_id)
+        if since is not None and agent_log is None and since == self._version:
+            agent_log = self._logs[device_id] = self._new_log(since)
+        if since is not None and agent_log is not None:
+            if since == agent_log.version:
+                return [dumps({"type": "sync", "version": since})]
+            missed = agent_log.since(since)
+            if missed is not None:
+                return list(missed)
+        return [self._full(device_id)]
+
+    def _full(self, device_id: str) -> str:
+        self._logs[device_id] = self._new_log(self._version)
+        return encode_full(self._state, device_id, self._version)
+
+    def _new_log(self, version: int) -> AgentLog:
+        return AgentLog(version=version, entries=deque(maxlen=self._history))
+
+    def _attach(
+        self, device_id: str, request: web.Request, ws: web.WebSocketResponse, since: int | None
+    ) -> Stream:
+        old = self._streams.get(device_id)
+        if old is not None:
+            self._drop(old, WSCloseCode.OK, "replaced by a newer stream")
+        queue: asyncio.Queue[Item] = asyncio.Queue(self._queue_size)
+        stream = Stream(device_id, ws, request.transport, queue)
+        for item in self._opening(device_id, since):
+            queue.put_nowait((item, None))
+        stream.writer = asyncio.create_task(self._write(stream))
+        self._streams[device_id] = stream
+        CONNECTED.inc()
+        return stream
+
+    # -- serving ----------------------------------------------------------------
+
+    async def serve(
+        self, request: web.Request, device_id: str, since: int | None, on_endpoints: OnEndpoints
+    ) -> web.WebSocketResponse:
+        """Run the map stream of ``device_id`` until it closes.
+
+        The caller has authenticated the device. ``since`` is the version the
+        agent holds (``?since=``), if any. Agent ``endpoints`` messages are
+        passed to ``on_endpoints``; any other message closes the stream (1008).
+        """
+        ws = web.WebSocketResponse(
+            heartbeat=HEARTBEAT_S,
+            timeout=CLOSE_TIMEOUT_S,
+            max_msg_size=MAX_AGENT_MESSAGE,
+            compress=False,
+        )
+        await ws.prepare(request)
+        if device_id not in self._state:
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"unknown device")
+            return ws
+        stream = self._attach(device_id, request, ws, since)
+        try:
+            await self._read(stream, on_endpoints)
+        finally:
+            await self._detach(stream)
+        return ws
+
+    async def _read(self, stream: Stream, on_endpoints: OnEndpoints) -> None:
+        async for msg in stream.ws:
+            if stream.closing:
+                return
+            try:
+                await on_endpoints(stream.device_id, parse_agent_message(msg.type, msg.data))
+            except RemoteError as exc:
+                log.warning(
+                    "closing agent stream: bad message",
+                    device_id=stream.device_id,
+                    error=exc.message,
+                )
+                self._drop(stream, WSCloseCode.POLICY_VIOLATION, exc.message[:100])
+                return
+
+    async def _write(self, stream: Stream) -> None:
+        try:
+            while await self._send_next(stream):
+                pass
+        except ConnectionError as exc:
+            log.info("agent stream write failed", device_id=stream.device_id, error=str(exc))
+
+    async def _send_next(self, stream: Stream) -> bool:
+        # A function of its own so that the message (a full map can be megabytes)
+        # is released once written, not held while the writer waits for the next.
+        item, started = await stream.queue.get()
+        if isinstance(item, CloseItem):
+            await self._shut(stream, item.code, item.reason)
+            return False
+        await stream.ws.send_str(item if isinstance(item, str) else item.render())
+        if started is not None:
+            DELTAS_SENT.inc()
+            FANOUT_SECONDS.observe(time.perf_counter() - started)
+        return True
+
+    def _drop(self, stream: Stream, code: int, reason: str) -> None:
+        """Stop sending to ``stream`` and close it in the background."""
+        self._unregister(stream)
+        if stream.closing:
+            return
+        stream.closing = True
+        if stream.writer is not None:
+            stream.writer.cancel()
+        stream.closer = asyncio.create_task(self._shut(stream, code, reason))
+
+    async def _shut(self, stream: Stream, code: int, reason: str) -> None:
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            await asyncio.wait_for(
+                stream.ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_S + 1
+            )
+        failed = stream.ws.close_code in (None, WSCloseCode.ABNORMAL_CLOSURE)
+        if failed and stream.transport is not None:
+            stream.transport.abort()  # a stalled peer: do not wait for its buffer to drain
+
+    def _unregister(self, stream: Stream) -> None:
+        if self._streams.get(stream.device_id) is stream:
+            del self._streams[stream.device_id]
+            CONNECTED.dec()
+
+    async def _detach(self, stream: Stream) -> None:
+        self._unregister(stream)
+        if not stream.closing and stream.writer is not None:
+            stream.writer.cancel()
+        tasks = [t for t in (stream.writer, stream.closer) if t is not None]
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Close every stream with 1012 ("service restart"), for a graceful shutdown."""
+        streams = list(self._streams.values())
+        for stream in streams:
+            self._drop(stream, WSCloseCode.SERVICE_RESTART, "service restart")
+        closers = [s.closer for s in streams if s.closer is not None]
+        await asyncio.gather(*closers, return_exceptions=True)

@@ -1,0 +1,1 @@
+"""Test harnesses shared by the tests, the benchmarks and the demo (not shipped)."""

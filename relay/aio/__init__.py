@@ -1,0 +1,1 @@
+"""The relay's asyncio adapters: STUN listeners, the forwarding ports, metrics."""

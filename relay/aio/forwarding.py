@@ -1,0 +1,304 @@
+"""asyncio glue for the WireGuard relay: a control port, a pool of relay ports, metrics.
+
+:class:`~relay.aio.stun.RelayServer` binds the sockets (the control port, then
+the relay ports) and hands them to :class:`RelayForwarder`. Every socket feeds
+the one sans-IO :class:`~relay.forwarding.Relay` and sends what it returns from
+the socket of the port it names; a timer runs ``Relay.expire``. Nothing else
+happens here. The core's :class:`~relay.forwarding.RelayConfig` is completed
+with the bound ports (port 0 in the settings means an ephemeral port, for tests).
+
+:func:`forwarding_from_settings` builds the :class:`ForwardingSettings` from the
+``[relay]`` settings: ``relay_id`` empty means no forwarding (STUN only);
+otherwise the trusted signers come from ``verify_keys_file``, a JSON document
+``{"signers": [{"public_key": "<base64 Ed25519 verify key>", "tenants": ["default"]}]}``
+(what the gateway serves at ``GET /api/v1/relay/signers``). Forwarding without a
+signer is refused (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import json
+import secrets
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, cast
+
+from prometheus_client import CollectorRegistry
+
+from relay.filters import normalize_ip
+from relay.forwarding import Relay, RelayConfig
+from relay.metrics import ForwardingMetrics
+from relay.tickets import MAX_TEXT, TrustedSigner
+from wiregate.errors import ConfigError
+from wiregate.logging import get_logger
+from wiregate.settings import RelaySettings, parse_port_range
+
+__all__ = [
+    "ForwardingSettings",
+    "RelayForwarder",
+    "RelayPortProtocol",
+    "forwarding_from_settings",
+    "is_local_address",
+    "load_verify_keys",
+    "parse_signers",
+]
+
+log = get_logger("relay.forwarding")
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardingSettings:
+    """Where the relay listens and what it admits.
+
+    ``relay_ports`` are bound on ``host`` (0 = ephemeral); ``config`` carries the
+    relay id and limits (its ``control_port`` and ``ports`` are replaced by the
+    bound ones). ``secret`` keys the bind cookies; random if not given.
+    """
+
+    host: str
+    control_port: int
+    relay_ports: tuple[int, ...]
+    config: RelayConfig
+    verify_keys: tuple[TrustedSigner, ...]
+    secret: bytes | None = None
+    housekeeping_interval: float = 5.0
+
+
+class RelayPortProtocol(asyncio.DatagramProtocol):
+    """One relay socket (control or relay port): datagram in, ``Relay.handle``, sends out."""
+
+    def __init__(self, forwarder: RelayForwarder, port: int) -> None:
+        self._forwarder, self._port = forwarder, port
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._forwarder.attach(self._port, cast(asyncio.DatagramTransport, transport))
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self._forwarder.received(data, (str(addr[0]), int(addr[1])), self._port)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("relay socket error", port=self._port, error=str(exc))
+
+
+class RelayForwarder:
+    """Binds the relay's sockets, runs the core and its housekeeping timer."""
+
+    def __init__(
+        self,
+        settings: ForwardingSettings,
+        registry: CollectorRegistry,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings, self._clock = settings, clock
+        self._transports: dict[int, asyncio.DatagramTransport] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self.core: Relay | None = None
+        self.control_address: tuple[str, int] | None = None
+        self.relay_ports: tuple[int, ...] = ()
+        self._metrics = ForwardingMetrics(registry)
+
+    async def start(self, socks: Sequence[socket.socket]) -> None:
+        """Serve on bound sockets: the control port first, then the relay ports."""
+        bound = [(str(sock.getsockname()[0]), int(sock.getsockname()[1])) for sock in socks]
+        self.control_address, self.relay_ports = bound[0], tuple(p for _, p in bound[1:])
+        self.core = self._make_core(bound[0], self.relay_ports)
+        self._metrics.serve(self.core.config.relay_id, self.core.load)
+        loop = asyncio.get_running_loop()
+        for sock, (_, port) in zip(socks, bound, strict=True):
+            factory = functools.partial(RelayPortProtocol, self, port)
+            await loop.create_datagram_endpoint(factory, sock=sock)
+        self._schedule()
+        log.info("relay forwarding", control=self.control_address, ports=len(self.relay_ports))
+
+    def _make_core(self, control: tuple[str, int], relay_ports: Sequence[int]) -> Relay:
+        s = self._settings
+        own = s.config.own_addresses
+        if not normalize_ip(control[0]).is_unspecified:
+            own = (*own, control[0])
+        config = replace(
+            s.config,
+            control_port=control[1],
+            ports=tuple(relay_ports),
+            own_addresses=own,
+            local_addresses=tuple(a for a in own if is_local_address(a)),
+        )
+        secret = s.secret if s.secret is not None else secrets.token_bytes(32)
+        return Relay(config, s.verify_keys, secret=secret, observe=self._metrics.observe)
+
+    def attach(self, port: int, transport: asyncio.DatagramTransport) -> None:
+        """Called by each socket's protocol once it is connected."""
+        self._transports[port] = transport
+
+    def received(self, data: bytes, src: tuple[str, int], port: int) -> None:
+        """One datagram in; whatever the core returns, out."""
+        if self.core is None:
+            return
+        before = self.core.load()[0]
+        for send in self.core.handle(data, src, port, self._clock()):
+            transport = self._transports.get(send.local_port)
+            if transport is not None:
+                transport.sendto(send.data, send.dst)
+                if send.data is data:
+                    self._metrics.forwarded(len(data))
+        self._metrics.created(self.core.load()[0] - before)
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._settings.housekeeping_interval, self._housekeeping)
+
+    def _housekeeping(self) -> None:
+        if self.core is not None:
+            self.core.expire(self._clock())
+        self._schedule()
+
+    def close(self) -> None:
+        """Stop the timer and close every socket; safe to call twice."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for transport in self._transports.values():
+            transport.close()
+        self._transports.clear()
+
+
+def is_local_address(text: str) -> bool:
+    """Whether ``text`` is a non-loopback address configured on this host (it can be bound).
+
+    Loopback is left out: with ``route_localnet`` (set by kube-proxy) Linux
+    accepts 127/8 sources from outside, so they prove nothing.
+    """
+    try:
+        ip = normalize_ip(text)
+    except ValueError:
+        return False
+    if ip.is_loopback or ip.is_unspecified:
+        return False
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((str(ip), 0))
+        except OSError:
+            return False
+    return True
+
+
+_HINT = 'write {"signers": [{"public_key": "<base64>", "tenants": ["default"]}]}'
+
+
+def forwarding_from_settings(settings: RelaySettings) -> ForwardingSettings | None:
+    """The relay's forwarding settings, or None when ``relay_id`` is empty.
+
+    Raises :class:`~wiregate.errors.ConfigError` for anything unusable, including
+    forwarding with no verify keys file or no signer in it.
+    """
+    if not settings.relay_id:
+        return None
+    if settings.verify_keys_file is None:
+        raise ConfigError(
+            "relay_id is set but verify_keys_file is not: the relay would admit nobody",
+            hint="save the gateway's GET /api/v1/relay/signers into a file and set "
+            "verify_keys_file",
+        )
+    if settings.burst_bytes < settings.max_datagram:
+        raise ConfigError("burst_bytes must be at least max_datagram")
+    host, control_port = _listen(settings.relay_listen)
+    return ForwardingSettings(
+        host=host,
+        control_port=control_port,
+        relay_ports=_ports(settings.relay_ports),
+        config=_core_config(settings),
+        verify_keys=load_verify_keys(settings.verify_keys_file),
+    )
+
+
+def _core_config(settings: RelaySettings) -> RelayConfig:
+    """The core's limits; the control port and relay ports are filled in once bound."""
+    return RelayConfig(
+        relay_id=settings.relay_id,
+        control_port=0,
+        ports=(),
+        own_addresses=tuple(settings.own_addresses),
+        max_allocations=settings.max_allocations,
+        max_allocations_per_device=settings.max_allocations_per_device,
+        bytes_per_second=float(settings.bytes_per_second),
+        burst_bytes=float(settings.burst_bytes),
+        idle_timeout=settings.idle_timeout,
+        max_datagram=settings.max_datagram,
+    )
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"relay_listen {text!r} is not host:port")
+    return host, int(port)
+
+
+def _ports(text: str) -> tuple[int, ...]:
+    try:
+        return parse_port_range(text)
+    except ValueError as exc:
+        raise ConfigError(f"relay_ports: {exc}", hint='write "40000-40063"') from exc
+
+
+def load_verify_keys(path: Path) -> tuple[TrustedSigner, ...]:
+    """Read and parse a verify keys file; ConfigError when unreadable or invalid."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read verify_keys_file {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"verify_keys_file {path} is not JSON: {exc}", hint=_HINT) from exc
+    try:
+        return parse_signers(data)
+    except ValueError as exc:
+        raise ConfigError(f"verify_keys_file {path}: {exc}", hint=_HINT) from exc
+
+
+def parse_signers(data: Any) -> tuple[TrustedSigner, ...]:
+    """``{"signers": [...]}`` to trusted signers; ValueError naming what is wrong."""
+    if not isinstance(data, dict) or set(data) != {"signers"}:
+        raise ValueError('the document must be an object with only "signers"')
+    raw = data["signers"]
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("signers must be a non-empty list (no signer: every ticket refused)")
+    signers = tuple(_signer(item, f"signers[{i}]") for i, item in enumerate(raw))
+    if len({s.verify_key for s in signers}) != len(signers):
+        raise ValueError("a public key is listed twice")
+    return signers
+
+
+def _signer(item: Any, where: str) -> TrustedSigner:
+    if not isinstance(item, dict) or set(item) != {"public_key", "tenants"}:
+        raise ValueError(f'{where} must be an object with "public_key" and "tenants" only')
+    return TrustedSigner(_verify_key(item["public_key"], where), _tenants(item["tenants"], where))
+
+
+def _verify_key(text: Any, where: str) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError(f"{where}.public_key must be a string")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{where}.public_key is not base64") from None
+    if len(raw) != 32:
+        raise ValueError(f"{where}.public_key is not a 32-byte Ed25519 key")
+    return raw
+
+
+def _tenants(tenants: Any, where: str) -> frozenset[str]:
+    if not isinstance(tenants, list) or not tenants:
+        raise ValueError(f"{where}.tenants must be a non-empty list of strings")
+    for tenant in tenants:
+        if not isinstance(tenant, str) or not 1 <= len(tenant.encode()) <= MAX_TEXT:
+            raise ValueError(f"{where}.tenants: each tenant is 1..{MAX_TEXT} bytes of text")
+    return frozenset(tenants)

@@ -1,0 +1,1 @@
+"""Clients of a relay: the STUN client, binding helpers and the liveness probe."""

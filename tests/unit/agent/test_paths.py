@@ -1,0 +1,335 @@
+"""The per-peer path machine: NAT pairings, relay fallback, retries, and properties."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.discovery.netcheck import NatType
+from agent.paths.machine import (
+    TRANSITIONS,
+    Event,
+    Handshake,
+    LocalNat,
+    PathMachine,
+    PathState,
+    PeerUpdate,
+    RelayFailed,
+    RelayReady,
+    ReleaseRelay,
+    RequestRelay,
+    SetEndpoint,
+    Tick,
+)
+from agent.paths.vocabulary import rank_candidates
+
+PUB, LAN = "203.0.113.5:51820", "10.0.0.5:51820"
+RELAY = "192.0.2.9:40000"
+
+
+def machine(
+    ours: NatType, theirs: NatType | None, endpoints: tuple[str, ...] = (PUB, LAN)
+) -> PathMachine:
+    m = PathMachine("peer-1")
+    m.handle(LocalNat(0.0, ours, "198.51.100.1:51820"))
+    m.handle(PeerUpdate(0.0, endpoints, theirs))
+    return m
+
+
+def relayed(m: PathMachine, now: float = 10.0) -> None:
+    """Let the probes time out (each gets its full 5 s) and the relay answer."""
+    m.handle(Tick(now - 5.0))
+    m.handle(Tick(now))
+    assert m.state is PathState.RELAY_PENDING
+    assert m.handle(RelayReady(now, RELAY)) == [SetEndpoint("peer-1", RELAY)]
+
+
+def test_eim_to_eim_goes_direct() -> None:
+    m = machine(NatType.EIM, NatType.EIM)
+    assert m.state is PathState.PROBING_DIRECT
+    assert m.handle(Handshake(1.0, 1.0, PUB)) == []
+    report = m.explain()
+    assert (report.path, report.endpoint) == ("direct", PUB)
+    assert "eim" in report.reason
+
+
+def test_open_peer_with_any_nat_is_direct_and_says_so() -> None:
+    for ours in NatType:
+        if ours is NatType.UDP_BLOCKED:
+            continue
+        m = machine(ours, NatType.OPEN)
+        m.handle(Handshake(0.5, 0.5))
+        assert m.explain().reason == "peer is reachable directly (open host)"
+
+
+def test_symmetric_both_sides_relays_immediately() -> None:
+    m = PathMachine("peer-1")
+    m.handle(LocalNat(0.0, NatType.SYMMETRIC))
+    assert m.handle(PeerUpdate(0.0, (PUB,), NatType.SYMMETRIC)) == [RequestRelay("peer-1")]
+    assert m.handle(RelayReady(0.5, RELAY)) == [SetEndpoint("peer-1", RELAY)]
+    report = m.explain()
+    assert report.path == "relayed"
+    assert report.reason.startswith("both sides behind symmetric NAT")
+    assert m.next_deadline() is None  # direct is pointless: no retries
+
+
+def test_symmetric_pair_on_a_shared_lan_still_tries_direct() -> None:
+    m = PathMachine("peer-1")
+    m.handle(LocalNat(0.0, NatType.SYMMETRIC, networks=("10.0.0.7/24",)))
+    m.handle(PeerUpdate(0.0, (PUB, LAN), NatType.SYMMETRIC))
+    assert m.state is PathState.PROBING_DIRECT
+
+
+def test_udp_blocked_relays_with_reason() -> None:
+    for ours, theirs, why in [
+        (NatType.UDP_BLOCKED, NatType.EIM, "UDP blocked on this network"),
+        (NatType.EIM, NatType.UDP_BLOCKED, "UDP blocked on the peer's network"),
+    ]:
+        m = machine(ours, theirs)
+        m.handle(RelayReady(0.2, RELAY))
+        assert m.explain().reason.startswith(why)
+
+
+def test_no_handshake_on_any_candidate_falls_back_to_relay() -> None:
+    m = machine(NatType.EIM, None)
+    assert m.handle(Tick(5.0)) == [SetEndpoint("peer-1", LAN)]
+    assert m.handle(Tick(10.0)) == [RequestRelay("peer-1")]
+    m.handle(RelayReady(10.5, RELAY))
+    report = m.explain()
+    assert report.reason == (
+        "no handshake on any direct candidate within 5 s; retrying direct every 30 s"
+    )
+
+
+def test_direct_going_silent_moves_to_relay() -> None:
+    m = machine(NatType.EIM, NatType.EIM)
+    m.handle(Handshake(1.0, 1.0))
+    m.handle(Handshake(100.0, 90.0))
+    assert m.next_deadline() == 270.0
+    assert m.handle(Tick(270.0)) == [RequestRelay("peer-1")]
+    assert "direct path went silent (no handshake for 180 s)" in m.explain().reason
+
+
+def test_retry_direct_success_returns_to_direct_and_releases_relay() -> None:
+    m = machine(NatType.EIM, NatType.EIM)
+    relayed(m)
+    assert m.next_deadline() == 60.0  # now + 30 s, up to the 30 s wall-clock grid
+    assert m.handle(Tick(60.0)) == [SetEndpoint("peer-1", PUB)]
+    assert m.state is PathState.RETRY_DIRECT
+    assert m.handle(Handshake(61.0, 61.0, PUB)) == [ReleaseRelay("peer-1")]
+    assert m.explain().path == "direct"
+
+
+def test_failed_retries_back_off_and_cap() -> None:
+    m = machine(NatType.EIM, NatType.EIM, (PUB,))
+    relayed(m, 5.0)
+    for backoff in (30.0, 60.0, 120.0, 240.0, 240.0, 240.0, 240.0):
+        deadline = m.next_deadline()
+        assert deadline is not None
+        # on the backoff's wall-clock grid, so that both sides of a pair retry together
+        assert deadline % backoff == 0
+        assert backoff <= deadline - m.explain().since < 2 * backoff
+        m.handle(Tick(deadline))
+        assert m.state is PathState.RETRY_DIRECT
+        assert m.handle(Tick(deadline + 5.0)) == [SetEndpoint("peer-1", RELAY)]
+    assert "retrying direct every 240 s" in m.explain().reason
+
+
+def test_retry_grids_of_two_sides_meet() -> None:
+    """Two sides relayed at different moments, with different backoffs, still retry at
+    the same instant within one period of the slower one."""
+    a = machine(NatType.EIM, NatType.EIM, (PUB,))
+    b = machine(NatType.EIM, NatType.EIM, (PUB,))
+    relayed(a, 5.0)
+    relayed(b, 47.0)
+    times: dict[str, set[float]] = {"a": set(), "b": set()}
+    for name, m in (("a", a), ("b", b)):
+        for _ in range(4):
+            deadline = m.next_deadline()
+            assert deadline is not None
+            times[name].add(deadline)
+            m.handle(Tick(deadline))
+            m.handle(Tick(deadline + 5.0))
+    assert times["a"] & times["b"]
+
+
+def test_relay_unavailable_fails_with_reason() -> None:
+    m = machine(NatType.SYMMETRIC, NatType.SYMMETRIC)
+    m.handle(RelayFailed(1.0, "no relay is configured"))
+    report = m.explain()
+    assert report.path == "failed"
+    assert report.reason == "both sides behind symmetric NAT; no relay: no relay is configured"
+
+
+def test_peer_endpoint_change_while_direct_reprobes() -> None:
+    m = machine(NatType.EIM, NatType.EIM)
+    m.handle(Handshake(1.0, 1.0))
+    new = "203.0.113.77:51820"
+    assert m.handle(PeerUpdate(50.0, (new,), NatType.EIM)) == [SetEndpoint("peer-1", new)]
+    assert m.state is PathState.PROBING_DIRECT
+    assert m.handle(PeerUpdate(51.0, (new,), NatType.EIM)) == []
+
+
+def test_roaming_to_a_relay_is_no_evidence_of_direct() -> None:
+    m = machine(NatType.EIM, NatType.EIM, (PUB,))
+    relayed(m, 5.0)
+    m.handle(Tick(60.0))  # retry direct (30 s after, on the 30 s grid)
+    assert m.state is PathState.RETRY_DIRECT
+    m.handle(Handshake(61.0, 61.0, RELAY))  # the peer's packets came through the relay
+    assert m.state is PathState.RETRY_DIRECT
+
+
+def test_the_peer_reaching_us_directly_while_relayed_makes_the_path_direct() -> None:
+    """A symmetric-NAT peer reaches an open host: the open host's probes of the peer's
+    STUN mapping fail, but the peer's handshake arrives from its real mapping, where
+    WireGuard roams to. That address is adopted and the relay released."""
+    m = machine(NatType.OPEN, NatType.SYMMETRIC, (PUB,))
+    relayed(m, 5.0)
+    real = "203.0.113.5:61234"
+    assert m.handle(Handshake(20.0, 19.5, real)) == [
+        SetEndpoint("peer-1", real),
+        ReleaseRelay("peer-1"),
+    ]
+    report = m.explain()
+    assert report.path == "direct" and report.endpoint == real
+    assert report.reason == f"the peer reached this host directly (from {real})"
+
+
+def test_same_nat_prefers_lan_address() -> None:
+    ranked = rank_candidates(
+        ["203.0.113.5:51820", "192.168.1.9:51820", "10.9.9.9:51820"],
+        peer_reflexive="203.0.113.5:51820",
+        our_reflexive="203.0.113.5:40000",
+        our_networks=["192.168.1.4/24"],
+    )
+    assert ranked.order == ("192.168.1.9:51820", "10.9.9.9:51820", "203.0.113.5:51820")
+    other = rank_candidates(
+        ["10.9.9.9:51820", "198.51.100.3:51820", "203.0.113.5:51820", "bogus"],
+        peer_reflexive="203.0.113.5:51820",
+        our_reflexive="198.51.100.200:1",
+    )
+    assert other.order == ("203.0.113.5:51820", "198.51.100.3:51820", "10.9.9.9:51820")
+
+
+def test_table_covers_every_state_and_event() -> None:
+    kinds = {"local_nat", "peer", "handshake", "relay_ready", "relay_failed", "tick"}
+    assert set(TRANSITIONS) == {(s, k) for s in PathState for k in kinds}
+
+
+# -- properties over random event sequences -----------------------------------------------
+
+CANDIDATES = [PUB, LAN, "198.51.100.3:51820", "192.168.1.9:51820", "[2001:db8::1]:51820"]
+RELAYS = [RELAY, "192.0.2.10:40001"]
+nats = st.sampled_from(list(NatType))
+
+
+def _event(draw: st.DrawFn, now: float, last_set: float) -> Event:
+    choice = draw(st.integers(0, 5))
+    if choice == 0:
+        return LocalNat(now, draw(nats), draw(st.sampled_from([None, "203.0.113.5:1"])))
+    if choice == 1:
+        endpoints = tuple(draw(st.lists(st.sampled_from(CANDIDATES), max_size=4)))
+        return PeerUpdate(now, endpoints, draw(st.one_of(st.none(), nats)))
+    if choice == 2:
+        latest = draw(st.one_of(st.none(), st.floats(max(0.0, now - 400), now)))
+        return Handshake(now, latest, draw(st.sampled_from([None, *CANDIDATES, *RELAYS])))
+    if choice == 3:
+        return RelayReady(now, draw(st.sampled_from(RELAYS)))
+    if choice == 4:
+        return RelayFailed(now, "refused")
+    return Tick(now)
+
+
+@st.composite
+def scripts(draw: st.DrawFn) -> list[Event]:
+    now, events = 0.0, []
+    for _ in range(draw(st.integers(1, 40))):
+        now += draw(st.sampled_from([0.0, 0.1, 1.0, 4.9, 5.0, 30.0, 200.0]))
+        events.append(_event(draw, now, 0.0))
+    return events
+
+
+@settings(max_examples=150, deadline=None)
+@given(scripts())
+def test_random_sequences_keep_the_invariants(events: list[Event]) -> None:
+    m = PathMachine("peer-1")
+    states, candidates, relays = set(TRANSITIONS), set(), set()
+    outstanding, last_set = False, None
+    for event in events:
+        if isinstance(event, PeerUpdate):  # a peer change may restart the path at once
+            candidates, last_set = set(event.endpoints), None
+        if isinstance(event, RelayReady):
+            relays.add(event.endpoint)
+        if isinstance(event, RelayFailed):  # whatever the relay held for us is gone,
+            outstanding, last_set = False, None  # so moving off it at once is no flap
+        for action in m.handle(event):
+            adopted = (  # where WireGuard already sends: the peer's own address
+                isinstance(event, Handshake)
+                and action == SetEndpoint("peer-1", event.endpoint or "")
+                and event.endpoint not in relays
+            )
+            if adopted:
+                last_set = event.now
+            elif isinstance(action, SetEndpoint):
+                assert action.endpoint in candidates | relays
+                if last_set is not None:
+                    assert event.now - last_set >= m.timers.probe_timeout - 1e-6  # float sums
+                last_set = event.now
+            elif isinstance(action, RequestRelay):
+                assert not outstanding
+                outstanding = True
+            else:
+                assert isinstance(action, ReleaseRelay)  # cancelling is idempotent
+                outstanding = False
+        if isinstance(event, RelayFailed):  # it answers the request made by then; re-asked?
+            outstanding = m.state is PathState.RELAY_PENDING
+            last_set = None  # a timer due at the same instant may have moved first
+        assert (m.state, event.kind) in states
+        deadline = m.next_deadline()
+        assert deadline is None or deadline > event.now
+        assert m.explain().reason
+
+
+def test_handshakes_over_a_lost_relay_are_no_direct_evidence() -> None:
+    """The relay dies: WireGuard still reports the handshakes made through it, at the
+    relay's endpoint; they must not make the path look direct."""
+    m = machine(NatType.SYMMETRIC, NatType.EIM, (PUB,))
+    relayed(m, 5.0)
+    assert m.state is PathState.RELAYED
+    m.handle(Handshake(12.0, 11.0, RELAY))
+    m.handle(RelayFailed(13.0, "relay r1 stopped answering"))
+    assert m.state is PathState.RELAY_PENDING
+    m.handle(Handshake(14.0, 11.0, RELAY))
+    assert m.state is PathState.RELAY_PENDING
+    assert m.explain().path == "probing"
+
+
+def test_a_blocker_learnt_while_relayed_becomes_the_reason() -> None:
+    m = machine(NatType.UNKNOWN, None)
+    relayed(m)
+    assert m.explain().reason.startswith("no handshake on any direct candidate")
+    m.handle(LocalNat(11.0, NatType.SYMMETRIC, None))
+    m.handle(PeerUpdate(12.0, (PUB, LAN), NatType.SYMMETRIC))
+    assert m.explain().reason == "both sides behind symmetric NAT; not retrying direct"
+    assert m.next_deadline() is None
+
+
+def test_our_mapping_changing_reprobes_a_direct_path() -> None:
+    m = machine(NatType.EIM, NatType.EIM)
+    m.handle(Handshake(1.0, 1.0, PUB))
+    assert m.state is PathState.DIRECT
+    assert m.handle(LocalNat(30.0, NatType.EIM, "198.51.100.1:51820")) == []  # the same
+    assert m.handle(LocalNat(60.0, NatType.EIM, "198.51.100.1:20641")) == [
+        SetEndpoint("peer-1", PUB)
+    ]
+    assert m.state is PathState.PROBING_DIRECT
+    m.handle(Handshake(61.0, 61.0, PUB))
+    assert m.state is PathState.DIRECT
+
+
+def test_a_better_candidate_arriving_while_probing_is_probed_first() -> None:
+    """The peer's reflexive address reaches the map while its LAN address is probed."""
+    m = machine(NatType.EIM, NatType.EIM, (LAN,))
+    assert m.state is PathState.PROBING_DIRECT
+    assert m.handle(PeerUpdate(1.0, (PUB, LAN), NatType.EIM)) == [SetEndpoint("peer-1", PUB)]
+    assert m.handle(PeerUpdate(2.0, (PUB, LAN), NatType.EIM)) == []  # nothing new: go on

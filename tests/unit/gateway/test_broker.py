@@ -1,0 +1,318 @@
+"""The broker over real WebSockets: full, deltas, resume, sync, revoke, endpoints, slow agents."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from aiohttp import ClientWebSocketResponse, WSMsgType, web
+from aiohttp.test_utils import TestClient
+from prometheus_client import generate_latest
+from structlog.testing import capture_logs
+
+from gateway.mapping.broker import Broker
+from gateway.mapping.netmap import NetworkState, full_map
+from identity.policy import Policy
+from wiregate.errors import BadInput
+from wiregate.mapwire import AgentEndpoints, parse_endpoint
+from wiregate.model import Device, Identity, NetMap, apply_delta
+
+Connect = Callable[..., Awaitable[ClientWebSocketResponse]]
+
+
+def device(i: int, *, endpoint: str = "", routes: tuple[str, ...] = ()) -> Device:
+    return Device(
+        id=f"d{i}",
+        name=f"host{i}",
+        public_key=f"{i:043d}=",
+        identity=Identity("test", f"s{i}"),
+        ipv4=f"100.64.0.{i + 1}",
+        ipv6=f"fd7a::{i + 1:x}",
+        endpoints=(endpoint,) if endpoint else (),
+        routes=routes,
+    )
+
+
+class Harness:
+    def __init__(self, broker: Broker, client: TestClient[Any, Any]) -> None:
+        self.broker = broker
+        self.client = client
+        self.endpoints: list[tuple[str, list[str]]] = []
+
+    async def connect(self, device_id: str, since: int | None = None) -> ClientWebSocketResponse:
+        query = "" if since is None else f"?since={since}"
+        return await self.client.ws_connect(f"/stream/{device_id}{query}")
+
+
+@pytest.fixture
+def broker() -> Broker:
+    b = Broker(history=4, queue_size=8)
+    b.load([device(i) for i in range(1, 4)], version=1)
+    return b
+
+
+@pytest.fixture
+async def harness(aiohttp_client: Any, broker: Broker) -> Harness:
+    async def on_endpoints(device_id: str, endpoints: AgentEndpoints) -> None:
+        h.endpoints.append((device_id, endpoints))
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        since = request.query.get("since")
+        device_id = request.match_info["id"]
+        return await broker.serve(request, device_id, int(since) if since else None, on_endpoints)
+
+    async def shutdown(app: web.Application) -> None:
+        await broker.close()
+
+    app = web.Application()
+    app.router.add_get("/stream/{id}", stream)
+    app.on_shutdown.append(shutdown)
+    h = Harness(broker, await aiohttp_client(app))
+    return h
+
+
+async def recv(ws: ClientWebSocketResponse, timeout: float = 5.0) -> dict[str, Any]:
+    msg = await ws.receive(timeout=timeout)
+    assert msg.type is WSMsgType.TEXT, msg
+    data: dict[str, Any] = json.loads(msg.data)
+    return data
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def scratch(broker: Broker, device_id: str) -> NetMap:
+    return full_map(NetworkState(None, broker._state), device_id, broker.version)
+
+
+async def test_full_map_on_connect(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    msg = await recv(ws)
+    assert msg["type"] == "full" and msg["version"] == 1
+    assert NetMap.from_wire(msg) == scratch(harness.broker, "d1")
+    await until(lambda: harness.broker.connected == 1)
+
+
+async def test_deltas_arrive_in_order_with_a_base_chain(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    current = NetMap.from_wire(await recv(ws))
+    harness.broker.upsert(device(2, endpoint="192.0.2.2:51820"), 5)
+    harness.broker.upsert(device(3, endpoint="192.0.2.3:51820"), 6)
+    harness.broker.upsert(device(4), 9)
+    harness.broker.upsert(replace(device(1), name="renamed"), 10)
+    bases = []
+    for _ in range(4):
+        msg = await recv(ws)
+        assert msg["type"] == "delta"
+        bases.append((msg["base"], msg["version"]))
+        current = apply_delta(current, msg)
+    assert bases == [(1, 5), (5, 6), (6, 9), (9, 10)]
+    assert current == scratch(harness.broker, "d1")
+    assert current.self_view.name == "renamed"
+
+
+async def test_unaffected_agents_get_nothing_and_keep_their_version(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    await recv(ws)
+    harness.broker.upsert(device(1), 2)  # unchanged device: nothing to say
+    harness.broker.upsert(device(2, endpoint="192.0.2.2:1"), 3)
+    assert (await recv(ws))["base"] == 1
+
+
+async def test_resume_from_since_sends_the_missed_deltas(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    first = NetMap.from_wire(await recv(ws))
+    await ws.close()
+    await until(lambda: harness.broker.connected == 0)
+    harness.broker.upsert(device(2, endpoint="192.0.2.2:1"), 2)
+    harness.broker.upsert(device(3, endpoint="192.0.2.3:1"), 3)
+
+    ws = await harness.connect("d1", since=1)
+    a, b = await recv(ws), await recv(ws)
+    assert [(m["base"], m["version"]) for m in (a, b)] == [(1, 2), (2, 3)]
+    assert apply_delta(apply_delta(first, a), b) == scratch(harness.broker, "d1")
+    await ws.close()
+
+    ws = await harness.connect("d1", since=2)
+    assert (await recv(ws))["base"] == 2
+
+
+async def test_sync_when_up_to_date(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    await recv(ws)
+    harness.broker.upsert(device(2, endpoint="192.0.2.2:1"), 2)
+    assert (await recv(ws))["version"] == 2
+    await ws.close()
+    ws = await harness.connect("d1", since=2)
+    assert await recv(ws) == {"type": "sync", "version": 2}
+
+
+async def test_sync_after_restart_at_the_same_version(harness: Harness) -> None:
+    ws = await harness.connect("d2", since=1)  # never connected to this broker
+    assert await recv(ws) == {"type": "sync", "version": 1}
+
+
+async def test_full_when_history_is_gone(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    await recv(ws)
+    await ws.close()
+    for version in range(2, 8):  # history holds 4
+        harness.broker.upsert(device(2, endpoint=f"192.0.2.2:{version}"), version)
+    ws = await harness.connect("d1", since=1)
+    msg = await recv(ws)
+    assert msg["type"] == "full" and msg["version"] == 7
+    await ws.close()
+    ws = await harness.connect("d1", since=12345)
+    assert (await recv(ws))["type"] == "full"
+
+
+async def test_remove_revokes_the_device_and_tells_its_peers(harness: Harness) -> None:
+    gone, peer = await harness.connect("d1"), await harness.connect("d2")
+    await recv(gone), await recv(peer)
+    harness.broker.remove("d1", 2)
+    assert await recv(gone) == {"type": "revoked", "reason": "device removed"}
+    assert (await gone.receive(timeout=5)).type is WSMsgType.CLOSE
+    msg = await recv(peer)
+    assert (msg["remove"], msg["upsert"], msg["version"]) == (["d1"], [], 2)
+    await until(lambda: harness.broker.connected == 1)
+
+
+async def test_unknown_device_is_told_to_retry(harness: Harness) -> None:
+    ws = await harness.connect("nope")
+    msg = await ws.receive(timeout=5)
+    assert msg.type is WSMsgType.CLOSE and msg.data == 1013
+
+
+async def test_endpoints_are_forwarded(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    await recv(ws)
+    await ws.send_json({"type": "endpoints", "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:1"]})
+    await until(lambda: bool(harness.endpoints))
+    assert harness.endpoints == [("d1", AgentEndpoints(["192.0.2.1:51820", "[2001:db8::1]:1"]))]
+
+
+async def test_the_nat_type_comes_with_the_endpoints(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    await recv(ws)
+    await ws.send_json({"type": "endpoints", "endpoints": [], "nat": "symmetric"})
+    await until(lambda: bool(harness.endpoints))
+    assert harness.endpoints == [("d1", AgentEndpoints([], "symmetric"))]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not json",
+        '{"type": "hello"}',
+        '{"type": "endpoints", "endpoints": ["192.0.2.1"]}',
+        '{"type": "endpoints", "endpoints": ["2001:db8::1:80"]}',
+        '{"type": "endpoints", "endpoints": [], "nat": "cone"}',
+        '{"type": "endpoints", "endpoints": [], "nat": 3}',
+    ],
+)
+async def test_malformed_message_closes_with_1008(harness: Harness, bad: str) -> None:
+    ws = await harness.connect("d1")
+    await recv(ws)
+    with capture_logs() as logs:
+        await ws.send_str(bad)
+        msg = await ws.receive(timeout=5)
+    assert msg.type is WSMsgType.CLOSE and msg.data == 1008
+    assert any(e["event"] == "closing agent stream: bad message" for e in logs)
+    assert harness.endpoints == []
+
+
+async def test_a_newer_stream_replaces_the_old_one(harness: Harness) -> None:
+    old = await harness.connect("d1")
+    await recv(old)
+    new = await harness.connect("d1", since=1)
+    assert (await recv(new))["type"] == "sync"
+    assert (await old.receive(timeout=5)).type is WSMsgType.CLOSE
+    harness.broker.upsert(device(2, endpoint="192.0.2.2:1"), 2)
+    assert (await recv(new))["version"] == 2
+
+
+async def test_close_says_service_restart(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    await recv(ws)
+    await harness.broker.close()
+    msg = await ws.receive(timeout=5)
+    assert msg.type is WSMsgType.CLOSE and msg.data == 1012
+
+
+async def test_a_stalled_agent_does_not_delay_others(harness: Harness) -> None:
+    """d3 never reads; d1 keeps getting ~100 KB deltas at once; d3 is dropped, then resyncs."""
+    routes = tuple(f"10.{i // 256}.{i % 256}.0/24" for i in range(6000))
+    broker = harness.broker
+    broker.upsert(device(2, routes=routes), 2)
+    fast, stalled = await harness.connect("d1"), await harness.connect("d3")
+    await recv(fast)
+    await until(lambda: broker.connected == 2)
+    for version in range(3, 303):
+        broker.upsert(device(2, endpoint=f"192.0.2.2:{version}", routes=routes), version)
+        # a writer blocked on the stalled socket would starve this receive (5 s timeout)
+        msg = await recv(fast)
+        assert msg["version"] == version and len(msg["upsert"][0]["allowed_ips"]) == 6002
+    await until(lambda: broker.connected == 1)  # the stalled one overflowed and was dropped
+    await stalled.close()
+    ws = await harness.connect("d3", since=3)
+    assert (await recv(ws))["type"] == "full"
+
+
+@pytest.mark.parametrize(
+    ("text", "normal"),
+    [("192.0.2.1:51820", "192.0.2.1:51820"), ("[2001:DB8::1]:7", "[2001:db8::1]:7")],
+)
+def test_endpoints_are_normalized(text: str, normal: str) -> None:
+    assert parse_endpoint(text) == normal
+
+
+@pytest.mark.parametrize(
+    "text", ["192.0.2.1:0", "192.0.2.1:65536", "[192.0.2.1]:1", "host:1", ":1", "192.0.2.1", 5]
+)
+def test_bad_endpoints_are_refused(text: object) -> None:
+    with pytest.raises(BadInput):
+        parse_endpoint(text)
+
+
+async def test_load_resyncs_connected_agents(harness: Harness) -> None:
+    kept, dropped = await harness.connect("d1"), await harness.connect("d3")
+    await recv(kept), await recv(dropped)
+    harness.broker.load([device(1), device(2), device(5)], version=40)
+    msg = await recv(kept)
+    assert msg["type"] == "full" and msg["version"] == 40
+    assert {p["id"] for p in msg["peers"]} == {"d2", "d5"}
+    assert (await recv(dropped))["type"] == "revoked"
+
+
+async def test_set_policy_sends_full_maps(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    await recv(ws)
+    harness.broker.set_policy(Policy(rules=()), version=2)
+    msg = await recv(ws)
+    assert (msg["type"], msg["version"], msg["peers"]) == ("full", 2, [])
+
+
+async def test_stale_versions_are_ignored(harness: Harness) -> None:
+    harness.broker.upsert(device(2, endpoint="192.0.2.2:1"), 1)
+    assert harness.broker.device("d2").endpoints == ()
+    assert harness.broker.version == 1
+
+
+def test_metrics_are_exported() -> None:
+    text = generate_latest().decode()
+    for name in (
+        "wiregate_broker_connected_agents",
+        "wiregate_broker_deltas_sent_total",
+        "wiregate_broker_fanout_seconds_bucket",
+        "wiregate_netmap_version",
+    ):
+        assert name in text

@@ -1,0 +1,1 @@
+"""Shared by every wiregate process; imports none of agent, gateway, identity or relay."""

@@ -1,0 +1,1 @@
+"""The ``wiregate`` command, one module per verb group."""

@@ -1,0 +1,34 @@
+"""``wiregate policy check FILE``: validate a policy file and summarize it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from wiregate.errors import WiregateError
+
+__all__ = ["policy"]
+
+
+@click.group()
+def policy() -> None:
+    """Work with the gateway's policy file (groups, tag rules, ACLs, routes)."""
+
+
+@policy.command()
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+def check(file: Path) -> None:
+    """Validate FILE (YAML or JSON); print the error with its path, or a summary."""
+    from identity.policy_file import load_policy_file
+
+    try:
+        document = load_policy_file(file)
+    except WiregateError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"hint: {exc.hint}", err=True)
+        sys.exit(1)
+    click.echo(f"{file}: ok")
+    click.echo(document.summary())

@@ -1,0 +1,400 @@
+"""Configuration: command-line flags > environment (``WIREGATE_…``) > TOML file > defaults.
+
+Each process has its own settings class. The TOML file holds one table per
+process (``[gateway]``, ``[agent]``, ``[relay]``); the environment uses the
+prefix ``WIREGATE_`` (``WIREGATE_LISTEN``, ``WIREGATE_DATABASE_URL`` …). Flags
+are passed as keyword arguments by the CLI and win over everything else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from wiregate.errors import ConfigError
+
+__all__ = [
+    "AgentSettings",
+    "GatewaySettings",
+    "OidcIssuerSettings",
+    "RelaySettings",
+    "WorkloadIssuerSettings",
+    "load_settings",
+    "parse_port_range",
+    "parse_relay_entry",
+]
+
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_RELAY_PORTS = 16384
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` with a port of 1..65535 (ValueError otherwise)."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port (port 1..65535)")
+    return host, int(port)
+
+
+def parse_relay_entry(text: str) -> tuple[str, str, int]:
+    """``"id=HOST:PORT"`` to ``(id, host, port)``; ValueError with the reason otherwise."""
+    relay_id, sep, address = text.partition("=")
+    if not sep or not _ID_PATTERN.match(relay_id):
+        raise ValueError(
+            f"{text!r} is not id=HOST:PORT (id: letters, digits, '.', '_', '-'; 1..64)"
+        )
+    host, port = _hostport(address)
+    return relay_id, host, port
+
+
+def parse_port_range(text: str) -> tuple[int, ...]:
+    """``"40000-40063"``, ``"40000"`` or a comma list of both, to ports in order.
+
+    Port 0 (a single item, repeatable) means an ephemeral port, for tests. Ports
+    must not repeat; at least two are needed (a relayed pair uses two).
+    """
+    ports: list[int] = []
+    for item in (part.strip() for part in text.split(",")):
+        first, sep, last = item.partition("-")
+        if not first.isdigit() or (sep and not last.isdigit()):
+            raise ValueError(f"{item!r} is not a port or a range FIRST-LAST")
+        low, high = int(first), int(last) if sep else int(first)
+        if sep and not 0 < low <= high < 65536:
+            raise ValueError(f"range {item!r} must be FIRST-LAST with 1 <= FIRST <= LAST <= 65535")
+        if high > 65535:
+            raise ValueError(f"port {item!r} is above 65535")
+        ports.extend(range(low, high + 1))
+        if len(ports) > MAX_RELAY_PORTS:
+            raise ValueError(f"at most {MAX_RELAY_PORTS} relay ports")
+    fixed = [p for p in ports if p]
+    if len(set(fixed)) != len(fixed):
+        raise ValueError("relay ports repeat")
+    if len(ports) < 2:
+        raise ValueError("a relay needs at least two relay ports (one pair uses two)")
+    return tuple(ports)
+
+
+class _TomlTable(PydanticBaseSettingsSource):
+    """Reads one table of a TOML file as a settings source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None, table: str) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                with path.open("rb") as fh:
+                    doc = tomllib.load(fh)
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+            table_data = doc.get(table, {})
+            if not isinstance(table_data, dict):
+                raise ConfigError(f"[{table}] in {path} must be a table")
+            self._data = table_data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WIREGATE_", extra="forbid")
+    _table: ClassVar[str] = ""
+    _config_file: ClassVar[Path | None] = None
+
+    log_format: str = "auto"  # auto | json | console
+    log_level: str = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = _TomlTable(settings_cls, cls._config_file, cls._table)
+        return (init_settings, env_settings, toml)
+
+
+class OidcIssuerSettings(BaseModel):
+    """One OpenID Provider of the SSO web pages (``[[gateway.oidc]]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str  # shown on the issuer chooser; lowercase letters, digits, - and _
+    issuer: str  # exactly as the provider's discovery document says
+    client_id: str
+    client_secret: str  # "file:PATH" or "env:VAR"; never the secret itself
+    scopes: list[str] = ["openid", "email", "profile"]
+    algorithms: list[str] = ["RS256"]  # asymmetric only
+    groups_claim: str = "groups"
+    insecure_http: bool = False  # http:// on loopback only (tests)
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret_reference(cls, value: str) -> str:
+        kind, sep, rest = value.partition(":")
+        if not sep or kind not in ("file", "env") or not rest:
+            raise ValueError("client_secret must be file:PATH or env:VAR, never the secret")
+        return value
+
+
+class WorkloadIssuerSettings(BaseModel):
+    """A trusted issuer of workload tokens (``[[gateway.workload_issuers]]``); see
+    identity/workload.py and docs/operations.md "Workload identity"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str  # shown in audit records and errors
+    issuer: str  # exactly as its discovery document says (a cluster: kube-apiserver's issuer)
+    kind: Literal["kubernetes", "oidc"] = "oidc"
+    audience: str = ""  # the gateway's name in the tokens; default: public_url
+    algorithms: list[str] = ["RS256"]  # asymmetric only
+    ca_bundle: Path | None = None  # CA for the issuer's HTTPS (a cluster CA)
+    tags: list[str] = []  # granted to every workload of this issuer (plus policy tag_rules)
+    max_lifetime: float = 48 * 3600.0  # tokens living longer than this are refused
+    insecure_http: bool = False  # http:// on loopback only (tests)
+
+
+class GatewaySettings(_Base):
+    """Settings of ``wiregate gateway``."""
+
+    _table: ClassVar[str] = "gateway"
+
+    listen: str = "127.0.0.1:8080"
+    metrics_listen: str = "127.0.0.1:9090"
+    admin_socket: Path = Path("/run/wiregate/gateway.sock")  # trusted by file permissions (0600)
+    admin_token_file: Path | None = None  # bearer token for admin calls over TCP
+    state_dir: Path = Path("/var/lib/wiregate/gateway")
+    database_url: str = ""  # default: sqlite+aiosqlite:///<state_dir>/wiregate.db
+    ipv4_pool: str = "100.64.0.0/16"
+    ipv6_pool: str = "fd7a:7767:6174::/64"
+    default_keepalive: int | None = 25
+    policy_file: Path | None = None
+    max_body_bytes: int = 64 * 1024
+    relays: list[str] = []  # "id=HOST:PORT" of each relay's control port
+    relay_probe_interval: float = 5.0  # PING every relay this often; down after 2 misses
+    # -- device lifecycle: key expiry, ephemeral devices -------------------------------
+    key_expiry: float | None = 180 * 86400.0  # people's device keys; None: never expire
+    expiry_sweep_interval: float = 30.0  # how often expired/ephemeral devices are swept
+    # on SIGTERM: /readyz answers 503 this long before agent streams are closed (1012)
+    # so a load balancer stops sending new agents here first (Kubernetes: a few seconds)
+    shutdown_delay: float = Field(default=0.0, ge=0.0, le=300.0)
+    ephemeral_timeout: float = 300.0  # an ephemeral device away this long is removed
+
+    # -- SSO web pages (gateway/web): sign-in, device approval, my devices, admin ------
+    public_url: str = ""  # what browsers use, e.g. https://gw.example.com; redirect URI base
+    oidc: list[OidcIssuerSettings] = []  # no issuer: the pages say SSO is not configured
+    admin_groups: list[str] = []  # members of any of these groups may use /admin
+    session_lifetime: float = 8 * 3600.0
+    workload_issuers: list[WorkloadIssuerSettings] = []  # POST /api/v1/enroll workload_token
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.hostname
+                      or parts.path not in ("", "/") or parts.query or parts.fragment):  # fmt: skip
+            raise ValueError("public_url must be http(s)://HOST[:PORT] without a path")
+        return value.rstrip("/")
+
+    @field_validator("session_lifetime")
+    @classmethod
+    def _session_lifetime(cls, value: float) -> float:
+        if not 300.0 <= value <= 7 * 86400.0:
+            raise ValueError("session_lifetime must be 300..604800 seconds")
+        return value
+
+    # -- end of the SSO web pages block ---------------------------------------------------
+
+    @field_validator("relay_probe_interval")
+    @classmethod
+    def _relay_probe_interval(cls, value: float) -> float:
+        if not 0.1 <= value <= 300.0:
+            raise ValueError("relay_probe_interval must be 0.1..300 seconds")
+        return value
+
+    @field_validator("relays")
+    @classmethod
+    def _relays(cls, value: list[str]) -> list[str]:
+        ids = [parse_relay_entry(entry)[0] for entry in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError("relay ids repeat")
+        return value
+
+    @field_validator("ipv4_pool")
+    @classmethod
+    def _v4(cls, value: str) -> str:
+        net = ipaddress.ip_network(value, strict=True)
+        if net.version != 4 or net.prefixlen > 30:
+            raise ValueError("ipv4_pool must be an IPv4 network of /30 or larger")
+        return str(net)
+
+    @field_validator("ipv6_pool")
+    @classmethod
+    def _v6(cls, value: str) -> str:
+        net = ipaddress.ip_network(value, strict=True)
+        if net.version != 6 or net.prefixlen > 120:
+            raise ValueError("ipv6_pool must be an IPv6 network of /120 or larger")
+        return str(net)
+
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.state_dir / 'wiregate.db'}"
+
+
+class AgentSettings(_Base):
+    """Settings of ``wiregate agent``."""
+
+    _table: ClassVar[str] = "agent"
+
+    server: str = "http://127.0.0.1:8080"
+    auth_key: str = ""  # "file:PATH" or "env:VAR"; never the key itself in argv
+    # "file:PATH" of a workload token (re-read at each enrollment: projected tokens rotate);
+    # with kubernetes = true and no auth_key: the projected token of deploy/kubernetes
+    workload_token: str = ""
+    state_dir: Path = Path("/var/lib/wiregate/agent")
+    run_dir: Path = Path("/run/wiregate")
+    interface: str = "wg0"
+    listen_port: int = 51820
+    hostname: str = ""
+    backend: str = "auto"  # auto | kernel | userspace
+    userspace_binary: str = "wireguard-go"
+    route_table: int = 51820
+    rule_priority: int = 5210
+    fwmark: int = 0x5747
+    mtu: int = 0  # 0: derived from the underlay link (minus 60 for IPv4, 80 for IPv6)
+    endpoints: list[str] = []  # extra "ip:port" candidates to advertise
+    stun_servers: list[str] = []  # "host:port" STUN servers for netcheck (reflexive endpoint)
+    reconcile_interval: float = 30.0  # read the interface back and repair drift this often
+    netcheck_interval: float = 60.0  # seconds between STUN probes of the WireGuard port
+    path_probe_timeout: float = 5.0  # seconds a direct candidate gets to carry a handshake
+    path_silence: float = 180.0  # a direct path without a handshake this long is dead
+    path_retry: float = 30.0  # first retry of direct while relayed (doubles, up to 300 s)
+    relay_ping_interval: float = 5.0  # liveness probe of the relay a peer is relayed through
+    pmtu_interval: float = 600.0  # re-probe each tunnel's path MTU this often (0: never probe)
+    metrics_listen: str = ""  # "HOST:PORT" serves Prometheus /metrics; empty: no listener
+    # -- Kubernetes node integration (agent/kubenode.py) ------------------------
+    kubernetes: bool = False  # read this node's Node: pod CIDRs as routes, InternalIP, annotations
+    node_name: str = Field(  # NODE_NAME from the downward API
+        "", validation_alias=AliasChoices("node_name", "WIREGATE_NODE_NAME", "NODE_NAME")
+    )
+    kubeconfig: Path | None = None  # None: the in-cluster ServiceAccount config
+    rotation_check_interval: float = 60.0  # how often the key's rotation time is checked
+    tags: list[str] = []
+
+    @field_validator("listen_port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 0 < value < 65536:
+            raise ValueError("listen_port must be 1..65535")
+        return value
+
+
+class RelaySettings(_Base):
+    """Settings of ``wiregate relay``."""
+
+    _table: ClassVar[str] = "relay"
+
+    stun_listen: list[str] = ["0.0.0.0:3478"]
+    metrics_listen: str = "127.0.0.1:9091"  # Prometheus /metrics and /livez; empty: none
+    relay_id: str = ""  # empty: no WireGuard relay, STUN only
+    relay_listen: str = "0.0.0.0:3480"  # the control port
+    relay_ports: str = "40000-40063"  # "FIRST-LAST", or a comma list of ports and ranges
+    own_addresses: list[str] = []  # this relay's public addresses (never forwarded to)
+    verify_keys_file: Path | None = None  # JSON: {"signers": [{"public_key", "tenants"}]}
+    max_allocations: int = 4096
+    max_allocations_per_device: int = 16
+    bytes_per_second: int = 12_500_000
+    burst_bytes: int = 1_000_000
+    idle_timeout: float = 60.0
+    max_datagram: int = 1500
+
+    @field_validator("relay_id")
+    @classmethod
+    def _relay_id(cls, value: str) -> str:
+        if value and not _ID_PATTERN.match(value):
+            raise ValueError("relay_id must be 1..64 letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("relay_listen")
+    @classmethod
+    def _relay_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"{value!r} is not host:port (port 0..65535, 0: ephemeral)")
+        return value
+
+    @field_validator("relay_ports")
+    @classmethod
+    def _relay_ports(cls, value: str) -> str:
+        parse_port_range(value)
+        return value
+
+    @field_validator("own_addresses")
+    @classmethod
+    def _own(cls, value: list[str]) -> list[str]:
+        return [str(ipaddress.ip_address(v.strip("[]"))) for v in value]
+
+    @field_validator("max_allocations", "max_allocations_per_device", "bytes_per_second")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("burst_bytes")
+    @classmethod
+    def _burst(cls, value: int) -> int:
+        if value < 1500:
+            raise ValueError("must be at least 1500 (one full datagram)")
+        return value
+
+    @field_validator("idle_timeout")
+    @classmethod
+    def _idle(cls, value: float) -> float:
+        if not 5.0 <= value <= 3600.0:
+            raise ValueError("must be 5..3600 seconds")
+        return value
+
+    @field_validator("max_datagram")
+    @classmethod
+    def _datagram(cls, value: int) -> int:
+        if not 148 <= value <= 65507:
+            raise ValueError("must be 148..65507 bytes (a handshake initiation is 148)")
+        return value
+
+
+S = TypeVar("S", bound=_Base)
+
+
+def load_settings(cls: type[S], config_file: Path | None, **flags: Any) -> S:
+    """Build settings for ``cls`` from flags, env, the TOML file and defaults."""
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}
+    cls._config_file = config_file
+    try:
+        return cls(**given)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
+    finally:
+        cls._config_file = None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(parts)

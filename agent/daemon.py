@@ -44,6 +44,7 @@ from relay.endpoints import RelayEndpoint
 from wiregate.errors import Unauthorized, Unavailable, WiregateError
 from wiregate.keys import encode_key, public_from_private
 from wiregate.logging import get_logger
+from wiregate.mapwire import build_endpoints
 from wiregate.model import NetMap
 from wiregate.net import parse_hostport
 from wiregate.settings import AgentSettings
@@ -247,7 +248,9 @@ class Agent:
         last candidates)."""
         while True:
             try:
-                servers = [parse_hostport(s) for s in self.settings.stun_servers]
+                servers = [
+                    parse_hostport(s, what="STUN server") for s in self.settings.stun_servers
+                ]
                 relays = await self._relays()
                 self.netreport = await run_netcheck(
                     servers, self.settings.listen_port, relays=relays
@@ -280,9 +283,8 @@ class Agent:
     async def _advertise(self) -> None:
         """Send the endpoint candidates (and the measured NAT type) on the map stream if
         they changed since last sent."""
-        message: dict[str, Any] = {"type": "endpoints", "endpoints": await self._endpoints()}
-        if self.netreport is not None:
-            message["nat"] = str(self.netreport.nat_type)
+        nat = None if self.netreport is None else str(self.netreport.nat_type)
+        message = build_endpoints(await self._endpoints(), nat)
         if self._ws is None or self._ws.closed or message == self._advertised:
             return
         try:

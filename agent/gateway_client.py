@@ -16,7 +16,7 @@ import aiohttp
 from agent.paths.relaylink import RelayGrant
 from agent.state import Enrollment
 from wiregate.errors import ConfigError, Unauthorized, Unavailable, from_api_response
-from wiregate.net import parse_hostport
+from wiregate.net import parse_endpoint
 
 __all__ = [
     "KUBERNETES_TOKEN_PATH",
@@ -235,7 +235,9 @@ class ControlClient:
         data = await self._post("/api/v1/relay/tickets", body, token=token)
         try:
             relay = data["relay"]
-            host, port = parse_hostport(str(relay["control"]))
+            host, port = parse_endpoint(
+                relay["control"], allow_names=True, from_peer=False, what="relay", error=ValueError
+            ).pair
             ticket = base64.b64decode(str(data["ticket"]), validate=True)
             return RelayGrant(str(relay["id"]), (host, port), ticket)
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import stat
 from pathlib import Path
 
 from wiregate.errors import ConfigError
+from wiregate.files import write_private
 from wiregate.keys import KEY_LEN, generate_private_key
 
 __all__ = ["KEY_FILE", "KeyFileError", "load_or_create_key"]
@@ -73,28 +75,7 @@ def _decode(text: bytes, path: Path) -> bytes:
 
 
 def _create(path: Path) -> None:
-    """Write a fresh key to a 0600 temp file, then link it into place (never overwrites)."""
+    """Write a fresh key as a 0600 file (never overwrites: another process's key wins)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # independent of the umask
-        os.write(fd, base64.b64encode(generate_private_key()) + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # atomic, and fails if another process created the key first
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with contextlib.suppress(FileExistsError):
+        write_private(path, base64.b64encode(generate_private_key()) + b"\n", exclusive=True)

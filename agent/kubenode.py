@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wiregate.clock import Clock
 from wiregate.errors import (
     BadInput,
     ConfigError,
@@ -285,7 +286,7 @@ class NodeSource:
         listen_port: int,
         *,
         reader: Reader = read_node,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
         refresh: float = REFRESH_SECONDS,
     ) -> None:
         if not node_name:

@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from agent.dataplane.facade import ApplyResult, DataPlane
 from agent.dataplane.firewall import TABLE
+from wiregate.clock import Clock
 from wiregate.errors import ConfigError
 from wiregate.model import NetMap
 from wiregate.net import parse_hostport
@@ -83,7 +84,7 @@ class ApplyCounters:
 class AgentCollector(Collector):
     """Metrics from a status document, read on every scrape."""
 
-    def __init__(self, document: Document, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, document: Document, clock: Clock = time.time) -> None:
         self._document, self._clock = document, clock
 
     def collect(self) -> Iterable[Metric]:
@@ -327,7 +328,7 @@ async def serve_metrics(agent: _Agent) -> web.AppRunner | None:
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    host, port = parse_hostport(listen)
+    host, port = parse_hostport(listen, allow_port_zero=True, what="metrics_listen")
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:

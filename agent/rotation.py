@@ -44,14 +44,16 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 
 from agent.keyfile import KEY_FILE, load_or_create_key
+from wiregate.clock import Clock
 from wiregate.errors import Unavailable, from_api_response
+from wiregate.files import fsync_dir
 from wiregate.keylife import rotate_after
 from wiregate.keys import encode_key, fingerprint, public_from_private
 from wiregate.logging import get_logger
@@ -81,7 +83,7 @@ class _Agent(Protocol):
 class KeyRotator:
     """Rotates one agent's key: when due, when asked, and switches when the map says."""
 
-    def __init__(self, agent: _Agent, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, agent: _Agent, *, clock: Clock = time.time) -> None:
         self._agent = agent
         self._clock = clock
         self._asked = asyncio.Event()
@@ -210,7 +212,7 @@ class KeyRotator:
         if self._switching is not None:
             old = self._agent.public_key
             os.replace(self._next_path(), self._state_dir / KEY_FILE)
-            _fsync_dir(self._state_dir)
+            fsync_dir(self._state_dir)
             self._agent.public_key, self._switching = self._switching, None
             self.last_rotation = self._clock()
             log.info("key switched", previous=fingerprint(old),
@@ -241,11 +243,3 @@ def nudge(peers: Iterable[Peer]) -> int:
                 sock.sendto(b"\x00", (address, NUDGE_PORT))
                 sent += 1
     return sent
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,17 +1,27 @@
 """The agent's side of the map stream, as a pure state machine.
 
-Feed it each decoded message with :meth:`MapSession.receive`; it returns what to
-do next. It holds the current :class:`NetMap` and detects version gaps, in which
-case the agent reconnects with ``since=<version>`` and receives a full map.
+Feed it each message (its decoded JSON) with :meth:`MapSession.receive`; it reads
+it with :mod:`wiregate.mapwire` and returns what to do next. It holds the current
+:class:`NetMap` and detects version gaps, in which case the agent reconnects with
+``since=<version>`` and receives a full map.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
 
-from wiregate.model import NetMap, apply_delta
+from wiregate.mapwire import (
+    Delta,
+    MapWireError,
+    Revoked,
+    Sync,
+    UnknownMessage,
+    VersionGap,
+    apply_delta,
+    read_map_message,
+)
+from wiregate.model import NetMap
 
 __all__ = ["Action", "MapSession", "Outcome"]
 
@@ -39,31 +49,35 @@ class MapSession:
     def version(self) -> int | None:
         return None if self.netmap is None else self.netmap.version
 
-    def receive(self, message: Any) -> Outcome:
-        if not isinstance(message, dict):
-            return Outcome(Action.RESYNC, "message is not an object")
-        kind = message.get("type")
+    def receive(self, message: object) -> Outcome:
+        """Take one message (decoded JSON) of the stream; say what the agent does next."""
         try:
-            if kind == "full":
-                self.netmap = NetMap.from_wire(message)
-                return Outcome(Action.APPLY)
-            if kind == "delta":
-                return self._delta(message)
-        except (KeyError, TypeError, ValueError) as exc:
-            return Outcome(Action.RESYNC, f"bad {kind} message: {exc}")
-        if kind == "sync":
-            return self._sync(message)
-        if kind == "revoked":
-            return Outcome(Action.REVOKED, str(message.get("reason", "")))
-        return Outcome(Action.RESYNC, f"unknown message type {kind!r}")
+            parsed = read_map_message(message)
+        except UnknownMessage as exc:
+            return Outcome(Action.RESYNC, exc.message)
+        except MapWireError as exc:
+            kind = message.get("type") if isinstance(message, dict) else None
+            return Outcome(Action.RESYNC, f"bad {kind} message: {exc.message}")
+        if isinstance(parsed, NetMap):
+            self.netmap = parsed
+            return Outcome(Action.APPLY)
+        if isinstance(parsed, Delta):
+            return self._delta(parsed)
+        if isinstance(parsed, Sync):
+            return self._sync(parsed)
+        assert isinstance(parsed, Revoked)
+        return Outcome(Action.REVOKED, parsed.reason)
 
-    def _delta(self, message: dict[str, Any]) -> Outcome:
+    def _delta(self, delta: Delta) -> Outcome:
         if self.netmap is None:
             return Outcome(Action.RESYNC, "delta before any full map")
-        self.netmap = apply_delta(self.netmap, message)
+        try:
+            self.netmap = apply_delta(self.netmap, delta)
+        except VersionGap as exc:
+            return Outcome(Action.RESYNC, exc.message)
         return Outcome(Action.APPLY)
 
-    def _sync(self, message: dict[str, Any]) -> Outcome:
-        if self.netmap is None or message.get("version") != self.netmap.version:
+    def _sync(self, sync: Sync) -> Outcome:
+        if self.netmap is None or sync.version != self.netmap.version:
             return Outcome(Action.RESYNC, "sync at a version we do not hold")
         return Outcome(Action.NOTHING)

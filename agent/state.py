@@ -9,12 +9,13 @@ agent brings the tunnel back before the gateway answers).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wiregate.errors import LocalError
+from wiregate.files import write_private
+from wiregate.mapwire import MapWireError, build_full, read_full
 from wiregate.model import NetMap
 
 __all__ = ["Enrollment", "StateDir"]
@@ -66,10 +67,15 @@ class StateDir:
 
     def load_netmap(self) -> NetMap | None:
         data = self._read("netmap.json")
-        return None if data is None else NetMap.from_wire(data)
+        if data is None:
+            return None
+        try:
+            return read_full(data)
+        except MapWireError as exc:
+            raise LocalError(f"state file {self.path / 'netmap.json'} is corrupt: {exc}") from exc
 
     def save_netmap(self, netmap: NetMap) -> None:
-        self._write("netmap.json", netmap.to_wire())
+        self._write("netmap.json", build_full(netmap))
 
     def forget(self) -> None:
         """Drop the enrollment and the cached map (after the device was revoked)."""
@@ -90,11 +96,4 @@ class StateDir:
         return data
 
     def _write(self, name: str, data: dict[str, Any]) -> None:
-        final = self.path / name
-        tmp = self.path / f".{name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        write_private(self.path / name, json.dumps(data).encode())

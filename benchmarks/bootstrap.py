@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from lab.harness import Lab, Wiregate, lab_requirements
-from tests.lab.test_bootstrap import VM, build_wheelhouse, start_cluster_node
+from lab.vm import VM, build_wheelhouse, start_cluster_node
 
 __all__ = ["run"]
 

@@ -36,8 +36,8 @@ from benchmarks.common import emit
 from benchmarks.fanout import percentile
 from lab.harness import Agent, Lab, Wiregate, bare, lab_requirements, poll
 from lab.pg import pg_bin
+from lab.ping import PingResult, start_ping, stop_ping
 from lab.replicas import PORTS, Replicas, logged_at, replicas_on, resumed_on
-from tests.e2e.test_faults import PingResult, start_ping, stop_ping
 
 __all__ = ["run"]
 

@@ -6,7 +6,7 @@
   builds it for the first agent to connect after a gateway start or load: a fresh
   :class:`NetworkState` each repetition, so no peer JSON is cached yet (cold);
 * ``netmap_full_10k_warm_ms``: the same once every peer's JSON is cached (later connects);
-* ``netmap_full_10k_netmap_json_ms``: :func:`full_map` + ``json.dumps(NetMap.to_wire())``;
+* ``netmap_full_10k_netmap_json_ms``: :func:`full_map` + ``json.dumps(build_full(...))``;
 * ``netmap_full_10k_filtered_ms`` / ``..._filtered_warm_ms``: the cold and warm full map when
   a policy file restricts ports between every pair (every peer entry carries a ``filter``);
 * ``netmap_change_us_per_affected_peer``: one endpoint change seen by 9 999 peers;
@@ -27,13 +27,13 @@ from gateway.mapping.netmap import (
     AgentUpdate,
     NetworkState,
     apply_upsert,
-    encode_delta,
     encode_delta_body,
     encode_full,
     full_map,
 )
 from identity.policy import Policy
 from identity.policy_file import parse_policy
+from wiregate.mapwire import build_full, encode_delta
 from wiregate.model import Device
 
 SIZES = (100, 1_000, 10_000)
@@ -87,7 +87,7 @@ def measure_full(state: NetworkState) -> dict[str, float]:
         "netmap_full_10k_ms": 1e3 * statistics.median(cold),
         "netmap_full_10k_warm_ms": 1e3 * median_seconds(lambda: encode_full(state, "d1", 1)),
         "netmap_full_10k_netmap_json_ms": 1e3
-        * median_seconds(lambda: json.dumps(full_map(state, "d1", 1).to_wire())),
+        * median_seconds(lambda: json.dumps(build_full(full_map(state, "d1", 1)))),
     }
 
 

@@ -111,7 +111,7 @@ def _peers() -> list[dict[str, Any]]:
 
 def _netmap(private: bytes, peers: list[dict[str, Any]]) -> Any:
     from wiregate.keys import encode_key, public_from_private
-    from wiregate.model import NetMap
+    from wiregate.mapwire import read_full
 
     self_view = {
         "id": "me",
@@ -119,7 +119,7 @@ def _netmap(private: bytes, peers: list[dict[str, Any]]) -> Any:
         "public_key": encode_key(public_from_private(private)),
         "addresses": ["100.64.0.1/32", "fd7a:7767:6174::1/128"],
     }
-    return NetMap.from_wire({"version": 1, "self": self_view, "peers": peers})
+    return read_full({"version": 1, "self": self_view, "peers": peers})
 
 
 def _setconf_text(private: bytes, port: int, peers: list[dict[str, Any]]) -> str:

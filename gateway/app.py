@@ -25,48 +25,45 @@ from prometheus_client import (
 )
 
 from gateway.api import error_middleware, setup_routes
-from gateway.api.common import (
+from gateway.api.workload import build_verifier
+from gateway.appkeys import (
     ADMIN_TOKEN,
     BROKER,
     CLOCK,
     DRAINING,
     FOLLOWER,
+    METRICS,
     POLICY,
+    REQUESTS,
     SETTINGS,
     STORE,
+    WORKLOAD,
 )
-from gateway.api.workload import WORKLOAD, build_verifier
 from gateway.lifecycle.expiry import people_lifetime
 from gateway.lifecycle.sweeper import sweeper_ctx
 from gateway.mapping.broker import Broker
 from gateway.mapping.follower import Follower, asyncpg_dsn
 from gateway.mapping.ipam import Pool
 from gateway.store import Store
-from gateway.store.store import Clock
 from gateway.web import setup as setup_web
 from identity.policy import Policy
 from identity.policy_file import PolicyFile, load_policy_file
 from identity.principals import lifetime_rule
+from wiregate.clock import Clock
 from wiregate.diagnostics import ASYNCIO_TASKS  # noqa: F401 (registers the gauge)
 from wiregate.errors import ConfigError
 from wiregate.logging import get_logger
+from wiregate.net import parse_hostport
 from wiregate.settings import GatewaySettings
 
 __all__ = [
-    "BROKER",
-    "METRICS",
-    "SETTINGS",
-    "STORE",
     "BrokerFactory",
     "create_app",
     "create_metrics_app",
-    "parse_hostport",
     "run_gateway",
 ]
 
 BrokerFactory = Callable[[Policy | None], Broker]
-METRICS = web.AppKey("metrics", CollectorRegistry)
-_REQUESTS = web.AppKey("requests_total", Counter)
 _log = get_logger("gateway.app")
 
 
@@ -88,7 +85,7 @@ def create_app(
     app[ADMIN_TOKEN] = read_admin_token(settings.admin_token_file)
     app[CLOCK] = clock
     app[DRAINING] = asyncio.Event()
-    app[METRICS], app[_REQUESTS] = _api_metrics()
+    app[METRICS], app[REQUESTS] = _api_metrics()
     app[WORKLOAD] = build_verifier(settings, clock)  # [[gateway.workload_issuers]]
     setup_routes(app)
     setup_web(app)  # the SSO pages (gateway/web); not part of /api/v1
@@ -184,7 +181,7 @@ async def _count_requests(
     response = await handler(request)
     route = request.match_info.route.resource
     name = route.canonical if route is not None else "unmatched"
-    request.app[_REQUESTS].labels(request.method, name, str(response.status)).inc()
+    request.app[REQUESTS].labels(request.method, name, str(response.status)).inc()
     return response
 
 
@@ -198,14 +195,6 @@ def create_metrics_app(api: web.Application) -> web.Application:
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     return app
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    """Split ``host:port`` or ``[v6]:port``."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"{text!r} is not host:port")
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (":port" means every address)
 
 
 async def run_gateway(settings: GatewaySettings, *, broker_factory: BrokerFactory = Broker) -> None:
@@ -229,10 +218,12 @@ async def run_gateway(settings: GatewaySettings, *, broker_factory: BrokerFactor
 async def _start_sites(
     settings: GatewaySettings, api: web.AppRunner, metrics: web.AppRunner
 ) -> None:
-    host, port = parse_hostport(settings.listen)
+    host, port = parse_hostport(settings.listen, allow_port_zero=True, what="listen")
     await web.TCPSite(api, host, port).start()
     await _start_admin_socket(api, settings.admin_socket)
-    mhost, mport = parse_hostport(settings.metrics_listen)
+    mhost, mport = parse_hostport(
+        settings.metrics_listen, allow_port_zero=True, what="metrics_listen"
+    )
     await web.TCPSite(metrics, mhost, mport).start()
     _log.info("gateway_started", listen=settings.listen, admin_socket=str(settings.admin_socket),
               metrics=settings.metrics_listen)  # fmt: skip

@@ -36,6 +36,7 @@ from nacl.signing import SigningKey
 from relay.client.probe import PingResult
 from relay.endpoints import RelayEndpoint
 from relay.tickets import Node, issue_pair
+from wiregate.clock import Clock
 from wiregate.errors import Unavailable, WiregateError
 from wiregate.files import load_or_create_key_file
 from wiregate.logging import get_logger
@@ -254,7 +255,7 @@ class RelayMonitor:
         probe: Probe,
         interval: float,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
     ) -> None:
         self._selector, self._probe, self._interval, self._clock = selector, probe, interval, clock
         self.timeout = min(2.0, interval / 2)

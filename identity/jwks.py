@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import PyJWTError
 
 from identity.claims import IssuerConfig, check_url, is_safe_kid, loads_strict, refuse
+from wiregate.clock import Clock
 from wiregate.errors import ConfigError, Unauthorized, Unavailable
 from wiregate.logging import get_logger
 
@@ -49,7 +50,6 @@ __all__ = [
 
 log = get_logger("identity.jwks")
 
-Clock = Callable[[], float]
 PublicKey = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 )

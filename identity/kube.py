@@ -18,13 +18,14 @@ from the workload issuer's claim rules (:mod:`identity.workload`).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from identity.claims import Claims, IssuerConfig, refuse
 from identity.jwks import AiohttpFetcher, CachePolicy, Fetcher, JwksCache
 from identity.tokens import TokenValidator
+from wiregate.clock import Clock
 from wiregate.errors import ConfigError
 from wiregate.model import Identity
 
@@ -35,7 +36,6 @@ __all__ = [
     "kube_identity",
 ]
 
-Clock = Callable[[], float]
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # namespace: DNS-1123 label
 _SUBDOMAIN = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # object names
 _UID = re.compile(r"[A-Za-z0-9-]{1,64}")

@@ -47,6 +47,7 @@ from identity.pkce import (
     token_refusal,
 )
 from identity.tokens import NonceStore, TokenValidator
+from wiregate.clock import Clock
 from wiregate.errors import ConfigError, Unauthorized, Unavailable
 from wiregate.logging import get_logger
 
@@ -60,7 +61,6 @@ __all__ = [
 
 log = get_logger("identity.oidc")
 
-Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _AUTH_METHODS = ("client_secret_basic", "client_secret_post")

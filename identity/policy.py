@@ -12,7 +12,7 @@ the other is not: :meth:`Policy.reach` is the inbound filter a device enforces
 on a peer. ``routes`` (None: every advertised route is approved) says which
 advertised prefixes a device may carry (:meth:`Policy.approve_routes`).
 
-The legacy dict form (from the admin API and old config files)::
+The legacy dict form (policy files written before groups and ports, TOML)::
 
     {"rules": [{"src": ["tag:web"], "dst": ["tag:db"]},
                {"src": ["*"], "dst": ["tag:dns"]}]}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +32,7 @@ from jwt.exceptions import PyJWTError
 
 from identity.claims import Claims, IssuerConfig, check_claims, is_safe_kid, loads_strict, refuse
 from identity.jwks import JwksCache, VerifyKey
+from wiregate.clock import Clock
 from wiregate.errors import ConfigError, Unavailable
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
     "verify_id_token",
 ]
 
-Clock = Callable[[], float]
 MAX_TOKEN_CHARS = 16 * 1024
 _MAX_HEADER_CHARS = 4096
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")

@@ -37,6 +37,7 @@ from identity.kube import KubeConfig, KubeIdentity, KubeTokenValidator, kube_ide
 from identity.policy_file import PolicyFile
 from identity.principals import Grant, enrollment_grant
 from identity.tokens import MAX_TOKEN_CHARS, TokenValidator
+from wiregate.clock import Clock
 from wiregate.errors import ConfigError
 from wiregate.model import Identity
 
@@ -51,7 +52,6 @@ __all__ = [
     "workload_grant",
 ]
 
-Clock = Callable[[], float]
 Kind = Literal["kubernetes", "oidc"]
 FetcherFactory = Callable[["WorkloadIssuer"], Fetcher]
 ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})  # RFC 9068

@@ -30,26 +30,13 @@ from jwt.api_jws import PyJWS
 from identity.claims import IssuerConfig
 from identity.jwks import CachePolicy, Fetched, JwksCache, discovery_url
 from identity.tokens import NonceStore, TokenValidator
+from lab.fakes import T0, FakeClock
 from wiregate.errors import Unavailable
 
-T0 = 1_700_000_000.0
 ISSUER = "https://idp.example.com/tenant-a"
 CLIENT = "wiregate-web"
 NONCE = "n-0S6_WzA2Mj"
 ALL_ALGS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
-
-
-class FakeClock:
-    """An injected clock: ``clock()`` is ``now``; tests move it."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def rsa_key(n: int = 0) -> rsa.RSAPrivateKey:

@@ -1,4 +1,4 @@
-"""Process-level gauges every wiregate process exports next to prometheus_client's own
+"""Process-level gauges the gateway exports next to prometheus_client's own
 ``process_*`` series (open fds, resident memory): the number of asyncio tasks, read at
 scrape time (a leak of tasks shows as a climbing line)."""
 

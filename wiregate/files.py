@@ -1,6 +1,12 @@
-"""Secret key files of the gateway: 32 random bytes, base64, mode 0600.
+"""Private files: the one writer of 0600 files, and the gateway's secret key files.
 
-Created on first use through a temporary file and a hard link, so two processes
+:func:`write_private` writes every private file (keys, the agent's state, store
+backups): a temporary 0600 file beside the target, fsynced, then renamed over
+it or hard-linked into place, and the directory fsynced; a reader never sees a
+half-written file.
+
+:func:`load_or_create_key_file` keeps 32 random bytes, base64, mode 0600,
+created on first use with an exclusive :func:`write_private`, so two processes
 never see a half-written key nor overwrite each other's. A key readable by group
 or others is refused. Used for the relay ticket signing seed and the web pages'
 cookie key.
@@ -13,11 +19,12 @@ import binascii
 import contextlib
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 from wiregate.errors import ConfigError
 
-__all__ = ["load_or_create_key_file"]
+__all__ = ["fsync_dir", "load_or_create_key_file", "write_private"]
 
 
 def load_or_create_key_file(path: Path, what: str) -> bytes:
@@ -31,18 +38,49 @@ def load_or_create_key_file(path: Path, what: str) -> bytes:
     return _read_key(path, what)
 
 
-def _write_new(path: Path) -> None:
+def write_private(path: Path, data: bytes | Iterable[bytes], *, exclusive: bool = False) -> None:
+    """Write ``data`` (bytes, or chunks of bytes) to ``path`` as a 0600 file, whole or not at all.
+
+    The data goes to a temporary file beside ``path``, created 0600 whatever the
+    umask, never through a symlink, and fsynced. It then replaces ``path`` (an
+    atomic rename), or with ``exclusive`` is hard-linked to it, which never
+    overwrites: :class:`FileExistsError` when ``path`` exists. The directory is
+    fsynced so the new name survives a crash. The temporary file never outlives
+    the call; any :class:`OSError` propagates.
+    """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(base64.b64encode(secrets.token_bytes(32)) + b"\n")
+            os.fchmod(out.fileno(), 0o600)  # independent of the umask
+            if isinstance(data, bytes):
+                out.write(data)
+            else:
+                out.writelines(data)
             out.flush()
             os.fsync(out.fileno())
-        with contextlib.suppress(FileExistsError):  # another process won: use its key
-            os.link(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # atomic, and fails if the file exists
+        else:
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush ``directory``'s entries to disk, so a rename or link in it survives a crash."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: Path) -> None:
+    with contextlib.suppress(FileExistsError):  # another process won: use its key
+        write_private(path, base64.b64encode(secrets.token_bytes(32)) + b"\n", exclusive=True)
 
 
 def _read_key(path: Path, what: str) -> bytes:

@@ -19,6 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from wiregate.errors import ConfigError
+from wiregate.net import parse_endpoint
 
 __all__ = [
     "AgentSettings",
@@ -35,15 +36,6 @@ _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_RELAY_PORTS = 16384
 
 
-def _hostport(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` with a port of 1..65535 (ValueError otherwise)."""
-    host, sep, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not host:port (port 1..65535)")
-    return host, int(port)
-
-
 def parse_relay_entry(text: str) -> tuple[str, str, int]:
     """``"id=HOST:PORT"`` to ``(id, host, port)``; ValueError with the reason otherwise."""
     relay_id, sep, address = text.partition("=")
@@ -51,7 +43,9 @@ def parse_relay_entry(text: str) -> tuple[str, str, int]:
         raise ValueError(
             f"{text!r} is not id=HOST:PORT (id: letters, digits, '.', '_', '-'; 1..64)"
         )
-    host, port = _hostport(address)
+    host, port = parse_endpoint(
+        address, allow_names=True, from_peer=False, what=f"relay {relay_id}", error=ValueError
+    ).pair
     return relay_id, host, port
 
 
@@ -332,9 +326,14 @@ class RelaySettings(_Base):
     @field_validator("relay_listen")
     @classmethod
     def _relay_listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"{value!r} is not host:port (port 0..65535, 0: ephemeral)")
+        parse_endpoint(  # port 0: an ephemeral port
+            value,
+            allow_names=True,
+            from_peer=False,
+            allow_port_zero=True,
+            what="listen address",
+            error=ValueError,
+        )
         return value
 
     @field_validator("relay_ports")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
 
+from wiregate import net
 from wiregate.errors import DataPlaneError
 from wiregate.keys import encode_key, public_from_private
 
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPAddress = net.IPAddress
 
 
 _INTERN_MAX = 1 << 16
@@ -98,28 +99,15 @@ def network_text(net: IPNetwork) -> str:
 
 @lru_cache(maxsize=1 << 14)
 def parse_endpoint(text: str) -> tuple[IPAddress, int]:
-    """Split ``ip:port`` / ``[ip6]:port`` into an address and a port; ValueError if malformed."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"endpoint {text!r} is not ip:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if "%" in host:
-            raise ValueError(f"endpoint {text!r} carries a zone index")
-        address: IPAddress = ipaddress.IPv6Address(host)
-    else:
-        address = _ipv4(host)
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"endpoint {text!r} has port out of range")
-    return address, port
+    """Split ``ip:port`` / ``[ip6]:port`` into an address and a port; ValueError if malformed.
 
-
-def _ipv4(text: str) -> ipaddress.IPv4Address:
-    try:  # inet_pton takes a strict subset of what IPv4Address does, fast
-        return ipaddress.IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big"))
-    except (OSError, ValueError, UnicodeError):
-        return ipaddress.IPv4Address(text)  # the rules, and the error message
+    The grammar of :func:`wiregate.net.parse_endpoint`; which addresses a peer may
+    name is decided where the map is validated, not here (the device reports
+    whatever endpoint it has, and a relay may be on loopback in tests).
+    """
+    endpoint = net.parse_endpoint(text, allow_names=False, from_peer=False, error=ValueError)
+    assert endpoint.ip is not None  # allow_names=False: always an address
+    return endpoint.ip, endpoint.port
 
 
 def format_endpoint(address: IPAddress, port: int) -> str:

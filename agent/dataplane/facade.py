@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from agent.dataplane.netlink import KernelUnsupported, NetlinkBackend
 from agent.dataplane.reconcile import changed_peers, diff
 from agent.dataplane.routes import LinkLayer, LinkManager, LinkUpdate, RuleSpec, diff_links
 from agent.dataplane.uapi import UapiBackend
+from wiregate.clock import Clock
 from wiregate.errors import ConfigError, DataPlaneError
 from wiregate.model import NetMap
 
@@ -86,7 +86,7 @@ class DataPlane:
         run_dir: Path,
         allow_default_route: bool = False,
         resync_interval: float = 60.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
         wireguard: WireGuardBackend | None = None,
         links: LinkLayer | None = None,
         firewall: Firewall | None = None,

@@ -11,11 +11,11 @@ since then applied to it (:func:`~agent.dataplane.backend.apply_update`,
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.dataplane.backend import DeviceUpdate, LiveDevice, apply_update
 from agent.dataplane.routes import LinkUpdate, LiveLink, after_link_update
+from wiregate.clock import Clock
 
 __all__ = ["LiveBelief", "Snapshot"]
 
@@ -38,7 +38,7 @@ class Snapshot:
 class LiveBelief:
     """Holds the current :class:`Snapshot`; says when it is too old or unknown."""
 
-    def __init__(self, *, clock: Callable[[], float], resync_interval: float) -> None:
+    def __init__(self, *, clock: Clock, resync_interval: float) -> None:
         if resync_interval <= 0:
             raise ValueError("resync_interval must be positive")
         self.clock = clock

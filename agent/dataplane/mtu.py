@@ -12,7 +12,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from agent.dataplane.backend import parse_endpoint
+from wiregate.net import parse_endpoint
 
 __all__ = ["DEFAULT_UNDERLAY_MTU", "MIN_MTU", "OVERHEAD", "tunnel_mtu", "underlay_mtu"]
 
@@ -41,7 +41,8 @@ def underlay_mtu(
         oif, version = default
         return _link_mtu(ipr, oif), version
     if endpoint:
-        address = parse_endpoint(endpoint)[0]
+        address = parse_endpoint(endpoint, allow_names=False, from_peer=False, error=ValueError).ip
+        assert address is not None  # allow_names=False: always an address
         found = _route_mtu(ipr, str(address), address.version, fwmark)
         if found is not None:
             return found, address.version

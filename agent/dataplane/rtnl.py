@@ -160,13 +160,12 @@ class RouteSocket:
     def write(self, op: int, nets: Iterable[IPNetwork], oif: int, table: int) -> int:
         """Add or delete ``nets``; return the number of routes written (one message each)."""
         ordered = sorted(nets, key=lambda n: (n.version, int(n.network_address), n.prefixlen))
-        attrs = _route_attrs(oif, table)
         for start in range(0, len(ordered), _BATCH):
             chunk = ordered[start : start + _BATCH]
             first, last = self.seq + 1, self.seq + len(chunk)
             self.seq = last
             data = b"".join(
-                _route_message(op, net, attrs, first + i, first + i == last)
+                build_route(op, net, oif, table, first + i, ack=first + i == last)
                 for i, net in enumerate(chunk)
             )
             self.sock.send(data)

@@ -38,6 +38,7 @@ from agent.discovery.rawudp import RawAnswer, raw_stun_query
 from agent.paths.relaylink import resolve_ipv4
 from relay.client.probe import PingResult, ping_relay
 from relay.endpoints import RelayEndpoint, parse_relays
+from wiregate.clock import Clock
 from wiregate.errors import Unavailable, WiregateError, from_api_response
 
 __all__ = [
@@ -183,7 +184,7 @@ async def run_netcheck(
     *,
     wait: float = 1.5,
     query: Query = raw_stun_query,
-    clock: Callable[[], float] = time.time,
+    clock: Clock = time.time,
     relays: Sequence[RelayEndpoint] = (),
     ping: Ping = ping_relay,
 ) -> NetReport:

@@ -35,6 +35,7 @@ from typing import TypeVar
 
 from relay.client.stun import BindingResponse, build_binding_request, parse_binding_response
 from relay.errors import StunError, StunErrorResponse, StunTimeout
+from wiregate.clock import Clock
 
 __all__ = [
     "RawAnswer",
@@ -169,7 +170,7 @@ async def raw_stun_query(
     server: Addr,
     local_port: int,
     wait: float = 1.0,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Clock = time.monotonic,
 ) -> RawAnswer:
     """A STUN Binding request from ``local_port`` via a raw socket, retransmitted until
     ``wait`` passes. ``server`` is an IPv4 literal. Raises
@@ -200,7 +201,7 @@ async def raw_request(
     request: bytes,
     parse: Callable[[bytes], _T | None],
     wait: float = 1.0,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Clock = time.monotonic,
 ) -> tuple[_T, float]:
     """Send ``request`` from ``local_port`` to ``server`` through a raw socket,
     retransmitting with a doubling timeout, until ``parse`` accepts an answer's payload
@@ -234,7 +235,7 @@ async def _retransmit(
     request: bytes,
     listener: asyncio.Task[_T],
     wait: float,
-    clock: Callable[[], float],
+    clock: Clock,
 ) -> tuple[_T, float]:
     rto = wait / 4
     async with asyncio.timeout(wait):

@@ -46,6 +46,7 @@ from agent.paths.machine import (
     Tick,
 )
 from agent.paths.relaylink import Addr, RelayBinding
+from wiregate.clock import Clock
 from wiregate.errors import WiregateError
 from wiregate.logging import get_logger
 from wiregate.model import NetMap, Peer
@@ -252,7 +253,7 @@ class PathRunner:
         hooks: RelayHooks,
         read_status: Callable[[], Awaitable[Sequence[PeerStatus]]],
         reapply: Callable[[], Awaitable[None]],
-        clock: Callable[[], float] = time.time,
+        clock: Clock = time.time,
     ) -> None:
         self.book = book
         self.hooks = hooks

@@ -25,7 +25,7 @@ a direct candidate only if it is newer than the moment that endpoint was set
 and, when the device reports it, the peer's live endpoint is still that one (an
 authenticated packet from the relay would make WireGuard roam to it).
 
-Wiring into the agent daemon (next step)::
+How :class:`agent.paths.driver.PathDriver` drives one machine per peer::
 
     machine = PathMachine(peer.id)              # one per peer of the map
     machine.handle(LocalNat.from_report(report, networks))   # after each netcheck

@@ -35,6 +35,7 @@ from relay.client.bind import (
     parse_challenge,
 )
 from relay.errors import ControlError
+from wiregate.clock import Clock
 from wiregate.errors import Unavailable
 
 __all__ = ["RelayBinding", "RelayGrant", "bind_at_relay", "resolve_ipv4", "udp_request"]
@@ -127,7 +128,7 @@ async def udp_request(
     request: bytes,
     parse: Callable[[bytes], _T | None],
     wait: float = 2.0,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Clock = time.monotonic,
 ) -> _T:
     """``request`` to ``server`` from an ephemeral UDP port, retransmitted with a doubling
     timeout until ``parse`` accepts an answer from ``server`` (None: keep waiting).

@@ -14,8 +14,10 @@ from gateway.api import (
     login,
     openapi,
     relay,
+    stream,
 )
-from gateway.api.common import DRAINING, STORE, error_middleware
+from gateway.api.common import error_middleware
+from gateway.appkeys import DRAINING, STORE
 from wiregate.logging import get_logger
 
 __all__ = ["error_middleware", "setup_routes"]
@@ -59,6 +61,7 @@ def setup_routes(app: web.Application) -> None:
         lifecycle.routes,
         openapi.routes,
         bootstrap.routes,
+        stream.routes,
     )
     for table in tables:
         app.router.add_routes(table)

@@ -7,7 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.common import STORE, require_admin, rfc3339
+from gateway.api.common import require_admin, rfc3339
+from gateway.appkeys import STORE
 from gateway.store.audit import MAX_LIMIT, AuditRecord
 from wiregate.errors import BadInput
 

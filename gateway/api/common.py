@@ -1,4 +1,4 @@
-"""What every API handler shares: app keys, strict JSON bodies, errors, admin auth.
+"""What every API handler shares: strict JSON bodies, errors, admin auth.
 
 Request bodies are parsed strictly: ``application/json`` only (415), at most
 ``settings.max_body_bytes`` (413), valid JSON (400), and validated by a pydantic
@@ -9,7 +9,6 @@ are 400). Every :class:`~wiregate.errors.WiregateError` becomes
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import socket
@@ -22,25 +21,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from gateway.api.metrics import count_rejected
-from gateway.mapping.broker import Broker, OnEndpoints
-from gateway.mapping.follower import Follower
-from gateway.store import DeviceRecord, KeyRecord, Store
+from gateway.appkeys import ADMIN_TOKEN, SETTINGS
+from gateway.mapping.broker import OnEndpoints
+from gateway.store import DeviceRecord, KeyRecord
 from gateway.store.audit import ADMIN_SOCKET as ADMIN_SOCKET_ACTOR
 from gateway.store.audit import ADMIN_TOKEN as ADMIN_TOKEN_ACTOR
-from identity.policy_file import PolicyFile
 from wiregate.errors import BadInput, Forbidden, RemoteError, Unauthorized, WiregateError
 from wiregate.keys import fingerprint
 from wiregate.logging import get_logger
-from wiregate.settings import GatewaySettings
 
 __all__ = [
-    "ADMIN_TOKEN",
-    "BROKER",
-    "CLOCK",
-    "DRAINING",
-    "FOLLOWER",
-    "SETTINGS",
-    "STORE",
     "EndpointsCallback",
     "PayloadTooLarge",
     "StrictModel",
@@ -59,16 +49,6 @@ _log = get_logger("gateway.api")
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 EndpointsCallback = OnEndpoints
-
-
-STORE = web.AppKey("store", Store)
-BROKER = web.AppKey("broker", Broker)
-SETTINGS = web.AppKey("settings", GatewaySettings)
-ADMIN_TOKEN = web.AppKey("admin_token", bytes)  # empty: admin over TCP is refused
-CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")  # POSIX seconds; a fake in tests
-DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: /readyz answers 503
-FOLLOWER = web.AppKey("follower", Follower)  # PostgreSQL: the change feed (replicas)
-POLICY = web.AppKey("policy", PolicyFile)  # groups and tag rules for enrollments by claims
 
 
 class PayloadTooLarge(RemoteError):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api.common import BROKER, STORE, admin_actor, device_json, require_admin
+from gateway.api.common import admin_actor, device_json, require_admin
+from gateway.appkeys import BROKER, STORE
 from wiregate.logging import get_logger
 
 __all__ = ["routes"]

@@ -1,4 +1,4 @@
-"""Agent-facing routes: ``POST /api/v1/enroll`` and the ``GET /api/v1/stream`` WebSocket."""
+"""``POST /api/v1/enroll``: a device joins (its map stream is :mod:`gateway.api.stream`)."""
 
 from __future__ import annotations
 
@@ -9,37 +9,25 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import Field, model_validator
 
-from gateway.api.common import (
-    BROKER,
-    FOLLOWER,
-    SETTINGS,
-    STORE,
-    EndpointsCallback,
-    StrictModel,
-    bearer_token,
-    device_json,
-    read_json,
-)
+from gateway.api.common import StrictModel, device_json, read_json
 from gateway.api.metrics import ENROLLMENT_REFUSALS, ENROLLMENTS
 from gateway.api.workload import enroll_workload
+from gateway.appkeys import BROKER, SETTINGS, STORE
 from gateway.mapping.broker import Broker
 from gateway.store import EnrollRequest
 from gateway.store.records import Enrolled
 from identity.tokens import MAX_TOKEN_CHARS
-from wiregate.errors import BadInput, NotFound, Unauthorized, WiregateError
+from wiregate.errors import BadInput, WiregateError
 from wiregate.keys import parse_public_key
-from wiregate.logging import get_logger
-from wiregate.mapwire import AgentEndpoints
+from wiregate.mapwire import parse_endpoint
 
-__all__ = ["EnrollBody", "parse_endpoint", "parse_route", "routes"]
+__all__ = ["EnrollBody", "parse_route", "routes"]
 
 routes = web.RouteTableDef()
-_log = get_logger("gateway.api.enroll")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 MAX_ENDPOINTS = 16
-SYNC_WAIT_S = 2.0  # how long a stream waits for this replica to reach the agent's version
 MAX_ROUTES = 64
 _METADATA = frozenset(
     {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
@@ -63,28 +51,6 @@ class EnrollBody(StrictModel):
         if (self.auth_key is None) == (self.workload_token is None):
             raise ValueError("give exactly one of auth_key and workload_token")
         return self
-
-
-def parse_endpoint(text: str) -> str:
-    """Validate an ``ip:port`` / ``[ipv6]:port`` candidate; return its canonical form.
-
-    The address must be real unicast: not loopback, unspecified, multicast,
-    link-local, reserved or a cloud metadata address.
-    """
-    host, sep, port_text = text.rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]")
-    try:
-        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
-    except ValueError:
-        raise BadInput(f"endpoint {text!r} is not ip:port") from None
-    if not sep or ip.version != (6 if bracketed else 4) or not _is_port(port_text):
-        raise BadInput(f"endpoint {text!r} is not ip:port (IPv6 as [addr]:port)")
-    _refuse_special(ip, f"endpoint {text!r}")
-    return f"[{ip}]:{int(port_text)}" if bracketed else f"{ip}:{int(port_text)}"
-
-
-def _is_port(text: str) -> bool:
-    return text.isascii() and text.isdigit() and 0 < int(text) < 65536
 
 
 def _refuse_special(ip: IPAddress, what: str) -> None:
@@ -176,58 +142,3 @@ async def _enroll(request: web.Request, body: EnrollBody) -> Enrolled:
         enrolled = await request.app[STORE].enroll(body.auth_key, enroll_request)
         request.app[BROKER].upsert(enrolled.record.device, enrolled.version)
     return enrolled
-
-
-@routes.get("/api/v1/stream")
-async def stream(request: web.Request) -> web.StreamResponse:
-    """The agent's map stream (WebSocket), authenticated by its device token."""
-    token = bearer_token(request)
-    if token is None:
-        raise Unauthorized("a device bearer token is required", code="invalid_token")
-    record = await request.app[STORE].device_by_token(token)
-    since = _parse_since(request.query.get("since"))
-    await request.app[STORE].touch(record.device.id)
-    _log.info("stream_open", device_id=record.device.id, since=since)
-    broker = request.app[BROKER]
-    follower = request.app.get(FOLLOWER)
-    if follower is not None and record.device.id not in broker:
-        # enrolled through another replica moments ago: catch up to the store's head
-        await follower.sync(await request.app[STORE].map_version(), SYNC_WAIT_S)
-    elif follower is not None and since is not None and since > broker.version:
-        # the agent comes from a replica further ahead: catch up so it can resume
-        await follower.sync(since, SYNC_WAIT_S)
-    try:
-        return await broker.serve(request, record.device.id, since, _on_endpoints(request.app))
-    finally:  # when it went away: ephemeral devices are swept ephemeral_timeout later
-        await request.app[STORE].touch(record.device.id)
-
-
-def _parse_since(text: str | None) -> int | None:
-    if text is None:
-        return None
-    if not (text.isascii() and text.isdigit() and len(text) <= 18):
-        raise BadInput("since must be a non-negative integer map version")
-    return int(text)
-
-
-def _agent_endpoints(endpoints: object) -> tuple[str, ...]:
-    if not isinstance(endpoints, list) or len(endpoints) > MAX_ENDPOINTS:
-        raise BadInput(f"endpoints must be a list of at most {MAX_ENDPOINTS} strings")
-    if not all(isinstance(e, str) for e in endpoints):
-        raise BadInput("endpoints must be strings")
-    return parse_endpoints(endpoints)
-
-
-def _on_endpoints(app: web.Application) -> EndpointsCallback:
-    async def on_endpoints(device_id: str, report: AgentEndpoints) -> None:
-        try:
-            valid = _agent_endpoints(report.endpoints)
-            changed = await app[STORE].set_endpoints(device_id, valid, report.nat)
-        except (BadInput, NotFound) as exc:
-            _log.warning("endpoints_refused", device_id=device_id, reason=exc.message)
-            return
-        if changed is not None:
-            record, version = changed
-            app[BROKER].upsert(record.device, version)
-
-    return on_endpoints

@@ -7,14 +7,8 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import Field
 
-from gateway.api.common import (
-    STORE,
-    StrictModel,
-    admin_actor,
-    key_json,
-    read_json,
-    require_admin,
-)
+from gateway.api.common import StrictModel, admin_actor, key_json, read_json, require_admin
+from gateway.appkeys import STORE
 from gateway.store import KeySpec
 
 __all__ = ["MAX_EXPIRY", "TAG_PATTERN", "KeyBody", "routes"]

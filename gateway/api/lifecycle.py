@@ -15,8 +15,6 @@ from aiohttp import web
 from pydantic import Field
 
 from gateway.api.common import (
-    BROKER,
-    STORE,
     StrictModel,
     admin_actor,
     bearer_token,
@@ -25,6 +23,7 @@ from gateway.api.common import (
     require_admin,
     rfc3339,
 )
+from gateway.appkeys import BROKER, STORE
 from gateway.mapping.broker import Broker
 from gateway.store import IdentityRecord, Removal
 from wiregate.errors import BadInput, Unauthorized

@@ -16,10 +16,6 @@ from aiohttp import web
 from pydantic import Field
 
 from gateway.api.common import (
-    BROKER,
-    CLOCK,
-    SETTINGS,
-    STORE,
     StrictModel,
     admin_actor,
     device_json,
@@ -29,14 +25,14 @@ from gateway.api.common import (
 )
 from gateway.api.enroll import NAME_PATTERN
 from gateway.api.keys import Tag
+from gateway.appkeys import BROKER, CLOCK, LIMITER, SETTINGS, STORE
 from gateway.store import LoginRecord
 from identity.device_login import GuessLimiter, format_user_code
 from wiregate.model import Identity
 
-__all__ = ["LIMITER", "ApproveBody", "LoginBody", "PollBody", "login_json", "routes", "setup"]
+__all__ = ["ApproveBody", "LoginBody", "PollBody", "login_json", "routes", "setup"]
 
 routes = web.RouteTableDef()
-LIMITER = web.AppKey("login_limiter", GuessLimiter)
 VERIFICATION_PATH = "/login"
 
 

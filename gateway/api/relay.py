@@ -25,21 +25,28 @@ from typing import Annotated
 
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector
 from pydantic import Field
 
 from gateway.api.common import (
-    BROKER,
-    SETTINGS,
-    STORE,
     StrictModel,
     bearer_token,
     read_json,
     require_admin,
 )
+from gateway.appkeys import (
+    BROKER,
+    METRICS,
+    RELAY_MONITOR,
+    RELAY_PROBE,
+    RELAY_SELECTOR,
+    RELAY_SIGNER,
+    RELAYS,
+    SETTINGS,
+    STORE,
+)
 from gateway.mapping.broker import Broker
 from gateway.relays import (
-    Probe,
     RelayMonitor,
     RelaySelector,
     RelaySigner,
@@ -54,23 +61,12 @@ from wiregate.model import Device
 
 __all__ = [
     "MAX_AVOID",
-    "RELAYS",
-    "RELAY_MONITOR",
-    "RELAY_PROBE",
-    "RELAY_SELECTOR",
-    "RELAY_SIGNER",
     "TicketBody",
     "routes",
     "setup",
 ]
 
 routes = web.RouteTableDef()
-RELAY_SIGNER = web.AppKey("relay_signer", RelaySigner)
-RELAYS = web.AppKey("relays", tuple[RelayEndpoint, ...])
-RELAY_SELECTOR = web.AppKey("relay_selector", RelaySelector)
-RELAY_MONITOR = web.AppKey("relay_monitor", RelayMonitor)
-#: The probe the monitor uses; set it before the app starts to replace the real PING.
-RELAY_PROBE: web.AppKey[Probe] = web.AppKey("relay_probe")
 MAX_AVOID = 8
 _log = get_logger("gateway.api.relay")
 
@@ -99,7 +95,7 @@ async def _relay_state(app: web.Application) -> AsyncIterator[None]:
     probe = app.get(RELAY_PROBE, ping_relay)
     monitor = RelayMonitor(selector, probe, settings.relay_probe_interval)
     app[RELAY_SELECTOR], app[RELAY_MONITOR] = selector, monitor
-    registry, collector = _metrics_registry(app), _RelayCollector(selector)
+    registry, collector = app[METRICS], _RelayCollector(selector)
     registry.register(collector)
     task = asyncio.create_task(monitor.run(), name="relay-monitor")
     try:
@@ -109,12 +105,6 @@ async def _relay_state(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         registry.unregister(collector)
-
-
-def _metrics_registry(app: web.Application) -> CollectorRegistry:
-    from gateway.app import METRICS  # here: gateway.app imports this package
-
-    return app[METRICS]
 
 
 class _RelayCollector(Collector):

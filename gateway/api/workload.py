@@ -13,11 +13,10 @@ logged, stored or echoed.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 from aiohttp import web
 
-from gateway.api.common import BROKER, POLICY, STORE
+from gateway.appkeys import BROKER, POLICY, STORE, WORKLOAD
 from gateway.store import EnrollRequest
 from gateway.store.records import Enrolled
 from identity.claims import IssuerConfig
@@ -31,13 +30,13 @@ from identity.workload import (
     workload_actor,
     workload_grant,
 )
+from wiregate.clock import Clock
 from wiregate.errors import ConfigError, Forbidden, Unauthorized
 from wiregate.logging import get_logger
 from wiregate.settings import GatewaySettings, WorkloadIssuerSettings
 
-__all__ = ["WORKLOAD", "build_verifier", "enroll_workload", "workload_issuer"]
+__all__ = ["build_verifier", "enroll_workload", "workload_issuer"]
 
-WORKLOAD = web.AppKey("workload_verifier", WorkloadVerifier)
 _log = get_logger("gateway.api.workload")
 _TAG = re.compile(r"tag:[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
@@ -65,7 +64,7 @@ def workload_issuer(entry: WorkloadIssuerSettings, public_url: str) -> WorkloadI
 
 def build_verifier(
     settings: GatewaySettings,
-    clock: Callable[[], float],
+    clock: Clock,
     *,
     fetcher: FetcherFactory | None = None,
 ) -> WorkloadVerifier:

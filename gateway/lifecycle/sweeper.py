@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from gateway.api.common import BROKER, CLOCK, SETTINGS, STORE
 from gateway.api.lifecycle import publish_removals
+from gateway.appkeys import BROKER, CLOCK, SETTINGS, STORE
 from gateway.store import Removal
 from wiregate.logging import get_logger
 

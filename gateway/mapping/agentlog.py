@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway.mapping.netmap import encode_delta
+from wiregate.mapwire import encode_delta
 
 __all__ = ["AgentDelta", "AgentLog", "CloseItem", "Item", "Stream"]
 

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.mapping.agentlog import AgentDelta, AgentLog, CloseItem, Item, Stream
@@ -38,15 +38,14 @@ from gateway.mapping.netmap import (
     NetworkState,
     apply_remove,
     apply_upsert,
-    dumps,
     encode_delta_body,
     encode_full,
     signature,
 )
 from identity.policy import Policy
-from wiregate.errors import RemoteError
+from wiregate.errors import BadInput, RemoteError
 from wiregate.logging import get_logger
-from wiregate.mapwire import AgentEndpoints, parse_agent_message
+from wiregate.mapwire import AgentEndpoints, encode_revoked, encode_sync, parse_agent_message
 from wiregate.model import Device
 
 __all__ = [
@@ -57,6 +56,7 @@ __all__ = [
     "Broker",
     "FeedChange",
     "OnEndpoints",
+    "read_agent_frame",
 ]
 
 HEARTBEAT_S = 20.0
@@ -73,6 +73,13 @@ FANOUT_SECONDS = Histogram(
 MAP_VERSION = Gauge("wiregate_netmap_version", "Version of the network map held by the broker")
 
 OnEndpoints = Callable[[str, AgentEndpoints], Awaitable[None]]
+
+
+def read_agent_frame(msg: WSMessage) -> AgentEndpoints:
+    """The ``endpoints`` message in an agent's WebSocket frame; only text frames carry one."""
+    if msg.type is not WSMsgType.TEXT:
+        raise BadInput(f"expected a text frame, got {msg.type.name}")
+    return parse_agent_message(msg.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +283,7 @@ class Broker:
         self._unregister(stream)
         while not stream.queue.empty():  # nothing queued matters any more
             stream.queue.get_nowait()
-        stream.queue.put_nowait((dumps({"type": "revoked", "reason": reason}), None))
+        stream.queue.put_nowait((encode_revoked(reason), None))
         stream.queue.put_nowait((CloseItem(WSCloseCode.OK, reason), None))
         stream.closing = True
 
@@ -288,7 +295,7 @@ class Broker:
             agent_log = self._logs[device_id] = self._new_log(since)
         if since is not None and agent_log is not None:
             if since == agent_log.version:
-                return [dumps({"type": "sync", "version": since})]
+                return [encode_sync(since)]
             missed = agent_log.since(since)
             if missed is not None:
                 return list(missed)
@@ -349,7 +356,7 @@ class Broker:
             if stream.closing:
                 return
             try:
-                await on_endpoints(stream.device_id, parse_agent_message(msg.type, msg.data))
+                await on_endpoints(stream.device_id, read_agent_frame(msg))
             except RemoteError as exc:
                 log.warning(
                     "closing agent stream: bad message",

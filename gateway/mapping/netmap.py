@@ -24,24 +24,22 @@ the other gets it once it is placed again after the holder let go).
 and its new self view. Applying each agent's update to its previous map gives
 exactly :func:`full_map` (property-tested in ``tests/unit/gateway/test_netmap.py``).
 
-The ``encode_*`` functions build the wire text of ``wiregate.model`` from JSON
-fragments cached per device, so a peer is serialized once per change however
-many agents receive it. A peer's fragment is written straight from its
-:class:`Device` by :func:`encode_peer` (no intermediate :class:`Peer`), so the
-first full map after a load, when nothing is cached yet, stays cheap.
+:func:`encode_full` and :func:`encode_delta_body` give the wire text
+(:mod:`wiregate.mapwire`) from JSON fragments cached per device, so a peer is
+serialized once per change however many agents receive it. A peer's fragment is
+written straight from its :class:`Device` by :func:`wiregate.mapwire.encode_peer`
+(no intermediate :class:`Peer`), so the first full map after a load, when
+nothing is cached yet, stays cheap.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import json.encoder
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from gateway.mapping.routeclaims import RouteClaims
 from identity.policy import Filter, Policy, principals
+from wiregate import mapwire
 from wiregate.errors import NotFound
 from wiregate.model import Device, NetMap, Peer, SelfView
 
@@ -51,12 +49,8 @@ __all__ = [
     "NetworkState",
     "apply_remove",
     "apply_upsert",
-    "delta_wire",
-    "dumps",
-    "encode_delta",
     "encode_delta_body",
     "encode_full",
-    "encode_peer",
     "full_map",
     "signature",
 ]
@@ -184,7 +178,7 @@ class NetworkState:
         """The PEER JSON text of a device, serialized once per change."""
         text = self._peer_text.get(device_id)
         if text is None:
-            text = self._peer_text[device_id] = encode_peer(self._shown[device_id])
+            text = self._peer_text[device_id] = mapwire.encode_peer(self._shown[device_id])
         return text
 
     def peer_texts(self, device_ids: Iterable[str]) -> list[str]:
@@ -197,8 +191,7 @@ class NetworkState:
         """The SELF JSON text of a device, serialized once per change."""
         text = self._self_text.get(device_id)
         if text is None:
-            view = self.self_view(device_id)
-            text = self._self_text[device_id] = dumps(view.to_wire())
+            text = self._self_text[device_id] = mapwire.encode_self(self.self_view(device_id))
         return text
 
     def _place(self, device: Device) -> None:
@@ -282,16 +275,16 @@ class NetworkState:
             if text is None:
                 text = self.peer_text(pid)
                 if cache is not None:
-                    text = cache[1][pid] = text[:-1] + cache[0]
+                    text = cache[1][pid] = mapwire.with_filter(text, cache[0])
             out.append(text)
         return out
 
-    def _tail_cache(self, rule: Filter) -> tuple[str, dict[str, str]]:
-        tail = _filter_tail(rule)
+    def _tail_cache(self, rule: Filter) -> tuple[Filter, dict[str, str]]:
+        tail = mapwire.filter_tail(rule)
         cache = self._tailed.get(tail)
         if cache is None:
             cache = self._tailed[tail] = {}
-        return tail, cache
+        return rule, cache
 
     def _forget(self, device_id: str) -> None:
         for cache in self._tailed.values():
@@ -456,85 +449,10 @@ def apply_remove(state: NetworkState, device_id: str) -> Fanout:
     return _reclaim(state, fanout) if state._blocked else fanout
 
 
-def delta_wire(fanout: Fanout, agent_id: str, base: int, version: int) -> dict[str, Any]:
-    """The ``delta`` message (as a dict) telling ``agent_id`` its part of ``fanout``."""
-    update = fanout.updates[agent_id]
-    return {
-        "type": "delta",
-        "base": base,
-        "version": version,
-        "self": None if update.self_view is None else update.self_view.to_wire(),
-        "upsert": [
-            _filtered(fanout.peers[pid], update.filter_at(i)).to_wire()
-            for i, pid in enumerate(update.upsert)
-        ],
-        "remove": list(update.remove),
-    }
-
-
-def _filtered(peer: Peer, rule: Filter | None) -> Peer:
-    return peer if rule is None else replace(peer, filter=rule)
-
-
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
-
-
-def dumps(obj: Any) -> str:
-    """Compact JSON text, as sent on the stream."""
-    return _ENCODER.encode(obj)
-
-
-_string: Callable[[str], str] = json.encoder.encode_basestring_ascii  # what _ENCODER uses
-
-
-def _strings(items: Iterable[str]) -> str:
-    return ",".join(map(_string, items))
-
-
-def encode_peer(device: Device) -> str:
-    """The PEER JSON text of ``device``, equal to ``dumps(device.to_peer().to_wire())``.
-
-    Written directly from the device's fields, one escape per string, without
-    building the :class:`Peer` and its dict (tested byte for byte against them).
-    """
-    try:
-        keepalive = device.keepalive
-        if keepalive is None:
-            alive = "null"
-        elif type(keepalive) is int:
-            alive = int.__repr__(keepalive)
-        else:
-            alive = dumps(keepalive)
-        addresses = f"{_string(f'{device.ipv4}/32')},{_string(f'{device.ipv6}/128')}"
-        allowed = f"{addresses},{_strings(device.routes)}" if device.routes else addresses
-        return (
-            f'{{"id":{_string(device.id)},"name":{_string(device.name)},'
-            f'"public_key":{_string(device.public_key)},'
-            f'"addresses":[{addresses}],"allowed_ips":[{allowed}],'
-            f'"endpoints":[{_strings(device.endpoints)}],"keepalive":{alive},'
-            f'"tags":[{_strings(device.tags)}]'
-            + ("}" if device.nat is None else f',"nat":{_string(device.nat)}}}')
-        )
-    except TypeError:  # a field that is not a str after all: let the encoder decide
-        return dumps(device.to_peer().to_wire())
-
-
-@functools.lru_cache(maxsize=4096)
-def _filter_tail(rule: Filter) -> str:
-    """What replaces a PEER text's closing ``}`` to add ``"filter"``."""
-    return f',"filter":[{_strings(rule)}]}}'
-
-
-def _with_filter(text: str, rule: Filter) -> str:
-    """A PEER text with ``"filter"`` appended (PEER texts end with ``}``)."""
-    return text[:-1] + _filter_tail(rule)
-
-
 def encode_full(state: NetworkState, device_id: str, version: int) -> str:
     """The ``full`` message of ``device_id`` as JSON text, built from cached fragments."""
     texts = state.peer_texts_for(device_id, sorted(state.viewers(device_id)))
-    head = f'{{"type":"full","version":{version},"self":{state.self_text(device_id)}'
-    return f'{head},"peers":[{",".join(texts)}]}}'
+    return mapwire.encode_full(version, state.self_text(device_id), texts)
 
 
 def encode_delta_body(state: NetworkState, update: AgentUpdate) -> str:
@@ -542,11 +460,5 @@ def encode_delta_body(state: NetworkState, update: AgentUpdate) -> str:
     texts = [state.peer_text(pid) for pid in update.upsert]
     for i, rule in enumerate(update.filters):
         if rule is not None:
-            texts[i] = _with_filter(texts[i], rule)
-    return f'"upsert":[{",".join(texts)}],"remove":{dumps(list(update.remove))}}}'
-
-
-def encode_delta(base: int, version: int, self_text: str | None, body: str) -> str:
-    """A whole ``delta`` message: a per-agent head joined to a shared body."""
-    own = "null" if self_text is None else self_text
-    return f'{{"type":"delta","base":{base},"version":{version},"self":{own},{body}'
+            texts[i] = mapwire.with_filter(texts[i], rule)
+    return mapwire.encode_delta_body(texts, update.remove)

@@ -30,9 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +48,7 @@ from gateway.store.engine import create_engine
 from gateway.store.migrate import alembic_config, current_revision, head_revision, upgrade
 from gateway.store.models import Base
 from wiregate.errors import LocalError
+from wiregate.files import write_private
 
 __all__ = [
     "FORMAT",
@@ -321,31 +320,10 @@ def write_backup(snapshot: Snapshot, out: Path | IO[bytes]) -> None:
         out.writelines(encode(snapshot))
         out.flush()
         return
-    with _atomic(out) as f:
-        f.writelines(encode(snapshot))
-
-
-@contextmanager
-def _atomic(path: Path) -> Iterator[IO[bytes]]:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_private(out, encode(snapshot))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise BackupError(f"cannot write {path}: {exc.strerror}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
+        raise BackupError(f"cannot write {out}: {exc.strerror}") from exc
 
 
 def read_backup(path: Path) -> Snapshot:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from sqlalchemy import ColumnElement, or_, select, text, update
@@ -60,14 +60,14 @@ from identity.enrollment import (
     hash_secret,
     secret_matches,
 )
+from wiregate.clock import Clock
 from wiregate.errors import ConfigError, Conflict, NotFound, Unauthorized
 from wiregate.keys import parse_public_key
 from wiregate.logging import get_logger
 from wiregate.model import Identity
 
-__all__ = ["DEFAULT_POOL", "MIN_ROTATION_INTERVAL", "UNATTRIBUTED", "Clock", "Store"]
+__all__ = ["DEFAULT_POOL", "MIN_ROTATION_INTERVAL", "UNATTRIBUTED", "Store"]
 
-Clock = Callable[[], float]
 DEFAULT_POOL = Pool.parse("100.64.0.0/16", "fd7a:7767:6174::/64")
 _log = get_logger("gateway.store")
 UNATTRIBUTED = "system:unattributed"  # a caller that did not say who acted

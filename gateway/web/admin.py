@@ -11,10 +11,10 @@ from aiohttp import web
 from multidict import MultiDictProxy
 from pydantic import ValidationError
 
-from gateway.api.common import CLOCK, STORE
 from gateway.api.keys import MAX_EXPIRY, KeyBody
+from gateway.appkeys import CLOCK, STORE, WEB
 from gateway.store import KeySpec
-from gateway.web.context import WEB, render
+from gateway.web.context import render
 from gateway.web.devices import device_view, revoke_device, see_other
 from gateway.web.guard import form_post, signed_in
 from gateway.web.sessions import Session

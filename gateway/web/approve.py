@@ -15,10 +15,9 @@ from __future__ import annotations
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from gateway.api.common import BROKER, CLOCK, POLICY, SETTINGS, STORE
-from gateway.api.login import LIMITER
+from gateway.appkeys import BROKER, CLOCK, LIMITER, POLICY, SETTINGS, STORE, WEB
 from gateway.store import LoginRecord
-from gateway.web.context import WEB, render
+from gateway.web.context import render
 from gateway.web.guard import form_post
 from gateway.web.sessions import Session
 from identity.device_login import format_user_code, normalize_user_code

@@ -12,12 +12,11 @@ from importlib.resources import files
 
 from aiohttp import web
 
-from gateway.api.common import CLOCK
+from gateway.appkeys import CLOCK, WEB
 from gateway.web.approve import approval_page
 from gateway.web.context import (
     CALLBACK_PATH,
     SESSION,
-    WEB,
     clear_pre_login,
     clear_session,
     read_pre_login,

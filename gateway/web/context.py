@@ -9,7 +9,7 @@ single sign-on is not configured.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,10 +17,12 @@ from urllib.parse import urlsplit
 import jinja2
 from aiohttp import web
 
-from gateway.api.common import CLOCK, SETTINGS, rfc3339
+from gateway.api.common import rfc3339
+from gateway.appkeys import CLOCK, SETTINGS, WEB
 from gateway.web.keyfile import load_or_create_session_key
 from gateway.web.sessions import PRE_LOGIN_TTL, CookieBox, PreLogin, Session, csrf_token
 from identity.oidc import ClientSecret, OidcProvider, OidcRelyingParty
+from wiregate.clock import Clock
 from wiregate.errors import ConfigError
 from wiregate.logging import get_logger
 from wiregate.settings import GatewaySettings, OidcIssuerSettings
@@ -28,7 +30,6 @@ from wiregate.settings import GatewaySettings, OidcIssuerSettings
 __all__ = [
     "CALLBACK_PATH",
     "SESSION",
-    "WEB",
     "WebContext",
     "build_context",
     "clear_pre_login",
@@ -75,7 +76,6 @@ class WebContext:
         self.ended[session.session_id] = session.expires_at
 
 
-WEB = web.AppKey("web", WebContext)
 SESSION = web.RequestKey("web_session", Session)  # set on a request once its cookie opened
 _SESSION_COOKIE, _LOGIN_COOKIE = "wiregate_session", "wiregate_login"
 
@@ -86,7 +86,7 @@ async def web_state(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-def build_context(settings: GatewaySettings, *, clock: Callable[[], float]) -> WebContext:
+def build_context(settings: GatewaySettings, *, clock: Clock) -> WebContext:
     """The pages' context: the cookie key, the relying party (None without issuers)."""
     origin = _origin(settings.public_url)
     rp = None

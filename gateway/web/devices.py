@@ -15,8 +15,8 @@ from typing import Any
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from gateway.api.common import BROKER, CLOCK, STORE
 from gateway.api.enroll import NAME_PATTERN
+from gateway.appkeys import BROKER, CLOCK, STORE
 from gateway.store import DeviceRecord
 from gateway.web.context import render
 from gateway.web.guard import form_post, signed_in

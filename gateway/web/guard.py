@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
-from gateway.web.context import SESSION, WEB, read_session, render
+from gateway.appkeys import WEB
+from gateway.web.context import SESSION, read_session, render
 from gateway.web.sessions import Session, csrf_matches, same_origin
 from gateway.web.signin import sign_in
 from wiregate.errors import Forbidden, RemoteError, WiregateError

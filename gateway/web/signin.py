@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.web.context import WEB, render, set_pre_login
+from gateway.appkeys import WEB
+from gateway.web.context import render, set_pre_login
 from gateway.web.sessions import PreLogin, safe_return_path
 
 __all__ = ["sign_in"]

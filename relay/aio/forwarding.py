@@ -25,7 +25,7 @@ import json
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -36,6 +36,7 @@ from relay.filters import normalize_ip
 from relay.forwarding import Relay, RelayConfig
 from relay.metrics import ForwardingMetrics
 from relay.tickets import MAX_TEXT, TrustedSigner
+from wiregate.clock import Clock
 from wiregate.errors import ConfigError
 from wiregate.logging import get_logger
 from wiregate.settings import RelaySettings, parse_port_range
@@ -95,7 +96,7 @@ class RelayForwarder:
         settings: ForwardingSettings,
         registry: CollectorRegistry,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = time.time,
     ) -> None:
         self._settings, self._clock = settings, clock
         self._transports: dict[int, asyncio.DatagramTransport] = {}

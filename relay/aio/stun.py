@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from relay.aio.forwarding import ForwardingSettings, RelayForwarder
 from relay.metrics import StunMetrics
 from relay.stun_core import Addr, RateLimiter, StunServer
+from wiregate.clock import Clock
 from wiregate.errors import ConfigError
 from wiregate.logging import get_logger
 from wiregate.net import parse_hostport
@@ -36,9 +37,7 @@ log = get_logger("relay")
 class StunProtocol(asyncio.DatagramProtocol):
     """One STUN listener: datagram in, ``core.handle``, reply out on the same socket."""
 
-    def __init__(
-        self, core: StunServer, local: Addr, clock: Callable[[], float], metrics: StunMetrics
-    ) -> None:
+    def __init__(self, core: StunServer, local: Addr, clock: Clock, metrics: StunMetrics) -> None:
         self._core, self._local, self._clock, self._metrics = core, local, clock, metrics
         self._transport: asyncio.DatagramTransport | None = None
 
@@ -64,7 +63,7 @@ class RelayServer:
         *,
         limiter: RateLimiter | None = None,
         forwarding: ForwardingSettings | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = time.time,
     ) -> None:
         self._settings, self._limiter, self._forwarding = settings, limiter, forwarding
         self.registry = CollectorRegistry()
@@ -89,7 +88,12 @@ class RelayServer:
         log.info("relay listening", stun=self.stun_addresses, metrics=self.metrics_address)
 
     async def _start_stun(self) -> None:
-        socks = await _bind_all([parse_hostport(a) for a in self._settings.stun_listen])
+        socks = await _bind_all(
+            [
+                parse_hostport(a, allow_port_zero=True, what="stun_listen")
+                for a in self._settings.stun_listen
+            ]
+        )
         self.stun_addresses = [_sockname(s) for s in socks]
         core = StunServer(self.stun_addresses, limiter=self._limiter, observe=self._stun.observe)
         loop = asyncio.get_running_loop()
@@ -114,7 +118,9 @@ class RelayServer:
         app.router.add_get("/livez", _livez)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        host, port = parse_hostport(self._settings.metrics_listen)
+        host, port = parse_hostport(
+            self._settings.metrics_listen, allow_port_zero=True, what="metrics_listen"
+        )
         await web.TCPSite(self._runner, host, port).start()
         self.metrics_address = _pair(self._runner.addresses[0])
 
@@ -184,7 +190,7 @@ async def run_relay(
     *,
     on_ready: Callable[[RelayServer], None] | None = None,
     forwarding: ForwardingSettings | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: Clock = time.time,
 ) -> None:
     """Serve STUN on every ``settings.stun_listen`` address, the WireGuard relay if
     ``forwarding`` is given, and metrics on ``settings.metrics_listen`` until

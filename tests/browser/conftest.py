@@ -1,7 +1,7 @@
 """Browser tests: real Chromium (Playwright) driving a real gateway and a real OpenID Provider.
 
 For the whole session: one OpenID Provider (tests/idp, started by
-:func:`tests.integration.conftest.start_idp` with this gateway's redirect URI
+:func:`lab.idp.start_idp` with this gateway's redirect URI
 registered through ``WIREGATE_IDP_REDIRECT_URIS``), one ``wiregate gateway``
 process with SSO configured (admin group ``wiregate-admins``), one headless
 Chromium driven by Playwright's async API on the session's event loop (the
@@ -13,70 +13,27 @@ In the test IdP any login works; ids starting with ``admin`` are admins.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
-from tests.integration.conftest import CLIENT_SECRETS, RunningIdp, start_idp
+from lab.gateway_process import ADMIN_TOKEN, Gateway
+from lab.idp import CLIENT_SECRETS, RunningIdp, free_port, start_idp
 
 CHROMIUM = "/usr/bin/chromium"
-ADMIN_TOKEN = "browser-test-admin-token-0123456789"
-
-
-@dataclass
-class Gateway:
-    """A running ``wiregate gateway`` process with SSO configured."""
-
-    url: str
-    state_dir: Path
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def api(
-        self, method: str, path: str, body: Any = None, *, token: str | None = None
-    ) -> tuple[int, Any]:
-        """Call the JSON API; ``token`` is a device or admin bearer token."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if token is not None:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as resp:
-                raw, status = resp.read(), resp.status
-        except urllib.error.HTTPError as exc:
-            raw, status = exc.read(), exc.code
-        return status, json.loads(raw) if raw else None
-
-    def admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """Call an admin route with the admin bearer token."""
-        return self.api(method, path, body, token=ADMIN_TOKEN)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
 def gateway_port() -> int:
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +60,7 @@ def _config(tmp: Path, port: int, idp: RunningIdp) -> Path:
     config.write_text(f"""
 [gateway]
 listen = "127.0.0.1:{port}"
-metrics_listen = "127.0.0.1:{_free_port()}"
+metrics_listen = "127.0.0.1:{free_port()}"
 admin_socket = "{tmp / "gw.sock"}"
 admin_token_file = "{token}"
 state_dir = "{tmp / "state"}"

@@ -21,8 +21,8 @@ from playwright.async_api import BrowserContext, Page
 from gateway.web.keyfile import load_or_create_session_key
 from gateway.web.sessions import CookieBox
 from identity.enrollment import KEY_PREFIX
-from tests.browser.conftest import Gateway
-from tests.integration.conftest import RunningIdp
+from lab.gateway_process import Gateway
+from lab.idp import RunningIdp
 from wiregate.keys import encode_key, fingerprint, generate_private_key, public_from_private
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(120)]

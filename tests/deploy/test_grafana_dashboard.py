@@ -21,16 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.metrics import metrics_registry
 from gateway.app import create_app, create_metrics_app
-from tests.unit.agent.test_agent_metrics import status_document
-from tests.unit.gateway.test_api import (
-    Client,
-    ClientFactory,
-    RecordingBroker,
-    enroll,
-    make_settings,
-)
-from tests.unit.relay.test_relay_forwarding import Clock, start
-from tests.unit.relay.test_relay_metrics import scrape
+from lab.agent_status import status_document
+from lab.api_client import Client, ClientFactory, RecordingBroker, enroll, make_settings
+from lab.fakes import FakeClock
+from lab.metrics_text import scrape
+from lab.relay_net import start
 
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "wiregate.json"
 DS = "${DS_PROMETHEUS}"
@@ -121,7 +116,7 @@ async def exposed(aiohttp_client: ClientFactory, tmp_path: Path) -> Exposed:
     metrics: Client = await aiohttp_client(create_metrics_app(api.app))
     assert (await enroll(api, "wgk_not-a-real-key")).status == 401  # a refusal, labelled
     gateway = await (await metrics.get("/metrics")).text()
-    async for relay in start(True, Clock(1_700_000_000.0)):
+    async for relay in start(True, FakeClock()):
         assert relay.metrics_address is not None
         relay_page = await scrape("http://{}:{}/metrics".format(*relay.metrics_address))
     agent = generate_latest(metrics_registry(status_document)).decode()

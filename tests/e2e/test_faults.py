@@ -45,12 +45,13 @@ from lab.harness import (
     Agent,
     Host,
     Lab,
-    Process,
     Wiregate,
     bare,
     poll,
     write_secret,
 )
+from lab.nat import STUN, drop_unsolicited, start_relays
+from lab.ping import ping_until, start_ping, stop_ping
 from lab.sso import (
     enroll_by_workload_token,
     mint_workload_token,
@@ -58,13 +59,6 @@ from lab.sso import (
     start_idp,
     start_sso_gateway,
 )
-from tests.e2e.test_mesh import ping_until
-from tests.e2e.test_nat_matrix import (
-    STUN,
-    gateway_with_relays,  # noqa: F401 (a fixture)
-    start_relays,
-)
-from tests.e2e.test_netcheck_mesh import drop_unsolicited
 from wiregate.keys import encode_key, generate_private_key, public_from_private
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
@@ -72,35 +66,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------- helpers
-
-
-@dataclass(frozen=True, slots=True)
-class PingResult:
-    """A ``ping`` run stopped with SIGINT: what was sent and which replies came back."""
-
-    transmitted: int
-    received: int
-    lost: tuple[int, ...]  # sequence numbers without a reply (the in-flight tail excluded)
-
-
-def start_ping(host: Host, addr: str, interval: float = 0.05) -> Process:
-    """A continuous ``ping`` from ``host`` to ``addr``, one line per reply in its log."""
-    return host.spawn(["ping", "-n", "-i", str(interval), "-W", "2", addr], name="ping")
-
-
-def stop_ping(proc: Process) -> PingResult:
-    """SIGINT the ping, parse its replies; the last second of requests may be in flight."""
-    time.sleep(1.0)  # replies to the last requests come back
-    proc.signal(signal.SIGINT)
-    proc.wait(timeout=10)
-    out = proc.output()
-    stats = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-    assert stats, out[-2000:]
-    transmitted = int(stats[1])
-    replied = {int(s) for s in re.findall(r"icmp_seq=(\d+)", out)}
-    settled = range(1, max(transmitted - 20, 1))  # 20 x 50 ms: the tail may be in flight
-    lost = tuple(s for s in settled if s not in replied)
-    return PingResult(transmitted, int(stats[2]), lost)
 
 
 def two_agents(lab: Lab, wiregate: Wiregate, key_file: Path) -> dict[str, Agent]:
@@ -619,7 +584,7 @@ def agent_clock_offset(agent: Agent) -> float:
 @pytest.mark.parametrize("offset", ["+2h", "-2h"])
 def test_an_agent_whose_clock_is_wrong_at_boot_enrolls_and_carries_traffic(
     lab: Lab,
-    gateway_with_relays: Wiregate,  # noqa: F811 (the fixture imported above)
+    gateway_with_relays: Wiregate,
     monkeypatch: pytest.MonkeyPatch,
     offset: str,
 ) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from lab.harness import Host, Lab, Wiregate, bare, poll
-from tests.e2e.test_mesh import ping_until
+from lab.ping import ping_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(400)]
 

@@ -26,26 +26,25 @@ from typing import Any
 import pytest
 
 from lab.harness import (
-    INTERNET_GATEWAY,
     Agent,
     Host,
     Lab,
     Process,
-    Router,
     Wiregate,
     bare,
     poll,
 )
-from tests.e2e.test_mesh import ping_until
-from tests.e2e.test_netcheck_mesh import drop_unsolicited, paths
+from lab.nat import (
+    STUN,
+    allow_relays_only,
+    drop_unsolicited,
+    paths,
+    start_relays,
+)
+from lab.ping import ping_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 
-RELAY_HOSTS = {"r1": INTERNET_GATEWAY, "r2": "198.51.100.253"}
-RELAY_PORTS = {"r1": (40000, 40063), "r2": (41000, 41063)}
-STUN_SECOND = "198.51.100.254"
-STUN = [f"{INTERNET_GATEWAY}:3478", f"{STUN_SECOND}:3479"]
-CONTROL_PORT = 3480
 
 KINDS = {"e1": "eim", "e2": "eim", "s1": "sym", "s2": "sym", "b1": "blocked", "o1": "open"}
 DIRECT = {frozenset(p) for p in (("e1", "e2"), ("e1", "o1"), ("e2", "o1"))}
@@ -59,41 +58,6 @@ def expected_path(a: str, b: str) -> str | None:
     if kinds == {"sym"} or "blocked" in kinds:
         return "relayed"
     return None
-
-
-def start_relays(lab: Lab, wiregate: Wiregate) -> dict[str, Process]:
-    """Both relays in the internet namespace, trusting the gateway's ticket signer."""
-    for addr in (RELAY_HOSTS["r2"], STUN_SECOND):
-        lab.internet.run(["ip", "addr", "add", f"{addr}/24", "dev", "br0"])
-    signers = lab.internet.run(
-        ["curl", "-sf", "-m", "5", f"{wiregate.server}/api/v1/relay/signers"], timeout=10
-    ).stdout
-    keys = lab.workdir / "relay-signers.json"
-    keys.write_text(signers)
-    relays: dict[str, Process] = {}
-    for index, (rid, host) in enumerate(RELAY_HOSTS.items()):
-        first, last = RELAY_PORTS[rid]
-        stun = STUN if rid == "r1" else [f"{host}:3478"]
-        relays[rid] = lab.internet.spawn(
-            [*wiregate.cmd, "relay", *itertools.chain(*(("--stun-listen", s) for s in stun)),
-             "--relay-id", rid, "--relay-listen", f"{host}:{CONTROL_PORT}",
-             "--relay-ports", f"{first}-{last}", "--verify-keys-file", str(keys),
-             "--metrics-listen", f"127.0.0.1:{9191 + index}", "--log-format", "json"],
-            name=f"relay-{rid}",
-        )  # fmt: skip
-    for rid, proc in relays.items():
-        poll(lambda p=proc: "relay listening" in p.output(), timeout=20, what=f"relay {rid}")
-    return relays
-
-
-def allow_relays_only(router: Router) -> None:
-    """On a UDP-blocking router: let UDP through to (and back from) the relays only."""
-    for rid, host in RELAY_HOSTS.items():
-        first, last = RELAY_PORTS[rid]
-        ports = f"{CONTROL_PORT},{first}:{last}"
-        for match, way in (("-d", "--dports"), ("-s", "--sports")):
-            router.run(["iptables", "-I", "FORWARD", "1", "-p", "udp", match, host,
-                        "-m", "multiport", way, ports, "-j", "ACCEPT"])  # fmt: skip
 
 
 def build_hosts(lab: Lab) -> dict[str, Host]:
@@ -140,18 +104,6 @@ def matrix(
     agents = {name: wiregate.start_agent(host, key) for name, host in hosts.items()}
     wiregate.wait_mesh(list(agents.values()), timeout=120)
     return wiregate, hosts, agents, relays
-
-
-@pytest.fixture
-def gateway_with_relays(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> Wiregate:
-    relays = [f"{rid}={host}:{CONTROL_PORT}" for rid, host in RELAY_HOSTS.items()]
-    monkeypatch.setenv("WIREGATE_RELAYS", json.dumps(relays))
-    monkeypatch.setenv("WIREGATE_RELAY_PROBE_INTERVAL", "1")
-    wiregate = Wiregate(lab)
-    wiregate.start_gateway()
-    monkeypatch.delenv("WIREGATE_RELAYS")
-    monkeypatch.delenv("WIREGATE_RELAY_PROBE_INTERVAL")
-    return wiregate
 
 
 def wrong_paths(reports: dict[tuple[str, str], Any]) -> list[str]:

@@ -17,14 +17,13 @@ from lab.harness import (
     INTERNET_GATEWAY,
     WG_PORT,
     Agent,
-    Host,
     Lab,
-    Router,
     Wiregate,
     bare,
     poll,
 )
-from tests.e2e.test_mesh import ping_until
+from lab.nat import drop_unsolicited, paths
+from lab.ping import ping_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 
@@ -40,26 +39,6 @@ def start_relay(lab: Lab, wiregate: Wiregate) -> None:
         name="relay",
     )  # fmt: skip
     poll(lambda: "relay listening" in relay.output(), timeout=20, what="relay to listen")
-
-
-def drop_unsolicited(router: Router) -> None:
-    """A home router's firewall: drop unsolicited packets to the router itself.
-
-    Without it, Linux conntrack records the peer's first (unsolicited) handshake
-    as an inbound flow to WAN:51820; the host's own handshake to that peer then
-    clashes with it and MASQUERADE picks another port, so both sides aim at the
-    wrong port and simultaneous open fails (the plain lab router is "EIM" only
-    while no such clash occurs). Dropped in INPUT, the entry is never confirmed.
-    """
-    router.run(["iptables", "-A", "INPUT", "-i", router.wan_ifname,
-                "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"])  # fmt: skip
-
-
-def paths(routers: list[Router], hosts: list[Host]) -> str:
-    """The routers' UDP conntrack entries and the hosts' WireGuard state, for a failure."""
-    out = [r.run(["conntrack", "-L", "-p", "udp"], check=False).stdout for r in routers]
-    out += [h.run(["wg", "show", h.wg_ifname], check=False).stdout for h in hosts]
-    return "\n".join(out)
 
 
 def map_endpoints(agent: Agent) -> dict[str, list[str]]:

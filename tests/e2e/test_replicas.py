@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import pytest
 
 from lab.harness import Agent, Lab, poll
+from lab.ping import start_ping, stop_ping
 from lab.replicas import Replicas, connected_to, logged_at, replicas_on, resumed_on
-from tests.e2e.test_faults import start_ping, stop_ping
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 

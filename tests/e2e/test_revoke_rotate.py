@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from lab.harness import Agent, Host, Lab, Wiregate, poll
-from tests.e2e.conftest import Mesh
+from lab.mesh import Mesh
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(400)]
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import pytest
 
 from lab.harness import Lab, bare, poll
+from lab.ping import ping_until
 from lab.sso import (
     enroll_by_workload_token,
     mint_workload_token,
     start_sso_gateway,
     start_workload_agent,
 )
-from tests.e2e.test_mesh import ping_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 

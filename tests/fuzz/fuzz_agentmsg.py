@@ -11,7 +11,6 @@ import json
 
 import atheris
 from _harness import PROJECT, fuzz
-from aiohttp import WSMsgType
 
 with atheris.instrument_imports(include=PROJECT):
     from wiregate.errors import BadInput
@@ -30,7 +29,7 @@ def seeds() -> list[bytes]:
 def test_one_input(data: bytes) -> None:
     text = data.decode("utf-8", "replace")  # a WebSocket text frame is valid UTF-8
     try:
-        report = parse_agent_message(WSMsgType.TEXT, text)
+        report = parse_agent_message(text)
     except BadInput:
         return
     assert len(report.endpoints) <= MAX_ENDPOINTS

@@ -15,7 +15,7 @@ from _harness import PROJECT, fuzz
 with atheris.instrument_imports(include=PROJECT):
     from agent.dataplane.backend import LivePeer
     from agent.dataplane.uapi import UapiError, parse_get
-from uapi_text import render_get  # after: it imports the project too
+from lab.uapi_text import render_get  # after: it imports the project too
 
 CAPTURED = (  # wireguard-go 0.0.20220316, as in tests/unit/agent/test_uapi.py
     b"private_key=d841a6b6b54387b97fd726f8f89452c713642dbfca9163e7454ce547e2d5025a\n"

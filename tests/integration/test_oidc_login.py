@@ -22,7 +22,7 @@ import pytest
 from identity.claims import verified_email
 from identity.oidc import AiohttpPoster, ClientSecret, OidcProvider, OidcRelyingParty
 from identity.pkce import LoginStart, new_verifier
-from tests.integration.conftest import REDIRECT_URI, RunningIdp
+from lab.idp import REDIRECT_URI, RunningIdp
 from wiregate.errors import Unauthorized, Unavailable
 from wiregate.model import Identity
 

@@ -20,10 +20,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from agent.gateway_client import ControlClient, read_workload_token, workload_token_source
-from gateway.api.common import STORE
 from gateway.app import create_app
-from tests.integration.conftest import RunningIdp
-from wiregate.keys import encode_key, generate_private_key, public_from_private
+from gateway.appkeys import STORE
+from lab.fakes import new_key
+from lab.idp import RunningIdp
 from wiregate.model import Identity
 from wiregate.settings import GatewaySettings, WorkloadIssuerSettings
 
@@ -61,10 +61,6 @@ def gateway_settings(tmp_path: Path, idp: RunningIdp, audience: str = AUDIENCE) 
         policy_file=policy,
         workload_issuers=[issuer],
     )
-
-
-def new_key() -> str:
-    return encode_key(public_from_private(generate_private_key()))
 
 
 async def test_token_from_the_real_provider_enrolls_a_device(

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import conftest as lab_conftest
+from lab.lab_fixture import lab, pytest_runtest_makereport
 
-# The lab fixture, and the report hook that lets it print process logs on failure.
-lab = lab_conftest.lab
-pytest_runtest_makereport = lab_conftest.pytest_runtest_makereport
+__all__ = ["lab", "pytest_runtest_makereport"]
 
 
 def kernel_has_wireguard() -> bool:

@@ -21,8 +21,7 @@ import pytest
 
 from agent.status import fetch_status
 from lab.harness import Agent, Lab, Wiregate, _run, poll
-from tests.e2e.conftest import Mesh
-from tests.e2e.test_mesh import unreachable_pairs, wg_peers
+from lab.mesh import Mesh, unreachable_pairs, wg_peers
 
 # slow: every Python process takes a minute or more to start under software emulation
 pytestmark = [pytest.mark.kernel, pytest.mark.slow, pytest.mark.lab, pytest.mark.timeout(1800)]

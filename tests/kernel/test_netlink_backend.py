@@ -131,12 +131,12 @@ NODE = r"""
 import json, sys, base64
 from pathlib import Path
 from agent.dataplane.facade import DataPlane
-from wiregate.model import NetMap
+from wiregate.mapwire import read_full
 cfg = json.loads(sys.stdin.read())
 dp = DataPlane(interface=cfg["iface"], private_key=base64.b64decode(cfg["key"]), listen_port=51820,
                fwmark=0xCA6C, table=51820, rule_priority=5210, run_dir=Path(cfg["run_dir"]))
 dp.setup()
-r = dp.apply(NetMap.from_wire(cfg["map"]))
+r = dp.apply(read_full(cfg["map"]))
 print(json.dumps({"backend": dp.backend_name, "writes": r.writes, "problems": list(r.problems)}))
 """
 

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from lab.harness import Lab, bare
+from lab.ping import ping_until
 from lab.sso import enroll_by_workload_token, mint_workload_token, start_sso_gateway
-from tests.e2e.test_mesh import ping_until
-from tests.lab.test_bootstrap import VM
-from tests.lab.test_bootstrap import wheelhouse as wheelhouse  # the module-scoped fixture
+from lab.vm import VM
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 

@@ -38,7 +38,7 @@ import base64, json, sys, time
 from dataclasses import asdict
 from pathlib import Path
 from agent.dataplane.facade import DataPlane
-from wiregate.model import NetMap
+from wiregate.mapwire import read_full
 cfg = json.loads(sys.stdin.readline())
 skew = [0.0]  # the test moves this node's clock forward with {"op": "tick"}
 dp = DataPlane(interface=cfg["interface"], private_key=base64.b64decode(cfg["key"]),
@@ -52,7 +52,7 @@ for line in sys.stdin:
         if cmd["op"] == "setup":
             dp.setup(); out = {"backend": dp.backend_name}
         elif cmd["op"] == "apply":
-            r = dp.apply(NetMap.from_wire(cmd["map"]))
+            r = dp.apply(read_full(cmd["map"]))
             out = {"writes": r.writes, "problems": list(r.problems), "peers": r.peers}
         elif cmd["op"] == "status":
             out = {"peers": [asdict(p) for p in dp.status()]}

@@ -10,7 +10,6 @@ import json
 import math
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from lab.harness import (
     INTERNET_GATEWAY,
@@ -22,8 +21,9 @@ from lab.harness import (
     Wiregate,
     poll,
 )
-from tests.e2e.test_mesh import ping_until
-from tests.e2e.test_nat_matrix import CONTROL_PORT, RELAY_PORTS, allow_relays_only
+from lab.metrics_text import Samples, parse
+from lab.nat import CONTROL_PORT, RELAY_PORTS, allow_relays_only, start_gateway_with_relays
+from lab.ping import ping_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 
@@ -31,16 +31,11 @@ CONTROL = f"{INTERNET_GATEWAY}:{CONTROL_PORT}"
 STUN = f"{INTERNET_GATEWAY}:3478"
 RELAY_METRICS = "127.0.0.1:9191"
 AGENT_METRICS = "127.0.0.1:9092"  # each agent in its own namespace: the same address
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def scrape(ns: Namespace, address: str) -> Samples:
     page = ns.run(["curl", "-sf", "-m", "5", f"http://{address}/metrics"], timeout=10).stdout
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(page)
-        for s in family.samples
-    }
+    return parse(page)
 
 
 def one(samples: Samples, name: str, **labels: str) -> float:
@@ -52,13 +47,7 @@ def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
 
 
 def start_gateway(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> Wiregate:
-    monkeypatch.setenv("WIREGATE_RELAYS", json.dumps([f"r1={CONTROL}"]))
-    monkeypatch.setenv("WIREGATE_RELAY_PROBE_INTERVAL", "1")
-    wiregate = Wiregate(lab)
-    wiregate.start_gateway()
-    monkeypatch.delenv("WIREGATE_RELAYS")
-    monkeypatch.delenv("WIREGATE_RELAY_PROBE_INTERVAL")
-    return wiregate
+    return start_gateway_with_relays(lab, monkeypatch, [f"r1={CONTROL}"])
 
 
 def start_relay(lab: Lab, wiregate: Wiregate) -> Process:

@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.api.common import BROKER, FOLLOWER, STORE
 from gateway.app import create_app
+from gateway.appkeys import BROKER, FOLLOWER, STORE
 from gateway.lifecycle.sweeper import LEASE, duty_once
 from gateway.mapping.broker import Broker, FeedChange
 from gateway.store import EnrollRequest, KeySpec, Store
@@ -200,12 +200,24 @@ async def test_single_use_key_is_used_once_across_replicas(db_url: str) -> None:
             await s.close()
 
 
-async def test_one_replica_holds_the_sweeper_lease(replicas: tuple[Client, Client]) -> None:
-    a, b = replicas
+async def test_one_replica_holds_the_sweeper_lease(
+    aiohttp_client: ClientFactory, tmp_path: Path, db_url: str
+) -> None:
+    now = [time.time()]  # one injected clock for both replicas; the test moves it
+
+    def clock() -> float:
+        return now[0]
+
+    a, b = [
+        await aiohttp_client(create_app(settings(tmp_path, name, db_url), clock=clock))
+        for name in ("a", "b")
+    ]
     held = [await duty_once(a.app, "replica-a", 0.5), await duty_once(b.app, "replica-b", 0.5)]
     assert held == [True, False]
     assert await duty_once(a.app, "replica-a", 0.5)  # the holder renews
-    await asyncio.sleep(1.6)  # a's lease (3 rounds of 0.5 s) runs out
+    now[0] += 1.4  # within a's lease (3 rounds of 0.5 s): b still waits
+    assert not await duty_once(b.app, "replica-b", 0.5)
+    now[0] += 0.2  # a's lease has run out
     assert await duty_once(b.app, "replica-b", 0.5)
     assert not await duty_once(a.app, "replica-a", 0.5)
     assert await a.app[STORE].take_lease(LEASE, "replica-b", 1.0)  # b may renew through a

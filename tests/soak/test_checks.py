@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from tests.soak import checks
 from tests.soak.probes import iperf_figures, parse_metrics, parse_ping, rotation_window
+from wiregate.mapwire import read_full
 from wiregate.model import NetMap
 
 KEY_A, KEY_B, KEY_C, KEY_X = (c * 43 + "=" for c in "ABCX")
@@ -26,7 +27,7 @@ LIVE = checks.live_devices([
 
 
 def netmap(version: int, self_key: str, peers: list[dict[str, object]]) -> NetMap:
-    return NetMap.from_wire({
+    return read_full({
         "type": "full", "version": version,
         "self": {"id": "1", "name": "n1", "public_key": self_key,
                  "addresses": ["100.64.0.1/32", "fd7a::1/128"]},

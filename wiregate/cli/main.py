@@ -300,7 +300,7 @@ def netcheck(
     except WiregateError as exc:
         raise click.UsageError(f"--relay: {exc.message}") from exc
     try:
-        servers = [parse_hostport(s) for s in settings.stun_servers]
+        servers = [parse_hostport(s, what="STUN server") for s in settings.stun_servers]
         report = run_or_exit(_netcheck(settings, servers, relays))
     except (WiregateError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -21,46 +21,12 @@ from agent.metrics import (
     read_firewall_drops,
     serve_metrics,
 )
-from tests.unit.relay.test_relay_metrics import Samples, parse, scrape, value
+from lab.agent_status import NOW, status_document
+from lab.metrics_text import Samples, parse, scrape, value
 from wiregate.errors import ConfigError, DataPlaneError
 from wiregate.model import NetMap
 from wiregate.net import parse_hostport
 from wiregate.settings import AgentSettings
-
-NOW = 1_700_000_000.0
-
-
-def peer(name: str, path: str | None, handshake: float | None, rx: int = 0) -> dict[str, Any]:
-    report = None if path is None else {"path": path, "state": path, "reason": ""}
-    return {
-        "id": f"dev-{name}",
-        "name": name,
-        "path": report,
-        "last_handshake": handshake,
-        "rx_bytes": rx,
-        "tx_bytes": 2 * rx,
-    }
-
-
-def status_document() -> dict[str, Any]:
-    """What ``Agent.status()`` returns, plus the metrics' own ``agent`` section."""
-    return {
-        "device": {"id": "dev-me", "name": "me", "expires_at": NOW + 86_400},
-        "interface": "wg0",
-        "backend": "userspace",
-        "gateway": {"connected": True, "map_version": 42, "last_sync": NOW - 3, "reconnects": 2},
-        "problems": ["peer x: overlapping allowed IPs"],
-        "netcheck": {"nat_type": "eim"},
-        "pmtu": {"searches": 1, "probes": 9, "probes_lost": 1, "frag_needed": 0, "black_holes": 0},
-        "peers": [
-            peer("a", "direct", NOW - 10, rx=100),
-            peer("b", "relayed", NOW - 200),
-            peer("c", "probing", None),
-            peer("d", None, None),
-        ],
-        "agent": {"applies": 5, "apply_failures": 1, "apply_writes": 12, "last_rotation": NOW},
-        "firewall": {"packets": 7, "bytes": 420},
-    }
 
 
 def collect(doc: dict[str, Any]) -> Samples:
@@ -206,7 +172,7 @@ async def test_no_listener_unless_configured() -> None:
 
 
 def test_the_daemonset_serves_agent_metrics_on_the_node_address() -> None:
-    from tests.deploy.test_kubernetes_manifests import container, env_of, find, render
+    from lab.manifests import container, env_of, find, render
 
     agent = container(find(render("overlays/mesh"), "DaemonSet", "wiregate-agent"), "agent")
     env = env_of(agent)

@@ -8,11 +8,12 @@ from pathlib import Path
 from agent.dataplane.backend import MemoryBackend
 from agent.dataplane.facade import DataPlane
 from agent.dataplane.firewall import Firewall, NftMissing, PeerRule, peer_rules, render
-from tests.unit.agent.test_dataplane import IFACE, PRIVATE, MemoryLinks
-from tests.unit.agent.test_dataplane import netmap as dp_netmap
-from tests.unit.agent.test_dataplane import peer as dp_peer
+from lab.dataplane_fakes import IFACE, PRIVATE, MemoryLinks
+from lab.dataplane_fakes import netmap as dp_netmap
+from lab.dataplane_fakes import peer as dp_peer
+from lab.firewall_fakes import Recorder, netmap, peer
 from wiregate.errors import DataPlaneError
-from wiregate.model import NetMap, Peer, SelfView
+from wiregate.model import Peer
 
 GOLDEN = """\
 table inet wiregate
@@ -42,16 +43,6 @@ table inet wiregate {
 \t}
 }
 """
-
-
-def peer(n: int, filter: tuple[str, ...] | None, *extra: str) -> Peer:
-    cidrs = (f"100.64.0.{n}/32", f"fd7a::{n}/128")
-    return Peer(f"d{n}", f"host{n}", f"{n:043d}=", cidrs, cidrs + extra, filter=filter)
-
-
-def netmap(*peers: Peer) -> NetMap:
-    me = SelfView("d1", "me", f"{1:043d}=", ("100.64.0.1/32",))
-    return NetMap(1, me, {p.id: p for p in peers})
 
 
 def test_golden_ruleset() -> None:
@@ -85,17 +76,6 @@ def test_nothing_restricted_still_drops_unknown_sources() -> None:
     rendered = render("wg0", peer_rules(netmap(peer(2, None))))
     assert not rendered.restricted
     assert rendered.script.rstrip().endswith('counter name "dropped" drop\n\t}\n}')
-
-
-class Recorder:
-    def __init__(self, error: Exception | None = None) -> None:
-        self.scripts: list[str] = []
-        self.error = error
-
-    def __call__(self, script: str) -> None:
-        self.scripts.append(script)
-        if self.error is not None:
-            raise self.error
 
 
 def test_rewritten_only_when_the_rendering_changes() -> None:

@@ -1,7 +1,7 @@
 """UAPI codec properties (tests/unit/agent/test_uapi.py has captured replies and byte fuzzing).
 
 A generated device is rendered the way wireguard-go answers ``get=1``
-(tests/fuzz/uapi_text.py, shared with the atheris harness) and parses back to
+(lab/uapi_text.py, shared with the atheris harness) and parses back to
 itself; replies with a line removed, duplicated, given an arbitrary value or
 an arbitrary errno are refused with a :class:`UapiError` only; ``build_set``
 always writes one well-formed request.
@@ -19,7 +19,7 @@ from nacl.public import PrivateKey
 
 from agent.dataplane.backend import DeviceUpdate, IPNetwork, LiveDevice, LivePeer, PeerUpdate
 from agent.dataplane.uapi import MalformedUapi, UapiError, UapiRefused, build_set, parse_get
-from tests.fuzz.uapi_text import render_get
+from lab.uapi_text import render_get
 from wiregate.keys import decode_key, encode_key
 
 raw_keys = st.binary(min_size=32, max_size=32)

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from agent import kubenode
 from agent.kubenode import NodeFacts, NodeSource, node_facts, read_node
+from lab.fakes import FakeClock
 from lab.kubeapi import REQUESTS, kube_api_app, recorded, write_kubeconfig
 from wiregate.errors import (
     BadInput,
@@ -217,14 +218,6 @@ def test_a_broken_kubeconfig_is_a_config_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the cache
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Reader:
     """Hands out documents (or raises errors) in order, counting the reads."""
 
@@ -241,7 +234,7 @@ class Reader:
 
 
 async def test_facts_are_cached_then_refreshed() -> None:
-    clock, reader = Clock(), Reader(KIND, _annotated(kubenode.ANNOTATION_KEEPALIVE, "10"))
+    clock, reader = FakeClock(1000.0), Reader(KIND, _annotated(kubenode.ANNOTATION_KEEPALIVE, "10"))
     source = NodeSource("kind-worker", None, 51820, reader=reader, clock=clock, refresh=300)
     assert (await source.facts()).persistent_keepalive == 25
     clock.now += 299
@@ -251,7 +244,7 @@ async def test_facts_are_cached_then_refreshed() -> None:
 
 
 async def test_a_failed_refresh_keeps_the_last_facts() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     reader = Reader(KIND, Unavailable("api down"), _annotated(kubenode.ANNOTATION_KEEPALIVE, "x"))
     source = NodeSource("kind-worker", None, 51820, reader=reader, clock=clock, refresh=10)
     first = await source.facts()
@@ -263,7 +256,9 @@ async def test_a_failed_refresh_keeps_the_last_facts() -> None:
 
 
 async def test_a_first_read_failure_is_raised() -> None:
-    source = NodeSource("kind-worker", None, 51820, reader=Reader(Forbidden("no")), clock=Clock())
+    source = NodeSource(
+        "kind-worker", None, 51820, reader=Reader(Forbidden("no")), clock=FakeClock(1000.0)
+    )
     with pytest.raises(Forbidden):
         await source.facts()
 
@@ -312,7 +307,7 @@ async def test_an_unreadable_node_costs_endpoints_a_warning_only(
 
 
 def test_the_agent_daemonset_turns_node_integration_on() -> None:
-    from tests.deploy.test_kubernetes_manifests import container, env_of, find, render
+    from lab.manifests import container, env_of, find, render
 
     docs = render("overlays/mesh")
     env = env_of(container(find(docs, "DaemonSet", "wiregate-agent"), "agent"))

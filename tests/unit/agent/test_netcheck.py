@@ -24,14 +24,14 @@ from agent.discovery.netcheck import (
 )
 from agent.discovery.rawudp import RawAnswer
 from agent.state import Enrollment, StateDir
+from lab.api_client import ClientFactory
+from lab.relay_api import start, two_devices
 from lab.relay_fixtures import loopback_forwarder
 from relay.aio.forwarding import RelayForwarder
 from relay.client.probe import PingResult
 from relay.client.stun import BindingResponse
 from relay.endpoints import RelayEndpoint
 from relay.errors import RelayTimeout, StunTimeout
-from tests.unit.gateway.test_api import ClientFactory
-from tests.unit.gateway.test_relay_tickets_api import start, two_devices
 from wiregate.cli import main as cli
 from wiregate.cli.main import _format_netcheck, main
 from wiregate.errors import Unauthorized, Unavailable

@@ -21,7 +21,7 @@ from agent.pmtu.prober import (
     icmp_checksum,
 )
 from agent.pmtu.search import FLOOR, HANDSHAKE_FRESH, MtuSearch, PeerSeen, PmtuBook
-from tests.unit.agent.test_firewall import Recorder, netmap, peer
+from lab.firewall_fakes import Recorder, netmap, peer
 from wiregate.cli.main import _format_status
 from wiregate.model import NetMap
 

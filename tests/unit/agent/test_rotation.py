@@ -20,13 +20,14 @@ from agent.keyfile import KEY_FILE, load_or_create_key
 from agent.rotation import NEXT_KEY_FILE, ROTATION_GRACE, KeyRotator, nudge
 from agent.session import MapSession
 from agent.state import Enrollment
-from gateway.api.common import STORE
 from gateway.app import create_app
+from gateway.appkeys import STORE
 from gateway.lifecycle.expiry import people_lifetime
 from gateway.store import EnrollRequest, KeySpec
 from gateway.store.records import ENROLLMENT_ISSUER
-from tests.unit.agent.test_dataplane import IFACE, MemoryLinks
-from tests.unit.gateway.test_api import FakeClock, RecordingBroker, make_settings, new_key
+from lab.api_client import RecordingBroker, make_settings
+from lab.dataplane_fakes import IFACE, MemoryLinks
+from lab.fakes import FakeClock, new_key
 from wiregate.keylife import rotate_after
 from wiregate.keys import encode_key, public_from_private
 from wiregate.model import Identity, NetMap, Peer, SelfView

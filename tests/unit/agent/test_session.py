@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent.session import Action, MapSession
+from wiregate.mapwire import build_peer, build_self
 from wiregate.model import Device, Identity
 
 
@@ -23,8 +24,8 @@ def _full(version: int, peers: list[int]) -> dict[str, Any]:
     return {
         "type": "full",
         "version": version,
-        "self": _dev(1).to_self().to_wire(),
-        "peers": [_dev(n).to_peer().to_wire() for n in peers],
+        "self": build_self(_dev(1).to_self()),
+        "peers": [build_peer(_dev(n).to_peer()) for n in peers],
     }
 
 
@@ -36,7 +37,7 @@ def test_full_then_deltas_in_chain() -> None:
             "type": "delta",
             "base": 5,
             "version": 9,
-            "upsert": [_dev(4).to_peer().to_wire()],
+            "upsert": [build_peer(_dev(4).to_peer())],
             "remove": ["d2"],
         }
     )

@@ -6,9 +6,11 @@ import asyncio
 import base64
 import json
 import os
+import re
 import socket
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,116 +18,27 @@ import aiohttp
 import pytest
 import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from jsonschema import Draft202012Validator, FormatChecker
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
 
-from gateway.api.common import STORE
 from gateway.api.openapi import DOCUMENT
 from gateway.app import create_app, create_metrics_app, run_gateway
-from gateway.mapping.broker import Broker
+from gateway.appkeys import STORE
 from gateway.web import PAGES
-from identity.policy import Policy
-from wiregate.keys import encode_key, generate_private_key, public_from_private
-from wiregate.model import Device
-from wiregate.settings import GatewaySettings
-
-T0 = 1_700_000_000.0
-ADMIN = "admin-token-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {ADMIN}"}
-Client = TestClient[web.Request, web.Application]
-ClientFactory = Callable[..., Awaitable[Client]]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class RecordingBroker(Broker):
-    """The real broker, also recording what the API tells it."""
-
-    def __init__(self, policy: Policy | None = None) -> None:
-        super().__init__(policy)
-        self.events: list[tuple[str, str, int]] = []
-        self.reasons: list[str] = []
-        self.closed = False
-
-    def upsert(self, device: Device, version: int) -> None:
-        self.events.append(("upsert", device.id, version))
-        super().upsert(device, version)
-
-    def remove(self, device_id: str, version: int, reason: str = "device removed") -> None:
-        self.events.append(("remove", device_id, version))
-        self.reasons.append(reason)
-        super().remove(device_id, version, reason)
-
-    async def close(self) -> None:
-        self.closed = True
-        await super().close()
-
-
-def new_key() -> str:
-    return encode_key(public_from_private(generate_private_key()))
-
-
-def make_settings(tmp_path: Path, *, token: bool = True, **kw: Any) -> GatewaySettings:
-    token_file = None
-    if token:
-        token_file = tmp_path / "admin.token"
-        token_file.write_text(ADMIN + "\n")
-    return GatewaySettings(
-        state_dir=tmp_path / "state",
-        admin_token_file=token_file,
-        admin_socket=tmp_path / "run" / "gw.sock",
-        max_body_bytes=4096,
-        **kw,
-    )
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def broker() -> RecordingBroker:
-    return RecordingBroker()
-
-
-@pytest.fixture
-async def client(
-    aiohttp_client: ClientFactory, tmp_path: Path, broker: RecordingBroker, clock: FakeClock
-) -> Client:
-    app = create_app(make_settings(tmp_path), broker_factory=lambda _p: broker, clock=clock)
-    return await aiohttp_client(app)
-
-
-async def snapshot(client: Client) -> tuple[int, list[tuple[int, bool]], int]:
-    """What a refused request must not change: devices, key uses, map version."""
-    store = client.app[STORE]
-    keys = [(k.used_count, k.revoked) for k in await store.list_keys()]
-    return len(await store.list_devices()), keys, await store.map_version()
-
-
-async def create_key(client: Client, **body: Any) -> dict[str, Any]:
-    resp = await client.post("/api/v1/keys", json=body, headers=AUTH)
-    assert resp.status == 201, await resp.text()
-    data: dict[str, Any] = await resp.json()
-    return data
-
-
-async def enroll(client: Client, secret: str, **extra: Any) -> aiohttp.ClientResponse:
-    body = {"auth_key": secret, "public_key": new_key(), "name": "vm-1", **extra}
-    return await client.post("/api/v1/enroll", json=body)
-
-
-async def assert_refused(client: Client, resp: aiohttp.ClientResponse, status: int) -> None:
-    assert resp.status == status, await resp.text()
-    body = await resp.json()
-    assert set(body) <= {"error", "message", "hint"} and body["error"] and body["message"]
-
+from lab.api_client import (
+    ADMIN,
+    AUTH,
+    Client,
+    ClientFactory,
+    RecordingBroker,
+    assert_refused,
+    create_key,
+    enroll,
+    make_settings,
+    snapshot,
+)
+from lab.fakes import T0, FakeClock, new_key
 
 # -- happy paths --------------------------------------------------------------------
 
@@ -515,17 +428,150 @@ def _app_routes(app: web.Application) -> set[tuple[str, str]]:
     return found
 
 
+_METHODS = {"get", "post", "put", "patch", "delete"}
+_DOC_URI = "urn:wiregate:openapi"
+_FORMATS = FormatChecker()
+
+
+@_FORMATS.checks("date-time", raises=ValueError)
+def _date_time(value: object) -> bool:
+    """RFC 3339 date-times such as 2023-11-14T22:13:20Z."""
+    return not isinstance(value, str) or ("T" in value and bool(datetime.fromisoformat(value)))
+
+
+async def _served(client: Client) -> dict[str, Any]:
+    resp = await client.get("/api/v1/openapi.json")
+    assert resp.status == 200 and resp.content_type == "application/json"
+    served: dict[str, Any] = await resp.json()
+    return served
+
+
+def _pointer(*parts: str) -> str:
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def _schema_errors(served: dict[str, Any], pointer: str, instance: Any) -> list[str]:
+    """Why ``instance`` does not match the schema at ``pointer`` of the served document."""
+    registry = Registry().with_resource(_DOC_URI, DRAFT202012.create_resource(served))
+    validator = Draft202012Validator(
+        {"$ref": f"{_DOC_URI}#{pointer}"},
+        registry=registry,
+        format_checker=_FORMATS,
+    )
+    return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(instance)]
+
+
+def _request_errors(served: dict[str, Any], method: str, path: str, body: Any) -> list[str]:
+    pointer = _pointer("paths", path, method, "requestBody", "content", "application/json")
+    return _schema_errors(served, pointer + "/schema", body)
+
+
+async def _documented(
+    served: dict[str, Any], method: str, path: str, resp: aiohttp.ClientResponse
+) -> Any:
+    """The JSON body of a real response, after checking its status and body are documented."""
+    responses = served["paths"][path][method]["responses"]
+    status = str(resp.status)
+    assert status in responses, f"{method} {path} answered an undocumented {status}"
+    pointer = _pointer("paths", path, method, "responses", status)
+    described = responses[status]
+    if "$ref" in described:
+        pointer = described["$ref"].removeprefix("#")
+        described = served["components"]["responses"][pointer.rsplit("/", 1)[1]]
+    if not described.get("content"):
+        assert await resp.read() == b""
+        return None
+    assert resp.content_type in described["content"]
+    body = await resp.json()
+    schema = pointer + _pointer("content", resp.content_type, "schema")
+    errors = _schema_errors(served, schema, body)
+    assert not errors, f"{method} {path} {status}: {errors}"
+    return body
+
+
 async def test_openapi_matches_routes(client: Client) -> None:
-    served = await (await client.get("/api/v1/openapi.json")).json()
-    assert served == DOCUMENT and served["openapi"].startswith("3.1")
-    methods = {"get", "post", "put", "patch", "delete"}
-    documented = {(m, p) for p, item in served["paths"].items() for m in item if m in methods}
+    served = await _served(client)
+    assert served["openapi"].startswith("3.1")
+    documented = {(m, p) for p, item in served["paths"].items() for m in item if m in _METHODS}
     # the SSO web pages are HTML, not API: they are exactly gateway.web.PAGES, outside /api/
     assert _app_routes(client.app) >= PAGES and not any(p.startswith("/api/") for _, p in PAGES)
     assert documented == _app_routes(client.app) - PAGES
-    for item in served["paths"].values():
-        for op in (v for k, v in item.items() if k in methods):
+    for path, item in served["paths"].items():
+        ops = [v for k, v in item.items() if k in _METHODS]
+        # the path's {parameters} are exactly the documented path parameters
+        params = [*item.get("parameters", []), *(q for op in ops for q in op.get("parameters", []))]
+        in_path = {q["name"] for q in params if q["in"] == "path"}
+        assert in_path == set(re.findall(r"{(\w+)}", path)), path
+        for op in ops:
             assert op["responses"] and op["summary"]
+    for schema in served["components"]["schemas"].values():
+        Draft202012Validator.check_schema(schema)
+
+
+async def test_real_requests_and_responses_match_the_openapi_document(client: Client) -> None:
+    served = await _served(client)
+    key_request = {"tags": ["tag:vm"], "expiry": 600, "reusable": True, "description": "ci"}
+    assert not _request_errors(served, "post", "/api/v1/keys", key_request)
+    resp = await client.post("/api/v1/keys", json=key_request, headers=AUTH)
+    created = await _documented(served, "post", "/api/v1/keys", resp)
+    assert resp.status == 201
+    listed = await _documented(
+        served, "get", "/api/v1/keys", await client.get("/api/v1/keys", headers=AUTH)
+    )
+    assert [k["id"] for k in listed["keys"]] == [created["key"]["id"]]
+
+    enroll_request = {
+        "auth_key": created["secret"],
+        "public_key": new_key(),
+        "name": "vm-1",
+        "endpoints": ["192.0.2.7:51820"],
+        "routes": ["10.20.0.0/24"],
+    }
+    assert not _request_errors(served, "post", "/api/v1/enroll", enroll_request)
+    resp = await client.post("/api/v1/enroll", json=enroll_request)
+    enrolled = await _documented(served, "post", "/api/v1/enroll", resp)
+    assert resp.status == 201
+    device_id = enrolled["device"]["id"]
+    device_auth = {"Authorization": f"Bearer {enrolled['token']}"}
+
+    for method, path, url, headers in [
+        ("get", "/api/v1/devices", "/api/v1/devices", AUTH),
+        ("get", "/api/v1/devices/{id}", f"/api/v1/devices/{device_id}", AUTH),
+        ("get", "/api/v1/relays", "/api/v1/relays", device_auth),
+        ("get", "/api/v1/relay/signers", "/api/v1/relay/signers", {}),
+        ("get", "/livez", "/livez", {}),
+        ("get", "/readyz", "/readyz", {}),
+    ]:
+        resp = await client.request(method, url, headers=headers)
+        assert resp.status == 200, f"{method} {url}: {resp.status}"
+        await _documented(served, method, path, resp)
+
+    # requests the document does not allow are refused, with a documented error
+    for body in (
+        {k: v for k, v in enroll_request.items() if k != "name"},
+        {**enroll_request, "name": "not a name!"},
+        {**enroll_request, "unknown": 1},
+    ):
+        assert _request_errors(served, "post", "/api/v1/enroll", body)
+        resp = await client.post("/api/v1/enroll", json=body)
+        await _documented(served, "post", "/api/v1/enroll", resp)
+        assert resp.status == 400
+    for body in ({"expiry": 0}, {"tags": ["vm"]}, {"reusable": "yes"}):
+        assert _request_errors(served, "post", "/api/v1/keys", body)
+        resp = await client.post("/api/v1/keys", json=body, headers=AUTH)
+        await _documented(served, "post", "/api/v1/keys", resp)
+        assert resp.status == 400
+
+    for method, path, url, headers, status in [
+        ("get", "/api/v1/devices", "/api/v1/devices", {}, 401),
+        ("get", "/api/v1/devices/{id}", "/api/v1/devices/dev_nope", AUTH, 404),
+        ("delete", "/api/v1/keys/{id}", "/api/v1/keys/key_nope", AUTH, 404),
+        ("delete", "/api/v1/keys/{id}", f"/api/v1/keys/{created['key']['id']}", AUTH, 204),
+        ("delete", "/api/v1/devices/{id}", f"/api/v1/devices/{device_id}", AUTH, 204),
+    ]:
+        resp = await client.request(method, url, headers=headers)
+        assert resp.status == status, f"{method} {url}: {resp.status}"
+        await _documented(served, method, path, resp)
 
 
 async def test_metrics_app_counts_requests(aiohttp_client: ClientFactory, client: Client) -> None:

@@ -7,15 +7,8 @@ from pathlib import Path
 import pytest
 
 from gateway.app import create_app, create_metrics_app
-from tests.unit.gateway.test_api import (
-    Client,
-    ClientFactory,
-    RecordingBroker,
-    create_key,
-    enroll,
-    make_settings,
-)
-from tests.unit.relay.test_relay_metrics import Samples, parse, value
+from lab.api_client import Client, ClientFactory, RecordingBroker, create_key, enroll, make_settings
+from lab.metrics_text import Samples, parse, value
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import create_app
 from gateway.store import EnrollRequest, KeySpec, Store
 from gateway.store.audit import check_detail, oidc_actor
+from lab.fakes import FakeClock
 from wiregate.keys import encode_key, generate_private_key, public_from_private
 from wiregate.model import Identity
 from wiregate.settings import GatewaySettings
@@ -21,17 +22,11 @@ def pub() -> str:
     return encode_key(public_from_private(generate_private_key()))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", clock=Clock())
+    s = await Store.open(
+        f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", clock=FakeClock(1_800_000_000.0)
+    )
     yield s
     await s.close()
 
@@ -76,7 +71,7 @@ async def test_login_approval_and_denial_are_recorded(store: Store) -> None:
 
 
 async def test_since_and_limit(store: Store) -> None:
-    clock = Clock()
+    clock = FakeClock(1_800_000_000.0)
     for i in range(5):
         await store.record_audit("system:test", "test.event", f"t{i}", {"i": str(i)})
     assert [e.target for e in await store.list_audit(limit=2)] == ["t4", "t3"]
@@ -95,7 +90,7 @@ async def test_audit_route(tmp_path: Path) -> None:
     settings = GatewaySettings(state_dir=tmp_path, admin_socket=tmp_path / "a.sock")
     (tmp_path / "admin.token").write_text("t" * 32)
     settings = settings.model_copy(update={"admin_token_file": tmp_path / "admin.token"})
-    app = create_app(settings, clock=Clock())
+    app = create_app(settings, clock=FakeClock(1_800_000_000.0))
     async with TestClient(TestServer(app)) as client:
         auth = {"Authorization": "Bearer " + "t" * 32}
         created = await client.post("/api/v1/keys", json={"tags": []}, headers=auth)

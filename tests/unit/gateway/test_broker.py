@@ -19,8 +19,15 @@ from gateway.mapping.broker import Broker
 from gateway.mapping.netmap import NetworkState, full_map
 from identity.policy import Policy
 from wiregate.errors import BadInput
-from wiregate.mapwire import AgentEndpoints, parse_endpoint
-from wiregate.model import Device, Identity, NetMap, apply_delta
+from wiregate.mapwire import (
+    AgentEndpoints,
+    Delta,
+    apply_delta,
+    parse_endpoint,
+    read_full,
+    read_map_message,
+)
+from wiregate.model import Device, Identity, NetMap
 
 Connect = Callable[..., Awaitable[ClientWebSocketResponse]]
 
@@ -94,17 +101,23 @@ def scratch(broker: Broker, device_id: str) -> NetMap:
     return full_map(NetworkState(None, broker._state), device_id, broker.version)
 
 
+def delta_of(msg: dict[str, Any]) -> Delta:
+    delta = read_map_message(msg)
+    assert isinstance(delta, Delta), msg
+    return delta
+
+
 async def test_full_map_on_connect(harness: Harness) -> None:
     ws = await harness.connect("d1")
     msg = await recv(ws)
     assert msg["type"] == "full" and msg["version"] == 1
-    assert NetMap.from_wire(msg) == scratch(harness.broker, "d1")
+    assert read_full(msg) == scratch(harness.broker, "d1")
     await until(lambda: harness.broker.connected == 1)
 
 
 async def test_deltas_arrive_in_order_with_a_base_chain(harness: Harness) -> None:
     ws = await harness.connect("d1")
-    current = NetMap.from_wire(await recv(ws))
+    current = read_full(await recv(ws))
     harness.broker.upsert(device(2, endpoint="192.0.2.2:51820"), 5)
     harness.broker.upsert(device(3, endpoint="192.0.2.3:51820"), 6)
     harness.broker.upsert(device(4), 9)
@@ -114,7 +127,7 @@ async def test_deltas_arrive_in_order_with_a_base_chain(harness: Harness) -> Non
         msg = await recv(ws)
         assert msg["type"] == "delta"
         bases.append((msg["base"], msg["version"]))
-        current = apply_delta(current, msg)
+        current = apply_delta(current, delta_of(msg))
     assert bases == [(1, 5), (5, 6), (6, 9), (9, 10)]
     assert current == scratch(harness.broker, "d1")
     assert current.self_view.name == "renamed"
@@ -130,7 +143,7 @@ async def test_unaffected_agents_get_nothing_and_keep_their_version(harness: Har
 
 async def test_resume_from_since_sends_the_missed_deltas(harness: Harness) -> None:
     ws = await harness.connect("d1")
-    first = NetMap.from_wire(await recv(ws))
+    first = read_full(await recv(ws))
     await ws.close()
     await until(lambda: harness.broker.connected == 0)
     harness.broker.upsert(device(2, endpoint="192.0.2.2:1"), 2)
@@ -139,7 +152,9 @@ async def test_resume_from_since_sends_the_missed_deltas(harness: Harness) -> No
     ws = await harness.connect("d1", since=1)
     a, b = await recv(ws), await recv(ws)
     assert [(m["base"], m["version"]) for m in (a, b)] == [(1, 2), (2, 3)]
-    assert apply_delta(apply_delta(first, a), b) == scratch(harness.broker, "d1")
+    assert apply_delta(apply_delta(first, delta_of(a)), delta_of(b)) == scratch(
+        harness.broker, "d1"
+    )
     await ws.close()
 
     ws = await harness.connect("d1", since=2)
@@ -227,6 +242,15 @@ async def test_malformed_message_closes_with_1008(harness: Harness, bad: str) ->
         msg = await ws.receive(timeout=5)
     assert msg.type is WSMsgType.CLOSE and msg.data == 1008
     assert any(e["event"] == "closing agent stream: bad message" for e in logs)
+    assert harness.endpoints == []
+
+
+async def test_a_binary_frame_closes_with_1008(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    await recv(ws)
+    await ws.send_bytes(b'{"type": "endpoints", "endpoints": []}')
+    msg = await ws.receive(timeout=5)
+    assert msg.type is WSMsgType.CLOSE and msg.data == 1008
     assert harness.endpoints == []
 
 

@@ -24,11 +24,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from gateway.api.common import STORE, device_json, key_json
-from gateway.api.relay import RELAY_PROBE
+from gateway.api.common import device_json, key_json
 from gateway.app import create_app
-from tests.unit.gateway.test_api import AUTH, Client, FakeClock, make_settings, new_key
-from tests.unit.gateway.test_relay_tickets_api import RELAYS, both_up
+from gateway.appkeys import RELAY_PROBE, STORE
+from lab.api_client import AUTH, Client, make_settings
+from lab.fakes import FakeClock, new_key
+from lab.relay_api import RELAYS, both_up
 
 FUZZ = settings(
     max_examples=40,

@@ -6,24 +6,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gateway.api.common import BROKER, STORE
+from gateway.appkeys import BROKER, STORE
 from gateway.lifecycle.sweeper import sweep_once
 from gateway.store.store import MIN_ROTATION_INTERVAL
-from tests.unit.gateway.test_api import (
-    AUTH,
-    T0,
-    Client,
-    FakeClock,
-    RecordingBroker,
-    broker,
-    client,
-    clock,
-    create_key,
-    new_key,
-)
-from tests.unit.gateway.test_login_api import approve, poll, start
-
-__all__ = ["broker", "client", "clock"]  # fixtures re-exported for pytest
+from lab.api_client import AUTH, Client, RecordingBroker, create_key
+from lab.device_login import approve, poll, start
+from lab.fakes import T0, FakeClock, new_key
 
 DAY = 86400.0
 ROTATE = "/api/v1/devices/self/rotate"

@@ -5,45 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
 import pytest
 import structlog
 
-from gateway.api.common import STORE
-from tests.unit.gateway.test_api import (
-    AUTH,
-    Client,
-    FakeClock,
-    RecordingBroker,
-    broker,
-    client,
-    clock,
-    new_key,
-)
-
-__all__ = ["broker", "client", "clock"]  # fixtures re-exported for pytest
-
-APPROVER = {"issuer": "https://idp.example", "subject": "alice", "tags": ["tag:laptop"]}
-
-
-async def start(client: Client, **extra: Any) -> dict[str, Any]:
-    body = {"public_key": new_key(), "name": "laptop-1", **extra}
-    resp = await client.post("/api/v1/login/requests", json=body)
-    assert resp.status == 201, await resp.text()
-    data: dict[str, Any] = await resp.json()
-    return data
-
-
-async def poll(client: Client, token: str) -> dict[str, Any]:
-    resp = await client.post("/api/v1/login/poll", json={"poll_token": token})
-    assert resp.status == 200, await resp.text()
-    data: dict[str, Any] = await resp.json()
-    return data
-
-
-async def approve(client: Client, code: str, **body: Any) -> aiohttp.ClientResponse:
-    path = f"/api/v1/login/requests/{code}/approve"
-    return await client.post(path, json={**APPROVER, **body}, headers=AUTH)
+from gateway.appkeys import STORE
+from lab.api_client import AUTH, Client, RecordingBroker
+from lab.device_login import APPROVER, approve, poll, start
+from lab.fakes import FakeClock
 
 
 async def state(client: Client) -> tuple[int, int]:

@@ -15,16 +15,24 @@ from gateway.mapping.netmap import (
     NetworkState,
     apply_remove,
     apply_upsert,
-    delta_wire,
-    encode_delta,
     encode_delta_body,
     encode_full,
-    encode_peer,
     full_map,
 )
-from gateway.mapping.netmap import dumps as wire_dumps
 from identity.policy import Policy, Rule
-from wiregate.model import Device, Identity, NetMap, apply_delta
+from lab.netmap_replay import expected_delta, wire_text
+from wiregate.mapwire import (
+    Delta,
+    apply_delta,
+    build_delta,
+    build_full,
+    build_peer,
+    encode_delta,
+    encode_peer,
+    parse_map_message,
+)
+from wiregate.mapwire import dumps as wire_dumps
+from wiregate.model import Device, Identity, NetMap
 
 TAGS = ["tag:a", "tag:b", "tag:c"]
 IDS = [f"d{i}" for i in range(6)]
@@ -61,7 +69,8 @@ def test_full_map_lists_the_peers() -> None:
     assert nm.version == 7
     assert nm.self_view == device(1).to_self()
     assert list(nm.peers) == ["d2"]
-    assert json.loads(encode_full(state, "d1", 7)) == nm.to_wire()
+    assert json.loads(encode_full(state, "d1", 7)) == build_full(nm)
+    assert parse_map_message(encode_full(state, "d1", 7)) == nm
 
 
 def test_endpoint_change_reaches_every_viewer_once() -> None:
@@ -120,7 +129,9 @@ def test_encoded_delta_matches_the_dict_form() -> None:
     for agent, update in fan.updates.items():
         self_text = state.self_text(agent) if update.self_view else None
         text = encode_delta(3, 4, self_text, encode_delta_body(state, update))
-        assert json.loads(text) == delta_wire(fan, agent, 3, 4)
+        expected = expected_delta(fan, agent, 3, 4)
+        assert text == wire_text(build_delta(expected))  # byte for byte
+        assert parse_map_message(text) == expected
 
 
 # --- the property: deltas applied to each agent's map == the map from scratch ---
@@ -164,13 +175,15 @@ def apply_fanout(state: NetworkState, maps: dict[str, NetMap], fan: Fanout, vers
         assert update.upsert or update.remove or update.self_view, "empty update"
         if agent not in maps:  # a new device: it will get a full map on connect
             continue
-        delta = delta_wire(fan, agent, maps[agent].version, version)
+        expected = expected_delta(fan, agent, maps[agent].version, version)
         self_text = state.self_text(agent) if update.self_view else None
         text = encode_delta(
             maps[agent].version, version, self_text, encode_delta_body(state, update)
         )
-        assert json.loads(text) == delta
-        maps[agent] = apply_delta(maps[agent], json.loads(text))
+        assert text == wire_text(build_delta(expected))
+        delta = parse_map_message(text)
+        assert isinstance(delta, Delta) and delta == expected
+        maps[agent] = apply_delta(maps[agent], delta)
 
 
 @settings(max_examples=300, deadline=None)
@@ -213,14 +226,14 @@ def test_a_changed_peer_is_serialized_once_for_all_viewers(monkeypatch: pytest.M
         calls.append(dev.id)
         return encode_peer(dev)
 
-    monkeypatch.setattr("gateway.mapping.netmap.encode_peer", counting)
+    monkeypatch.setattr("wiregate.mapwire.encode_peer", counting)
     fan = apply_upsert(state, device(7, endpoint="192.0.2.7:1"))
     bodies = {id(u): encode_delta_body(state, u) for u in fan.updates.values()}
     assert len(fan.updates) == 49 and len(bodies) == 1
     assert calls == ["d7"]
 
 
-# --- the direct PEER encoder: byte for byte what Peer.to_wire + the stream encoder give ---
+# --- the direct PEER encoder: byte for byte what build_peer + the stream encoder give ---
 
 texts = st.text(max_size=12)  # any code point: escapes, surrogates, non-ASCII
 short_tuples = st.lists(texts, max_size=3).map(tuple)
@@ -244,13 +257,13 @@ random_devices = st.builds(
 @given(random_devices)
 def test_encode_peer_equals_the_peer_wire_form(dev: Device) -> None:
     text = encode_peer(dev)
-    assert text == wire_dumps(dev.to_peer().to_wire())
-    assert text == json.dumps(dev.to_peer().to_wire(), separators=(",", ":"))
+    assert text == wire_dumps(build_peer(dev.to_peer()))
+    assert text == json.dumps(build_peer(dev.to_peer()), separators=(",", ":"))
 
 
 def test_encode_peer_falls_back_for_values_that_are_not_strings() -> None:
     dev = replace(device(3), keepalive=True, tags=(7,))  # type: ignore[arg-type]
-    assert encode_peer(dev) == wire_dumps(dev.to_peer().to_wire())
+    assert encode_peer(dev) == wire_dumps(build_peer(dev.to_peer()))
 
 
 @settings(max_examples=100, deadline=None)
@@ -259,6 +272,6 @@ def test_cold_full_map_text_equals_the_netmap_wire_form(devices: list[Device]) -
     unique = list({d.id: d for d in devices}.values())
     state = NetworkState(None, unique)
     for dev in unique:
-        expected = full_map(state, dev.id, 5).to_wire()
+        expected = build_full(full_map(state, dev.id, 5))
         cold = NetworkState(None, unique)
         assert encode_full(cold, dev.id, 5) == wire_dumps(expected)

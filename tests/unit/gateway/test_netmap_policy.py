@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -11,41 +10,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.mapping.netmap import (
-    Fanout,
     NetworkState,
-    apply_remove,
     apply_upsert,
-    delta_wire,
-    encode_delta,
-    encode_delta_body,
     encode_full,
     full_map,
-    signature,
 )
 from identity.policy import Policy
 from identity.policy_file import parse_policy
-from wiregate.model import Device, Identity, NetMap, Peer, SelfView, apply_delta
+from lab.netmap_replay import IDS, device, replay
+from wiregate.mapwire import build_full, build_peer, build_self, read_peer, read_self
 
 TAGS = ["tag:a", "tag:b", "tag:c"]
 GROUPS = ["g1", "g2"]
-IDS = [f"d{i}" for i in range(4)]
 ENTRIES = [*TAGS, "group:g1", "group:g2", "*"]
 PORTS = ["tcp:5432", "icmp", "udp:53", "tcp:8000-8099"]
 ROUTES = ["10.1.0.0/24", "10.2.0.0/24", "fd00:1::/64"]
-
-
-def device(i: int, tags: tuple[str, ...] = (), groups: tuple[str, ...] = (), **kw: Any) -> Device:
-    return Device(
-        id=f"d{i}",
-        name=kw.pop("name", f"host{i}"),
-        public_key=f"{i:043d}=",
-        identity=Identity("test", f"s{i}"),
-        ipv4=f"100.64.0.{i + 1}",
-        ipv6=f"fd7a::{i + 1:x}",
-        tags=tags,
-        groups=groups,
-        **kw,
-    )
 
 
 def policy_of(doc: dict[str, Any]) -> Policy:
@@ -63,9 +42,9 @@ def test_a_one_way_acl_with_ports_filters_the_peer() -> None:
     assert db_map.peers["d1"].filter == ("tcp:5432",)
     assert laptop_map.peers["d2"].filter == ()
     assert "d3" not in db_map.peers and full_map(state, "d3", 1).peers == {}
-    assert json.loads(encode_full(state, "d2", 1)) == db_map.to_wire()
-    assert db_map.to_wire()["peers"][0]["filter"] == ["tcp:5432"]
-    assert "group" not in json.dumps(db_map.to_wire())  # memberships are never sent
+    assert json.loads(encode_full(state, "d2", 1)) == build_full(db_map)
+    assert build_full(db_map)["peers"][0]["filter"] == ["tcp:5432"]
+    assert "group" not in json.dumps(build_full(db_map))  # memberships are never sent
 
 
 def test_refused_routes_are_withheld_and_reported() -> None:
@@ -102,13 +81,13 @@ def test_a_group_change_refilters_peers_that_stay() -> None:
 
 def test_the_wire_fields_round_trip_and_unknown_fields_are_ignored() -> None:
     peer = replace(device(1).to_peer(), filter=("icmp",))
-    wire = peer.to_wire()
-    assert Peer.from_wire(wire) == peer
-    assert Peer.from_wire({**wire, "some_future_field": [1]}) == peer
-    assert "filter" not in device(1).to_peer().to_wire()  # unfiltered: the old bytes
+    wire = build_peer(peer)
+    assert read_peer(wire) == peer
+    assert read_peer({**wire, "some_future_field": [1]}) == peer
+    assert "filter" not in build_peer(device(1).to_peer())  # unfiltered: the old bytes
     view = replace(device(1).to_self(), refused_routes=("10.0.0.0/8",))
-    assert SelfView.from_wire({**view.to_wire(), "x": 1}) == view
-    assert "refused_routes" not in device(1).to_self().to_wire()
+    assert read_self({**build_self(view), "x": 1}) == view
+    assert "refused_routes" not in build_self(device(1).to_self())
 
 
 # --- the property: deltas applied to each agent's map == the map from scratch ---
@@ -146,36 +125,6 @@ removes = st.builds(lambda i: ("remove", i), st.sampled_from(IDS))
 operations = st.lists(st.one_of(upserts, removes), max_size=25)
 
 
-def check(state: NetworkState, maps: dict[str, NetMap], version: int) -> None:
-    for agent, current in maps.items():
-        fresh = full_map(state, agent, version)
-        assert current.self_view == fresh.self_view, agent
-        assert current.peers == fresh.peers, agent
-        assert json.loads(encode_full(state, agent, version)) == fresh.to_wire()
-        me = signature(state.device(agent))
-        allowed = {d.id for d in state if d.id != agent and state.policy.may_peer(me, signature(d))}
-        assert set(current.peers) == allowed, agent  # every allowed peer, and only those
-        for pid, peer in current.peers.items():  # never a peer the policy does not allow
-            other = signature(state.device(pid))
-            assert state.policy.may_peer(me, other)
-            assert peer.filter == state.policy.reach(me, other)
-            approved, _ = state.policy.approve_routes(other, state.device(pid).routes)
-            shown = peer.allowed_ips[2:]  # approved, less routes another device carries
-            assert shown == tuple(r for r in approved if r in shown)
-            assert all(state.route_owners(r) - {pid} for r in approved if r not in shown)
-
-
-def apply_fanout(state: NetworkState, maps: dict[str, NetMap], fan: Fanout, version: int) -> None:
-    for agent, update in fan.updates.items():
-        assert update.upsert or update.remove or update.self_view, "empty update"
-        if agent not in maps:
-            continue
-        own = state.self_text(agent) if update.self_view else None
-        text = encode_delta(maps[agent].version, version, own, encode_delta_body(state, update))
-        assert json.loads(text) == delta_wire(fan, agent, maps[agent].version, version)
-        maps[agent] = apply_delta(maps[agent], json.loads(text))
-
-
 @settings(max_examples=500, deadline=None)
 @given(policies, operations)
 def test_deltas_rebuild_the_full_map_under_filters(
@@ -183,19 +132,3 @@ def test_deltas_rebuild_the_full_map_under_filters(
 ) -> None:
     for _ in replay(NetworkState(policy), ops):
         pass
-
-
-def replay(state: NetworkState, ops: list[tuple[str, Any]]) -> Iterator[int]:
-    """Apply ``ops`` (each agent's map kept by its deltas), :func:`check` after each;
-    yield each version."""
-    maps: dict[str, NetMap] = {}
-    for version, (kind, arg) in enumerate(ops, start=1):
-        if kind == "upsert":
-            apply_fanout(state, maps, apply_upsert(state, arg), version)
-            maps.setdefault(arg.id, full_map(state, arg.id, version))
-        else:
-            fan = apply_remove(state, arg)
-            maps.pop(arg, None)
-            apply_fanout(state, maps, fan, version)
-        check(state, maps, version)
-        yield version

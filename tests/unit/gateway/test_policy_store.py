@@ -8,14 +8,15 @@ from typing import Any
 
 import pytest
 
-from gateway.api.common import BROKER, POLICY, STORE
 from gateway.app import create_app, load_policy_document
+from gateway.appkeys import BROKER, POLICY, STORE
 from gateway.mapping.netmap import NetworkState, encode_full, full_map
 from gateway.store import KeySpec, Store
 from identity.policy_file import parse_policy
 from identity.principals import grant_for, stored_tags
 from wiregate.errors import ConfigError
 from wiregate.keys import encode_key, generate_private_key, public_from_private
+from wiregate.mapwire import build_full
 from wiregate.model import Identity
 from wiregate.settings import GatewaySettings
 
@@ -52,7 +53,7 @@ async def test_groups_round_trip_through_the_store(tmp_path: Path) -> None:
     )  # fmt: skip
     state = NetworkState(doc.policy, [device, db])
     assert full_map(state, "db", 1).peers[device.id].filter == ("tcp:5432",)
-    assert "group" not in str(full_map(state, "db", 1).to_wire())
+    assert "group" not in str(build_full(full_map(state, "db", 1)))
 
 
 def test_the_gateway_loads_the_policy_file(tmp_path: Path) -> None:

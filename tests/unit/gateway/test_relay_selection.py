@@ -11,9 +11,9 @@ import asyncio
 import pytest
 
 from gateway.relays import NoRelayUp, RelayMonitor, RelaySelector, pair_key
+from lab.relay_api import ScriptedProbe
 from relay.client.probe import PingResult
 from relay.endpoints import RelayEndpoint
-from relay.errors import RelayTimeout
 
 R1, R2, R3 = (RelayEndpoint(f"relay-{i}", f"192.0.2.{i}", 3480) for i in (1, 2, 3))
 
@@ -154,21 +154,6 @@ def test_status_document() -> None:
 
 
 # --- the monitor ------------------------------------------------------------------------------
-
-
-class ScriptedProbe:
-    """Answers per control address; ``None`` means silence (a RelayTimeout)."""
-
-    def __init__(self) -> None:
-        self.answers: dict[tuple[str, int], PingResult | None] = {}
-        self.calls: list[tuple[tuple[str, int], float]] = []
-
-    async def __call__(self, control: tuple[str, int], timeout: float) -> PingResult:
-        self.calls.append((control, timeout))
-        answer = self.answers.get(control)
-        if answer is None:
-            raise RelayTimeout("no PONG")
-        return answer
 
 
 async def test_monitor_rounds_mark_relays_up_and_down() -> None:

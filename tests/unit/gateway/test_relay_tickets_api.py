@@ -18,68 +18,31 @@ import structlog
 from nacl.signing import SigningKey
 from prometheus_client import generate_latest
 
-from gateway.api.relay import RELAY_MONITOR, RELAY_PROBE, RELAY_SELECTOR, RELAY_SIGNER
-from gateway.app import METRICS, create_app
+from gateway.app import create_app
+from gateway.appkeys import METRICS, RELAY_MONITOR, RELAY_SELECTOR, RELAY_SIGNER
 from gateway.relays import KEY_FILE, load_or_create_signing_key
 from identity.policy import Policy
+from lab.api_client import (
+    AUTH,
+    Client,
+    ClientFactory,
+    RecordingBroker,
+    assert_refused,
+    make_settings,
+)
+from lab.fakes import FakeClock
+from lab.relay_api import CONTROL_1, CONTROL_2, RELAYS, ScriptedProbe, both_up, start, two_devices
 from lab.relay_fixtures import loopback_forwarder
 from relay.aio.forwarding import parse_signers
 from relay.client.probe import PingResult
 from relay.endpoints import RelayEndpoint, parse_relays
 from relay.tickets import DEFAULT_LIFETIME, Side, parse_ticket
-from tests.unit.gateway.test_api import (
-    AUTH,
-    Client,
-    ClientFactory,
-    FakeClock,
-    RecordingBroker,
-    assert_refused,
-    create_key,
-    enroll,
-    make_settings,
-)
-from tests.unit.gateway.test_relay_selection import ScriptedProbe
 from wiregate.errors import ConfigError
 from wiregate.settings import GatewaySettings, load_settings
-
-RELAYS = ["relay-1=relay.example:3480", "relay-2=[2001:db8::1]:3480"]
-CONTROL_1, CONTROL_2 = ("relay.example", 3480), ("2001:db8::1", 3480)
-
-
-def both_up() -> ScriptedProbe:
-    probe = ScriptedProbe()
-    probe.answers[CONTROL_1] = PingResult(0.010, 0, 100)
-    probe.answers[CONTROL_2] = PingResult(0.010, 0, 100)
-    return probe
-
-
-async def start(
-    aiohttp_client: ClientFactory,
-    tmp_path: Path,
-    *,
-    relays: list[str] | None = None,
-    policy: Policy | None = None,
-    probe: ScriptedProbe | None = None,
-) -> Client:
-    settings = make_settings(tmp_path, relays=RELAYS if relays is None else relays)
-    broker = RecordingBroker(policy)
-    app = create_app(settings, broker_factory=lambda _p: broker, clock=FakeClock())
-    app[RELAY_PROBE] = both_up() if probe is None else probe
-    return await aiohttp_client(app)
 
 
 async def probe_round(client: Client) -> None:
     await client.app[RELAY_MONITOR].probe_all()
-
-
-async def two_devices(client: Client, tags: tuple[str, str] = ("tag:a", "tag:a")) -> list[Any]:
-    out = []
-    for i, tag in enumerate(tags):
-        secret = (await create_key(client, tags=[tag]))["secret"]
-        resp = await enroll(client, secret, name=f"vm-{i}")
-        assert resp.status == 201, await resp.text()
-        out.append(await resp.json())
-    return out
 
 
 async def ask(client: Client, token: str | None, peer: str, avoid: Any = None) -> Any:

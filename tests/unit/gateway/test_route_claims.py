@@ -12,20 +12,8 @@ from hypothesis import strategies as st
 from gateway.mapping.netmap import NetworkState, apply_remove, apply_upsert, full_map
 from gateway.mapping.routeclaims import RouteClaims
 from identity.policy import Policy
-from tests.unit.gateway.test_api import (
-    Client,
-    RecordingBroker,
-    assert_refused,
-    broker,
-    client,
-    clock,
-    create_key,
-    enroll,
-    snapshot,
-)
-from tests.unit.gateway.test_netmap_policy import IDS, device, replay
-
-__all__ = ["broker", "client", "clock"]  # fixtures re-exported for pytest
+from lab.api_client import Client, RecordingBroker, assert_refused, create_key, enroll, snapshot
+from lab.netmap_replay import IDS, device, replay
 
 NESTED = ["10.1.0.0/16", "10.1.2.0/24", "10.1.3.0/24", "10.1.2.128/25", "fd00:1::/64"]
 

@@ -19,14 +19,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.api.common import BROKER, STORE
 from gateway.app import create_app
-from gateway.web.context import WEB
+from gateway.appkeys import BROKER, STORE, WEB
 from gateway.web.guard import SECURITY_HEADERS
 from gateway.web.sessions import Session, csrf_token
 from identity.device_login import format_user_code
 from identity.enrollment import KEY_PREFIX
-from tests.unit.gateway.test_api import T0, FakeClock, RecordingBroker, make_settings, new_key
+from lab.api_client import RecordingBroker, make_settings
+from lab.fakes import T0, FakeClock, new_key
 from wiregate.errors import ConfigError
 from wiregate.model import Identity
 from wiregate.settings import GatewaySettings, OidcIssuerSettings
@@ -55,11 +55,6 @@ def sso_settings(tmp_path: Path, **kw: Any) -> GatewaySettings:
     )
     values: dict[str, Any] = {"public_url": ORIGIN, "oidc": [issuer], "admin_groups": ["ops"]}
     return make_settings(tmp_path, **{**values, **kw})
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from lab.relay_fixtures import (
 )
 from relay.client.bind import build_allocate, build_bind, build_confirm
 from relay.controlwire import Challenge, parse_control
-from relay.forwarding import OUTCOMES, Relay, Send
+from relay.forwarding import OUTCOMES, Send
 from relay.tickets import Side
 
 KEY, TRUSTED = signer()
@@ -394,9 +394,20 @@ def test_legitimate_pair_keeps_flowing_while_attacked(lab: Lab) -> None:
 
 
 def test_every_counted_outcome_is_declared(lab: Lab) -> None:
-    bound_pair(lab)
+    port_a, _ = bound_pair(lab)
+    assert lab.relay.counters == {"allocated": 2, "challenged": 2, "bound": 2}
+    assert lab.send(b"junk", ATTACKER, CONTROL) == []
+    assert lab.send(transport(64), ATTACKER, port_a) == []
+    assert len(lab.send(transport(64), ADDR_A, port_a)) == 1
+    assert lab.relay.counters == {
+        "allocated": 2,
+        "challenged": 2,
+        "bound": 2,
+        "malformed_control": 1,
+        "unbound_source": 1,
+        "forwarded": 1,
+    }
     assert set(lab.relay.counters) <= set(OUTCOMES)
-    assert isinstance(lab.relay, Relay)
 
 
 def test_loopback_flag_still_refuses_the_relays_own_ports() -> None:

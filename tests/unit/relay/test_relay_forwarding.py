@@ -11,77 +11,35 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 
 import aiohttp
 import pytest
 
-from lab.relay_fixtures import RELAY_ID, TENANT, initiation, node, response, signer, transport
-from relay.aio.forwarding import ForwardingSettings
-from relay.aio.stun import RelayServer, run_relay
+from lab.fakes import FakeClock
+from lab.relay_fixtures import RELAY_ID, TENANT, initiation, response, transport
+from lab.relay_net import (
+    KEY,
+    LOOPBACK,
+    A,
+    B,
+    bind,
+    exchange,
+    receive,
+    start,
+    udp_socket,
+)
+from relay.aio.stun import RelayServer
 from relay.client.bind import (
     build_allocate,
     build_bind,
-    build_confirm,
-    parse_allocated,
-    parse_bound,
-    parse_challenge,
 )
-from relay.forwarding import RelayConfig
 from relay.tickets import issue_pair
-from wiregate.settings import RelaySettings
-
-LOOPBACK = "127.0.0.1"
-KEY, TRUSTED = signer()
-A, B = node("dev-a"), node("dev-b")
-
-
-@dataclass
-class Clock:
-    now: float
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def forwarding(allow_loopback: bool) -> ForwardingSettings:
-    config = RelayConfig(RELAY_ID, 0, (), allow_loopback=allow_loopback, idle_timeout=60.0)
-    return ForwardingSettings(LOOPBACK, 0, (0,) * 4, config, (TRUSTED,), b"k" * 32, 0.05)
-
-
-async def start(allow_loopback: bool, clock: Clock) -> AsyncIterator[RelayServer]:
-    settings = RelaySettings(stun_listen=[f"{LOOPBACK}:0"], metrics_listen=f"{LOOPBACK}:0")
-    ready: asyncio.Future[RelayServer] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        run_relay(
-            settings,
-            on_ready=ready.set_result,
-            forwarding=forwarding(allow_loopback),
-            clock=clock,
-        )
-    )
-    yield await asyncio.wait_for(ready, 5)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock(1_700_000_000.0)
-
-
-@pytest.fixture
-async def relay(clock: Clock) -> AsyncIterator[RelayServer]:
+async def relay(clock: FakeClock) -> AsyncIterator[RelayServer]:
     async for server in start(True, clock):
         yield server
-
-
-def udp_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((LOOPBACK, 0))
-    sock.setblocking(False)
-    return sock
 
 
 @pytest.fixture
@@ -92,39 +50,8 @@ def peers() -> Iterator[tuple[socket.socket, socket.socket, socket.socket]]:
         sock.close()
 
 
-async def exchange(
-    sock: socket.socket, data: bytes, to: tuple[str, int], wait: float = 1.0
-) -> bytes | None:
-    loop = asyncio.get_running_loop()
-    await loop.sock_sendto(sock, data, to)
-    return await receive(sock, wait)
-
-
-async def receive(sock: socket.socket, wait: float = 1.0) -> bytes | None:
-    try:
-        return await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 4096), wait)
-    except TimeoutError:
-        return None
-
-
-async def bind(relay: RelayServer, sock: socket.socket, ticket: bytes) -> int:
-    """The agent's sequence; returns the relay port to use as the peer's endpoint."""
-    assert relay.forwarder is not None and relay.forwarder.control_address is not None
-    reply = await exchange(sock, build_allocate(ticket), relay.forwarder.control_address)
-    assert reply is not None
-    port = parse_allocated(reply, ticket)
-    reply = await exchange(sock, build_bind(ticket), (LOOPBACK, port))
-    assert reply is not None
-    reply = await exchange(
-        sock, build_confirm(ticket, parse_challenge(reply, ticket)), (LOOPBACK, port)
-    )
-    assert reply is not None
-    parse_bound(reply, ticket)
-    return port
-
-
 async def test_two_peers_talk_wireguard_through_the_relay(
-    relay: RelayServer, peers: tuple[socket.socket, socket.socket, socket.socket], clock: Clock
+    relay: RelayServer, peers: tuple[socket.socket, socket.socket, socket.socket], clock: FakeClock
 ) -> None:
     peer_a, peer_b, stranger = peers
     for_a, for_b = issue_pair(
@@ -159,7 +86,7 @@ async def test_two_peers_talk_wireguard_through_the_relay(
 
 
 async def test_idle_pairs_expire_on_the_timer(
-    relay: RelayServer, peers: tuple[socket.socket, socket.socket, socket.socket], clock: Clock
+    relay: RelayServer, peers: tuple[socket.socket, socket.socket, socket.socket], clock: FakeClock
 ) -> None:
     peer_a, peer_b, _ = peers
     for_a, for_b = issue_pair(
@@ -176,7 +103,7 @@ async def test_idle_pairs_expire_on_the_timer(
 
 
 async def test_without_the_test_flag_loopback_is_refused(
-    peers: tuple[socket.socket, socket.socket, socket.socket], clock: Clock
+    peers: tuple[socket.socket, socket.socket, socket.socket], clock: FakeClock
 ) -> None:
     peer_a, _, _ = peers
     for_a, _ = issue_pair(KEY, relay_id=RELAY_ID, tenant=TENANT, node_a=A, node_b=B, now=clock.now)

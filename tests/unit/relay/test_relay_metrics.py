@@ -8,47 +8,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from lab.fakes import FakeClock
+from lab.metrics_text import Samples, parse, scrape, value
 from lab.relay_fixtures import RELAY_ID, TENANT, initiation
+from lab.relay_net import KEY, A, B, bind, exchange, start, udp_socket
 from relay.aio.stun import RelayServer
 from relay.client.stun import build_binding_request
 from relay.metrics import family_of
 from relay.tickets import issue_pair
-from tests.unit.relay.test_relay_forwarding import (
-    KEY,
-    A,
-    B,
-    Clock,
-    bind,
-    exchange,
-    start,
-    udp_socket,
-)
 from wiregate.settings import RelaySettings
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    """Every sample of a Prometheus text page, keyed by name and label set."""
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
-
-
-async def scrape(url: str) -> str:
-    async with aiohttp.ClientSession() as http, http.get(url) as resp:
-        assert resp.status == 200
-        return await resp.text()
 
 
 async def scrape_relay(relay: RelayServer) -> Samples:
@@ -58,7 +28,7 @@ async def scrape_relay(relay: RelayServer) -> Samples:
 
 @pytest.fixture
 async def relay() -> AsyncIterator[RelayServer]:
-    async for server in start(True, Clock(1_700_000_000.0)):
+    async for server in start(True, FakeClock()):
         yield server
 
 

@@ -15,7 +15,8 @@ from aiohttp import web
 from click.testing import CliRunner, Result
 
 from gateway.app import create_app
-from tests.unit.gateway.test_api import FakeClock, make_settings
+from lab.api_client import make_settings
+from lab.fakes import FakeClock
 from wiregate.cli.main import main
 
 

@@ -2,7 +2,7 @@
 
 Valid messages give their endpoints in canonical form, deduplicated, in order,
 and the canonical form is a fixed point; any other JSON value, in any field,
-any text and any frame kind is refused with :class:`BadInput` only.
+and any text (or bytes) is refused with :class:`BadInput` only.
 """
 
 from __future__ import annotations
@@ -12,19 +12,22 @@ import json
 from typing import Any
 
 import pytest
-from aiohttp import WSMsgType
 from hypothesis import given
 from hypothesis import strategies as st
 
 from wiregate.errors import BadInput
 from wiregate.mapwire import MAX_ENDPOINTS, NAT_TYPES, parse_agent_message, parse_endpoint
+from wiregate.net import destination_refusal
 
-TEXT = WSMsgType.TEXT
-endpoints = st.one_of(
-    st.builds(lambda a, p: (f"{a}:{p}", f"{a}:{p}"), st.ip_addresses(v=4), st.integers(1, 65535)),
+endpoints = st.one_of(  # addresses a peer may be sent to (the others are refused)
+    st.builds(
+        lambda a, p: (f"{a}:{p}", f"{a}:{p}"),
+        st.ip_addresses(v=4).filter(lambda a: destination_refusal(a) is None),
+        st.integers(1, 65535),
+    ),
     st.builds(
         lambda a, p: (f"[{a.exploded}]:{p}", f"[{a}]:{p}"),
-        st.ip_addresses(v=6),
+        st.ip_addresses(v=6).filter(lambda a: destination_refusal(a) is None),
         st.integers(1, 65535),
     ),
 )
@@ -35,9 +38,9 @@ json_values = st.recursive(
 )
 
 
-def refused_or_parsed(kind: WSMsgType, data: Any) -> None:
+def refused_or_parsed(data: str | bytes) -> None:
     with contextlib.suppress(BadInput):
-        report = parse_agent_message(kind, data)
+        report = parse_agent_message(data)
         assert len(report.endpoints) <= MAX_ENDPOINTS
         assert report.nat is None or report.nat in NAT_TYPES
         assert all(parse_endpoint(e) == e for e in report.endpoints)
@@ -48,7 +51,7 @@ def test_valid_messages_give_canonical_endpoints(pairs: list[tuple[str, str]], n
     msg: dict[str, Any] = {"type": "endpoints", "endpoints": [sent for sent, _ in pairs]}
     if nat is not None:
         msg["nat"] = nat
-    report = parse_agent_message(TEXT, json.dumps(msg))
+    report = parse_agent_message(json.dumps(msg))
     assert report.endpoints == list(dict.fromkeys(canonical for _, canonical in pairs))
     assert report.nat == nat
     assert [parse_endpoint(e) for e in report.endpoints] == report.endpoints
@@ -57,28 +60,27 @@ def test_valid_messages_give_canonical_endpoints(pairs: list[tuple[str, str]], n
 @given(st.sampled_from(["type", "endpoints", "nat", "extra"]), json_values)
 def test_any_value_in_any_field_is_parsed_or_refused(field: str, value: Any) -> None:
     msg = {"type": "endpoints", "endpoints": ["192.0.2.1:51820"], "nat": "eim", field: value}
-    refused_or_parsed(TEXT, json.dumps(msg))
+    refused_or_parsed(json.dumps(msg))
 
 
 @given(json_values)
 def test_any_json_document_is_parsed_or_refused(value: Any) -> None:
-    refused_or_parsed(TEXT, json.dumps(value))
+    refused_or_parsed(json.dumps(value))
 
 
 @given(st.lists(json_values, max_size=5))
 def test_any_json_in_the_endpoint_list_is_parsed_or_refused(values: list[Any]) -> None:
-    refused_or_parsed(TEXT, json.dumps({"type": "endpoints", "endpoints": values}))
+    refused_or_parsed(json.dumps({"type": "endpoints", "endpoints": values}))
 
 
 @given(st.text(max_size=200))
 def test_any_text_is_parsed_or_refused(text: str) -> None:
-    refused_or_parsed(TEXT, text)
+    refused_or_parsed(text)
 
 
-@given(st.sampled_from([k for k in WSMsgType if k is not TEXT]), st.binary(max_size=50))
-def test_frames_other_than_text_are_refused(kind: WSMsgType, data: bytes) -> None:
-    with pytest.raises(BadInput):
-        parse_agent_message(kind, data)
+@given(st.binary(max_size=50))
+def test_any_bytes_are_parsed_or_refused(data: bytes) -> None:
+    refused_or_parsed(data)
 
 
 # --- regressions found by fuzzing ----------------------------------------------------
@@ -96,4 +98,12 @@ def test_frames_other_than_text_are_refused(kind: WSMsgType, data: bytes) -> Non
 )
 def test_regression_refused_with_bad_input(data: bytes) -> None:
     with pytest.raises(BadInput):
-        parse_agent_message(TEXT, data.decode())
+        parse_agent_message(data.decode())
+
+
+def test_refused_addresses_are_left_out_and_the_report_kept() -> None:
+    sent = ["127.0.0.1:51820", "[2002:a9fe:a9fe::1]:51820", "203.0.113.7:51820", "0.1.2.3:9"]
+    report = parse_agent_message(json.dumps({"type": "endpoints", "endpoints": sent}))
+    assert report.endpoints == ["203.0.113.7:51820"]
+    with pytest.raises(BadInput):
+        parse_agent_message(json.dumps({"type": "endpoints", "endpoints": ["127.0.0.1:0"]}))

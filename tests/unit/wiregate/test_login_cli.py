@@ -18,12 +18,11 @@ from click.testing import CliRunner, Result
 from agent.gateway_client import ControlClient, LoginPoll, LoginStart
 from agent.login import AlreadyEnrolled, LoginDenied, LoginExpired, login
 from agent.state import Enrollment, StateDir
-from tests.unit.gateway.test_api import AUTH, Client, FakeClock, broker, client, clock
-from tests.unit.gateway.test_login_api import APPROVER
+from lab.api_client import AUTH, Client
+from lab.device_login import APPROVER
+from lab.fakes import FakeClock
 from wiregate.cli.main import main
 from wiregate.keys import encode_key, fingerprint, public_from_private
-
-__all__ = ["broker", "client", "clock"]  # fixtures re-exported for pytest
 
 CODE = re.compile(r"\b[BCDFGHJKLMNPQRSTVWXZ]{4}-[BCDFGHJKLMNPQRSTVWXZ]{4}\b")
 

@@ -1,0 +1,73 @@
+"""``GET /api/v1/stream``: an agent's map stream (WebSocket), served by the broker."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.api.common import EndpointsCallback, bearer_token
+from gateway.api.enroll import MAX_ENDPOINTS, parse_endpoints
+from gateway.appkeys import BROKER, FOLLOWER, STORE
+from wiregate.errors import BadInput, NotFound, Unauthorized
+from wiregate.logging import get_logger
+from wiregate.mapwire import AgentEndpoints
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+_log = get_logger("gateway.api.stream")
+SYNC_WAIT_S = 2.0  # how long a stream waits for this replica to reach the agent's version
+
+
+@routes.get("/api/v1/stream")
+async def stream(request: web.Request) -> web.StreamResponse:
+    """The agent's map stream (WebSocket), authenticated by its device token."""
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("a device bearer token is required", code="invalid_token")
+    record = await request.app[STORE].device_by_token(token)
+    since = _parse_since(request.query.get("since"))
+    await request.app[STORE].touch(record.device.id)
+    _log.info("stream_open", device_id=record.device.id, since=since)
+    broker = request.app[BROKER]
+    follower = request.app.get(FOLLOWER)
+    if follower is not None and record.device.id not in broker:
+        # enrolled through another replica moments ago: catch up to the store's head
+        await follower.sync(await request.app[STORE].map_version(), SYNC_WAIT_S)
+    elif follower is not None and since is not None and since > broker.version:
+        # the agent comes from a replica further ahead: catch up so it can resume
+        await follower.sync(since, SYNC_WAIT_S)
+    try:
+        return await broker.serve(request, record.device.id, since, _on_endpoints(request.app))
+    finally:  # when it went away: ephemeral devices are swept ephemeral_timeout later
+        await request.app[STORE].touch(record.device.id)
+
+
+def _parse_since(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise BadInput("since must be a non-negative integer map version")
+    return int(text)
+
+
+def _agent_endpoints(endpoints: object) -> tuple[str, ...]:
+    if not isinstance(endpoints, list) or len(endpoints) > MAX_ENDPOINTS:
+        raise BadInput(f"endpoints must be a list of at most {MAX_ENDPOINTS} strings")
+    if not all(isinstance(e, str) for e in endpoints):
+        raise BadInput("endpoints must be strings")
+    return parse_endpoints(endpoints)
+
+
+def _on_endpoints(app: web.Application) -> EndpointsCallback:
+    async def on_endpoints(device_id: str, report: AgentEndpoints) -> None:
+        try:
+            valid = _agent_endpoints(report.endpoints)
+            changed = await app[STORE].set_endpoints(device_id, valid, report.nat)
+        except (BadInput, NotFound) as exc:
+            _log.warning("endpoints_refused", device_id=device_id, reason=exc.message)
+            return
+        if changed is not None:
+            record, version = changed
+            app[BROKER].upsert(record.device, version)
+
+    return on_endpoints

@@ -190,11 +190,11 @@ def test_nat_matrix_paths_conntrack_flush_and_relay_failover(
     relays[victim].stop()
     killed = time.monotonic()
 
-    def moved() -> bool:
+    def moved() -> bool:  # to the other relay, or to direct where a retry found a way
         now = peer_paths(wiregate, agents)
-        return all(now[k].get("relay") == survivor for k in relayed)
+        return all(now[k].get("relay") == survivor or now[k]["path"] == "direct" for k in relayed)
 
-    poll(moved, timeout=60, interval=0.5, what=f"relayed pairs to move to {survivor}")
+    poll(moved, timeout=60, interval=0.5, what=f"relayed pairs to leave {victim}")
     moved_after = time.monotonic() - killed
     failed = [
         f"{a}->{b}" for a, b in relayed if not ping_until(hosts[a], _addr(wiregate, agents[b]), 20)

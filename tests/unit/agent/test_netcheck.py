@@ -32,8 +32,9 @@ from relay.client.probe import PingResult
 from relay.client.stun import BindingResponse
 from relay.endpoints import RelayEndpoint
 from relay.errors import RelayTimeout, StunTimeout
-from wiregate.cli import main as cli
-from wiregate.cli.main import _format_netcheck, main
+from wiregate.cli import options as cli_options
+from wiregate.cli.device import format_netcheck
+from wiregate.cli.main import main
 from wiregate.errors import Unauthorized, Unavailable
 from wiregate.settings import AgentSettings
 
@@ -199,7 +200,7 @@ async def test_agent_advertises_reflexive_once(tmp_path: Path) -> None:
 
 
 def test_cli_text_and_missing_server() -> None:
-    text = _format_netcheck(eim_report().to_dict())
+    text = format_netcheck(eim_report().to_dict())
     assert "nat type   eim" in text and f"{WAN}:51820" in text and "2.0ms" in text
     result = CliRunner().invoke(main, ["netcheck"], env={"WIREGATE_STUN_SERVERS": "[]"})
     assert result.exit_code == 2 and "no STUN server" in result.output
@@ -237,11 +238,11 @@ async def test_relays_are_pinged_with_the_stun_probes() -> None:
 
 def test_cli_text_shows_relays() -> None:
     report = classify(eim_report().probes, LOCAL, 0.0, [RelayProbe(R1, 0.0042), RelayProbe(R2)])
-    text = _format_netcheck(report.to_dict())
+    text = format_netcheck(report.to_dict())
     relay_lines = [line for line in text.splitlines() if line.startswith("relay-")]
     assert relay_lines[0].split()[:4] == ["relay-1", "192.0.2.50:3480", "yes", "4.2ms"]
     assert relay_lines[1].split()[:4] == ["relay-2", "[2001:db8::5]:3480", "no", "-"]
-    assert "RELAY" not in _format_netcheck(eim_report().to_dict())
+    assert "RELAY" not in format_netcheck(eim_report().to_dict())
 
 
 @pytest.fixture
@@ -284,7 +285,7 @@ async def test_fetch_relays_from_the_gateway(aiohttp_client: ClientFactory, tmp_
 @pytest.fixture
 def quiet_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI configures structlog for the whole process (cached loggers): not in tests."""
-    monkeypatch.setattr(cli, "configure_logging", lambda *_args: None)
+    monkeypatch.setattr(cli_options, "configure_logging", lambda *_args: None)
 
 
 class RecordingNetcheck:

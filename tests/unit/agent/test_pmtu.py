@@ -22,7 +22,7 @@ from agent.pmtu.prober import (
 )
 from agent.pmtu.search import FLOOR, HANDSHAKE_FRESH, MtuSearch, PeerSeen, PmtuBook
 from lab.firewall_fakes import Recorder, netmap, peer
-from wiregate.cli.main import _format_status
+from wiregate.cli.device import format_status
 from wiregate.model import NetMap
 
 
@@ -183,7 +183,7 @@ def test_the_probe_targets_the_peers_ipv4_tunnel_address() -> None:
 @pytest.mark.parametrize("mtu", [1216, None])
 def test_status_text_shows_the_path_mtu(mtu: int | None) -> None:
     doc = {"peers": [{"name": "b", "addresses": ["100.64.0.2/32"], "path_mtu": mtu}]}
-    assert ("path MTU 1216" in _format_status(doc)) is (mtu is not None)
+    assert ("path MTU 1216" in format_status(doc)) is (mtu is not None)
 
 
 class FakeDataPlane:

@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from wiregate.cli.admin import parse_duration
-from wiregate.cli.main import _format_status, main
+from wiregate.cli.device import format_status
+from wiregate.cli.main import main
 
 
 def test_auth_key_literal_in_argv_is_refused() -> None:
@@ -47,7 +48,7 @@ def test_status_table_lists_peers_and_problems() -> None:
         ],
         "problems": ["peer x: allowed IPs overlap"],
     }
-    text = _format_status(doc)
+    text = format_status(doc)
     assert "100.64.0.2" in text and "never" in text and "map v4" in text
     assert "problem: peer x" in text
 

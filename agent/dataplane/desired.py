@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from agent.dataplane.backend import IPNetwork, format_endpoint, network, parse_endpoint
+from agent.dataplane.backend import IPNetwork, network
+from wiregate import net
 from wiregate.errors import BadKey
 from wiregate.intervals import OverlapIndex, Span
 from wiregate.keys import encode_key, parse_public_key, public_from_private
@@ -94,30 +95,12 @@ class DesiredConfig:
 
 @lru_cache(maxsize=1 << 14)
 def check_endpoint(text: str) -> str:
-    """Validate an endpoint from the control plane: its canonical form, or ValueError."""
-    address, port = parse_endpoint(text)
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if address.version == 4:
-        bad = _bad_ipv4(int(address))
-    else:
-        bad = (
-            address.is_loopback
-            or address.is_unspecified
-            or address.is_multicast
-            or address.is_link_local
-        )
-    if bad:
-        raise ValueError(f"endpoint {text} is loopback/unspecified/multicast/link-local/metadata")
-    return format_endpoint(address, port)
+    """Validate an endpoint from the control plane: its canonical form, or ValueError.
 
-
-def _bad_ipv4(value: int) -> bool:
-    """Loopback, unspecified, multicast, link-local (metadata included) or broadcast."""
-    top = value >> 24
-    return (
-        top == 127 or value == 0 or top >> 4 == 0xE or value >> 16 == 0xA9FE or value == 0xFFFFFFFF
-    )
+    The same rule as the relay's and the gateway's (:func:`wiregate.net.parse_endpoint`
+    with ``from_peer``): an address no peer may be sent to is refused.
+    """
+    return str(net.parse_endpoint(text, allow_names=False, from_peer=True, error=ValueError))
 
 
 def build_desired(netmap: NetMap, settings: LocalSettings) -> DesiredConfig:

@@ -39,6 +39,7 @@ from relay.tickets import MAX_TEXT, TrustedSigner
 from wiregate.clock import Clock
 from wiregate.errors import ConfigError
 from wiregate.logging import get_logger
+from wiregate.net import parse_hostport
 from wiregate.settings import RelaySettings, parse_port_range
 
 __all__ = [
@@ -210,7 +211,9 @@ def forwarding_from_settings(settings: RelaySettings) -> ForwardingSettings | No
         )
     if settings.burst_bytes < settings.max_datagram:
         raise ConfigError("burst_bytes must be at least max_datagram")
-    host, control_port = _listen(settings.relay_listen)
+    host, control_port = parse_hostport(
+        settings.relay_listen, allow_port_zero=True, what="relay_listen"
+    )
     return ForwardingSettings(
         host=host,
         control_port=control_port,
@@ -234,14 +237,6 @@ def _core_config(settings: RelaySettings) -> RelayConfig:
         idle_timeout=settings.idle_timeout,
         max_datagram=settings.max_datagram,
     )
-
-
-def _listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"relay_listen {text!r} is not host:port")
-    return host, int(port)
 
 
 def _ports(text: str) -> tuple[int, ...]:

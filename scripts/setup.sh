@@ -25,15 +25,17 @@ if [ -n "$missing" ]; then
     apt-get install -y -q --no-install-recommends $missing
 fi
 
+# The venv comes from the hash-checked lock (requirements/dev.txt, made by scripts/lock.sh; it
+# pins pip itself too), then the project on top without resolving anything more.
 PY=/usr/bin/python3
 stamp=".venv/.wiregate-installed"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements/runtime.txt requirements/dev.txt | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[dev]'
+    .venv/bin/pip install -q --require-hashes -r requirements/dev.txt
+    .venv/bin/pip install -q --no-deps -e .
     echo "$want" > "$stamp"
 fi
 

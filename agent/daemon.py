@@ -12,7 +12,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from agent.discovery.endpoints import candidates, local_addresses, local_network
 from agent.discovery.netcheck import NetReport, fetch_relays, run_netcheck
 from agent.gateway_client import (
     ControlClient,
+    connector,
     read_auth_key,
     read_workload_token,
     server_urls,
@@ -35,6 +36,7 @@ from agent.paths.driver import PathBook, PathRunner, RelayHooks
 from agent.paths.machine import LocalNat, PathTimers
 from agent.paths.relaylink import Addr, RelayBinding, RelayGrant, bind_at_relay
 from agent.pmtu.prober import PmtuProber
+from agent.privileges import require_net_admin
 from agent.rotation import KeyRotator
 from agent.session import Action, MapSession
 from agent.state import Enrollment, StateDir
@@ -76,8 +78,11 @@ class Health:
 class Agent:
     """One agent process, owning one WireGuard interface."""
 
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(
+        self, settings: AgentSettings, *, check_privileges: Callable[[], None] = require_net_admin
+    ) -> None:
         self.settings = settings
+        self._check_privileges = check_privileges  # before anything is spent (the enrollment)
         self.state = StateDir(settings.state_dir)
         self.health = Health()
         self.session = MapSession()
@@ -122,11 +127,12 @@ class Agent:
         return server_urls(self.settings.server)[0]
 
     async def run(self) -> None:
+        self._check_privileges()
         self.state.ensure()
         private = load_or_create_key(self.settings.state_dir)
         self.public_key = encode_key(public_from_private(private))
         self.dataplane = self._make_dataplane(private)
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(connector=connector(self.settings.ca_file)) as http:
             control = self.control = ControlClient(self.settings.server, http)
             self.enrollment = self.state.load_enrollment() or await self._enroll(control)
             await self._setup_dataplane()
@@ -267,7 +273,9 @@ class Agent:
         if self.enrollment is None:
             return ()
         try:
-            return await fetch_relays(self.gateway_url(), self.enrollment.token)
+            return await fetch_relays(
+                self.gateway_url(), self.enrollment.token, ca_file=self.settings.ca_file
+            )
         except WiregateError as exc:
             log.debug("relay list unavailable for netcheck", error=exc.message)
             return ()

@@ -17,15 +17,18 @@ from agent.paths.relaylink import RelayGrant
 from agent.state import Enrollment
 from wiregate.errors import ConfigError, Unauthorized, Unavailable, from_api_response
 from wiregate.net import parse_endpoint
+from wiregate.tls import client_context, tls_refusal
 
 __all__ = [
     "KUBERNETES_TOKEN_PATH",
     "ControlClient",
     "LoginPoll",
     "LoginStart",
+    "connector",
     "read_auth_key",
     "read_workload_token",
     "server_urls",
+    "unreachable",
     "workload_token_source",
 ]
 
@@ -108,6 +111,20 @@ class LoginPoll:
     status: str  # pending | slow_down | approved | denied | expired
     interval: int | None
     enrollment: Enrollment | None = None
+
+
+def unreachable(server: str, exc: BaseException) -> Unavailable:
+    """The error for a request to ``server`` that failed with ``exc``: one line, naming
+    the TLS failure when the gateway's certificate was refused."""
+    refusal = tls_refusal(server, exc)
+    if refusal is not None:
+        return Unavailable(refusal, code="tls")
+    return Unavailable(f"cannot reach the gateway at {server}: {exc}")
+
+
+def connector(ca_file: Path | None) -> aiohttp.TCPConnector:
+    """A connector whose HTTPS verifies the gateway with the system store plus ``ca_file``."""
+    return aiohttp.TCPConnector(ssl=client_context(ca_file))
 
 
 def server_urls(spec: str) -> tuple[str, ...]:
@@ -215,7 +232,7 @@ class ControlClient:
                 raise Unauthorized("the gateway no longer accepts this device's token") from exc
             raise Unavailable(f"stream refused by the gateway (HTTP {exc.status})") from exc
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise Unavailable(f"cannot reach the gateway at {self.server}: {exc}") from exc
+            raise unreachable(self.server, exc) from exc
         async with ws:
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
@@ -260,8 +277,8 @@ class ControlClient:
                 # Only a request that never reached a replica is sent to the next one
                 # (an enrollment that timed out may have happened).
                 last = attempt + 1 == len(self.servers)
-                unreachable = Unavailable(f"cannot reach the gateway at {self.server}: {exc}")
+                error = unreachable(self.server, exc)
                 self.failover()
                 if last or not isinstance(exc, aiohttp.ClientConnectorError):
-                    raise unreachable from exc
+                    raise error from exc
         raise AssertionError("unreachable")

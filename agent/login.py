@@ -98,8 +98,12 @@ async def login(
     sleep: Sleep,
     out: Output,
     qr: QrRenderer = render_qr,
+    server: str = "",
 ) -> Enrollment:
-    """Log this host in; return the saved enrollment, or raise (nothing saved)."""
+    """Log this host in; return the saved enrollment, or raise (nothing saved).
+
+    ``server``, the gateway URL used, is saved beside the enrollment: ``wiregate
+    agent`` without ``--server`` uses it."""
     existing = state.load_enrollment()
     if existing is not None:
         raise AlreadyEnrolled(
@@ -117,6 +121,8 @@ async def login(
     enrollment = answer.enrollment
     assert enrollment is not None
     state.save_enrollment(enrollment)
+    if server:
+        state.save_server(server)
     log.info("login approved", request_id=started.request_id, device_id=enrollment.device_id)
     out(f"Approved: this host is device {enrollment.name} ({enrollment.device_id}).")
     out(f"Addresses: {' '.join(enrollment.addresses)}")

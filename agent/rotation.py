@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from agent.gateway_client import connector
 from agent.keyfile import KEY_FILE, load_or_create_key
 from wiregate.clock import Clock
 from wiregate.errors import Unavailable, from_api_response
@@ -168,8 +169,9 @@ class KeyRotator:
         url = self._agent.gateway_url() + ROTATE_PATH
         headers = {"Authorization": f"Bearer {enrollment.token}"}
         timeout = aiohttp.ClientTimeout(total=15)
+        settings = self._agent.settings
         async with (
-            aiohttp.ClientSession(timeout=timeout) as http,
+            aiohttp.ClientSession(timeout=timeout, connector=connector(settings.ca_file)) as http,
             http.post(url, json={"public_key": public}, headers=headers) as resp,
         ):
             body = await resp.json(content_type=None)

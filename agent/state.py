@@ -2,8 +2,9 @@
 
 Files live in the agent's state directory and are written atomically with mode
 0600: ``device.json`` (device id, name, tunnel addresses and the device token the
-gateway issued) and ``netmap.json`` (the last map applied, so that a restarted
-agent brings the tunnel back before the gateway answers).
+gateway issued), ``netmap.json`` (the last map applied, so that a restarted
+agent brings the tunnel back before the gateway answers) and ``server.json`` (the
+gateway URL ``wiregate login`` used).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from wiregate.errors import LocalError
 from wiregate.files import write_private
 from wiregate.mapwire import MapWireError, build_full, read_full
 from wiregate.model import NetMap
+from wiregate.settings import AgentSettings
 
-__all__ = ["Enrollment", "StateDir"]
+__all__ = ["Enrollment", "StateDir", "with_saved_server"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,15 @@ class StateDir:
             },
         )
 
+    def load_server(self) -> str | None:
+        """The gateway URL ``wiregate login`` used (``server.json``); None if none saved."""
+        data = self._read("server.json")
+        server = data.get("server") if data is not None else None
+        return server if isinstance(server, str) and server else None
+
+    def save_server(self, server: str) -> None:
+        self._write("server.json", {"server": server})
+
     def load_netmap(self) -> NetMap | None:
         data = self._read("netmap.json")
         if data is None:
@@ -97,3 +108,15 @@ class StateDir:
 
     def _write(self, name: str, data: dict[str, Any]) -> None:
         write_private(self.path / name, json.dumps(data).encode())
+
+
+def with_saved_server(settings: AgentSettings) -> AgentSettings:
+    """``settings``, with the gateway URL ``wiregate login`` saved when no ``server``
+    was given (flag, ``WIREGATE_SERVER`` or the config file)."""
+    if "server" in settings.model_fields_set:
+        return settings
+    try:
+        saved = StateDir(settings.state_dir).load_server()
+    except (OSError, LocalError):
+        return settings  # unreadable here: the agent's own checks say why
+    return settings if saved is None else settings.model_copy(update={"server": saved})

@@ -1,11 +1,13 @@
 """VM bootstrap: ``deploy/bootstrap.sh`` start → first packet to a pod address.
 
-The lab of tests/lab/test_bootstrap.py: a gateway and a Kubernetes-node agent with a
-pod (10.244.1.10) behind it; each round adds a fresh "VM" namespace and scratch root
-where the real script runs with packages already cached (an offline wheelhouse;
-wireguard-tools and wireguard-go installed), the userspace backend and the systemctl
-shim. The clock starts with the script and stops at the first ping reply from the
-pod through the tunnel. ``python -m benchmarks.bootstrap`` prints one JSON object:
+The lab of tests/lab/test_bootstrap.py: a gateway serving its own wheelhouse (built
+once with ``wiregate wheelhouse build`` for this machine) and a Kubernetes-node agent
+with a pod (10.244.1.10) behind it; each round adds a fresh, offline "VM" namespace
+(no default route) and scratch root where the real script runs the default install
+path — the gateway's pinned requirements, its /simple/ index, ``--require-hashes`` —
+with wireguard-tools and wireguard-go already installed, the userspace backend and
+the systemctl shim. The clock starts with the script and stops at the first ping
+reply from the pod through the tunnel. ``python -m benchmarks.bootstrap`` prints one JSON object:
 
 - ``bootstrap_s``: median over rounds (target < 10 s), ``bootstrap_min_s`` the best;
 - ``bootstrap_script_s``: median time the whole script ran (it compiles bytecode and
@@ -23,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from lab.harness import Lab, Wiregate, lab_requirements
-from lab.vm import VM, build_wheelhouse, start_cluster_node
+from lab.vm import VM, build_wheelhouse, serve_wheelhouse, start_cluster_node
 
 __all__ = ["run"]
 
@@ -34,15 +36,14 @@ def run(rounds: int) -> dict[str, float]:
         raise SystemExit(f"bootstrap benchmark: {reason}")
     first, script = [], []
     with tempfile.TemporaryDirectory(prefix="wiregate-bench-") as tmp, Lab() as lab:
-        house = Path(tmp) / "wheelhouse"
-        house.mkdir()
-        build_wheelhouse(house)
+        house = build_wheelhouse(Path(tmp) / "wheelhouse")
         gateway = Wiregate(lab)
+        serve_wheelhouse(gateway, house)
         gateway.start_gateway()
         key_file = gateway.create_key(tags="tag:lab", expiry="1h", reusable=True)
         start_cluster_node(lab, gateway, lab.add_host("node"), key_file)
         for index in range(rounds):
-            vm = VM(lab, lab.add_host(f"vm{index}"), house, key_file, gateway.server)
+            vm = VM(lab, lab.add_host(f"vm{index}"), None, key_file, gateway.server)
             first_packet, script_s = vm.join_timed()
             print(f"round {index}: first packet {first_packet:.2f} s, script {script_s:.2f} s",
                   file=sys.stderr)  # fmt: skip

@@ -20,8 +20,15 @@
 #                             /etc/wiregate/workload-token (0600); the agent enrolls with
 #                             it (workload_token in agent.toml), re-reading the file at each
 #                             attempt, so a token renewed in place is picked up
-#   --package SPEC            pip requirement or wheel path/URL (default: wiregate)
+#   --package SPEC            pip requirement or wheel path/URL, installed with pip's own
+#                             configuration (default: the gateway's own version from the
+#                             gateway itself: SERVER/simple/, every wheel pinned by
+#                             SERVER/wheels/requirements-$(uname -m).txt with its sha256,
+#                             no other index)
 #   --find-links DIR          install offline from this wheelhouse (pip --no-index)
+#   --ca-file PATH            PEM CA that signed the gateway's certificate (a private CA):
+#                             copied to /etc/wiregate/ca.pem, trusted for the downloads
+#                             from the gateway and written as ca_file into agent.toml
 #   --interface NAME          WireGuard interface (default wg0)
 #   --hostname NAME           device name (default: this host's name)
 #   --uninstall               stop and remove the agent, its files and its interface
@@ -76,7 +83,7 @@ main() {
 usage: bootstrap.sh --server URL --auth-key file:PATH|env:VAR [options]
        bootstrap.sh --server URL --workload-token file:PATH [options]
        bootstrap.sh --uninstall [--dry-run]
-options: --workload-token file:PATH  --package SPEC  --find-links DIR
+options: --workload-token file:PATH  --package SPEC  --find-links DIR  --ca-file PATH
          --interface NAME  --hostname NAME  --dry-run  --uninstall  --help
 EOF
     }
@@ -88,8 +95,9 @@ EOF
     }
 
     parse_args() {
-        SERVER='' AUTH_KEY='' WORKLOAD_TOKEN='' PACKAGE=wiregate FIND_LINKS=''
-        IFACE='' HOSTNAME_OPT='' UNINSTALL=no DRY_RUN=no
+        SERVER='' AUTH_KEY='' WORKLOAD_TOKEN='' PACKAGE='' FIND_LINKS=''
+        IFACE='' HOSTNAME_OPT='' UNINSTALL=no DRY_RUN=no FROM_GATEWAY=no
+        CA_FILE=''
         while [ $# -gt 0 ]; do
             opt=$1
             case $opt in
@@ -108,6 +116,7 @@ EOF
                 --find-links) need_value "$opt" $#; FIND_LINKS=$2; shift 2 ;;
                 --interface) need_value "$opt" $#; IFACE=$2; shift 2 ;;
                 --hostname) need_value "$opt" $#; HOSTNAME_OPT=$2; shift 2 ;;
+                --ca-file) need_value "$opt" $#; CA_FILE=$2; shift 2 ;;
                 --uninstall) UNINSTALL=yes; shift ;;
                 --dry-run) DRY_RUN=yes; shift ;;
                 -h | --help) usage; exit 0 ;;
@@ -171,8 +180,15 @@ EOF
         [ -z "$WORKLOAD_TOKEN" ] || check_source --workload-token "$WORKLOAD_TOKEN"
         [ -z "$IFACE" ] || check_name --interface "$IFACE" 15
         [ -z "$HOSTNAME_OPT" ] || check_name --hostname "$HOSTNAME_OPT" 63
+        [ -z "$CA_FILE" ] || { [ -f "$CA_FILE" ] && [ -r "$CA_FILE" ]; } ||
+            die "--ca-file: cannot read $CA_FILE"
+        [ -z "$CA_FILE" ] || grep -q -- '-----BEGIN CERTIFICATE-----' "$CA_FILE" ||
+            die "--ca-file: $CA_FILE holds no PEM certificate"
         [ -z "$FIND_LINKS" ] || [ -d "$FIND_LINKS" ] || die "--find-links: $FIND_LINKS is not a directory"
-        case $PACKAGE in '' | -*) die "--package must be a pip requirement or a wheel, not '$PACKAGE'" ;; esac
+        case $PACKAGE in -*) die "--package must be a pip requirement or a wheel, not '$PACKAGE'" ;; esac
+        # without --package and --find-links: the gateway's own wheelhouse
+        [ -n "$PACKAGE" ] || [ -n "$FIND_LINKS" ] || FROM_GATEWAY=yes
+        PACKAGE=${PACKAGE:-wiregate}
     }
 
     # ------------------------------------------------------------------ the host
@@ -323,6 +339,7 @@ EOF
         [ -z "$AUTH_KEY" ] || printf 'auth_key = "file:%s"\n' "$ETC/auth-key"
         # the agent enrolls with the workload token when both are given
         [ -z "$WORKLOAD_TOKEN" ] || printf 'workload_token = "file:%s"\n' "$ETC/workload-token"
+        [ -z "$CA_FILE" ] || printf 'ca_file = "%s"\n' "$ETC/ca.pem"
     }
 
     unit_text() {
@@ -372,8 +389,50 @@ EOF
 
     # ------------------------------------------------------------------ the agent
 
+    # machine: this host's wheel platform (uname -m), as the gateway names its requirements
+    machine() {
+        case $(uname -m) in
+            x86_64 | amd64) echo x86_64 ;;
+            aarch64 | arm64) echo aarch64 ;;
+            *) die "the gateway has no wheels for this machine ($(uname -m))" \
+                "install with --package SPEC (pip's own index) or --find-links DIR" ;;
+        esac
+    }
+
+    # fetch_requirements: the gateway's pinned, hashed list for this machine, into
+    # $WORK/requirements.txt (read-only, also in --dry-run)
+    fetch_requirements() {
+        REQUIREMENTS_URL="$SERVER/wheels/requirements-$(machine).txt"
+        # the system's CAs, plus --ca-file's
+        if ! "$PY" -c 'import sys, ssl, urllib.request as u; c = ssl.create_default_context(); sys.argv[3] and c.load_verify_locations(sys.argv[3]); open(sys.argv[2], "wb").write(u.urlopen(sys.argv[1], timeout=30, context=c).read())' \
+            "$REQUIREMENTS_URL" "$WORK/requirements.txt" "$CA_FILE" 2>"$WORK/fetch.err"; then
+            die "cannot fetch $REQUIREMENTS_URL: $(tail -n 1 "$WORK/fetch.err")" \
+                "the gateway serves its wheelhouse when wheelhouse_dir is set (wiregate wheelhouse build); or pass --package SPEC or --find-links DIR" 1
+        fi
+        grep -q '^wiregate==' "$WORK/requirements.txt" ||
+            die "$REQUIREMENTS_URL does not pin wiregate" "rebuild the gateway's wheelhouse: wiregate wheelhouse build" 1
+        say "agent: $(sed -n 's/^wiregate==\([^ ]*\).*/wiregate \1/p' "$WORK/requirements.txt" | head -n 1) from $SERVER/simple/ (hashes required)"
+    }
+
+    # pip_from_gateway: pip with the gateway as its only index: no configuration file,
+    # no PIP_* variable of this environment (another index, find-links) applies
+    pip_from_gateway() (
+        for var in $(env | sed -n 's/^\(PIP_[A-Za-z0-9_]*\)=.*/\1/p'); do
+            unset "$var"
+        done
+        PIP_CONFIG_FILE=/dev/null
+        export PIP_CONFIG_FILE
+        [ -z "$CA_FILE" ] || { PIP_CERT=$CA_FILE && export PIP_CERT; } # trusted for the gateway
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile \
+            --index-url "$SERVER/simple/" --only-binary :all: --require-hashes \
+            -r "$WORK/requirements.txt"
+    )
+
     package_id() {
-        if [ -f "$PACKAGE" ]; then
+        if [ "$FROM_GATEWAY" = yes ]; then
+            # the pins and hashes say what is installed, not which URL served them
+            printf 'gateway %s\n' "$(cksum <"$WORK/requirements.txt")"
+        elif [ -f "$PACKAGE" ]; then
             printf '%s %s\n' "$PACKAGE" "$(cksum <"$PACKAGE")"
         else
             printf '%s %s\n' "$PACKAGE" "$FIND_LINKS"
@@ -381,6 +440,7 @@ EOF
     }
 
     install_agent() {
+        [ "$FROM_GATEWAY" = no ] || fetch_requirements
         if [ ! -x "$VENV/bin/python" ]; then
             if step "create the virtualenv $VENV"; then
                 mkdirs "$(dirname "$VENV")"
@@ -393,14 +453,19 @@ EOF
             say "agent: $PACKAGE already installed in $VENV"
         elif step "install $PACKAGE into $VENV"; then
             # Bytecode is compiled after the agent has started (see install), not here.
-            if [ -n "$FIND_LINKS" ]; then
+            if [ "$FROM_GATEWAY" = yes ]; then
+                pip_from_gateway || die "could not install $PACKAGE from $SERVER into $VENV" \
+                    "pip's message is above; a hash mismatch means a wheel on the gateway changed after its wheelhouse was built; no matching distribution: the wheelhouse has no wheels for this Python ($("$PY" -V 2>&1))" 1
+            elif [ -n "$FIND_LINKS" ]; then
                 set -- --no-index --find-links "$FIND_LINKS"
             else
                 set --
             fi
-            "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile "$@" \
-                "$PACKAGE" || die "could not install $PACKAGE into $VENV" \
-                "pip's message is above; with --find-links, DIR must hold a wheel of every dependency" 1
+            if [ "$FROM_GATEWAY" = no ]; then
+                "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile "$@" \
+                    "$PACKAGE" || die "could not install $PACKAGE into $VENV" \
+                    "pip's message is above; with --find-links, DIR must hold a wheel of every dependency" 1
+            fi
             printf '%s\n' "$want" >"$VENV/.bootstrap-package"
             COMPILE=yes
         fi
@@ -523,6 +588,7 @@ EOF
         put_file "$ETC/agent.toml" 0600 "$WORK/agent.toml" || true
         [ -z "$AUTH_KEY" ] || copy_secret "$AUTH_KEY" "$ETC/auth-key"
         [ -z "$WORKLOAD_TOKEN" ] || copy_secret "$WORKLOAD_TOKEN" "$ETC/workload-token"
+        [ -z "$CA_FILE" ] || put_file "$ETC/ca.pem" 0644 "$CA_FILE" || true
         [ "$CHANGED" = no ] || RESTART=yes
         UNIT_CHANGED=no
         unit_text >"$WORK/unit"

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import suppress
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 from aiohttp import web
@@ -44,6 +45,7 @@ from gateway.lifecycle.sweeper import sweeper_ctx
 from gateway.mapping.broker import Broker
 from gateway.mapping.follower import Follower, asyncpg_dsn
 from gateway.mapping.ipam import Pool
+from gateway.preflight import check_admin_socket
 from gateway.store import Store
 from gateway.web import setup as setup_web
 from identity.policy import Policy
@@ -52,14 +54,17 @@ from identity.principals import lifetime_rule
 from wiregate.clock import Clock
 from wiregate.diagnostics import ASYNCIO_TASKS  # noqa: F401 (registers the gauge)
 from wiregate.errors import ConfigError
+from wiregate.files import credential_path
 from wiregate.logging import get_logger
 from wiregate.net import parse_hostport
 from wiregate.settings import GatewaySettings
+from wiregate.tls import CertReloader, server_context
 
 __all__ = [
     "BrokerFactory",
     "create_app",
     "create_metrics_app",
+    "create_redirect_app",
     "run_gateway",
 ]
 
@@ -90,6 +95,7 @@ def create_app(
     setup_routes(app)
     setup_web(app)  # the SSO pages (gateway/web); not part of /api/v1
     app.on_shutdown.append(_drain)  # before aiohttp waits for open requests to finish
+    app.on_response_prepare.append(_hsts)
     app.cleanup_ctx.append(_state(settings, broker_factory, clock))
     app.cleanup_ctx.append(sweeper_ctx(settings.expiry_sweep_interval))
     return app
@@ -127,6 +133,54 @@ def _state(
     return state
 
 
+HSTS = "max-age=31536000"
+
+
+async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
+    """Over TLS, tell browsers to use HTTPS only from now on."""
+    if request.secure:
+        response.headers.setdefault("Strict-Transport-Security", HSTS)
+
+
+def create_redirect_app(public_url: str) -> web.Application:
+    """The plain-HTTP listener's app: every request is sent (308) to ``public_url``."""
+    base = public_url.rstrip("/")
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPPermanentRedirect(base + str(request.rel_url))
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", redirect)
+    return app
+
+
+def tls_reloader(settings: GatewaySettings) -> CertReloader | None:
+    """The API listener's TLS context (and its reloader), None without ``tls_cert``;
+    :class:`~wiregate.errors.ConfigError` if the pair cannot be used."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    ctx = server_context(settings.tls_cert, settings.tls_key)
+    return CertReloader(ctx, settings.tls_cert, settings.tls_key)
+
+
+@asynccontextmanager
+async def _reloading(tls: CertReloader | None) -> AsyncIterator[None]:
+    """While inside: the certificate is reloaded when its files change and on SIGHUP."""
+    if tls is None:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(tls.run(), name="tls-reload")
+    loop.add_signal_handler(signal.SIGHUP, tls.reload)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
 async def _drain(app: web.Application) -> None:
     """Close every agent stream with 1012 ("service restart"): agents reconnect to
     another replica at once instead of waiting for this process to go away."""
@@ -147,6 +201,7 @@ def read_admin_token(path: Path | None) -> bytes:
     """The admin bearer token from ``path`` (empty when none is configured)."""
     if path is None:
         return b""
+    path = credential_path(path, "admin_token_file")
     try:
         token = path.read_bytes().strip()
     except OSError as exc:
@@ -199,40 +254,52 @@ def create_metrics_app(api: web.Application) -> web.Application:
 
 async def run_gateway(settings: GatewaySettings, *, broker_factory: BrokerFactory = Broker) -> None:
     """Serve the API (TCP + admin unix socket) and metrics until cancelled or SIGTERM."""
+    tls = tls_reloader(settings)  # an unusable certificate refuses the start
     api = create_app(settings, broker_factory=broker_factory)
     api_runner = web.AppRunner(api, handle_signals=False)
     metrics_runner = web.AppRunner(create_metrics_app(api), handle_signals=False)
+    redirect_runner = web.AppRunner(create_redirect_app(settings.public_url), handle_signals=False)
     await api_runner.setup()
     try:
         await metrics_runner.setup()
-        await _start_sites(settings, api_runner, metrics_runner)
-        await _wait_for_stop()
+        await _start_sites(settings, api_runner, metrics_runner, None if tls is None else tls.ctx)
+        if settings.http_redirect_listen:
+            await redirect_runner.setup()
+            rhost, rport = parse_hostport(
+                settings.http_redirect_listen, allow_port_zero=True, what="http_redirect_listen"
+            )
+            await web.TCPSite(redirect_runner, rhost, rport).start()
+        async with _reloading(tls):
+            await _wait_for_stop()
     finally:
         _log.info("gateway_stopping", drain_delay=settings.shutdown_delay)
         api[DRAINING].set()  # /readyz: 503, new agents go elsewhere
         await asyncio.sleep(settings.shutdown_delay)
+        await redirect_runner.cleanup()
         await metrics_runner.cleanup()
         await api_runner.cleanup()
 
 
 async def _start_sites(
-    settings: GatewaySettings, api: web.AppRunner, metrics: web.AppRunner
+    settings: GatewaySettings,
+    api: web.AppRunner,
+    metrics: web.AppRunner,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     host, port = parse_hostport(settings.listen, allow_port_zero=True, what="listen")
-    await web.TCPSite(api, host, port).start()
+    await web.TCPSite(api, host, port, ssl_context=ssl_context).start()
     await _start_admin_socket(api, settings.admin_socket)
     mhost, mport = parse_hostport(
         settings.metrics_listen, allow_port_zero=True, what="metrics_listen"
     )
     await web.TCPSite(metrics, mhost, mport).start()
     _log.info("gateway_started", listen=settings.listen, admin_socket=str(settings.admin_socket),
-              metrics=settings.metrics_listen)  # fmt: skip
+              metrics=settings.metrics_listen, tls=ssl_context is not None)  # fmt: skip
 
 
 async def _start_admin_socket(runner: web.AppRunner, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with suppress(FileNotFoundError):
-        path.unlink()
+    check_admin_socket(path, replace=True)  # a live one is refused, a stale one replaced
     old = os.umask(0o177)  # the socket is created 0600: no window where others can connect
     try:
         await web.UnixSite(runner, str(path)).start()

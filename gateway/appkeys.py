@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from gateway.mapping.broker import Broker
 from gateway.mapping.follower import Follower
+from gateway.packages import Wheelhouse
 from gateway.relays import Probe, RelayMonitor, RelaySelector, RelaySigner
 from gateway.store import Store
 from identity.device_login import GuessLimiter
@@ -46,6 +47,7 @@ __all__ = [
     "SETTINGS",
     "STORE",
     "WEB",
+    "WHEELHOUSE",
     "WORKLOAD",
 ]
 
@@ -72,6 +74,9 @@ RELAY_SELECTOR = web.AppKey("relay_selector", RelaySelector)
 RELAY_MONITOR = web.AppKey("relay_monitor", RelayMonitor)
 #: The probe the monitor uses; set it before the app starts to replace the real PING.
 RELAY_PROBE: web.AppKey[Probe] = web.AppKey("relay_probe")
+
+# -- the VM installation: set only when settings.wheelhouse_dir is -----------------------
+WHEELHOUSE = web.AppKey("wheelhouse", Wheelhouse)
 
 # -- the web pages ---------------------------------------------------------------------
 WEB: web.AppKey[WebContext] = web.AppKey("web")  # the pages' context, built at start

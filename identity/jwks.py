@@ -20,6 +20,7 @@ import enum
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -373,7 +374,13 @@ def _tls_context(ca_bundle: str) -> ssl.SSLContext:
 
 
 class AiohttpFetcher:
-    """GETs over aiohttp: total timeout, size cap, no redirects, optional CA bundle."""
+    """GETs over aiohttp: total timeout, size cap, no redirects, optional CA bundle.
+
+    ``bearer_file``: a token sent as ``Authorization: Bearer`` with every https GET
+    (never over plain http), re-read at each fetch (a projected ServiceAccount
+    token rotates). A cluster's issuer serves its discovery document and JWKS to
+    authenticated ServiceAccounts only (``system:service-account-issuer-discovery``).
+    """
 
     def __init__(
         self,
@@ -381,10 +388,12 @@ class AiohttpFetcher:
         timeout: float = 10.0,
         max_bytes: int = 512 * 1024,
         ca_bundle: str | None = None,
+        bearer_file: str | None = None,
     ) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0))
         self._max_bytes = max_bytes
         self._ssl = _tls_context(ca_bundle) if ca_bundle else True
+        self._bearer_file = bearer_file
 
     async def fetch(self, url: str) -> Fetched:
         """The body of a 200 response at ``url``; Unavailable on any failure."""
@@ -393,11 +402,21 @@ class AiohttpFetcher:
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             raise Unavailable(f"fetching {url} failed: {exc.__class__.__name__}") from None
 
+    def _headers(self, url: str) -> dict[str, str]:
+        if self._bearer_file is None or not url.startswith("https://"):
+            return {}
+        try:
+            token = Path(self._bearer_file).read_text().strip()
+        except OSError as exc:
+            raise Unavailable(f"cannot read the bearer token file: {exc.strerror}") from None
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
     async def _get(self, url: str) -> Fetched:
+        headers = self._headers(url)
         connector = aiohttp.TCPConnector(ssl=self._ssl)
         async with (
             aiohttp.ClientSession(timeout=self._timeout, connector=connector) as session,
-            session.get(url, allow_redirects=False) as resp,
+            session.get(url, allow_redirects=False, headers=headers) as resp,
         ):
             if resp.status != 200:
                 raise Unavailable(f"fetching {url} failed: HTTP {resp.status}")

@@ -67,6 +67,7 @@ class WorkloadIssuer:
     audience: str
     ca_bundle: str | None = None
     tags: tuple[str, ...] = ()
+    token_file: str | None = None  # bearer token for the discovery and JWKS fetches (https)
 
     def __post_init__(self) -> None:
         if not self.audience:
@@ -193,4 +194,4 @@ class WorkloadVerifier:
 
 
 def _aiohttp_fetcher(source: WorkloadIssuer) -> Fetcher:
-    return AiohttpFetcher(ca_bundle=source.ca_bundle)
+    return AiohttpFetcher(ca_bundle=source.ca_bundle, bearer_file=source.token_file)

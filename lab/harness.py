@@ -640,13 +640,27 @@ class Agent:
 class Wiregate:
     """A wiregate gateway in the lab's internet namespace and agents on lab hosts."""
 
-    def __init__(self, lab: Lab, command: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, lab: Lab, command: Sequence[str] | None = None, *, tls: bool = False
+    ) -> None:
+        """``tls``: the gateway serves HTTPS with a certificate of a lab CA (lab/tls.py)
+        and agents trust that CA with ``--ca-file``."""
         self.lab = lab
         self.cmd = list(command or wiregate_command())
         self.dir = lab.workdir / "gateway"
         self.admin_socket = self.dir / "gw.sock"
         self.server = f"http://{INTERNET_GATEWAY}:{GATEWAY_PORT}"
+        self.ca_file: Path | None = None
+        self._tls_pair: tuple[Path, Path] | None = None
+        if tls:
+            from lab.tls import LabCA
+
+            ca = LabCA.create(lab.workdir / "tls")
+            pair = ca.issue(lab.workdir / "tls", [INTERNET_GATEWAY, "gateway.lab"])
+            self.ca_file, self._tls_pair = ca.ca_file, (pair.cert, pair.key)
+            self.server = f"https://{INTERNET_GATEWAY}:{GATEWAY_PORT}"
         self.gateway: Process | None = None
+        self.gateway_env: dict[str, str] = {}  # WIREGATE_* settings without a flag
         self.agents: dict[str, Agent] = {}
         self._starts = 0
         self.status_timeout = 20.0  # s per `wiregate status`; raise it on a loaded machine
@@ -661,19 +675,27 @@ class Wiregate:
             [*self.cmd, "gateway",
              "--listen", f"{INTERNET_GATEWAY}:{GATEWAY_PORT}",
              "--metrics-listen", f"{INTERNET_GATEWAY}:{METRICS_PORT}",
-             "--state-dir", str(self.dir), "--admin-socket", str(self.admin_socket)],
-            name=f"gateway{self._starts}",
+             "--state-dir", str(self.dir), "--admin-socket", str(self.admin_socket),
+             *self._tls_flags()],
+            env=self.gateway_env, name=f"gateway{self._starts}",
         )  # fmt: skip
         poll(self._gateway_ready, timeout=timeout, what="gateway /readyz")
         return self.gateway
+
+    def _tls_flags(self) -> list[str]:
+        if self._tls_pair is None:
+            return []
+        cert, key = self._tls_pair
+        return ["--tls-cert", str(cert), "--tls-key", str(key)]
 
     def _gateway_ready(self) -> bool:
         if self.gateway is None or not self.gateway.alive():
             code = None if self.gateway is None else self.gateway.returncode
             raise LabError(f"gateway exited {code}:\n{self.gateway and self.gateway.output(3000)}")
         url = f"{self.server}/readyz"
+        ca = ["--cacert", str(self.ca_file)] if self.ca_file is not None else []
         probe = self.lab.internet.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                                       "-m", "2", url], check=False, timeout=10)  # fmt: skip
+                                       "-m", "2", *ca, url], check=False, timeout=10)  # fmt: skip
         return probe.stdout.strip() == "200"
 
     def stop_gateway(self) -> None:
@@ -706,12 +728,19 @@ class Wiregate:
     # -- agents
 
     def start_agent(
-        self, host: Host, key_file: Path | None = None, *, backend: str | None = None
+        self,
+        host: Host,
+        key_file: Path | None = None,
+        *,
+        backend: str | None = None,
+        ca_file: Path | None = None,
     ) -> Agent:
         """Start (or restart, with the same directories) the agent on ``host``.
 
-        ``backend`` (auto, kernel or userspace) is passed as ``--backend`` when given.
+        ``backend`` (auto, kernel or userspace) is passed as ``--backend`` when given;
+        ``ca_file`` as ``--ca-file`` (default: the lab CA of a TLS gateway, if any).
         """
+        ca_file = ca_file or self.ca_file
         agent = self.agents.get(host.name)
         if agent is None:
             if key_file is None:
@@ -726,7 +755,8 @@ class Wiregate:
              "--interface", agent.iface, "--hostname", host.name,
              "--state-dir", str(agent.state_dir), "--run-dir", str(agent.run_dir),
              "--listen-port", str(WG_PORT), "--log-format", "json",
-             *(["--backend", backend] if backend else [])],
+             *(["--backend", backend] if backend else []),
+             *(["--ca-file", str(ca_file)] if ca_file else [])],
             name=f"agent-{host.name}-{agent.restarts}",
         )  # fmt: skip
         return agent

@@ -1,18 +1,18 @@
 """A "VM" running deploy/bootstrap.sh in the lab, and cluster nodes for it to reach.
 
-The VM's scratch root (``WIREGATE_ROOT``) gets a real virtualenv installed offline
-from a wheelhouse, and systemctl is replaced by a shim that starts the ExecStart=
-line of the unit the script wrote. A cluster node runs ``wiregate agent`` with
-``kubernetes = true`` against the recorded-response API stand-in (lab/kubeapi.py),
-with a pod namespace behind a veth.
+The VM's scratch root (``WIREGATE_ROOT``) gets a real virtualenv installed from the
+gateway's own wheelhouse (``wiregate wheelhouse build``, served at /simple/ and
+/wheels/): the VM has no default route and a pip configuration that points at an
+unreachable index, so only the gateway can serve it. systemctl is replaced by a shim
+that starts the ExecStart= line of the unit the script wrote. A cluster node runs
+``wiregate agent`` with ``kubernetes = true`` against the recorded-response API
+stand-in (lab/kubeapi.py), with a pod namespace behind a veth.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -36,9 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 SCRIPT = REPO / "deploy" / "bootstrap.sh"
-
-
-WHEEL_CACHE = Path("/var/cache/wiregate-wheelhouse")
 
 
 POD_ADDR = "10.244.1.10"
@@ -113,31 +110,46 @@ elif verb == "restart":
 """
 
 
-def _dependency_wheels() -> Path:
-    """Every dependency's wheel, built once per pyproject.toml (shared by runs, locked)."""
-    key = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:16]
-    target = WHEEL_CACHE / key
-    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
-    with open(WHEEL_CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not target.is_dir():
-            building = WHEEL_CACHE / f".{key}.{os.getpid()}"
-            shutil.rmtree(building, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(building),
-                            str(REPO)], check=True, capture_output=True, timeout=600)  # fmt: skip
-            for own in building.glob("wiregate-*.whl"):
-                own.unlink()  # this checkout's wheel is built fresh for every run
-            building.rename(target)
-    return target
+VM_PYTHON = "/usr/bin/python3"  # WIREGATE_PYTHON of the VMs: their virtualenv's Python
+
+
+# where a VM's pip would go if anything but the gateway were used: no route leads there
+UNREACHABLE_INDEX = "http://192.0.2.1/simple/"
 
 
 def build_wheelhouse(house: Path) -> Path:
-    """The cached dependency wheels plus a wheel of this checkout, in ``house``."""
-    for wheel in _dependency_wheels().glob("*.whl"):
-        (house / wheel.name).symlink_to(wheel)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(house),
-                    str(REPO)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    """``wiregate wheelhouse build`` into ``house`` (empty or absent), for this machine and
+    the VMs' Python, as an operator builds it for the gateway."""
+    version = subprocess.run([VM_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    done = subprocess.run(
+        [*wiregate_command(), "wheelhouse", "build", "--out", str(house), "--source", str(REPO),
+         "--platform", host_machine(), "--python-version", version],
+        capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
     return house
+
+
+def host_machine() -> str:
+    """This machine as wheel platforms name it (``uname -m``): x86_64 or aarch64."""
+    machine = platform.machine()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def serve_wheelhouse(gateway: Wiregate, house: Path) -> None:
+    """The gateway serves ``house`` (``wheelhouse_dir``) from its next start."""
+    gateway.gateway_env["WIREGATE_WHEELHOUSE_DIR"] = str(house)
+
+
+def tampered_copy(house: Path, target: Path, wheel_prefix: str = "wiregate-") -> Path:
+    """A copy of ``house`` in which one byte of one wheel differs (its index unchanged)."""
+    shutil.copytree(house, target, symlinks=False)
+    [wheel] = sorted(target.glob(f"{wheel_prefix}*.whl"))
+    data = bytearray(wheel.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    wheel.write_bytes(bytes(data))
+    return wheel
 
 
 def _node_document(node: Host, pod_cidr: str, annotations: dict[str, str]) -> bytes:
@@ -201,9 +213,17 @@ def start_cluster_node(
 
 
 class VM:
-    """The VM host, its scratch root and the bootstrap's environment."""
+    """The VM host, its scratch root and the bootstrap's environment.
 
-    def __init__(self, lab: Lab, host: Host, wheelhouse: Path, key_file: Path, server: str):
+    Without ``wheelhouse`` the VM is offline: its default route is removed (it reaches
+    the lab's internet link, the gateway and the nodes, nothing beyond), and pip's
+    environment names an index no route leads to; the script installs from the gateway.
+    With ``wheelhouse`` it installs from that directory (``--find-links``).
+    """
+
+    def __init__(
+        self, lab: Lab, host: Host, wheelhouse: Path | None, key_file: Path, server: str
+    ) -> None:
         self.host = host
         self.root = lab.workdir / f"{host.name}-root"
         self.root.mkdir()
@@ -213,17 +233,32 @@ class VM:
         shim.write_text(SHIM.format(python=sys.executable))
         shim.chmod(0o755)
         self.iface = host.wg_ifname
-        self.args = ["--server", server, "--auth-key", f"file:{key_file}",
-                     "--find-links", str(wheelhouse), "--interface", self.iface,
-                     "--hostname", host.name]  # fmt: skip
+        self.script: Process | None = None  # the last join_timed's run
+        source = ["--find-links", str(wheelhouse)] if wheelhouse is not None else []
+        self.args = ["--server", server, "--auth-key", f"file:{key_file}", *source,
+                     "--interface", self.iface, "--hostname", host.name]  # fmt: skip
         self.env = {
             "WIREGATE_ROOT": str(self.root),
             "WIREGATE_SYSTEMCTL": str(shim),
             "WIREGATE_SHIM_DIR": str(self.shim_dir),
             "WIREGATE_MODPROBE": "false",  # the userspace backend: wireguard-go
-            "WIREGATE_PYTHON": "/usr/bin/python3",
+            "WIREGATE_PYTHON": VM_PYTHON,
             "WIREGATE_TIMESYNC_TIMEOUT": "2",
         }
+        if wheelhouse is None:
+            host.run(["ip", "route", "del", "default"])
+            self.env |= {  # any of these, if pip used it, would fail or hang
+                "PIP_INDEX_URL": UNREACHABLE_INDEX,
+                "PIP_EXTRA_INDEX_URL": "http://192.0.2.2/simple/",
+                "PIP_FIND_LINKS": "http://192.0.2.3/wheels/",
+                "PIP_CONFIG_FILE": str(self._failing_pip_config(lab, host)),
+            }
+
+    @staticmethod
+    def _failing_pip_config(lab: Lab, host: Host) -> Path:
+        path = lab.workdir / f"{host.name}-pip.conf"
+        path.write_text(f"[global]\nindex-url = {UNREACHABLE_INDEX}\ntimeout = 60\n")
+        return path
 
     def join_timed(self, timeout: float = 240) -> tuple[float, float]:
         """Run the bootstrap; (seconds from its start to the first reply from the pod,
@@ -231,6 +266,7 @@ class VM:
         started = time.monotonic()
         script = self.host.spawn(["sh", str(SCRIPT), *self.args], env=self.env,
                                  name=f"bootstrap-{self.host.name}")  # fmt: skip
+        self.script = script
         first_packet = seconds_to_reply(self.host, POD_ADDR, timeout=timeout, while_alive=script)
         assert script.wait(timeout=timeout) == 0, script.output()
         assert first_packet is not None, "the VM never reached the pod"

@@ -1,6 +1,6 @@
 #!/bin/sh
 # The test command: installs what it needs, then lint, types, unit, lab and e2e tests,
-# then the kernel tier under QEMU.
+# then the image tier (buildah) and the kernel tier under QEMU.
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/setup.sh
@@ -18,6 +18,16 @@ if [ "$status" -eq 5 ]; then
     exit 1
 fi
 [ "$status" -eq 0 ] || exit "$status"
+
+# The container image (deploy/Containerfile), built without a registry and run with
+# buildah (tests/image). WIREGATE_SKIP_IMAGE=1 leaves it out for a quick local run.
+if [ "${WIREGATE_SKIP_IMAGE:-0}" = "1" ]; then
+    echo "== image tier skipped (WIREGATE_SKIP_IMAGE=1)"
+else
+    echo "== image tier (buildah)"
+    sh scripts/image.sh
+    .venv/bin/python -m pytest -p no:cacheprovider -q -ra -m image tests/image
+fi
 
 # The kernel WireGuard backend in a real kernel (Debian's, under QEMU).
 # WIREGATE_SKIP_KERNEL=1 leaves it out for a quick local run.

@@ -24,7 +24,28 @@ from pathlib import Path
 
 from wiregate.errors import ConfigError
 
-__all__ = ["fsync_dir", "load_or_create_key_file", "write_private"]
+__all__ = ["credential_path", "fsync_dir", "load_or_create_key_file", "write_private"]
+
+CREDENTIALS_PREFIX = "%d/"  # systemd's specifier of $CREDENTIALS_DIRECTORY (LoadCredential=)
+
+
+def credential_path(path: Path | str, what: str) -> Path:
+    """``path``, with a leading ``%d/`` read as ``$CREDENTIALS_DIRECTORY/``.
+
+    systemd's ``LoadCredential=`` copies a root-only secret file to a directory
+    the service (``DynamicUser=``) may read and names it in
+    ``$CREDENTIALS_DIRECTORY``; settings name such a file ``%d/NAME``.
+    """
+    text = str(path)
+    if not text.startswith(CREDENTIALS_PREFIX):
+        return Path(text)
+    directory = os.environ.get("CREDENTIALS_DIRECTORY", "")
+    if not directory:
+        raise ConfigError(
+            f"{what} {text}: $CREDENTIALS_DIRECTORY is not set",
+            hint="%d/ names a file of systemd's LoadCredential=; elsewhere give its real path",
+        )
+    return Path(directory) / text.removeprefix(CREDENTIALS_PREFIX)
 
 
 def load_or_create_key_file(path: Path, what: str) -> bytes:

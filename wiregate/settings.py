@@ -15,18 +15,29 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from wiregate.errors import ConfigError
 from wiregate.net import parse_endpoint
 
 __all__ = [
+    "ADMIN_SOCKET",
     "AgentSettings",
     "GatewaySettings",
     "OidcIssuerSettings",
     "RelaySettings",
     "WorkloadIssuerSettings",
+    "check_signers_url",
     "load_settings",
     "parse_port_range",
     "parse_relay_entry",
@@ -47,6 +58,31 @@ def parse_relay_entry(text: str) -> tuple[str, str, int]:
         address, allow_names=True, from_peer=False, what=f"relay {relay_id}", error=ValueError
     ).pair
     return relay_id, host, port
+
+
+def check_signers_url(url: str) -> None:
+    """ValueError unless ``url`` is https, or plain http to an in-cluster Service
+    (``NAME.NAMESPACE.svc`` or ``NAME.NAMESPACE.svc.CLUSTER_DOMAIN``) or loopback."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host or parts.query or parts.fragment:
+        raise ValueError("signers_url must be https://HOST[:PORT]/PATH")
+    if parts.scheme == "http" and not _in_cluster_or_loopback(host):
+        raise ValueError(
+            "signers_url: plain http only to an in-cluster Service (NAME.NAMESPACE.svc) or"
+            " loopback; use https"
+        )
+
+
+def _in_cluster_or_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    return len(labels) >= 3 and labels[2] == "svc" and all(labels)
 
 
 def parse_port_range(text: str) -> tuple[int, ...]:
@@ -76,6 +112,13 @@ def parse_port_range(text: str) -> tuple[int, ...]:
     return tuple(ports)
 
 
+TABLES = ("gateway", "agent", "relay")  # the TOML file's tables, one per process
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+# where the systemd unit's RuntimeDirectory= puts it; `wiregate admin` looks here too
+ADMIN_SOCKET = Path("/run/wiregate-gateway/gateway.sock")
+
+
 class _TomlTable(PydanticBaseSettingsSource):
     """Reads one table of a TOML file as a settings source."""
 
@@ -90,6 +133,12 @@ class _TomlTable(PydanticBaseSettingsSource):
                 raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+            unknown = sorted(set(doc) - set(TABLES))
+            if unknown:
+                raise ConfigError(
+                    f"config file {path}: unknown table [{unknown[0]}]",
+                    hint="known tables: " + ", ".join(f"[{name}]" for name in TABLES),
+                )
             table_data = doc.get(table, {})
             if not isinstance(table_data, dict):
                 raise ConfigError(f"[{table}] in {path} must be a table")
@@ -108,7 +157,15 @@ class _Base(BaseSettings):
     _config_file: ClassVar[Path | None] = None
 
     log_format: str = "auto"  # auto | json | console
-    log_level: str = "info"
+    log_level: str = "info"  # debug | info | warning | error
+
+    @field_validator("log_level", "log_format")
+    @classmethod
+    def _log_choice(cls, value: str, info: ValidationInfo) -> str:
+        choices = LOG_LEVELS if info.field_name == "log_level" else LOG_FORMATS
+        if value.lower() not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value.lower()
 
     @classmethod
     def settings_customise_sources(
@@ -158,6 +215,10 @@ class WorkloadIssuerSettings(BaseModel):
     audience: str = ""  # the gateway's name in the tokens; default: public_url
     algorithms: list[str] = ["RS256"]  # asymmetric only
     ca_bundle: Path | None = None  # CA for the issuer's HTTPS (a cluster CA)
+    # bearer token sent with the discovery and JWKS fetches over https, re-read at each
+    # fetch: a cluster issuer answers authenticated ServiceAccounts only (the gateway's own
+    # token, /var/run/secrets/kubernetes.io/serviceaccount/token)
+    token_file: Path | None = None
     tags: list[str] = []  # granted to every workload of this issuer (plus policy tag_rules)
     max_lifetime: float = 48 * 3600.0  # tokens living longer than this are refused
     insecure_http: bool = False  # http:// on loopback only (tests)
@@ -170,7 +231,7 @@ class GatewaySettings(_Base):
 
     listen: str = "127.0.0.1:8080"
     metrics_listen: str = "127.0.0.1:9090"
-    admin_socket: Path = Path("/run/wiregate/gateway.sock")  # trusted by file permissions (0600)
+    admin_socket: Path = ADMIN_SOCKET  # trusted by file permissions (0600)
     admin_token_file: Path | None = None  # bearer token for admin calls over TCP
     state_dir: Path = Path("/var/lib/wiregate/gateway")
     database_url: str = ""  # default: sqlite+aiosqlite:///<state_dir>/wiregate.db
@@ -179,6 +240,9 @@ class GatewaySettings(_Base):
     default_keepalive: int | None = 25
     policy_file: Path | None = None
     max_body_bytes: int = 64 * 1024
+    # `wiregate wheelhouse build` output served as /simple/ and /wheels/ (VMs install from
+    # it); None: those routes answer 404
+    wheelhouse_dir: Path | None = None
     relays: list[str] = []  # "id=HOST:PORT" of each relay's control port
     relay_probe_interval: float = 5.0  # PING every relay this often; down after 2 misses
     # -- device lifecycle: key expiry, ephemeral devices -------------------------------
@@ -188,6 +252,10 @@ class GatewaySettings(_Base):
     # so a load balancer stops sending new agents here first (Kubernetes: a few seconds)
     shutdown_delay: float = Field(default=0.0, ge=0.0, le=300.0)
     ephemeral_timeout: float = 300.0  # an ephemeral device away this long is removed
+    # -- TLS of the API listener (docs/operations.md "TLS") ----------------------------
+    tls_cert: Path | None = None  # PEM chain; with tls_key: `listen` serves HTTPS (TLS 1.2+)
+    tls_key: Path | None = None  # PEM key, 0600; both files reloaded on change and SIGHUP
+    http_redirect_listen: str = ""  # "HOST:PORT": plain HTTP answering 308 to public_url
 
     # -- SSO web pages (gateway/web): sign-in, device approval, my devices, admin ------
     public_url: str = ""  # what browsers use, e.g. https://gw.example.com; redirect URI base
@@ -213,6 +281,21 @@ class GatewaySettings(_Base):
         return value
 
     # -- end of the SSO web pages block ---------------------------------------------------
+
+    @model_validator(mode="after")
+    def _tls(self) -> GatewaySettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        https = self.public_url.startswith("https://")
+        if self.tls_cert is not None and self.public_url and not https:
+            raise ValueError("public_url must be https:// when tls_cert is set")
+        if self.http_redirect_listen:
+            where = self.http_redirect_listen
+            parse_endpoint(where, allow_names=True, from_peer=False, allow_port_zero=True,
+                           what="http_redirect_listen", error=ValueError)  # fmt: skip
+            if not https:
+                raise ValueError("http_redirect_listen needs an https:// public_url to send to")
+        return self
 
     @field_validator("relay_probe_interval")
     @classmethod
@@ -287,6 +370,7 @@ class AgentSettings(_Base):
     )
     kubeconfig: Path | None = None  # None: the in-cluster ServiceAccount config
     rotation_check_interval: float = 60.0  # how often the key's rotation time is checked
+    ca_file: Path | None = None  # PEM CA(s) trusted for the gateway's HTTPS, plus the system's
     tags: list[str] = []
 
     @field_validator("listen_port")
@@ -309,6 +393,11 @@ class RelaySettings(_Base):
     relay_ports: str = "40000-40063"  # "FIRST-LAST", or a comma list of ports and ranges
     own_addresses: list[str] = []  # this relay's public addresses (never forwarded to)
     verify_keys_file: Path | None = None  # JSON: {"signers": [{"public_key", "tenants"}]}
+    # or the gateway's GET /api/v1/relay/signers, fetched at start and every signers_refresh
+    # seconds (a rotated key is picked up); exactly one of the two with a relay_id
+    signers_url: str = ""
+    signers_ca_file: Path | None = None  # CA bundle for an https signers_url; default: system
+    signers_refresh: float = 60.0
     max_allocations: int = 4096
     max_allocations_per_device: int = 16
     bytes_per_second: int = 12_500_000
@@ -321,6 +410,20 @@ class RelaySettings(_Base):
     def _relay_id(cls, value: str) -> str:
         if value and not _ID_PATTERN.match(value):
             raise ValueError("relay_id must be 1..64 letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("signers_url")
+    @classmethod
+    def _signers_url(cls, value: str) -> str:
+        if value:
+            check_signers_url(value)
+        return value
+
+    @field_validator("signers_refresh")
+    @classmethod
+    def _signers_refresh(cls, value: float) -> float:
+        if not 5.0 <= value <= 86400.0:
+            raise ValueError("signers_refresh must be 5..86400 seconds")
         return value
 
     @field_validator("relay_listen")
@@ -386,7 +489,9 @@ def load_settings(cls: type[S], config_file: Path | None, **flags: Any) -> S:
     try:
         return cls(**given)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from exc
+        where = f"[{cls._table}] in {config_file}, " if config_file else ""
+        hint = f"fix it in {where}the WIREGATE_* environment or the flags"
+        raise ConfigError(_describe(exc), hint=hint) from exc
     finally:
         cls._config_file = None
 
@@ -395,5 +500,5 @@ def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "settings"
-        parts.append(f"{where}: {err['msg']}")
+        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
     return "invalid configuration: " + "; ".join(parts)

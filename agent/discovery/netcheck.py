@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -40,6 +41,7 @@ from relay.client.probe import PingResult, ping_relay
 from relay.endpoints import RelayEndpoint, parse_relays
 from wiregate.clock import Clock
 from wiregate.errors import Unavailable, WiregateError, from_api_response
+from wiregate.tls import client_context, tls_refusal
 
 __all__ = [
     "NatType",
@@ -227,22 +229,29 @@ async def _ping(ping: Ping, relay: RelayEndpoint, wait: float) -> RelayProbe:
     return RelayProbe(relay, rtt=result.rtt)
 
 
-async def fetch_relays(server: str, token: str) -> tuple[RelayEndpoint, ...]:
-    """The relays the gateway at ``server`` knows (``GET /api/v1/relays``, device token).
+async def fetch_relays(
+    server: str, token: str, *, ca_file: Path | None = None
+) -> tuple[RelayEndpoint, ...]:
+    """The relays the gateway at ``server`` knows (``GET /api/v1/relays``, device token);
+    its HTTPS is verified with the system store plus ``ca_file``.
 
     Raises :class:`~wiregate.errors.Unavailable` when the gateway cannot be reached
     or answers nonsense, the mapped API error when it refuses.
     """
     headers = {"Authorization": f"Bearer {token}"}
+    tls = aiohttp.TCPConnector(ssl=client_context(ca_file))
     try:
         async with (
-            aiohttp.ClientSession(timeout=_HTTP_TIMEOUT) as session,
+            aiohttp.ClientSession(timeout=_HTTP_TIMEOUT, connector=tls) as session,
             session.get(server.rstrip("/") + "/api/v1/relays", headers=headers) as resp,
         ):
             data = await resp.json(content_type=None)
             if resp.status >= 400:
                 raise from_api_response(resp.status, data)
     except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        refusal = tls_refusal(server, exc)
+        if refusal is not None:
+            raise Unavailable(refusal, code="tls") from exc
         raise Unavailable(f"cannot get the relays from the gateway at {server}: {exc}") from exc
     try:
         return parse_relays([f"{r['id']}={r['control']}" for r in data["relays"]])

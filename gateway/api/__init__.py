@@ -13,6 +13,7 @@ from gateway.api import (
     lifecycle,
     login,
     openapi,
+    packages,
     relay,
     stream,
 )
@@ -61,9 +62,11 @@ def setup_routes(app: web.Application) -> None:
         lifecycle.routes,
         openapi.routes,
         bootstrap.routes,
+        packages.routes,
         stream.routes,
     )
     for table in tables:
         app.router.add_routes(table)
     relay.setup(app)
     login.setup(app)
+    packages.setup(app)

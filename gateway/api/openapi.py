@@ -399,6 +399,44 @@ _PATHS: dict[str, Any] = {
             },
         }
     },
+    "/simple/": {
+        "get": {
+            "summary": "PEP 503 simple index of the wheelhouse (wheelhouse_dir), no credential",
+            "security": [],
+            "responses": {"200": {"description": "HTML, one anchor per project"}, **_errors(404)},
+        }
+    },
+    "/simple/{project}/": {
+        "get": {
+            "summary": "The wheels of one project, each anchor with a #sha256= fragment",
+            "security": [],
+            "parameters": [{"name": "project", "in": "path", "required": True, "schema": _STR}],
+            "responses": {
+                "200": {"description": "HTML, one anchor per wheel"},
+                "301": {"description": "to the normalized project name (PEP 503)"},
+                **_errors(404),
+            },
+        }
+    },
+    "/wheels/requirements-{platform}.txt": {
+        "get": {
+            "summary": "Every package pinned with --hash lines, for x86_64 or aarch64",
+            "security": [],
+            "parameters": [{"name": "platform", "in": "path", "required": True, "schema": _STR}],
+            "responses": {
+                "200": {"description": "pip requirements (--require-hashes)"},
+                **_errors(404),
+            },
+        }
+    },
+    "/wheels/{file}": {
+        "get": {
+            "summary": "A wheel the wheelhouse's index lists",
+            "security": [],
+            "parameters": [{"name": "file", "in": "path", "required": True, "schema": _STR}],
+            "responses": {"200": {"description": "the wheel"}, **_errors(404)},
+        }
+    },
     "/livez": {
         "get": {
             "summary": "The process is up",

@@ -59,6 +59,7 @@ def workload_issuer(entry: WorkloadIssuerSettings, public_url: str) -> WorkloadI
         audience=entry.audience or public_url,
         ca_bundle=None if entry.ca_bundle is None else str(entry.ca_bundle),
         tags=tuple(entry.tags),
+        token_file=None if entry.token_file is None else str(entry.token_file),
     )
 
 

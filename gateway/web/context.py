@@ -24,6 +24,7 @@ from gateway.web.sessions import PRE_LOGIN_TTL, CookieBox, PreLogin, Session, cs
 from identity.oidc import ClientSecret, OidcProvider, OidcRelyingParty
 from wiregate.clock import Clock
 from wiregate.errors import ConfigError
+from wiregate.files import credential_path
 from wiregate.logging import get_logger
 from wiregate.settings import GatewaySettings, OidcIssuerSettings
 
@@ -131,7 +132,7 @@ def _provider(issuer: OidcIssuerSettings, redirect_uri: str) -> OidcProvider:
 def _client_secret(issuer: OidcIssuerSettings) -> ClientSecret:
     kind, _, rest = issuer.client_secret.partition(":")
     if kind == "file":
-        return ClientSecret.from_file(rest)
+        return ClientSecret.from_file(credential_path(rest, f"issuer {issuer.name}: client_secret"))
     value = os.environ.get(rest, "").strip()
     if not value:
         raise ConfigError(f"issuer {issuer.name}: environment variable {rest} is empty or unset")

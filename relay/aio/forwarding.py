@@ -11,8 +11,10 @@ with the bound ports (port 0 in the settings means an ephemeral port, for tests)
 ``[relay]`` settings: ``relay_id`` empty means no forwarding (STUN only);
 otherwise the trusted signers come from ``verify_keys_file``, a JSON document
 ``{"signers": [{"public_key": "<base64 Ed25519 verify key>", "tenants": ["default"]}]}``
-(what the gateway serves at ``GET /api/v1/relay/signers``). Forwarding without a
-signer is refused (fail closed).
+(what the gateway serves at ``GET /api/v1/relay/signers``), or from that URL itself
+(``signers_url``, fetched by :mod:`relay.aio.signers`; until it first answers the
+relay has no signer and admits nobody). Exactly one of the two. Forwarding without
+a signer is refused (fail closed).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ __all__ = [
     "is_local_address",
     "load_verify_keys",
     "parse_signers",
+    "signers_document",
 ]
 
 log = get_logger("relay.forwarding")
@@ -71,6 +74,10 @@ class ForwardingSettings:
     verify_keys: tuple[TrustedSigner, ...]
     secret: bytes | None = None
     housekeeping_interval: float = 5.0
+    signers_url: str = ""  # fetched by relay.aio.signers; verify_keys is then empty at start
+    signers_ca_file: Path | None = None
+    signers_refresh: float = 60.0  # seconds between fetches once the signers are known
+    signers_retry: float = 1.0  # first delay after a failed fetch (doubles, up to 30 s)
 
 
 class RelayPortProtocol(asyncio.DatagramProtocol):
@@ -106,6 +113,7 @@ class RelayForwarder:
         self.control_address: tuple[str, int] | None = None
         self.relay_ports: tuple[int, ...] = ()
         self._metrics = ForwardingMetrics(registry)
+        self._verify_keys = settings.verify_keys
 
     async def start(self, socks: Sequence[socket.socket]) -> None:
         """Serve on bound sockets: the control port first, then the relay ports."""
@@ -133,7 +141,13 @@ class RelayForwarder:
             local_addresses=tuple(a for a in own if is_local_address(a)),
         )
         secret = s.secret if s.secret is not None else secrets.token_bytes(32)
-        return Relay(config, s.verify_keys, secret=secret, observe=self._metrics.observe)
+        return Relay(config, self._verify_keys, secret=secret, observe=self._metrics.observe)
+
+    def set_verify_keys(self, signers: Sequence[TrustedSigner]) -> None:
+        """Trust exactly ``signers`` from now on (sessions already admitted are kept)."""
+        self._verify_keys = tuple(signers)
+        if self.core is not None:
+            self.core.verify_keys = list(signers)
 
     def attach(self, port: int, transport: asyncio.DatagramTransport) -> None:
         """Called by each socket's protocol once it is connected."""
@@ -203,11 +217,17 @@ def forwarding_from_settings(settings: RelaySettings) -> ForwardingSettings | No
     """
     if not settings.relay_id:
         return None
-    if settings.verify_keys_file is None:
+    if settings.verify_keys_file is None and not settings.signers_url:
         raise ConfigError(
-            "relay_id is set but verify_keys_file is not: the relay would admit nobody",
-            hint="save the gateway's GET /api/v1/relay/signers into a file and set "
-            "verify_keys_file",
+            "relay_id is set but neither verify_keys_file nor signers_url is: the relay would"
+            " admit nobody",
+            hint="set signers_url to the gateway's URL of GET /api/v1/relay/signers, or save "
+            "that document into a file and set verify_keys_file",
+        )
+    if settings.verify_keys_file is not None and settings.signers_url:
+        raise ConfigError(
+            "verify_keys_file and signers_url are both set: give exactly one",
+            hint="signers_url follows the gateway's key rotations; a file does not",
         )
     if settings.burst_bytes < settings.max_datagram:
         raise ConfigError("burst_bytes must be at least max_datagram")
@@ -219,7 +239,12 @@ def forwarding_from_settings(settings: RelaySettings) -> ForwardingSettings | No
         control_port=control_port,
         relay_ports=_ports(settings.relay_ports),
         config=_core_config(settings),
-        verify_keys=load_verify_keys(settings.verify_keys_file),
+        verify_keys=(
+            () if settings.verify_keys_file is None else load_verify_keys(settings.verify_keys_file)
+        ),
+        signers_url=settings.signers_url,
+        signers_ca_file=settings.signers_ca_file,
+        signers_refresh=settings.signers_refresh,
     )
 
 
@@ -249,15 +274,23 @@ def _ports(text: str) -> tuple[int, ...]:
 def load_verify_keys(path: Path) -> tuple[TrustedSigner, ...]:
     """Read and parse a verify keys file; ConfigError when unreadable or invalid."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read verify_keys_file {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"verify_keys_file {path} is not JSON: {exc}", hint=_HINT) from exc
     try:
-        return parse_signers(data)
+        return signers_document(text)
     except ValueError as exc:
         raise ConfigError(f"verify_keys_file {path}: {exc}", hint=_HINT) from exc
+
+
+def signers_document(text: bytes | str) -> tuple[TrustedSigner, ...]:
+    """A signers document (a verify keys file, or the body of ``signers_url``) to
+    trusted signers; ValueError naming what is wrong, on one line."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"not JSON: {exc}") from None
+    return parse_signers(data)
 
 
 def parse_signers(data: Any) -> tuple[TrustedSigner, ...]:

@@ -5,7 +5,9 @@ shared sans-IO :class:`~relay.stun_core.StunServer` and sends back whatever it
 returns; nothing else happens here. Metrics (Prometheus text) and ``/livez`` are
 served on ``metrics_listen``, never on the STUN ports. With
 :class:`~relay.aio.forwarding.ForwardingSettings`, the WireGuard relay's control
-and relay ports are bound too and served by :class:`~relay.aio.forwarding.RelayForwarder`.
+and relay ports are bound too and served by :class:`~relay.aio.forwarding.RelayForwarder`;
+with a ``signers_url`` there, a :class:`~relay.aio.signers.SignersWatcher` keeps
+the forwarder's signers in step with the gateway.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from relay.aio.forwarding import ForwardingSettings, RelayForwarder
+from relay.aio.signers import SignersWatcher
 from relay.metrics import StunMetrics
 from relay.stun_core import Addr, RateLimiter, StunServer
 from wiregate.clock import Clock
@@ -72,6 +75,7 @@ class RelayServer:
         self.forwarder = (
             RelayForwarder(forwarding, self.registry, clock=clock) if forwarding else None
         )
+        self.signers: SignersWatcher | None = None
         self._runner: web.AppRunner | None = None
         self.stun_addresses: list[Addr] = []
         self.metrics_address: Addr | None = None
@@ -109,6 +113,15 @@ class RelayServer:
         fwd = self._forwarding
         ports = (fwd.control_port, *fwd.relay_ports)
         await self.forwarder.start(await _bind_all([(fwd.host, p) for p in ports]))
+        if fwd.signers_url:
+            self.signers = SignersWatcher(
+                fwd.signers_url,
+                self.forwarder.set_verify_keys,
+                ca_file=fwd.signers_ca_file,
+                refresh=fwd.signers_refresh,
+                retry=fwd.signers_retry,
+            )
+            self.signers.start()
 
     async def _start_metrics(self) -> None:
         if not self._settings.metrics_listen:  # "": no metrics listener
@@ -133,6 +146,8 @@ class RelayServer:
         for transport in self._transports:
             transport.close()
         self._transports.clear()
+        if self.signers is not None:
+            await self.signers.close()
         if self.forwarder is not None:
             self.forwarder.close()
         if self._runner is not None:

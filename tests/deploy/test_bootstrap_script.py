@@ -11,6 +11,7 @@ real install (real venv, real agent, a real tunnel) is tests/lab/test_bootstrap.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import stat
@@ -53,11 +54,17 @@ esac
 FAKE_PYTHON = """#!/bin/sh
 echo "$(basename "$0") $*" >> "$LOG_DIR/calls"
 [ "$1" = -c ] && [ "$(basename "$0")" = "${FAKE_OLD_PYTHON:-}" ] && exit 1  # too old
+if [ "$1" = -c ] && [ -n "${4:-}" ]; then  # fetch URL FILE: the gateway's requirements
+    [ "${FAKE_FETCH:-}" = fail ] && { echo "urllib.error.HTTPError: HTTP Error 404" >&2; exit 1; }
+    printf 'wiregate==%s \\\n    --hash=sha256:%064d\n' "${FAKE_VERSION:-0.1.0}" 0 > "$4"
+fi
 case "$1 $2" in
     "-m venv")
         mkdir -p "$3/bin" && cp "$0" "$3/bin/python"
         printf '#!/bin/sh\\n' > "$3/bin/wiregate" && chmod +x "$3/bin/wiregate" ;;
-    "-m pip") [ "${FAKE_PIP:-}" = fail ] && { echo "ERROR: no distribution" >&2; exit 1; } ;;
+    "-m pip")
+        env | grep '^PIP_' | sort > "$LOG_DIR/pip-env"
+        [ "${FAKE_PIP:-}" = fail ] && { echo "ERROR: no distribution" >&2; exit 1; } ;;
 esac
 exit 0
 """
@@ -441,6 +448,51 @@ def test_a_new_package_is_installed_over_the_old_one(box: Sandbox) -> None:
     assert len(pip) == 1
     assert pip[0].endswith("install -q --disable-pip-version-check --no-compile wiregate==0.2.0")
     assert "systemctl restart wiregate-agent.service" in box.calls()
+
+
+MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
+
+
+def test_by_default_the_gateway_is_the_only_index(box: Sandbox) -> None:
+    """The gateway's pinned, hashed requirements for this machine, its /simple/ index and
+    nothing else: no pip configuration file, no PIP_* variable of the environment."""
+    done = box.install(PIP_INDEX_URL="http://192.0.2.1/simple/", PIP_FIND_LINKS="/nowhere",
+                       PIP_EXTRA_INDEX_URL="http://192.0.2.2/simple/")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    url = f"https://gw.example/wheels/requirements-{MACHINE}.txt"
+    fetch = [c for c in box.calls() if c.startswith("python3 -c") and "urlopen" in c]
+    assert len(fetch) == 1 and fetch[0].split()[-2] == url
+    [pip] = [c for c in box.calls() if " -m pip " in c]
+    assert re.fullmatch(
+        "python -m pip install -q --disable-pip-version-check --no-compile "
+        "--index-url https://gw.example/simple/ --only-binary :all: --require-hashes "
+        r"-r \S+/requirements\.txt",
+        pip,
+    ), pip
+    assert (box.logs / "pip-env").read_text() == "PIP_CONFIG_FILE=/dev/null\n"
+    assert "agent: wiregate 0.1.0 from https://gw.example/simple/ (hashes required)" in done.stderr
+    assert list((box.tmp / "work").iterdir()) == []  # the fetched list is gone with WORK
+
+
+def test_a_new_version_on_the_gateway_is_installed_by_a_re_run(box: Sandbox) -> None:
+    assert box.install().returncode == 0
+    box.reset_calls()
+    assert box.install().returncode == 0
+    assert not any(" -m pip " in c for c in box.calls())  # same pins: nothing to do
+    done = box.install(FAKE_VERSION="0.2.0")
+    assert done.returncode == 0, done.stderr
+    assert len([c for c in box.calls() if " -m pip " in c]) == 1
+    assert "systemctl restart wiregate-agent.service" in box.calls()
+
+
+def test_a_gateway_without_a_wheelhouse_is_a_clear_error(box: Sandbox) -> None:
+    done = box.install(FAKE_FETCH="fail")
+    assert done.returncode == 1
+    assert (f"error: cannot fetch https://gw.example/wheels/requirements-{MACHINE}.txt: "
+            "urllib.error.HTTPError: HTTP Error 404") in done.stderr  # fmt: skip
+    assert "wheelhouse_dir" in done.stderr and "--package SPEC or --find-links DIR" in done.stderr
+    assert box.tree() == []
+    assert not any(" -m pip " in c or " -m venv " in c for c in box.calls())
 
 
 def test_find_links_installs_offline(box: Sandbox) -> None:

@@ -7,14 +7,19 @@ installed by scripts/setup.sh. A missing tool fails the test, it never skips.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lab.manifests import Doc, container, env_of, find, pod_spec, render
+from lab.manifests import ROOT, Doc, container, env_of, find, pod_spec, render, render_dir
 
 KUBERNETES_VERSION = "1.30.0"
-TARGETS = ["base", "overlays/mesh", "overlays/gateway-mode", "overlays/relay", "overlays/ha"]
+OVERLAYS = sorted(p.parent.name for p in (ROOT / "overlays").glob("*/kustomization.yaml"))
+TARGETS = ["base"] + [f"overlays/{o}" for o in OVERLAYS]
+COMPONENTS = sorted(p.parent.name for p in (ROOT / "components").glob("*/kustomization.yaml"))
 WORKLOAD_KINDS = {"Deployment", "DaemonSet", "StatefulSet", "Job", "CronJob", "Pod"}
 SETUP_HINT = "run scripts/setup.sh (as root) to install it"
 
@@ -29,6 +34,40 @@ def _validator() -> Any:
 
 def workloads(docs: list[Doc]) -> list[Doc]:
     return [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+
+
+def test_the_shipped_overlays_are_tested() -> None:
+    assert {"mesh", "gateway-mode", "relay", "ha", "ingress", "loadbalancer"} <= set(OVERLAYS)
+    assert {"agent", "gateway-mode", "relay", "ha", "ingress", "loadbalancer"} <= set(COMPONENTS)
+    assert "relay-loadbalancer" in COMPONENTS
+
+
+def render_site(tmp_path: Path, components: list[str]) -> list[Doc]:
+    """A site overlay of its own (outside the tree) of the base and ``components``."""
+
+    def rel(path: Path) -> str:  # kustomize takes relative paths only
+        return os.path.relpath(path, tmp_path)
+
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{rel(ROOT / 'base')}]\ncomponents:\n"
+        + "".join(f"  - {rel(ROOT / 'components' / c)}\n" for c in components)
+    )
+    return render_dir(tmp_path)
+
+
+def test_every_component_combines_with_every_other(tmp_path: Path) -> None:
+    kv = _validator()
+    everything = [c for c in COMPONENTS if c != "gateway-mode"] + ["gateway-mode"]
+    docs = render_site(tmp_path, everything)
+    for doc in docs:
+        kv.validate(doc, KUBERNETES_VERSION, strict=True)
+    gw = find(docs, "Deployment", "wiregate-gateway")
+    volumes = {v["name"] for v in pod_spec(gw)["volumes"]}
+    assert {"state", "policy"} <= volumes
+    find(docs, "Ingress", "wiregate-gateway")
+    find(docs, "Service", "wiregate-gateway-public")
+    find(docs, "Service", "wiregate-relay-public")
 
 
 # -- every target ------------------------------------------------------------
@@ -169,7 +208,10 @@ def test_relay_is_unprivileged_and_exposes_its_udp_ports() -> None:
 # -- agent: root with exactly NET_ADMIN + NET_RAW --------------------------------
 
 
-@pytest.mark.parametrize("target", ["overlays/mesh", "overlays/gateway-mode"])
+AGENT_TARGETS = ["overlays/mesh", "overlays/gateway-mode", "overlays/ingress"]
+
+
+@pytest.mark.parametrize("target", AGENT_TARGETS)
 def test_agent_daemonset_security(target: str) -> None:
     docs = render(target)
     ds = find(docs, "DaemonSet", "wiregate-agent")
@@ -206,7 +248,8 @@ def test_agent_daemonset_security(target: str) -> None:
     assert token["audience"] == "wiregate-gateway"
     assert token["expirationSeconds"] == 3600
     mount = next(m for m in c["volumeMounts"] if m["name"] == vol_name)
-    assert env["WIREGATE_KUBERNETES_TOKEN_FILE"]["value"] == f"{mount['mountPath']}/{token['path']}"
+    token_file = f"{mount['mountPath']}/{token['path']}"
+    assert env["WIREGATE_WORKLOAD_TOKEN"]["value"] == f"file:{token_file}"
 
     # The enrollment key, if any, is a file from a Secret volume: never env or args.
     secret_mounts = {
@@ -270,3 +313,77 @@ def test_ha_runs_several_gateways_on_postgresql() -> None:
     pdb = find(docs, "PodDisruptionBudget", "wiregate-gateway")
     assert pdb["spec"]["selector"]["matchLabels"] == gw["spec"]["selector"]["matchLabels"]
     assert 0 < pdb["spec"]["minAvailable"] < gw["spec"]["replicas"]
+
+
+# -- reaching the gateway and the relay ------------------------------------------
+
+
+def test_relay_fetches_its_signers_from_the_gateway_service() -> None:
+    docs = render("overlays/relay")
+    data = find(docs, "ConfigMap", "wiregate-relay")["data"]
+    assert "WIREGATE_VERIFY_KEYS_FILE" not in data
+    url = data["WIREGATE_SIGNERS_URL"]
+    assert url == "http://wiregate-gateway.wiregate.svc:8080/api/v1/relay/signers"
+    svc = find(docs, "Service", "wiregate-gateway")
+    assert 8080 in [p["port"] for p in svc["spec"]["ports"]]
+
+
+def test_the_agent_component_makes_the_gateway_trust_the_cluster_issuer() -> None:
+    docs = render("overlays/mesh")
+    data = find(docs, "ConfigMap", "wiregate-gateway")["data"]
+    (issuer,) = json.loads(data["WIREGATE_WORKLOAD_ISSUERS"])
+    assert issuer["kind"] == "kubernetes"
+    assert issuer["issuer"] == "https://kubernetes.default.svc.cluster.local"
+    ds = find(docs, "DaemonSet", "wiregate-agent")
+    audiences = [
+        s["serviceAccountToken"]["audience"]
+        for v in pod_spec(ds)["volumes"]
+        for s in v.get("projected", {}).get("sources", [])
+        if "serviceAccountToken" in s
+    ]
+    assert audiences == [issuer["audience"]]
+    assert issuer["ca_bundle"] == "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    gw = find(docs, "Deployment", "wiregate-gateway")
+    assert pod_spec(gw)["serviceAccountName"] == "wiregate-gateway"
+    policy_file = data["WIREGATE_POLICY_FILE"]
+    mount = next(m for m in container(gw, "gateway")["volumeMounts"] if m["name"] == "policy")
+    assert policy_file.startswith(mount["mountPath"] + "/")
+    policy = next(
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("wiregate-gateway-policy")
+    )
+    text = policy["data"]["policy.yaml"]
+    assert issuer["issuer"] in text and "system:serviceaccount:wiregate:wiregate-agent" in text
+
+
+def test_ingress_has_tls_for_the_gateway_service() -> None:
+    docs = render("overlays/ingress")
+    ing = find(docs, "Ingress", "wiregate-gateway")
+    (tls,) = ing["spec"]["tls"]
+    assert tls["secretName"] == "wiregate-gateway-tls"
+    (rule,) = ing["spec"]["rules"]
+    assert rule["host"] in tls["hosts"]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == "wiregate-gateway"
+    public = find(docs, "ConfigMap", "wiregate-gateway")["data"]["WIREGATE_PUBLIC_URL"]
+    assert public == f"https://{rule['host']}"
+
+
+def test_load_balancers_for_the_gateway_and_the_relay() -> None:
+    docs = render("overlays/loadbalancer")
+    gw = find(docs, "Service", "wiregate-gateway-public")
+    assert gw["spec"]["type"] == "LoadBalancer"
+    assert gw["spec"]["selector"] == {"app.kubernetes.io/name": "wiregate-gateway"}
+    relay = find(docs, "Service", "wiregate-relay-public")
+    assert relay["spec"]["type"] == "LoadBalancer"
+    assert relay["spec"]["externalTrafficPolicy"] == "Local"
+    assert {(p["port"], p["protocol"]) for p in relay["spec"]["ports"]} == {
+        (3478, "UDP"),
+        (3479, "UDP"),
+        (3480, "UDP"),
+    }
+    ports = {
+        p["name"] for p in container(find(docs, "Deployment", "wiregate-relay"), "relay")["ports"]
+    }
+    assert {p["targetPort"] for p in relay["spec"]["ports"]} <= ports

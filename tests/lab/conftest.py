@@ -13,6 +13,7 @@ from lab.vm import build_wheelhouse
 __all__ = ["lab", "pytest_runtest_makereport"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
+    """``wiregate wheelhouse build --platform <this machine>``, once per session."""
+    return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse") / "house")

@@ -5,17 +5,22 @@ The lab holds a gateway and two "cluster nodes" running ``wiregate agent`` with
 stand-in (lab/kubeapi.py) inside its namespace: node n has pod CIDR
 10.244.n.0/24 and a pod namespace (10.244.n.10) behind a veth, as a CNI would wire
 it. In a "VM" namespace the bootstrap script runs for real against a scratch root
-(``WIREGATE_ROOT``): a real virtualenv installed offline from a wheelhouse, the
-userspace backend (wireguard-go), and systemctl replaced by a shim that starts the
-ExecStart= line of the unit the script wrote. Then: VM -> pods, pods -> VM and pod
--> pod across nodes through the tunnels, a re-run that changes nothing, and
-``--uninstall`` leaving nothing in the scratch root and no interface.
+(``WIREGATE_ROOT``): a real virtualenv installed from the gateway's own wheelhouse
+(``wiregate wheelhouse build``, built once per session; the gateway serves it at
+/simple/ and /wheels/) by a VM that is offline — no default route, and pip's
+environment pointing at an index no route leads to — with the userspace backend
+(wireguard-go), and systemctl replaced by a shim that starts the ExecStart= line of
+the unit the script wrote. Then: VM -> pods, pods -> VM and pod -> pod across nodes
+through the tunnels, a re-run that changes nothing, and ``--uninstall`` leaving
+nothing in the scratch root and no interface. A wheel changed on the gateway after
+its wheelhouse was built is refused by pip's hash check, and nothing stays behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -30,7 +35,9 @@ from lab.vm import (
     POD_ADDR,
     VM,
     seconds_to_reply,
+    serve_wheelhouse,
     start_cluster_node,
+    tampered_copy,
 )
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
@@ -39,24 +46,31 @@ POD_CIDR = "10.244.1.0/24"  # node n has 10.244.n.0/24, its pod 10.244.n.10 (n =
 
 
 @pytest.fixture
-def gateway(lab: Lab) -> Iterator[Wiregate]:
+def gateway(lab: Lab, wheelhouse: Path) -> Iterator[Wiregate]:
     wiregate = Wiregate(lab)
+    serve_wheelhouse(wiregate, wheelhouse)
     wiregate.start_gateway()
     yield wiregate
 
 
-def test_a_vm_joins_with_bootstrap_and_reaches_a_pod(
-    lab: Lab, gateway: Wiregate, wheelhouse: Path
-) -> None:
+def test_a_vm_joins_with_bootstrap_and_reaches_a_pod(lab: Lab, gateway: Wiregate) -> None:
     node, node2, vm_host = lab.add_host("node1"), lab.add_host("node2"), lab.add_host("vm")
     key_file = gateway.create_key(tags="tag:lab", expiry="1h", reusable=True)
     node_agent, pod = start_cluster_node(lab, gateway, node, key_file, index=1)
     node2_agent, _pod2 = start_cluster_node(lab, gateway, node2, key_file, index=2)
-    vm = VM(lab, vm_host, wheelhouse, key_file, gateway.server)
+    vm = VM(lab, vm_host, None, key_file, gateway.server)  # offline: the gateway serves it
+    assert "default" not in vm_host.run(["ip", "route", "show"]).stdout
 
     # -- install: one command; the pod answers across the tunnel (timed from the start)
     first_packet, script_s = vm.join_timed()
     print(f"\nbootstrap_s={first_packet:.2f} (script ran {script_s:.2f} s)")
+    assert vm.script is not None
+    output = vm.script.output()
+    ours = version("wiregate")
+    assert f"agent: wiregate {ours} from {gateway.server}/simple/ (hashes required)" in output
+    assert "192.0.2." not in output  # pip never tried the environment's index
+    freeze = vm_host.run([str(vm.root / "opt/wiregate/bin/python"), "-m", "pip", "freeze"]).stdout
+    assert f"wiregate=={ours}" in freeze.splitlines()
 
     vm_agent = vm.agent(key_file)
     gateway.agents[vm_host.name] = vm_agent
@@ -135,13 +149,36 @@ def _alive(pid: int) -> bool:
     return False
 
 
-def test_a_refused_key_leaves_nothing_behind(lab: Lab, gateway: Wiregate, wheelhouse: Path) -> None:
+def test_a_tampered_wheel_is_refused_and_leaves_nothing_behind(lab: Lab, wheelhouse: Path) -> None:
+    """One byte of wiregate's wheel changes on the gateway after its wheelhouse was built:
+    pip's hash check refuses it, the script says so and removes everything it installed."""
+    house = lab.workdir / "tampered-wheelhouse"
+    wheel = tampered_copy(wheelhouse, house)
+    wiregate = Wiregate(lab)
+    serve_wheelhouse(wiregate, house)
+    wiregate.start_gateway()
+    key_file = wiregate.create_key(tags="tag:lab", expiry="1h", reusable=False)
+    vm_host = lab.add_host("vm")
+    vm = VM(lab, vm_host, None, key_file, wiregate.server)
+    done = vm.bootstrap(*vm.args)
+    assert done.returncode == 1, done.stderr
+    assert "DO NOT MATCH THE HASHES" in done.stderr and wheel.name in done.stderr
+    assert f"error: could not install wiregate from {wiregate.server}" in done.stderr
+    assert "removing what this run installed" in done.stderr
+    assert sorted(p.name for p in vm.root.iterdir()) == []  # no /opt/wiregate, no unit, no config
+    calls = (vm.shim_dir / "calls").read_text() if (vm.shim_dir / "calls").exists() else ""
+    assert "start" not in calls and vm.pid() is None
+    assert vm_host.run(["ip", "link", "show", "dev", vm.iface], check=False).returncode != 0
+    assert wiregate.devices() == []
+
+
+def test_a_refused_key_leaves_nothing_behind(lab: Lab, gateway: Wiregate) -> None:
     """The key is revoked before the agent enrolls (as when it expires mid-bootstrap): the
     script says so and removes everything it installed."""
     vm_host = lab.add_host("vm")
     key_file = gateway.create_key(tags="tag:lab", expiry="1h", reusable=False)
     gateway.admin("keys", "revoke", key_file.name.removeprefix("key-"))
-    vm = VM(lab, vm_host, wheelhouse, key_file, gateway.server)
+    vm = VM(lab, vm_host, None, key_file, gateway.server)
     done = vm.bootstrap(*vm.args)
     assert done.returncode == 1, done.stderr
     assert "the agent could not enroll (the agent exited)" in done.stderr

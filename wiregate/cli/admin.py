@@ -14,7 +14,9 @@ from urllib.parse import quote
 import click
 
 from wiregate.cli.admin_client import AdminClient
+from wiregate.cli.options import config_option, exit_with
 from wiregate.errors import WiregateError
+from wiregate.settings import ADMIN_SOCKET, GatewaySettings, load_settings
 
 __all__ = ["admin", "parse_duration", "run_or_exit"]
 
@@ -54,23 +56,51 @@ def _echo(data: Any, as_json: bool, rows: list[str]) -> None:
 
 
 @click.group()
+@config_option
 @click.option(
     "--socket",
     "socket_path",
     type=click.Path(path_type=Path, dir_okay=False),
     envvar="WIREGATE_ADMIN_SOCKET",
-    default="/run/wiregate/gateway.sock",
-    show_default=True,
+    default=None,
+    help=f"Admin socket (default: the config's admin_socket, else {ADMIN_SOCKET}).",
 )
 @click.option("--server", envvar="WIREGATE_SERVER", help="Gateway URL (instead of the socket).")
-@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Admin bearer token for --server (default: the config's admin_token_file).",
+)
+@click.option("--ca-file", type=click.Path(path_type=Path, dir_okay=False),
+              envvar="WIREGATE_CA_FILE", help="PEM CA trusted for an https --server.")  # fmt: skip
 @click.pass_context
 def admin(
-    ctx: click.Context, socket_path: Path, server: str | None, token_file: Path | None
+    ctx: click.Context,
+    config_file: Path | None,
+    socket_path: Path | None,
+    server: str | None,
+    token_file: Path | None,
+    ca_file: Path | None,
 ) -> None:
-    """Administer enrollment keys, devices and device-login requests."""
-    sock = None if server else socket_path
-    ctx.obj = AdminClient(socket=sock, server=server, token_file=token_file)
+    """Administer enrollment keys, devices and device-login requests.
+
+    With --config (the gateway's own TOML file), its admin_socket is the socket;
+    when that socket is not there and the file names public_url and
+    admin_token_file, the admin API is called over HTTP(S) with that token."""
+    if config_file is not None:
+        try:
+            gw = load_settings(GatewaySettings, config_file)
+        except WiregateError as exc:
+            exit_with(exc)
+        socket_path = socket_path or gw.admin_socket
+        token_file = token_file or gw.admin_token_file
+        if server is None and not socket_path.exists() and gw.public_url and token_file:
+            server = gw.public_url
+    sock = None if server else (socket_path or ADMIN_SOCKET)
+    try:
+        ctx.obj = AdminClient(socket=sock, server=server, token_file=token_file, ca_file=ca_file)
+    except WiregateError as exc:
+        exit_with(exc)
 
 
 @admin.group()

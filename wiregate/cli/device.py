@@ -39,13 +39,21 @@ __all__ = ["format_netcheck", "format_status", "login", "netcheck", "status"]
 )
 @click.option("--hostname", help="Device name (default: this host's name).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def login(server: str, state_dir: Path, hostname: str | None, as_json: bool) -> None:
+@click.option(
+    "--ca-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="WIREGATE_CA_FILE",
+    help="PEM CA trusted for the gateway's HTTPS.",
+)
+def login(
+    server: str, state_dir: Path, hostname: str | None, as_json: bool, ca_file: Path | None
+) -> None:
     """Enroll this host by device login: show a code, wait for a person to approve it."""
     import socket
 
     import aiohttp
 
-    from agent.gateway_client import ControlClient
+    from agent.gateway_client import ControlClient, connector
     from agent.login import login as device_login
     from agent.state import StateDir
 
@@ -53,11 +61,11 @@ def login(server: str, state_dir: Path, hostname: str | None, as_json: bool) -> 
         click.echo(line, err=as_json)
 
     async def go() -> Any:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=connector(ca_file)) as session:
             client = ControlClient(server, session)
             name = hostname or socket.gethostname().split(".")[0]
             return await device_login(
-                client, StateDir(state_dir), name, sleep=asyncio.sleep, out=out
+                client, StateDir(state_dir), name, sleep=asyncio.sleep, out=out, server=server
             )
 
     enrollment = run_or_exit(go())
@@ -132,6 +140,11 @@ def format_status(doc: dict[str, Any]) -> str:
 
 @click.command()
 @config_option
+@click.option(
+    "--server",
+    default=None,
+    help="Gateway URL asked for its relays (default: the one `wiregate login` used).",
+)
 @click.option("--stun", "stun", multiple=True, help="STUN server HOST:PORT (repeatable).")
 @click.option("--port", type=int, default=None, help="WireGuard listen port (default 51820).")
 @click.option(
@@ -146,23 +159,38 @@ def format_status(doc: dict[str, Any]) -> str:
     default=None,
     help="The agent's state dir (its device token lists the gateway's relays).",
 )
+@click.option(
+    "--ca-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="PEM CA trusted for the gateway's HTTPS (default: the agent's ca_file).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def netcheck(
     config_file: Path | None,
+    server: str | None,
     stun: tuple[str, ...],
     port: int | None,
     relay_flags: tuple[str, ...],
     state_dir: Path | None,
+    ca_file: Path | None,
     as_json: bool,
 ) -> None:
     """Find the NAT type and the reflexive address of the WireGuard port (needs CAP_NET_RAW),
     and ping each relay."""
+    from agent.state import with_saved_server
     from relay.endpoints import parse_relays
     from wiregate.net import parse_hostport
 
     settings = settings_or_exit(
-        AgentSettings, config_file, stun_servers=list(stun), listen_port=port, state_dir=state_dir
+        AgentSettings,
+        config_file,
+        stun_servers=list(stun),
+        listen_port=port,
+        state_dir=state_dir,
+        ca_file=ca_file,
+        server=server,
     )
+    settings = with_saved_server(settings)  # no --server: the gateway `wiregate login` used
     if not settings.stun_servers:
         raise click.UsageError("no STUN server: give --stun HOST:PORT or set agent.stun_servers")
     try:
@@ -199,7 +227,8 @@ async def _gateway_relays(settings: AgentSettings) -> tuple[RelayEndpoint, ...]:
         if enrollment is None:
             click.echo("relays: not enrolled; give --relay ID=HOST:PORT to ping relays", err=True)
             return ()
-        return await fetch_relays(server_urls(settings.server)[0], enrollment.token)
+        server = server_urls(settings.server)[0]
+        return await fetch_relays(server, enrollment.token, ca_file=settings.ca_file)
     except OSError as exc:
         click.echo(f"relays: cannot read the device token: {exc.strerror}", err=True)
     except WiregateError as exc:

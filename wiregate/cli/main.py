@@ -17,6 +17,7 @@ from wiregate.cli.device import login, netcheck, status
 from wiregate.cli.policy import policy
 from wiregate.cli.rotate import rotate
 from wiregate.cli.serve import agent, gateway, relay
+from wiregate.cli.wheelhouse import wheelhouse
 
 __all__ = ["main"]
 
@@ -29,5 +30,5 @@ def main() -> None:
 
 for _command in (gateway, relay, agent, login, status, netcheck):
     main.add_command(_command)
-for _command in (admin, rotate, policy, backup, restore):
+for _command in (admin, rotate, policy, backup, restore, wheelhouse):
     main.add_command(_command)

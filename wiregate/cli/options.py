@@ -6,9 +6,10 @@ file given with ``--config`` (or ``WIREGATE_CONFIG``), which wins over defaults.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -16,7 +17,7 @@ from wiregate.errors import WiregateError
 from wiregate.logging import configure_logging
 from wiregate.settings import load_settings
 
-__all__ = ["config_option", "settings_or_exit", "with_logs"]
+__all__ = ["config_option", "exit_with", "settings_or_exit", "with_logs"]
 
 
 config_option = click.option(
@@ -38,10 +39,18 @@ def with_logs(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def exit_with(exc: WiregateError, status: int = 1) -> NoReturn:
+    """``error: …`` and, when there is one, ``hint: …`` on stderr; exit with ``status``."""
+    click.echo(f"error: {exc.message}", err=True)
+    if exc.hint:
+        click.echo(f"hint: {exc.hint}", err=True)
+    sys.exit(status)
+
+
 def settings_or_exit(cls: type[Any], config_file: Path | None, **flags: Any) -> Any:
     try:
         settings = load_settings(cls, config_file, **flags)
     except WiregateError as exc:
-        raise click.ClickException(exc.message) from exc
+        exit_with(exc)
     configure_logging(settings.log_level, settings.log_format)
     return settings

@@ -329,7 +329,9 @@ def test_cli_asks_the_gateway_with_the_device_token(
 ) -> None:
     fake, asked = RecordingNetcheck(), []
 
-    async def fetch(server: str, token: str) -> tuple[RelayEndpoint, ...]:
+    async def fetch(
+        server: str, token: str, *, ca_file: Path | None = None
+    ) -> tuple[RelayEndpoint, ...]:
         asked.append((server, token))
         return (R1,)
 

@@ -44,6 +44,7 @@ class Settings:
     state_dir: Path
     server: str = "http://127.0.0.1:1"
     rotation_check_interval: float = 3600.0
+    ca_file: Path | None = None
 
 
 @dataclass

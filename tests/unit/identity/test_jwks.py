@@ -315,6 +315,40 @@ async def test_https_with_a_ca_bundle(aiohttp_server: Any, tmp_path: Path) -> No
     assert (await AiohttpFetcher(ca_bundle=str(cert)).fetch(url)).max_age == 600
 
 
+async def test_bearer_token_file_is_sent_over_https_only(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def keys(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"keys": []})
+
+    def app() -> web.Application:
+        a = web.Application()
+        a.router.add_get("/keys", keys)
+        return a
+
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    secure = await aiohttp_server(app(), ssl=context)
+    plain = await aiohttp_server(app())
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    fetcher = AiohttpFetcher(ca_bundle=str(cert), bearer_file=str(token))
+    await fetcher.fetch(str(secure.make_url("/keys")))
+    token.write_text("rotated")  # re-read at each fetch
+    await fetcher.fetch(str(secure.make_url("/keys")))
+    await fetcher.fetch(str(plain.make_url("/keys")))
+    assert seen == ["Bearer first", "Bearer rotated", None]
+    token.unlink()
+    with pytest.raises(Unavailable, match="bearer token file"):
+        await fetcher.fetch(str(secure.make_url("/keys")))
+
+
 def test_ca_bundle_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         AiohttpFetcher(ca_bundle=str(tmp_path / "missing.pem"))

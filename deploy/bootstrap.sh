@@ -423,7 +423,11 @@ EOF
         PIP_CONFIG_FILE=/dev/null
         export PIP_CONFIG_FILE
         [ -z "$CA_FILE" ] || { PIP_CERT=$CA_FILE && export PIP_CERT; } # trusted for the gateway
-        "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile \
+        set --
+        case $SERVER in # plain http (warned about above): the hashes still bind every wheel
+        http://*) host=${SERVER#http://} && set -- --trusted-host "${host%%/*}" ;;
+        esac
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile "$@" \
             --index-url "$SERVER/simple/" --only-binary :all: --require-hashes \
             -r "$WORK/requirements.txt"
     )

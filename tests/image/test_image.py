@@ -155,7 +155,7 @@ def test_lab_mesh_from_the_image(lab: Lab, image: Image) -> None:
         # The gateway hands out the image's relay and the lab agent reaches it.
         stun = f"{INTERNET_GATEWAY}:{RELAY_STUN_PORT}"
         cmd = [*wg.cmd, "netcheck", "--state-dir", str(normal.state_dir), "--json",
-               "--stun", stun, "--port", str(WG_PORT)]  # fmt: skip
+               "--server", wg.server, "--stun", stun, "--port", str(WG_PORT)]  # fmt: skip
         doc = json.loads(normal.host.run(cmd, timeout=60).stdout)
         by_id = {r["id"]: r for r in doc["relays"]}
         assert by_id["r1"]["reachable"] is True, doc

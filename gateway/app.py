@@ -159,8 +159,9 @@ def tls_reloader(settings: GatewaySettings) -> CertReloader | None:
     :class:`~wiregate.errors.ConfigError` if the pair cannot be used."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
-    ctx = server_context(settings.tls_cert, settings.tls_key)
-    return CertReloader(ctx, settings.tls_cert, settings.tls_key)
+    cert = credential_path(settings.tls_cert, "tls_cert")  # "%d/NAME": LoadCredential=
+    key = credential_path(settings.tls_key, "tls_key")
+    return CertReloader(server_context(cert, key), cert, key)
 
 
 @asynccontextmanager

@@ -19,10 +19,10 @@ from cryptography import x509
 
 import wiregate.tls
 from agent.gateway_client import ControlClient, connector
-from gateway.app import run_gateway
+from gateway.app import run_gateway, tls_reloader
 from lab.api_client import ADMIN, AUTH, make_settings
 from lab.tls import LabCA, ServerPair
-from wiregate.errors import Unavailable
+from wiregate.errors import ConfigError, Unavailable
 from wiregate.keys import encode_key, generate_private_key, public_from_private
 
 pytestmark = pytest.mark.timeout(60)
@@ -246,3 +246,20 @@ async def test_agent_with_another_ca_exits_without_enrolling(gateway: Gateway) -
     assert len(errors) == 1 and errors[0].startswith(f"error: TLS with {gateway.url} failed: ")
     assert "Traceback" not in err.decode()
     assert not (state / "device.json").exists()
+
+
+def test_tls_files_from_systemd_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca = LabCA.create(tmp_path / "ca")
+    pair = ca.issue(tmp_path / "creds", ["127.0.0.1"])
+    settings = make_settings(
+        tmp_path, listen="127.0.0.1:0", tls_cert=Path("%d") / pair.cert.name,
+        tls_key=Path("%d") / pair.key.name, public_url="https://127.0.0.1",
+    )  # fmt: skip
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(pair.cert.parent))
+    reloader = tls_reloader(settings)
+    assert reloader is not None
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ConfigError, match=r"tls_cert %d/.*CREDENTIALS_DIRECTORY is not set"):
+        tls_reloader(settings)

@@ -1,6 +1,6 @@
 """Make-before-break rotation of the agent's WireGuard key.
 
-The flow (see docs/operations.md, "Key rotation"):
+The flow (see docs/operations.md, "Device lifecycle: expiry, rotation, revocation, audit"):
 
 1. The agent generates its next key on the host (``private.key.next``, 0600,
    written atomically next to ``private.key``; never sent, printed or logged)

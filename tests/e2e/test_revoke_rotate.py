@@ -2,7 +2,7 @@
 rotation (make-before-break) keeps a 100 packets/s ping flowing.
 
 The figures measured here are printed (run with ``-s``) and recorded in
-docs/operations.md.
+docs/reports/faults.md.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def test_rotation_keeps_traffic_flowing(lab: Lab, gateway: Wiregate) -> None:
         assert r["sent"] - r["received"] <= MAX_LOST, (what, r)
 
 
-MAX_LOST = 0  # see docs/operations.md: measured loss of the make-before-break switch
+MAX_LOST = 0  # see docs/reports/faults.md: measured loss of the make-before-break switch
 
 
 # --------------------------------------------------------------------------- expiry

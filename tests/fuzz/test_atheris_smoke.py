@@ -2,7 +2,7 @@
 
 A harness exits non-zero on any exception other than its target's named
 errors or on a broken property, and writes the input that did it to the
-artifact prefix; the long campaign is ``scripts/fuzz.sh`` (docs/operations.md).
+artifact prefix; the long campaign is ``scripts/fuzz.sh`` (docs/reports/fuzzing.md).
 """
 
 from __future__ import annotations

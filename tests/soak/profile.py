@@ -21,13 +21,13 @@ REAL_HOSTS = ("a", "b", "c")
 PINGS = (("c", "a"), ("c", "b"))  # (from, to): every rotating host is on a pinged path
 # Paths whose echoes lost around a rotation fail the run. c -> b ends at the iperf3
 # receiver, whose wireguard-go queues iperf3 keeps full: its losses are reported (and
-# count in the whole-run bound) but do not fail the run (docs/operations.md, "Soak").
+# count in the whole-run bound) but do not fail the run (docs/reports/soak.md).
 STRICT_PINGS = frozenset({("c", "a")})
 
 
 @dataclass(frozen=True, slots=True)
 class Bounds:
-    """What the run must stay within (stated in docs/operations.md, "Soak")."""
+    """What the run must stay within (stated in docs/reports/soak.md, "Bounds")."""
 
     fd_slack: int = 10  # fds after the simulated agents left: at most baseline + this,
     # not counting unix-socket client connections (the PostgreSQL pool), which may grow

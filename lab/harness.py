@@ -656,7 +656,9 @@ class Wiregate:
             from lab.tls import LabCA
 
             ca = LabCA.create(lab.workdir / "tls")
-            pair = ca.issue(lab.workdir / "tls", [INTERNET_GATEWAY, "gateway.lab"])
+            # 127.0.0.1: browsers in the internet namespace reach it there (DNAT, lab/sso.py)
+            names = [INTERNET_GATEWAY, "gateway.lab", "127.0.0.1"]
+            pair = ca.issue(lab.workdir / "tls", names)
             self.ca_file, self._tls_pair = ca.ca_file, (pair.cert, pair.key)
             self.server = f"https://{INTERNET_GATEWAY}:{GATEWAY_PORT}"
         self.gateway: Process | None = None

@@ -3,23 +3,28 @@
 panva's oidc-provider (tests/idp/provider.mjs) runs on the loopback of the lab's
 internet namespace, where the gateway runs; browsers there reach the gateway as
 ``http://127.0.0.1:8080`` (DNAT to its address: an http redirect URI must be
-loopback). Used by ``scripts/demo.py`` and the lab tests:
+loopback), or with ``tls=True`` as ``https://127.0.0.1:8080``: the gateway serves
+HTTPS with a lab CA's certificate (``Wiregate(lab, tls=True)``, lab/tls.py) and
+every client (agents, ``wiregate login``, the browser) trusts that CA. Used by
+``scripts/demo.py`` and the lab tests:
 
 - :func:`enroll_by_sso`: ``wiregate login`` on a host, its code approved at the
   gateway's web pages after a sign-in at the IdP; the browser is an HTTP client
-  (:func:`approve_as_browser`, run as ``python -m lab.sso URL`` inside the
-  namespace);
+  (:func:`approve_as_browser`, run as ``python -m lab.sso [--ca-file CA] URL``
+  inside the namespace);
 - :func:`enroll_by_workload_token`: an agent that enrolls with a token the IdP
   minted for the gateway by ``client_credentials`` (no enrollment key).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import re
 import shutil
+import ssl
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -52,7 +57,10 @@ TEST_ACCOUNT = "admin-demo"  # any login works at the dev IdP; "admin*" is in wi
 
 
 def start_idp(lab: Lab, public_url: str) -> tuple[str, Process]:
-    """Start the dev OpenID Provider on the internet namespace's loopback; its issuer URL."""
+    """Start the dev OpenID Provider on the internet namespace's loopback; its issuer URL.
+
+    The gateway's redirect URI and the workload audience follow ``public_url``: an
+    ``https://`` public_url (a TLS gateway) gives an https redirect URI and audience."""
     node = shutil.which("node")
     if node is None or not (IDP_SCRIPT.parent / "node_modules" / "oidc-provider").is_dir():
         raise RuntimeError("node and tests/idp/node_modules are needed: run scripts/setup.sh")
@@ -73,14 +81,15 @@ def start_idp(lab: Lab, public_url: str) -> tuple[str, Process]:
     return issuer, proc
 
 
-def loopback_public_url(lab: Lab) -> str:
+def loopback_public_url(lab: Lab, *, tls: bool = False) -> str:
     """The gateway's URL for browsers in the internet namespace: 127.0.0.1:8080, DNATed to
-    the gateway's address (an http redirect URI must be loopback; https needs a CA)."""
+    the gateway's address (an http redirect URI must be loopback). ``tls``: the https URL
+    of a TLS gateway, whose lab certificate names 127.0.0.1 too."""
     host, port = urlsplit(Wiregate(lab).server).netloc.split(":")
     dnat = ["-j", "DNAT", "--to-destination", f"{host}:{port}"]
     lab.internet.run(["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.1",
                       "--dport", port, *dnat])  # fmt: skip
-    return f"http://127.0.0.1:{port}"
+    return f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
 
 def gateway_config(lab: Lab, public_url: str, issuer: str) -> Path:
@@ -108,23 +117,28 @@ def start_gateway(wiregate: Wiregate, config: Path) -> None:
         del os.environ["WIREGATE_CONFIG"]
 
 
-def start_sso_gateway(lab: Lab) -> tuple[Wiregate, str, str]:
-    """The IdP and the gateway configured for it: (gateway, issuer URL, public_url)."""
-    wiregate = Wiregate(lab)
-    public_url = loopback_public_url(lab)
+def start_sso_gateway(lab: Lab, *, tls: bool = False) -> tuple[Wiregate, str, str]:
+    """The IdP and the gateway configured for it: (gateway, issuer URL, public_url).
+
+    ``tls``: the gateway serves HTTPS with a lab CA's certificate (``wiregate.ca_file``)."""
+    wiregate = Wiregate(lab, tls=tls)
+    public_url = loopback_public_url(lab, tls=tls)
     issuer, _idp = start_idp(lab, public_url)
     start_gateway(wiregate, gateway_config(lab, public_url, issuer))
     return wiregate, issuer, public_url
 
 
 def enroll_by_sso(lab: Lab, wiregate: Wiregate, host: Host) -> Agent:
-    """``wiregate login`` on ``host``, approved at the web pages after an IdP sign-in."""
+    """``wiregate login`` on ``host``, approved at the web pages after an IdP sign-in.
+
+    With a TLS gateway, ``wiregate login`` and the browser trust its lab CA."""
     agent = Agent(host, lab.workdir / "agents" / host.name, lab.workdir / "no-enrollment-key")
+    ca = ["--ca-file", str(wiregate.ca_file)] if wiregate.ca_file is not None else []
     login = host.spawn([*wiregate.cmd, "login", "--server", wiregate.server, "--hostname",
-                        host.name, "--state-dir", str(agent.state_dir), "--json"],
+                        host.name, "--state-dir", str(agent.state_dir), "--json", *ca],
                        name=f"login-{host.name}")  # fmt: skip
     url = poll(lambda: _verification_url(login.output()), timeout=20, what="wiregate login code")
-    approve = [sys.executable, "-m", "lab.sso", url]  # the browser, in the namespace
+    approve = [sys.executable, "-m", "lab.sso", *ca, url]  # the browser, in the namespace
     done = lab.internet.run(approve, check=False, timeout=60, env={**os.environ})
     if done.returncode != 0:
         raise RuntimeError(f"the SSO approval failed:\n{done.stdout}{done.stderr}")
@@ -148,16 +162,19 @@ def mint_workload_token(lab: Lab, issuer: str, audience: str, path: Path) -> Pat
 
 def enroll_by_workload_token(lab: Lab, wiregate: Wiregate, host: Host, issuer: str,
                              audience: str) -> Agent:  # fmt: skip
-    """The agent on ``host`` enrolls with a token the IdP minted for the gateway."""
+    """The agent on ``host`` enrolls with a token the IdP minted for the gateway (trusting
+    its lab CA if it serves HTTPS)."""
     token_file = mint_workload_token(lab, issuer, audience, lab.workdir / f"token-{host.name}")
     return start_workload_agent(wiregate, host, token_file)
 
 
 def start_workload_agent(wiregate: Wiregate, host: Host, token_file: Path) -> Agent:
-    """Start the agent on ``host`` with ``workload_token = file:token_file`` and no key."""
+    """Start the agent on ``host`` with ``workload_token = file:token_file`` and no key
+    (``--ca-file``: the lab CA of a TLS gateway)."""
     os.environ["WIREGATE_WORKLOAD_TOKEN"] = f"file:{token_file}"
     try:  # no enrollment key: the file does not exist and is never read
-        return wiregate.start_agent(host, wiregate.lab.workdir / "no-enrollment-key")
+        no_key = wiregate.lab.workdir / "no-enrollment-key"
+        return wiregate.start_agent(host, no_key, ca_file=wiregate.ca_file)
     finally:
         del os.environ["WIREGATE_WORKLOAD_TOKEN"]
 
@@ -183,10 +200,17 @@ class _Forms(HTMLParser):
             self.forms[-1][2][a["name"]] = a.get("value", "") if value is None else value
 
 
-async def approve_as_browser(url: str) -> str:
-    """Play the person's browser: sign in at the IdP as the test account, then Approve."""
+async def approve_as_browser(url: str, ca_file: Path | None = None) -> str:
+    """Play the person's browser: sign in at the IdP as the test account, then Approve.
+
+    ``ca_file``: a PEM CA trusted for HTTPS besides the system's (a TLS gateway's lab CA)."""
     jar = aiohttp.CookieJar(unsafe=True)  # cookies for IP-address hosts
-    async with aiohttp.ClientSession(cookie_jar=jar, timeout=aiohttp.ClientTimeout(20)) as http:
+    trust = ssl.create_default_context()
+    if ca_file is not None:
+        trust.load_verify_locations(cafile=ca_file)
+    connector = aiohttp.TCPConnector(ssl=trust)
+    timeout = aiohttp.ClientTimeout(20)
+    async with aiohttp.ClientSession(cookie_jar=jar, timeout=timeout, connector=connector) as http:
         method, data, approved = "GET", None, False
         for _ in range(25):
             parts = urlsplit(url)
@@ -212,5 +236,14 @@ async def approve_as_browser(url: str) -> str:
     raise RuntimeError("the sign-in did not finish in 25 steps")
 
 
-if __name__ == "__main__":  # python -m lab.sso URL: play the browser for one approval
-    asyncio.run(approve_as_browser(sys.argv[1]))
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lab.sso [--ca-file CA] URL``: play the browser for one approval."""
+    parser = argparse.ArgumentParser(prog="python -m lab.sso", description=main.__doc__)
+    parser.add_argument("--ca-file", type=Path, help="PEM CA trusted for HTTPS (a lab CA)")
+    parser.add_argument("url", help="the verification URL that `wiregate login` printed")
+    args = parser.parse_args(argv)
+    asyncio.run(approve_as_browser(args.url, args.ca_file))
+
+
+if __name__ == "__main__":
+    main()

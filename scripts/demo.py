@@ -3,15 +3,18 @@
 Builds the lab, starts a real OpenID Provider (panva's oidc-provider,
 tests/idp/provider.mjs) on the loopback of the lab's internet namespace next to
 the gateway, whose single sign-on it configures (``[[gateway.oidc]]``,
-``public_url``). Enrolls three hosts with one enrollment key, and a fourth by
-``wiregate login``: its user code is approved through the gateway's web pages
-after signing in at the IdP (an HTTP client plays the browser, inside the
-namespace); a fifth agent enrolls with a workload token the same IdP minted
-for the gateway (``client_credentials``, an RFC 9068 JWT access token) instead
-of a key. Waits until every agent holds the full map, prints a status table,
-a ✓/✗ matrix of pings across every tunnel (IPv4 and IPv6) and the sign-in URL
-with a test account, then tears everything down. Exits non-zero if any step or
-ping fails. ``--keep`` leaves the lab running until Ctrl-C.
+``public_url``). The gateway serves HTTPS, as in a real deployment, with a
+certificate of a local CA made for the lab (lab/tls.py); every client (agents,
+``wiregate login``, the browser) trusts that CA with ``--ca-file``. Enrolls
+three hosts with one enrollment key, and a fourth by ``wiregate login``: its
+user code is approved through the gateway's web pages after signing in at the
+IdP (an HTTP client plays the browser, inside the namespace); a fifth agent
+enrolls with a workload token the same IdP minted for the gateway
+(``client_credentials``, an RFC 9068 JWT access token) instead of a key. Waits
+until every agent holds the full map, prints a status table, a ✓/✗ matrix of
+pings across every tunnel (IPv4 and IPv6) and the sign-in URL with a test
+account, then tears everything down. Exits non-zero if any step or ping fails.
+``--keep`` leaves the lab running until Ctrl-C.
 
     sudo .venv/bin/python scripts/demo.py [--keep]
 """
@@ -121,12 +124,14 @@ def demo(keep: bool) -> int:
             names = ", ".join((*HOSTS, SSO_HOST, WORKLOAD_HOST))
             print(f"lab {lab.prefix}: internet 198.51.100.0/24, hosts {names}")
             hosts = [lab.add_host(name) for name in HOSTS]
-            wiregate = Wiregate(lab)
-            public_url = loopback_public_url(lab)
+            wiregate = Wiregate(lab, tls=True)
+            public_url = loopback_public_url(lab, tls=True)
             issuer, _idp = start_idp(lab, public_url)
             print(f"OpenID Provider (panva oidc-provider) ready at {issuer}")
             start_gateway(wiregate, gateway_config(lab, public_url, issuer))
-            print(f"gateway ready on {wiregate.server} (admin socket {wiregate.admin_socket})")
+            print(f"gateway ready on {wiregate.server} over TLS, public_url {public_url}"
+                  f" (admin socket {wiregate.admin_socket})")  # fmt: skip
+            print(f"agents, `wiregate login` and the browser trust the lab CA {wiregate.ca_file}")
             key = wiregate.create_key(tags="tag:demo", expiry="1h", reusable=True)
             agents = {h.name: wiregate.start_agent(h, key) for h in hosts}
             agents[SSO_HOST] = enroll_by_sso(lab, wiregate, lab.add_host(SSO_HOST))
@@ -152,7 +157,7 @@ def demo(keep: bool) -> int:
         print("all tunnels up" if ok else "SOME TUNNELS FAILED")
         print(
             f"\nsingle sign-on: {public_url}/devices (inside the lab's internet namespace:"
-            f" ip netns exec {lab.internet.netns} ...)\n"
+            f" ip netns exec {lab.internet.netns} ...; trust the CA {wiregate.ca_file})\n"
             f"  IdP {issuer}, test account: any login, e.g. {TEST_ACCOUNT} (any password;"
             " admin* logins may use /admin)"
         )

@@ -40,7 +40,7 @@ _CLEAN_CLOSE = (1000,)  # anything else (gone, 1006, restarting 1012, 1013) fail
 
 
 def read_auth_key(spec: str) -> str:
-    """Resolve an enrollment key given as ``file:PATH``, ``env:VAR`` or (from env/config) itself."""
+    """Resolve an enrollment key given as ``file:PATH`` or ``env:VAR`` (no literal key)."""
     if spec.startswith("file:"):
         path = Path(spec[5:])
         try:
@@ -53,7 +53,7 @@ def read_auth_key(spec: str) -> str:
         value = spec.strip()
     if not value:
         raise ConfigError(
-            "no enrollment key", hint="pass --auth-key file:PATH or set WIREGATE_AUTH_KEY"
+            "no enrollment key", hint="pass --auth-key file:PATH or env:VAR (or set auth_key)"
         )
     return value
 

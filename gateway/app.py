@@ -54,7 +54,7 @@ from identity.principals import lifetime_rule
 from wiregate.clock import Clock
 from wiregate.diagnostics import ASYNCIO_TASKS  # noqa: F401 (registers the gauge)
 from wiregate.errors import ConfigError
-from wiregate.files import credential_path
+from wiregate.files import check_private_mode, credential_path
 from wiregate.logging import get_logger
 from wiregate.net import parse_hostport
 from wiregate.settings import GatewaySettings
@@ -203,6 +203,7 @@ def read_admin_token(path: Path | None) -> bytes:
     if path is None:
         return b""
     path = credential_path(path, "admin_token_file")
+    check_private_mode(path, "admin_token_file")
     try:
         token = path.read_bytes().strip()
     except OSError as exc:

@@ -6,9 +6,10 @@ to a payload whose signature has already been verified, at ``now``, and returns
 :class:`Claims`. Every refusal is :class:`~wiregate.errors.Unauthorized` with code
 ``invalid_token``; messages never echo the token.
 
-Time rules, with ``L`` the leeway: valid while ``now < exp + L``; ``exp`` no
-later than ``now + max_lifetime + L``; ``nbf`` and ``iat`` no later than
-``now + L``.
+Time rules, with ``L`` the leeway: ``exp`` and ``iat`` required; valid while
+``now < exp + L``; ``exp`` no later than ``now + max_lifetime + L``; ``nbf`` and
+``iat`` no later than ``now + L``; the lifetime ``exp - iat`` at most
+``max_lifetime + L`` (so an old ``iat`` is not accepted in its last hours).
 """
 
 from __future__ import annotations
@@ -245,14 +246,18 @@ def _check_times(
     iat = _numeric_date(payload, "iat")
     nbf = _numeric_date(payload, "nbf")
     leeway = config.leeway
-    if exp is None or iat is None:
+    if exp is None:
         raise refuse("exp and iat are required")
+    if iat is None:
+        raise refuse("exp and iat are required (iat missing: the lifetime cap runs from iat)")
     if now >= exp + leeway:
         raise refuse("expired")
     if exp > now + config.max_lifetime + leeway:
         raise refuse("exp is too far in the future")
     if iat > now + leeway:
         raise refuse("iat is in the future")
+    if exp - iat > config.max_lifetime + leeway:
+        raise refuse("lifetime (exp - iat) is beyond the cap")
     if nbf is not None and nbf > now + leeway:
         raise refuse("not valid yet (nbf)")
     return exp, iat, nbf

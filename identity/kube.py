@@ -108,8 +108,9 @@ def _object_ref(info: Mapping[str, Any], field: str) -> tuple[str, str] | None:
 class KubeConfig:
     """A cluster issuer trusted for ServiceAccount tokens whose audience is the gateway.
 
-    ``max_lifetime`` bounds ``exp`` (kube-apiserver caps projected tokens at 48 h
-    by default); ``ca_bundle`` verifies the discovery and JWKS fetch.
+    ``max_lifetime`` bounds the lifetime ``exp - iat`` and ``exp`` (kube-apiserver
+    caps projected tokens at 48 h by default); ``ca_bundle`` verifies the
+    discovery and JWKS fetch.
     """
 
     issuer: str

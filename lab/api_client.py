@@ -51,6 +51,7 @@ def make_settings(tmp_path: Path, *, token: bool = True, **kw: Any) -> GatewaySe
     if token:
         token_file = tmp_path / "admin.token"
         token_file.write_text(ADMIN + "\n")
+        token_file.chmod(0o600)
     return GatewaySettings(
         state_dir=tmp_path / "state",
         admin_token_file=token_file,

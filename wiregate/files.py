@@ -24,7 +24,13 @@ from pathlib import Path
 
 from wiregate.errors import ConfigError
 
-__all__ = ["credential_path", "fsync_dir", "load_or_create_key_file", "write_private"]
+__all__ = [
+    "check_private_mode",
+    "credential_path",
+    "fsync_dir",
+    "load_or_create_key_file",
+    "write_private",
+]
 
 CREDENTIALS_PREFIX = "%d/"  # systemd's specifier of $CREDENTIALS_DIRECTORY (LoadCredential=)
 
@@ -46,6 +52,24 @@ def credential_path(path: Path | str, what: str) -> Path:
             hint="%d/ names a file of systemd's LoadCredential=; elsewhere give its real path",
         )
     return Path(directory) / text.removeprefix(CREDENTIALS_PREFIX)
+
+
+def check_private_mode(path: Path, what: str) -> None:
+    """:class:`ConfigError` (one line) when ``path`` is readable by group or others.
+
+    A root-owned file given to this process's group only (a Kubernetes Secret
+    mounted with ``fsGroup``) is accepted.
+    """
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    mode = st.st_mode
+    if not mode & 0o007 and _handed_to_our_group(st):
+        mode &= ~0o070
+    if mode & 0o077:
+        shown = st.st_mode & 0o7777
+        raise ConfigError(f"{what} {path} is readable by others (mode {shown:04o}; chmod 600 it)")
 
 
 def load_or_create_key_file(path: Path, what: str) -> bytes:

@@ -283,6 +283,23 @@ class GatewaySettings(_Base):
     # -- end of the SSO web pages block ---------------------------------------------------
 
     @model_validator(mode="after")
+    def _workload_audiences(self) -> GatewaySettings:
+        # a person's ID token (aud: the SSO client_id) must never pass as a workload token
+        for workload in self.workload_issuers:
+            audience = workload.audience or self.public_url
+            for sso in self.oidc:
+                if sso.issuer.rstrip("/") == workload.issuer.rstrip("/") and (
+                    sso.client_id == audience
+                ):
+                    raise ValueError(
+                        f"workload_issuers {workload.name!r} has the audience {audience!r},"
+                        f" the client_id of oidc {sso.name!r} of the same issuer: that"
+                        " issuer's ID tokens of people would enroll as workloads; give the"
+                        " workload issuer another audience"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _tls(self) -> GatewaySettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
@@ -378,6 +395,27 @@ class AgentSettings(_Base):
     def _port(cls, value: int) -> int:
         if not 0 < value < 65536:
             raise ValueError("listen_port must be 1..65535")
+        return value
+
+    @field_validator("auth_key")
+    @classmethod
+    def _auth_key(cls, value: str) -> str:
+        kind, sep, rest = value.partition(":")
+        if value and (not sep or kind not in ("file", "env") or not rest):
+            raise ValueError(
+                "auth_key must be file:PATH or env:VAR"
+                " (a literal key leaks into process listings and files)"
+            )
+        return value
+
+    @field_validator("workload_token")
+    @classmethod
+    def _workload_token(cls, value: str) -> str:
+        if value and (not value.startswith("file:") or value == "file:"):
+            raise ValueError(
+                "workload_token must be file:PATH"
+                " (a literal token leaks into process listings and files)"
+            )
         return value
 
 

@@ -72,6 +72,8 @@ async def list_identities(request: web.Request) -> web.Response:
     """Every identity (``?issuer=&subject=`` narrows to one), with device counts."""
     require_admin(request)
     issuer, subject = request.query.get("issuer"), request.query.get("subject")
+    if (issuer is None) != (subject is None):
+        raise BadInput("give issuer and subject together (one identity), or neither (all)")
     store = request.app[STORE]
     if issuer is not None and subject is not None:
         records = [await store.get_identity(Identity(issuer, subject))]

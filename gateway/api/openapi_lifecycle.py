@@ -84,10 +84,22 @@ PATHS: dict[str, Any] = {
     "/api/v1/identities": {
         "get": {
             "summary": "List identities (issuer and subject together narrow to one)",
+            "description": "Give `issuer` and `subject` together (just that identity, 404 if"
+            " unknown) or neither (every identity); one without the other is a 400.",
             "security": _ADMIN,
             "parameters": [
-                {"name": "issuer", "in": "query", "schema": _STR},
-                {"name": "subject", "in": "query", "schema": _STR},
+                {
+                    "name": "issuer",
+                    "in": "query",
+                    "schema": _STR,
+                    "description": "with `subject`: the identity's issuer",
+                },
+                {
+                    "name": "subject",
+                    "in": "query",
+                    "schema": _STR,
+                    "description": "with `issuer`: the identity's subject",
+                },
             ],
             "responses": {
                 "200": _json(
@@ -100,7 +112,7 @@ PATHS: dict[str, Any] = {
                     },
                     "identities",
                 ),
-                **_errors(401, 403, 404),
+                **_errors(400, 401, 403, 404),
             },
         }
     },

@@ -89,6 +89,7 @@ def test_detail_refuses_secret_keys() -> None:
 async def test_audit_route(tmp_path: Path) -> None:
     settings = GatewaySettings(state_dir=tmp_path, admin_socket=tmp_path / "a.sock")
     (tmp_path / "admin.token").write_text("t" * 32)
+    (tmp_path / "admin.token").chmod(0o600)
     settings = settings.model_copy(update={"admin_token_file": tmp_path / "admin.token"})
     app = create_app(settings, clock=FakeClock(1_800_000_000.0))
     async with TestClient(TestServer(app)) as client:

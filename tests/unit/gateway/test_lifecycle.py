@@ -235,3 +235,19 @@ async def test_rotation_needs_the_device_token(client: Client) -> None:
     assert (await client.post(ROTATE, json=body)).status == 401
     bad = {"Authorization": "Bearer nope"}
     assert (await client.post(ROTATE, json=body, headers=bad)).status == 401
+
+
+async def test_identities_need_issuer_and_subject_together(client: Client) -> None:
+    await login_device(client)
+    await login_device(client, subject="bob")
+    for query in ({"issuer": "x"}, {"issuer": "https://idp.example"}, {"subject": "alice"}):
+        resp = await client.get("/api/v1/identities", params=query, headers=AUTH)
+        assert resp.status == 400, query
+        body = await resp.json()
+        assert "identities" not in body
+        assert body["message"] == (
+            "give issuer and subject together (one identity), or neither (all)"
+        )
+    resp = await client.get("/api/v1/identities", headers=AUTH)
+    assert {i["subject"] for i in (await resp.json())["identities"]} == {"alice", "bob"}
+    assert await identity_id(client, "https://idp.example", "bob") > 0

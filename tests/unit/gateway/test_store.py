@@ -6,12 +6,14 @@ PostgreSQL); the SQLite pragmas are checked here.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
-from gateway.store import Store
+from gateway.store import KeySpec, Store
 from gateway.store.engine import create_engine
 from lab.store_cases import *  # noqa: F403 (its tests and fixtures, here on SQLite)
 
@@ -40,3 +42,22 @@ async def test_ready_and_sqlite_pragmas(tmp_path: Path) -> None:
         await engine.dispose()
     assert pragma == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1,
                       "busy_timeout": 10000}  # fmt: skip
+
+
+async def test_sqlite_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    database = tmp_path / "wiregate.db"
+    old = os.umask(0o022)
+    try:
+        store = await Store.open(url(tmp_path))
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        assert modes == {"wiregate.db": 0o600, "wiregate.db-wal": 0o600, "wiregate.db-shm": 0o600}
+        await store.create_key(KeySpec(tags=()))  # a write: the WAL grows
+        for path in (database, tmp_path / "wiregate.db-wal", tmp_path / "wiregate.db-shm"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        await store.close()
+        database.chmod(0o644)  # a database an older version left readable
+        store = await Store.open(url(tmp_path))
+        await store.close()
+        assert stat.S_IMODE(database.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

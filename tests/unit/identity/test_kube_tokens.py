@@ -133,6 +133,38 @@ async def test_lifetime_cap_boundary_and_configurable() -> None:
     await make(max_lifetime=366 * 86400.0).validate(sign(sa_claims(exp=T0 + 365 * 86400)))
 
 
+async def refused_reason(token: str) -> str:
+    with pytest.raises(Unauthorized) as info:
+        await make().validate(token)
+    assert info.value.code == "invalid_token"
+    return info.value.message
+
+
+async def test_lifetime_counted_from_iat_an_old_token_in_its_last_hour_refused() -> None:
+    ten_years = 10 * 365 * 86400
+    reason = await refused_reason(sign(sa_claims(iat=T0 - ten_years, nbf=None, exp=T0 + 3600)))
+    assert "lifetime" in reason
+
+
+async def test_lifetime_cap_from_iat_boundary() -> None:
+    iat = T0 - 3600  # issued an hour ago, so exp stays well within now + cap
+    edge = iat + 48 * 3600 + 60  # the cap plus the 60 s leeway
+    await make().validate(sign(sa_claims(iat=iat, nbf=iat, exp=edge)))
+    reason = await refused_reason(sign(sa_claims(iat=iat, nbf=iat, exp=edge + 1)))
+    assert "lifetime" in reason
+
+
+async def test_iat_missing_refused_under_a_lifetime_cap() -> None:
+    assert "iat missing" in await refused_reason(sign(sa_claims(iat=None)))
+
+
+async def test_iat_in_the_future_refused() -> None:
+    await make().validate(sign(sa_claims(iat=T0 + 60)))
+    assert "iat is in the future" in await refused_reason(sign(sa_claims(iat=T0 + 61)))
+    reason = await refused_reason(sign(sa_claims(iat=T0 + 10 * 365 * 86400, exp=T0 + 3600)))
+    assert "iat is in the future" in reason
+
+
 async def test_cluster_issuer_over_https_with_a_ca_bundle(
     aiohttp_server: Any, tmp_path: Path
 ) -> None:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from identity import tokens
-from identity.claims import Claims, IssuerConfig, verified_email
+from identity.claims import Claims, IssuerConfig, check_claims, verified_email
 from identity.tokens import NonceStore
 from lab.tokenkit import (
     ALL_ALGS,
@@ -243,6 +243,32 @@ async def test_iat_required_and_not_in_the_future(kit: Kit) -> None:
     assert "iat" in await refused(kit, sign(claims(iat=T0 + 61)))
     assert "iat" in await refused(kit, sign(claims(iat=T0 + 10**6)))
     await refused(kit, sign(claims(iat=None)))
+
+
+async def test_lifetime_counted_from_iat_an_old_token_in_its_last_hour_refused(kit: Kit) -> None:
+    token = sign(claims(iat=T0 - 10 * 365 * 86400, exp=T0 + 3600))
+    assert "lifetime" in await refused(kit, token)
+
+
+async def test_iat_missing_refused_with_the_reason(kit: Kit) -> None:
+    assert "iat missing" in await refused(kit, sign(claims(iat=None)))
+
+
+async def test_lifetime_from_iat_boundary(kit: Kit) -> None:
+    iat = T0 - 86400  # the default cap is 24 h, the leeway 60 s
+    await ok(kit, sign(claims(iat=iat, exp=iat + 86400 + 60)))
+    assert "lifetime" in await refused(kit, sign(claims(iat=iat, exp=iat + 86400 + 61)))
+
+
+@pytest.mark.parametrize("leeway", [0.0, 60.0, 300.0])
+def test_lifetime_from_iat_boundary_follows_the_leeway(leeway: float) -> None:
+    config = IssuerConfig(ISSUER, leeway=leeway, max_lifetime=3600.0)
+    iat = T0 - 1800
+    edge = iat + 3600 + int(leeway)
+    got = check_claims(claims(iat=iat, exp=edge), config, audience=CLIENT, nonce=NONCE, now=T0)
+    assert got.issued_at == iat and got.expires_at == edge
+    with pytest.raises(Unauthorized, match="lifetime"):
+        check_claims(claims(iat=iat, exp=edge + 1), config, audience=CLIENT, nonce=NONCE, now=T0)
 
 
 # --- nonce ---------------------------------------------------------------------------

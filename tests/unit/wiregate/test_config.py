@@ -68,3 +68,94 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_bad_port_flag() -> None:
     with pytest.raises(ConfigError, match="listen_port"):
         load_settings(AgentSettings, None, listen_port=70000)
+
+
+AUTH_KEY_RULE = (
+    "auth_key must be file:PATH or env:VAR (a literal key leaks into process listings and files)"
+)
+
+
+@pytest.mark.parametrize("literal", ["wgk_" + "x" * 40, "file:", "env:", "path:/k"])
+def test_agent_refuses_a_literal_auth_key_from_the_file_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, literal: str
+) -> None:
+    cfg = tmp_path / "wiregate.toml"
+    cfg.write_text(f'[agent]\nauth_key = "{literal}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(AgentSettings, cfg)
+    assert caught.value.message == f"invalid configuration: auth_key: {AUTH_KEY_RULE}"
+    monkeypatch.setenv("WIREGATE_AUTH_KEY", literal)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(AgentSettings, None)
+    assert caught.value.message == f"invalid configuration: auth_key: {AUTH_KEY_RULE}"
+
+
+def test_agent_accepts_auth_key_references(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WIREGATE_AUTH_KEY", "env:ENROLL_KEY")
+    assert load_settings(AgentSettings, None).auth_key == "env:ENROLL_KEY"
+    monkeypatch.setenv("WIREGATE_AUTH_KEY", "file:/etc/wiregate/auth-key")
+    assert load_settings(AgentSettings, None).auth_key == "file:/etc/wiregate/auth-key"
+    monkeypatch.delenv("WIREGATE_AUTH_KEY")
+    assert load_settings(AgentSettings, None).auth_key == ""
+
+
+@pytest.mark.parametrize("literal", ["eyJhbGciOiJSUzI1NiJ9.e30.sig", "env:TOKEN", "file:"])
+def test_agent_refuses_a_workload_token_that_is_not_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, literal: str
+) -> None:
+    cfg = tmp_path / "wiregate.toml"
+    cfg.write_text(f'[agent]\nworkload_token = "{literal}"\n')
+    rule = r"^invalid configuration: workload_token: workload_token must be file:PATH"
+    with pytest.raises(ConfigError, match=rule):
+        load_settings(AgentSettings, cfg)
+    monkeypatch.setenv("WIREGATE_WORKLOAD_TOKEN", literal)
+    with pytest.raises(ConfigError, match="workload_token must be file:PATH"):
+        load_settings(AgentSettings, None)
+    monkeypatch.setenv("WIREGATE_WORKLOAD_TOKEN", "file:/var/run/token")
+    assert load_settings(AgentSettings, None).workload_token == "file:/var/run/token"
+
+
+SSO_AND_WORKLOAD = """[gateway]
+public_url = "https://gw.example.com"
+[[gateway.oidc]]
+name = "corp"
+issuer = "https://idp.example.com"
+client_id = "{client_id}"
+client_secret = "env:OIDC_SECRET"
+[[gateway.workload_issuers]]
+name = "ci"
+issuer = "https://idp.example.com{slash}"
+{audience}
+"""
+
+
+@pytest.mark.parametrize(
+    ("client_id", "audience", "slash"),
+    [
+        ("wiregate", 'audience = "wiregate"', ""),
+        ("wiregate", 'audience = "wiregate"', "/"),
+        ("https://gw.example.com", "", ""),  # the default audience is public_url
+    ],
+)
+def test_gateway_refuses_a_workload_audience_equal_to_an_sso_client_id(
+    tmp_path: Path, client_id: str, audience: str, slash: str
+) -> None:
+    cfg = tmp_path / "wiregate.toml"
+    cfg.write_text(SSO_AND_WORKLOAD.format(client_id=client_id, audience=audience, slash=slash))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(GatewaySettings, cfg)
+    message = caught.value.message
+    assert "\n" not in message
+    assert "workload_issuers 'ci'" in message and "oidc 'corp'" in message
+    assert f"the audience {client_id!r}" in message
+
+
+def test_gateway_accepts_distinct_sso_and_workload_audiences(tmp_path: Path) -> None:
+    cfg = tmp_path / "wiregate.toml"
+    text = SSO_AND_WORKLOAD.format(client_id="wiregate-web", audience='audience = "wg"', slash="")
+    cfg.write_text(text)
+    settings = load_settings(GatewaySettings, cfg)
+    assert settings.workload_issuers[0].audience == "wg"
+    other = text.replace('"https://idp.example.com"', '"https://sso.example"', 1)
+    cfg.write_text(other.replace('audience = "wg"', 'audience = "wiregate-web"'))
+    assert load_settings(GatewaySettings, cfg).oidc[0].issuer == "https://sso.example"

@@ -380,11 +380,31 @@ def test_gateway_reads_its_admin_token_from_the_credentials_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "admin-token").write_text("s" * 20 + "\n")
+    (tmp_path / "admin-token").chmod(0o600)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     assert read_admin_token(Path("%d/admin-token")) == b"s" * 20
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY is not set"):
         read_admin_token(Path("%d/admin-token"))
+
+
+def test_gateway_refuses_an_admin_token_readable_by_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = tmp_path / "admin-token"
+    token.write_text("s" * 20 + "\n")
+    for mode in (0o644, 0o640, 0o604):
+        token.chmod(mode)
+        with pytest.raises(ConfigError) as caught:
+            read_admin_token(token)
+        assert caught.value.message == (
+            f"admin_token_file {token} is readable by others (mode {mode:04o}; chmod 600 it)"
+        )
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))  # %d/: the same check
+    with pytest.raises(ConfigError, match="is readable by others"):
+        read_admin_token(Path("%d/admin-token"))
+    token.chmod(0o600)
+    assert read_admin_token(Path("%d/admin-token")) == b"s" * 20
 
 
 # -- 5. login saves the server; agent and netcheck use it ------------------------------

@@ -42,6 +42,7 @@ def new_key() -> str:
 def settings(tmp_path: Path, name: str, url: str) -> GatewaySettings:
     token = tmp_path / "admin.token"
     token.write_text(ADMIN + "\n")
+    token.chmod(0o600)
     return GatewaySettings(
         state_dir=tmp_path / name,
         admin_token_file=token,

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from lab.harness import Host, Lab, Wiregate, bare, poll
+from lab.harness import Agent, Host, Lab, Wiregate, bare, poll
 from lab.ping import ping_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(400)]
@@ -77,6 +77,17 @@ def peer_of(status: dict[str, Any]) -> dict[str, Any]:
     return peer
 
 
+def tunnel_state(gateway: Wiregate, agents: dict[str, Agent]) -> str:
+    """What each side's WireGuard and path machine say, for a failure message."""
+    lines = []
+    for name, agent in agents.items():
+        wg = agent.host.run(["wg", "show", agent.iface], check=False).stdout
+        peer = peer_of(gateway.status(agent))
+        path, pmtu = peer.get("path"), peer.get("pmtu")
+        lines.append(f"{name}: {wg.strip()}\n{name} path: {path} pmtu: {pmtu}")
+    return "\n".join(lines)
+
+
 def test_narrow_hop_is_probed_clamped_and_carries_full_speed(lab: Lab) -> None:
     gateway = Wiregate(lab)
     gateway.start_gateway()
@@ -90,7 +101,8 @@ def test_narrow_hop_is_probed_clamped_and_carries_full_speed(lab: Lab) -> None:
     agents = {h.name: gateway.start_agent(h, key) for h in (a, b)}
     statuses = gateway.wait_mesh(list(agents.values()), timeout=90)
     addr = {name: bare(st["device"]["addresses"][0]) for name, st in statuses.items()}
-    assert ping_until(a, addr["b"]) and ping_until(b, addr["a"])  # small packets pass
+    for src, dst in ((a, "b"), (b, "a")):  # small packets pass
+        assert ping_until(src, addr[dst]), f"{src.name} -> {dst}:\n{tunnel_state(gateway, agents)}"
 
     def probed() -> dict[str, dict[str, Any]] | None:
         docs = gateway.statuses(list(agents.values()))

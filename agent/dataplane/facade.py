@@ -4,9 +4,10 @@
 else userspace), creates or adopts the interface and sets key, port, fwmark,
 MTU, link up and the policy rule, without touching existing peers (an agent
 restart keeps the tunnels). ``apply`` validates a network map and reconciles
-the device and link layer incrementally, then the inbound packet filter
-(:mod:`agent.dataplane.firewall`; a missing ``nft`` is reported as a problem, the
-agent keeps running). ``teardown`` removes everything.
+the device, the link layer and the inbound packet filter incrementally
+(:mod:`agent.dataplane.firewall`: element operations on named sets; a missing
+nftables is reported as a problem, the agent keeps running). ``teardown``
+removes everything.
 
 An apply costs time proportional to what changed: the map is validated
 incrementally (:class:`~agent.dataplane.desired.DesiredBuilder`), and the live
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from agent.dataplane.backend import WireGuardBackend
 from agent.dataplane.desired import DesiredBuilder, DesiredDevice, DesiredLink, LocalSettings
-from agent.dataplane.firewall import Firewall, NftMissing
+from agent.dataplane.firewall import Firewall, Unavailable
 from agent.dataplane.livestate import LiveBelief, Snapshot
 from agent.dataplane.mtu import DEFAULT_UNDERLAY_MTU, tunnel_mtu, underlay_mtu
 from agent.dataplane.netlink import KernelUnsupported, NetlinkBackend
@@ -114,7 +115,7 @@ class DataPlane:
         self._belief = LiveBelief(clock=clock, resync_interval=resync_interval)
         self._mtu_for: tuple[str | None, int] | None = None  # (first endpoint, tunnel MTU)
         # in-memory link layers (tests) get no kernel packet filter unless one is injected
-        self.firewall = firewall or Firewall(interface, None if links is None else _no_nft)
+        self.firewall = firewall or Firewall(interface, None if links is None else _NO_NFT)
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -194,8 +195,10 @@ class DataPlane:
     def apply(self, netmap: NetMap) -> ApplyResult:
         """Validate ``netmap`` and bring the interface to it, touching only what differs.
 
-        The WireGuard write is started first; the MTU, the link layer and the
-        bookkeeping are done while the WireGuard implementation works on it.
+        The WireGuard write is started first; the MTU, the link layer, the packet
+        filter and the bookkeeping are done while the WireGuard implementation
+        works on it (the filter only admits the sources of configured peers, so
+        it may go first).
         """
         backend, _ = self._require()
         config = self._builder.build(netmap)
@@ -209,12 +212,12 @@ class DataPlane:
             link_update, link_writes = self._apply_link(config.link, config.device, snap)
             public = None if update.private_key is None else config.device.public_key
             after = snap.after(update, link_update, public)
+            filtered = self.firewall.apply(netmap, validated=config.device.peers, repair=snap.fresh)
         finally:
             writes = finish()
             self._last = config.device
         self._belief.snapshot = after
-        configured = config.device.peers.keys()
-        problems = config.problems + self.firewall.apply(netmap, keys=configured, repair=snap.fresh)
+        problems = config.problems + filtered
         peers = len(config.device.peers)
         return ApplyResult(writes=writes + link_writes, problems=problems, peers=peers)
 
@@ -277,8 +280,7 @@ class DataPlane:
         return 0 if underlay is None else tunnel_mtu(*underlay)
 
 
-def _no_nft(_script: str) -> None:
-    raise NftMissing("no packet filter with an in-memory link layer", hint="inject a Firewall")
+_NO_NFT = Unavailable("no packet filter with an in-memory link layer", "inject a Firewall")
 
 
 def _is_wireguard_link(links: LinkLayer, interface: str) -> bool:

@@ -1,8 +1,7 @@
-"""TCP MSS clamping through the tunnel: the chains :mod:`agent.dataplane.firewall` adds.
+"""TCP MSS clamping through the tunnel: the maps and chains of ``table inet wiregate`` (pure).
 
-Pure rendering, part of the one ``table inet wiregate`` script. TCP SYNs and
-SYN-ACKs crossing the WireGuard interface have their MSS option lowered (never
-raised: the kernel only ever lowers ``maxseg``):
+TCP SYNs and SYN-ACKs crossing the WireGuard interface have their MSS option
+lowered (never raised: the kernel only ever lowers ``maxseg``):
 
 * leaving through the tunnel (forwarded and locally sent): to the route MTU
   (``rt mtu``: the tunnel MTU, or a route's own ``mtu``), and for a peer whose
@@ -11,33 +10,46 @@ raised: the kernel only ever lowers ``maxseg``):
   MTU of the peer they come from, so the far side sends segments that fit even
   when it does not clamp itself.
 
-MSS = path MTU - 40 (IPv4: IP 20 + TCP 20) or - 60 (IPv6: IP 40 + TCP 20)::
+MSS = path MTU - 40 (IPv4: IP 20 + TCP 20) or - 60 (IPv6: IP 40 + TCP 20). The
+MSS of each probed peer's sources is an element of a map (single addresses in
+``mss4``/``mss6``, prefixes in the interval maps ``mss4_ranges``/``mss6_ranges``
+keyed by address and protocol, a default route in ``mss_any`` keyed by family);
+the chains never change::
 
     chain clamp_out {
-        ip daddr { 100.64.0.2/32 } tcp option maxseg size > 1180 tcp option maxseg size set 1180
+        tcp option maxseg size set ip daddr map @mss4
+        tcp option maxseg size set ip daddr . meta l4proto map @mss4_ranges
+        ... ip6, meta nfproto map @mss_any ...
         tcp option maxseg size set rt mtu
     }
-    chain clamp_in {
-        ip saddr { 100.64.0.2/32 } tcp option maxseg size > 1180 tcp option maxseg size set 1180
-    }
+    chain clamp_in { the same with saddr, without rt mtu }
     chain mss_forward { type filter hook forward priority mangle; policy accept;
         oifname "wg0" tcp flags & (syn | rst) == syn jump clamp_out
         iifname "wg0" tcp flags & (syn | rst) == syn jump clamp_in }
     chain mss_output { ... hook output ...; oifname "wg0" ... jump clamp_out }
     chain mss_input  { ... hook input ...;  iifname "wg0" ... jump clamp_in }
+
+A lookup that finds nothing ends its rule, so an unprobed peer is clamped to the
+route MTU only.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable, Sequence
-
-__all__ = ["MIN_PATH_MTU", "mss_chains", "mss_for"]
+__all__ = ["MAPS", "MIN_PATH_MTU", "any_element", "chains", "element", "mss_for"]
 
 _HEADERS = {4: 40, 6: 60}  # IP + TCP headers without options
-_FAMILY = {4: "ip", 6: "ip6"}
 MIN_PATH_MTU = 576  # below this a probed value is not believed (IPv4's minimum datagram)
 _SYN = "tcp flags & (syn | rst) == syn"
+_SET = "tcp option maxseg size set"
+_VALUE = "tcp option maxseg size"
+
+MAPS = {
+    "mss4": f"typeof ip daddr : {_VALUE}",
+    "mss4_ranges": f"typeof ip daddr . meta l4proto : {_VALUE}; flags interval",
+    "mss6": f"typeof ip6 daddr : {_VALUE}",
+    "mss6_ranges": f"typeof ip6 daddr . meta l4proto : {_VALUE}; flags interval",
+    "mss_any": f"typeof meta nfproto : {_VALUE}",
+}
 
 
 def mss_for(path_mtu: int, version: int) -> int:
@@ -45,46 +57,40 @@ def mss_for(path_mtu: int, version: int) -> int:
     return max(MIN_PATH_MTU, path_mtu) - _HEADERS[version]
 
 
-def mss_chains(interface: str, peers: Iterable[tuple[Sequence[str], int | None]]) -> str:
-    """The clamp chains (tab-indented, inside the table) for ``(sources, path MTU)`` peers."""
-    out_rules: list[str] = []
-    in_rules: list[str] = []
-    for sources, path_mtu in peers:
-        if path_mtu is None:
-            continue
-        for version, nets in _by_family(sources).items():
-            mss = mss_for(path_mtu, version)
-            clamp = f"tcp option maxseg size > {mss} tcp option maxseg size set {mss}"
-            match = f"{{ {', '.join(nets)} }}"
-            out_rules.append(f"{_FAMILY[version]} daddr {match} {clamp}")
-            in_rules.append(f"{_FAMILY[version]} saddr {match} {clamp}")
-    out_rules.append("tcp option maxseg size set rt mtu")
+def element(source: str, version: int, exact: bool, value: int) -> tuple[str, str]:
+    """The map element clamping ``source`` (an address, or a prefix unless ``exact``)."""
+    if exact:
+        return (f"mss{version}", f"{source} : {value}")
+    return (f"mss{version}_ranges", f"{source} . 6 : {value}")
+
+
+def any_element(nfproto: str, value: int) -> tuple[str, str]:
+    """The map element clamping every address of a family (a default route's path MTU)."""
+    return ("mss_any", f"{nfproto} : {value}")
+
+
+def chains(interface: str) -> dict[str, list[str]]:
+    """The clamp chains (name -> lines), which look the MSS up in the maps."""
+
+    def lookups(direction: str) -> list[str]:
+        return [
+            f"{_SET} ip {direction} map @mss4",
+            f"{_SET} ip {direction} . meta l4proto map @mss4_ranges",
+            f"{_SET} ip6 {direction} map @mss6",
+            f"{_SET} ip6 {direction} . meta l4proto map @mss6_ranges",
+            f"{_SET} meta nfproto map @mss_any",
+        ]
+
     leave = f'oifname "{interface}" {_SYN} jump clamp_out'
     enter = f'iifname "{interface}" {_SYN} jump clamp_in'
-    return (
-        _chain("clamp_out", "", out_rules)
-        + _chain("clamp_in", "", in_rules)
-        + _chain("mss_forward", _hook("forward"), [leave, enter])
-        + _chain("mss_output", _hook("output"), [leave])
-        + _chain("mss_input", _hook("input"), [enter])
-    )
+    return {
+        "clamp_out": [*lookups("daddr"), f"{_SET} rt mtu"],
+        "clamp_in": lookups("saddr"),
+        "mss_forward": [_hook("forward"), leave, enter],
+        "mss_output": [_hook("output"), leave],
+        "mss_input": [_hook("input"), enter],
+    }
 
 
 def _hook(hook: str) -> str:
     return f"type filter hook {hook} priority mangle; policy accept;"
-
-
-def _chain(name: str, head: str, rules: Sequence[str]) -> str:
-    lines = ([head] if head else []) + list(rules)
-    return f"\tchain {name} {{\n" + "".join(f"\t\t{line}\n" for line in lines) + "\t}\n"
-
-
-def _by_family(sources: Sequence[str]) -> dict[int, list[str]]:
-    found: dict[int, set[str]] = {4: set(), 6: set()}
-    for source in sources:
-        try:
-            net = ipaddress.ip_network(source, strict=False)
-        except ValueError:  # the filter reports bad sources
-            continue
-        found[net.version].add(str(net))
-    return {v: sorted(nets) for v, nets in found.items() if nets}

@@ -119,7 +119,8 @@ def test_policy_decides_peers_and_the_filter_enforces_ports(
     a_v4 = bare(view["a"]["status"]["device"]["addresses"][0])
     table = b.run(["nft", "list", "table", "inet", "wiregate"]).stdout
     assert f'iifname "{agents["b"].iface}" jump from_tunnel' in table
-    assert "tcp dport 5432 accept" in table
+    assert "ip saddr . meta l4proto . th dport @port4 accept" in table
+    assert f"{a_v4} . tcp . 5432" in table  # A's allowance, an element of the set
 
     listener = b.spawn([sys.executable, "-c", LISTENER, "5432", "22"], name="listener-b")
     poll(lambda: "listening" in listener.output(), timeout=15, what="the listener on b")

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.dataplane.facade import DataPlane, PeerStatus
-from agent.dataplane.firewall import Firewall, PeerRule, peer_rules, render
-from agent.dataplane.mss import mss_chains, mss_for
+from agent.dataplane.firewall import Firewall
+from agent.dataplane.mss import mss_for
 from agent.pmtu.prober import (
     PmtuProber,
     _is_reply,
@@ -21,7 +21,7 @@ from agent.pmtu.prober import (
     icmp_checksum,
 )
 from agent.pmtu.search import FLOOR, HANDSHAKE_FRESH, MtuSearch, PeerSeen, PmtuBook
-from lab.firewall_fakes import Recorder, netmap, peer
+from lab.firewall_fakes import FakeNft, netmap, peer
 from wiregate.cli.device import format_status
 from wiregate.model import NetMap
 
@@ -137,31 +137,20 @@ def test_mss_is_the_path_mtu_minus_ip_and_tcp_headers() -> None:
     assert (mss_for(1216, 4), mss_for(1216, 6), mss_for(100, 4)) == (1176, 1156, 536)
 
 
-def test_clamp_chains_clamp_probed_peers_and_everything_to_the_route_mtu() -> None:
-    chains = mss_chains("wg0", [(("100.64.0.2/32", "fd7a::2/128", "bad"), 1216), (("x",), None)])
-    clamp = "tcp option maxseg size > 1176 tcp option maxseg size set 1176"
-    assert f"ip daddr {{ 100.64.0.2/32 }} {clamp}" in chains
-    assert f"ip saddr {{ 100.64.0.2/32 }} {clamp}" in chains
-    assert "ip6 daddr { fd7a::2/128 } tcp option maxseg size > 1156" in chains
-    assert "tcp option maxseg size set rt mtu" in chains
-    for hook in ("forward", "output", "input"):
-        assert f"type filter hook {hook} priority mangle; policy accept;" in chains
-    assert 'oifname "wg0" tcp flags & (syn | rst) == syn jump clamp_out' in chains
-
-
-def test_the_firewall_clamps_by_default_and_only_renders_anew_when_an_mtu_changes() -> None:
+def test_the_firewall_clamps_by_default_and_writes_only_when_an_mtu_changes() -> None:
     nm = netmap(peer(2, None))
-    assert "clamp_out" not in render("wg0", peer_rules(nm)).script  # the golden form stays
-    nft = Recorder()
+    nft = FakeNft()
     fw = Firewall("wg0", nft)
-    fw.apply(nm)
-    assert "rt mtu" in nft.scripts[0] and "set 1176" not in nft.scripts[0]
+    fw.apply(nm, repair=True)
+    assert "rt mtu" in nft.scripts[0] and "1176" not in nft.scripts[0]
     fw.apply(nm)
     fw.path_mtu = {nm.peers["d2"].public_key: 1216}
     fw.apply(nm)
-    assert len(nft.scripts) == 2 and "maxseg size set 1176" in nft.scripts[1]
-    rule = PeerRule("p", ("100.64.0.9/32",), None, 1300)
-    assert "set 1260" in render("wg0", [rule], clamp=True).script
+    fw.apply(nm)
+    assert len(nft.scripts) == 3 and nft.elements["mss4"] == {"100.64.0.2 : 1176"}
+    fw.path_mtu = {nm.peers["d2"].public_key: 1300}
+    fw.apply(nm)
+    assert nft.elements["mss4"] == {"100.64.0.2 : 1260"} and len(nft.scripts) == 4
 
 
 def test_echo_requests_are_padded_to_the_size_and_replies_matched() -> None:
@@ -192,7 +181,7 @@ class FakeDataPlane:
     def __init__(self, peers: list[PeerStatus]) -> None:
         self.interface = "wg0"
         self.peers = peers
-        self.firewall = Firewall("wg0", Recorder())
+        self.firewall = Firewall("wg0", FakeNft())
 
     def status(self) -> tuple[PeerStatus, ...]:
         return tuple(self.peers)
@@ -219,7 +208,7 @@ async def test_the_prober_searches_a_fresh_peer_and_reclamps_once() -> None:
     )  # fmt: skip
     assert await prober.step(time.time())
     assert sent[0] == ("100.64.0.2", 1440) and dataplane.firewall.path_mtu == {key: 1216}
-    assert applied == [1]  # the map re-applied: the clamp is rendered with the new MTU
+    assert applied == [1]  # the map re-applied: the clamp follows the new MTU
     assert prober.peer_doc(key)["path_mtu"] == 1216 and prober.peer_doc("x")["pmtu"] is None
     assert prober.to_dict()["black_holes"] == 1
     assert not await prober.step(time.time())  # probed: nothing due until the interval

@@ -17,9 +17,10 @@ from wiregate.errors import ConfigError
 from wiregate.files import write_private
 from wiregate.keys import KEY_LEN, generate_private_key
 
-__all__ = ["KEY_FILE", "KeyFileError", "load_or_create_key"]
+__all__ = ["KEY_FILE", "NEXT_KEY_FILE", "KeyFileError", "load_or_create_key"]
 
 KEY_FILE = "private.key"
+NEXT_KEY_FILE = "private.key.next"  # the next key while a rotation is under way
 
 
 class KeyFileError(ConfigError):

@@ -51,7 +51,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from agent.gateway_client import connector
-from agent.keyfile import KEY_FILE, load_or_create_key
+from agent.keyfile import KEY_FILE, NEXT_KEY_FILE, load_or_create_key
 from wiregate.clock import Clock
 from wiregate.errors import Unavailable, from_api_response
 from wiregate.files import fsync_dir
@@ -62,7 +62,6 @@ from wiregate.model import NetMap, Peer
 
 __all__ = ["NEXT_KEY_FILE", "NUDGE_PORT", "ROTATION_GRACE", "KeyRotator", "nudge"]
 
-NEXT_KEY_FILE = "private.key.next"
 NUDGE_PORT = 9  # discard: the datagram only has to make WireGuard shake hands
 ROTATION_GRACE = 0.25  # s a peer waits before replacing a rotated key (WireGuard queues more)
 ROTATE_PATH = "/api/v1/devices/self/rotate"

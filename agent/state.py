@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.keyfile import KEY_FILE, NEXT_KEY_FILE
 from wiregate.errors import LocalError
 from wiregate.files import write_private
 from wiregate.mapwire import MapWireError, build_full, read_full
@@ -89,8 +90,10 @@ class StateDir:
         self._write("netmap.json", build_full(netmap))
 
     def forget(self) -> None:
-        """Drop the enrollment and the cached map (after the device was revoked)."""
-        for name in ("device.json", "netmap.json"):
+        """Drop the enrollment, the cached map and the private keys (after the device
+        was revoked): the gateway never registers a key twice, so the next
+        enrollment needs a new one."""
+        for name in ("device.json", "netmap.json", KEY_FILE, NEXT_KEY_FILE):
             (self.path / name).unlink(missing_ok=True)
 
     def _read(self, name: str) -> dict[str, Any] | None:

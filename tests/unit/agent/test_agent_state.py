@@ -32,8 +32,14 @@ def test_netmap_cache_and_forget(tmp_path: Path) -> None:
     nm = NetMap(version=3, self_view=dev.to_self(), peers={})
     sd.save_netmap(nm)
     assert sd.load_netmap() == nm
+    (tmp_path / "private.key").write_text("burned")
+    (tmp_path / "private.key.next").write_text("burned too")
     sd.forget()
     assert sd.load_netmap() is None and sd.load_enrollment() is None
+    # the gateway never registers a revoked device's key again: the next enrollment
+    # must make a new one
+    assert not (tmp_path / "private.key").exists()
+    assert not (tmp_path / "private.key.next").exists()
 
 
 def test_corrupt_state_is_a_clear_error(tmp_path: Path) -> None:

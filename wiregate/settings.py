@@ -244,6 +244,10 @@ class GatewaySettings(_Base):
     # it); None: those routes answer 404
     wheelhouse_dir: Path | None = None
     relays: list[str] = []  # "id=HOST:PORT" of each relay's control port
+    # "id=HOST:PORT" of a relay's TLS/TCP listener (its tcp_listen, e.g. relay.example:443),
+    # handed to agents with their tickets; HOST must be a name or address in the relay's
+    # certificate, issued by a CA the agents trust (the system store or their ca_file)
+    relay_tcp: list[str] = []
     relay_probe_interval: float = 5.0  # PING every relay this often; down after 2 misses
     # -- device lifecycle: key expiry, ephemeral devices -------------------------------
     key_expiry: float | None = 180 * 86400.0  # people's device keys; None: never expire
@@ -256,6 +260,13 @@ class GatewaySettings(_Base):
     tls_cert: Path | None = None  # PEM chain; with tls_key: `listen` serves HTTPS (TLS 1.2+)
     tls_key: Path | None = None  # PEM key, 0600; both files reloaded on change and SIGHUP
     http_redirect_listen: str = ""  # "HOST:PORT": plain HTTP answering 308 to public_url
+    # CIDRs of reverse proxies whose X-Forwarded-For is believed (the rightmost hop not
+    # in them is the client, for rate limits); none: the TCP peer is the client
+    trusted_proxies: list[str] = []
+    # slow clients: the request line and headers must arrive within header_timeout s of
+    # the first byte, a JSON body within body_timeout s (both counted from the start)
+    header_timeout: float = Field(default=10.0, gt=0.0, le=300.0)
+    body_timeout: float = Field(default=30.0, gt=0.0, le=600.0)
 
     # -- SSO web pages (gateway/web): sign-in, device approval, my devices, admin ------
     public_url: str = ""  # what browsers use, e.g. https://gw.example.com; redirect URI base
@@ -328,6 +339,25 @@ class GatewaySettings(_Base):
         if len(set(ids)) != len(ids):
             raise ValueError("relay ids repeat")
         return value
+
+    @model_validator(mode="after")
+    def _relay_tcp(self) -> GatewaySettings:
+        known = {parse_relay_entry(entry)[0] for entry in self.relays}
+        ids = [parse_relay_entry(entry)[0] for entry in self.relay_tcp]
+        if len(set(ids)) != len(ids):
+            raise ValueError("relay_tcp: relay ids repeat")
+        for relay_id in ids:
+            if relay_id not in known:
+                raise ValueError(f"relay_tcp: {relay_id!r} is not one of relays")
+        return self
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: list[str]) -> list[str]:
+        try:
+            return [str(ipaddress.ip_network(cidr, strict=True)) for cidr in value]
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies: {exc} (CIDRs such as 10.0.0.0/8)") from None
 
     @field_validator("ipv4_pool")
     @classmethod
@@ -442,6 +472,27 @@ class RelaySettings(_Base):
     burst_bytes: int = 1_000_000
     idle_timeout: float = 60.0
     max_datagram: int = 1500
+    # bound pairs forwarded by nftables/conntrack ("kernel"), by Python ("userspace"), or
+    # "auto": the kernel where nftables and net.ipv4.ip_forward permit it (docs/operations.md)
+    forward_path: Literal["auto", "kernel", "userspace"] = "auto"
+    # -- STUN rate limits (relay.stun_core's defaults; docs/operations.md, "STUN") ------
+    stun_rate: float = 200.0  # replies/s per source (an IPv4 address, an IPv6 /64)
+    stun_burst: float = 1000.0  # replies a quiet source may get at once
+    stun_global_rate: float = 30000.0  # replies/s to all sources together
+    stun_global_burst: float = 60000.0
+    # -- WireGuard over TLS/TCP for networks that block UDP (relay.aio.tcp) -------------
+    tcp_listen: str = ""  # "HOST:PORT", e.g. "0.0.0.0:443"; empty: no TCP transport
+    tls_cert: Path | None = None  # PEM chain ("%d/NAME": LoadCredential=); reloaded on change
+    tls_key: Path | None = None  # PEM key, 0600
+    tcp_max_connections: int = 1024
+    tcp_idle_timeout: float = 120.0  # a connection with no frame this long is closed
+
+    @field_validator("stun_rate", "stun_burst", "stun_global_rate", "stun_global_burst")
+    @classmethod
+    def _stun_limit(cls, value: float) -> float:
+        if not 1.0 <= value <= 10_000_000.0:
+            raise ValueError("must be 1..10000000")
+        return value
 
     @field_validator("relay_id")
     @classmethod
@@ -515,6 +566,33 @@ class RelaySettings(_Base):
         if not 148 <= value <= 65507:
             raise ValueError("must be 148..65507 bytes (a handshake initiation is 148)")
         return value
+
+    @field_validator("tcp_idle_timeout")
+    @classmethod
+    def _tcp_idle(cls, value: float) -> float:
+        if not 10.0 <= value <= 3600.0:
+            raise ValueError("must be 10..3600 seconds")
+        return value
+
+    @field_validator("tcp_max_connections")
+    @classmethod
+    def _tcp_connections(cls, value: int) -> int:
+        if not 1 <= value <= 1_000_000:
+            raise ValueError("must be 1..1000000")
+        return value
+
+    @model_validator(mode="after")
+    def _tcp(self) -> RelaySettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tcp_listen:
+            parse_endpoint(self.tcp_listen, allow_names=True, from_peer=False,
+                           allow_port_zero=True, what="tcp_listen", error=ValueError)  # fmt: skip
+            if self.tls_cert is None:
+                raise ValueError("tcp_listen needs tls_cert and tls_key (the stream is TLS only)")
+            if not self.relay_id:
+                raise ValueError("tcp_listen needs relay_id (it carries the WireGuard relay)")
+        return self
 
 
 S = TypeVar("S", bound=_Base)

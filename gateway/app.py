@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import web, web_response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -96,6 +96,7 @@ def create_app(
     setup_web(app)  # the SSO pages (gateway/web); not part of /api/v1
     app.on_shutdown.append(_drain)  # before aiohttp waits for open requests to finish
     app.on_response_prepare.append(_hsts)
+    app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(_state(settings, broker_factory, clock))
     app.cleanup_ctx.append(sweeper_ctx(settings.expiry_sweep_interval))
     return app
@@ -134,6 +135,11 @@ def _state(
 
 
 HSTS = "max-age=31536000"
+SERVER = "wiregate"  # the Server header: no product versions for a prober to match
+
+
+async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER
 
 
 async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
@@ -257,10 +263,12 @@ def create_metrics_app(api: web.Application) -> web.Application:
 async def run_gateway(settings: GatewaySettings, *, broker_factory: BrokerFactory = Broker) -> None:
     """Serve the API (TCP + admin unix socket) and metrics until cancelled or SIGTERM."""
     tls = tls_reloader(settings)  # an unusable certificate refuses the start
+    # aiohttp's own answers (a malformed request's 400) carry this too
+    web_response.SERVER_SOFTWARE = SERVER  # type: ignore[attr-defined]
     api = create_app(settings, broker_factory=broker_factory)
-    api_runner = web.AppRunner(api, handle_signals=False)
-    metrics_runner = web.AppRunner(create_metrics_app(api), handle_signals=False)
-    redirect_runner = web.AppRunner(create_redirect_app(settings.public_url), handle_signals=False)
+    api_runner = _runner(api, settings)
+    metrics_runner = _runner(create_metrics_app(api), settings)
+    redirect_runner = _runner(create_redirect_app(settings.public_url), settings)
     await api_runner.setup()
     try:
         await metrics_runner.setup()
@@ -280,6 +288,14 @@ async def run_gateway(settings: GatewaySettings, *, broker_factory: BrokerFactor
         await redirect_runner.cleanup()
         await metrics_runner.cleanup()
         await api_runner.cleanup()
+
+
+def _runner(app: web.Application, settings: GatewaySettings) -> web.AppRunner:
+    """A runner whose connections must send a request head within ``header_timeout`` s
+    of connecting or of their last response (aiohttp's keep-alive timer, which it arms
+    at connect and which closes a connection waiting for a request; slow headers
+    included). A request's JSON body has ``body_timeout`` (gateway.api.common)."""
+    return web.AppRunner(app, handle_signals=False, keepalive_timeout=settings.header_timeout)
 
 
 async def _start_sites(

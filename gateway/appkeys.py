@@ -19,7 +19,6 @@ from gateway.mapping.follower import Follower
 from gateway.packages import Wheelhouse
 from gateway.relays import Probe, RelayMonitor, RelaySelector, RelaySigner
 from gateway.store import Store
-from identity.device_login import GuessLimiter
 from identity.policy_file import PolicyFile
 from identity.workload import WorkloadVerifier
 from relay.endpoints import RelayEndpoint
@@ -35,7 +34,6 @@ __all__ = [
     "CLOCK",
     "DRAINING",
     "FOLLOWER",
-    "LIMITER",
     "METRICS",
     "POLICY",
     "RELAYS",
@@ -64,7 +62,6 @@ METRICS = web.AppKey("metrics", CollectorRegistry)  # the API's own metrics, scr
 REQUESTS = web.AppKey("requests_total", Counter)  # requests by method, route and status
 
 # -- device login, workload enrollment -----------------------------------------------
-LIMITER = web.AppKey("login_limiter", GuessLimiter)  # user-code guesses
 WORKLOAD = web.AppKey("workload_verifier", WorkloadVerifier)
 
 # -- relays ----------------------------------------------------------------------------

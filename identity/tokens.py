@@ -50,6 +50,7 @@ _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 _KEY_HEADERS = ("jwk", "jku", "x5u", "x5c")
 _UNSUPPORTED_HEADERS = ("crit", "b64", "zip", "enc")
 _JWT_TYPES = frozenset({"jwt", "application/jwt"})
+_JWS = PyJWS()  # stateless once built; building one costs more than a verification
 _TYPE_REASONS = {
     "at+jwt": "an access token is not an ID token",
     "application/at+jwt": "an access token is not an ID token",
@@ -164,7 +165,7 @@ def verify_id_token(
     if key.kid != header.kid or not key.can_verify(header.alg):
         raise refuse("the key does not match the token's kid and alg")
     try:
-        decoded = PyJWS().decode_complete(token, key=key.public_key, algorithms=[header.alg])
+        decoded = _JWS.decode_complete(token, key=key.public_key, algorithms=[header.alg])
     except PyJWTError:
         raise refuse("bad signature") from None
     payload = loads_strict(decoded["payload"], "payload", refuse)

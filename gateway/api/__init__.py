@@ -68,5 +68,4 @@ def setup_routes(app: web.Application) -> None:
     for table in tables:
         app.router.add_routes(table)
     relay.setup(app)
-    login.setup(app)
     packages.setup(app)

@@ -1,7 +1,8 @@
 """What every API handler shares: strict JSON bodies, errors, admin auth.
 
 Request bodies are parsed strictly: ``application/json`` only (415), at most
-``settings.max_body_bytes`` (413), valid JSON (400), and validated by a pydantic
+``settings.max_body_bytes`` (413) arriving within ``settings.body_timeout`` (408),
+valid JSON in UTF-8 with no key twice in an object (400), and validated by a pydantic
 model with ``extra="forbid"`` and ``strict=True`` (unknown fields and wrong types
 are 400). Every :class:`~wiregate.errors.WiregateError` becomes
 ``{"error", "message", "hint"?}`` with its status.
@@ -9,6 +10,7 @@ are 400). Every :class:`~wiregate.errors.WiregateError` becomes
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import socket
@@ -33,6 +35,7 @@ from wiregate.logging import get_logger
 __all__ = [
     "EndpointsCallback",
     "PayloadTooLarge",
+    "RequestTimeout",
     "StrictModel",
     "UnsupportedMediaType",
     "admin_actor",
@@ -40,6 +43,7 @@ __all__ = [
     "device_json",
     "error_middleware",
     "key_json",
+    "model_from_json",
     "read_json",
     "require_admin",
     "rfc3339",
@@ -54,6 +58,11 @@ EndpointsCallback = OnEndpoints
 class PayloadTooLarge(RemoteError):
     status = 413
     code = "payload_too_large"
+
+
+class RequestTimeout(RemoteError):
+    status = 408
+    code = "request_timeout"
 
 
 class UnsupportedMediaType(RemoteError):
@@ -71,15 +80,49 @@ async def read_json(request: web.Request, model: type[M]) -> M:
     """Parse and validate the request body as ``model``; raise a 4xx error otherwise."""
     if request.content_type != "application/json":
         raise UnsupportedMediaType("the request body must be application/json")
-    body = await _read_limited(request, request.app[SETTINGS].max_body_bytes)
+    if (request.charset or "utf-8").lower() not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType("the request body must be UTF-8 (charset=utf-8 or none)")
+    settings = request.app[SETTINGS]
     try:
-        data = json.loads(body, parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # Recursion: nested too deep
+        async with asyncio.timeout(settings.body_timeout):
+            body = await _read_limited(request, settings.max_body_bytes)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {settings.body_timeout:g} s"
+        ) from None
+    return model_from_json(body, model)
+
+
+def model_from_json(body: bytes, model: type[M]) -> M:
+    """Parse ``body`` as one JSON document (UTF-8 without BOM, no duplicate keys, no
+    NaN or Infinity) and validate it as ``model``; :class:`BadInput` otherwise."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput("the request body is not UTF-8", code="malformed_json") from None
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique)
+    except DuplicateKey as exc:
+        raise BadInput(str(exc), code="malformed_json") from None
+    except (ValueError, RecursionError) as exc:  # Recursion: nested too deep
         raise BadInput(f"malformed JSON: {exc.__class__.__name__}") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise BadInput(_describe(exc), code="invalid_field") from None
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names a key twice (which one wins differs between parsers)."""
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise DuplicateKey(f"malformed JSON: the key {key[:64]!r} appears twice in an object")
+        found[key] = value
+    return found
 
 
 def _refuse_constant(name: str) -> None:
@@ -90,10 +133,23 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
     too_large = PayloadTooLarge(f"the request body is larger than {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
-    body = await request.content.read(limit + 1)
+    body = await _read_up_to(request, limit + 1)
     if len(body) > limit:
         raise too_large
     return body
+
+
+async def _read_up_to(request: web.Request, n: int) -> bytes:
+    """Up to ``n`` bytes of the body (all of it if shorter): ``read(n)`` may return less."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < n:
+        chunk = await request.content.read(n - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _describe(exc: ValidationError) -> str:

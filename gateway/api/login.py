@@ -3,8 +3,10 @@
 The device creates a request and polls with its poll token; an approver names
 the request by its user code. Approval is admin-only here; the SSO web page
 calls :meth:`~gateway.store.Store.approve_login_request` with the signed-in
-identity. Every user-code lookup is charged to a :class:`GuessLimiter` first,
-so guessing codes is bounded and a refused guess changes nothing. User codes
+identity. Every user-code lookup is charged first to the buckets of
+:mod:`gateway.api.limits` (per identity, per source, global), so guessing codes
+is bounded and a refused guess changes nothing; so is every new request (per
+source, with a fair share of the pending cap). User codes
 and poll tokens are never logged (log lines name the request id).
 """
 
@@ -20,17 +22,17 @@ from gateway.api.common import (
     admin_actor,
     device_json,
     read_json,
-    require_admin,
     rfc3339,
 )
 from gateway.api.enroll import NAME_PATTERN
 from gateway.api.keys import Tag
-from gateway.appkeys import BROKER, CLOCK, LIMITER, SETTINGS, STORE
+from gateway.api.limits import charge_guess, charge_login_request
+from gateway.appkeys import BROKER, CLOCK, SETTINGS, STORE
 from gateway.store import LoginRecord
-from identity.device_login import GuessLimiter, format_user_code
+from identity.device_login import format_user_code
 from wiregate.model import Identity
 
-__all__ = ["ApproveBody", "LoginBody", "PollBody", "login_json", "routes", "setup"]
+__all__ = ["ApproveBody", "LoginBody", "PollBody", "login_json", "routes"]
 
 routes = web.RouteTableDef()
 VERIFICATION_PATH = "/login"
@@ -57,11 +59,6 @@ class ApproveBody(StrictModel):
     tags: Annotated[list[Tag], Field(max_length=32)] = []
 
 
-def setup(app: web.Application) -> None:
-    """Give ``app`` its user-code guess limiter."""
-    app[LIMITER] = GuessLimiter()
-
-
 def login_json(record: LoginRecord) -> dict[str, Any]:
     """The API's LOGIN object: what an approver checks before approving."""
     return {
@@ -79,8 +76,10 @@ def login_json(record: LoginRecord) -> dict[str, Any]:
 async def create_request(request: web.Request) -> web.Response:
     """Start a device login; the response is the only place the code and poll token appear."""
     body = await read_json(request, LoginBody)
+    source = await charge_login_request(request)
     now = request.app[CLOCK]()
-    created = await request.app[STORE].create_login_request(body.public_key, body.name, now)
+    store = request.app[STORE]
+    created = await store.create_login_request(body.public_key, body.name, now, source=source)
     user_code = format_user_code(created.user_code)
     origin = request.app[SETTINGS].public_url or str(request.url.origin())  # what browsers use
     uri = origin + VERIFICATION_PATH
@@ -110,8 +109,7 @@ async def poll(request: web.Request) -> web.Response:
 @routes.get("/api/v1/login/requests/{user_code}")
 async def show_request(request: web.Request) -> web.Response:
     """The pending request a code names: the device's name and key fingerprint."""
-    require_admin(request)
-    return web.json_response(login_json(await _lookup(request)))
+    return web.json_response(login_json(await _lookup(request, admin_actor(request))))
 
 
 @routes.post("/api/v1/login/requests/{user_code}/approve")
@@ -119,7 +117,7 @@ async def approve(request: web.Request) -> web.Response:
     """Approve a pending request for an identity: its device is enrolled."""
     actor = admin_actor(request)
     body = await read_json(request, ApproveBody)
-    found = await _lookup(request)
+    found = await _lookup(request, actor)
     store, now = request.app[STORE], request.app[CLOCK]()
     approved = await store.approve_login_request(
         found.id,
@@ -138,13 +136,13 @@ async def approve(request: web.Request) -> web.Response:
 async def deny(request: web.Request) -> web.Response:
     """Deny a pending request; the device's next poll says ``denied``."""
     actor = admin_actor(request)
-    found = await _lookup(request)
+    found = await _lookup(request, actor)
     now = request.app[CLOCK]()
     denied = await request.app[STORE].deny_login_request(found.id, now, actor=actor)
     return web.json_response(login_json(denied))
 
 
-async def _lookup(request: web.Request) -> LoginRecord:
+async def _lookup(request: web.Request, actor: str) -> LoginRecord:
+    await charge_guess(request, actor, admin=True)
     now = request.app[CLOCK]()
-    request.app[LIMITER].check(request.remote or "local", now)
     return await request.app[STORE].find_login_request(request.match_info["user_code"], now)

@@ -30,9 +30,9 @@ __all__ = [
     "expired",
     "find_identity",
     "identity_devices",
+    "identity_for_new_device",
     "identity_record",
     "list_identities",
-    "refuse_disabled",
     "renewed_expiry",
 ]
 
@@ -90,17 +90,25 @@ async def identity_devices(s: AsyncSession, identity_id: int) -> list[DeviceRow]
     return list((await s.execute(query.order_by(DeviceRow.id))).scalars())
 
 
-async def refuse_disabled(s: AsyncSession, identity: Identity) -> None:
-    """:class:`Forbidden` if ``identity`` is disabled (no new device for it)."""
-    query = select(IdentityRow.disabled).where(
+async def identity_for_new_device(s: AsyncSession, identity: Identity, now: float) -> int:
+    """The row id of ``identity``, added if new; :class:`Forbidden` if it is disabled
+    (no new device for it)."""
+    query = select(IdentityRow.id, IdentityRow.disabled).where(
         IdentityRow.issuer == identity.issuer, IdentityRow.subject == identity.subject
     )
-    if (await s.execute(query)).scalar_one_or_none():
+    found = (await s.execute(query)).first()
+    if found is None:
+        row = IdentityRow(issuer=identity.issuer, subject=identity.subject, created_at=now)
+        s.add(row)
+        await s.flush()
+        return row.id
+    if found.disabled:
         raise Forbidden(
             "this identity is disabled",
             code="identity_disabled",
             hint="an administrator can enable it again (wiregate admin identities enable)",
         )
+    return int(found.id)
 
 
 async def expired(s: AsyncSession, now: float) -> list[DeviceRow]:

@@ -7,12 +7,14 @@ polls collecting a token) cannot both succeed, even across processes.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import ColumnElement, and_, delete, desc, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.store.limits import RateLimited
 from gateway.store.models import DeviceRow, LoginRequestRow
 from gateway.store.records import LoginCreated, login_record
 from identity.device_login import (
@@ -23,7 +25,6 @@ from identity.device_login import (
     PollDecision,
     PollState,
     Status,
-    TooManyGuesses,
     effective_status,
     generate_poll_token,
     generate_user_code,
@@ -36,6 +37,7 @@ from wiregate.keys import fingerprint
 __all__ = [
     "KEEP_FOR",
     "MAX_PENDING",
+    "PER_SOURCE",
     "advance",
     "by_poll_token",
     "by_user_code",
@@ -44,27 +46,70 @@ __all__ = [
     "poll_state",
     "record_poll",
     "rotate_device_token",
+    "source_key",
 ]
 
-MAX_PENDING = 1000  # also bounds a code guesser's odds (see GuessLimiter)
+MAX_PENDING = 1000  # also bounds a code guesser's odds (see gateway.api.limits)
+PER_SOURCE = 20  # requests one address may have waiting
 KEEP_FOR = 86400.0  # finished requests are deleted a day after they expire
 _UNKNOWN = "no pending login request has this code"
 
 
-async def make_room(s: AsyncSession, now: float) -> None:
-    """Delete long-expired requests; refuse a new one when too many are pending."""
+async def make_room(s: AsyncSession, now: float, source: str) -> None:
+    """Delete long-expired requests; refuse a new one from ``source`` past its fair share.
+
+    A source (an address: IPv4, or an IPv6 /64) may have :data:`PER_SOURCE` requests
+    waiting. When :data:`MAX_PENDING` wait in all, the source holding the most gives
+    way (its oldest request expires) to a source holding fewer than it less one, so
+    one source, or a few, cannot keep everybody else from logging in. Sources are
+    stored hashed (only equality matters).
+    """
+    source = source_key(source)
     await s.execute(delete(LoginRequestRow).where(LoginRequestRow.expires_at < now - KEEP_FOR))
-    pending = select(func.count()).select_from(LoginRequestRow)
-    pending = pending.where(
-        LoginRequestRow.status == Status.PENDING.value, LoginRequestRow.expires_at > now
-    )
-    if (await s.execute(pending)).scalar_one() >= MAX_PENDING:
-        raise TooManyGuesses(
-            "too many device logins are waiting for approval", hint="try again in a few minutes"
-        )
+    if await _pending_count(s, now, source) >= PER_SOURCE:
+        raise RateLimited(
+            "too many device logins from this address are waiting for approval",
+            code="too_many_logins", hint="approve or let expire the ones waiting, then retry",
+        )  # fmt: skip
+    if await _pending_count(s, now, None) < MAX_PENDING:
+        return
+    t = LoginRequestRow
+    n, first = func.count().label("n"), func.min(t.created_at).label("first")
+    by_source = select(t.source, n, first).where(_pending(now)).group_by(t.source)
+    by_source = by_source.order_by(desc(n), first).limit(1)  # ties: the oldest request
+    heaviest = (await s.execute(by_source)).first()
+    mine = await _pending_count(s, now, source)
+    if heaviest is None or heaviest.n <= mine + 1:
+        raise RateLimited(
+            "too many device logins are waiting for approval",
+            code="too_many_logins", hint="try again in a few minutes",
+        )  # fmt: skip
+    oldest = select(t.id).where(_pending(now), t.source == heaviest.source)
+    victim = (await s.execute(oldest.order_by(t.created_at, t.id).limit(1))).scalar_one()
+    await advance(s, victim, Event.EXPIRE, now)
 
 
-async def insert(s: AsyncSession, public_key: str, name: str, now: float) -> LoginCreated:
+def source_key(source: str) -> str:
+    """How a request's source is stored: its SHA-256 (no address kept in clear); an
+    unknown source (empty, as in rows older than sources) stays empty."""
+    return hashlib.sha256(source.encode()).hexdigest() if source else ""
+
+
+def _pending(now: float) -> ColumnElement[bool]:
+    t = LoginRequestRow
+    return and_(t.status == Status.PENDING.value, t.expires_at > now)
+
+
+async def _pending_count(s: AsyncSession, now: float, source: str | None) -> int:
+    query = select(func.count()).select_from(LoginRequestRow).where(_pending(now))
+    if source is not None:
+        query = query.where(LoginRequestRow.source == source)
+    return int((await s.execute(query)).scalar_one())
+
+
+async def insert(
+    s: AsyncSession, public_key: str, name: str, now: float, source: str = ""
+) -> LoginCreated:
     """Add a pending request with a fresh user code and poll token (flushed)."""
     user_code, poll_token = generate_user_code(), generate_poll_token()
     row = LoginRequestRow(
@@ -79,6 +124,7 @@ async def insert(s: AsyncSession, public_key: str, name: str, now: float) -> Log
         expires_at=now + LIFETIME,
         last_poll_at=None,
         interval=INTERVAL,
+        source=source_key(source),
     )
     s.add(row)
     await s.flush()

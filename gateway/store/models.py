@@ -27,12 +27,15 @@ __all__ = [
     "AuditRow",
     "Base",
     "DeviceRow",
+    "EndedSessionRow",
     "EnrollmentKeyRow",
     "IdentityRow",
+    "KeyHistoryRow",
     "LeaseRow",
     "LoginRequestRow",
     "MapChangeRow",
     "MetaRow",
+    "RateBucketRow",
     "RelayPairRow",
 ]
 
@@ -141,6 +144,8 @@ class LoginRequestRow(Base):
     expires_at: Mapped[float] = mapped_column(Float, nullable=False)
     last_poll_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     interval: Mapped[int] = mapped_column(Integer, nullable=False)
+    # SHA-256 of the client address (IPv4, an IPv6 /64) that asked: fair shares of the cap
+    source: Mapped[str] = mapped_column(String(64), nullable=False, server_default="", index=True)
     approved_by_issuer: Mapped[str | None] = mapped_column(String(512), nullable=True)
     approved_by_subject: Mapped[str | None] = mapped_column(String(512), nullable=True)
     device_id: Mapped[str | None] = mapped_column(
@@ -203,3 +208,36 @@ class RelayPairRow(Base):
     device_b: Mapped[str] = mapped_column(String(32), primary_key=True)
     relay_id: Mapped[str] = mapped_column(String(64), nullable=False)
     used_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class KeyHistoryRow(Base):
+    """Every WireGuard public key any device ever had: none may be registered again."""
+
+    __tablename__ = "key_history"
+
+    public_key: Mapped[str] = mapped_column(String(44), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    first_used_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class RateBucketRow(Base):
+    """A token bucket every replica charges (login requests, user-code lookups).
+
+    ``key`` is the bucket's name and the SHA-256 of whom it limits (an address, an
+    identity); a row missing is a full bucket.
+    """
+
+    __tablename__ = "rate_buckets"
+
+    key: Mapped[str] = mapped_column(String(96), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float, nullable=False)
+    updated: Mapped[float] = mapped_column(Float, nullable=False, index=True)
+
+
+class EndedSessionRow(Base):
+    """A web session signed out before its expiry: refused by every replica until then."""
+
+    __tablename__ = "ended_sessions"
+
+    session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[float] = mapped_column(Float, nullable=False, index=True)

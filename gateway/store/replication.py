@@ -33,6 +33,7 @@ __all__ = [
     "ChangeRow",
     "changes_since",
     "claim_relay_pair",
+    "insert_for",
     "notify",
     "prune_changes",
     "prune_relay_pairs",
@@ -111,14 +112,15 @@ async def prune_changes(s: AsyncSession, keep: int) -> int:
     return int(getattr(done, "rowcount", 0) or 0)
 
 
-def _insert(s: AsyncSession, table: Any) -> Any:
+def insert_for(s: AsyncSession, table: Any) -> Any:
+    """An INSERT of the session's dialect (with ``on_conflict_do_*``)."""
     return (postgresql.insert if _dialect(s) == "postgresql" else sqlite.insert)(table)
 
 
 async def take_lease(s: AsyncSession, name: str, holder: str, now: float, ttl: float) -> bool:
     """Take or renew the lease ``name`` for ``holder`` until ``now + ttl``; whether held."""
     lease = LeaseRow.__table__
-    stmt = _insert(s, lease).values(name=name, holder=holder, expires_at=now + ttl)
+    stmt = insert_for(s, lease).values(name=name, holder=holder, expires_at=now + ttl)
     stmt = stmt.on_conflict_do_update(
         index_elements=[lease.c.name],
         set_={"holder": holder, "expires_at": now + ttl},
@@ -143,7 +145,7 @@ async def claim_relay_pair(
     returns the relay the pair uses afterwards (another replica's choice if it won)."""
     pair = RelayPairRow.__table__
     if expected is None:
-        stmt = _insert(s, pair).values(device_a=a, device_b=b, relay_id=relay_id, used_at=now)
+        stmt = insert_for(s, pair).values(device_a=a, device_b=b, relay_id=relay_id, used_at=now)
         await s.execute(stmt.on_conflict_do_nothing())
     else:
         await s.execute(

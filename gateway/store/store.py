@@ -24,9 +24,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.mapping.ipam import Allocation, Pool, allocate
-from gateway.store import audit, lifecycle, logins
+from gateway.store import audit, lifecycle, limits, logins
 from gateway.store import replication as repl
 from gateway.store.audit import AuditRecord, device_actor, oidc_actor, system_actor
+from gateway.store.batch import GroupCommit
 from gateway.store.engine import create_engine
 from gateway.store.lifecycle import IdentityRecord, KeyLifetime
 from gateway.store.migrate import current_revision, head_revision, upgrade
@@ -75,6 +76,7 @@ _MIGRATE = 0x77676D69  # PostgreSQL advisory lock key held while migrating
 UPSERT, REMOVE = ChangeKind.UPSERT, ChangeKind.REMOVE
 DELETED = "device removed"  # what an agent is told when an admin deletes its device
 MIN_ROTATION_INTERVAL = 5.0  # seconds between two key rotations of one device
+_ALLOCATION_WINDOW = 256  # addresses after the IPAM cursor read to find a free one
 RETRY_WINDOW = 600.0  # seconds during which a lost enrollment answer may be asked again
 
 
@@ -88,6 +90,7 @@ class Store:
         self._pool = pool
         self._clock = clock
         self._lock = asyncio.Lock()
+        self._grouped = GroupCommit(self._write)  # enrollments: one fsync for many
         self._key_lifetime: KeyLifetime = NO_EXPIRY
 
     def set_key_lifetime(self, lifetime: KeyLifetime) -> None:
@@ -181,7 +184,8 @@ class Store:
         """
         now = self._clock()
         token = generate_device_token()
-        async with self._write() as s:
+
+        async def work(s: AsyncSession) -> Enrolled:
             found = await self._key_for(s, secret)
             if found is not None:
                 retried = await self._retried_enrollment(s, found, request, token, now)
@@ -197,8 +201,13 @@ class Store:
             detail = {"key_id": key.id, "name": row.name, "public_key": row.public_key}
             await audit.add(s, now, device_actor(row.id), "device.enroll", row.id, detail)
             await repl.record_change(s, version, UPSERT, row.id, now)
-        _log.info("device_enrolled", device_id=row.id, key_id=key.id, version=version)
-        return Enrolled(device_record(row, identity), token, version)
+            return Enrolled(device_record(row, identity), token, version)
+
+        enrolled = await self._grouped.run(work)  # shares a commit with concurrent ones
+        device = enrolled.record.device
+        _log.info("device_enrolled", device_id=device.id, key_id=device.identity.subject,
+                  version=enrolled.version)  # fmt: skip
+        return enrolled
 
     async def enroll_identity(
         self,
@@ -218,7 +227,8 @@ class Store:
         """
         now = self._clock()
         token = generate_device_token()
-        async with self._write() as s:
+
+        async def work(s: AsyncSession) -> tuple[Enrolled, Removal | None]:
             removed = None
             old = await self._device_named(s, identity, request.name)
             if old is not None:
@@ -235,8 +245,12 @@ class Store:
                             {**detail, "name": row.name, "public_key": row.public_key,
                              "tags": ",".join(grant.tags)})  # fmt: skip
             await repl.record_change(s, version, UPSERT, row.id, now)
-        _log.info("device_enrolled", device_id=row.id, issuer=identity.issuer, version=version)
-        return Enrolled(device_record(row, identity), token, version), removed
+            return Enrolled(device_record(row, identity), token, version), removed
+
+        enrolled, removed = await self._grouped.run(work)  # shares a commit with others
+        _log.info("device_enrolled", device_id=enrolled.record.device.id,
+                  issuer=identity.issuer, version=enrolled.version)  # fmt: skip
+        return enrolled, removed
 
     async def _retried_enrollment(
         self, s: AsyncSession, key: EnrollmentKeyRow, request: EnrollRequest, token: str,
@@ -381,19 +395,23 @@ class Store:
 
     # -- device login ------------------------------------------------------------
 
-    async def create_login_request(self, public_key: str, name: str, now: float) -> LoginCreated:
-        """A pending login request for ``public_key``; its user code and poll token, once.
+    async def create_login_request(
+        self, public_key: str, name: str, now: float, *, source: str = ""
+    ) -> LoginCreated:
+        """A pending login request for ``public_key`` from ``source`` (an address); its
+        user code and poll token, once.
 
-        :class:`BadKey` for an unusable key, :class:`Conflict` when a device
-        already has it, :class:`TooManyGuesses` (429) when too many wait.
+        :class:`BadKey` for an unusable key, :class:`Conflict` when a device has or
+        had it, :class:`~gateway.store.limits.RateLimited` (429) past the source's
+        fair share of waiting requests (see :func:`gateway.store.logins.make_room`).
         """
         key = parse_public_key(public_key)
         for attempt in range(3):
             try:
                 async with self._write() as s:
-                    await self._refuse_duplicate(s, key)
-                    await logins.make_room(s, now)
-                    created = await logins.insert(s, key, name, now)
+                    await limits.refuse_used_key(s, key)
+                    await logins.make_room(s, now, source)
+                    created = await logins.insert(s, key, name, now, source)
                 break
             except Conflict as exc:  # a user code collided with an older one: draw again
                 if exc.code != Conflict.code or attempt == 2:
@@ -559,9 +577,10 @@ class Store:
     async def rotate_key(self, device_id: str, public_key: str) -> tuple[DeviceRecord, int]:
         """Replace a device's key by its next one (same addresses); the new map version.
 
-        The previous key is kept (``previous_public_key``) and may not be reused
-        by any device. The key's lifetime restarts. :class:`Conflict` for a key in
-        use or a rotation within :data:`MIN_ROTATION_INTERVAL` of the last.
+        The previous key is kept (``previous_public_key``); no key any device ever
+        had may be registered again (``key_history``). The key's lifetime restarts.
+        :class:`Conflict` for a key used before or a rotation within
+        :data:`MIN_ROTATION_INTERVAL` of the last.
         """
         key, now = parse_public_key(public_key), self._clock()
         async with self._write() as s:
@@ -571,7 +590,7 @@ class Store:
                 raise NotFound(f"no device {device_id!r}")
             if row.key_rotated_at is not None and now - row.key_rotated_at < MIN_ROTATION_INTERVAL:
                 raise Conflict("this device rotated its key moments ago", code="rotated_recently")
-            await self._refuse_duplicate(s, key)
+            await limits.record_key(s, key, device_id, now)
             old = row.public_key
             row.previous_public_key, row.public_key = old, key
             row.expires_at, row.key_rotated_at = lifecycle.renewed_expiry(row, now), now
@@ -580,6 +599,23 @@ class Store:
             await repl.record_change(s, version, UPSERT, device_id, now)
         _log.info("device_key_rotated", device_id=device_id, version=version)
         return await self.get_device(device_id), version
+
+    # -- abuse limits shared by replicas (see gateway.store.limits) -------------------
+
+    async def charge(self, charges: Sequence[tuple[limits.Bucket, str]]) -> None:
+        """Spend a token of each (bucket, who) at once, or none and raise its 429."""
+        async with self._write() as s:
+            await limits.take_all(s, charges, self._clock())
+
+    async def end_session(self, session_id: str, expires_at: float) -> None:
+        """Refuse the web session ``session_id`` on every replica until ``expires_at``."""
+        async with self._write() as s:
+            await limits.end_session(s, session_id, expires_at, self._clock())
+
+    async def session_ended(self, session_id: str) -> bool:
+        """Whether the web session ``session_id`` was signed out."""
+        async with self._sessions() as s:
+            return await limits.session_ended(s, session_id)
 
     # -- replicas (see gateway.store.replication) ------------------------------------
 
@@ -691,50 +727,34 @@ class Store:
             check_usable(None, now)
         return row
 
-    async def _refuse_duplicate(self, s: AsyncSession, public_key: str) -> None:
-        query = select(DeviceRow.id).where(
-            or_(DeviceRow.public_key == public_key, DeviceRow.previous_public_key == public_key)
-        )
-        if (await s.execute(query)).first() is not None:
-            raise Conflict(
-                "a device with this public key is already enrolled",
-                code="duplicate_public_key",
-                hint="generate a new key pair, or delete the old device first",
-            )
-
     async def _add_device(
         self, s: AsyncSession, request: EnrollRequest, grant: Grant, token: str, now: float
     ) -> DeviceRow:
-        """The one enrollment path: refuse a disabled identity and a duplicate key,
-        allocate, add (flushed); the key's expiry comes from :meth:`set_key_lifetime`."""
-        await lifecycle.refuse_disabled(s, grant.identity)
-        await self._refuse_duplicate(s, request.public_key)
+        """The one enrollment path: refuse a disabled identity and a key any device ever
+        had, allocate, add (flushed); the key's expiry comes from :meth:`set_key_lifetime`."""
+        identity_id = await lifecycle.identity_for_new_device(s, grant.identity, now)
         row = new_device(request, grant, await self._allocate(s), token, now)
         lifetime = self._key_lifetime(grant.identity, grant.tags)
         row.expires_at = None if lifetime is None else now + lifetime
-        row.identity_id = await self._identity_id(s, grant.identity, now)
+        row.identity_id = identity_id
+        await limits.record_key(s, row.public_key, row.id, now)
         s.add(row)
         await s.flush()
         return row
 
     async def _allocate(self, s: AsyncSession) -> Allocation:
+        """The next free address after the cursor: the indexes just after it are read
+        first (an indexed range), every index only when those are all taken."""
         meta = await s.get_one(MetaRow, 1, populate_existing=True)
-        in_use = set((await s.execute(select(DeviceRow.ip_index))).scalars())
+        start = meta.ipam_cursor % self._pool.size if meta.ipam_cursor > 0 else 0
+        end = min(start + _ALLOCATION_WINDOW, self._pool.size)
+        near = select(DeviceRow.ip_index).where(DeviceRow.ip_index > start)
+        in_use = set((await s.execute(near.where(DeviceRow.ip_index <= end))).scalars())
+        if len(in_use) >= end - start:  # nothing free right after the cursor: look at all
+            in_use = set((await s.execute(select(DeviceRow.ip_index))).scalars())
         allocation = allocate(self._pool, in_use, meta.ipam_cursor)
         meta.ipam_cursor = allocation.index
         return allocation
-
-    async def _identity_id(self, s: AsyncSession, identity: Identity, now: float) -> int:
-        query = select(IdentityRow.id).where(
-            IdentityRow.issuer == identity.issuer, IdentityRow.subject == identity.subject
-        )
-        found = (await s.execute(query)).scalar_one_or_none()
-        if found is not None:
-            return found
-        row = IdentityRow(issuer=identity.issuer, subject=identity.subject, created_at=now)
-        s.add(row)
-        await s.flush()
-        return row.id
 
     async def _one_device(self, where: ColumnElement[bool]) -> DeviceRecord:
         async with self._sessions() as s:

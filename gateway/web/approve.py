@@ -2,8 +2,9 @@
 
 The page shows the device's name and its key fingerprint (the person compares
 it with what ``wiregate login`` printed) before anything is approved. Every
-lookup of a typed code is charged to the API's :class:`GuessLimiter` first, so
-guessing codes through the pages is bounded exactly as through the API. An
+lookup of a typed code is charged first to the signed-in person's, the source's
+and the global bucket of :mod:`gateway.api.limits`, so guessing codes through
+the pages is bounded exactly as through the API. An
 approval enrolls the device for the signed-in (issuer, subject), with the tags
 and groups the policy file's rules give that person (nothing else: the page
 offers no tags).
@@ -15,9 +16,10 @@ from __future__ import annotations
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from gateway.appkeys import BROKER, CLOCK, LIMITER, POLICY, SETTINGS, STORE, WEB
+from gateway.api.limits import charge_guess
+from gateway.appkeys import BROKER, CLOCK, POLICY, SETTINGS, STORE, WEB
 from gateway.store import LoginRecord
-from gateway.web.context import render
+from gateway.web.context import SESSION, render
 from gateway.web.guard import form_post
 from gateway.web.sessions import Session
 from identity.device_login import format_user_code, normalize_user_code
@@ -40,8 +42,8 @@ async def approval_page(request: web.Request, typed: str) -> web.StreamResponse:
 
 
 async def _lookup(request: web.Request, typed: str) -> LoginRecord:
+    await charge_guess(request, request[SESSION].actor, admin=False)
     now = request.app[CLOCK]()
-    request.app[LIMITER].check(request.remote or "local", now)
     return await request.app[STORE].find_login_request(typed, now)
 
 

@@ -12,7 +12,7 @@ from importlib.resources import files
 
 from aiohttp import web
 
-from gateway.appkeys import CLOCK, WEB
+from gateway.appkeys import CLOCK, STORE, WEB
 from gateway.web.approve import approval_page
 from gateway.web.context import (
     CALLBACK_PATH,
@@ -92,9 +92,10 @@ async def _complete(request: web.Request, pre: PreLogin) -> Session:
 @routes.post("/logout")
 @form_post
 async def logout(request: web.Request, session: Session, _form: object) -> web.StreamResponse:
-    """Sign out: this session is refused from now on and the browser forgets it."""
+    """Sign out: this session is refused by every replica from now on and the browser
+    forgets it."""
     ctx = request.app[WEB]
-    ctx.end(session, request.app[CLOCK]())
+    await request.app[STORE].end_session(session.session_id, session.expires_at)
     request.pop(SESSION)
     response = render(request, "signed_out.html")
     clear_session(ctx, response)

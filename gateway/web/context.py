@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,7 +18,7 @@ import jinja2
 from aiohttp import web
 
 from gateway.api.common import rfc3339
-from gateway.appkeys import CLOCK, SETTINGS, WEB
+from gateway.appkeys import CLOCK, SETTINGS, STORE, WEB
 from gateway.web.keyfile import load_or_create_session_key
 from gateway.web.sessions import PRE_LOGIN_TTL, CookieBox, PreLogin, Session, csrf_token
 from identity.oidc import ClientSecret, OidcProvider, OidcRelyingParty
@@ -64,17 +64,10 @@ class WebContext:
     admin_groups: frozenset[str]
     session_lifetime: float
     secure: bool
-    ended: dict[str, float] = field(default_factory=dict)  # session ids signed out → expiry
 
     def cookie_name(self, base: str) -> str:
         """``__Host-`` prefixed when served over https (no Domain, Path=/, Secure)."""
         return f"__Host-{base}" if self.secure else base
-
-    def end(self, session: Session, now: float) -> None:
-        """Refuse ``session`` from now on in this process (sign-out)."""
-        for sid in [s for s, exp in self.ended.items() if exp <= now]:
-            del self.ended[sid]
-        self.ended[session.session_id] = session.expires_at
 
 
 SESSION = web.RequestKey("web_session", Session)  # set on a request once its cookie opened
@@ -169,11 +162,11 @@ def clear_pre_login(ctx: WebContext, response: web.StreamResponse) -> None:
     _set_cookie(ctx, response, _LOGIN_COOKIE, "", 0)
 
 
-def read_session(request: web.Request) -> Session | None:
-    """The request's valid session, if any (signed-out sessions are refused)."""
+async def read_session(request: web.Request) -> Session | None:
+    """The request's valid session, if any (sessions signed out on any replica are refused)."""
     ctx, now = request.app[WEB], request.app[CLOCK]()
     session = ctx.box.open_session(request.cookies.get(ctx.cookie_name(_SESSION_COOKIE)), now)
-    if session is None or session.session_id in ctx.ended:
+    if session is None or await request.app[STORE].session_ended(session.session_id):
         return None
     return session
 

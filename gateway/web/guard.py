@@ -51,10 +51,10 @@ def page(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        session = read_session(request) if WEB in request.app else None
-        if session is not None:
-            request[SESSION] = session
         try:
+            session = await read_session(request) if WEB in request.app else None
+            if session is not None:
+                request[SESSION] = session
             response = await handler(request)
         except WiregateError as exc:
             response = _error_page(request, exc)

@@ -256,7 +256,13 @@ class ControlClient:
                 relay["control"], allow_names=True, from_peer=False, what="relay", error=ValueError
             ).pair
             ticket = base64.b64decode(str(data["ticket"]), validate=True)
-            return RelayGrant(str(relay["id"]), (host, port), ticket)
+            tcp = None  # the relay's TLS/TCP address, for networks that block UDP (optional)
+            if relay.get("tcp"):
+                tcp = parse_endpoint(
+                    relay["tcp"], allow_names=True, from_peer=False, what="relay tcp",
+                    error=ValueError,
+                ).pair  # fmt: skip
+            return RelayGrant(str(relay["id"]), (host, port), ticket, tcp)
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise Unavailable(f"the gateway sent a malformed relay ticket answer: {exc}") from exc
 

@@ -26,7 +26,7 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from wiregate.errors import Unavailable, WiregateError
 from wiregate.files import load_or_create_key_file
 from wiregate.logging import get_logger
 from wiregate.model import Device
+from wiregate.settings import parse_relay_entry
 
 __all__ = [
     "KEY_FILE",
@@ -52,6 +53,7 @@ __all__ = [
     "RelayStatus",
     "load_or_create_signing_key",
     "pair_key",
+    "parse_relay_tcp",
 ]
 
 _log = get_logger("gateway.relays")
@@ -130,16 +132,26 @@ class RelaySelector:
         self,
         relays: Sequence[RelayEndpoint],
         *,
+        tcp: Mapping[str, str] | None = None,
         down_after: int = 2,
         suspect_for: float = 120.0,
         forget_after: float = 3600.0,
     ) -> None:
         self.relays = tuple(relays)
+        self.tcp = dict(tcp or {})  # relay id -> "HOST:PORT" of its TLS/TCP listener
         self._by_id = {r.id: r for r in self.relays}
         self._health = {r.id: _Health() for r in self.relays}
         self._pairs: dict[tuple[str, str], _Assignment] = {}
         self._down_after, self._suspect_for = down_after, suspect_for
         self._forget_after = forget_after
+
+    def ticket_relay(self, relay: RelayEndpoint) -> dict[str, str]:
+        """The ``relay`` object of a ticket answer: id, control port and, if the relay has
+        one, its TLS/TCP address (agents that predate it ignore the field)."""
+        doc = {"id": relay.id, "control": relay.control}
+        if relay.id in self.tcp:
+            doc["tcp"] = self.tcp[relay.id]
+        return doc
 
     # --- probes ---------------------------------------------------------------------------
 
@@ -332,3 +344,12 @@ def load_or_create_signing_key(state_dir: Path) -> SigningKey:
     """The key in ``state_dir/relay-signing.key``: a 32-byte seed, created (0600) on first use."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     return SigningKey(load_or_create_key_file(state_dir / KEY_FILE, "relay signing key"))
+
+
+def parse_relay_tcp(entries: Sequence[str]) -> dict[str, str]:
+    """``["id=HOST:PORT", ...]`` (``relay_tcp``) to relay id -> ``HOST:PORT``."""
+    out: dict[str, str] = {}
+    for entry in entries:
+        relay_id, host, port = parse_relay_entry(entry)
+        out[relay_id] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return out

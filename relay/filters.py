@@ -2,8 +2,7 @@
 
 * :func:`wireguard_type` accepts only WireGuard's four message shapes: type 1
   handshake initiation (148 bytes), 2 response (92), 3 cookie reply (64), 4
-  transport data (16-byte header, then at least 16 bytes and a multiple of 16),
-  with the three reserved bytes zero.
+  transport data (:func:`transport_sizes`), with the three reserved bytes zero.
 * :func:`mac1_valid` checks a handshake message's mac1, which WireGuard keys
   with the *receiver's* static public key: the relay forwards a pair's
   handshakes only when they are addressed to the peer the ticket named.
@@ -25,11 +24,13 @@ from wiregate.net import IPAddress, destination_refusal
 __all__ = [
     "HANDSHAKE_INITIATION",
     "HANDSHAKE_RESPONSE",
+    "TRANSPORT",
     "IPAddress",
     "destination_refusal",
     "mac1",
     "mac1_valid",
     "normalize_ip",
+    "transport_sizes",
     "wireguard_type",
 ]
 
@@ -39,6 +40,12 @@ COOKIE_REPLY = 3
 TRANSPORT = 4
 _FIXED_SIZES = {HANDSHAKE_INITIATION: 148, HANDSHAKE_RESPONSE: 92, COOKIE_REPLY: 64}
 _TRANSPORT_HEADER = 16
+_TAG = 16
+#: WireGuard pads a packet to a multiple of 16 bytes but never beyond the tunnel's
+#: MTU, so a packet of exactly MTU bytes (1420 by default) may end off the 16-byte
+#: grid. Sizes off the grid are accepted from this packet length on: 576, the
+#: datagram every IPv4 host must accept, is below any tunnel MTU that carries IPv4.
+UNALIGNED_FROM = 576
 _LABEL_MAC1 = b"mac1----"
 
 
@@ -49,10 +56,21 @@ def wireguard_type(data: bytes, max_size: int) -> int | None:
     kind = data[0]
     if kind in _FIXED_SIZES:
         return kind if len(data) == _FIXED_SIZES[kind] else None
-    payload = len(data) - _TRANSPORT_HEADER
-    if kind == TRANSPORT and payload >= 16 and payload % 16 == 0:
+    if kind == TRANSPORT and _transport_size(len(data)):
         return kind
     return None
+
+
+def _transport_size(size: int) -> bool:
+    packet = size - _TRANSPORT_HEADER - _TAG  # the padded packet (0: a keepalive)
+    return packet >= 0 and (packet % 16 == 0 or packet >= UNALIGNED_FROM)
+
+
+def transport_sizes(max_size: int) -> frozenset[int]:
+    """Every size transport data may have up to ``max_size``: a 16-byte header, the
+    packet padded to 16 bytes (or a full-MTU packet of at least
+    :data:`UNALIGNED_FROM` bytes, which padding leaves as it is), a 16-byte tag."""
+    return frozenset(n for n in range(max_size + 1) if _transport_size(n))
 
 
 def mac1(message_without_macs: bytes, receiver_public_key: bytes) -> bytes:

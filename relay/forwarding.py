@@ -28,15 +28,24 @@ larger than the request, and is never sent to a forbidden address
 limited. Forwarding needs a bound source, a bound peer, WireGuard's exact shape,
 a handshake mac1 keyed with the peer's public key and bandwidth left in the
 sending device's token bucket. Without verify keys nothing is admitted.
-Every outcome, forwarded or dropped, is counted under a label of :data:`OUTCOMES`.
+Every outcome, forwarded or dropped, is counted under a label of :data:`OUTCOMES`
+(plain integers in :attr:`Relay.counters`, read by the metrics on scrape).
+
+:meth:`Relay.handle` takes one datagram; :meth:`Relay.handle_batch`, the
+adapter's hot path, takes what one ``recvmmsg`` returned and gives each datagram
+the same outcome, checking a bound pair's transport data for the whole batch at
+once (no address parsing: a source is compared with the bound address as the
+socket reports it; addresses are parsed once per source text and cached).
 """
 
 from __future__ import annotations
 
 import hmac
+import operator
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from itertools import islice, repeat
 
 from relay.controlwire import (
     MAGIC,
@@ -61,15 +70,17 @@ from relay.controlwire import (
 from relay.errors import ControlError, NoTrustedSigners, ReplayedTicket, TicketError
 from relay.filters import (
     HANDSHAKE_RESPONSE,
+    TRANSPORT,
     IPAddress,
     destination_refusal,
     mac1_valid,
     normalize_ip,
+    transport_sizes,
     wireguard_type,
 )
-from relay.pool import Addr, Allocation, AllocationPool, AllocationView, PoolExhausted
+from relay.pool import Addr, Allocation, AllocationPool, AllocationView, Bucket, PoolExhausted
 from relay.stun_core import RateLimiter
-from relay.tickets import Ticket, TrustedSigner, parse_ticket, ticket_id_of
+from relay.tickets import PairKey, Ticket, TrustedSigner, parse_ticket, ticket_id_of
 
 __all__ = ["OUTCOMES", "Addr", "AllocationView", "Relay", "RelayConfig", "Send"]
 
@@ -98,6 +109,9 @@ OUTCOMES = (
 
 
 _KIND = len(MAGIC) + 1  # offset of the kind byte
+_IP_CACHE = 4096  # parsed source addresses kept before the cache starts over
+_TRANSPORT_HEAD = bytes([TRANSPORT, 0, 0, 0])  # WireGuard transport data: type 4, reserved 0
+_DATA, _SOURCE = operator.itemgetter(0), operator.itemgetter(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +175,7 @@ class Relay:
     ) -> None:
         self.config, self.verify_keys, self._secret = config, list(verify_keys), secret
         self._limiter = limiter if limiter is not None else RateLimiter()
-        self._observe = observe or (lambda _outcome: None)
+        self._observe = observe
         own = frozenset(normalize_ip(a) for a in config.own_addresses)
         # Loopback tests share 127.0.0.1 with the relay: there, only the relay's own
         # ports on its own addresses stay forbidden (no relay-to-itself loops).
@@ -178,6 +192,15 @@ class Relay:
         )
         self._replay: dict[bytes, float] = {}
         self.counters: Counter[str] = Counter()
+        self.forwarded_bytes = 0  # WireGuard bytes forwarded (exported on scrape)
+        self._ips: dict[str, IPAddress] = {}  # source host text -> address, bounded
+        self._sizes = transport_sizes(config.max_datagram)
+        # TCP/443 bridges (relay.aio.tcp): a loopback UDP source -> the TCP client's address.
+        # Admitted although loopback, rate limited as that client; tickets and the rest as usual.
+        self.bridges: dict[Addr, IPAddress] = {}
+        # Called when a side binds or allocations are released (the kernel fast path
+        # reconciles against allocations() then: relay.aio.kernelpath).
+        self.on_change: Callable[[], None] | None = None
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -194,7 +217,16 @@ class Relay:
             self._pool.release(alloc)
             self._count("idle_expired")
         self._replay = {tid: until for tid, until in self._replay.items() if until > now}
+        if idle and self.on_change is not None:
+            self.on_change()
         return len(idle)
+
+    def touch(self, pairs: Collection[PairKey], now: float) -> None:
+        """Mark ``pairs`` active at ``now`` (traffic the kernel forwarded for them)."""
+        if pairs:
+            for alloc in self._pool:
+                if alloc.pair in pairs:
+                    alloc.last_active = max(alloc.last_active, now)
 
     def next_deadline(self) -> float | None:
         """When the next allocation goes idle, if any (for the adapter's timer)."""
@@ -209,17 +241,32 @@ class Relay:
         """Every live allocation."""
         return [a.view() for a in self._pool]
 
+    @property
+    def allocations_created(self) -> int:
+        """Allocations created since start (a counter: releases do not lower it)."""
+        return self._pool.created
+
     # --- dispatch -------------------------------------------------------------------------
 
     def _count(self, outcome: str) -> None:
         self.counters[outcome] += 1
-        self._observe(outcome)
+        if self._observe is not None:
+            self._observe(outcome)
+
+    def _ip(self, host: str) -> IPAddress:
+        """``host`` parsed once: later datagrams from it cost a lookup. ValueError if bad."""
+        ip = self._ips.get(host)
+        if ip is None:
+            if len(self._ips) >= _IP_CACHE:
+                self._ips.clear()
+            ip = self._ips[host] = normalize_ip(host)
+        return ip
 
     def _dispatch(
         self, data: bytes, src: Addr, local_port: int, now: float
     ) -> tuple[list[Send], str]:
         try:
-            ip = normalize_ip(src[0])
+            ip = self._ip(src[0])
         except ValueError:
             return [], "bad_source"
         if local_port == self.config.control_port:
@@ -242,9 +289,11 @@ class Relay:
 
     def _gate(self, data: bytes, src: Addr, ip: IPAddress, now: float) -> ControlMessage | str:
         """The parsed control message of an unauthenticated sender, or why it is dropped."""
-        if self._forbidden(ip, src[1]) and not self._local_ping(data, ip, src[1]):
+        client = self.bridges.get(src)
+        local = client is not None or self._local_ping(data, ip, src[1])
+        if not local and self._forbidden(ip, src[1]):
             return "forbidden_destination"
-        if not self._limiter.allow(ip, now):
+        if not self._limiter.allow(ip if client is None else client, now):
             return "rate_limited"
         try:
             return parse_control(data)
@@ -369,6 +418,8 @@ class Relay:
                 return self._refuse(data, msg.ticket, src, side.port, exc.reason)
             side.addr, side.ip, side.ticket_id = src, ip, tid
             alloc.last_active = now
+            if self.on_change is not None:
+                self.on_change()
         return self._reply(data, src, side.port, Bound(tid, other.addr is not None)), "bound"
 
     def _remember(self, ticket: Ticket) -> None:
@@ -398,7 +449,130 @@ class Relay:
         if not self._pool.bucket(side.device, now).take(len(data), now):
             return [], "over_bandwidth"
         alloc.last_active = now
+        self.forwarded_bytes += len(data)
         return [Send(other.addr, other.port, data)], "forwarded"
+
+    # --- relay ports: batched forwarding (the adapter's hot path) ---------------------------
+
+    def handle_batch(
+        self, datagrams: Sequence[tuple[bytes, Addr]], local_port: int, now: float
+    ) -> dict[int, list[tuple[bytes, Addr]]]:
+        """What to send for datagrams that arrived together on ``local_port``: by the port
+        to send from, ``(data, destination)`` in order. Each datagram has the outcome
+        :meth:`handle` would give it.
+
+        Transport data from the port's bound source, to a bound peer, within the
+        sending device's bandwidth, is checked and forwarded inline with no address
+        parsing (the source is compared with the bound address as the socket spells
+        it); everything else, handshakes included (mac1), takes :meth:`handle`.
+        """
+        lane = self._lane(local_port, now)
+        if lane is not None:  # the common case: the whole batch checked with loops in C
+            sends = self._whole_batch(lane, datagrams)
+            if sends is not None:
+                return {lane.port: sends}
+        return self._handle_mixed(datagrams, local_port, now)
+
+    def _handle_mixed(
+        self, datagrams: Sequence[tuple[bytes, Addr]], local_port: int, now: float
+    ) -> dict[int, list[tuple[bytes, Addr]]]:
+        """Runs of inline-forwardable datagrams, each other datagram through :meth:`handle`."""
+        out: dict[int, list[tuple[bytes, Addr]]] = {}
+        done, total = 0, len(datagrams)
+        while done < total:
+            lane = self._lane(local_port, now)  # again after each slow datagram
+            if lane is not None:
+                done += self._run_lane(lane, datagrams, done, out.setdefault(lane.port, []))
+                if done >= total:
+                    break
+            data, src = datagrams[done]
+            for send in self.handle(data, src, local_port, now):
+                out.setdefault(send.local_port, []).append((send.data, send.dst))
+            done += 1
+        return {port: sends for port, sends in out.items() if sends}
+
+    def _run_lane(
+        self,
+        lane: _Lane,
+        datagrams: Sequence[tuple[bytes, Addr]],
+        start: int,
+        sends: list[tuple[bytes, Addr]],
+    ) -> int:
+        """Forward datagrams from ``start`` while each passes every check inline; how many.
+        The first that does not is left to :meth:`handle`."""
+        bound, dst, append = lane.src, lane.dst, sends.append
+        head, sizes, budget = _TRANSPORT_HEAD, self._sizes, lane.bucket.tokens
+        count = spent = 0
+        for data, src in islice(datagrams, start, None):
+            n = len(data)
+            if (
+                (src is bound or src == bound)
+                and data.startswith(head)
+                and n in sizes
+                and spent + n <= budget
+            ):
+                append((data, dst))
+                count, spent = count + 1, spent + n
+            else:
+                break
+        if count:
+            self._forwarded(lane, count, spent)
+        return count
+
+    def _lane(self, local_port: int, now: float) -> _Lane | None:
+        """The inline forwarding state of a relay port whose two sides are bound."""
+        entry = self._pool.at_port(local_port)
+        if entry is None:
+            return None
+        alloc, index = entry
+        side, other = alloc.sides[index], alloc.sides[1 - index]
+        if side.addr is None or other.addr is None:
+            return None
+        bucket = self._pool.bucket(side.device, now)
+        bucket.take(0.0, now)  # refill up to now; the batch then spends from it
+        return _Lane(side.addr, other.addr, other.port, bucket, alloc, now)
+
+    def _whole_batch(
+        self, lane: _Lane, datagrams: Sequence[tuple[bytes, Addr]]
+    ) -> list[tuple[bytes, Addr]] | None:
+        """The sends when every datagram is from the bound source, WireGuard transport
+        data and within the bucket (checked with loops in C); None if any is not."""
+        datas = list(map(_DATA, datagrams))
+        sizes = list(map(len, datas))
+        spent = sum(sizes)
+        if not (
+            sizes
+            and spent <= lane.bucket.tokens
+            and self._sizes.issuperset(sizes)
+            and all(map(bytes.startswith, datas, repeat(_TRANSPORT_HEAD)))
+            and all(map(operator.eq, map(_SOURCE, datagrams), repeat(lane.src)))
+        ):
+            return None
+        self._forwarded(lane, len(datas), spent)
+        return list(zip(datas, repeat(lane.dst)))
+
+    def _forwarded(self, lane: _Lane, count: int, size: int) -> None:
+        """``count`` datagrams of ``size`` bytes in all went out: spend, count, keep alive."""
+        lane.bucket.tokens -= size
+        lane.alloc.last_active = lane.now
+        self.counters["forwarded"] += count
+        self.forwarded_bytes += size
+        if self._observe is not None:
+            for _ in range(count):
+                self._observe("forwarded")
+
+
+@dataclass(slots=True)
+class _Lane:
+    """A bound relay port's inline path: who may send, to whom, from which port, the
+    sending device's bucket, and the allocation kept alive by what it forwards."""
+
+    src: Addr
+    dst: Addr
+    port: int
+    bucket: Bucket
+    alloc: Allocation
+    now: float
 
 
 def _check_port(ticket: Ticket, alloc: Allocation, index: int) -> None:

@@ -15,7 +15,15 @@ from relay.filters import IPAddress
 from relay.tickets import Node, PairKey
 from wiregate.keys import decode_key
 
-__all__ = ["Addr", "Allocation", "AllocationPool", "AllocationView", "PoolExhausted", "Side"]
+__all__ = [
+    "Addr",
+    "Allocation",
+    "AllocationPool",
+    "AllocationView",
+    "Bucket",
+    "PoolExhausted",
+    "Side",
+]
 
 Addr = tuple[str, int]
 Device = tuple[str, str]  # (tenant, device id)
@@ -105,6 +113,7 @@ class AllocationPool:
         self._by_port: dict[int, tuple[Allocation, int]] = {}
         self._per_device: Counter[Device] = Counter()
         self._buckets: dict[Device, Bucket] = {}
+        self.created = 0  # allocations made since start
 
     def __len__(self) -> int:
         return len(self._by_pair)
@@ -141,6 +150,7 @@ class AllocationPool:
         self._by_pair[pair] = alloc
         self._by_port[first.port], self._by_port[second.port] = (alloc, 0), (alloc, 1)
         self._per_device.update(devices)
+        self.created += 1
         return alloc
 
     def release(self, alloc: Allocation) -> None:

@@ -17,25 +17,38 @@ What it answers, and what it does not:
   UNKNOWN-ATTRIBUTES.
 * Responses, indications, other methods and anything the codec refuses are
   dropped without a word; ``observe`` is told why (a metric label).
-* Never amplifies: a reply is never larger than the request. Optional attributes
-  are shed in the order SOFTWARE, OTHER-ADDRESS, RESPONSE-ORIGIN, FINGERPRINT
-  (error responses: the reason phrase, FINGERPRINT); if the bare reply is still
-  larger, nothing is sent. A bare 20-byte request therefore gets no answer: pad
-  requests (``relay.client.stun`` does).
+* Never amplifies beyond the smallest complete answer: a reply is never larger
+  than ``max(request, smallest_reply(family))``, where the smallest complete
+  reply is the header, XOR-MAPPED-ADDRESS and FINGERPRINT for the requester's
+  address family (40 bytes for IPv4, 52 for IPv6). Any RFC 8489 client's plain
+  20-byte request (or 28 bytes with FINGERPRINT) is therefore answered.
+  Optional attributes are shed in the order SOFTWARE, OTHER-ADDRESS,
+  RESPONSE-ORIGIN (error responses: the reason phrase, FINGERPRINT); if the
+  barest reply is still larger, nothing is sent.
 * A token bucket per source address (IPv6: per /64) and one for the whole
   server cap the reply rate, so the server cannot be used to flood anyone.
+
+The hot path is lookups: the sender's address is parsed once and memoised, the
+two canonical request shapes (20 bytes; 28 with FINGERPRINT) are recognised by
+comparing bytes, and the reply is a precomputed template per listener and
+family with the transaction id, the XOR'd address and the CRC filled in. Every
+other datagram goes through the full codec (:mod:`relay.stun`).
 """
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv6Address, IPv6Network, ip_address
+from zlib import crc32
 
 from relay.errors import StunError
+from relay.filters import normalize_ip
 from relay.stun import (
     BINDING,
+    HEADER_SIZE,
+    MAGIC_COOKIE,
     Attribute,
     AttrType,
     ChangeRequest,
@@ -48,14 +61,26 @@ from relay.stun import (
     ResponseOrigin,
     Software,
     UnknownAttributes,
-    XorMappedAddress,
     build_message,
     parse_message,
 )
 
-__all__ = ["OUTCOMES", "Addr", "RateLimiter", "StunServer", "TokenBucket"]
+__all__ = [
+    "GLOBAL_BURST",
+    "GLOBAL_RATE",
+    "OUTCOMES",
+    "SOURCE_BURST",
+    "SOURCE_RATE",
+    "Addr",
+    "RateLimiter",
+    "StunServer",
+    "TokenBucket",
+    "default_limiter",
+    "smallest_reply",
+]
 
 Addr = tuple[str, int]
+Observe = Callable[[str, int], None]
 
 #: Every label ``StunServer`` passes to ``observe``: replies, then drop reasons.
 OUTCOMES = (
@@ -74,6 +99,18 @@ OUTCOMES = (
     "duplicate_attribute",
 )
 
+#: STUN's default limits (docs/operations.md explains them). Per source (IPv4
+#: address, IPv6 /64): one agent's netcheck sends at most 3 requests to each of at
+#: most 3 server addresses (unanswered, retransmitted), so a burst of 1000 and
+#: 200/s serve hundreds of agents behind one NAT address and cap what one victim
+#: of spoofed requests can receive at 200 small replies a second. Global: about
+#: half of what one relay process answers on two cores (``python -m benchmarks.stun``),
+#: so that STUN leaves the rest of the event loop to the WireGuard relay.
+SOURCE_RATE = 200.0
+SOURCE_BURST = 1000.0
+GLOBAL_RATE = 30000.0
+GLOBAL_BURST = 60000.0
+
 # Known comprehension-required attributes that a server without authentication
 # may ignore (RFC 8489 section 9: authentication of Binding is optional).
 _IGNORED_REQUIRED = frozenset(
@@ -86,6 +123,24 @@ _IGNORED_REQUIRED = frozenset(
     }
 )
 
+_COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
+_FINGERPRINT_XOR = 0x5354554E
+_FINGERPRINT_TLV = b"\x80\x28\x00\x04"
+_PLAIN_REQUEST = b"\x00\x01\x00\x00" + _COOKIE  # Binding request, no attribute
+_FP_REQUEST = b"\x00\x01\x00\x08" + _COOKIE  # Binding request, FINGERPRINT only
+_XMA_V4 = b"\x00\x20\x00\x08\x00\x01"  # XOR-MAPPED-ADDRESS TLV header, family 1
+_XMA_V6 = b"\x00\x20\x00\x14\x00\x02"
+_PORT_XOR = MAGIC_COOKIE >> 16
+_SMALLEST = {4: HEADER_SIZE + 12 + 8, 6: HEADER_SIZE + 24 + 8}
+_MAX_PEERS = 65536  # senders remembered before the memo starts over
+_CRC = struct.Struct("!I").pack
+
+
+def smallest_reply(family: int) -> int:
+    """The smallest complete reply (header, XOR-MAPPED-ADDRESS, FINGERPRINT) for an
+    IPv4 (``4``) or IPv6 (``6``) requester: the least any request may be answered with."""
+    return _SMALLEST[family]
+
 
 @dataclass(slots=True)
 class TokenBucket:
@@ -96,14 +151,14 @@ class TokenBucket:
     tokens: float
     stamp: float
 
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one; time never runs backwards here."""
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        """Spend ``cost`` tokens if there are that many; time never runs backwards here."""
         if now > self.stamp:
             self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
-        if self.tokens < 1.0:
+        if self.tokens < cost:
             return False
-        self.tokens -= 1.0
+        self.tokens -= cost
         return True
 
 
@@ -126,33 +181,126 @@ class RateLimiter:
     ) -> None:
         self._rate, self._burst, self._max = rate, burst, max_sources
         self._global = TokenBucket(global_rate, global_burst, global_burst, 0.0)
-        self._buckets: OrderedDict[IPAddress | IPv6Network, TokenBucket] = OrderedDict()
+        self._buckets: OrderedDict[bytes, TokenBucket] = OrderedDict()
 
     def allow(self, source: IPAddress, now: float) -> bool:
         """Spend a token of ``source``'s bucket and of the global one."""
-        key = IPv6Network((source, 64), strict=False) if source.version == 6 else source
-        bucket = self._buckets.pop(key, None)
-        if bucket is None:
-            bucket = TokenBucket(self._rate, self._burst, self._burst, now)
-            if len(self._buckets) >= self._max:
-                self._buckets.popitem(last=False)
-        self._buckets[key] = bucket
-        return bucket.take(now) and self._global.take(now)
+        return self.admit([_limit_key(source.packed)], now)[0]
+
+    def allow_key(self, key: bytes, now: float) -> bool:
+        """:meth:`allow` for a precomputed key (the packed IPv4 address or IPv6 /64)."""
+        return self.admit([key], now)[0]
+
+    def admit(self, keys: Sequence[bytes], now: float) -> list[bool]:
+        """:meth:`allow_key` for each key in turn (one datagram each), in one call.
+
+        A source's token is spent before the global bucket is asked, as one at a time."""
+        shared, buckets, rate, burst = self._global, self._buckets, self._rate, self._burst
+        spare = -1  # the global bucket's whole tokens, once a source has passed
+        granted: list[bool] = []
+        for key in keys:
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = TokenBucket(rate, burst, burst, now)
+                if len(buckets) >= self._max:
+                    buckets.popitem(last=False)
+                buckets[key] = bucket
+            else:
+                buckets.move_to_end(key)
+                if now > bucket.stamp:
+                    bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
+                    bucket.stamp = now
+            if bucket.tokens < 1.0:
+                granted.append(False)
+                continue
+            bucket.tokens -= 1.0  # spent even when the global bucket then refuses
+            if spare < 0:
+                shared.take(now, 0.0)  # refill only
+                spare = int(shared.tokens)
+            granted.append(spare > 0)
+            spare -= spare > 0
+        if spare >= 0:
+            shared.tokens -= int(shared.tokens) - spare
+        return granted
 
     def __len__(self) -> int:
         return len(self._buckets)
 
 
-def _ip(host: str) -> IPAddress:
-    """The address of a socket tuple's host; v4-mapped IPv6 becomes IPv4."""
-    ip = ip_address(host.partition("%")[0])
-    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+def _limit_key(packed: bytes) -> bytes:
+    return packed if len(packed) == 4 else packed[:8]
+
+
+@dataclass(frozen=True, slots=True)
+class _Peer:
+    """What the hot path needs of a sender's ``(host, port)``, worked out once."""
+
+    key: bytes  # rate-limit key: the IPv4 address, the IPv6 /64
+    family: int  # 4 or 6
+    port: int
+    address: bytes  # IPv4: the whole XOR-MAPPED-ADDRESS TLV; IPv6: the packed address
+
+
+def _peer(src: Addr) -> _Peer | None:
+    try:
+        packed = normalize_ip(src[0]).packed
+    except ValueError:
+        return None
+    xport = (src[1] ^ _PORT_XOR).to_bytes(2, "big")
+    if len(packed) == 4:
+        xip = bytes(a ^ b for a, b in zip(packed, _COOKIE, strict=True))
+        return _Peer(packed, 4, src[1], _XMA_V4 + xport + xip)
+    return _Peer(packed[:8], 6, src[1], packed)
+
+
+class _Listener:
+    """Success-reply templates of one listener: for each family, the variant to send
+    for each budget (the fullest that fits)."""
+
+    __slots__ = ("_pick", "head4")
+
+    def __init__(self, extras: Sequence[Attribute]) -> None:
+        encoded = [
+            build_message(BINDING, MessageClass.SUCCESS, bytes(12), [a])[20:] for a in extras
+        ]
+        self._pick: dict[int, list[tuple[bytes, bytes]]] = {}
+        #: the smallest IPv4 reply's header (the answer to a canonical request)
+        self.head4 = b"\x01\x01" + (12 + 8).to_bytes(2, "big") + _COOKIE
+        for family, xma in ((4, 12), (6, 24)):
+            variants = []
+            for n in range(len(encoded), -1, -1):
+                body = b"".join(encoded[:n])
+                size = HEADER_SIZE + xma + len(body) + 8
+                head = b"\x01\x01" + (size - HEADER_SIZE).to_bytes(2, "big") + _COOKIE
+                variants.append((size, head, body))
+            smallest = variants[-1][0]  # == smallest_reply(family): always allowed
+            self._pick[family] = [
+                next((h, b) for s, h, b in variants if s <= max(budget, smallest))
+                for budget in range(variants[0][0] + 1)
+            ]
+
+    def success(self, peer: _Peer, txid: bytes, size: int) -> bytes:
+        """The fullest success reply within ``max(size, smallest_reply(family))``."""
+        pick = self._pick[peer.family]
+        head, extras = pick[size if size < len(pick) else -1]
+        body = head + txid + _xor_mapped(peer, txid) + extras
+        return body + _FINGERPRINT_TLV + _CRC(crc32(body) ^ _FINGERPRINT_XOR)
+
+
+def _xor_mapped(peer: _Peer, txid: bytes) -> bytes:
+    if peer.family == 4:
+        return peer.address
+    key = int.from_bytes(_COOKIE + txid, "big")
+    xip = (int.from_bytes(peer.address, "big") ^ key).to_bytes(16, "big")
+    return _XMA_V6 + (peer.port ^ _PORT_XOR).to_bytes(2, "big") + xip
 
 
 class StunServer:
-    """The STUN Binding server core. ``local_addresses`` are all the listeners."""
+    """The STUN Binding server core. ``local_addresses`` are all the listeners.
+
+    ``observe(outcome, count)`` is told what became of the datagrams (labels of
+    :data:`OUTCOMES`), once per outcome per call of :meth:`handle_batch`.
+    """
 
     def __init__(
         self,
@@ -160,63 +308,114 @@ class StunServer:
         *,
         software: str | None = "wiregate",
         limiter: RateLimiter | None = None,
-        observe: Callable[[str], None] | None = None,
+        observe: Observe | None = None,
     ) -> None:
         self._software: tuple[Attribute, ...] = (Software(software),) if software else ()
-        self._limiter = limiter if limiter is not None else RateLimiter()
-        self._observe = observe or (lambda _outcome: None)
+        self._limiter = limiter if limiter is not None else default_limiter()
+        self._observe: Observe = observe or (lambda _outcome, _count: None)
         self._rfc5780 = _rfc5780_attributes(local_addresses)
+        self._listeners: dict[Addr, _Listener] = {}
+        self._peers: dict[Addr, _Peer | None] = {}
 
     def handle(self, data: bytes, src: Addr, local: Addr, now: float) -> bytes | None:
         """The reply to one datagram from ``src`` received on ``local``, or None."""
-        reply, outcome = self._handle(data, src, local, now)
-        self._observe(outcome)
-        return reply
+        replies = self.handle_batch([(data, src)], local, now)
+        return replies[0][0] if replies else None
 
-    def _handle(self, data: bytes, src: Addr, local: Addr, now: float) -> tuple[bytes | None, str]:
-        try:
-            source = _ip(src[0])
-        except ValueError:
-            return None, "not_stun"
-        if not self._limiter.allow(source, now):
-            return None, "rate_limited"
+    def handle_batch(
+        self, datagrams: Sequence[tuple[bytes, Addr]], local: Addr, now: float
+    ) -> list[tuple[bytes, Addr]]:
+        """The replies (bytes, destination) to datagrams received on ``local`` at ``now``."""
+        listener = self._listeners.get(local) or self._listener(local)
+        peers = self._peers
+        known: list[tuple[bytes, Addr, _Peer]] = []
+        for data, src in datagrams:
+            peer = peers.get(src) or self._remember(src)
+            if peer is not None:
+                known.append((data, src, peer))
+        counts: dict[str, int] = {}
+        if len(known) < len(datagrams):
+            counts["not_stun"] = len(datagrams) - len(known)
+        granted = self._limiter.admit([peer.key for _, _, peer in known], now)
+        out: list[tuple[bytes, Addr]] = []
+        head4, success, refused = listener.head4, 0, 0
+        for (data, src, peer), ok in zip(known, granted, strict=True):
+            if not ok:
+                refused += 1
+            elif (len(data) == HEADER_SIZE and data[:8] == _PLAIN_REQUEST) or _fingerprinted(data):
+                # a canonical request: no parsing, the smallest reply from its template
+                if peer.family == 4:
+                    body = head4 + data[8:20] + peer.address
+                    reply = body + _FINGERPRINT_TLV + _CRC(crc32(body) ^ _FINGERPRINT_XOR)
+                else:
+                    reply = listener.success(peer, data[8:20], len(data))
+                out.append((reply, src))
+                success += 1
+            else:
+                answer, outcome = self._full(data, peer, listener)
+                counts[outcome] = counts.get(outcome, 0) + 1
+                if answer is not None:
+                    out.append((answer, src))
+        for outcome, count in (("success", success), ("rate_limited", refused)):
+            if count:
+                counts[outcome] = counts.get(outcome, 0) + count
+        for outcome, count in counts.items():
+            self._observe(outcome, count)
+        return out
+
+    def _remember(self, src: Addr) -> _Peer | None:
+        if len(self._peers) >= _MAX_PEERS:
+            self._peers.clear()
+        peer = self._peers[src] = _peer(src)
+        return peer
+
+    def _listener(self, local: Addr) -> _Listener:
+        extras = (*self._rfc5780.get(_key(local), ()), *self._software)
+        listener = self._listeners[local] = _Listener(extras)
+        return listener
+
+    def _full(self, data: bytes, peer: _Peer, listener: _Listener) -> tuple[bytes | None, str]:
+        """Any datagram but the canonical requests: through the whole codec."""
         try:
             msg = parse_message(data)
         except StunError as exc:
             return None, exc.reason
-        return self._answer(msg, len(data), XorMappedAddress(source, src[1]), local)
-
-    def _answer(
-        self, msg: Message, budget: int, mapped: XorMappedAddress, local: Addr
-    ) -> tuple[bytes | None, str]:
         if msg.msg_class is not MessageClass.REQUEST:
             return None, "not_request"
         if msg.method != BINDING:
             return None, "unsupported_method"
         unknown = _unknown_required(msg)
         if unknown:
-            full = (ErrorCode(420, "Unknown Attribute"), UnknownAttributes(unknown))
-            bare: tuple[Attribute, ...] = (ErrorCode(420), UnknownAttributes(unknown))
-            return _fit(msg, MessageClass.ERROR, [full, bare], budget, "error_420")
-        extras = (*self._rfc5780.get(_key(local), ()), *self._software)
-        variants = [(mapped, *extras[:n]) for n in range(len(extras), -1, -1)]
-        return _fit(msg, MessageClass.SUCCESS, variants, budget, "success")
+            budget = max(len(data), smallest_reply(peer.family))
+            return _error_420(msg.transaction_id, unknown, budget)
+        return listener.success(peer, msg.transaction_id, len(data)), "success"
 
 
-def _fit(
-    msg: Message,
-    klass: MessageClass,
-    variants: list[tuple[Attribute, ...]],
-    budget: int,
-    outcome: str,
-) -> tuple[bytes | None, str]:
-    """The fullest variant (with FINGERPRINT, then the barest without) within ``budget``."""
-    tid = msg.transaction_id
-    tries = [(attrs, True) for attrs in variants] + [(variants[-1], False)]
-    for attrs, fingerprint in tries:
-        reply = build_message(BINDING, klass, tid, attrs, fingerprint=fingerprint)
+def default_limiter() -> RateLimiter:
+    """A rate limiter with STUN's default per-source and global budgets."""
+    return RateLimiter(
+        SOURCE_RATE, SOURCE_BURST, global_rate=GLOBAL_RATE, global_burst=GLOBAL_BURST
+    )
+
+
+def _fingerprinted(data: bytes) -> bool:
+    """A Binding request of 28 bytes: nothing but a valid FINGERPRINT."""
+    return (
+        len(data) == HEADER_SIZE + 8
+        and data[:8] == _FP_REQUEST
+        and data[20:24] == _FINGERPRINT_TLV
+        and int.from_bytes(data[24:28], "big") == crc32(data[:20]) ^ _FINGERPRINT_XOR
+    )
+
+
+def _error_420(txid: bytes, unknown: tuple[int, ...], budget: int) -> tuple[bytes | None, str]:
+    """The fullest 420 (reason phrase, FINGERPRINT, then neither) within ``budget``."""
+    full = (ErrorCode(420, "Unknown Attribute"), UnknownAttributes(unknown))
+    bare = (ErrorCode(420), UnknownAttributes(unknown))
+    for attrs, fingerprint in ((full, True), (bare, True), (bare, False)):
+        reply = build_message(BINDING, MessageClass.ERROR, txid, attrs, fingerprint=fingerprint)
         if len(reply) <= budget:
-            return reply, outcome
+            return reply, "error_420"
     return None, "too_large"
 
 
@@ -234,7 +433,7 @@ def _unknown_required(msg: Message) -> tuple[int, ...]:
 
 def _key(addr: Addr) -> tuple[IPAddress, int] | None:
     try:
-        return _ip(addr[0]), addr[1]
+        return normalize_ip(addr[0]), addr[1]
     except ValueError:
         return None
 

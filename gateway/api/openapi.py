@@ -142,7 +142,18 @@ _SCHEMAS: dict[str, Any] = {
     ),
     "Ticket": _obj(
         {
-            "relay": _obj({"id": _STR, "control": {"type": "string", "description": "host:port"}}),
+            "relay": _obj(
+                {
+                    "id": _STR,
+                    "control": {"type": "string", "description": "host:port"},
+                    "tcp": {
+                        "type": "string",
+                        "description": "host:port of the relay's TLS listener (WireGuard over"
+                        " TCP where UDP is blocked); absent when the relay has none",
+                    },
+                },
+                ["id", "control"],
+            ),
             "ticket": {"type": "string", "description": "signed ticket for the caller, base64"},
             "expires_in": {"type": "integer", "description": "seconds the ticket is valid"},
         }

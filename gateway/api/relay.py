@@ -51,6 +51,7 @@ from gateway.relays import (
     RelaySelector,
     RelaySigner,
     load_or_create_signing_key,
+    parse_relay_tcp,
 )
 from relay.client.probe import ping_relay
 from relay.endpoints import RelayEndpoint, parse_relays
@@ -91,7 +92,7 @@ async def _relay_state(app: web.Application) -> AsyncIterator[None]:
     app[RELAYS] = endpoints
     app[RELAY_SIGNER] = RelaySigner(load_or_create_signing_key(settings.state_dir))
     _log.info("relay_signer_loaded", public_key=app[RELAY_SIGNER].public_key)
-    selector = RelaySelector(endpoints)
+    selector = RelaySelector(endpoints, tcp=parse_relay_tcp(settings.relay_tcp))
     probe = app.get(RELAY_PROBE, ping_relay)
     monitor = RelayMonitor(selector, probe, settings.relay_probe_interval)
     app[RELAY_SELECTOR], app[RELAY_MONITOR] = selector, monitor
@@ -175,7 +176,7 @@ async def create_ticket(request: web.Request) -> web.Response:
     )
     return web.json_response(
         {
-            "relay": {"id": relay.id, "control": relay.control},
+            "relay": request.app[RELAY_SELECTOR].ticket_relay(relay),
             "ticket": base64.b64encode(ticket).decode(),
             "expires_in": DEFAULT_LIFETIME,
         },

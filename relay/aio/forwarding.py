@@ -6,6 +6,9 @@ the one sans-IO :class:`~relay.forwarding.Relay` and sends what it returns from
 the socket of the port it names; a timer runs ``Relay.expire``. Nothing else
 happens here. The core's :class:`~relay.forwarding.RelayConfig` is completed
 with the bound ports (port 0 in the settings means an ephemeral port, for tests).
+Where ``forward_path`` permits, :mod:`relay.aio.kernelpath` has the kernel forward
+the core's bound pairs; the timer then reads the kernel's counters back before
+the core's expiry runs.
 
 :func:`forwarding_from_settings` builds the :class:`ForwardingSettings` from the
 ``[relay]`` settings: ``relay_id`` empty means no forwarding (STUN only);
@@ -22,21 +25,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import json
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from relay.aio.batchio import BatchSocket
+from relay.aio.kernelpath import KernelPath, start_kernel_path
 from relay.filters import normalize_ip
 from relay.forwarding import Relay, RelayConfig
-from relay.metrics import ForwardingMetrics
+from relay.metrics import ForwardingMetrics, KernelMetrics
 from relay.tickets import MAX_TEXT, TrustedSigner
 from wiregate.clock import Clock
 from wiregate.errors import ConfigError
@@ -47,7 +51,6 @@ from wiregate.settings import RelaySettings, parse_port_range
 __all__ = [
     "ForwardingSettings",
     "RelayForwarder",
-    "RelayPortProtocol",
     "forwarding_from_settings",
     "is_local_address",
     "load_verify_keys",
@@ -56,6 +59,14 @@ __all__ = [
 ]
 
 log = get_logger("relay.forwarding")
+
+#: Datagrams read per system call, and batches handled per wake-up before the
+#: loop gets a turn (so one busy port cannot starve the others or the timers).
+BATCH = 64
+ROUNDS = 8
+#: Receive and send buffer of each relay socket: absorbs bursts while the loop
+#: is busy elsewhere. Memory is only charged for datagrams actually queued.
+SOCKET_BUFFER = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,22 +89,7 @@ class ForwardingSettings:
     signers_ca_file: Path | None = None
     signers_refresh: float = 60.0  # seconds between fetches once the signers are known
     signers_retry: float = 1.0  # first delay after a failed fetch (doubles, up to 30 s)
-
-
-class RelayPortProtocol(asyncio.DatagramProtocol):
-    """One relay socket (control or relay port): datagram in, ``Relay.handle``, sends out."""
-
-    def __init__(self, forwarder: RelayForwarder, port: int) -> None:
-        self._forwarder, self._port = forwarder, port
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._forwarder.attach(self._port, cast(asyncio.DatagramTransport, transport))
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self._forwarder.received(data, (str(addr[0]), int(addr[1])), self._port)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("relay socket error", port=self._port, error=str(exc))
+    forward_path: str = "userspace"  # "auto" | "kernel" | "userspace" (relay.aio.kernelpath)
 
 
 class RelayForwarder:
@@ -107,24 +103,41 @@ class RelayForwarder:
         clock: Clock = time.time,
     ) -> None:
         self._settings, self._clock = settings, clock
-        self._transports: dict[int, asyncio.DatagramTransport] = {}
+        self._socks: dict[int, socket.socket] = {}
+        self._batch: dict[int, BatchSocket] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.core: Relay | None = None
         self.control_address: tuple[str, int] | None = None
         self.relay_ports: tuple[int, ...] = ()
         self._metrics = ForwardingMetrics(registry)
+        self._kernel_metrics = KernelMetrics(registry)
+        self.kernel: KernelPath | None = None  # the kernel fast path, when on
         self._verify_keys = settings.verify_keys
 
     async def start(self, socks: Sequence[socket.socket]) -> None:
         """Serve on bound sockets: the control port first, then the relay ports."""
         bound = [(str(sock.getsockname()[0]), int(sock.getsockname()[1])) for sock in socks]
         self.control_address, self.relay_ports = bound[0], tuple(p for _, p in bound[1:])
-        self.core = self._make_core(bound[0], self.relay_ports)
-        self._metrics.serve(self.core.config.relay_id, self.core.load)
-        loop = asyncio.get_running_loop()
+        core = self.core = self._make_core(bound[0], self.relay_ports)
+        self._metrics.serve(
+            core.config.relay_id,
+            core.load,
+            lambda: (core.counters, core.forwarded_bytes, core.allocations_created),
+        )
+        loop = self._loop = asyncio.get_running_loop()
         for sock, (_, port) in zip(socks, bound, strict=True):
-            factory = functools.partial(RelayPortProtocol, self, port)
-            await loop.create_datagram_endpoint(factory, sock=sock)
+            sock.setblocking(False)
+            tune_buffers(sock, SOCKET_BUFFER)
+            self._socks[port], self._batch[port] = sock, BatchSocket(sock)
+            loop.add_reader(sock.fileno(), self._readable, port)
+        self.kernel = await start_kernel_path(
+            self._settings.forward_path,
+            core,
+            bound[0][0],
+            clock=self._clock,
+            metrics=self._kernel_metrics,
+        )
         self._schedule()
         log.info("relay forwarding", control=self.control_address, ports=len(self.relay_ports))
 
@@ -141,7 +154,7 @@ class RelayForwarder:
             local_addresses=tuple(a for a in own if is_local_address(a)),
         )
         secret = s.secret if s.secret is not None else secrets.token_bytes(32)
-        return Relay(config, self._verify_keys, secret=secret, observe=self._metrics.observe)
+        return Relay(config, self._verify_keys, secret=secret)
 
     def set_verify_keys(self, signers: Sequence[TrustedSigner]) -> None:
         """Trust exactly ``signers`` from now on (sessions already admitted are kept)."""
@@ -149,40 +162,88 @@ class RelayForwarder:
         if self.core is not None:
             self.core.verify_keys = list(signers)
 
-    def attach(self, port: int, transport: asyncio.DatagramTransport) -> None:
-        """Called by each socket's protocol once it is connected."""
-        self._transports[port] = transport
-
     def received(self, data: bytes, src: tuple[str, int], port: int) -> None:
         """One datagram in; whatever the core returns, out."""
-        if self.core is None:
-            return
-        before = self.core.load()[0]
-        for send in self.core.handle(data, src, port, self._clock()):
-            transport = self._transports.get(send.local_port)
-            if transport is not None:
-                transport.sendto(send.data, send.dst)
-                if send.data is data:
-                    self._metrics.forwarded(len(data))
-        self._metrics.created(self.core.load()[0] - before)
+        self._handle([(data, src)], port)
+
+    def _readable(self, port: int) -> None:
+        """Drain a socket: up to ``ROUNDS`` batches, each handled and sent as a batch."""
+        batch = self._batch.get(port)
+        for _ in range(ROUNDS):
+            if batch is None:
+                return
+            try:
+                datagrams = batch.recv_batch(BATCH)
+            except OSError as exc:
+                log.debug("relay socket error", port=port, error=str(exc))
+                return
+            if datagrams:
+                self._handle(datagrams, port)
+            if len(datagrams) < BATCH:
+                return
+
+    def _handle(self, datagrams: list[tuple[bytes, tuple[str, int]]], port: int) -> None:
+        if self.core is not None:
+            self._send(self.core.handle_batch(datagrams, port, self._clock()))
+
+    def _send(self, out: Mapping[int, list[tuple[bytes, tuple[str, int]]]]) -> None:
+        for port, items in out.items():
+            batch = self._batch.get(port)
+            if batch is None:
+                continue
+            try:
+                batch.send_batch(items)
+            except (OSError, ValueError) as exc:
+                log.debug("relay send failed", port=port, error=str(exc))
 
     def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._settings.housekeeping_interval, self._housekeeping)
 
     def _housekeeping(self) -> None:
-        if self.core is not None:
+        if self.kernel is not None:  # counters read back first: kernel traffic is activity
+            self.kernel.housekeeping()
+        elif self.core is not None:
             self.core.expire(self._clock())
         self._schedule()
+
+    async def close_kernel(self) -> None:
+        """Remove the kernel fast path's rules (before the sockets close)."""
+        if self.kernel is not None:
+            await self.kernel.close()
 
     def close(self) -> None:
         """Stop the timer and close every socket; safe to call twice."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for transport in self._transports.values():
-            transport.close()
-        self._transports.clear()
+        for sock in self._socks.values():
+            if self._loop is not None and sock.fileno() >= 0 and not self._loop.is_closed():
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._socks.clear()
+        self._batch.clear()
+
+
+def tune_buffers(sock: socket.socket, size: int) -> None:
+    """Receive and send buffers of ``size`` bytes: beyond the sysctl caps when allowed
+    (``SO_*BUFFORCE`` needs CAP_NET_ADMIN), else as large as the caps let them be."""
+    for force, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+    ):
+        if force is not None and _setsockopt(sock, force, size):
+            continue
+        if not _setsockopt(sock, plain, size):  # not fatal: the default buffers still work
+            log.debug("socket buffer not set", option=plain, size=size)
+
+
+def _setsockopt(sock: socket.socket, option: int, value: int) -> bool:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option, value)
+    except OSError:
+        return False
+    return True
 
 
 def is_local_address(text: str) -> bool:
@@ -245,6 +306,7 @@ def forwarding_from_settings(settings: RelaySettings) -> ForwardingSettings | No
         signers_url=settings.signers_url,
         signers_ca_file=settings.signers_ca_file,
         signers_refresh=settings.signers_refresh,
+        forward_path=settings.forward_path,
     )
 
 

@@ -1,8 +1,9 @@
 """The relay process's asyncio glue: STUN listeners and the metrics listener.
 
-One :class:`StunProtocol` per ``stun_listen`` address feeds datagrams to the
-shared sans-IO :class:`~relay.stun_core.StunServer` and sends back whatever it
-returns; nothing else happens here. Metrics (Prometheus text) and ``/livez`` are
+One :class:`StunListener` per ``stun_listen`` address feeds batches of datagrams
+(``recvmmsg`` through :class:`~relay.aio.batchio.BatchSocket`) to the shared sans-IO
+:class:`~relay.stun_core.StunServer` and sends back whatever it returns in one
+``sendmmsg``; nothing else happens here. Metrics (Prometheus text) and ``/livez`` are
 served on ``metrics_listen``, never on the STUN ports. With
 :class:`~relay.aio.forwarding.ForwardingSettings`, the WireGuard relay's control
 and relay ports are bound too and served by :class:`~relay.aio.forwarding.RelayForwarder`;
@@ -13,17 +14,22 @@ the forwarder's signers in step with the gateway.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
+import signal
 import socket
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
+from relay.aio.batchio import BatchSocket
 from relay.aio.forwarding import ForwardingSettings, RelayForwarder
 from relay.aio.signers import SignersWatcher
+from relay.aio.tcp import TcpBridgeServer, tcp_from_settings
 from relay.metrics import StunMetrics
 from relay.stun_core import Addr, RateLimiter, StunServer
 from wiregate.clock import Clock
@@ -32,29 +38,110 @@ from wiregate.logging import get_logger
 from wiregate.net import parse_hostport
 from wiregate.settings import RelaySettings
 
-__all__ = ["RelayServer", "StunProtocol", "run_relay"]
+__all__ = ["RelayServer", "StunListener", "StunTally", "run_relay"]
 
 log = get_logger("relay")
 
 
-class StunProtocol(asyncio.DatagramProtocol):
-    """One STUN listener: datagram in, ``core.handle``, reply out on the same socket."""
+class StunListener:
+    """One STUN listener: datagrams in by the batch (``recvmmsg``), ``core.handle_batch``,
+    the replies out by the batch (``sendmmsg``) on the same socket."""
 
-    def __init__(self, core: StunServer, local: Addr, clock: Clock, metrics: StunMetrics) -> None:
-        self._core, self._local, self._clock, self._metrics = core, local, clock, metrics
-        self._transport: asyncio.DatagramTransport | None = None
+    def __init__(
+        self,
+        sock: socket.socket,
+        core: StunServer,
+        local: Addr,
+        clock: Clock,
+        tally: StunTally,
+    ) -> None:
+        self._sock, self._io = sock, BatchSocket(sock)
+        self._v6 = sock.family == socket.AF_INET6  # an IPv4 socket only answers IPv4
+        self._core, self._local, self._clock, self._tally = core, local, clock, tally
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.DatagramTransport, transport)
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve the socket from ``loop`` (a reader callback; nothing runs in between)."""
+        with contextlib.suppress(OSError):  # bigger queues ride out bursts; best effort
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        self._loop = loop
+        loop.add_reader(self._io.fileno(), self._readable)
 
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        reply = self._core.handle(data, (str(addr[0]), int(addr[1])), self._local, self._clock())
-        if reply is not None and self._transport is not None:
-            self._transport.sendto(reply, addr)
-            self._metrics.replied((str(addr[0]), int(addr[1])), self._local)
+    def _readable(self) -> None:
+        now = self._clock()
+        for _ in range(_ROUNDS):  # then yield to the loop, even under a flood
+            try:
+                batch = self._io.recv_batch(_BATCH)
+            except OSError as exc:
+                log.debug("stun socket error", local=self._local, error=str(exc))
+                return
+            if not batch:
+                return
+            drained = len(batch) < _BATCH  # the queue is empty: no need to ask again
+            replies = self._core.handle_batch(batch, self._local, now)
+            if replies:
+                sent = replies[: self._io.send_batch(replies)]  # a full buffer drops the rest
+                six = sum(1 for _, (host, _port) in sent if _is_ipv6(host)) if self._v6 else 0
+                self._tally.replied(self._local, len(sent) - six, six)
+            if drained:
+                return
 
-    def error_received(self, exc: Exception) -> None:
-        log.debug("stun socket error", local=self._local, error=str(exc))
+    def close(self) -> None:
+        """Stop serving and close the socket; safe to call twice."""
+        if self._loop is not None and self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
+class StunTally(Collector):
+    """The STUN counters as plain integers on the hot path, handed to
+    :class:`~relay.metrics.StunMetrics` whenever the registry is collected (a
+    scrape): no metrics call per datagram or per batch. Register it before the
+    counters it feeds, so a scrape sees everything counted until then."""
+
+    def __init__(self) -> None:
+        self.metrics: StunMetrics | None = None
+        self._outcomes: dict[str, int] = {}
+        self._replies: dict[Addr, tuple[int, int]] = {}
+
+    def observe(self, outcome: str, count: int) -> None:
+        """The core's ``observe`` callback."""
+        self._outcomes[outcome] = self._outcomes.get(outcome, 0) + count
+
+    def replied(self, local: Addr, ipv4: int, ipv6: int) -> None:
+        """Replies sent from ``local``'s listener, by family."""
+        four, six = self._replies.get(local, (0, 0))
+        self._replies[local] = (four + ipv4, six + ipv6)
+
+    def flush(self) -> None:
+        """Hand what was counted to the Prometheus counters."""
+        if self.metrics is None:
+            return
+        outcomes, self._outcomes = self._outcomes, {}
+        for outcome, count in outcomes.items():
+            self.metrics.observe(outcome, count)
+        replies, self._replies = self._replies, {}
+        for local, (four, six) in replies.items():
+            self.metrics.replies("ipv4", local, four)
+            self.metrics.replies("ipv6", local, six)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        self.flush()
+        return []
+
+
+_BATCH = 64  # datagrams per recvmmsg
+_ROUNDS = 16  # batches per wake-up
+_SOCKET_BUFFER = 4 << 20
+
+
+def _is_ipv6(host: str) -> bool:
+    """An IPv6 destination (an IPv4-mapped one counts as IPv4, as in the metrics)."""
+    return ":" in host and not host.startswith("::ffff:")
 
 
 class RelayServer:
@@ -70,12 +157,15 @@ class RelayServer:
     ) -> None:
         self._settings, self._limiter, self._forwarding = settings, limiter, forwarding
         self.registry = CollectorRegistry()
-        self._stun = StunMetrics(self.registry)
-        self._transports: list[asyncio.DatagramTransport] = []
+        self._tally = StunTally()  # registered first: a collection flushes it, then reads
+        self.registry.register(self._tally)
+        self._stun = self._tally.metrics = StunMetrics(self.registry)
+        self._listeners: list[StunListener] = []
         self.forwarder = (
             RelayForwarder(forwarding, self.registry, clock=clock) if forwarding else None
         )
         self.signers: SignersWatcher | None = None
+        self.tcp: TcpBridgeServer | None = None  # WireGuard over TLS (tcp_listen)
         self._runner: web.AppRunner | None = None
         self.stun_addresses: list[Addr] = []
         self.metrics_address: Addr | None = None
@@ -99,13 +189,14 @@ class RelayServer:
             ]
         )
         self.stun_addresses = [_sockname(s) for s in socks]
-        core = StunServer(self.stun_addresses, limiter=self._limiter, observe=self._stun.observe)
+        limiter = self._limiter or _stun_limiter(self._settings)
+        core = StunServer(self.stun_addresses, limiter=limiter, observe=self._tally.observe)
         loop = asyncio.get_running_loop()
         for sock, local in zip(socks, self.stun_addresses, strict=True):
             self._stun.listening(local)
-            factory = functools.partial(StunProtocol, core, local, loop.time, self._stun)
-            transport, _ = await loop.create_datagram_endpoint(factory, sock=sock)
-            self._transports.append(transport)
+            listener = StunListener(sock, core, local, loop.time, self._tally)
+            listener.start(loop)
+            self._listeners.append(listener)
 
     async def _start_forwarding(self) -> None:
         if self.forwarder is None or self._forwarding is None:
@@ -113,6 +204,10 @@ class RelayServer:
         fwd = self._forwarding
         ports = (fwd.control_port, *fwd.relay_ports)
         await self.forwarder.start(await _bind_all([(fwd.host, p) for p in ports]))
+        tcp = tcp_from_settings(self._settings)
+        if tcp is not None:
+            self.tcp = TcpBridgeServer(tcp, self.forwarder, registry=self.registry)
+            await self.tcp.start()
         if fwd.signers_url:
             self.signers = SignersWatcher(
                 fwd.signers_url,
@@ -143,16 +238,28 @@ class RelayServer:
 
     async def close(self) -> None:
         """Close every listener; safe to call twice."""
-        for transport in self._transports:
-            transport.close()
-        self._transports.clear()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
         if self.signers is not None:
             await self.signers.close()
+        if self.tcp is not None:
+            await self.tcp.close()
         if self.forwarder is not None:
+            await self.forwarder.close_kernel()  # the kernel's rules go with the relay
             self.forwarder.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def _stun_limiter(settings: RelaySettings) -> RateLimiter:
+    return RateLimiter(
+        settings.stun_rate,
+        settings.stun_burst,
+        global_rate=settings.stun_global_rate,
+        global_burst=settings.stun_global_burst,
+    )
 
 
 async def _livez(_request: web.Request) -> web.Response:
@@ -209,13 +316,31 @@ async def run_relay(
 ) -> None:
     """Serve STUN on every ``settings.stun_listen`` address, the WireGuard relay if
     ``forwarding`` is given, and metrics on ``settings.metrics_listen`` until
-    cancelled. ``on_ready`` gets the started server (its bound addresses, useful
-    with port 0)."""
+    SIGTERM or SIGINT (then close every listener and return) or cancelled.
+    ``on_ready`` gets the started server (its bound addresses, useful with port 0)."""
     server = RelayServer(settings, forwarding=forwarding, clock=clock)
     await server.start()
     try:
         if on_ready is not None:
             on_ready(server)
-        await asyncio.Event().wait()
+        await _until_signalled()
+        log.info("relay stopping")
     finally:
         await server.close()
+    log.info("relay stopped")
+
+
+async def _until_signalled() -> None:
+    """Wait for SIGTERM or SIGINT (or for cancellation)."""
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    try:
+        for sig in signals:
+            loop.add_signal_handler(sig, stop.set)
+    except (RuntimeError, ValueError):  # not the main thread: cancellation only
+        pass
+    try:
+        await stop.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

@@ -1,9 +1,11 @@
 """STUN client helpers: sans-IO request/response functions and an asyncio query.
 
 Requests are padded (with the SOFTWARE text, a comprehension-optional attribute
-every server accepts) to :data:`REQUEST_SIZE` bytes, because a server that never
-amplifies (wiregate's does not) answers only with replies no larger than the
-request: 112 bytes fit the fullest IPv6 answer of :mod:`relay.stun_core`.
+every server accepts) to :data:`REQUEST_SIZE` bytes, because a server that limits
+amplification (wiregate's answers with no more than max(request, the smallest
+complete reply)) sheds optional attributes to fit: 112 bytes fit the fullest IPv6
+answer of :mod:`relay.stun_core`, RFC 5780 OTHER-ADDRESS included, which netcheck
+uses to find a second server address.
 """
 
 from __future__ import annotations

@@ -126,6 +126,8 @@ def format_status(doc: dict[str, Any]) -> str:
         kind = path.get("path", "-")
         if kind == "relayed" and path.get("relay"):
             kind = f"relay:{path['relay']}"
+            if path.get("state") == "relayed_tcp":  # carried over TLS/TCP 443
+                kind += "/tcp"
         lines.append(
             f"{p['name'][:20]:<20} {addr:<16} {kind[:14]:<14} {p.get('endpoint') or '-'!s:<24} "
             f"{age:>10} {p.get('rx_bytes', 0):>10} {p.get('tx_bytes', 0):>10}"

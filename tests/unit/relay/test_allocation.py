@@ -253,6 +253,7 @@ NOT_WIREGUARD = [
     b"\x03\x00\x00\x00" + bytes(61),
     b"\x04\x00\x00\x00" + bytes(27),  # 31 bytes: shorter than a keepalive
     b"\x04\x00\x00\x00" + bytes(29),  # payload not a multiple of 16
+    b"\x04\x00\x00\x00" + bytes(12 + 575 + 16),  # off the grid below a full 576-byte packet
     b"\x04\x01\x00\x00" + bytes(28),  # reserved byte set
     b"\x05\x00\x00\x00" + bytes(28),
     b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12),  # STUN
@@ -265,6 +266,16 @@ def test_non_wireguard_datagrams_are_dropped(lab: Lab, data: bytes) -> None:
     port_a, _ = bound_pair(lab)
     assert lab.send(data, ADDR_A, port_a) == []
     assert lab.relay.counters["forwarded"] == 0
+
+
+@pytest.mark.parametrize("mtu", [576, 1280, 1420, 1423])
+def test_a_full_mtu_packet_off_the_16_byte_grid_is_forwarded(lab: Lab, mtu: int) -> None:
+    """WireGuard pads to 16 bytes but never past the MTU: at MTU 1420 a full packet
+    is 16 + 1420 + 16 bytes, off the grid, and must pass (both paths use one rule)."""
+    port_a, _ = bound_pair(lab)
+    data = b"\x04\x00\x00\x00" + bytes(12 + mtu + 16)
+    assert lab.send(data, ADDR_A, port_a) != []
+    assert lab.relay.handle_batch([(data, ADDR_A)] * 3, port_a, lab.now) != {}
 
 
 def test_max_datagram_size() -> None:

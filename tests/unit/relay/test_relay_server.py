@@ -81,7 +81,7 @@ async def test_stun_query_from_a_chosen_port(relay: RelayServer) -> None:
         b"",
         b"\x00",
         b"\x01\x00\x00\x00" + bytes(144),  # a WireGuard handshake initiation
-        b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12),  # a bare request: no reply fits
+        b"\x00\x01\x00\x04\x21\x12\xa4\x42" + bytes(12),  # length field past the end
         b"\x01\x01\x00\x00\x21\x12\xa4\x42" + bytes(12) + bytes(100),  # length mismatch
     ],
 )
@@ -92,6 +92,13 @@ async def test_malformed_datagrams_get_no_reply_and_the_server_keeps_answering(
     txid, request = build_binding_request()
     reply = await exchange(udp, request, relay.stun_addresses[0])
     assert reply is not None and parse_binding_response(reply, txid).mapped == udp.getsockname()
+
+
+async def test_a_plain_20_byte_request_is_answered(relay: RelayServer, udp: socket.socket) -> None:
+    txid = bytes(range(12))
+    reply = await exchange(udp, b"\x00\x01\x00\x00\x21\x12\xa4\x42" + txid, relay.stun_addresses[0])
+    assert reply is not None and len(reply) == 40  # XOR-MAPPED-ADDRESS + FINGERPRINT
+    assert parse_binding_response(reply, txid).mapped == udp.getsockname()
 
 
 async def test_responses_sent_to_the_server_are_not_answered(

@@ -1,8 +1,13 @@
-"""The sans-IO STUN server: answers, silences, amplification and rate limits (fake clock)."""
+"""The sans-IO STUN server: answers, silences, amplification and rate limits (fake clock).
+
+The amplification bound: a reply is never larger than max(request, the smallest
+complete reply for the requester's family), checked on every reply size here and
+over generated request shapes in ``test_stun_bound.py``."""
 
 from __future__ import annotations
 
 import struct
+import zlib
 from collections import Counter
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -12,16 +17,20 @@ from relay import errors
 from relay.client.stun import REQUEST_SIZE, build_binding_request, parse_binding_response
 from relay.stun import (
     BINDING,
+    Attribute,
     ChangeRequest,
     ErrorCode,
     MessageClass,
+    OtherAddress,
     RawAttribute,
+    ResponseOrigin,
     Software,
     UnknownAttributes,
+    XorMappedAddress,
     build_message,
     parse_message,
 )
-from relay.stun_core import OUTCOMES, RateLimiter, StunServer, TokenBucket
+from relay.stun_core import OUTCOMES, RateLimiter, StunServer, TokenBucket, smallest_reply
 
 PRIMARY, SECONDARY = ("127.0.0.1", 3478), ("127.0.0.2", 3479)
 CLIENT = ("192.0.2.10", 40000)
@@ -32,8 +41,8 @@ class Recorder:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
 
-    def __call__(self, outcome: str) -> None:
-        self.counts[outcome] += 1
+    def __call__(self, outcome: str, count: int) -> None:
+        self.counts[outcome] += count
 
 
 @pytest.fixture
@@ -162,7 +171,8 @@ def test_change_request_without_flags_is_answered(server: StunServer) -> None:
 def test_small_420_sheds_reason_and_fingerprint() -> None:
     data = build_message(BINDING, MessageClass.REQUEST, TXID, [RawAttribute(0x0024, bytes(12))])
     reply = StunServer([]).handle(data, CLIENT, PRIMARY, 0.0)
-    assert reply is not None and len(reply) <= len(data) == 36
+    assert len(data) == 36
+    assert reply is not None and len(reply) <= max(len(data), smallest_reply(4)) == 40
     msg = parse_message(reply)
     assert msg.get(ErrorCode) == ErrorCode(420) and not msg.fingerprint
 
@@ -214,25 +224,90 @@ def test_every_codec_reason_is_a_declared_outcome() -> None:
 # --- amplification --------------------------------------------------------------
 
 
-def test_bare_request_gets_nothing(server: StunServer, seen: Recorder) -> None:
-    data = build_message(BINDING, MessageClass.REQUEST, TXID)
-    assert len(data) == 20
-    assert server.handle(data, CLIENT, PRIMARY, 0.0) is None
-    assert seen.counts == {"too_large": 1}
+PLAIN = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + TXID  # any RFC 8489 client's request
 
 
-@pytest.mark.parametrize("size", range(28, 132, 4))
-@pytest.mark.parametrize("source", [CLIENT, ("2001:db8::7", 5555)])
-def test_reply_is_never_larger_than_the_request(size: int, source: tuple[str, int]) -> None:
-    locals_ = [PRIMARY, SECONDARY] if ":" not in source[0] else [("::1", 1), ("::2", 2)]
-    data = (
-        request(size=size)
-        if size >= 32
-        else request()[:20] + struct.pack("!HH", 0x8022, 4) + b"abcd"
-    )
-    data = data[:2] + struct.pack("!H", len(data) - 20) + data[4:]
+def with_fingerprint(data: bytes) -> bytes:
+    head = data[:2] + struct.pack("!H", len(data) - 20 + 8) + data[4:]
+    return head + struct.pack("!HHI", 0x8028, 4, zlib.crc32(head) ^ 0x5354554E)
+
+
+def bound(data: bytes, source: tuple[str, int]) -> int:
+    return max(len(data), smallest_reply(6 if ip_address(source[0]).version == 6 else 4))
+
+
+@pytest.mark.parametrize("data", [PLAIN, with_fingerprint(PLAIN)], ids=["20", "28"])
+@pytest.mark.parametrize(
+    ("source", "size"), [(CLIENT, 40), (("2001:db8::7", 5555), 52)], ids=["ipv4", "ipv6"]
+)
+def test_plain_request_gets_the_smallest_complete_reply(
+    data: bytes, source: tuple[str, int], size: int, seen: Recorder
+) -> None:
+    local = PRIMARY if size == 40 else ("::1", 3478)
+    reply = StunServer([local], observe=seen).handle(data, source, local, 0.0)
+    assert reply is not None and len(reply) == size == bound(data, source)
+    assert parse_binding_response(reply, TXID).mapped == source
+    mapped = XorMappedAddress(ip_address(source[0]), source[1])
+    assert reply == build_message(BINDING, MessageClass.SUCCESS, TXID, [mapped], fingerprint=True)
+    assert seen.counts == {"success": 1}
+
+
+def test_smallest_reply_is_xor_mapped_address_and_fingerprint() -> None:
+    for family, ip in ((4, IPv4Address("192.0.2.1")), (6, IPv6Address("2001:db8::1"))):
+        reply = build_message(
+            BINDING, MessageClass.SUCCESS, TXID, [XorMappedAddress(ip, 1)], fingerprint=True
+        )
+        assert smallest_reply(family) == len(reply)
+
+
+SOURCES = [CLIENT, ("2001:db8::7", 5555), ("::ffff:192.0.2.10", 40000)]
+
+
+@pytest.mark.parametrize("size", [20, 24, *range(28, 136, 4)])
+@pytest.mark.parametrize("source", SOURCES, ids=["ipv4", "ipv6", "mapped"])
+@pytest.mark.parametrize("fingerprint", [True, False])
+def test_every_reply_size_is_within_the_bound(
+    size: int, source: tuple[str, int], fingerprint: bool
+) -> None:
+    six = ip_address(source[0]).version == 6 and not source[0].startswith("::ffff:")
+    locals_ = [("::1", 1), ("::2", 2)] if six else [PRIMARY, SECONDARY]
+    data = padded(size, fingerprint)
     reply = StunServer(locals_).handle(data, source, locals_[0], 0.0)
-    assert reply is None or len(reply) <= len(data)
+    assert reply is not None  # every well-formed Binding request is answered
+    family = 6 if six else 4
+    assert len(reply) <= max(len(data), smallest_reply(family))
+    assert parse_binding_response(reply, TXID).mapped[1] == source[1]
+
+
+def padded(size: int, fingerprint: bool) -> bytes:
+    """A Binding request of exactly ``size`` bytes (an optional attribute as padding)."""
+    room = size - 20 - (8 if fingerprint else 0)
+    attrs = [] if room <= 0 else [RawAttribute(0x8029, bytes(room - 4))]
+    data = build_message(BINDING, MessageClass.REQUEST, TXID, attrs, fingerprint=fingerprint)
+    assert len(data) == size or room < 0
+    return data
+
+
+@pytest.mark.parametrize("size", [40, 52, 64, 76, 100])
+@pytest.mark.parametrize("source", SOURCES[:2], ids=["ipv4", "ipv6"])
+def test_template_replies_are_what_the_codec_builds(size: int, source: tuple[str, int]) -> None:
+    """The precomputed reply equals build_message of the fullest attribute list that fits."""
+    six = ":" in source[0]
+    locals_ = [("::1", 1), ("::2", 2)] if six else [PRIMARY, SECONDARY]
+    ip = ip_address(source[0])
+    full: list[Attribute] = [
+        XorMappedAddress(ip, source[1]),
+        ResponseOrigin(ip_address(locals_[0][0]), locals_[0][1]),
+        OtherAddress(ip_address(locals_[1][0]), locals_[1][1]),
+        Software("wiregate"),
+    ]
+    fits = [
+        build_message(BINDING, MessageClass.SUCCESS, TXID, full[:n], fingerprint=True)
+        for n in range(4, 0, -1)
+    ]
+    expected = next(r for r in fits if len(r) <= max(size, smallest_reply(6 if six else 4)))
+    for data in (padded(size, True), padded(size, False)):
+        assert StunServer(locals_).handle(data, source, locals_[0], 0.0) == expected
 
 
 def test_shedding_order_software_other_origin_fingerprint() -> None:
@@ -246,7 +321,7 @@ def test_shedding_order_software_other_origin_fingerprint() -> None:
         ("XorMappedAddress", "ResponseOrigin", "OtherAddress", True),
         ("XorMappedAddress", "ResponseOrigin", True),
         ("XorMappedAddress", True),
-        ("XorMappedAddress", False),
+        ("XorMappedAddress", True),  # FINGERPRINT is part of the smallest complete reply
     ]
 
 

@@ -21,7 +21,8 @@ import aiohttp
 from agent.dataplane.facade import DataPlane, PeerStatus
 from agent.discovery.candidates import merge_candidates
 from agent.discovery.endpoints import candidates, local_addresses, local_networks
-from agent.discovery.netcheck import NetReport, fetch_relays, run_netcheck
+from agent.discovery.netcheck import NatType, NetReport, fetch_relays, run_netcheck
+from agent.discovery.rawudp import send_burst
 from agent.gateway_client import (
     ControlClient,
     connector,
@@ -34,7 +35,9 @@ from agent.keyfile import load_or_create_key
 from agent.metrics import serve_metrics
 from agent.paths.driver import PathBook, PathRunner, RelayHooks
 from agent.paths.machine import LocalNat, PathTimers
+from agent.paths.predict import PredictionPlan
 from agent.paths.relaylink import Addr, RelayBinding, RelayGrant, bind_at_relay
+from agent.paths.tcplink import TcpFallback
 from agent.pmtu.prober import PmtuProber
 from agent.privileges import require_net_admin
 from agent.rotation import KeyRotator
@@ -192,16 +195,28 @@ class Agent:
         async def probe(relay: Addr) -> None:
             await ping_relay(relay, timeout=2.0)
 
+        def udp_blocked() -> bool:
+            return self.netreport is not None and self.netreport.nat_type is NatType.UDP_BLOCKED
+
+        # a relay that does not answer over UDP is reached over TLS/TCP when it has an address
+        tcp = TcpFallback(udp_bind=bind, udp_probe=probe, wg_port=s.listen_port,
+                          ca_file=s.ca_file, udp_blocked=udp_blocked)  # fmt: skip
+
         async def read_status() -> Sequence[PeerStatus]:
             assert self.dataplane is not None
-            return await asyncio.to_thread(self.dataplane.status)
+            async with self._apply_lock:  # never a read-back from before an endpoint write
+                return await asyncio.to_thread(self.dataplane.status)
 
         async def reapply() -> None:
             if self.session.netmap is not None:
                 await self._apply(self.session.netmap)
 
-        hooks = RelayHooks(ticket, bind, probe, ping_interval=s.relay_ping_interval)
-        return PathRunner(self.paths, hooks, read_status, reapply)
+        async def predict_ports(plan: PredictionPlan) -> int:  # from the WireGuard port
+            return await send_burst(plan.address, plan.ports, s.listen_port, plan.interval)
+
+        hooks = RelayHooks(ticket, tcp.bind, tcp.probe, tcp.release, tcp.udp_back,
+                           ping_interval=s.relay_ping_interval)  # fmt: skip
+        return PathRunner(self.paths, hooks, read_status, reapply, predict=predict_ports)
 
     def _make_dataplane(self, private: bytes) -> DataPlane:
         s = self.settings
@@ -241,7 +256,7 @@ class Agent:
     async def _endpoints(self) -> list[str]:
         local = await asyncio.to_thread(local_addresses)
         found = candidates(local, self.settings.listen_port, {self.settings.interface})
-        reflexive = self.netreport.usable_reflexive if self.netreport else None
+        reflexive = self.netreport.advertised_reflexive if self.netreport else None
         from agent.kubenode import advertised_endpoints  # the Node's, if kubernetes
 
         configured = [*self.settings.endpoints, *await advertised_endpoints(self.settings)]

@@ -131,6 +131,19 @@ class NetReport:
             return None
         return format_endpoint(*self.reflexive)
 
+    @property
+    def advertised_reflexive(self) -> str | None:
+        """The reflexive candidate to advertise: :attr:`usable_reflexive`, or behind
+        symmetric NAT the NAT's public address with the WireGuard port. No peer can
+        send to a symmetric mapping it has not seen, but the address lets a peer behind
+        an address-filtering NAT open its filter towards it by port prediction
+        (:mod:`agent.paths.predict`); the listen port, not the port one STUN server
+        saw, keeps the candidate stable across netchecks."""
+        if self.nat_type is not NatType.SYMMETRIC or self.local is None:
+            return self.usable_reflexive
+        mapped = next((p.mapped for p in self.probes if p.mapped is not None), None)
+        return None if mapped is None else format_endpoint(mapped[0], self.local[1])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "nat_type": str(self.nat_type),

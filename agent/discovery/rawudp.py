@@ -26,15 +26,17 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ipaddress
+import secrets
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from relay.client.stun import BindingResponse, build_binding_request, parse_binding_response
 from relay.errors import StunError, StunErrorResponse, StunTimeout
+from relay.stun import BINDING, MessageClass, build_message
 from wiregate.clock import Clock
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "raw_request",
     "raw_stun_query",
     "reply_filter",
+    "send_burst",
 ]
 
 Addr = tuple[str, int]
@@ -246,3 +249,26 @@ async def _retransmit(
             if done:
                 return listener.result(), clock() - sent
             rto *= 2
+
+
+async def send_burst(
+    address: str,
+    ports: Sequence[int],
+    local_port: int,
+    interval: float,
+    payload: bytes | None = None,
+) -> int:
+    """Send ``payload`` (default: a bare 20-byte STUN Binding request, no attribute)
+    from ``local_port`` to each of ``ports`` at ``address``, ``interval`` seconds apart,
+    through one raw socket. Returns how many were sent; ``OSError`` (no CAP_NET_RAW)
+    comes through."""
+    if payload is None:
+        payload = build_message(BINDING, MessageClass.REQUEST, secrets.token_bytes(12))
+    sent = 0
+    with RawUdpSocket() as sock:
+        for port in ports:
+            if sent:
+                await asyncio.sleep(interval)
+            await sock.send(local_port, (address, port), payload)
+            sent += 1
+    return sent

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -38,6 +39,7 @@ from agent.paths.machine import (
     PathState,
     PathTimers,
     PeerUpdate,
+    Predict,
     RelayFailed,
     RelayReady,
     ReleaseRelay,
@@ -45,6 +47,7 @@ from agent.paths.machine import (
     SetEndpoint,
     Tick,
 )
+from agent.paths.predict import PredictionPlan
 from agent.paths.relaylink import Addr, RelayBinding
 from wiregate.clock import Clock
 from wiregate.errors import WiregateError
@@ -118,7 +121,7 @@ class PathBook:
         if machine is None:
             return [ReleaseRelay(peer_id)]
         self.relays[peer_id] = binding.relay_id
-        return self._feed(machine, RelayReady(now, binding.endpoint))
+        return self._feed(machine, RelayReady(now, binding.endpoint, binding.via_tcp))
 
     def relay_failed(self, peer_id: str, reason: str, now: float) -> list[Action]:
         """The relay session for ``peer_id`` failed or its relay stopped answering."""
@@ -144,15 +147,20 @@ class PathBook:
         return any(m.state in _PROBING for m in self.machines.values())
 
     def needs_reset(self, action: SetEndpoint) -> bool:
-        """Whether probing ``action``'s endpoint needs a fresh WireGuard session: always.
+        """Whether probing ``action``'s endpoint needs a fresh WireGuard session.
 
         A handshake is the proof that a direct candidate works, and WireGuard only
         shakes hands when it has no session (or an old one), and retries a pending
         handshake only every 5 s, towards whatever endpoint is set by then. So for
-        each probe the peer is removed and re-added, which makes WireGuard shake
-        hands at once (persistent keepalive) towards the endpoint being probed."""
+        each probe (and each kick of a probe, see PathTimers.kick) the peer is removed
+        and re-added, which makes WireGuard shake hands at once (persistent keepalive)
+        towards the endpoint being probed. Not for a private address on a network of
+        neither side: the reset would only destroy the session the peer may be setting
+        up from its side (see PathMachine.wants_fresh_handshake)."""
         machine = self.machines.get(action.peer_id)
-        return machine is not None and machine.state in _DIRECT_PROBES
+        if machine is None or machine.state not in _DIRECT_PROBES:
+            return False
+        return machine.wants_fresh_handshake()
 
     def shape(self, netmap: NetMap) -> NetMap:
         """``netmap`` with each peer's endpoint set to the one its machine chose
@@ -227,6 +235,10 @@ class RelayHooks:
     ticket: Callable[[str, Sequence[str]], Awaitable[Any]]
     bind: Callable[[Any], Awaitable[RelayBinding]]
     probe: Callable[[Addr], Awaitable[None]]
+    # a binding over TLS/TCP (agent.paths.tcplink.TcpFallback): its session ended; and
+    # whether the relay answers over UDP again (then the session ends: UDP is preferred)
+    release: Callable[[RelayBinding], None] = lambda _binding: None
+    udp_back: Callable[[RelayBinding], Awaitable[bool]] = lambda _binding: _false()
     ping_interval: float = 5.0
     misses: int = 2  # consecutive unanswered probes before the relay counts as dead
     rebind_interval: float = 60.0
@@ -254,14 +266,20 @@ class PathRunner:
         read_status: Callable[[], Awaitable[Sequence[PeerStatus]]],
         reapply: Callable[[], Awaitable[None]],
         clock: Clock = time.time,
+        predict: Callable[[PredictionPlan], Coroutine[Any, Any, int]] | None = None,
     ) -> None:
+        """``predict`` sends a port prediction's probes from the WireGuard port and
+        returns how many went out (None: this agent does not predict)."""
         self.book = book
+        self._predict = predict
+        self._predictions: dict[str, asyncio.Task[int]] = {}
         self.hooks = hooks
         self._read_status = read_status
         self._reapply = reapply
         self._clock = clock
         self._sessions: dict[str, asyncio.Task[None]] = {}
         self._avoid: dict[str, _Avoid] = {}
+        self._bindings: dict[str, RelayBinding] = {}  # peer id -> its session's binding
         self._wake = asyncio.Event()
         self._generation = 0  # bumped when every relay binding must be renewed at once
 
@@ -278,6 +296,8 @@ class PathRunner:
                 self._start_session(action.peer_id)
             elif isinstance(action, ReleaseRelay):
                 self._stop_session(action.peer_id)
+            elif isinstance(action, Predict):
+                self._start_prediction(action)
         if self.book.resetting:
             await self._reapply()
             self.book.resetting.clear()
@@ -319,10 +339,32 @@ class PathRunner:
         self._stop_session(peer_id)
         self._sessions[peer_id] = asyncio.create_task(self._session(peer_id))
 
+    def _start_prediction(self, action: Predict) -> None:
+        """Send the prediction's probes in the background (one burst per peer at once)."""
+        if self._predict is None:
+            return
+        old = self._predictions.pop(action.peer_id, None)
+        if old is not None:
+            old.cancel()
+        task = asyncio.create_task(self._predict(action.plan))
+        self._predictions[action.peer_id] = task
+        task.add_done_callback(functools.partial(self._predicted, action.peer_id))
+
+    def _predicted(self, peer_id: str, task: asyncio.Task[int]) -> None:
+        if self._predictions.get(peer_id) is task:
+            del self._predictions[peer_id]
+        _prediction_done(peer_id, task)
+
     def _stop_session(self, peer_id: str) -> None:
         task = self._sessions.pop(peer_id, None)
         if task is not None:
             task.cancel()
+        self._release(peer_id)
+
+    def _release(self, peer_id: str) -> None:
+        binding = self._bindings.pop(peer_id, None)
+        if binding is not None:
+            self.hooks.release(binding)
 
     async def _session(self, peer_id: str) -> None:
         """Bind at a relay for ``peer_id``, then keep the binding alive and checked."""
@@ -332,6 +374,7 @@ class PathRunner:
         except (OSError, WiregateError) as exc:
             await self._failed(peer_id, f"cannot bind at a relay: {_message(exc)}")
             return
+        self._bindings[peer_id] = binding
         await self.perform(self.book.relay_ready(peer_id, binding, self._clock()))
         misses, rebind_at = 0, self._clock() + hooks.rebind_interval
         generation = self._generation
@@ -346,10 +389,16 @@ class PathRunner:
                 avoid.add(binding.relay_id, self._clock() + hooks.avoid_for)
                 await self._failed(peer_id, f"relay {binding.relay_id} stopped answering")
                 return
+            if binding.via_tcp and await hooks.udp_back(binding):
+                await self._failed(peer_id, f"relay {binding.relay_id} answers over UDP again")
+                return
+            if binding.via_tcp:  # nothing to renew: the relay sees the link's own address
+                continue
             if self._clock() >= rebind_at or generation != self._generation:
                 generation = self._generation
                 fresh = await self._rebind(peer_id, avoid, binding)
                 if fresh.endpoint != binding.endpoint:  # another relay, or it restarted
+                    hooks.release(fresh)
                     await self._failed(peer_id, f"relay moved to {fresh.relay_id} {fresh.endpoint}")
                     return
                 rebind_at = self._clock() + hooks.rebind_interval
@@ -372,7 +421,22 @@ class PathRunner:
     async def _failed(self, peer_id: str, reason: str) -> None:
         log.warning("relay path failed", peer=peer_id, reason=reason)
         self._sessions.pop(peer_id, None)
+        self._release(peer_id)
         await self.perform(self.book.relay_failed(peer_id, reason, self._clock()))
+
+
+async def _false() -> bool:
+    return False
+
+
+def _prediction_done(peer_id: str, task: asyncio.Task[int]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.warning("port prediction not sent", peer=peer_id, error=_message(exc))
+    else:
+        log.info("port prediction sent", peer=peer_id, probes=task.result())
 
 
 def _message(exc: BaseException) -> str:

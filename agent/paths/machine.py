@@ -15,6 +15,11 @@ States (:class:`PathState`)::
                  │ handshake ──> direct (release the relay)
                  └ tick ──> relayed (backoff doubles: 30 s -> 4 min, on a wall-clock grid)
 
+``relayed_tcp`` is ``relayed`` with the binding carried over TLS/TCP 443
+(:class:`RelayReady` ``via_tcp``: UDP to the relay is blocked here); it has the same
+rows. The runner moves it back to UDP when the relay answers over UDP again, and
+direct is retried from it as from ``relayed`` (when netcheck finds UDP again).
+
 Every transition is a row of :data:`TRANSITIONS`: ``(state, event kind)`` -> a
 :class:`Rule` naming the handler and the states it may lead to; :meth:`handle`
 refuses any other outcome, and the table covers every (state, kind) pair.
@@ -23,7 +28,17 @@ Direct is skipped up front when pointless (either side ``udp-blocked``, or both
 ``symmetric`` with no shared local network). A handshake counts as evidence for
 a direct candidate only if it is newer than the moment that endpoint was set
 and, when the device reports it, the peer's live endpoint is still that one (an
-authenticated packet from the relay would make WireGuard roam to it).
+authenticated packet from the relay would make WireGuard roam to it). A live
+session that WireGuard roamed to another address of the peer (not a relay's,
+read back after our last endpoint write) is evidence too, in every state: the
+path becomes direct there, and a direct path follows such roaming instead of
+fighting it. A probe restarts WireGuard's handshake every ``kick`` seconds;
+candidates that cannot be reached from here (see
+:func:`~agent.paths.vocabulary.worth_kicking`) get neither kicks, session resets
+nor retries: the peer reaches us if it can. Towards a symmetric-NAT peer, an
+endpoint-independent side predicts ports (:mod:`agent.paths.predict`, action
+:class:`Predict`) when it first probes, when the peer's candidates change and on
+the retry grid.
 
 How :class:`agent.paths.driver.PathDriver` drives one machine per peer::
 
@@ -48,8 +63,9 @@ from enum import StrEnum
 from typing import Any
 
 from agent.discovery.netcheck import NatType
+from agent.paths.predict import plan_prediction, prediction_applies
 from agent.paths.vocabulary import (
-    OTHER,
+    REFLEXIVE,
     Action,
     Event,
     Handshake,
@@ -58,6 +74,7 @@ from agent.paths.vocabulary import (
     PathReport,
     PathTimers,
     PeerUpdate,
+    Predict,
     Ranked,
     RelayFailed,
     RelayReady,
@@ -68,6 +85,8 @@ from agent.paths.vocabulary import (
     blocker,
     direct_reason,
     rank_candidates,
+    relay_reason,
+    worth_kicking,
 )
 
 __all__ = [
@@ -81,6 +100,7 @@ __all__ = [
     "PathState",
     "PathTimers",
     "PeerUpdate",
+    "Predict",
     "RelayFailed",
     "RelayReady",
     "ReleaseRelay",
@@ -99,6 +119,7 @@ class PathState(StrEnum):
     DIRECT = "direct"
     RELAY_PENDING = "relay_pending"
     RELAYED = "relayed"
+    RELAYED_TCP = "relayed_tcp"  # relayed, carried over TLS/TCP: UDP blocked here
     RETRY_DIRECT = "retry_direct"
     FAILED = "failed"
 
@@ -109,9 +130,13 @@ _PATHS: dict[PathState, PathKind] = {
     PathState.DIRECT: "direct",
     PathState.RELAY_PENDING: "probing",
     PathState.RELAYED: "relayed",
+    PathState.RELAYED_TCP: "relayed",
     PathState.RETRY_DIRECT: "probing",
     PathState.FAILED: "failed",
 }
+_RELAYED = frozenset({PathState.RELAYED, PathState.RELAYED_TCP})
+_PROBES = frozenset({PathState.PROBING_DIRECT, PathState.RETRY_DIRECT})
+_UNDECIDED = frozenset(set(PathState) - {PathState.IDLE, PathState.DIRECT})
 
 
 class PathMachine:
@@ -127,16 +152,21 @@ class PathMachine:
         self._ranked = Ranked((), ())
         self._endpoint: str | None = None
         self._try = 0  # index in the ranking of the candidate being probed
+        self._kick_at: float | None = None  # next handshake restart of the probe, if any
         self._round = 0  # retry rounds while relayed (rotates the candidate tried)
         self._handshake: float | None = None
         self._relay = "none"  # none | pending | ready
         self._relay_endpoint: str | None = None
+        self._via_tcp = ""  # how the relay binding is carried over TCP ("": over UDP)
         self._relays_used: tuple[str, ...] = ()  # the last few relay endpoints, newest last
         self._relay_error = ""
         self._backoff = self.timers.retry_first
         self._retry_at: float | None = None
         self._why = "waiting for the peer's endpoints"
         self._out: list[Action] = []
+        self._predicted_at: float | None = None  # the last port prediction (see predict)
+        self._predicted_n = 0  # its probes
+        self._direct_predicted = 0  # probes of the prediction that made the path direct
 
     # -- driving ----------------------------------------------------------------------
 
@@ -144,10 +174,14 @@ class PathMachine:
         """Apply ``event`` (and any deadline it passes); the actions to perform, in order."""
         self._now = max(self._now, event.now)
         if not isinstance(event, PeerUpdate):  # new endpoints replace what a timer would try
-            self._catch_up()
+            self._catch_up(kicks=not isinstance(event, Handshake))  # evidence before a kick
+        predicting = self._prediction_target() is not None
         if not isinstance(event, Tick):  # a tick acts only through the deadline it passes
             self._apply(event)
             self._catch_up()
+        fresh = isinstance(event, PeerUpdate) or (isinstance(event, LocalNat) and not predicting)
+        if fresh and self.state in _UNDECIDED:
+            self._predict()  # the NATs were just learnt, or the peer is about to try us
         out, self._out = self._out, []
         return out
 
@@ -155,14 +189,15 @@ class PathMachine:
         """When to deliver the next :class:`Tick`, None if no timer is needed."""
         state, t = self.state, self.timers
         if state in (PathState.PROBING_DIRECT, PathState.RETRY_DIRECT):
-            return self._endpoint_at + t.probe_timeout
+            end = self._endpoint_at + t.probe_timeout
+            return end if self._kick_at is None else min(end, self._kick_at)
         if state is PathState.DIRECT:
             return (self._handshake or self._since) + t.silence
         if state is PathState.RELAY_PENDING:
             return self._asked_at + t.relay_timeout
         if state is PathState.FAILED:  # on the wall-clock grid, like retries (see there)
             return math.ceil((self._since + self._backoff) / self._backoff) * self._backoff
-        return self._retry_at if state is PathState.RELAYED else None
+        return self._retry_at if state in _RELAYED else None
 
     def explain(self) -> PathReport:
         """The path to this peer and why, for ``wiregate status``."""
@@ -174,7 +209,12 @@ class PathMachine:
         state = self.state
         # off the direct path: a blocker learnt since (the NATs measured) says it best
         why = self._why if state is PathState.RETRY_DIRECT else self._blocker() or self._why
-        if state is PathState.RELAYED:
+        if state in _RELAYED:
+            if state is PathState.RELAYED_TCP:
+                why = f"{why}: relayed over {self._via_tcp}"
+            if self._retry_at is None and self._blocker() is None:
+                unreachable = "none of the peer's candidates is reachable from here"
+                return f"{why}; {unreachable}: direct once the peer reaches this host"
             if self._retry_at is None:
                 return f"{why}; not retrying direct"
             return f"{why}; retrying direct every {self._backoff:g} s"
@@ -184,7 +224,46 @@ class PathMachine:
             return f"{why}; no relay: {self._relay_error or 'unavailable'}"
         if state is PathState.RETRY_DIRECT:
             return f"relayed ({self._why}); trying direct candidate {self._endpoint}"
+        if state is PathState.DIRECT:
+            return self._direct_reason()
         return self._why
+
+    def _direct_reason(self) -> str:
+        """Why the direct path works, with the NAT types known now (a peer's NAT type
+        often reaches the map after the path went direct)."""
+        rank = self._ranked.rank_of(self._endpoint)
+        roamed = self._endpoint if rank is None else None
+        nats = self._local.nat, self._peer.nat
+        return direct_reason(rank, *nats, roamed, self._direct_predicted)
+
+    # -- hard NAT traversal by port prediction (agent.paths.predict) -------------------
+
+    def _prediction_target(self) -> str | None:
+        """The peer's published address to predict towards, when prediction applies."""
+        if not prediction_applies(self._local.nat, self._peer.nat):
+            return None
+        ranked = zip(self._ranked.order, self._ranked.ranks, strict=True)
+        return next((e for e, r in ranked if r == REFLEXIVE), None)
+
+    def _predict(self) -> None:
+        """Open our NAT's filter towards the peer (at most once per probe_timeout)."""
+        target = self._prediction_target()
+        last = self._predicted_at
+        if target is None or (last is not None and self._now - last < self.timers.probe_timeout):
+            return
+        plan = plan_prediction(target, self._now)
+        if plan is not None:
+            self._predicted_at, self._predicted_n = self._now, len(plan.ports)
+            self._out.append(Predict(self.peer_id, plan))
+
+    def _by_prediction(self, latest: float | None) -> int:
+        """The probes of the prediction that let in a handshake made at ``latest``: the
+        last one before it, when prediction applies (a NAT's filter stays open a while
+        after our probes, like a session)."""
+        at = self._predicted_at
+        if self._prediction_target() is None or latest is None or at is None:
+            return 0
+        return self._predicted_n if 0.0 <= latest - at <= self.timers.silence else 0
 
     def _apply(self, event: Event) -> None:
         rule = TRANSITIONS[(self.state, event.kind)]
@@ -194,10 +273,12 @@ class PathMachine:
         if target is not self.state:
             self.state, self._since = target, self._now
 
-    def _catch_up(self) -> None:
+    def _catch_up(self, kicks: bool = True) -> None:
         for _ in range(8):  # each tick handler moves the deadline past now
             deadline = self.next_deadline()
             if deadline is None or deadline > self._now:
+                return
+            if not kicks and deadline == self._kick_at and self.state in _PROBES:
                 return
             self._apply(Tick(self._now))
 
@@ -206,6 +287,36 @@ class PathMachine:
     def _set_endpoint(self, endpoint: str) -> None:
         self._endpoint, self._endpoint_at = endpoint, self._now
         self._out.append(SetEndpoint(self.peer_id, endpoint))
+        kicks = worth_kicking(self._ranked.rank_of(endpoint), self._peer.nat)
+        self._kick_at = self._now + self.timers.kick if kicks else None
+
+    def _kick(self) -> bool:
+        """Restart WireGuard's handshake towards the candidate being probed, if a kick
+        is due before the probe ends (the peer may have installed us only since our
+        first initiation, which WireGuard would retransmit only after 5 s)."""
+        end = self._endpoint_at + self.timers.probe_timeout
+        if self._kick_at is None or self._kick_at > self._now or self._now >= end:
+            return False
+        assert self._endpoint is not None
+        self._out.append(SetEndpoint(self.peer_id, self._endpoint))
+        self._kick_at = self._now + self.timers.kick
+        return True
+
+    def wants_fresh_handshake(self) -> bool:
+        """Whether the candidate being probed is worth a fresh WireGuard session (the
+        driver then removes and re-adds the peer). A private address on a network of
+        neither side is not: resetting for it would only destroy the session the peer
+        may be setting up from its side."""
+        return worth_kicking(self._ranked.rank_of(self._endpoint), self._peer.nat)
+
+    def _retry_plausible(self) -> bool:
+        """Whether retrying direct from the relay can work: nothing rules it out and
+        some candidate is reachable from here (else the peer must reach us)."""
+        ranks = self._ranked.ranks
+        if self._blocker() is not None:
+            return False
+        worth = any(worth_kicking(r, self._peer.nat) for r in ranks)
+        return worth or self._prediction_target() is not None
 
     def _rank(self) -> None:
         local, peer = self._local, self._peer
@@ -243,16 +354,18 @@ class PathMachine:
         if self._endpoint != self._relay_endpoint:
             self._set_endpoint(self._relay_endpoint)
         self._schedule_retry(self._backoff)
-        return PathState.RELAYED
+        return PathState.RELAYED_TCP if self._via_tcp else PathState.RELAYED
 
-    def _schedule_retry(self, delay: float) -> None:
-        """Retry direct at the first multiple of ``delay`` (wall clock) after ``now + delay``.
+    def _schedule_retry(self, delay: float, lag: float = 0.0) -> None:
+        """Retry direct at the first multiple of ``delay`` (wall clock) after ``now + delay``
+        (``+ lag``: a side that stays relayed schedules from where the peer's retry ends).
 
         Both sides of a pair run the same schedule (backoffs double from the same
         first value, so every coarser grid lies on the finer ones), so their retries
         meet: a NAT pinhole opens only when both send at about the same time."""
-        plausible = self._blocker() is None
-        self._retry_at = math.ceil((self._now + delay) / delay) * delay if plausible else None
+        plausible = self._retry_plausible()
+        at = math.ceil((self._now + lag + delay) / delay) * delay
+        self._retry_at = at if plausible else None
 
     def _release(self) -> None:
         if self._relay != "none":
@@ -261,20 +374,49 @@ class PathMachine:
 
     def _direct_evidence(self, event: Handshake) -> bool:
         """Whether ``event`` proves a direct path: a fresh handshake at the direct
-        endpoint being tried, or one that WireGuard took from the peer's own address
-        (it roams to where authenticated packets come from: the peer reached us)."""
+        endpoint being tried, or a live session whose packets WireGuard took from
+        another address of the peer since that endpoint was set (it roams only to
+        where authenticated packets come from: the peer reached us from there)."""
         latest, endpoint = event.latest, self._endpoint
-        if latest is None or endpoint is None:
+        if latest is None or endpoint is None or latest <= self._now - self.timers.silence:
             return False
-        if latest < self._endpoint_at or latest <= self._now - self.timers.silence:
+        if event.endpoint not in (None, endpoint):
+            return self._roamed(event)
+        if latest < self._endpoint_at:
             return False
-        if event.endpoint in (None, endpoint):
-            return endpoint in self._ranked.order  # not a relay's (perhaps one just lost)
+        return endpoint in self._ranked.order  # not a relay's (perhaps one just lost)
+
+    def _roamed(self, event: Handshake) -> bool:
+        """Whether WireGuard roamed, after our endpoint was written, to an address of
+        the peer itself (a read-back older than that write says nothing about it).
+        Not while a relay binding is under way: the relay may forward the peer's
+        packets before we learn its address."""
+        if self._relay == "pending" or event.now < self._endpoint_at:
+            return False
+        if (
+            event.latest is None
+            or event.latest + self.timers.silence - self._now < self.timers.probe_timeout
+        ):
+            return False  # a session about to be declared silent: no path to move to
         return self._roamed_direct(event.endpoint)
 
+    def _used_relay(self, endpoint: str) -> None:
+        """Remember ``endpoint`` as a relay's (the last few distinct ones)."""
+        used = [e for e in self._relays_used if e != endpoint]
+        self._relays_used = (*used, endpoint)[-4:]
+
     def _roamed_direct(self, live: str | None) -> bool:
-        """Whether ``live``, where WireGuard roamed to, is the peer itself (not a relay)."""
-        return live is not None and live not in self._relays_used
+        """Whether ``live``, where WireGuard roamed to, is the peer itself: not one of
+        the relays used (any port of their addresses: a relay gives each side its own)."""
+        if live is None or live in self._relays_used:
+            return False
+        relays = {_host(e) for e in self._relays_used}
+        return _host(live) not in relays
+
+
+def _host(endpoint: str) -> str:
+    """The address part of ``endpoint`` (``[v6]:port`` or ``v4:port``)."""
+    return endpoint.rpartition(":")[0]
 
 
 # -- handlers: each returns the next state; TRANSITIONS says which ones it may return -------
@@ -288,7 +430,7 @@ def _record_local(m: PathMachine, event: LocalNat) -> PathState:
     moved = m._local.reflexive is not None and event.reflexive != m._local.reflexive
     m._local = event
     m._rank()
-    if m.state is PathState.RELAYED and (m._retry_at is None) != (m._blocker() is not None):
+    if m.state in _RELAYED and (m._retry_at is None) == m._retry_plausible():
         m._schedule_retry(m._backoff)
     if m.state is PathState.DIRECT and moved and m._endpoint in m._ranked.order:
         # Our NAT mapping changed: the peer's NAT knows only the old one. Probe the
@@ -327,11 +469,16 @@ def _peer_while_probing(m: PathMachine, event: PeerUpdate) -> PathState:
 
 
 def _peer_while_direct(m: PathMachine, event: PeerUpdate) -> PathState:
+    """New candidates while direct: probe the best one, unless the path already uses it
+    or is one the peer reached us on (whatever it advertises, that one carries the
+    session; silence would tell when it stops)."""
     old = m._ranked.order
+    roamed = m._endpoint not in old
     _peer_record(m, event)
-    if m._ranked.order == old:
+    order = m._ranked.order
+    if order == old or roamed or (order and m._endpoint == order[0]):
         return m.state
-    return m._probe(0) if m._ranked.order else m._to_relay("the peer advertises no direct endpoint")
+    return m._probe(0) if order else m._to_relay("the peer advertises no direct endpoint")
 
 
 def _peer_while_relayed(m: PathMachine, event: PeerUpdate) -> PathState:
@@ -356,24 +503,30 @@ def _handshake_direct(m: PathMachine, event: Handshake) -> PathState:
     m._handshake = event.latest
     m._release()
     m._backoff, m._retry_at = m.timers.retry_first, None
-    rank = m._ranked.rank_of(m._endpoint)
-    m._why = direct_reason(rank, m._local.nat, m._peer.nat)
-    if rank is None:
-        m._why = f"the peer reached this host directly (from {m._endpoint})"
+    m._direct_predicted = m._by_prediction(event.latest)
     return PathState.DIRECT
 
 
 def _handshake_keep(m: PathMachine, event: Handshake) -> PathState:
-    """Refresh a direct path's handshake time, unless WireGuard roamed off our endpoint."""
-    if event.latest is not None and event.endpoint in (None, m._endpoint):
-        m._handshake = max(m._handshake or 0.0, event.latest)
+    """Refresh a direct path's handshake time. When WireGuard roamed to another address
+    of the peer (not a relay's) that carries the session, adopt it: rewriting the old
+    endpoint would undo the roaming and cut the path the peer is using."""
+    live, latest = event.endpoint, event.latest
+    alive = latest is not None and latest > m._now - m.timers.silence
+    if alive and live not in (None, m._endpoint) and m._roamed(event):
+        assert live is not None
+        m._set_endpoint(live)
+    if latest is not None and live in (None, m._endpoint):
+        m._handshake = max(m._handshake or 0.0, latest)
     return m.state
 
 
 def _probe_tick(m: PathMachine, event: Tick) -> PathState:
+    if m._kick():
+        return m.state
     if m._try + 1 < len(m._ranked.order):
         return m._probe(m._try + 1)
-    return m._to_relay(f"no handshake on any direct candidate within {m.timers.probe_timeout:g} s")
+    return m._to_relay(relay_reason(m._local.nat, m._peer.nat, m.timers.probe_timeout))
 
 
 def _direct_tick(m: PathMachine, event: Tick) -> PathState:
@@ -381,14 +534,14 @@ def _direct_tick(m: PathMachine, event: Tick) -> PathState:
 
 
 def _relay_ready(m: PathMachine, event: RelayReady) -> PathState:
-    m._relay, m._relay_endpoint = "ready", event.endpoint
-    m._relays_used = (*m._relays_used, event.endpoint)[-4:]
+    m._relay, m._relay_endpoint, m._via_tcp = "ready", event.endpoint, event.via_tcp
+    m._used_relay(event.endpoint)
     return m._enter_relayed()
 
 
 def _note_relay(m: PathMachine, event: RelayReady) -> PathState:
     """A relay answer nobody waits for: remember it is a relay's, and stay."""
-    m._relays_used = (*m._relays_used, event.endpoint)[-4:]
+    m._used_relay(event.endpoint)
     return m.state
 
 
@@ -415,14 +568,20 @@ def _relay_dropped(m: PathMachine, event: RelayFailed) -> PathState:
 
 def _relayed_tick(m: PathMachine, event: Tick) -> PathState:
     order = m._ranked.order
-    if not order or m._blocker() is not None:
+    if not m._retry_plausible():
         m._retry_at = None
         return m.state
     # Every other retry goes to the best candidate, so both sides of a pair (whose
     # rounds advance together) meet there; the rounds between rotate over the rest.
-    # A private address on a network of neither side (rank OTHER) only if nothing else.
-    worth = [e for e, rank in zip(order, m._ranked.ranks, strict=True) if rank < OTHER]
-    worth = worth or list(order)
+    # A private address on a network of neither side (rank OTHER) never: the peer
+    # reaches us if it can (see _retry_plausible).
+    nat = m._peer.nat
+    worth = [e for e, r in zip(order, m._ranked.ranks, strict=True) if worth_kicking(r, nat)]
+    m._predict()  # on the grid, when the peer retries towards us too
+    if not worth:  # only the peer can reach us: it retries now, through the prediction
+        m._backoff = min(m._backoff * 2, m.timers.retry_max)
+        m._schedule_retry(m._backoff, lag=m.timers.probe_timeout)  # from where its retry ends
+        return m.state
     k = m._round
     index = 0 if k % 2 == 0 or len(worth) == 1 else 1 + (k // 2) % (len(worth) - 1)
     m._set_endpoint(worth[index])
@@ -431,6 +590,8 @@ def _relayed_tick(m: PathMachine, event: Tick) -> PathState:
 
 
 def _retry_tick(m: PathMachine, event: Tick) -> PathState:
+    if m._kick():
+        return m.state
     m._backoff = min(m._backoff * 2, m.timers.retry_max)
     return m._to_relay(m._why)
 
@@ -453,7 +614,7 @@ def _rule(handler: Callable[[PathMachine, Any], PathState], *targets: PathState)
 
 
 S = PathState
-_TO_RELAY = (S.RELAY_PENDING, S.RELAYED)
+_TO_RELAY = (S.RELAY_PENDING, S.RELAYED, S.RELAYED_TCP)
 _STAY = {s: _rule(_stay, s) for s in S}
 _RECORD = {s: _rule(_record_local, s) for s in S}
 _HANDSHAKE = {s: _rule(_handshake_direct, s, S.DIRECT) for s in S}
@@ -474,17 +635,21 @@ TRANSITIONS: dict[tuple[PathState, str], Rule] = {
     (S.DIRECT, "tick"): _rule(_direct_tick, *_TO_RELAY),
     (S.RELAY_PENDING, "peer"): _rule(_peer_record, S.RELAY_PENDING),
     (S.RELAY_PENDING, "handshake"): _HANDSHAKE[S.RELAY_PENDING],
-    (S.RELAY_PENDING, "relay_ready"): _rule(_relay_ready, S.RELAYED),
+    (S.RELAY_PENDING, "relay_ready"): _rule(_relay_ready, S.RELAYED, S.RELAYED_TCP),
     (S.RELAY_PENDING, "relay_failed"): _rule(_relay_failed, S.FAILED),
     (S.RELAY_PENDING, "tick"): _rule(_relay_timeout, S.FAILED),
     (S.RELAYED, "peer"): _rule(_peer_while_relayed, S.RELAYED),
     (S.RELAYED, "handshake"): _HANDSHAKE[S.RELAYED],
     (S.RELAYED, "relay_failed"): _rule(_relay_lost, *_TO_RELAY),
     (S.RELAYED, "tick"): _rule(_relayed_tick, S.RELAYED, S.RETRY_DIRECT),
+    (S.RELAYED_TCP, "peer"): _rule(_peer_while_relayed, S.RELAYED_TCP),
+    (S.RELAYED_TCP, "handshake"): _HANDSHAKE[S.RELAYED_TCP],
+    (S.RELAYED_TCP, "relay_failed"): _rule(_relay_lost, *_TO_RELAY),
+    (S.RELAYED_TCP, "tick"): _rule(_relayed_tick, S.RELAYED_TCP, S.RETRY_DIRECT),
     (S.RETRY_DIRECT, "peer"): _rule(_peer_while_retrying, S.RETRY_DIRECT, *_TO_RELAY),
     (S.RETRY_DIRECT, "handshake"): _HANDSHAKE[S.RETRY_DIRECT],
     (S.RETRY_DIRECT, "relay_failed"): _rule(_relay_dropped, S.RETRY_DIRECT),
-    (S.RETRY_DIRECT, "tick"): _rule(_retry_tick, *_TO_RELAY),
+    (S.RETRY_DIRECT, "tick"): _rule(_retry_tick, S.RETRY_DIRECT, *_TO_RELAY),
     (S.FAILED, "peer"): _rule(_peer_decide, S.PROBING_DIRECT, *_TO_RELAY),
     (S.FAILED, "handshake"): _HANDSHAKE[S.FAILED],
     (S.FAILED, "tick"): _rule(_failed_tick, S.PROBING_DIRECT, *_TO_RELAY),

@@ -51,6 +51,7 @@ class RelayGrant:
     relay_id: str
     control: Addr  # host (name or literal) and control port
     ticket: bytes
+    tcp: Addr | None = None  # the relay's TLS/TCP address (agent.paths.tcplink), if it has one
 
     def __repr__(self) -> str:  # tickets are bearer credentials: never in logs
         return f"RelayGrant(relay_id={self.relay_id!r}, control={self.control!r})"
@@ -64,6 +65,7 @@ class RelayBinding:
     control: Addr  # resolved IPv4 control address (for liveness probes)
     endpoint: str
     peer_bound: bool
+    via_tcp: str = ""  # carried over TLS/TCP (agent.paths.tcplink): how to say so; "": UDP
 
 
 async def bind_at_relay(grant: RelayGrant, listen_port: int, wait: float = 2.0) -> RelayBinding:

@@ -30,6 +30,7 @@ from typing import ClassVar, Literal
 
 from agent.dataplane.backend import IPAddress, parse_endpoint
 from agent.discovery.netcheck import NatType, NetReport
+from agent.paths.predict import PredictionPlan
 
 __all__ = [
     "OTHER",
@@ -41,6 +42,7 @@ __all__ = [
     "PathReport",
     "PathTimers",
     "PeerUpdate",
+    "Predict",
     "Ranked",
     "RelayFailed",
     "RelayReady",
@@ -51,6 +53,8 @@ __all__ = [
     "blocker",
     "direct_reason",
     "rank_candidates",
+    "relay_reason",
+    "worth_kicking",
 ]
 
 PathKind = Literal["direct", "relayed", "probing", "failed"]
@@ -63,9 +67,12 @@ SAME_NAT, SAME_NAT_OTHER, REFLEXIVE, PUBLIC, LOCAL_NET, OTHER = range(6)
 
 @dataclass(frozen=True, slots=True)
 class PathTimers:
-    """Seconds: probe per candidate, handshake silence, relay answer, retry backoff."""
+    """Seconds: probe per candidate, handshake silence, relay answer, retry backoff;
+    ``kick``: how often a probe restarts WireGuard's handshake (it would retransmit an
+    unanswered initiation only after 5 s, longer than a probe lasts)."""
 
     probe_timeout: float = 5.0
+    kick: float = 1.0
     silence: float = 180.0
     relay_timeout: float = 15.0
     retry_first: float = 30.0
@@ -114,10 +121,14 @@ class Handshake:
 
 @dataclass(frozen=True, slots=True)
 class RelayReady:
-    """The relay allocation for this peer is bound: send to ``endpoint``."""
+    """The relay allocation for this peer is bound: send to ``endpoint``.
+
+    ``via_tcp``: the binding is carried over TLS/TCP (UDP blocked here), and how to
+    say so, e.g. ``"TCP 443 via relay r1"`` (see :mod:`agent.paths.tcplink`)."""
 
     now: float
     endpoint: str
+    via_tcp: str = ""
     kind: ClassVar[str] = "relay_ready"
 
 
@@ -166,7 +177,15 @@ class ReleaseRelay:
     peer_id: str
 
 
-Action = SetEndpoint | RequestRelay | ReleaseRelay
+@dataclass(frozen=True, slots=True)
+class Predict:
+    """Send the probes of ``plan`` from the WireGuard port (see :mod:`agent.paths.predict`)."""
+
+    peer_id: str
+    plan: PredictionPlan
+
+
+Action = SetEndpoint | RequestRelay | ReleaseRelay | Predict
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,14 +300,53 @@ def blocker(ours: NatType, theirs: NatType | None, ranked: Ranked) -> str | None
     return None
 
 
-def direct_reason(rank: int | None, ours: NatType, theirs: NatType | None) -> str:
-    """Why the direct path works, as far as the evidence says."""
+def direct_reason(
+    rank: int | None,
+    ours: NatType,
+    theirs: NatType | None,
+    roamed: str | None = None,
+    predicted: int = 0,
+) -> str:
+    """Why the direct path works, as far as the evidence says (``roamed``: the peer's
+    address the handshake came from, when it is none of the candidates; ``predicted``:
+    the probes of the port prediction that let it in, if one did)."""
+    if predicted:
+        return f"direct through hard NAT by port prediction after {predicted} probes"
     if rank in (SAME_NAT, SAME_NAT_OTHER):
         return "same NAT as the peer: using its private address (no hairpin)"
     if rank == LOCAL_NET:
         return "peer is on this host's local network"
     if theirs is NatType.OPEN:
         return "peer is reachable directly (open host)"
+    reached = "" if roamed is None else f"; the peer reached it from {roamed}"
     if ours is NatType.OPEN:
-        return "this host is reachable directly (open host)"
-    return f"hole punched through NAT ({ours} <-> {theirs or 'unknown'})"
+        return f"this host is reachable directly (open host){reached}"
+    if roamed is not None:
+        return f"the peer reached this host directly from {roamed} ({ours} <-> {_nat(theirs)})"
+    return f"hole punched through NAT ({ours} <-> {_nat(theirs)})"
+
+
+def relay_reason(ours: NatType, theirs: NatType | None, timeout: float) -> str:
+    """Why direct failed after every candidate was probed, naming the NATs when known."""
+    why = f"no handshake on any direct candidate within {timeout:g} s"
+    hard = NatType.SYMMETRIC in (ours, theirs) and NatType.OPEN not in (ours, theirs)
+    if hard:
+        side = "this host's" if ours is NatType.SYMMETRIC else "the peer's"
+        return f"{why} ({ours} <-> {_nat(theirs)}: {side} symmetric NAT maps every peer anew)"
+    return why
+
+
+def worth_kicking(rank: int | None, theirs: NatType | None) -> bool:
+    """Whether a candidate of ``rank`` is worth restarting WireGuard's handshake for.
+
+    A private address on a network of neither side is tried gently, if at all; so is
+    every non-local address of a peer behind symmetric NAT: its NAT maps each
+    destination anew, so nothing it advertises is a mapping we could send to (it
+    reaches us, if we are reachable, and WireGuard roams to where it came from)."""
+    if rank is None or rank >= OTHER:
+        return False
+    return theirs is not NatType.SYMMETRIC or rank < REFLEXIVE
+
+
+def _nat(nat: NatType | None) -> str:
+    return "unknown" if nat is None else str(nat)

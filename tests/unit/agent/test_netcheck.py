@@ -66,6 +66,17 @@ def test_different_mappings_are_symmetric() -> None:
     assert "40001" in report.evidence and "40002" in report.evidence
 
 
+def test_a_symmetric_nat_advertises_its_public_address_with_the_listen_port() -> None:
+    """No peer can send to a symmetric mapping, but the address lets an address-filtering
+    peer open its filter towards it; the listen port keeps the candidate stable."""
+    report = classify([answered(S1, (WAN, 40001)), answered(S2, (WAN, 40002))], LOCAL, 0.0)
+    assert report.advertised_reflexive == f"{WAN}:51820"
+    eim = classify([answered(S1, (WAN, 3333)), answered(S2, (WAN, 3333))], LOCAL, 0.0)
+    assert eim.advertised_reflexive == eim.usable_reflexive == f"{WAN}:3333"
+    blocked = classify([silent(S1), silent(S2)], LOCAL, 0.0)
+    assert blocked.advertised_reflexive is None
+
+
 def test_local_address_seen_unchanged_is_open() -> None:
     report = classify([answered(S1, LOCAL), answered(S2, LOCAL)], LOCAL, 0.0)
     assert report.nat_type is NatType.OPEN

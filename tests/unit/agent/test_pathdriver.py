@@ -19,6 +19,7 @@ from agent.paths.machine import (
     RequestRelay,
     SetEndpoint,
 )
+from agent.paths.predict import MAX_PROBES, PredictionPlan
 from agent.paths.relaylink import Addr, RelayBinding
 from wiregate.errors import Unavailable
 from wiregate.model import NetMap, Peer, SelfView
@@ -226,3 +227,37 @@ async def test_a_changed_nat_mapping_renews_relay_bindings_at_once() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+SYM_B = "198.51.100.14:51820"  # a symmetric-NAT peer's public address (listen port)
+
+
+@pytest.mark.asyncio
+async def test_an_easy_side_predicts_towards_a_symmetric_peer_without_resetting_it() -> None:
+    """Behind an endpoint-independent mapping, a peer behind symmetric NAT: the runner
+    sends a bounded port prediction towards the peer's published address, and never
+    removes and re-adds the peer for that address (the peer's handshake must land)."""
+    net = FakeNet()
+    book = PathBook(PathTimers(probe_timeout=0.2))
+    book.local_nat(LocalNat(0.0, NatType.EIM, "198.51.100.10:51820"))
+    sym = Peer("b", "b", KEY_B, ("100.64.0.2/32",), ("100.64.0.2/32",), (SYM_B,), nat="symmetric")
+    plans: list[PredictionPlan] = []
+
+    async def predict(plan: PredictionPlan) -> int:
+        plans.append(plan)
+        return len(plan.ports)
+
+    async def read_status() -> Sequence[PeerStatus]:
+        return []
+
+    async def reapply() -> None:
+        return None
+
+    hooks = RelayHooks(net.ticket, net.bind, net.probe)
+    runner = PathRunner(book, hooks, read_status, reapply, clock=_clock(), predict=predict)
+    actions = book.update_map(netmap(sym), 0.0)
+    assert not any(book.needs_reset(a) for a in actions if isinstance(a, SetEndpoint))
+    await runner.perform(actions)
+    await _until(lambda: bool(plans))
+    assert plans[0].address == "198.51.100.14" and plans[0].ports[0] == 51820
+    assert len(plans[0].ports) <= MAX_PROBES

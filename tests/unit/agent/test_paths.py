@@ -14,6 +14,7 @@ from agent.paths.machine import (
     PathMachine,
     PathState,
     PeerUpdate,
+    Predict,
     RelayFailed,
     RelayReady,
     ReleaseRelay,
@@ -21,6 +22,7 @@ from agent.paths.machine import (
     SetEndpoint,
     Tick,
 )
+from agent.paths.predict import MAX_PROBES
 from agent.paths.vocabulary import rank_candidates
 
 PUB, LAN = "203.0.113.5:51820", "10.0.0.5:51820"
@@ -167,7 +169,8 @@ def test_peer_endpoint_change_while_direct_reprobes() -> None:
     new = "203.0.113.77:51820"
     assert m.handle(PeerUpdate(50.0, (new,), NatType.EIM)) == [SetEndpoint("peer-1", new)]
     assert m.state is PathState.PROBING_DIRECT
-    assert m.handle(PeerUpdate(51.0, (new,), NatType.EIM)) == []
+    assert m.handle(PeerUpdate(50.5, (new,), NatType.EIM)) == []
+    assert m.handle(Tick(51.0)) == [SetEndpoint("peer-1", new)]  # a fresh handshake: a kick
 
 
 def test_roaming_to_a_relay_is_no_evidence_of_direct() -> None:
@@ -192,7 +195,9 @@ def test_the_peer_reaching_us_directly_while_relayed_makes_the_path_direct() -> 
     ]
     report = m.explain()
     assert report.path == "direct" and report.endpoint == real
-    assert report.reason == f"the peer reached this host directly (from {real})"
+    assert report.reason == (
+        f"this host is reachable directly (open host); the peer reached it from {real}"
+    )
 
 
 def test_same_nat_prefers_lan_address() -> None:
@@ -254,7 +259,8 @@ def scripts(draw: st.DrawFn) -> list[Event]:
 def test_random_sequences_keep_the_invariants(events: list[Event]) -> None:
     m = PathMachine("peer-1")
     states, candidates, relays = set(TRANSITIONS), set(), set()
-    outstanding, last_set = False, None
+    outstanding, last_set, current = False, None, None
+    predicted: float | None = None
     for event in events:
         if isinstance(event, PeerUpdate):  # a peer change may restart the path at once
             candidates, last_set = set(event.endpoints), None
@@ -268,16 +274,28 @@ def test_random_sequences_keep_the_invariants(events: list[Event]) -> None:
                 and action == SetEndpoint("peer-1", event.endpoint or "")
                 and event.endpoint not in relays
             )
-            if adopted:
+            # the same endpoint afresh (a probe's kick, a re-probe) moves no traffic: no flap
+            again = isinstance(action, SetEndpoint) and action.endpoint == current
+            if again:
+                pass
+            elif adopted:
                 last_set = event.now
             elif isinstance(action, SetEndpoint):
                 assert action.endpoint in candidates | relays
                 if last_set is not None:
                     assert event.now - last_set >= m.timers.probe_timeout - 1e-6  # float sums
                 last_set = event.now
+            if isinstance(action, SetEndpoint):
+                current = action.endpoint
             elif isinstance(action, RequestRelay):
                 assert not outstanding
                 outstanding = True
+            elif isinstance(action, Predict):  # bounded, towards the peer, rate-limited
+                assert f"{action.plan.address}:{action.plan.ports[0]}" in candidates
+                assert len(action.plan.ports) <= MAX_PROBES
+                if predicted is not None:
+                    assert event.now - predicted >= m.timers.probe_timeout - 1e-6
+                predicted = event.now
             else:
                 assert isinstance(action, ReleaseRelay)  # cancelling is idempotent
                 outstanding = False
@@ -332,4 +350,143 @@ def test_a_better_candidate_arriving_while_probing_is_probed_first() -> None:
     m = machine(NatType.EIM, NatType.EIM, (LAN,))
     assert m.state is PathState.PROBING_DIRECT
     assert m.handle(PeerUpdate(1.0, (PUB, LAN), NatType.EIM)) == [SetEndpoint("peer-1", PUB)]
-    assert m.handle(PeerUpdate(2.0, (PUB, LAN), NatType.EIM)) == []  # nothing new: go on
+    assert m.handle(PeerUpdate(1.5, (PUB, LAN), NatType.EIM)) == []  # nothing new: go on
+
+
+# -- direct wherever the NATs allow it ------------------------------------------------------
+
+SYM_LAN = "192.0.2.2:51820"  # a symmetric-NAT peer's private address: on no network of ours
+
+
+def test_a_probe_restarts_the_handshake_every_kick_until_it_times_out() -> None:
+    """WireGuard retransmits an unanswered initiation only after 5 s: a peer that
+    installed us after our first initiation would be missed by a shorter probe."""
+    m = machine(NatType.EIM, NatType.EIM, (PUB,))
+    assert m.wants_fresh_handshake()
+    kicks = [m.handle(Tick(t)) for t in (1.0, 2.0, 3.0, 4.0)]
+    assert kicks == [[SetEndpoint("peer-1", PUB)]] * 4
+    assert m.state is PathState.PROBING_DIRECT
+    assert m.handle(Tick(5.0)) == [RequestRelay("peer-1")]
+
+
+def test_a_handshake_due_with_a_kick_wins_over_the_kick() -> None:
+    m = machine(NatType.EIM, NatType.EIM, (PUB,))
+    assert m.handle(Handshake(1.0, 0.9, PUB)) == []
+    assert m.state is PathState.DIRECT
+
+
+def test_an_unreachable_private_candidate_is_probed_gently() -> None:
+    """An open host and a symmetric-NAT peer that advertises only its private address:
+    no kicks and no session resets (they would cut the handshake the peer sends)."""
+    m = machine(NatType.OPEN, NatType.SYMMETRIC, (SYM_LAN,))
+    assert m.state is PathState.PROBING_DIRECT
+    assert not m.wants_fresh_handshake()
+    assert m.handle(Tick(1.0)) == [] and m.handle(Tick(2.0)) == []
+
+
+def test_the_symmetric_peer_reaching_an_open_host_is_direct_on_both_sides() -> None:
+    real = "198.51.100.10:30352"  # the peer's NAT mapping towards us
+    m = machine(NatType.OPEN, NatType.SYMMETRIC, (SYM_LAN,))
+    assert m.handle(Handshake(1.5, 1.2, real)) == [SetEndpoint("peer-1", real)]
+    report = m.explain()
+    assert (report.path, report.endpoint) == ("direct", real)
+    assert report.reason == (
+        f"this host is reachable directly (open host); the peer reached it from {real}"
+    )
+    peer = machine(NatType.SYMMETRIC, NatType.OPEN, (PUB,))
+    peer.handle(Handshake(1.5, 1.2, PUB))
+    assert peer.explain().reason == "peer is reachable directly (open host)"
+
+
+def test_a_roamed_endpoint_is_adopted_even_after_the_relay_was_set() -> None:
+    """The peer's handshake arrived before our relay was bound; WireGuard roams back to
+    the peer's address with its next packet. That is direct evidence: not a fight."""
+    real = "198.51.100.10:30352"
+    m = machine(NatType.OPEN, NatType.SYMMETRIC, (SYM_LAN,))
+    relayed(m, 5.0)
+    assert m.next_deadline() is None  # no candidate of the peer reachable: no retries
+    assert "direct once the peer reaches this host" in m.explain().reason
+    assert m.handle(Handshake(4.9, 1.0, real)) == []  # read before the relay was written
+    assert m.state is PathState.RELAYED
+    assert m.handle(Handshake(6.0, 1.0, real)) == [
+        SetEndpoint("peer-1", real),
+        ReleaseRelay("peer-1"),
+    ]
+    assert m.explain().path == "direct"
+
+
+def test_a_direct_path_follows_the_peer_roaming_but_not_to_a_relay() -> None:
+    m = machine(NatType.EIM, NatType.EIM, (PUB,))
+    m.handle(Handshake(1.0, 1.0, PUB))
+    moved = "203.0.113.5:40123"
+    assert m.handle(Handshake(30.0, 29.0, moved)) == [SetEndpoint("peer-1", moved)]
+    assert m.state is PathState.DIRECT and m.explain().endpoint == moved
+    m.handle(RelayReady(31.0, RELAY))  # an answer nobody waits for: a relay's address
+    assert m.handle(Handshake(40.0, 39.0, RELAY)) == []
+    assert m.explain().endpoint == moved
+
+
+def test_a_stale_session_at_a_roamed_address_is_no_evidence() -> None:
+    m = machine(NatType.OPEN, NatType.SYMMETRIC, (SYM_LAN,))
+    relayed(m, 5.0)
+    assert m.handle(Handshake(400.0, 100.0, "198.51.100.10:30352")) == []
+    assert m.state is PathState.RELAYED
+
+
+def test_the_direct_reason_follows_the_peer_nat_type_learnt_later() -> None:
+    m = machine(NatType.EIM, None, (PUB,))
+    m.handle(Handshake(1.0, 1.0, PUB))
+    assert m.explain().reason == "hole punched through NAT (eim <-> unknown)"
+    assert m.handle(PeerUpdate(2.0, (PUB,), NatType.OPEN)) == []
+    assert m.explain().reason == "peer is reachable directly (open host)"
+
+
+def test_eim_to_symmetric_relays_and_names_the_symmetric_side() -> None:
+    m = machine(NatType.EIM, NatType.SYMMETRIC, (SYM_LAN,))
+    relayed(m)
+    assert m.explain().reason.startswith(
+        "no handshake on any direct candidate within 5 s "
+        "(eim <-> symmetric: the peer's symmetric NAT maps every peer anew)"
+    )
+    s = machine(NatType.SYMMETRIC, NatType.EIM, (PUB,))
+    relayed(s)
+    assert "this host's symmetric NAT maps every peer anew" in s.explain().reason
+    assert "retrying direct every 30 s" in s.explain().reason
+
+
+SYM_PUB = "198.51.100.14:51820"  # a symmetric NAT's public address, as its host advertises
+
+
+def test_an_easy_side_predicts_and_names_the_prediction_that_let_the_peer_in() -> None:
+    m = PathMachine("peer-1")
+    m.handle(LocalNat(0.0, NatType.EIM, "198.51.100.10:51820"))
+    out = m.handle(PeerUpdate(0.0, (SYM_PUB, SYM_LAN), NatType.SYMMETRIC))
+    predicted = [a for a in out if isinstance(a, Predict)]
+    assert len(predicted) == 1 and predicted[0].plan.address == "198.51.100.14"
+    assert predicted[0].plan.ports[0] == 51820 and len(predicted[0].plan.ports) == 128
+    assert not m.wants_fresh_handshake()  # the peer's handshake must land: no resets
+    assert m.handle(PeerUpdate(1.0, (SYM_PUB,), NatType.SYMMETRIC)) == []  # rate-limited
+    real = "198.51.100.14:30503"
+    m.handle(Handshake(2.0, 1.5, real))
+    report = m.explain()
+    assert (report.path, report.endpoint) == ("direct", real)
+    assert report.reason == "direct through hard NAT by port prediction after 128 probes"
+
+
+def test_a_relayed_easy_side_predicts_on_the_retry_grid_without_moving_off_the_relay() -> None:
+    m = PathMachine("peer-1")
+    m.handle(LocalNat(0.0, NatType.EIM, "198.51.100.10:51820"))
+    m.handle(PeerUpdate(0.0, (SYM_PUB,), NatType.SYMMETRIC))
+    relayed(m, 5.0)
+    assert m.next_deadline() == 60.0  # the 30 s grid after 5 + 30
+    out = m.handle(Tick(60.0))
+    assert [type(a) for a in out] == [Predict] and m.state is PathState.RELAYED
+    assert m.next_deadline() == 180.0  # backed off to the 60 s grid, as the peer does
+
+
+def test_no_prediction_towards_anything_but_a_symmetric_peer() -> None:
+    for theirs in (NatType.EIM, NatType.OPEN, NatType.UNKNOWN, None):
+        m = PathMachine("peer-1")
+        m.handle(LocalNat(0.0, NatType.EIM, "198.51.100.10:51820"))
+        out = m.handle(PeerUpdate(0.0, (SYM_PUB,), theirs))
+        assert not any(isinstance(a, Predict) for a in out)

@@ -20,6 +20,7 @@ from agent.discovery.rawudp import (
     is_reply,
     parse_ipv4_udp,
     reply_filter,
+    send_burst,
 )
 from relay.client.stun import build_binding_request, parse_binding_response
 from relay.errors import UnexpectedMessage
@@ -116,7 +117,7 @@ def test_stun_request_survives_the_udp_wrapping() -> None:
 def test_exports() -> None:
     assert set(rawudp.__all__) == {
         "RawAnswer", "RawUdpSocket", "UdpDatagram", "build_udp_header", "is_reply",
-        "parse_ipv4_udp", "raw_request", "raw_stun_query", "reply_filter",
+        "parse_ipv4_udp", "raw_request", "raw_stun_query", "reply_filter", "send_burst",
     }  # fmt: skip
 
 
@@ -168,3 +169,20 @@ async def test_kernel_applies_the_filter_on_loopback() -> None:
             server.sendto(b"reply", ("127.0.0.1", 40999))
             got = await asyncio.wait_for(raw.receive(), 2)
     assert got == UdpDatagram(("127.0.0.1", port), ("127.0.0.1", 40999), b"reply")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raw sockets need CAP_NET_RAW")
+async def test_a_burst_leaves_from_the_given_port_to_each_port_in_turn() -> None:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(2)
+        ports = [sock.getsockname()[1] for sock in socks]
+        sent = await send_burst("127.0.0.1", ports, 40996, 0.001)
+        got = [sock.recvfrom(2048) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert sent == 3
+    assert all(addr == ("127.0.0.1", 40996) and len(data) == 20 for data, addr in got)

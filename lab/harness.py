@@ -37,7 +37,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from lab.tls import LabCA
 
 __all__ = [
     "INTERNET_GATEWAY",
@@ -651,6 +654,7 @@ class Wiregate:
         self.admin_socket = self.dir / "gw.sock"
         self.server = f"http://{INTERNET_GATEWAY}:{GATEWAY_PORT}"
         self.ca_file: Path | None = None
+        self.ca: LabCA | None = None  # a TLS gateway's CA: it can issue the relays' too
         self._tls_pair: tuple[Path, Path] | None = None
         if tls:
             from lab.tls import LabCA
@@ -660,6 +664,7 @@ class Wiregate:
             names = [INTERNET_GATEWAY, "gateway.lab", "127.0.0.1"]
             pair = ca.issue(lab.workdir / "tls", names)
             self.ca_file, self._tls_pair = ca.ca_file, (pair.cert, pair.key)
+            self.ca = ca
             self.server = f"https://{INTERNET_GATEWAY}:{GATEWAY_PORT}"
         self.gateway: Process | None = None
         self.gateway_env: dict[str, str] = {}  # WIREGATE_* settings without a flag

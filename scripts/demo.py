@@ -1,20 +1,26 @@
-"""wiregate demo: a gateway, a local OpenID Provider and five agents in a netns lab.
+"""wiregate demo: a gateway, a local OpenID Provider, two relays and eight agents in a netns lab.
 
 Builds the lab, starts a real OpenID Provider (panva's oidc-provider,
 tests/idp/provider.mjs) on the loopback of the lab's internet namespace next to
 the gateway, whose single sign-on it configures (``[[gateway.oidc]]``,
 ``public_url``). The gateway serves HTTPS, as in a real deployment, with a
 certificate of a local CA made for the lab (lab/tls.py); every client (agents,
-``wiregate login``, the browser) trusts that CA with ``--ca-file``. Enrolls
+``wiregate login``, the browser) trusts that CA with ``--ca-file``. Two relays
+(STUN and WireGuard relay, lab/nat.py) trust the gateway's ticket signer. Enrolls
 three hosts with one enrollment key, and a fourth by ``wiregate login``: its
 user code is approved through the gateway's web pages after signing in at the
 IdP (an HTTP client plays the browser, inside the namespace); a fifth agent
 enrolls with a workload token the same IdP minted for the gateway
-(``client_credentials``, an RFC 9068 JWT access token) instead of a key. Waits
-until every agent holds the full map, prints a status table, a ✓/✗ matrix of
-pings across every tunnel (IPv4 and IPv6) and the sign-in URL with a test
-account, then tears everything down. Exits non-zero if any step or ping fails.
-``--keep`` leaves the lab running until Ctrl-C.
+(``client_credentials``, an RFC 9068 JWT access token) instead of a key. Two more
+hosts sit each behind a home router with a symmetric NAT (lab/demo.py): they
+reach the others directly, and each other only through a relay; an eighth sits
+behind a firewall that drops all UDP and lets only TCP to the relays' 443 (and
+the gateway) out: it reaches every peer relayed over TCP. Waits until every
+agent holds the full map and every pair has settled on a path, prints a status
+table (each peer's path, direct, relayed or relayed over TCP, and why, from each
+agent's ``wiregate status``), a ✓/✗ matrix of pings across every tunnel (IPv4 and IPv6)
+and the sign-in URL with a test account, then tears everything down. Exits
+non-zero if any step or ping fails. ``--keep`` leaves the lab running until Ctrl-C.
 
     sudo .venv/bin/python scripts/demo.py [--keep]
 """
@@ -23,13 +29,22 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import signal
 import sys
 import time
 from types import FrameType
-from typing import Any
 
-from lab.harness import Agent, Lab, Wiregate, bare, lab_requirements
+from lab.demo import (
+    NAT_HOSTS,
+    add_nat_hosts,
+    agent_environment,
+    status_table,
+    use_relays,
+    wait_paths,
+)
+from lab.harness import Agent, Lab, Wiregate, lab_requirements
+from lab.nat import start_relays
 from lab.sso import (
     TEST_ACCOUNT,
     enroll_by_sso,
@@ -44,41 +59,6 @@ HOSTS = ("alpha", "bravo", "charlie")
 SSO_HOST = "delta"  # enrolled by `wiregate login`, approved through the IdP
 WORKLOAD_HOST = "echo"  # enrolled with a workload token the IdP minted (client_credentials)
 FAMILIES = ("v4", "v6")
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
-def _age(timestamp: float | None, now: float) -> str:
-    return f"{now - timestamp:.0f}s ago" if timestamp else "never"
-
-
-def status_table(statuses: dict[str, dict[str, Any]]) -> str:
-    """One block per device: its addresses, then one line per peer."""
-    now = time.time()
-    header = (
-        f"{'DEVICE':<9} {'TUNNEL ADDRESSES':<34} {'PEER':<9} "
-        f"{'HANDSHAKE':>10} {'RX':>10} {'TX':>10}"
-    )
-    lines = [header, "-" * len(header)]
-    for name, st in statuses.items():
-        addrs = " ".join(bare(a) for a in st["device"]["addresses"])
-        state = "connected" if st["gateway"]["connected"] else "DISCONNECTED"
-        lines.append(
-            f"{name:<9} {addrs:<34} (gateway {state}, map v{st['gateway']['map_version']})"
-        )
-        for peer in st["peers"]:
-            lines.append(
-                f"{'':<9} {'':<34} {peer['name']:<9} {_age(peer['last_handshake'], now):>10} "
-                f"{_size(peer['rx_bytes']):>10} {_size(peer['tx_bytes']):>10}"
-            )
-    return "\n".join(lines)
 
 
 def ping_matrix(wiregate: Wiregate, agents: dict[str, Agent]) -> dict[tuple[str, str, str], bool]:
@@ -122,9 +102,11 @@ def demo(keep: bool) -> int:
     with Lab() as lab:
         try:
             names = ", ".join((*HOSTS, SSO_HOST, WORKLOAD_HOST))
-            print(f"lab {lab.prefix}: internet 198.51.100.0/24, hosts {names}")
+            behind = ", ".join(f"{h} (behind a {kind})" for h, (_, kind) in NAT_HOSTS.items())
+            print(f"lab {lab.prefix}: internet 198.51.100.0/24, hosts {names}, {behind}")
             hosts = [lab.add_host(name) for name in HOSTS]
             wiregate = Wiregate(lab, tls=True)
+            use_relays(wiregate)
             public_url = loopback_public_url(lab, tls=True)
             issuer, _idp = start_idp(lab, public_url)
             print(f"OpenID Provider (panva oidc-provider) ready at {issuer}")
@@ -132,6 +114,10 @@ def demo(keep: bool) -> int:
             print(f"gateway ready on {wiregate.server} over TLS, public_url {public_url}"
                   f" (admin socket {wiregate.admin_socket})")  # fmt: skip
             print(f"agents, `wiregate login` and the browser trust the lab CA {wiregate.ca_file}")
+            relays = start_relays(lab, wiregate, tcp_ca=wiregate.ca)
+            print(f"relays {', '.join(relays)} ready: STUN, WireGuard relay over UDP and over"
+                  " TLS on 443, admitting gateway-signed tickets")  # fmt: skip
+            os.environ.update(agent_environment())  # every agent measures its NAT
             key = wiregate.create_key(tags="tag:demo", expiry="1h", reusable=True)
             agents = {h.name: wiregate.start_agent(h, key) for h in hosts}
             agents[SSO_HOST] = enroll_by_sso(lab, wiregate, lab.add_host(SSO_HOST))
@@ -141,13 +127,19 @@ def demo(keep: bool) -> int:
             agents[WORKLOAD_HOST] = enroll_by_workload_token(
                 lab, wiregate, lab.add_host(WORKLOAD_HOST), issuer, public_url
             )
+            for name, host in add_nat_hosts(lab).items():
+                agents[name] = wiregate.start_agent(host, key)
             wiregate.wait_mesh(list(agents.values()), timeout=90)
             [tags] = [d["tags"] for d in wiregate.devices() if d["name"] == WORKLOAD_HOST]
             print(f"{WORKLOAD_HOST}: enrolled with a workload token from the IdP (client_"
                   f"credentials, audience {public_url}); tags {', '.join(tags)}")  # fmt: skip
-            print("every agent holds the full map\n")
+            print("every agent holds the full map")
+            _, unsettled = wait_paths(wiregate, list(agents.values()), timeout=90)
+            searching = "".join(f"\n  {pair}" for pair in unsettled)
+            print(f"pairs still searching for a path:{searching}\n" if unsettled
+                  else "every pair on a path\n")  # fmt: skip
             matrix = ping_matrix(wiregate, agents)
-            statuses = {name: wiregate.status(agent) for name, agent in agents.items()}
+            statuses = wiregate.statuses(list(agents.values()))  # after the pings: handshakes
             print(status_table(statuses), end="\n\n")
             print(matrix_text(list(agents), matrix), end="\n\n")
         except Exception as exc:

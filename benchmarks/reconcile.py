@@ -6,11 +6,16 @@ config on another fresh wireguard-go interface (medians of a few repetitions);
 then one peer's change after the full apply, then a no-op reconcile.
 
 The agent's figure includes what ``wg setconf`` does not do: reading the device
-back, validating the map, addresses, 2 000 routes in the table, the rule and MTU.
+back, validating the map, addresses, 2 000 routes in the table, the rule and MTU,
+and the packet filter (``table inet wiregate`` created and its 2 000 elements
+added through libnftables; the single change adds one element). The benchmark
+refuses to report figures measured without the filter enforced.
 Repetitions after the first find the per-peer validation memoized (same peers);
 ``reconcile_full_first_ms`` is the first, cold one. ``reconcile_resync_ms`` is a
 no-op apply at the periodic resync (the data plane's clock moved past
-``resync_interval``), which reads the device and the routes back.
+``resync_interval``), which reads the device, the routes and the packet filter
+back. ``reconcile_single_remove_ms`` (informational) is the single change undone
+afterwards: a prefix removed, its filter element deleted.
 ``reconcile_wg_setconf_up_ms`` (informational; the ratio uses the plain figure)
 is ``wg setconf`` onto an interface that is up, as the agent's is.
 """
@@ -31,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 PEERS = 1000
-REPEAT = 3
+REPEAT = 5
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -206,13 +211,19 @@ def _changed(peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return changed
 
 
+def _check_enforced(dp: Any, problems: tuple[str, ...]) -> None:
+    """The figures count the packet filter: refuse to report them without it."""
+    if problems or not dp.firewall.enforced:
+        raise SystemExit(f"the packet filter is not enforced: {problems}")
+
+
 def inner(tag: str, run_dir: Path) -> dict[str, float]:
     from wiregate.keys import generate_private_key
 
     private = generate_private_key()
     peers = _peers()
     netmap = _netmap(private, peers)
-    kinds = ("ref", "ref_up", "full", "single", "noop", "resync")
+    kinds = ("ref", "ref_up", "full", "single", "noop", "resync", "remove")
     times: dict[str, list[float]] = {k: [] for k in kinds}
     noop_writes = 0
     for rep in range(REPEAT):
@@ -224,14 +235,21 @@ def inner(tag: str, run_dir: Path) -> dict[str, float]:
         dp = _dataplane(f"wgba{tag}{rep}", 51820 + rep, private, run_dir, clock)
         dp.setup()
         try:
-            times["full"].append(_timed(dp.apply, netmap)[0])
-            times["single"].append(_timed(dp.apply, _netmap(private, _changed(peers)))[0])
+            took, result = _timed(dp.apply, netmap)
+            times["full"].append(took)
+            _check_enforced(dp, result.problems)
+            took, result = _timed(dp.apply, _netmap(private, _changed(peers)))
+            times["single"].append(took)
+            _check_enforced(dp, result.problems)
             took, result = _timed(dp.apply, _netmap(private, _changed(peers)))
             times["noop"].append(took)
             clock.skew += 3600  # past resync_interval: the next apply reads everything back
             took, resync = _timed(dp.apply, _netmap(private, _changed(peers)))
             times["resync"].append(took)
             noop_writes = max(noop_writes, result.writes, resync.writes)
+            took, undone = _timed(dp.apply, netmap)
+            times["remove"].append(took)
+            _check_enforced(dp, undone.problems)
         finally:
             dp.teardown()
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -246,6 +264,7 @@ def inner(tag: str, run_dir: Path) -> dict[str, float]:
         "reconcile_single_ms": med["single"] * 1000,
         "reconcile_noop_ms": med["noop"] * 1000,
         "reconcile_resync_ms": med["resync"] * 1000,
+        "reconcile_single_remove_ms": med["remove"] * 1000,
     }
 
 

@@ -19,6 +19,15 @@ if [ "$status" -eq 5 ]; then
 fi
 [ "$status" -eq 0 ] || exit "$status"
 
+# The quick benchmarks (netmap, reconcile, enroll): same-run ratios inside generous bands
+# (benchmarks/record.py BANDS); writes no file. WIREGATE_SKIP_BENCH=1 leaves them out.
+if [ "${WIREGATE_SKIP_BENCH:-0}" = "1" ]; then
+    echo "== bench-quick skipped (WIREGATE_SKIP_BENCH=1)"
+else
+    echo "== bench-quick"
+    .venv/bin/python -m benchmarks --quick >/dev/null
+fi
+
 # The container image (deploy/Containerfile), built without a registry and run with
 # buildah (tests/image). WIREGATE_SKIP_IMAGE=1 leaves it out for a quick local run.
 if [ "${WIREGATE_SKIP_IMAGE:-0}" = "1" ]; then

@@ -117,17 +117,14 @@ def _state(
             if document.key_expiry:  # the policy file's key_expiry replaces the settings' rule
                 store.set_key_lifetime(lifetime_rule(document))
             broker = broker_factory(document.policy)
-            devices = [record.device for record in await store.list_devices()]
-            broker.load(devices, await store.map_version())
+            version = await store.map_version()  # first: newer devices are only re-applied
+            broker.load([record.device for record in await store.list_devices()], version)
             app[STORE], app[BROKER] = store, broker
-            follower = _follower(settings, store, broker)
-            if follower is not None:
-                app[FOLLOWER] = follower
-                follower.start()
+            app[FOLLOWER] = follower = _follower(settings, store, broker)
+            follower.start()
             yield
             await broker.close()
-            if follower is not None:
-                await follower.stop()
+            await follower.stop()
         finally:
             await store.close()
 
@@ -196,11 +193,12 @@ async def _drain(app: web.Application) -> None:
         await app[BROKER].close()
 
 
-def _follower(settings: GatewaySettings, store: Store, broker: Broker) -> Follower | None:
-    """On PostgreSQL the gateway may have replicas: its broker follows the change feed."""
+def _follower(settings: GatewaySettings, store: Store, broker: Broker) -> Follower:
+    """On PostgreSQL the gateway may have replicas: its broker follows the change feed.
+    On SQLite it is alone: the feed fills the gaps its broker finds between versions."""
     url = settings.effective_database_url()
     if not url.startswith("postgresql"):
-        return None
+        return Follower(store, broker, listen_dsn=None, replica=False)
     return Follower(store, broker, listen_dsn=asyncpg_dsn(url))
 
 

@@ -140,5 +140,14 @@ async def _enroll(request: web.Request, body: EnrollBody) -> Enrolled:
     else:
         assert body.auth_key is not None
         enrolled = await request.app[STORE].enroll(body.auth_key, enroll_request)
-        request.app[BROKER].upsert(enrolled.record.device, enrolled.version)
+        _publish(request.app[BROKER], enrolled)
     return enrolled
+
+
+def _publish(broker: Broker, enrolled: Enrolled) -> None:
+    """Hand the new device to the broker. A retried enrollment changed nothing and
+    carries the store's current version, which another change owns: its device,
+    published by the first attempt, is not handed over again."""
+    device = enrolled.record.device
+    if device.id not in broker or broker.device(device.id) != device:
+        broker.upsert(device, enrolled.version)

@@ -31,7 +31,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     follower = request.app.get(FOLLOWER)
     if follower is not None and record.device.id not in broker:
-        # enrolled through another replica moments ago: catch up to the store's head
+        # enrolled moments ago (through another replica, or held behind a version not
+        # published yet): catch up to the store's head
         await follower.sync(await request.app[STORE].map_version(), SYNC_WAIT_S)
     elif follower is not None and since is not None and since > broker.version:
         # the agent comes from a replica further ahead: catch up so it can resume

@@ -17,6 +17,13 @@ a short per-agent head joined to a shared body. Every connection has its own
 bounded outbound queue and writer task: a slow agent never delays the others,
 and one whose queue overflows is dropped (close 1013) and forgotten, so it
 reconnects to a full map.
+
+Changes are applied strictly in version order. Handlers hand a change over after
+their commit, and two concurrent requests may do so out of order; a broker given a
+feed reader (:meth:`Broker.fill_gaps`) holds a change that arrives ahead of a
+missing version until the missing one arrives, and asks the store's change feed
+for the gap (a version that had nothing to publish, or whose publisher failed
+after its commit), so no committed change is skipped.
 """
 
 from __future__ import annotations
@@ -113,6 +120,8 @@ class Broker:
         self._logs: dict[str, AgentLog] = {}
         self._streams: dict[str, Stream] = {}
         self._wake: Callable[[], None] | None = None
+        self._fill: Callable[[], None] | None = None
+        self._pending: dict[int, FeedChange] = {}  # ahead of a missing version
 
     # -- changes from the store -------------------------------------------------
 
@@ -126,6 +135,7 @@ class Broker:
                 self._push(stream, self._full(stream.device_id), None)
             else:
                 self._revoke(stream.device_id, "device removed")
+        self._settle()
 
     def may_peer(self, a: Device, b: Device) -> bool:
         """Whether the policy the maps are built from lets ``a`` and ``b`` peer."""
@@ -144,6 +154,16 @@ class Broker:
         with every other replica's, in version order (:meth:`apply_changes`).
         """
         self._wake = wake
+
+    def fill_gaps(self, read: Callable[[], None]) -> None:
+        """Single-gateway mode: :meth:`upsert` and :meth:`remove` apply changes in
+        version order, holding one that arrives ahead of a missing version.
+
+        ``read`` is called whenever a version is missing, so that the store's change
+        feed fills the gap through :meth:`apply_changes`. Without a reader (a broker
+        fed by hand) versions are taken as given.
+        """
+        self._fill = read
 
     @property
     def following(self) -> bool:
@@ -168,15 +188,14 @@ class Broker:
                 self._remove(change.device_id, change.version, change.reason or "device removed")
         if head > self._version:
             self._set_version(head)
+        self._settle()
 
     def upsert(self, device: Device, version: int) -> None:
         """Add or change a device at ``version`` and push the deltas it causes."""
         if self._wake is not None:
             self._wake()
             return
-        if self._stale(version):
-            return
-        self._upsert(device, version)
+        self._offer(FeedChange(version, device.id, device))
 
     def _upsert(self, device: Device, version: int) -> None:
         started = time.perf_counter()
@@ -190,9 +209,37 @@ class Broker:
         if self._wake is not None:
             self._wake()
             return
-        if self._stale(version):
+        self._offer(FeedChange(version, device_id, None, removed=True, reason=reason))
+
+    def _offer(self, change: FeedChange) -> None:
+        if change.version <= self._version:  # the feed brought it first
+            log.info("map change already applied", version=change.version, current=self._version)
             return
-        self._remove(device_id, version, reason)
+        if self._fill is not None and change.version > self._version + 1:
+            self._pending.setdefault(change.version, change)
+            log.info("map change held for a missing version", version=change.version,
+                     current=self._version)  # fmt: skip
+            self._fill()
+            return
+        self._apply(change)
+        self._settle()
+
+    def _apply(self, change: FeedChange) -> None:
+        if change.device is not None:
+            self._upsert(change.device, change.version)
+        else:
+            self._remove(change.device_id, change.version, change.reason or "device removed")
+
+    def _settle(self) -> None:
+        """Apply the held changes that are next in order; read the feed for a gap left."""
+        if not self._pending:
+            return
+        for version in [v for v in self._pending if v <= self._version]:
+            del self._pending[version]  # applied from the feed, with a newer record
+        while (change := self._pending.pop(self._version + 1, None)) is not None:
+            self._apply(change)
+        if self._pending and self._fill is not None:
+            self._fill()
 
     def _remove(self, device_id: str, version: int, reason: str) -> None:
         started = time.perf_counter()
@@ -225,12 +272,6 @@ class Broker:
 
     def __contains__(self, device_id: object) -> bool:
         return device_id in self._state
-
-    def _stale(self, version: int) -> bool:
-        if version > self._version:
-            return False
-        log.warning("stale map change ignored", version=version, current=self._version)
-        return True
 
     def _set_version(self, version: int) -> None:
         self._version = version

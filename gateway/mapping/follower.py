@@ -1,4 +1,4 @@
-"""Gateway replicas: each follows the store's change feed into its own broker.
+"""The store's change feed into the broker: replicas follow it, a single gateway fills gaps.
 
 Every replica streams maps to the agents connected to it; a change may be made on
 any of them. The store records each change at its map version (see
@@ -12,6 +12,11 @@ commit. :class:`Follower` keeps this replica's broker at the store's head:
   past reload the whole map;
 * the listener reconnects by itself when PostgreSQL restarts, and catches up
   after it (notifications sent while it was away are lost, the rows are not).
+
+A single gateway (``replica=False``, SQLite) publishes its own commits straight to
+its broker, which applies them in version order; the follower is woken only when
+the broker holds a change ahead of a missing version (:meth:`Broker.fill_gaps`) and
+by the poll, and reads the feed to fill the gap.
 """
 
 from __future__ import annotations
@@ -60,8 +65,10 @@ class Follower:
         listen_dsn: str | None,
         poll_interval: float = 1.0,
         retry_interval: float = 0.5,
+        replica: bool = True,
     ) -> None:
         self._store, self._broker = store, broker
+        self._replica = replica
         self._dsn = listen_dsn
         self._poll, self._retry = poll_interval, retry_interval
         self._dirty = asyncio.Event()
@@ -78,7 +85,10 @@ class Follower:
 
     def start(self) -> None:
         """Start the apply loop, the poll and (PostgreSQL) the listener."""
-        self._broker.follow(self.wake)
+        if self._replica:
+            self._broker.follow(self.wake)
+        else:
+            self._broker.fill_gaps(self.wake)
         self._tasks = [
             asyncio.create_task(self._apply_loop()),
             asyncio.create_task(self._poll_loop()),
@@ -112,12 +122,13 @@ class Follower:
     async def catch_up(self) -> None:
         """Read and apply every change after the broker's version (one snapshot)."""
         found = await self._store.changes_since(self._broker.version)
-        if found is None:
-            devices = [record.device for record in await self._store.list_devices()]
+        if found is None:  # the head first: devices newer than it are only re-applied
             head = await self._store.map_version()
-            _log.warning("feed_pruned_past; reloading the whole map", head=head)
-            FEED_RELOADS.inc()
-            self._broker.load(devices, head)
+            devices = [record.device for record in await self._store.list_devices()]
+            if head > self._broker.version:  # alone, it may have gone on meanwhile
+                _log.warning("feed_pruned_past; reloading the whole map", head=head)
+                FEED_RELOADS.inc()
+                self._broker.load(devices, head)
         else:
             head, changes = found
             self._broker.apply_changes(

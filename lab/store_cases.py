@@ -16,9 +16,11 @@ from gateway.mapping.ipam import Pool
 from gateway.store import EnrollRequest, KeySpec, Store
 from lab.fakes import T0, FakeClock, new_key
 from wiregate.errors import ConfigError, Conflict, NotFound, Unauthorized
+from wiregate.model import Identity
 
 __all__ = [  # what a test module imports: the tests, and the fixtures they take
     "store",
+    "test_a_batch_keeps_the_records_of_its_writes_that_succeeded",
     "test_a_retried_enrollment_is_refused_once_the_device_connected_or_later",
     "test_an_enrollment_whose_answer_was_lost_may_be_asked_again",
     "test_changed_pool_is_refused_on_open",
@@ -244,3 +246,30 @@ async def test_a_retried_enrollment_is_refused_once_the_device_connected_or_late
     with pytest.raises(Conflict):  # another key cannot take the device over
         await store.enroll(other, third)
     assert len(await store.list_devices()) == 3
+
+
+async def test_a_batch_keeps_the_records_of_its_writes_that_succeeded(store: Store) -> None:
+    taken = new_key()
+    _, secret = await store.create_key(KeySpec())
+    await store.enroll(secret, EnrollRequest(taken, "first"))  # version 1
+    keys = [new_key(), new_key(), taken, new_key(), new_key()]  # the third is refused
+    results = await asyncio.gather(
+        *(store.enroll_identity(Identity("https://ci", f"w{i}"), ("tag:ci",),
+                                EnrollRequest(key, f"w{i}"), actor="ci", detail={})
+          for i, key in enumerate(keys)),
+        return_exceptions=True,
+    )  # fmt: skip
+    refused = results.pop(2)
+    assert isinstance(refused, Conflict) and refused.code == "duplicate_public_key"
+    enrolled = [r[0] for r in results if not isinstance(r, BaseException)]
+    assert sorted(e.version for e in enrolled) == [2, 3, 4, 5]
+    assert await store.map_version() == 5
+    found = await store.changes_since(0)
+    assert found is not None
+    head, changes = found
+    assert head == 5 and [c.version for c, _ in changes] == [1, 2, 3, 4, 5]
+    by_version = {e.version: e.record.device.id for e in enrolled}
+    assert {c.version: c.device_id for c, _ in changes if c.version > 1} == by_version
+    audited = [(a.action, a.target) for a in await store.list_audit() if a.actor == "ci"]
+    assert sorted(audited) == sorted(("device.enroll", d) for d in by_version.values())
+    assert len(await store.list_identities()) == 5  # the refused one's was rolled back

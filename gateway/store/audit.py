@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.store.batch import add_at_commit
 from gateway.store.models import AuditRow
 from wiregate.model import Identity
 
@@ -36,12 +37,16 @@ __all__ = [
     "device_actor",
     "oidc_actor",
     "query",
+    "removed_devices",
     "system_actor",
 ]
 
 ADMIN_SOCKET = "admin:socket"
 ADMIN_TOKEN = "admin:token"  # noqa: S105 (an actor name, not a secret)
 MAX_LIMIT = 1000
+#: The actions that remove a device (deleted, its identity disabled or revoked, its key
+#: expired, replaced by a re-enrollment under a new id): what relays are told of.
+REMOVALS = ("device.delete", "device.replace")
 MAX_TEXT = 1024
 _SECRET_KEY = re.compile(r"secret|token|password|passwd|private|user_code|auth_key|cookie", re.I)
 
@@ -91,7 +96,8 @@ async def add(
     target: str,
     detail: Mapping[str, str] | None = None,
 ) -> None:
-    """Add a record inside the caller's transaction (it commits with the change)."""
+    """Add a record inside the caller's transaction (it commits with the change; in a
+    group commit, with the batch's other records)."""
     row = AuditRow(
         at=at,
         actor=actor[:MAX_TEXT],
@@ -99,7 +105,7 @@ async def add(
         target=target[:MAX_TEXT],
         detail=check_detail(detail or {}),
     )
-    s.add(row)
+    add_at_commit(s, row)
 
 
 async def query(s: AsyncSession, since: float | None, limit: int) -> list[AuditRecord]:
@@ -109,3 +115,13 @@ async def query(s: AsyncSession, since: float | None, limit: int) -> list[AuditR
         stmt = stmt.where(AuditRow.at >= since)
     rows = (await s.execute(stmt.limit(max(1, min(limit, MAX_LIMIT))))).scalars()
     return [AuditRecord(r.id, r.at, r.actor, r.action, r.target, dict(r.detail)) for r in rows]
+
+
+async def removed_devices(s: AsyncSession, since: float) -> list[tuple[str, float]]:
+    """``(device id, when)`` of every device removal at or after ``since``, oldest first."""
+    stmt = (
+        select(AuditRow.target, AuditRow.at)
+        .where(AuditRow.at >= since, AuditRow.action.in_(REMOVALS))
+        .order_by(AuditRow.at, AuditRow.id)
+    )
+    return [(target, at) for target, at in (await s.execute(stmt)).tuples()]

@@ -8,6 +8,11 @@ back to its savepoint and its caller gets its error, the others are unaffected;
 every caller is answered only after the one commit, so nothing is acknowledged
 before it is durable. A write arriving alone is committed at once (no added wait).
 Results are handed back in queue order, which is the order of their map versions.
+
+Rows a write only appends (its audit records, its map-change records) are added with
+:func:`add_at_commit`: the rows of the writes that succeeded are inserted together
+just before the commit, one INSERT per table for the whole batch, and a failure there
+fails every write of the batch (none was answered yet).
 """
 
 from __future__ import annotations
@@ -22,11 +27,23 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from wiregate.errors import Conflict
 
-__all__ = ["GroupCommit", "Work"]
+__all__ = ["GroupCommit", "Work", "add_at_commit"]
 
 T = TypeVar("T")
 Work = Callable[[AsyncSession], Awaitable[T]]
 MAX_BATCH = 16  # writes per transaction (more would only lengthen its latency)
+_AT_COMMIT = "wiregate.at_commit"  # Session.info: the running write's appended rows
+
+
+def add_at_commit(s: AsyncSession, row: object) -> None:
+    """Add ``row`` (an insert nothing in the transaction reads back): in a group commit,
+    with the same rows of the batch's other writes just before the commit; otherwise at
+    once, like ``s.add``."""
+    pending: list[object] | None = s.info.get(_AT_COMMIT)
+    if pending is None:
+        s.add(row)
+    else:
+        pending.append(row)
 
 
 class GroupCommit:
@@ -51,14 +68,27 @@ class GroupCommit:
             outcomes: list[tuple[bool, Any]] = []
             try:
                 async with self._write() as s:
-                    for work, _future in batch:
-                        outcomes.append(await _attempt(s, work))
+                    outcomes = await _attempt_all(s, [work for work, _future in batch])
             except BaseException as exc:  # the commit itself failed: nobody's write is there
                 outcomes = [(False, exc)] * len(batch)
                 if not isinstance(exc, Exception):
                     _answer(batch, outcomes)
                     raise
             _answer(batch, outcomes)
+
+
+async def _attempt_all(s: AsyncSession, works: list[Work[Any]]) -> list[tuple[bool, Any]]:
+    """Each write in its savepoint, then the rows appended by those that succeeded."""
+    outcomes, appended = [], []
+    for work in works:
+        pending: list[object] = []
+        s.info[_AT_COMMIT] = pending
+        outcomes.append(await _attempt(s, work))
+        if outcomes[-1][0]:
+            appended += pending
+    del s.info[_AT_COMMIT]
+    s.add_all(appended)  # flushed by the commit
+    return outcomes
 
 
 async def _attempt(s: AsyncSession, work: Work[Any]) -> tuple[bool, Any]:

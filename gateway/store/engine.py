@@ -11,6 +11,8 @@ from typing import Any
 from sqlalchemy import event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from gateway.store._sqlite import one_trip_dbapi
+
 __all__ = ["BUSY_TIMEOUT_MS", "create_engine"]
 
 BUSY_TIMEOUT_MS = 10_000
@@ -24,14 +26,16 @@ _SQLITE_PRAGMAS = (
 
 def create_engine(url: str) -> AsyncEngine:
     """An async engine for ``url``; SQLite gets WAL, durable commits and real BEGINs,
-    PostgreSQL a pool that survives a server restart.
+    PostgreSQL a pool that survives a server restart. aiosqlite runs each statement in
+    one trip to its thread (:mod:`gateway.store._sqlite`).
 
     A SQLite database file is created 0600 (whatever the umask), and it and its
     ``-wal``/``-shm`` files are made 0600 on each new connection."""
     if url.startswith("postgresql"):
         # pre_ping: a connection the server dropped (a restart) is replaced, not used
         return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
-    engine = create_async_engine(url)
+    one_trip = make_url(url).drivername == "sqlite+aiosqlite"
+    engine = create_async_engine(url, **({"module": one_trip_dbapi()} if one_trip else {}))
     if engine.dialect.name == "sqlite":
         database = _sqlite_file(url)
         if database is not None:

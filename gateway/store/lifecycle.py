@@ -26,9 +26,11 @@ __all__ = [
     "IdentityRecord",
     "KeyLifetime",
     "abandoned_logins",
+    "add_identity",
     "ephemeral_gone",
     "expired",
     "find_identity",
+    "identity_and_device",
     "identity_devices",
     "identity_for_new_device",
     "identity_record",
@@ -98,17 +100,45 @@ async def identity_for_new_device(s: AsyncSession, identity: Identity, now: floa
     )
     found = (await s.execute(query)).first()
     if found is None:
-        row = IdentityRow(issuer=identity.issuer, subject=identity.subject, created_at=now)
-        s.add(row)
-        await s.flush()
-        return row.id
-    if found.disabled:
+        return await add_identity(s, identity, now)
+    _refuse_disabled(found.disabled)
+    return int(found.id)
+
+
+async def identity_and_device(
+    s: AsyncSession, identity: Identity, name: str
+) -> tuple[int | None, DeviceRow | None]:
+    """In one query: the row id of ``identity`` (None: new, see :func:`add_identity`) and
+    its device named ``name``, if any; :class:`Forbidden` if the identity is disabled."""
+    same_name = and_(DeviceRow.identity_id == IdentityRow.id, DeviceRow.name == name)
+    query = (
+        select(IdentityRow.id, IdentityRow.disabled, DeviceRow)
+        .outerjoin(DeviceRow, same_name)
+        .where(IdentityRow.issuer == identity.issuer, IdentityRow.subject == identity.subject)
+    )
+    found = (await s.execute(query)).tuples().first()
+    if found is None:
+        return None, None
+    identity_id, disabled, device = found
+    _refuse_disabled(disabled)
+    return int(identity_id), device
+
+
+async def add_identity(s: AsyncSession, identity: Identity, now: float) -> int:
+    """Add ``identity`` (flushed); its row id."""
+    row = IdentityRow(issuer=identity.issuer, subject=identity.subject, created_at=now)
+    s.add(row)
+    await s.flush()
+    return row.id
+
+
+def _refuse_disabled(disabled: bool) -> None:
+    if disabled:
         raise Forbidden(
             "this identity is disabled",
             code="identity_disabled",
             hint="an administrator can enable it again (wiregate admin identities enable)",
         )
-    return int(found.id)
 
 
 async def expired(s: AsyncSession, now: float) -> list[DeviceRow]:

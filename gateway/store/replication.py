@@ -25,6 +25,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.store.batch import add_at_commit
 from gateway.store.models import LeaseRow, MapChangeRow, MetaRow, RelayPairRow
 
 __all__ = [
@@ -76,9 +77,10 @@ async def record_change(
     s: AsyncSession, version: int, kind: ChangeKind, device_id: str, now: float,
     reason: str | None = None,
 ) -> None:  # fmt: skip
-    """Record that ``version`` changed ``device_id``."""
-    s.add(MapChangeRow(version=version, kind=kind.value, device_id=device_id, reason=reason,
-                       at=now))  # fmt: skip
+    """Record that ``version`` changed ``device_id`` (in a group commit, inserted with the
+    batch's other changes)."""
+    add_at_commit(s, MapChangeRow(version=version, kind=kind.value, device_id=device_id,
+                                  reason=reason, at=now))  # fmt: skip
 
 
 async def changes_since(s: AsyncSession, version: int) -> tuple[int, list[ChangeRow]] | None:

@@ -5,8 +5,9 @@ same transaction, *as its first statement*: that UPDATE takes the write lock
 (SQLite's RESERVED lock, a row lock on PostgreSQL), so map-changing
 transactions are serialized across processes and replicas, and the version
 returned is the one this change produced. Within one process an asyncio lock
-also orders writers, so a caller that hands the returned version to the broker
-without awaiting in between publishes changes in version order.
+also orders writers. Callers hand a change to the broker after its commit, so
+concurrent callers may hand theirs over out of version order; the broker puts
+them back in order (see :mod:`gateway.mapping.broker`).
 
 Any error rolls the whole transaction back: a refused request changes nothing.
 """
@@ -174,6 +175,12 @@ class Store:
         async with self._sessions() as s:
             return await audit.query(s, since, limit)
 
+    async def removed_devices(self, since: float) -> list[tuple[str, float]]:
+        """``(device id, when)`` of the devices removed at or after ``since`` (deleted,
+        disabled, expired, replaced), oldest first: what relays must stop admitting."""
+        async with self._sessions() as s:
+            return await audit.removed_devices(s, since)
+
     # -- map-changing writes ---------------------------------------------------
 
     async def enroll(self, secret: str, request: EnrollRequest) -> Enrolled:
@@ -191,11 +198,12 @@ class Store:
                 retried = await self._retried_enrollment(s, found, request, token, now)
                 if retried is not None:
                     return retried
-            version = await self._bump(s)
+            version, cursor = await self._bump_for_device(s)
             key = await self._consume_key(s, found, now)
             identity = Identity(ENROLLMENT_ISSUER, key.id)
             grant = Grant(identity, tuple(key.tags), key.ephemeral)
-            row = await self._add_device(s, request, grant, token, now)
+            identity_id = await lifecycle.identity_for_new_device(s, identity, now)
+            row = await self._add_device(s, request, grant, (token, now), (identity_id, cursor))
             if key.device_key_expiry is not None:
                 row.expires_at = now + key.device_key_expiry
             detail = {"key_id": key.id, "name": row.name, "public_key": row.public_key}
@@ -230,7 +238,7 @@ class Store:
 
         async def work(s: AsyncSession) -> tuple[Enrolled, Removal | None]:
             removed = None
-            old = await self._device_named(s, identity, request.name)
+            known, old = await lifecycle.identity_and_device(s, identity, request.name)
             if old is not None:
                 removed = Removal(old.id, await self._bump(s), "replaced by a re-enrollment")
                 await repl.record_change(s, removed.version, REMOVE, old.id, now, removed.reason)
@@ -238,9 +246,12 @@ class Store:
                 await s.flush()
                 await audit.add(s, now, actor, "device.replace", old.id,
                                 {"name": old.name, "public_key": old.public_key})  # fmt: skip
-            version = await self._bump(s)
+            version, cursor = await self._bump_for_device(s)
+            identity_id = (
+                known if known is not None else await lifecycle.add_identity(s, identity, now)
+            )
             grant = Grant(identity, tuple(dict.fromkeys(tags)), False)
-            row = await self._add_device(s, request, grant, token, now)
+            row = await self._add_device(s, request, grant, (token, now), (identity_id, cursor))
             await audit.add(s, now, actor, "device.enroll", row.id,
                             {**detail, "name": row.name, "public_key": row.public_key,
                              "tags": ",".join(grant.tags)})  # fmt: skip
@@ -281,17 +292,6 @@ class Store:
         version = (await s.execute(select(MetaRow.map_version))).scalar_one()
         _log.info("device_enroll_retried", device_id=row.id, key_id=key.id)
         return Enrolled(device_record(row, Identity(issuer, subject)), token, version)
-
-    async def _device_named(
-        self, s: AsyncSession, identity: Identity, name: str
-    ) -> DeviceRow | None:
-        query = (
-            select(DeviceRow)
-            .join(IdentityRow, DeviceRow.identity_id == IdentityRow.id)
-            .where(IdentityRow.issuer == identity.issuer, IdentityRow.subject == identity.subject)
-            .where(DeviceRow.name == name)
-        )
-        return (await s.execute(query)).scalars().first()
 
     async def delete_device(self, device_id: str, *, actor: str = UNATTRIBUTED) -> int:
         """Delete a device (its addresses return to the pool); the new map version."""
@@ -441,13 +441,15 @@ class Store:
         ``actor`` is who approved (default: ``identity`` itself, signed in with OIDC).
         """
         async with self._write() as s:
-            version = await self._bump(s)
+            version, cursor = await self._bump_for_device(s)
             row = await logins.advance(s, request_id, Event.APPROVE, now,
                                        approved_by_issuer=identity.issuer,
                                        approved_by_subject=identity.subject)  # fmt: skip
             request = EnrollRequest(row.public_key, row.name, keepalive=keepalive)
             grant = Grant(identity, tuple(dict.fromkeys(tags)), False)
-            device = await self._add_device(s, request, grant, generate_device_token(), now)
+            identity_id = await lifecycle.identity_for_new_device(s, identity, now)
+            device = await self._add_device(s, request, grant, (generate_device_token(), now),
+                                            (identity_id, cursor))  # fmt: skip
             row.device_id = device.id
             await audit.add(s, now, actor or oidc_actor(identity), "login.approve", request_id,
                             {"device_id": device.id, "issuer": identity.issuer,
@@ -699,11 +701,16 @@ class Store:
                 )
 
     async def _bump(self, s: AsyncSession) -> int:
+        return (await self._bump_for_device(s))[0]
+
+    async def _bump_for_device(self, s: AsyncSession) -> tuple[int, int]:
+        """Take the next map version; it and the IPAM cursor (in the same statement)."""
         stmt = update(MetaRow).where(MetaRow.id == 1)
-        bumped = stmt.values(map_version=MetaRow.map_version + 1).returning(MetaRow.map_version)
-        version: int = (await s.execute(bumped)).scalar_one()
+        stmt = stmt.values(map_version=MetaRow.map_version + 1)
+        bumped = stmt.returning(MetaRow.map_version, MetaRow.ipam_cursor)
+        version, cursor = (await s.execute(bumped)).tuples().one()
         await repl.notify(s, version)
-        return version
+        return version, cursor
 
     async def _key_for(self, s: AsyncSession, secret: str) -> EnrollmentKeyRow | None:
         """The enrollment key whose secret is ``secret``, if there is one."""
@@ -728,12 +735,15 @@ class Store:
         return row
 
     async def _add_device(
-        self, s: AsyncSession, request: EnrollRequest, grant: Grant, token: str, now: float
-    ) -> DeviceRow:
-        """The one enrollment path: refuse a disabled identity and a key any device ever
-        had, allocate, add (flushed); the key's expiry comes from :meth:`set_key_lifetime`."""
-        identity_id = await lifecycle.identity_for_new_device(s, grant.identity, now)
-        row = new_device(request, grant, await self._allocate(s), token, now)
+        self, s: AsyncSession, request: EnrollRequest, grant: Grant,
+        issued: tuple[str, float], place: tuple[int, int],
+    ) -> DeviceRow:  # fmt: skip
+        """The one enrollment path, after the identity was checked (not disabled; its
+        row id and the IPAM cursor are ``place``): refuse a key any device ever had,
+        allocate, add (flushed) with the token issued at ``now``; the key's expiry
+        comes from :meth:`set_key_lifetime`."""
+        (token, now), (identity_id, cursor) = issued, place
+        row = new_device(request, grant, await self._allocate(s, cursor), token, now)
         lifetime = self._key_lifetime(grant.identity, grant.tags)
         row.expires_at = None if lifetime is None else now + lifetime
         row.identity_id = identity_id
@@ -742,18 +752,18 @@ class Store:
         await s.flush()
         return row
 
-    async def _allocate(self, s: AsyncSession) -> Allocation:
-        """The next free address after the cursor: the indexes just after it are read
-        first (an indexed range), every index only when those are all taken."""
-        meta = await s.get_one(MetaRow, 1, populate_existing=True)
-        start = meta.ipam_cursor % self._pool.size if meta.ipam_cursor > 0 else 0
+    async def _allocate(self, s: AsyncSession, cursor: int) -> Allocation:
+        """The next free address after ``cursor`` (read by this transaction's bump), which
+        moves to it: the indexes just after it are read first (an indexed range), every
+        index only when those are all taken."""
+        start = cursor % self._pool.size if cursor > 0 else 0
         end = min(start + _ALLOCATION_WINDOW, self._pool.size)
         near = select(DeviceRow.ip_index).where(DeviceRow.ip_index > start)
         in_use = set((await s.execute(near.where(DeviceRow.ip_index <= end))).scalars())
         if len(in_use) >= end - start:  # nothing free right after the cursor: look at all
             in_use = set((await s.execute(select(DeviceRow.ip_index))).scalars())
-        allocation = allocate(self._pool, in_use, meta.ipam_cursor)
-        meta.ipam_cursor = allocation.index
+        allocation = allocate(self._pool, in_use, cursor)
+        await s.execute(update(MetaRow).where(MetaRow.id == 1).values(ipam_cursor=allocation.index))
         return allocation
 
     async def _one_device(self, where: ColumnElement[bool]) -> DeviceRecord:

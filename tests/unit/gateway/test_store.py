@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from gateway.store import KeySpec, Store
 from gateway.store.engine import create_engine
@@ -61,3 +63,33 @@ async def test_sqlite_files_are_private_whatever_the_umask(tmp_path: Path) -> No
         assert stat.S_IMODE(database.stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+async def test_sqlite_statements_take_one_trip_to_the_driver_thread(tmp_path: Path) -> None:
+    engine = create_engine(url(tmp_path))
+    try:
+        async with engine.begin() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            submit, trips = driver._execute, []
+
+            async def counted(fn: Any, *args: Any) -> Any:
+                trips.append(fn)
+                return await submit(fn, *args)
+
+            driver._execute = counted
+            await conn.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE)"))
+            done = await conn.execute(text("INSERT INTO t (v) VALUES ('a')"))
+            assert done.rowcount == 1 and done.lastrowid == 1
+            many = await conn.execute(
+                text("INSERT INTO t (v) VALUES (:v)"), [{"v": "b"}, {"v": "c"}]
+            )
+            assert many.rowcount == 2
+            rows = await conn.execute(text("SELECT id, v FROM t ORDER BY id"))
+            assert list(rows.keys()) == ["id", "v"]
+            assert [tuple(r) for r in rows] == [(1, "a"), (2, "b"), (3, "c")]
+            assert len(trips) == 4  # one per statement
+            with pytest.raises(IntegrityError):
+                await conn.execute(text("INSERT INTO t (v) VALUES ('a')"))
+    finally:
+        await engine.dispose()

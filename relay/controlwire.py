@@ -85,6 +85,7 @@ REASONS = (
     "device_quota",
     "relay_full",
     "replay_cache_full",
+    "ticket_revoked",
 )
 
 

@@ -28,6 +28,9 @@ larger than the request, and is never sent to a forbidden address
 limited. Forwarding needs a bound source, a bound peer, WireGuard's exact shape,
 a handshake mac1 keyed with the peer's public key and bandwidth left in the
 sending device's token bucket. Without verify keys nothing is admitted.
+The gateway's revocation list (:meth:`Relay.revoke`, :mod:`relay.revocations`)
+releases every allocation of a removed device and refuses tickets naming it that
+were issued before its removal (``ticket_revoked``).
 Every outcome, forwarded or dropped, is counted under a label of :data:`OUTCOMES`
 (plain integers in :attr:`Relay.counters`, read by the metrics on scrape).
 
@@ -43,7 +46,7 @@ from __future__ import annotations
 import hmac
 import operator
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice, repeat
 
@@ -79,6 +82,7 @@ from relay.filters import (
     wireguard_type,
 )
 from relay.pool import Addr, Allocation, AllocationPool, AllocationView, Bucket, PoolExhausted
+from relay.revocations import Revoked
 from relay.stun_core import RateLimiter
 from relay.tickets import PairKey, Ticket, TrustedSigner, parse_ticket, ticket_id_of
 
@@ -92,6 +96,7 @@ OUTCOMES = (
     "bound",
     "forwarded",
     "idle_expired",
+    "revoked",
     "bad_source",
     "forbidden_destination",
     "rate_limited",
@@ -191,6 +196,7 @@ class Relay:
             burst=config.burst_bytes,
         )
         self._replay: dict[bytes, float] = {}
+        self._revoked: Revoked = {}  # (tenant, device id) -> when the gateway removed it
         self.counters: Counter[str] = Counter()
         self.forwarded_bytes = 0  # WireGuard bytes forwarded (exported on scrape)
         self._ips: dict[str, IPAddress] = {}  # source host text -> address, bounded
@@ -220,6 +226,20 @@ class Relay:
         if idle and self.on_change is not None:
             self.on_change()
         return len(idle)
+
+    def revoke(self, revoked: Mapping[tuple[str, str], float]) -> int:
+        """Trust the gateway's list of removed devices (``(tenant, device id)`` -> when)
+        from now on, in place of the last: release every allocation either side of which
+        is listed, refuse tickets naming one that were issued before its removal. How
+        many allocations were released (each counted ``revoked``)."""
+        self._revoked = dict(revoked)
+        doomed = [a for a in self._pool if any(s.device in self._revoked for s in a.sides)]
+        for alloc in doomed:
+            self._pool.release(alloc)
+            self._count("revoked")
+        if doomed and self.on_change is not None:
+            self.on_change()
+        return len(doomed)
 
     def touch(self, pairs: Collection[PairKey], now: float) -> None:
         """Mark ``pairs`` active at ``now`` (traffic the kernel forwarded for them)."""
@@ -346,6 +366,10 @@ class Relay:
         )
         if ticket.ticket_id in self._replay:
             raise ReplayedTicket("ticket already used")
+        for node in (ticket.node_a, ticket.node_b):
+            revoked_at = self._revoked.get((ticket.tenant, node.device_id))
+            if revoked_at is not None and ticket.issued_at < revoked_at:
+                raise _Refusal("ticket_revoked")
         return ticket
 
     # --- relay ports: bind and confirm ------------------------------------------------------

@@ -128,6 +128,21 @@ _SCHEMAS: dict[str, Any] = {
             }
         }
     ),
+    "RelayRevocations": _obj(
+        {
+            "revoked": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "tenant": _STR,
+                        "device_id": _STR,
+                        "revoked_at": {"type": "number", "description": "unix seconds"},
+                    }
+                ),
+            },
+            "window": {"type": "integer", "description": "seconds a removal stays listed"},
+        }
+    ),
     "TicketRequest": _obj(
         {
             "peer": {"type": "string", "description": "the peer's device id"},
@@ -367,6 +382,16 @@ _PATHS: dict[str, Any] = {
             "summary": "The gateway's relay ticket signers, as a relay's verify_keys_file",
             "security": [],
             "responses": {"200": _json(_ref("RelaySigners"), "signers")},
+        }
+    },
+    "/api/v1/relay/revocations": {
+        "get": {
+            "summary": "Devices removed lately, for relays (conditional GET with ETag)",
+            "security": [],
+            "responses": {
+                "200": _json(_ref("RelayRevocations"), "devices removed in the window"),
+                "304": {"description": "unchanged since the If-None-Match ETag"},
+            },
         }
     },
     "/api/v1/relay/tickets": {

@@ -1,7 +1,14 @@
 """Relay routes: the gateway's ticket signers (for relays), relay tickets and relay health.
 
 ``GET /api/v1/relay/signers`` serves the public key in the exact format of a
-relay's ``verify_keys_file``. ``POST /api/v1/relay/tickets`` gives an enrolled
+relay's ``verify_keys_file``. ``GET /api/v1/relay/revocations`` lists the devices
+removed (deleted, disabled, expired, replaced) within the last
+:data:`relay.revocations.WINDOW` seconds, in the format of
+:mod:`relay.revocations`, with an ETag: relays poll it every second or so and a
+``If-None-Match`` of the current list is answered ``304`` with no body. The list
+is read from the store (the audit log of removals, shared by every replica) at
+most every :data:`REVOCATIONS_CACHE` seconds per replica, whatever the number of
+relays polling. ``POST /api/v1/relay/tickets`` gives an enrolled
 device (device bearer token, as on the stream) a signed ticket to reach a peer
 through a relay, if the policy lets the two peer; the relay is the pair's
 current one or, for a new pair or after a failure, the least loaded relay that
@@ -19,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
+import json
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Annotated
@@ -36,6 +45,7 @@ from gateway.api.common import (
 )
 from gateway.appkeys import (
     BROKER,
+    CLOCK,
     METRICS,
     RELAY_MONITOR,
     RELAY_PROBE,
@@ -55,6 +65,7 @@ from gateway.relays import (
 )
 from relay.client.probe import ping_relay
 from relay.endpoints import RelayEndpoint, parse_relays
+from relay.revocations import WINDOW, build_revocations
 from relay.tickets import DEFAULT_LIFETIME
 from wiregate.errors import BadInput, Forbidden, Unauthorized
 from wiregate.logging import get_logger
@@ -62,6 +73,8 @@ from wiregate.model import Device
 
 __all__ = [
     "MAX_AVOID",
+    "REVOCATIONS_CACHE",
+    "RevocationList",
     "TicketBody",
     "routes",
     "setup",
@@ -69,6 +82,7 @@ __all__ = [
 
 routes = web.RouteTableDef()
 MAX_AVOID = 8
+REVOCATIONS_CACHE = 0.5  # seconds a replica serves the same revocation list
 _log = get_logger("gateway.api.relay")
 
 RelayId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
@@ -96,6 +110,7 @@ async def _relay_state(app: web.Application) -> AsyncIterator[None]:
     probe = app.get(RELAY_PROBE, ping_relay)
     monitor = RelayMonitor(selector, probe, settings.relay_probe_interval)
     app[RELAY_SELECTOR], app[RELAY_MONITOR] = selector, monitor
+    app[REVOCATIONS] = RevocationList()
     registry, collector = app[METRICS], _RelayCollector(selector)
     registry.register(collector)
     task = asyncio.create_task(monitor.run(), name="relay-monitor")
@@ -136,6 +151,46 @@ class _RelayCollector(Collector):
 async def signers(request: web.Request) -> web.Response:
     """The public keys relays should trust, as a relay's ``verify_keys_file``."""
     return web.json_response(request.app[RELAY_SIGNER].signers_document())
+
+
+class RevocationList:
+    """The revocation document as last read from the store, its ETag, and when it was read."""
+
+    def __init__(self, ttl: float = REVOCATIONS_CACHE) -> None:
+        self.ttl, self.body, self.etag, self._read_at = ttl, b"", "", -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def current(self, request: web.Request) -> tuple[bytes, str]:
+        """The body and ETag, read again if older than ``ttl`` seconds."""
+        async with self._lock:
+            now = time.monotonic()
+            if now - self._read_at >= self.ttl:
+                tenant = request.app[RELAY_SIGNER].tenant
+                since = request.app[CLOCK]() - WINDOW  # the store's clock
+                removed = await request.app[STORE].removed_devices(since)
+                doc = build_revocations((tenant, device, at) for device, at in removed)
+                self.body = json.dumps(doc, separators=(",", ":")).encode()
+                self.etag = '"' + hashlib.sha256(self.body).hexdigest()[:32] + '"'
+                self._read_at = now
+            return self.body, self.etag
+
+
+REVOCATIONS = web.AppKey("relay_revocations", RevocationList)
+
+
+@routes.get("/api/v1/relay/revocations")
+async def revocations(request: web.Request) -> web.Response:
+    """Devices removed lately, for relays to release and refuse (conditional GET)."""
+    body, etag = await request.app[REVOCATIONS].current(request)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _matches(request.headers.get("If-None-Match", ""), etag):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+def _matches(if_none_match: str, etag: str) -> bool:
+    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return etag in tags or "*" in tags
 
 
 @routes.get("/api/v1/relays")

@@ -89,6 +89,9 @@ class ForwardingSettings:
     signers_ca_file: Path | None = None
     signers_refresh: float = 60.0  # seconds between fetches once the signers are known
     signers_retry: float = 1.0  # first delay after a failed fetch (doubles, up to 30 s)
+    # seconds between conditional fetches of the gateway's revocation document (next to
+    # signers_url): a removed device loses its allocations within about this long
+    revocations_refresh: float = 1.0
     forward_path: str = "userspace"  # "auto" | "kernel" | "userspace" (relay.aio.kernelpath)
 
 
@@ -161,6 +164,14 @@ class RelayForwarder:
         self._verify_keys = tuple(signers)
         if self.core is not None:
             self.core.verify_keys = list(signers)
+
+    def revoke(self, revoked: Mapping[tuple[str, str], float]) -> None:
+        """Apply the gateway's list of removed devices (:meth:`Relay.revoke`); the kernel
+        path follows the released allocations at its next reconcile, started at once."""
+        if self.core is not None:
+            released = self.core.revoke(revoked)
+            if released:
+                log.info("relay allocations revoked", released=released, devices=len(revoked))
 
     def received(self, data: bytes, src: tuple[str, int], port: int) -> None:
         """One datagram in; whatever the core returns, out."""

@@ -215,6 +215,8 @@ class RelayServer:
                 ca_file=fwd.signers_ca_file,
                 refresh=fwd.signers_refresh,
                 retry=fwd.signers_retry,
+                revoke=self.forwarder.revoke,
+                revocations_refresh=fwd.revocations_refresh,
             )
             self.signers.start()
 

@@ -12,7 +12,10 @@ relayed by ``wiregate relay`` in the lab's internet namespace with tickets signe
 * idle expiry removes the pair's rules (the tunnel stops);
 * a relay killed with -9 leaves its table; restarted, it replaces it, the old pair
   no longer passes, and the agents' rebind brings it back through the kernel;
-* a table deleted underneath is rebuilt; SIGTERM removes it.
+* a table deleted underneath is rebuilt; SIGTERM removes it;
+* a device revoked at the gateway (the revocation document next to the signers,
+  served here by a small aiohttp server) loses the pair's nftables elements and its
+  tunnel within :data:`REVOCATION_BOUND` seconds, and its older tickets are refused.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ CONTROL = 3480
 WG_PORT = 51820
 TENANT = "default"
 TUNNEL = {"a": "10.77.0.1", "b": "10.77.0.2"}
+GATEWAY = "127.0.0.1:8089"  # the documents' server, in the relay's namespace
+#: Revocation at the gateway -> the pair's rules gone: one 1 s poll of the revocation
+#: document, the fetch, and one nftables transaction with its conntrack flush
+#: (docs/operations.md, "Revoking a device at the relays").
+REVOCATION_BOUND = 2.5
 
 
 @dataclass
@@ -56,7 +64,7 @@ def start_relay(lab: Lab, key: SigningKey, **settings: Any) -> Process:
     public = base64.b64encode(bytes(key.verify_key)).decode()
     keys = lab.workdir / "relay-signers.json"
     keys.write_text(json.dumps({"signers": [{"public_key": public, "tenants": [TENANT]}]}))
-    doc = {
+    doc: dict[str, Any] = {
         "relay_id": "r1",
         "relay_listen": f"{RELAY}:{CONTROL}",
         "relay_ports": "40000-40009",
@@ -66,6 +74,8 @@ def start_relay(lab: Lab, key: SigningKey, **settings: Any) -> Process:
         "forward_path": "kernel",
         **settings,
     }
+    if "signers_url" in settings:
+        del doc["verify_keys_file"]
     config = lab.workdir / "relay.toml"
     config.write_text("[relay]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in doc.items()))
     cmd = [*wiregate_command(), "relay", "--config", str(config)]
@@ -323,3 +333,76 @@ def test_quota_expiry_and_restart_after_kill(lab: Lab, key: SigningKey) -> None:
     relay.signal(signal.SIGTERM)
     relay.wait(15)
     assert table(lab) == {}
+
+
+_DOCUMENTS = """
+import hashlib, pathlib, sys
+from aiohttp import web
+root = pathlib.Path(sys.argv[1])
+
+async def serve(request):
+    body = (root / request.match_info["name"]).read_bytes()
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers={"ETag": etag})
+    return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
+
+app = web.Application()
+app.router.add_get("/api/v1/relay/{name:signers|revocations}", serve)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), print=None)
+"""
+
+
+def serve_documents(lab: Lab, key: SigningKey) -> Any:
+    """The gateway's signers and (empty) revocation documents, from files in a directory."""
+    root = lab.workdir / "gateway-documents"
+    root.mkdir(exist_ok=True)
+    public = base64.b64encode(bytes(key.verify_key)).decode()
+    (root / "signers").write_text(
+        json.dumps({"signers": [{"public_key": public, "tenants": [TENANT]}]})
+    )
+    (root / "revocations").write_text(json.dumps({"revoked": [], "window": 360}))
+    port = GATEWAY.rsplit(":", 1)[1]
+    lab.internet.spawn([sys.executable, "-c", _DOCUMENTS, str(root), port], name="documents")
+    url = f"http://{GATEWAY}/api/v1/relay/signers"
+    poll(
+        lambda: lab.internet.run(["curl", "-sf", "-m", "2", url], check=False).returncode == 0,
+        timeout=15,
+        what="documents served",
+    )
+    return root
+
+
+def test_a_revoked_device_loses_its_kernel_rules_within_the_bound(
+    lab: Lab, key: SigningKey
+) -> None:
+    root = serve_documents(lab, key)
+    relay = start_relay(lab, key, signers_url=f"http://{GATEWAY}/api/v1/relay/signers")
+    poll(lambda: "relay signers loaded" in relay.output(), timeout=15, what="signers loaded")
+    a, b = make_peer(lab, "a"), make_peer(lab, "b")
+    early = issue_pair(key, relay_id="r1", tenant=TENANT, node_a=a.node, node_b=b.node,
+                       now=time.time() - 2)  # fmt: skip
+    bind_pair(key, a, b)
+    assert pings(a, "b"), relay.output(tail=2000)
+    poll(lambda: len(set_elements(lab, "kernel_ports")) == 2, timeout=10, what="pair installed")
+
+    # b is removed at the gateway: the relay's next poll releases the pair, the kernel
+    # path's reconcile deletes its elements and conntrack entries; the tunnel stops
+    revoked = {"tenant": TENANT, "device_id": b.node.device_id, "revoked_at": time.time()}
+    (root / "revocations").write_text(json.dumps({"revoked": [revoked], "window": 360}))
+    started = time.monotonic()
+    poll(lambda: not set_elements(lab, "kernel_ports"), timeout=10, interval=0.05,
+         what="revoked pair's rules removed")  # fmt: skip
+    latency = time.monotonic() - started
+    assert latency < REVOCATION_BOUND, latency
+    assert not side_counters(lab)
+    assert not pings(a, "b", count=3)
+    assert metric(lab, 'wiregate_relay_datagrams_total{outcome="revoked"}') == 1
+
+    # a ticket naming b issued before the removal is refused (it may not bind again)
+    out = a.host.run([sys.executable, "-c", _BIND, RELAY, str(CONTROL), str(WG_PORT)],
+                     input=early[0].hex(), timeout=30, check=False)  # fmt: skip
+    assert out.returncode != 0 and "ticket_revoked" in out.stdout + out.stderr, out
+    assert metric(lab, 'wiregate_relay_datagrams_total{outcome="ticket_revoked"}') >= 1
+    assert not set_elements(lab, "kernel_ports")
+    print(f"revocation to rules removed: {latency:.2f} s")

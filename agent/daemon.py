@@ -198,9 +198,14 @@ class Agent:
         def udp_blocked() -> bool:
             return self.netreport is not None and self.netreport.nat_type is NatType.UDP_BLOCKED
 
+        def udp_silent(relay_id: str) -> bool:  # netcheck: UDP blocked, that relay silent too
+            relays = self.netreport.relays if self.netreport is not None and udp_blocked() else ()
+            return any(r.relay.id == relay_id and not r.reachable for r in relays)
+
         # a relay that does not answer over UDP is reached over TLS/TCP when it has an address
         tcp = TcpFallback(udp_bind=bind, udp_probe=probe, wg_port=s.listen_port,
-                          ca_file=s.ca_file, udp_blocked=udp_blocked)  # fmt: skip
+                          ca_file=s.ca_file, udp_blocked=udp_blocked,
+                          udp_silent=udp_silent)  # fmt: skip
 
         async def read_status() -> Sequence[PeerStatus]:
             assert self.dataplane is not None

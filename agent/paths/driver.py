@@ -11,7 +11,8 @@ the endpoint its machine chose (the data plane then writes only what changed).
 ticks, and runs one relay session per peer that needs a relay: a ticket from
 the gateway, the binding at the relay (:func:`~agent.paths.relaylink.bind_at_relay`),
 then a liveness probe of the relay every ``ping_interval`` and a fresh binding
-every ``rebind_interval`` (which also repairs a changed NAT mapping). A relay
+every ``rebind_interval`` (which also repairs a changed NAT mapping), sooner while
+the peer has not bound yet (see :meth:`PathRunner._next_rebind`). A relay
 that stops answering is reported as failed and avoided on the next request, so
 the gateway moves the pair to another relay.
 """
@@ -147,20 +148,20 @@ class PathBook:
         return any(m.state in _PROBING for m in self.machines.values())
 
     def needs_reset(self, action: SetEndpoint) -> bool:
-        """Whether probing ``action``'s endpoint needs a fresh WireGuard session.
+        """Whether ``action``'s endpoint needs a fresh WireGuard session.
 
         A handshake is the proof that a direct candidate works, and WireGuard only
         shakes hands when it has no session (or an old one), and retries a pending
         handshake only every 5 s, towards whatever endpoint is set by then. So for
         each probe (and each kick of a probe, see PathTimers.kick) the peer is removed
         and re-added, which makes WireGuard shake hands at once (persistent keepalive)
-        towards the endpoint being probed. Not for a private address on a network of
-        neither side: the reset would only destroy the session the peer may be setting
-        up from its side (see PathMachine.wants_fresh_handshake)."""
+        towards the endpoint being probed; likewise when the relay's endpoint (UDP or
+        TCP) is set, and at its kicks until a handshake goes through it. Not for a
+        private address on a network of neither side: the reset would only destroy
+        the session the peer may be setting up from its side (see
+        PathMachine.wants_fresh_handshake)."""
         machine = self.machines.get(action.peer_id)
-        if machine is None or machine.state not in _DIRECT_PROBES:
-            return False
-        return machine.wants_fresh_handshake()
+        return machine is not None and machine.wants_fresh_handshake()
 
     def shape(self, netmap: NetMap) -> NetMap:
         """``netmap`` with each peer's endpoint set to the one its machine chose
@@ -376,7 +377,8 @@ class PathRunner:
             return
         self._bindings[peer_id] = binding
         await self.perform(self.book.relay_ready(peer_id, binding, self._clock()))
-        misses, rebind_at = 0, self._clock() + hooks.rebind_interval
+        misses, waits = 0, 0
+        rebind_at = self._next_rebind(binding, waits)
         generation = self._generation
         while True:
             await asyncio.sleep(hooks.ping_interval)
@@ -401,7 +403,20 @@ class PathRunner:
                     hooks.release(fresh)
                     await self._failed(peer_id, f"relay moved to {fresh.relay_id} {fresh.endpoint}")
                     return
-                rebind_at = self._clock() + hooks.rebind_interval
+                binding = self._bindings[peer_id] = fresh
+                waits = 0 if binding.peer_bound else waits + 1
+                rebind_at = self._next_rebind(binding, waits)
+
+    def _next_rebind(self, binding: RelayBinding, waits: int) -> float:
+        """When to bind again: after ``rebind_interval``; sooner while the peer has not
+        bound yet (``ping_interval``, doubling), so the waiting side keeps its allocation
+        alive (the relay expires one that forwards nothing) and follows a pair the
+        gateway moved to another relay within seconds, not a minute."""
+        hooks = self.hooks
+        wait = hooks.rebind_interval
+        if not binding.peer_bound:
+            wait = min(wait, hooks.ping_interval * 2**waits)
+        return self._clock() + wait
 
     async def _bind(self, peer_id: str, avoid: _Avoid) -> RelayBinding:
         grant = await self.hooks.ticket(peer_id, avoid.current(self._clock()))

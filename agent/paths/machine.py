@@ -25,7 +25,11 @@ Every transition is a row of :data:`TRANSITIONS`: ``(state, event kind)`` -> a
 refuses any other outcome, and the table covers every (state, kind) pair.
 
 Direct is skipped up front when pointless (either side ``udp-blocked``, or both
-``symmetric`` with no shared local network). A handshake counts as evidence for
+``symmetric`` with no shared local network), and a probe ends at once when a NAT
+type learnt meanwhile (ours from netcheck, the peer's from the map) makes it so.
+Setting the relay's endpoint (UDP or TCP) restarts WireGuard's handshake there
+with the probes' kicks, until a handshake goes through it or ``probe_timeout``
+has passed. A handshake counts as evidence for
 a direct candidate only if it is newer than the moment that endpoint was set
 and, when the device reports it, the peer's live endpoint is still that one (an
 authenticated packet from the relay would make WireGuard roam to it). A live
@@ -136,6 +140,7 @@ _PATHS: dict[PathState, PathKind] = {
 }
 _RELAYED = frozenset({PathState.RELAYED, PathState.RELAYED_TCP})
 _PROBES = frozenset({PathState.PROBING_DIRECT, PathState.RETRY_DIRECT})
+_KICKED = _PROBES | _RELAYED  # states whose endpoint may be kicked (see _kick)
 _UNDECIDED = frozenset(set(PathState) - {PathState.IDLE, PathState.DIRECT})
 
 
@@ -197,7 +202,10 @@ class PathMachine:
             return self._asked_at + t.relay_timeout
         if state is PathState.FAILED:  # on the wall-clock grid, like retries (see there)
             return math.ceil((self._since + self._backoff) / self._backoff) * self._backoff
-        return self._retry_at if state in _RELAYED else None
+        if state in _RELAYED:
+            due = [d for d in (self._retry_at, self._kick_at) if d is not None]
+            return min(due, default=None)
+        return None
 
     def explain(self) -> PathReport:
         """The path to this peer and why, for ``wiregate status``."""
@@ -278,35 +286,53 @@ class PathMachine:
             deadline = self.next_deadline()
             if deadline is None or deadline > self._now:
                 return
-            if not kicks and deadline == self._kick_at and self.state in _PROBES:
+            if not kicks and deadline == self._kick_at and self.state in _KICKED:
                 return
             self._apply(Tick(self._now))
 
     # -- helpers used by the handlers ------------------------------------------------
 
-    def _set_endpoint(self, endpoint: str) -> None:
+    def _set_endpoint(self, endpoint: str, kicks: bool | None = None) -> None:
+        """Program ``endpoint``; ``kicks``: restart the handshake there every ``kick``
+        seconds until a handshake or the probe window's end (None: if the candidate is
+        worth it, see :func:`~agent.paths.vocabulary.worth_kicking`)."""
         self._endpoint, self._endpoint_at = endpoint, self._now
         self._out.append(SetEndpoint(self.peer_id, endpoint))
-        kicks = worth_kicking(self._ranked.rank_of(endpoint), self._peer.nat)
-        self._kick_at = self._now + self.timers.kick if kicks else None
+        if kicks is None:
+            kicks = worth_kicking(self._ranked.rank_of(endpoint), self._peer.nat)
+        self._kick_at = None
+        if kicks:
+            self._next_kick()
+
+    def _next_kick(self) -> None:
+        """Schedule the next kick, if it falls before the probe window's end."""
+        at, end = self._now + self.timers.kick, self._endpoint_at + self.timers.probe_timeout
+        self._kick_at = at if at < end else None
 
     def _kick(self) -> bool:
-        """Restart WireGuard's handshake towards the candidate being probed, if a kick
-        is due before the probe ends (the peer may have installed us only since our
-        first initiation, which WireGuard would retransmit only after 5 s)."""
-        end = self._endpoint_at + self.timers.probe_timeout
-        if self._kick_at is None or self._kick_at > self._now or self._now >= end:
+        """Restart WireGuard's handshake towards the endpoint just set, if a kick is due
+        (the peer may have installed us, or bound at the relay, only since our first
+        initiation, which WireGuard would retransmit only after 5 s)."""
+        if self._kick_at is None or self._kick_at > self._now:
+            return False
+        if self._now >= self._endpoint_at + self.timers.probe_timeout:  # the window is over
+            self._kick_at = None
             return False
         assert self._endpoint is not None
         self._out.append(SetEndpoint(self.peer_id, self._endpoint))
-        self._kick_at = self._now + self.timers.kick
+        self._next_kick()
         return True
 
     def wants_fresh_handshake(self) -> bool:
-        """Whether the candidate being probed is worth a fresh WireGuard session (the
-        driver then removes and re-adds the peer). A private address on a network of
-        neither side is not: resetting for it would only destroy the session the peer
-        may be setting up from its side."""
+        """Whether the endpoint just set (or kicked) is worth a fresh WireGuard session
+        (the driver then removes and re-adds the peer): a direct candidate being probed
+        that is worth it, or the relay until a handshake through it. A private address
+        on a network of neither side is not: resetting for it would only destroy the
+        session the peer may be setting up from its side."""
+        if self.state in _RELAYED:
+            return self._kick_at is not None
+        if self.state not in _PROBES:
+            return False
         return worth_kicking(self._ranked.rank_of(self._endpoint), self._peer.nat)
 
     def _retry_plausible(self) -> bool:
@@ -350,9 +376,11 @@ class PathMachine:
         return PathState.RELAY_PENDING
 
     def _enter_relayed(self) -> PathState:
+        """Move to the relay's endpoint, restarting the handshake there (kicks) until
+        one goes through it: a pending initiation would wait WireGuard's 5 s retry."""
         assert self._relay_endpoint is not None
         if self._endpoint != self._relay_endpoint:
-            self._set_endpoint(self._relay_endpoint)
+            self._set_endpoint(self._relay_endpoint, kicks=True)
         self._schedule_retry(self._backoff)
         return PathState.RELAYED_TCP if self._via_tcp else PathState.RELAYED
 
@@ -439,6 +467,14 @@ def _record_local(m: PathMachine, event: LocalNat) -> PathState:
     return m.state
 
 
+def _local_while_probing(m: PathMachine, event: LocalNat) -> PathState:
+    """Our NAT type learnt while probing: to the relay at once when it makes direct
+    pointless (see :func:`~agent.paths.vocabulary.blocker`), else go on probing."""
+    _record_local(m, event)
+    why = m._blocker()
+    return m.state if why is None else m._to_relay(why)
+
+
 def _decide(m: PathMachine, event: Any) -> PathState:
     """Skip direct when pointless, else probe the best candidate."""
     why = m._blocker()
@@ -462,10 +498,12 @@ def _peer_while_probing(m: PathMachine, event: PeerUpdate) -> PathState:
     best, else start over from the best (a reflexive address that arrived late)."""
     old = m._ranked.order
     _peer_record(m, event)
-    order = m._ranked.order
+    order, why = m._ranked.order, m._blocker()
+    if why is not None:  # the peer's NAT type makes direct pointless
+        return m._to_relay(why)
     if m._endpoint in order and (order == old or m._endpoint == order[0]):
         return m.state
-    return m._probe(0) if order else m._to_relay("the peer advertises no direct endpoint")
+    return m._probe(0)
 
 
 def _peer_while_direct(m: PathMachine, event: PeerUpdate) -> PathState:
@@ -494,13 +532,17 @@ def _peer_while_retrying(m: PathMachine, event: PeerUpdate) -> PathState:
 
 
 def _handshake_direct(m: PathMachine, event: Handshake) -> PathState:
-    """A handshake on the direct endpoint being tried: the path is direct."""
+    """A handshake on the direct endpoint being tried: the path is direct. (One through
+    the relay just set ends the relay's kicks.)"""
     if not m._direct_evidence(event):
+        through = event.endpoint in (None, m._endpoint)
+        if m.state in _RELAYED and through and (event.latest or 0.0) >= m._endpoint_at:
+            m._kick_at = None
         return m.state
     if event.endpoint not in (None, m._endpoint):  # adopt where WireGuard already sends
         assert event.endpoint is not None
         m._set_endpoint(event.endpoint)
-    m._handshake = event.latest
+    m._handshake, m._kick_at = event.latest, None
     m._release()
     m._backoff, m._retry_at = m.timers.retry_first, None
     m._direct_predicted = m._by_prediction(event.latest)
@@ -567,6 +609,8 @@ def _relay_dropped(m: PathMachine, event: RelayFailed) -> PathState:
 
 
 def _relayed_tick(m: PathMachine, event: Tick) -> PathState:
+    if m._kick() or m._retry_at is None or m._retry_at > m._now:
+        return m.state
     order = m._ranked.order
     if not m._retry_plausible():
         m._retry_at = None
@@ -627,6 +671,7 @@ TRANSITIONS: dict[tuple[PathState, str], Rule] = {
     (S.IDLE, "peer"): _rule(_peer_decide, S.PROBING_DIRECT, *_TO_RELAY),
     (S.IDLE, "handshake"): _STAY[S.IDLE],
     (S.IDLE, "tick"): _STAY[S.IDLE],
+    (S.PROBING_DIRECT, "local_nat"): _rule(_local_while_probing, S.PROBING_DIRECT, *_TO_RELAY),
     (S.PROBING_DIRECT, "peer"): _rule(_peer_while_probing, S.PROBING_DIRECT, *_TO_RELAY),
     (S.PROBING_DIRECT, "handshake"): _HANDSHAKE[S.PROBING_DIRECT],
     (S.PROBING_DIRECT, "tick"): _rule(_probe_tick, S.PROBING_DIRECT, *_TO_RELAY),

@@ -21,8 +21,10 @@ WireGuard: frames wait in a bounded queue, oldest dropped first.
 :func:`open_link` retries the connection with a doubling backoff.
 
 :class:`TcpFallback` gives :class:`agent.paths.driver.RelayHooks` their TCP
-fallback: ``bind`` tries UDP first and, when the relay does not answer over UDP
-and the gateway named a TCP address for it, binds over TLS/TCP instead (the
+fallback: ``bind`` tries UDP first (not when this host's netcheck found UDP
+blocked and that relay silent to its PING: ``udp_silent``) and, when the relay
+does not answer over UDP and the gateway named a TCP address for it, binds over
+TLS/TCP instead (the
 binding's ``via_tcp`` says so, and its ``control`` is the link's local endpoint,
 so that ``probe`` pings over the link); ``udp_back`` PINGs the relay's UDP
 control port every ``udp_retry`` seconds while on TCP (True: leave TCP);
@@ -232,22 +234,29 @@ class TcpFallback:
         wg_port: int,
         ca_file: Path | None = None,
         udp_blocked: Callable[[], bool] = lambda: False,
+        udp_silent: Callable[[str], bool] = lambda _relay_id: False,
         udp_retry: float = 30.0,
         clock: Clock = time.monotonic,
     ) -> None:
         self._udp_bind, self._udp_probe = udp_bind, udp_probe
         self._wg_port, self._ca_file = wg_port, ca_file
         self._udp_blocked, self._udp_retry, self._clock = udp_blocked, udp_retry, clock
+        self._udp_silent = udp_silent  # relay id -> UDP to it known not to work here
         self.links: dict[Addr, tuple[TcpLink, Addr, float]] = {}  # local -> link, control, next
 
     async def bind(self, grant: RelayGrant) -> RelayBinding:
-        """Bind over UDP; over TCP when the relay does not answer over UDP and has a TCP address."""
-        try:
-            return await self._udp_bind(grant)
-        except (Unavailable, OSError) as exc:
-            if grant.tcp is None:
-                raise
-            log.info("relay silent over udp; trying tcp", relay=grant.relay_id, error=str(exc))
+        """Bind over UDP; over TCP when the relay does not answer over UDP and has a TCP
+        address, or at once when UDP to that relay is known not to work here."""
+        if grant.tcp is not None and self._udp_silent(grant.relay_id):
+            log.info("relay silent over udp here; binding over tcp", relay=grant.relay_id)
+        else:
+            try:
+                return await self._udp_bind(grant)
+            except (Unavailable, OSError) as exc:
+                if grant.tcp is None:
+                    raise
+                log.info("relay silent over udp; trying tcp", relay=grant.relay_id, error=str(exc))
+        assert grant.tcp is not None
         link = await open_link(grant.tcp, self._wg_port, ca_file=self._ca_file)
         try:
             binding = await link.bind(grant)

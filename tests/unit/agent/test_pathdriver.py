@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -85,6 +87,26 @@ def test_every_direct_probe_resets_the_peer() -> None:
     assert not book.needs_reset(action)
     book.resetting.add("b")
     assert "b" not in book.shape(netmap(peer("b", KEY_B, (PUB_B,)))).peers
+
+
+def test_the_relay_endpoint_resets_the_peer_until_a_handshake_goes_through() -> None:
+    book = PathBook()
+    book.local_nat(LocalNat(0.0, NatType.SYMMETRIC))
+    sym = Peer("b", "b", KEY_B, ("100.64.0.2/32",), ("100.64.0.2/32",), (PUB_B,), nat="symmetric")
+    assert book.update_map(netmap(sym), 1.0) == [RequestRelay("b")]
+    binding = RelayBinding("r1", ("198.51.100.9", 3480), RELAY, True)
+    (action,) = book.relay_ready("b", binding, 1.5)
+    assert action == SetEndpoint("b", RELAY) and book.needs_reset(action)
+    assert book.tick(2.5) == [action] and book.needs_reset(action)  # a kick
+    book.handshakes([status(KEY_B, 2.7, RELAY)], 2.8)
+    assert not book.needs_reset(action) and book.next_deadline() is None
+
+
+def test_a_nat_verdict_during_a_probe_asks_for_a_relay_at_once() -> None:
+    book = PathBook()
+    sym = Peer("b", "b", KEY_B, ("100.64.0.2/32",), ("100.64.0.2/32",), (PUB_B,), nat="symmetric")
+    assert book.update_map(netmap(sym), 0.0) == [SetEndpoint("b", PUB_B)]
+    assert book.local_nat(LocalNat(0.1, NatType.SYMMETRIC)) == [RequestRelay("b")]
 
 
 class FakeNet:
@@ -224,6 +246,47 @@ async def test_a_changed_nat_mapping_renews_relay_bindings_at_once() -> None:
         runner.rebind_all()
         await _until(lambda: len(binds) == 2)  # ...but a new mapping renews at once
         assert book.relays["b"] == "r1"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_a_side_waiting_for_its_peer_rebinds_sooner_until_the_peer_is_bound() -> None:
+    """The relay expires an allocation that forwards nothing: a side whose peer has not
+    bound yet binds again after ping_interval, doubling, and once the peer is bound
+    only every rebind_interval."""
+    net = FakeNet()
+    binds: list[float] = []
+    clock = None
+
+    async def bind(relay_id: Any) -> RelayBinding:
+        assert clock is not None
+        binds.append(clock())
+        fresh = await net.bind(relay_id)
+        return replace(fresh, peer_bound=len(binds) >= 4)  # the peer binds at the 4th
+
+    book = PathBook(PathTimers(probe_timeout=0.05))
+    book.local_nat(LocalNat(0.0, NatType.SYMMETRIC))
+    m = netmap(peer("b", KEY_B, (PUB_B,)))
+
+    async def read_status() -> Sequence[PeerStatus]:
+        return []
+
+    async def reapply() -> None:
+        return None
+
+    hooks = RelayHooks(net.ticket, bind, net.probe, ping_interval=0.02, rebind_interval=3600)
+    clock = _clock()
+    runner = PathRunner(book, hooks, read_status, reapply, clock=clock)
+    await runner.perform(book.update_map(m, 0.0))
+    task = asyncio.create_task(runner.run())
+    try:
+        await _until(lambda: len(binds) == 4)
+        gaps = [b - a for a, b in pairwise(binds)]
+        assert 0.015 <= gaps[0] < gaps[2]  # sooner while waiting, the wait doubling
+        await asyncio.sleep(0.3)
+        assert len(binds) == 4  # the peer is bound: nothing before the hour is up
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

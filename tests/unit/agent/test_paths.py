@@ -44,6 +44,7 @@ def relayed(m: PathMachine, now: float = 10.0) -> None:
     m.handle(Tick(now))
     assert m.state is PathState.RELAY_PENDING
     assert m.handle(RelayReady(now, RELAY)) == [SetEndpoint("peer-1", RELAY)]
+    assert m.handle(Handshake(now + 0.2, now + 0.1, RELAY)) == []  # the relay's kicks end
 
 
 def test_eim_to_eim_goes_direct() -> None:
@@ -72,6 +73,8 @@ def test_symmetric_both_sides_relays_immediately() -> None:
     report = m.explain()
     assert report.path == "relayed"
     assert report.reason.startswith("both sides behind symmetric NAT")
+    for t in (1.5, 2.5, 3.5, 4.5):  # the relay's kicks (no handshake through it yet)
+        assert m.handle(Tick(t)) == [SetEndpoint("peer-1", RELAY)]
     assert m.next_deadline() is None  # direct is pointless: no retries
 
 
@@ -134,6 +137,7 @@ def test_failed_retries_back_off_and_cap() -> None:
         m.handle(Tick(deadline))
         assert m.state is PathState.RETRY_DIRECT
         assert m.handle(Tick(deadline + 5.0)) == [SetEndpoint("peer-1", RELAY)]
+        m.handle(Handshake(deadline + 5.2, deadline + 5.1, RELAY))  # back through the relay
     assert "retrying direct every 240 s" in m.explain().reason
 
 
@@ -262,6 +266,7 @@ def test_random_sequences_keep_the_invariants(events: list[Event]) -> None:
     outstanding, last_set, current = False, None, None
     predicted: float | None = None
     for event in events:
+        before = m.state
         if isinstance(event, PeerUpdate):  # a peer change may restart the path at once
             candidates, last_set = set(event.endpoints), None
         if isinstance(event, RelayReady):
@@ -302,6 +307,12 @@ def test_random_sequences_keep_the_invariants(events: list[Event]) -> None:
         if isinstance(event, RelayFailed):  # it answers the request made by then; re-asked?
             outstanding = m.state is PathState.RELAY_PENDING
             last_set = None  # a timer due at the same instant may have moved first
+        blocked = isinstance(event, LocalNat) and event.nat is NatType.UDP_BLOCKED
+        if blocked and before is PathState.PROBING_DIRECT:  # direct is pointless: the probe
+            assert m.state is not PathState.PROBING_DIRECT  # ends
+        asks = before is not PathState.RELAY_PENDING and m.state is PathState.RELAY_PENDING
+        if asks and isinstance(event, LocalNat):  # a verdict ruling direct out ends a probe
+            last_set = None  # (one a timer just began) at once: the relay's endpoint follows
         assert (m.state, event.kind) in states
         deadline = m.next_deadline()
         assert deadline is None or deadline > event.now
@@ -490,3 +501,81 @@ def test_no_prediction_towards_anything_but_a_symmetric_peer() -> None:
         m.handle(LocalNat(0.0, NatType.EIM, "198.51.100.10:51820"))
         out = m.handle(PeerUpdate(0.0, (SYM_PUB,), theirs))
         assert not any(isinstance(a, Predict) for a in out)
+
+
+# -- a verdict during a probe, and the handshake restarted at the relay ---------------------
+
+
+def test_a_symmetric_verdict_while_probing_a_symmetric_peer_relays_at_once() -> None:
+    m = PathMachine("peer-1")
+    assert m.handle(PeerUpdate(0.0, (PUB,), NatType.SYMMETRIC)) == [SetEndpoint("peer-1", PUB)]
+    assert m.state is PathState.PROBING_DIRECT
+    assert m.handle(LocalNat(0.1, NatType.SYMMETRIC, "198.51.100.1:51820")) == [
+        RequestRelay("peer-1")
+    ]
+    assert m.explain().reason == "asking for a relay: both sides behind symmetric NAT"
+
+
+def test_a_udp_blocked_verdict_while_probing_relays_at_once() -> None:
+    m = PathMachine("peer-1")
+    m.handle(PeerUpdate(0.0, (PUB, LAN), NatType.EIM))
+    assert m.handle(LocalNat(0.5, NatType.UDP_BLOCKED)) == [RequestRelay("peer-1")]
+    assert m.explain().reason == "asking for a relay: UDP blocked on this network"
+
+
+def test_a_verdict_that_leaves_direct_possible_goes_on_probing() -> None:
+    m = PathMachine("peer-1")
+    m.handle(PeerUpdate(0.0, (PUB, LAN), NatType.SYMMETRIC))
+    assert m.handle(LocalNat(0.1, NatType.SYMMETRIC, networks=("10.0.0.7/24",))) == []
+    assert m.state is PathState.PROBING_DIRECT  # a symmetric pair may share a network
+    m = PathMachine("peer-1")
+    m.handle(PeerUpdate(0.0, (PUB,), None))
+    assert m.handle(LocalNat(0.1, NatType.EIM, "198.51.100.1:51820")) == []
+    assert m.state is PathState.PROBING_DIRECT
+
+
+def test_the_peer_nat_type_arriving_while_probing_relays_at_once_when_pointless() -> None:
+    m = PathMachine("peer-1")
+    m.handle(LocalNat(0.0, NatType.SYMMETRIC, "198.51.100.1:51820"))
+    m.handle(PeerUpdate(0.0, (PUB,), None))
+    assert m.state is PathState.PROBING_DIRECT
+    assert m.handle(PeerUpdate(0.5, (PUB,), NatType.SYMMETRIC)) == [RequestRelay("peer-1")]
+    assert m.handle(PeerUpdate(0.6, (PUB,), NatType.UDP_BLOCKED)) == []  # asked already
+    assert m.state is PathState.RELAY_PENDING
+
+
+def test_the_relay_endpoint_restarts_the_handshake_until_one_goes_through() -> None:
+    m = PathMachine("peer-1")
+    m.handle(LocalNat(0.0, NatType.SYMMETRIC))
+    m.handle(PeerUpdate(0.0, (PUB,), NatType.SYMMETRIC))
+    assert m.handle(RelayReady(2.0, RELAY)) == [SetEndpoint("peer-1", RELAY)]
+    assert m.wants_fresh_handshake()  # the driver resets the peer: initiation at once
+    assert m.next_deadline() == 3.0
+    assert m.handle(Tick(3.0)) == [SetEndpoint("peer-1", RELAY)]  # the peer bound since?
+    assert m.wants_fresh_handshake()
+    assert m.handle(Handshake(3.5, 1.0, RELAY)) == []  # older than the relay: no proof
+    assert m.next_deadline() == 4.0
+    assert m.handle(Handshake(3.8, 3.4, RELAY)) == []  # through the relay: kicks end
+    assert not m.wants_fresh_handshake()
+    assert m.next_deadline() is None
+    assert m.state is PathState.RELAYED
+
+
+def test_relay_kicks_end_with_the_probe_window_and_leave_retries_alone() -> None:
+    m = machine(NatType.EIM, NatType.EIM, (PUB,))
+    m.handle(Tick(5.0))
+    assert m.handle(RelayReady(6.0, RELAY)) == [SetEndpoint("peer-1", RELAY)]
+    kicks = [m.handle(Tick(t)) for t in (7.0, 8.0, 9.0, 10.0)]
+    assert kicks == [[SetEndpoint("peer-1", RELAY)]] * 4
+    assert not m.wants_fresh_handshake()
+    assert m.next_deadline() == 60.0  # the retry grid, unchanged
+    assert m.handle(Tick(60.0)) == [SetEndpoint("peer-1", PUB)]
+    assert m.state is PathState.RETRY_DIRECT
+
+
+def test_a_relayed_tick_before_the_retry_is_due_does_not_retry() -> None:
+    m = machine(NatType.EIM, NatType.EIM, (PUB,))
+    m.handle(Tick(5.0))
+    m.handle(RelayReady(6.0, RELAY))
+    assert m.handle(Tick(6.5)) == []
+    assert m.state is PathState.RELAYED

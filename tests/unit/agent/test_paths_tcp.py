@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable, Sequence
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +29,9 @@ from agent.paths.machine import (
     SetEndpoint,
     Tick,
 )
-from agent.paths.relaylink import RelayBinding
+from agent.paths.relaylink import RelayBinding, RelayGrant
+from agent.paths.tcplink import TcpFallback
+from wiregate.errors import Unavailable
 from wiregate.model import NetMap, Peer, SelfView
 
 PUB = "203.0.113.5:51820"
@@ -46,6 +50,7 @@ def on_tcp() -> PathMachine:
     m.handle(LocalNat(0.0, NatType.UDP_BLOCKED))
     assert m.handle(PeerUpdate(0.0, (PUB,), NatType.EIM)) == [RequestRelay("peer-1")]
     assert m.handle(RelayReady(1.0, LINK, via_tcp=VIA)) == [SetEndpoint("peer-1", LINK)]
+    assert m.handle(Handshake(1.2, 1.1, LINK)) == []  # through the link: the kicks end
     return m
 
 
@@ -184,3 +189,39 @@ def test_any_sequence_through_relayed_tcp_stays_in_the_table(data: st.DataObject
         assert report.reason
         if report.state == "relayed_tcp":
             assert report.path == "relayed" and f"relayed over {VIA}" in report.reason
+
+
+def test_the_tcp_link_endpoint_restarts_the_handshake_like_a_relay() -> None:
+    m = PathMachine("peer-1")
+    m.handle(LocalNat(0.0, NatType.UDP_BLOCKED))
+    m.handle(PeerUpdate(0.0, (PUB,), NatType.EIM))
+    assert m.handle(RelayReady(1.0, LINK, via_tcp=VIA)) == [SetEndpoint("peer-1", LINK)]
+    assert state(m) is PathState.RELAYED_TCP and m.wants_fresh_handshake()
+    assert m.handle(Tick(2.0)) == [SetEndpoint("peer-1", LINK)]
+    m.handle(Handshake(2.3, 2.2, LINK))
+    assert not m.wants_fresh_handshake() and m.next_deadline() is None
+
+
+async def test_the_fallback_skips_udp_to_a_relay_netcheck_found_silent() -> None:
+    tried: list[RelayGrant] = []
+
+    async def udp_bind(grant: RelayGrant) -> RelayBinding:
+        tried.append(grant)
+        return UDP_BINDING
+
+    async def udp_probe(control: tuple[str, int]) -> None:
+        return None
+
+    with socket.socket() as closed:  # a TCP port nothing listens on: refused at once
+        closed.bind(("127.0.0.1", 0))
+        tcp = closed.getsockname()
+    grant = RelayGrant("r1", ("192.0.2.9", 3480), b"t" * 32, tcp=tcp)
+    blocked = [True]
+    fallback = TcpFallback(
+        udp_bind=udp_bind, udp_probe=udp_probe, wg_port=9, udp_silent=lambda r: blocked[0]
+    )
+    with pytest.raises(Unavailable, match="over tcp"):
+        await fallback.bind(grant)
+    assert tried == []  # straight to TLS: no UDP attempt to wait for
+    blocked[0] = False
+    assert await fallback.bind(grant) == UDP_BINDING and tried == [grant]

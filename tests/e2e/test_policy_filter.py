@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from lab.harness import Agent, Host, Lab, Wiregate, bare, poll
+from lab.tcp_listener import LISTENER
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(400)]
 
@@ -32,26 +33,6 @@ acls:
 """
 
 # Accepts on every address of the namespace, on each port given, and says "hello".
-LISTENER = """\
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-for port in sys.argv[1:]:
-    for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-        s = socket.socket(family, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind((addr, int(port)))
-        s.listen()
-        sel.register(s, selectors.EVENT_READ)
-print("listening", flush=True)
-while True:
-    for key, _ in sel.select():
-        conn, _ = key.fileobj.accept()
-        conn.sendall(b"hello")
-        conn.close()
-"""
-
 # Prints "open" (and what the server said), "refused" or "timeout".
 CLIENT = """\
 import socket, sys

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from lab.tcp_listener import LISTENER
+
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,26 +59,6 @@ for line in sys.stdin:
 """
 
 # Accepts on the given TCP ports (IPv4 and IPv6) and says "hello".
-LISTENER = """\
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-for port in sys.argv[1:]:
-    for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-        s = socket.socket(family, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind((addr, int(port)))
-        s.listen()
-        sel.register(s, selectors.EVENT_READ)
-print("listening", flush=True)
-while True:
-    for key, _ in sel.select():
-        conn, _ = key.fileobj.accept()
-        conn.sendall(b"hello")
-        conn.close()
-"""
-
 # Accepts one connection on port 9000 and prints the MSS it will send with (the peer's MSS).
 MSS_SERVER = """\
 import socket

@@ -2,7 +2,8 @@
 
 The lab's NAT matrix (:func:`lab.nat.build_matrix`: hosts behind port-filtering and
 address-filtering endpoint-independent NATs, symmetric NATs, a UDP-blocking firewall,
-and an open host; two relays; real wireguard-go agents) is built and started from cold
+a TCP-only firewall, and an open host; two relays, over UDP and TLS on 443; real
+wireguard-go agents) is built and started from cold
 ``--rounds`` times (fresh namespaces, gateway, relays and agents each time). Each
 round waits until every pair reports its best path (:func:`lab.nat.best_path`) or
 ``--timeout`` passes, then reads every agent's status and log.
@@ -10,7 +11,8 @@ round waits until every pair reports its best path (:func:`lab.nat.best_path`) o
 Figures over all rounds:
 
 * ``direct_pair_rate``: pairs that end direct on both sides ÷ pairs whose best path
-  is direct in this topology (target 1.0);
+  is direct in this topology (target 1.0; no pair with a UDP-blocked or TCP-only
+  host counts: those are relayed at best);
 * ``time_to_direct_p99_s`` / ``_p50_s`` (nearest rank) over the pairs that need no
   port prediction (target < 5 s), and ``time_to_direct_predicted_p99_s`` over the
   address-filtering <-> symmetric pairs, direct by port prediction (target < 15 s).
@@ -40,31 +42,20 @@ from benchmarks.common import emit
 from benchmarks.fanout import percentile
 from lab.harness import Agent, Lab, Wiregate, lab_requirements
 from lab.nat import (
-    CONTROL_PORT,
+    MATRIX_AGENT_ENV,
     MATRIX_KINDS,
     PREDICTED,
-    RELAY_HOSTS,
-    STUN,
     best_path,
     build_matrix,
     path_problem,
-    start_relays,
+    peer_reports,
+    start_matrix_relays,
 )
 
 __all__ = ["run"]
 
 ROUNDS = 5
 SETTLE_TIMEOUT_S = 150.0
-AGENT_ENV = {
-    "WIREGATE_STUN_SERVERS": json.dumps(STUN),
-    "WIREGATE_PATH_PROBE_TIMEOUT": "3",
-    "WIREGATE_RELAY_PING_INTERVAL": "1",
-    "WIREGATE_NETCHECK_INTERVAL": "15",
-}
-GATEWAY_ENV = {
-    "WIREGATE_RELAYS": json.dumps([f"{r}={h}:{CONTROL_PORT}" for r, h in RELAY_HOSTS.items()]),
-    "WIREGATE_RELAY_PROBE_INTERVAL": "1",
-}
 
 Reports = dict[tuple[str, str], dict[str, Any]]
 
@@ -84,20 +75,12 @@ def _restore(old: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
-def _reports(wg: Wiregate, agents: dict[str, Agent]) -> Reports:
-    out: Reports = {}
-    for name, status in wg.statuses(list(agents.values())).items():
-        for peer in status["peers"]:
-            out[(name, peer["name"])] = peer.get("path") or {}
-    return out
-
-
 def _settle(wg: Wiregate, agents: dict[str, Agent], timeout: float) -> tuple[Reports, float]:
     """Poll until every pair is on its best path (or ``timeout``): the last reports and
     how long it took."""
     started = time.monotonic()
     while True:
-        reports = _reports(wg, agents)
+        reports = peer_reports(wg, agents)
         wrong = [k for k, r in reports.items() if path_problem(*k, r) is not None]
         elapsed = time.monotonic() - started
         if (reports and not wrong) or elapsed > timeout:
@@ -151,18 +134,14 @@ def _bursts(agents: dict[str, Agent]) -> list[int]:
 def one_round(timeout: float) -> dict[str, Any]:
     """The matrix from cold once: per-pair outcome and time to direct, bursts, settle time."""
     with Lab() as lab:
-        old = _with_env(GATEWAY_ENV)
-        try:
-            wg = Wiregate(lab)
-            wg.start_gateway()
-        finally:
-            _restore(old)
-        start_relays(lab, wg)
+        wg, ca_file, _ = start_matrix_relays(lab)
         hosts = build_matrix(lab)
-        old = _with_env(AGENT_ENV)
+        old = _with_env(MATRIX_AGENT_ENV)
         try:
             key = wg.create_key()
-            agents = {name: wg.start_agent(host, key) for name, host in hosts.items()}
+            agents = {
+                name: wg.start_agent(host, key, ca_file=ca_file) for name, host in hosts.items()
+            }
             statuses = wg.wait_mesh(list(agents.values()), timeout=120)
         finally:
             _restore(old)

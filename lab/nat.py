@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from lab.harness import (
     GATEWAY_PORT,
     INTERNET_GATEWAY,
+    Agent,
     Host,
     Lab,
     NatMode,
@@ -177,27 +180,68 @@ def start_gateway_with_relays(
 
 MATRIX_KINDS = {
     "e1": "eim", "e2": "eim", "a1": "adf", "s1": "sym", "s2": "sym", "b1": "blocked",
-    "o1": "open",
+    "t1": "tcp", "o1": "open",
 }  # fmt: skip
 """Host -> network: ``eim`` endpoint-independent mapping filtered by address and port
 (Linux conntrack), ``adf`` the same filtered by address only, ``sym`` symmetric
-(``--random-fully``), ``blocked`` UDP dropped except to the relays, ``open`` no NAT."""
+(``--random-fully``), ``blocked`` UDP dropped except to the relays, ``tcp`` all UDP
+dropped, only TCP to the relays' :data:`TCP_PORT` and to the gateway let out
+(:func:`tcp_only`), ``open`` no NAT."""
+
+MATRIX_AGENT_ENV = {
+    "WIREGATE_STUN_SERVERS": json.dumps(STUN),
+    "WIREGATE_PATH_PROBE_TIMEOUT": "3",
+    "WIREGATE_RELAY_PING_INTERVAL": "1",
+    "WIREGATE_NETCHECK_INTERVAL": "15",
+}
+"""The settings the matrix's agents run with (set in the environment they inherit)."""
 
 PREDICTED = "direct through hard NAT by port prediction after"
 
+OVER_TCP = f"relayed over TCP {TCP_PORT} via relay"
 
-def build_matrix(lab: Lab) -> dict[str, Host]:
-    """The matrix's routers and hosts (:data:`MATRIX_KINDS`), every router a home router."""
-    nat: dict[str, NatMode] = {"eim": "eim", "adf": "eim", "sym": "symmetric", "blocked": "eim"}
+
+def start_matrix_relays(lab: Lab) -> tuple[Wiregate, Path, dict[str, Process]]:
+    """The matrix's gateway and both relays; (the gateway, the CA file agents must trust
+    (``ca_file``), the relays).
+
+    The relays serve UDP and TLS on :data:`TCP_PORT` with a certificate of a lab CA; the
+    gateway hands out both addresses of each (``relays``, ``relay_tcp``) and probes the
+    relays every second."""
+    wiregate = Wiregate(lab)
+    wiregate.gateway_env.update(
+        {
+            "WIREGATE_RELAYS": json.dumps(
+                [f"{rid}={host}:{CONTROL_PORT}" for rid, host in RELAY_HOSTS.items()]
+            ),
+            "WIREGATE_RELAY_TCP": json.dumps(relay_tcp_entries()),
+            "WIREGATE_RELAY_PROBE_INTERVAL": "1",
+        }
+    )
+    wiregate.start_gateway()
+    ca = LabCA.create(lab.workdir / "relay-ca")
+    relays = start_relays(lab, wiregate, tcp_ca=ca)
+    return wiregate, ca.ca_file, relays
+
+
+def build_matrix(lab: Lab, names: Iterable[str] | None = None) -> dict[str, Host]:
+    """The matrix's routers and hosts (:data:`MATRIX_KINDS`, or only ``names`` of it), every
+    router a home router."""
+    nat: dict[str, NatMode] = {
+        "eim": "eim", "adf": "eim", "sym": "symmetric", "blocked": "eim", "tcp": "eim",
+    }  # fmt: skip
     hosts: dict[str, Host] = {}
-    for name, kind in MATRIX_KINDS.items():
+    for name in MATRIX_KINDS if names is None else names:
+        kind = MATRIX_KINDS[name]
         if kind == "open":
             hosts[name] = lab.add_host(name)
             continue
-        router = lab.add_router(f"r{name}", nat=nat[kind], block_udp=kind == "blocked")
+        router = lab.add_router(f"r{name}", nat=nat[kind], block_udp=kind in ("blocked", "tcp"))
         drop_unsolicited(router)
         if kind == "blocked":
             allow_relays_only(router)
+        if kind == "tcp":
+            tcp_only(router)
         hosts[name] = lab.add_host(name, behind=router)
         if kind == "adf":
             address_dependent_filtering(router, hosts[name])
@@ -207,12 +251,19 @@ def build_matrix(lab: Lab) -> dict[str, Host]:
 def best_path(a: str, b: str) -> tuple[str, str]:
     """The path ``a`` must report for peer ``b`` in the matrix, and what its reason says.
 
-    open <-> anything that can send UDP: direct; EIM <-> EIM: direct; address-filtering
-    EIM <-> symmetric: direct by port prediction; port-filtering EIM <-> symmetric: relayed
-    (the symmetric NAT named); symmetric <-> symmetric and UDP-blocked: relayed."""
-    kinds = {MATRIX_KINDS[a], MATRIX_KINDS[b]}
-    if "blocked" in kinds:
-        return "relayed", "UDP blocked"
+    UDP blocked (``blocked``, ``tcp``) on either side: relayed, the side named (the
+    TCP-only host relayed over TCP 443); open <-> anything else: direct; EIM <-> EIM:
+    direct; address-filtering EIM <-> symmetric: direct by port prediction;
+    port-filtering EIM <-> symmetric: relayed (the symmetric NAT named); symmetric <->
+    symmetric: relayed."""
+    ours, theirs = MATRIX_KINDS[a], MATRIX_KINDS[b]
+    kinds = {ours, theirs}
+    if ours == "tcp":
+        return "relayed", f"UDP blocked on this network: {OVER_TCP}"
+    if ours == "blocked":
+        return "relayed", "UDP blocked on this network"
+    if theirs in ("blocked", "tcp"):
+        return "relayed", "UDP blocked on the peer's network"
     if "open" in kinds:
         return "direct", "open host"
     if kinds <= {"eim", "adf"}:
@@ -220,16 +271,29 @@ def best_path(a: str, b: str) -> tuple[str, str]:
     if kinds == {"sym"}:
         return "relayed", "both sides behind symmetric NAT"
     if kinds == {"adf", "sym"}:  # the address-filtering side's prediction lets it in
-        return "direct", PREDICTED if MATRIX_KINDS[a] == "adf" else "hole punched through NAT"
+        return "direct", PREDICTED if ours == "adf" else "hole punched through NAT"
     return "relayed", "symmetric NAT maps every peer anew"
 
 
 def path_problem(viewer: str, peer: str, report: dict[str, Any]) -> str | None:
     """Why ``report`` (a ``wiregate status`` path) is not the pair's best path, or None.
-    A prediction that hit a random port is right too, and must say so."""
-    path, reason = report.get("path"), report.get("reason") or ""
+    Only the TCP-only host's relay bindings are carried over TCP. A prediction that hit
+    a random port is right too, and must say so."""
+    path, reason, state = report.get("path"), report.get("reason") or "", report.get("state")
     want, why = best_path(viewer, peer)
+    over_tcp = MATRIX_KINDS[viewer] == "tcp"
     lucky = path == "direct" and PREDICTED in reason and want == "relayed"
-    if (path == want and why in reason) or lucky:
+    if (path == want and why in reason and (state == "relayed_tcp") == over_tcp) or lucky:
         return None
-    return f"{viewer}->{peer}: {path} ({reason}); want {want} ({why}...)"
+    return f"{viewer}->{peer}: {path} [{state}] ({reason}); want {want} ({why}...)"
+
+
+def peer_reports(
+    wiregate: Wiregate, agents: dict[str, Agent]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """(viewer, peer) -> the viewer's path report for that peer (``wiregate status``)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, status in wiregate.statuses(list(agents.values())).items():
+        for peer in status["peers"]:
+            out[(name, peer["name"])] = dict(peer.get("path") or {})
+    return out

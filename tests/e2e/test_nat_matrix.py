@@ -3,17 +3,25 @@
 Hosts: two behind endpoint-independent NATs that filter by address and port, as
 Linux conntrack does (``e1``, ``e2``), one behind an endpoint-independent NAT that
 filters by address only (``a1``), two behind symmetric NATs (``s1``, ``s2``), one
-behind a firewall that drops all UDP except to the relays (``b1``), and one open
-host (``o1``). Two relays (``r1``, ``r2``) admit only tickets the gateway signed.
-For every pair the test asserts that the two reach each other across the tunnel
-and that both sides report the pair's best path, and why (:func:`lab.nat.best_path`):
+behind a firewall that drops all UDP except to the relays (``b1``), one behind a
+firewall that drops all UDP and lets only TCP to the relays' 443 and to the gateway
+out (``t1``), and one open host (``o1``). Two relays (``r1``, ``r2``) admit only
+tickets the gateway signed, over UDP and over TLS on 443 (a lab CA every agent
+trusts). For every pair the test asserts that the two reach each other across the
+tunnel and that both sides report the pair's best path, and why
+(:func:`lab.nat.best_path`):
 
-* open <-> anything that can send UDP: direct, "open host" on both sides;
+* anything behind the UDP-blocking firewall: relayed, "UDP blocked" on this
+  network or on the peer's;
+* the TCP-only host: relayed over TCP 443 to every peer ("UDP blocked on this
+  network: relayed over TCP 443 via relay ..."); its peers relayed over UDP, "UDP
+  blocked on the peer's network"; no other host's binding is carried over TCP;
+* open <-> anything else: direct, "open host" on both sides;
 * EIM <-> EIM: direct;
 * address-filtering EIM <-> symmetric: direct by port prediction;
 * port-filtering EIM <-> symmetric: relayed, the symmetric NAT named on both sides
   (a prediction hitting the random port is allowed, and must say so);
-* symmetric <-> symmetric, and anything behind the UDP-blocking firewall: relayed.
+* symmetric <-> symmetric: relayed.
 
 Then, on the same lab:
 
@@ -21,7 +29,11 @@ Then, on the same lab:
   recovers;
 * one EIM router starts mapping to other ports: the pair finds the new mapping
   (netcheck, then a new probe) and is direct again;
-* the relay carrying the relayed pairs is killed: they move to the other relay.
+* the relay carrying the relayed pairs is killed: they move to the other relay
+  (the TCP-only host's too, over TCP).
+
+The TCP-only host leaving TCP once its router passes UDP again is
+tests/e2e/test_tcp_fallback.py.
 """
 
 from __future__ import annotations
@@ -43,24 +55,16 @@ from lab.harness import (
     poll,
 )
 from lab.nat import (
-    STUN,
+    MATRIX_AGENT_ENV,
     build_matrix,
     path_problem,
     paths,
-    start_relays,
+    peer_reports,
+    start_matrix_relays,
 )
 from lab.ping import ping_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
-
-
-def peer_paths(wiregate: Wiregate, agents: dict[str, Agent]) -> dict[tuple[str, str], Any]:
-    """(viewer, peer) -> the viewer's path report for that peer."""
-    out: dict[tuple[str, str], Any] = {}
-    for name, status in wiregate.statuses(list(agents.values())).items():
-        for peer in status["peers"]:
-            out[(name, peer["name"])] = peer.get("path") or {}
-    return out
 
 
 def settled(report: dict[str, Any]) -> bool:
@@ -69,18 +73,17 @@ def settled(report: dict[str, Any]) -> bool:
 
 @pytest.fixture
 def matrix(
-    lab: Lab, gateway_with_relays: Wiregate, monkeypatch: pytest.MonkeyPatch
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Wiregate, dict[str, Host], dict[str, Agent], dict[str, Process]]:
-    wiregate = gateway_with_relays
-    wiregate.status_timeout = 60.0  # seven agents and their CLIs on a shared 2-core machine
-    relays = start_relays(lab, wiregate)
+    wiregate, ca_file, relays = start_matrix_relays(lab)
+    wiregate.status_timeout = 60.0  # eight agents and their CLIs on a shared 2-core machine
     hosts = build_matrix(lab)
-    monkeypatch.setenv("WIREGATE_STUN_SERVERS", json.dumps(STUN))
-    monkeypatch.setenv("WIREGATE_PATH_PROBE_TIMEOUT", "3")
-    monkeypatch.setenv("WIREGATE_RELAY_PING_INTERVAL", "1")
-    monkeypatch.setenv("WIREGATE_NETCHECK_INTERVAL", "15")
+    for name, value in MATRIX_AGENT_ENV.items():
+        monkeypatch.setenv(name, value)
     key = wiregate.create_key()
-    agents = {name: wiregate.start_agent(host, key) for name, host in hosts.items()}
+    agents = {
+        name: wiregate.start_agent(host, key, ca_file=ca_file) for name, host in hosts.items()
+    }
     wiregate.wait_mesh(list(agents.values()), timeout=120)
     return wiregate, hosts, agents, relays
 
@@ -101,7 +104,7 @@ def wait_paths(
     """Wait until every pair is on its expected path; fail with the pairs that are not."""
     deadline = time.monotonic() + timeout
     while True:
-        reports = peer_paths(wiregate, agents)
+        reports = peer_reports(wiregate, agents)
         wrong = wrong_paths(reports)
         if reports and not wrong:
             return reports
@@ -162,7 +165,7 @@ def test_nat_matrix_paths_conntrack_flush_and_relay_failover(
     print(f"direct pair back on the new NAT mapping {time.monotonic() - started:.1f} s later")
 
     # -- the relay carrying s1<->s2 dies: relayed pairs move to the other relay
-    relayed = {k: r for k, r in peer_paths(wiregate, agents).items() if r["path"] == "relayed"}
+    relayed = {k: r for k, r in peer_reports(wiregate, agents).items() if r["path"] == "relayed"}
     victim = relayed[("s1", "s2")]["relay"]
     assert victim in relays, relayed
     survivor = next(r for r in relays if r != victim)
@@ -170,7 +173,7 @@ def test_nat_matrix_paths_conntrack_flush_and_relay_failover(
     killed = time.monotonic()
 
     def moved() -> bool:  # to the other relay, or to direct where a retry found a way
-        now = peer_paths(wiregate, agents)
+        now = peer_reports(wiregate, agents)
         return all(now[k].get("relay") == survivor or now[k]["path"] == "direct" for k in relayed)
 
     poll(moved, timeout=60, interval=0.5, what=f"relayed pairs to leave {victim}")
@@ -178,7 +181,7 @@ def test_nat_matrix_paths_conntrack_flush_and_relay_failover(
     failed = [
         f"{a}->{b}" for a, b in relayed if not ping_until(hosts[a], _addr(wiregate, agents[b]), 20)
     ]
-    now = peer_paths(wiregate, agents)
+    now = peer_reports(wiregate, agents)
     sides = {f"{a}->{b}": now[(a, b)] for a, b in relayed if f"{a}->{b}" in failed}
     assert not failed, f"unreachable after the relay died: {failed}: {sides}"
     print(f"relayed pairs moved to {survivor} {moved_after:.1f} s after {victim} died")

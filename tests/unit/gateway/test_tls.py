@@ -69,18 +69,32 @@ async def gateway(
         http_redirect_listen=f"127.0.0.1:{redirect_port}",
     )
     task = asyncio.create_task(run_gateway(settings))
-    for _ in range(400):  # up once SIGHUP is handled: every listener is open by then
+    for _ in range(1200):  # up once both listeners accept and SIGHUP is handled
         if task.done():
             task.result()
-        if signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None):
+        hup = signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None)
+        if hup and await accepts(port) and await accepts(redirect_port):
             break
         await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the gateway did not open its listeners within 60 s")
     try:
         yield Gateway(url, port, redirect_port, ca, pair, tmp_path)
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
 
 
 def new_public_key() -> str:

@@ -107,6 +107,9 @@ class Agent:
         self.control: ControlClient | None = None  # set once running
         self.rotation = KeyRotator(self)  # make-before-break key rotation
         self.pmtu: PmtuProber | None = None  # path-MTU probes through each tunnel
+        # the latest handshake WireGuard reported per peer key: a peer removed and re-added
+        # to probe a path starts at "never" in WireGuard, not in ``wiregate status``
+        self._handshakes: dict[str, float] = {}
 
     async def run_until_signalled(self) -> None:
         """Run until SIGTERM/SIGINT; the data plane is left running (fail static)."""
@@ -427,10 +430,18 @@ class Agent:
             "pmtu": self.pmtu.to_dict() if self.pmtu else None,
             "peers": [
                 _peer_doc(p, live.get(p.public_key), self.paths.report(p.id))
+                | {"last_handshake": self._last_handshake(p.public_key, live.get(p.public_key))}
                 | (self.pmtu.peer_doc(p.public_key) if self.pmtu else {"path_mtu": None})
                 for p in peers
             ],
         }
+
+    def _last_handshake(self, key: str, live: Any) -> float | None:
+        """WireGuard's latest handshake with ``key``, kept across the peer's resets."""
+        seen = getattr(live, "last_handshake", None)
+        if seen:
+            self._handshakes[key] = max(seen, self._handshakes.get(key, 0.0))
+        return self._handshakes.get(key)
 
 
 def _device_doc(enr: Enrollment | None, public_key: str, netmap: NetMap | None) -> dict[str, Any]:

@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,14 +321,17 @@ def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
-def run(n: int = AGENTS, k: int = CHANGES) -> dict[str, float]:
-    """Start a gateway, enroll and connect ``n`` agents, time ``k`` changes, clean up."""
-    raise_nofile()  # this process holds n client sockets; the gateway inherits the limit
-    tmp = Path(tempfile.mkdtemp(prefix="wiregate-fanout-"))
+def with_gateway(
+    prefix: str, drive: Callable[[Gateway], Awaitable[dict[str, float]]]
+) -> dict[str, float]:
+    """Start a gateway in a fresh directory, run ``drive`` against it (``DEADLINE_S``),
+    stop it and clean up; a failure carries the gateway's log tail."""
+    raise_nofile()  # this process holds many client sockets; the gateway inherits the limit
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         gw = start_gateway(tmp)
         try:
-            return asyncio.run(asyncio.wait_for(drive(gw, n, k), DEADLINE_S))
+            return asyncio.run(asyncio.wait_for(drive(gw), DEADLINE_S))
         except BaseException as exc:
             tail = gw.log_tail()
             if tail:
@@ -337,6 +341,11 @@ def run(n: int = AGENTS, k: int = CHANGES) -> dict[str, float]:
             stop_gateway(gw.proc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(n: int = AGENTS, k: int = CHANGES) -> dict[str, float]:
+    """Start a gateway, enroll and connect ``n`` agents, time ``k`` changes, clean up."""
+    return with_gateway("wiregate-fanout-", lambda gw: drive(gw, n, k))
 
 
 if __name__ == "__main__":

@@ -27,16 +27,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 
-from benchmarks.common import emit, raise_nofile
+from benchmarks.common import emit
 from benchmarks.fanout import (
     CONNECT_CONCURRENCY,
     Enrolled,
@@ -44,9 +41,8 @@ from benchmarks.fanout import (
     create_key,
     enroll_all,
     percentile,
-    start_gateway,
-    stop_gateway,
     wait_ready,
+    with_gateway,
 )
 
 AGENTS = 1000
@@ -151,19 +147,7 @@ async def drive(gw: Gateway, n: int, k: int) -> dict[str, float]:
 
 def run(n: int = AGENTS, k: int = REVOCATIONS) -> dict[str, float]:
     """Start a gateway, enroll and connect ``n`` agents, time ``k`` revocations, clean up."""
-    raise_nofile()
-    tmp = Path(tempfile.mkdtemp(prefix="wiregate-revoke-"))
-    try:
-        gw = start_gateway(tmp)
-        try:
-            return asyncio.run(asyncio.wait_for(drive(gw, n, k), DEADLINE_S))
-        except BaseException as exc:
-            exc.add_note(f"gateway log:\n{gw.log_tail()}")
-            raise
-        finally:
-            stop_gateway(gw.proc)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return with_gateway("wiregate-revoke-", lambda gw: drive(gw, n, k))
 
 
 if __name__ == "__main__":

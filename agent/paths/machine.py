@@ -90,6 +90,7 @@ from agent.paths.vocabulary import (
     direct_reason,
     rank_candidates,
     relay_reason,
+    sendable,
     worth_kicking,
 )
 
@@ -156,6 +157,7 @@ class PathMachine:
         self._peer = PeerUpdate(0.0, ())
         self._ranked = Ranked((), ())
         self._endpoint: str | None = None
+        self._written = False  # whether _endpoint was written to WireGuard (see _set_endpoint)
         self._try = 0  # index in the ranking of the candidate being probed
         self._kick_at: float | None = None  # next handshake restart of the probe, if any
         self._round = 0  # retry rounds while relayed (rotates the candidate tried)
@@ -295,14 +297,30 @@ class PathMachine:
     def _set_endpoint(self, endpoint: str, kicks: bool | None = None) -> None:
         """Program ``endpoint``; ``kicks``: restart the handshake there every ``kick``
         seconds until a handshake or the probe window's end (None: if the candidate is
-        worth it, see :func:`~agent.paths.vocabulary.worth_kicking`)."""
+        worth it, see :func:`~agent.paths.vocabulary.worth_kicking`).
+
+        A candidate nothing can be sent to (:func:`~agent.paths.vocabulary.sendable`:
+        what a peer behind symmetric NAT advertises) is probed by waiting, not written:
+        the write could land after the peer's handshake made WireGuard roam to its real
+        mapping, and would send our replies to an address with no mapping behind it."""
+        rank = self._ranked.rank_of(endpoint)
         self._endpoint, self._endpoint_at = endpoint, self._now
-        self._out.append(SetEndpoint(self.peer_id, endpoint))
+        self._written = bool(kicks) or sendable(rank, self._peer.nat)
+        if self._written:
+            self._out.append(SetEndpoint(self.peer_id, endpoint))
         if kicks is None:
-            kicks = worth_kicking(self._ranked.rank_of(endpoint), self._peer.nat)
+            kicks = worth_kicking(rank, self._peer.nat)
         self._kick_at = None
         if kicks:
             self._next_kick()
+
+    def _adopt(self, live: str | None) -> None:
+        """Make ``live``, where WireGuard sends to the peer now, the path's endpoint
+        (written, so that the data plane's next apply keeps it)."""
+        assert live is not None
+        self._endpoint, self._endpoint_at, self._written = live, self._now, True
+        self._out.append(SetEndpoint(self.peer_id, live))
+        self._kick_at = None
 
     def _next_kick(self) -> None:
         """Schedule the next kick, if it falls before the probe window's end."""
@@ -364,6 +382,8 @@ class PathMachine:
         order = self._ranked.order
         self._set_endpoint(order[index])
         self._why = f"probing direct candidate {order[index]} ({index + 1} of {len(order)})"
+        if not self._written:
+            self._why += ": waiting for the peer to reach this host (its NAT is symmetric)"
         return PathState.PROBING_DIRECT
 
     def _to_relay(self, why: str) -> PathState:
@@ -539,9 +559,10 @@ def _handshake_direct(m: PathMachine, event: Handshake) -> PathState:
         if m.state in _RELAYED and through and (event.latest or 0.0) >= m._endpoint_at:
             m._kick_at = None
         return m.state
-    if event.endpoint not in (None, m._endpoint):  # adopt where WireGuard already sends
-        assert event.endpoint is not None
-        m._set_endpoint(event.endpoint)
+    if event.endpoint not in (None, m._endpoint) or not m._written:
+        # adopt where WireGuard already sends (also a candidate only waited on: the
+        # session at it is the peer's doing, and the data plane must keep it)
+        m._adopt(event.endpoint or m._endpoint)
     m._handshake, m._kick_at = event.latest, None
     m._release()
     m._backoff, m._retry_at = m.timers.retry_first, None
@@ -556,8 +577,7 @@ def _handshake_keep(m: PathMachine, event: Handshake) -> PathState:
     live, latest = event.endpoint, event.latest
     alive = latest is not None and latest > m._now - m.timers.silence
     if alive and live not in (None, m._endpoint) and m._roamed(event):
-        assert live is not None
-        m._set_endpoint(live)
+        m._adopt(live)
     if latest is not None and live in (None, m._endpoint):
         m._handshake = max(m._handshake or 0.0, latest)
     return m.state

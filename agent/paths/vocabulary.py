@@ -54,6 +54,7 @@ __all__ = [
     "direct_reason",
     "rank_candidates",
     "relay_reason",
+    "sendable",
     "worth_kicking",
 ]
 
@@ -346,6 +347,14 @@ def worth_kicking(rank: int | None, theirs: NatType | None) -> bool:
     if rank is None or rank >= OTHER:
         return False
     return theirs is not NatType.SYMMETRIC or rank < REFLEXIVE
+
+
+def sendable(rank: int | None, theirs: NatType | None) -> bool:
+    """Whether sending to a candidate of ``rank`` can reach the peer at all: not so for
+    a non-local address of a peer behind symmetric NAT (its NAT maps each destination
+    anew, so what it advertises has no mapping towards us behind it). Relay endpoints
+    and addresses WireGuard roamed to (no rank) are always sendable."""
+    return rank is None or theirs is not NatType.SYMMETRIC or rank < REFLEXIVE
 
 
 def _nat(nat: NatType | None) -> str:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from agent.discovery.netcheck import NatType
 from agent.paths.machine import (
     TRANSITIONS,
+    Action,
     Event,
     Handshake,
     LocalNat,
@@ -508,7 +509,7 @@ def test_no_prediction_towards_anything_but_a_symmetric_peer() -> None:
 
 def test_a_symmetric_verdict_while_probing_a_symmetric_peer_relays_at_once() -> None:
     m = PathMachine("peer-1")
-    assert m.handle(PeerUpdate(0.0, (PUB,), NatType.SYMMETRIC)) == [SetEndpoint("peer-1", PUB)]
+    assert m.handle(PeerUpdate(0.0, (PUB,), NatType.SYMMETRIC)) == []  # waited on, not written
     assert m.state is PathState.PROBING_DIRECT
     assert m.handle(LocalNat(0.1, NatType.SYMMETRIC, "198.51.100.1:51820")) == [
         RequestRelay("peer-1")
@@ -579,3 +580,37 @@ def test_a_relayed_tick_before_the_retry_is_due_does_not_retry() -> None:
     m.handle(RelayReady(6.0, RELAY))
     assert m.handle(Tick(6.5)) == []
     assert m.state is PathState.RELAYED
+
+
+# -- an open host and a peer behind symmetric NAT: its advertised addresses are never written
+
+
+def test_an_open_host_never_writes_a_symmetric_peers_advertised_addresses() -> None:
+    """The peer publishes its NAT's public address with its WireGuard port (for port
+    prediction) and its private address; neither has a mapping towards us behind it.
+    Writing one could land after the peer's handshake made WireGuard roam to its real
+    mapping, and send every reply into the peer's NAT (the demo's open -> symmetric
+    ping failed for ~10 s that way). Probing is waiting; the roamed address is adopted."""
+    m = PathMachine("peer-1")
+    m.handle(LocalNat(0.0, NatType.OPEN, PUB))
+    nat_public = "198.51.100.10:51820"
+    written: list[Action] = []
+    written += m.handle(PeerUpdate(0.0, (nat_public, SYM_LAN), NatType.SYMMETRIC))
+    for t in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 9.0):
+        written += m.handle(Tick(t))
+    assert m.state is PathState.PROBING_DIRECT
+    assert not [a for a in written if isinstance(a, SetEndpoint)]
+    assert "waiting for the peer to reach this host" in m.explain().reason
+    real = "198.51.100.10:30352"
+    assert m.handle(Handshake(9.5, 9.4, real)) == [SetEndpoint("peer-1", real)]
+    assert (m.explain().path, m.explain().endpoint) == ("direct", real)
+
+
+def test_a_session_at_a_waited_on_candidate_is_adopted_and_written() -> None:
+    """A port-preserving symmetric NAT maps the peer to the very address it published:
+    the live session there is direct, and the endpoint is written so that the data
+    plane's next apply keeps it (nothing chosen earlier may replace it)."""
+    nat_public = "198.51.100.10:51820"
+    m = machine(NatType.OPEN, NatType.SYMMETRIC, (nat_public,))
+    assert m.handle(Handshake(1.0, 0.9, nat_public)) == [SetEndpoint("peer-1", nat_public)]
+    assert m.state is PathState.DIRECT

@@ -7,7 +7,7 @@ status`` prints (:meth:`agent.daemon.Agent.status`) at scrape time, plus
 an ``"agent"`` section with what the document does not carry (data plane
 applies, the last key rotation), counted by :class:`ApplyCounters` around the
 data plane's ``apply``, and a ``"firewall"`` section: the packet filter's
-``dropped`` counter, read with ``nft -j`` before each scrape.
+``dropped`` counter, read through libnftables (in-process) before each scrape.
 
 Per-peer series carry ``peer`` (the device name) and ``peer_id``: their number is
 bounded by the peers the map gives this device.
@@ -16,11 +16,11 @@ bounded by the peers the map gives this device.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
-import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +36,7 @@ from wiregate.clock import Clock
 from wiregate.errors import ConfigError
 from wiregate.model import NetMap
 from wiregate.net import parse_hostport
+from wiregate.nft import Nft, NftError
 from wiregate.settings import AgentSettings
 
 __all__ = [
@@ -242,16 +243,21 @@ def _firewall(counter: Mapping[str, Any] | None) -> Iterable[Metric]:
         )
 
 
-NftRunner = Callable[[Sequence[str]], str | None]
-_DROPPED = ("nft", "-j", "list", "counter", "inet", TABLE, "dropped")
+NftQuery = Callable[[str], Mapping[str, Any] | None]
+_DROPPED = f"list counter inet {TABLE} dropped"
 
 
 def parse_nft_counter(text: str) -> dict[str, int] | None:
     """``packets`` and ``bytes`` of the one counter in ``nft -j list counter`` output."""
     try:
-        items = json.loads(text)["nftables"]
-    except (ValueError, KeyError, TypeError):
+        doc = json.loads(text)
+    except ValueError:
         return None
+    return _counter_of(doc) if isinstance(doc, dict) else None
+
+
+def _counter_of(doc: Mapping[str, Any]) -> dict[str, int] | None:
+    items = doc.get("nftables")
     for item in items if isinstance(items, list) else ():
         counter = item.get("counter") if isinstance(item, dict) else None
         if isinstance(counter, dict):
@@ -259,18 +265,22 @@ def parse_nft_counter(text: str) -> dict[str, int] | None:
     return None
 
 
-def _run_nft(cmd: Sequence[str]) -> str | None:
+@functools.cache
+def _nft() -> Nft:
+    return Nft()  # one libnftables context for every scrape (no process spawned)
+
+
+def _query_nft(command: str) -> Mapping[str, Any] | None:
     try:
-        done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
+        return _nft().query_json(command)
+    except NftError:  # no nftables, or no table (yet)
         return None
-    return done.stdout if done.returncode == 0 else None
 
 
-def read_firewall_drops(run: NftRunner = _run_nft) -> dict[str, int] | None:
-    """The packet filter's ``dropped`` counter; None without nft or without the table."""
-    text = run(_DROPPED)
-    return None if text is None else parse_nft_counter(text)
+def read_firewall_drops(query: NftQuery = _query_nft) -> dict[str, int] | None:
+    """The packet filter's ``dropped`` counter; None without nftables or the table."""
+    doc = query(_DROPPED)
+    return None if doc is None else _counter_of(doc)
 
 
 class _Rotation(Protocol):

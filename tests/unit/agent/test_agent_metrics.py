@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -93,15 +94,16 @@ NFT_OUTPUT = (
 
 
 def test_firewall_drops_are_read_from_nft_json() -> None:
-    asked: list[list[str]] = []
+    asked: list[str] = []
 
-    def nft(cmd: Sequence[str]) -> str | None:
-        asked.append(list(cmd))
-        return NFT_OUTPUT
+    def nft(command: str) -> Mapping[str, Any] | None:
+        asked.append(command)
+        return cast(Mapping[str, Any], json.loads(NFT_OUTPUT))
 
     assert read_firewall_drops(nft) == {"packets": 3, "bytes": 180}
-    assert asked == [["nft", "-j", "list", "counter", "inet", "wiregate", "dropped"]]
-    assert read_firewall_drops(lambda _cmd: None) is None  # no nft, or no table
+    assert asked == ["list counter inet wiregate dropped"]
+    assert read_firewall_drops(lambda _command: None) is None  # no nftables, or no table
+    assert parse_nft_counter(NFT_OUTPUT) == {"packets": 3, "bytes": 180}
     assert parse_nft_counter("not json") is None
     assert parse_nft_counter('{"nftables": [{"metainfo": {}}]}') is None
 

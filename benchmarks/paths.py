@@ -21,7 +21,9 @@ Figures over all rounds:
   moments both sides went direct (the ``since`` of their status);
 * ``prediction_probes``: probe packets one port prediction sends (the largest burst
   logged), ``prediction_bursts``: bursts per round (mean);
-* ``paths_rounds``, ``paths_settle_max_s`` (the slowest round to reach every best path).
+* ``paths_rounds``, ``paths_settle_max_s`` (the slowest round to reach every best path),
+  ``paths_unsettled_pairs`` (directed pairs still off their best path when a round's
+  settle timeout ended, each printed with its problem).
 
 The machine is shared (2 cores): timings are indicative. ``--quick``: one round.
 Without root or wireguard-go it prints ``{"skipped": REASON}``.
@@ -75,16 +77,22 @@ def _restore(old: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
-def _settle(wg: Wiregate, agents: dict[str, Agent], timeout: float) -> tuple[Reports, float]:
-    """Poll until every pair is on its best path (or ``timeout``): the last reports and
-    how long it took."""
+def _settle(
+    wg: Wiregate, agents: dict[str, Agent], timeout: float
+) -> tuple[Reports, float, list[str]]:
+    """Poll until every pair is on its best path (or ``timeout``): the last reports, how
+    long it took, and the pairs still off their best path then (``a->b: problem``)."""
     started = time.monotonic()
     while True:
         reports = peer_reports(wg, agents)
-        wrong = [k for k, r in reports.items() if path_problem(*k, r) is not None]
+        wrong = [
+            f"{a}->{b}: {problem}"
+            for (a, b), r in reports.items()
+            if (problem := path_problem(a, b, r)) is not None
+        ]
         elapsed = time.monotonic() - started
         if (reports and not wrong) or elapsed > timeout:
-            return reports, elapsed
+            return reports, elapsed, wrong
         time.sleep(1.0)
 
 
@@ -145,7 +153,7 @@ def one_round(timeout: float) -> dict[str, Any]:
             statuses = wg.wait_mesh(list(agents.values()), timeout=120)
         finally:
             _restore(old)
-        reports, settle = _settle(wg, agents, timeout)
+        reports, settle, unsettled = _settle(wg, agents, timeout)
         ids = {name: str(doc["device"]["id"]) for name, doc in statuses.items()}
         seen = _first_seen(agents, ids)
         pairs = []
@@ -160,7 +168,9 @@ def one_round(timeout: float) -> dict[str, Any]:
                 took = max(0.0, max(float(r["since"]) for r in ends) - began)
             predicted = any(PREDICTED in str(r.get("reason")) for r in ends)
             pairs.append({"pair": f"{a}<->{b}", "direct": direct, "s": took, "pred": predicted})
-        return {"pairs": pairs, "bursts": _bursts(agents), "settle": settle}
+        for line in unsettled:
+            print(f"not on its best path after {settle:.0f} s: {line}", flush=True)
+        return {"pairs": pairs, "bursts": _bursts(agents), "settle": settle, "off": unsettled}
 
 
 def run(rounds: int, timeout: float = SETTLE_TIMEOUT_S) -> dict[str, float]:
@@ -180,6 +190,7 @@ def run(rounds: int, timeout: float = SETTLE_TIMEOUT_S) -> dict[str, float]:
         "prediction_bursts": round(len(bursts) / rounds, 2),
         "paths_rounds": float(rounds),
         "paths_settle_max_s": round(max(r["settle"] for r in results), 2),
+        "paths_unsettled_pairs": float(sum(len(r["off"]) for r in results)),
     }
     missed = [p["pair"] for p in pairs if not p["direct"]]
     slow = {p["pair"]: round(p["s"], 1) for p in pairs if p["s"] is not None and p["s"] > 5.0}

@@ -4,19 +4,26 @@ One lab, two pairs of hosts on the same internet bridge: ``h1``/``h2`` joined by
 wireguard-go tunnel set up by hand (``wg set`` with key files, MTU 1420) and
 ``w1``/``w2`` joined by wiregate (gateway + two agents). iperf3 TCP runs alternate
 between the two pairs so that noise on the machine hits both alike; the figures
-are medians. ``python -m benchmarks.tunnel`` prints one JSON object:
+are medians. With two CPUs or more, every pair runs the same way: the sending side
+(iperf3 client and its wireguard-go) on CPU 0, the receiving side on CPU 1, so that
+no run depends on where the scheduler happened to put the four busy processes.
+``python -m benchmarks.tunnel`` prints one JSON object:
 
 - ``tunnel_hand_mbps``, ``tunnel_wiregate_mbps``: median receiver throughput;
 - ``tunnel_ratio``: the median over rounds of wiregate / hand, each round measuring both
   back to back (target >= 0.98); ``tunnel_ratio_of_medians`` for comparison;
 - ``tunnel_control_ratio``: the same figure for a second hand-made tunnel against the
-  first, i.e. the measurement's own noise floor on this machine (ideally 1.0).
+  first, i.e. the measurement's own noise floor on this machine (ideally 1.0);
+- ``tunnel_ratio_spread``, ``tunnel_control_spread``: half the interquartile range of
+  the per-round ratios (the figure resolves differences larger than about this);
+- ``tunnel_rounds``, ``tunnel_pinned`` (1.0 when pinned as above).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -77,16 +84,58 @@ def wiregate_tunnel(lab: Lab, a: Host, b: Host) -> str:
     return wiregate.tunnel_addresses(agents[1])[0]
 
 
+PIN = (os.cpu_count() or 1) >= 2
+SENDER_CPU, RECEIVER_CPU = 0, 1
+
+
+def _on_cpu(cpu: int, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", str(cpu), *cmd] if PIN else cmd
+
+
+def pin_wireguard(host: Host, cpu: int) -> None:
+    """Pin every thread of the wireguard-go serving ``host``'s interface to ``cpu``."""
+    if not PIN:
+        return
+    pids = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _serves(entry, host.wg_ifname)
+    ]
+    if not pids:
+        raise RuntimeError(f"no wireguard-go serves {host.wg_ifname}")
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), {cpu})
+
+
+def _serves(proc: Path, ifname: str) -> bool:
+    try:
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return Path(argv[0].decode(errors="replace")).name == "wireguard-go" and (
+        ifname.encode() in argv[1:]
+    )
+
+
+def semi_iqr(values: list[float]) -> float:
+    """Half the interquartile range of ``values``."""
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / 2
+
+
 def iperf_mbps(client: Host, server_addr: str, seconds: int) -> float:
     """One iperf3 TCP run from ``client`` to ``server_addr``: receiver Mbit/s."""
-    out = client.run(["iperf3", "-c", server_addr, "-t", str(seconds), "-J"],
-                     timeout=seconds + 30).stdout  # fmt: skip
+    cmd = _on_cpu(SENDER_CPU, ["iperf3", "-c", server_addr, "-t", str(seconds), "-J"])
+    out = client.run(cmd, timeout=seconds + 30).stdout
     doc = json.loads(out)
     return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e6
 
 
 def start_iperf_server(host: Host) -> None:
-    host.spawn(["iperf3", "-s"], name=f"iperf3-{host.name}")
+    host.spawn(_on_cpu(RECEIVER_CPU, ["iperf3", "-s"]), name=f"iperf3-{host.name}")
 
     def listening() -> bool:
         return ":5201 " in host.run(["ss", "-Hltn"]).stdout
@@ -110,6 +159,9 @@ def _measure(lab: Lab, rounds: int, seconds: int) -> dict[str, list[float]]:
     print(f"tunnel MTU: hand {mtus['h1']}, wiregate {mtus['w1']}", file=sys.stderr)
     for server in (h2, c2, w2):
         start_iperf_server(server)
+    for sender, receiver in ((h1, h2), (c1, c2), (w1, w2)):
+        pin_wireguard(sender, SENDER_CPU)
+        pin_wireguard(receiver, RECEIVER_CPU)
     for client, addr in targets.values():
         poll(partial(client.ping, addr, timeout=1.0), timeout=20, what=f"ping {addr}")
     results: dict[str, list[float]] = {name: [] for name in targets}
@@ -123,7 +175,7 @@ def _measure(lab: Lab, rounds: int, seconds: int) -> dict[str, list[float]]:
     return results
 
 
-def run(rounds: int = 9, seconds: int = 3) -> dict[str, float]:
+def run(rounds: int = 15, seconds: int = 3) -> dict[str, float]:
     """Build the lab, measure alternately ``rounds`` times, tear down; return the figures."""
     if reason := lab_requirements():
         raise RuntimeError(reason)
@@ -140,6 +192,10 @@ def run(rounds: int = 9, seconds: int = 3) -> dict[str, float]:
     return {
         "tunnel_ratio": round(statistics.median(paired), 4),
         "tunnel_control_ratio": round(statistics.median(control), 4),
+        "tunnel_ratio_spread": round(semi_iqr(paired), 4),
+        "tunnel_control_spread": round(semi_iqr(control), 4),
+        "tunnel_rounds": float(len(paired)),
+        "tunnel_pinned": 1.0 if PIN else 0.0,
         "tunnel_ratio_of_medians": round(managed / hand, 4),
         "tunnel_wiregate_mbps": round(managed, 1),
         "tunnel_hand_mbps": round(hand, 1),
@@ -148,7 +204,7 @@ def run(rounds: int = 9, seconds: int = 3) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="wiregate vs hand-made tunnel throughput")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--seconds", type=int, default=3)
     args = parser.parse_args()
     try:

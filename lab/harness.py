@@ -53,6 +53,7 @@ __all__ = [
     "Process",
     "Router",
     "Wiregate",
+    "add_bridge",
     "bare",
     "lab_leftovers",
     "lab_requirements",
@@ -369,7 +370,7 @@ class Lab:
         self._started = True
         try:
             inet = self._add_namespace(self.internet)
-            inet.run(["ip", "link", "add", "br0", "type", "bridge"])
+            add_bridge(inet, "br0")
             inet.run(["ip", "addr", "add", f"{INTERNET_GATEWAY}/24", "dev", "br0"])
             inet.run(["ip", "link", "set", "br0", "up"])
             inet.sysctl("net.ipv4.ip_forward", "1")
@@ -434,7 +435,7 @@ class Lab:
         self._veth(router, router.wan_ifname, self.internet, f"{self.prefix}-{name}x", "br0")
         router.run(["ip", "addr", "add", f"{router.wan_addr}/24", "dev", router.wan_ifname])
         router.run(["ip", "route", "add", "default", "via", INTERNET_GATEWAY])
-        router.run(["ip", "link", "add", router.lan_ifname, "type", "bridge"])
+        add_bridge(router, router.lan_ifname)
         router.run(
             ["ip", "addr", "add", f"{router.lan_addr}/{lan.prefixlen}", "dev", router.lan_ifname]
         )
@@ -521,6 +522,14 @@ def _wireguard_go_pids(prefix_re: re.Pattern[str]) -> list[int]:
         if is_wg and any(prefix_re.match(a.decode(errors="replace")) for a in argv[1:]):
             pids.append(int(entry.name))
     return pids
+
+
+def add_bridge(ns: Namespace, name: str) -> None:
+    """Add the bridge ``name`` in ``ns`` with a fixed address of its own: a bridge left
+    to itself takes its lowest port's address, which changes as ports come and go, and
+    neighbours holding the old one in their ARP caches lose it for up to a minute."""
+    address = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+    ns.run(["ip", "link", "add", name, "address", address, "type", "bridge"])
 
 
 def _kill_all(pids: Sequence[int], grace: float = 3.0) -> None:

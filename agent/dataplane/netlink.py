@@ -1,18 +1,21 @@
-"""Kernel WireGuard over generic netlink (pyroute2 ``WireGuard``), links via rtnetlink.
+"""Kernel WireGuard over generic netlink: writes by :mod:`agent.dataplane.wgnl`, reads
+and links by pyroute2.
 
-pyroute2's ``WireGuard.set`` carries at most one peer per message, and each
-message costs a round trip through pyroute2's own event loop (about 12 ms: 1 000
-peers took 12 s). A write therefore builds its own ``WG_CMD_SET_DEVICE`` messages
-with many peers each, as ``wg setconf`` does: the device fields and peers packed
-up to :data:`BATCH_BYTES` per message (:func:`batches`, pure), each message
-acknowledged before the next; the returned count is the number of messages sent.
+A write is encoded and sent by the project's own codec (:mod:`agent.dataplane.wgnl`),
+as ``wg setconf`` does: the device fields and many peers per ``WG_CMD_SET_DEVICE``
+message, each acknowledged before the next, over a plain ``NETLINK_GENERIC``
+socket; the returned count is the number of messages sent. pyroute2 encoded each
+attribute through its generic machinery and took a round trip through its own
+event loop per message: ten times ``wg setconf`` for 1 000 peers.
 
-pyroute2's synchronous API drives an asyncio loop of its own, bound to the
-thread that made the object: called on a thread whose event loop is running it
-fails ("This event loop is already running"), and called from another thread
-its socket answers ECONNRESET from then on. The agent reads the device from its
-event loop (status) and applies from worker threads, so each backend owns one
-thread on which its pyroute2 objects are made, used and closed, one call at a time.
+Reads (``WG_CMD_GET_DEVICE`` dumps) and links still go through pyroute2, whose
+synchronous API drives an asyncio loop of its own, bound to the thread that made
+the object: called on a thread whose event loop is running it fails ("This event
+loop is already running"), and called from another thread its socket answers
+ECONNRESET from then on. The agent reads the device from its event loop (status)
+and applies from worker threads, so each backend owns one thread on which its
+pyroute2 objects are made, used and closed, one call at a time. The write socket
+has no such binding (it takes a lock).
 """
 
 from __future__ import annotations
@@ -24,10 +27,9 @@ from dataclasses import replace
 from typing import Any
 
 from pyroute2 import IPRoute, WireGuard
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.generic.wireguard import WG_CMD_SET_DEVICE, WG_GENL_VERSION, wgmsg
 
+from agent.dataplane import wgnl
 from agent.dataplane.backend import (
     DeviceUpdate,
     IPNetwork,
@@ -36,20 +38,16 @@ from agent.dataplane.backend import (
     PeerUpdate,
     format_endpoint,
     network_from_packed,
-    network_text,
     parse_endpoint,
 )
-from wiregate.errors import DataPlaneError
-from wiregate.keys import encode_key
+from wiregate.errors import BadKey, DataPlaneError
+from wiregate.keys import decode_key
 
 __all__ = [
-    "BATCH_BYTES",
     "KernelUnsupported",
     "NetlinkBackend",
-    "batches",
-    "build_set_device",
-    "device_attrs",
-    "peer_request",
+    "wire_device",
+    "wire_peer",
 ]
 
 _NOT_SUPPORTED = (95, 22)  # EOPNOTSUPP, EINVAL: "Unknown device type" (no module)
@@ -69,93 +67,31 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def peer_request(peer: PeerUpdate) -> dict[str, Any]:
-    """The pyroute2 peer dict for one :class:`PeerUpdate` (pure)."""
-    request: dict[str, Any] = {"public_key": peer.public_key}
+def wire_peer(peer: PeerUpdate) -> wgnl.Peer:
+    """The netlink form of one :class:`PeerUpdate` (pure; BadKey or ValueError on a bad
+    key or endpoint). A changed peer's allowed IPs replace its old ones."""
+    key = decode_key(peer.public_key)
     if peer.remove:
-        request["remove"] = True
-        return request
-    if peer.update_only:
-        request["update_only"] = True
-    if peer.endpoint is not None:
-        address, port = parse_endpoint(peer.endpoint)
-        request["endpoint_addr"] = str(address)
-        request["endpoint_port"] = port
-    if peer.keepalive is not None:
-        request["persistent_keepalive"] = peer.keepalive
+        return wgnl.Peer(key, wgnl.PEER_REMOVE_ME)
+    flags = wgnl.PEER_UPDATE_ONLY if peer.update_only else 0
+    allowed = None
     if peer.allowed_ips is not None:
-        request["replace_allowed_ips"] = peer.update_only
-        request["allowed_ips"] = sorted(network_text(n) for n in peer.allowed_ips)
-    return request
+        allowed = tuple(peer.allowed_ips)
+        if peer.update_only:
+            flags |= wgnl.PEER_REPLACE_ALLOWEDIPS
+    endpoint = None if peer.endpoint is None else parse_endpoint(peer.endpoint)
+    return wgnl.Peer(key, flags, endpoint=endpoint, keepalive=peer.keepalive, allowed_ips=allowed)
 
 
-BATCH_BYTES = 8192  # peer payload per message before another begins (wg(8) uses pages)
-
-
-def device_attrs(update: DeviceUpdate) -> list[list[Any]]:
-    """The ``WGDEVICE_A_*`` attributes of ``update``'s device fields (pure)."""
-    attrs: list[list[Any]] = []
-    if update.private_key is not None:
-        attrs.append(["WGDEVICE_A_PRIVATE_KEY", encode_key(update.private_key)])
-    if update.listen_port is not None:
-        attrs.append(["WGDEVICE_A_LISTEN_PORT", update.listen_port])
-    if update.fwmark is not None:
-        attrs.append(["WGDEVICE_A_FWMARK", update.fwmark])
-    return attrs
-
-
-def batches(requests: list[dict[str, Any]], limit: int = BATCH_BYTES) -> list[list[dict[str, Any]]]:
-    """``requests`` in groups whose estimated encoded size stays under ``limit`` (pure);
-    always at least one group (the device fields travel in the first)."""
-    groups: list[list[dict[str, Any]]] = [[]]
-    size = 0
-    for request in requests:
-        cost = _PEER_BYTES + _ALLOWED_IP_BYTES * len(request.get("allowed_ips", ()))
-        if groups[-1] and size + cost > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(request)
-        size += cost
-    return groups
-
-
-_PEER_BYTES = 96  # key, flags, endpoint (IPv6), keepalive, nesting headers
-_ALLOWED_IP_BYTES = 36  # family, address (IPv6), mask, nesting headers
-
-
-async def _set_device(
-    core: Any, name: str, attrs: list[list[Any]], peers: list[dict[str, Any]]
-) -> None:
-    """One ``WG_CMD_SET_DEVICE`` with ``attrs`` and every peer of ``peers``; waits for
-    the kernel's acknowledgement (a refusal is raised as pyroute2's NetlinkError)."""
-    core.sendto(build_set_device(core, name, attrs, peers).data, (0, 0))
-    (answer,) = [x async for x in core.get()]
-    error = answer["header"].get("error", None)
-    if error is not None:
-        raise error
-
-
-def build_set_device(
-    core: Any, name: str, attrs: list[list[Any]], peers: list[dict[str, Any]]
-) -> Any:
-    """The encoded ``WG_CMD_SET_DEVICE`` message (``core``: pyroute2's AsyncWireGuard,
-    for its peer encoder, protocol id and port id)."""
-    msg = wgmsg()
-    msg["attrs"].append(["WGDEVICE_A_IFNAME", name])
-    msg["attrs"].extend(attrs)
-    if peers:
-        holder = wgmsg()
-        for peer in peers:
-            core._wg_set_peer(holder, peer)  # validates keys, builds the nested peer
-        merged = [entry for _, group in holder["attrs"] for entry in group]
-        msg["attrs"].append(["WGDEVICE_A_PEERS", merged])
-    msg["cmd"] = WG_CMD_SET_DEVICE
-    msg["version"] = WG_GENL_VERSION
-    msg["header"]["type"] = core.prid
-    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
-    msg["header"]["pid"] = core.pid
-    msg.encode()
-    return msg
+def wire_device(name: str, update: DeviceUpdate) -> wgnl.Device:
+    """The netlink form of ``update`` for interface ``name`` (pure; ValueError if bad)."""
+    return wgnl.Device(
+        ifname=name,
+        private_key=update.private_key,
+        listen_port=update.listen_port,
+        fwmark=update.fwmark,
+        peers=tuple(wire_peer(p) for p in update.peers),
+    )
 
 
 class NetlinkBackend:
@@ -167,6 +103,8 @@ class NetlinkBackend:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self.ipr = self._call(IPRoute)
         self.wg: Any = None
+        self.wgsock = wgnl.WireGuardSocket()
+        self._writer: ThreadPoolExecutor | None = None
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` on this backend's own thread (see the module docstring)."""
@@ -181,6 +119,9 @@ class NetlinkBackend:
         """Release the netlink sockets and the backend's thread."""
         if self.wg is not None:
             self._call(self.wg.close)
+        if self._writer is not None:
+            self._writer.shutdown()
+        self.wgsock.close()
         self._call(self.ipr.close)
         self._thread.shutdown()
 
@@ -223,25 +164,32 @@ class NetlinkBackend:
     def write(self, name: str, update: DeviceUpdate) -> int:
         if update.is_empty:
             return 0
-        wg = self._wireguard()
-        device = device_attrs(update)
-        groups = batches([peer_request(p) for p in update.peers])
-
-        def send() -> None:
-            for index, group in enumerate(groups):
-                attrs = device if index == 0 else []
-                wg._run_with_cleanup(_set_device, wg.asyncore, name, attrs, group)
-
-        try:
-            self._call(send)
-        except NetlinkError as exc:
-            raise DataPlaneError(f"WireGuard netlink set on {name} failed: {exc.code}") from None
-        return len(groups)
+        return self._send(name, self._encode(name, update))
 
     def begin_write(self, name: str, update: DeviceUpdate) -> Callable[[], int]:
-        """Netlink writes are synchronous: write now, report the count later."""
-        count = self.write(name, update)
-        return lambda: count
+        """Encode now (bad input fails here, nothing sent), send on the writer thread:
+        the kernel applies the peers while the caller writes routes and the filter."""
+        if update.is_empty:
+            return lambda: 0
+        messages = self._encode(name, update)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wgnl")
+        sent = self._writer.submit(self._send, name, messages)
+        return sent.result
+
+    def _encode(self, name: str, update: DeviceUpdate) -> list[bytes]:
+        try:
+            return self.wgsock.encode(wire_device(name, update))
+        except (BadKey, ValueError) as exc:
+            raise DataPlaneError(f"WireGuard set on {name} refused: {exc}") from None
+        except OSError as exc:
+            raise DataPlaneError(f"WireGuard netlink on {name} failed: {exc}") from None
+
+    def _send(self, name: str, messages: list[bytes]) -> int:
+        try:
+            return self.wgsock.send(messages, name)
+        except OSError as exc:
+            raise DataPlaneError(f"WireGuard netlink set on {name} failed: {exc}") from None
 
 
 def _live_peer(raw: Any) -> LivePeer:

@@ -286,7 +286,16 @@ class PathRunner:
 
     async def perform(self, actions: Sequence[Action], *, apply: bool = False) -> None:
         """Carry out what the machines asked for; re-apply the map if an endpoint moved
-        (or ``apply``: the map itself changed)."""
+        (or ``apply``: the map itself changed).
+
+        A reset (see :meth:`PathBook.needs_reset`) destroys the session WireGuard holds
+        with the peer, so the device is read first: a session the peer set up since
+        the last poll (a second ago while probing) is then evidence the machine sees,
+        not something the reset throws away while the peer, whose session is fine,
+        has no reason to shake hands again."""
+        actions = list(actions)
+        if any(isinstance(a, SetEndpoint) and self.book.needs_reset(a) for a in actions):
+            actions += await self._fresh_handshakes()
         moved = apply
         for action in actions:
             if isinstance(action, SetEndpoint):
@@ -305,6 +314,13 @@ class PathRunner:
         if moved:
             await self._reapply()
         self._wake.set()
+
+    async def _fresh_handshakes(self) -> list[Action]:
+        try:
+            live = await self._read_status()
+        except (OSError, WiregateError):
+            return []  # the reset goes ahead; the poll loop reports the read error
+        return self.book.handshakes(live, self._clock())
 
     async def run(self) -> None:
         """Poll handshakes and deliver ticks until cancelled."""

@@ -324,3 +324,39 @@ async def test_an_easy_side_predicts_towards_a_symmetric_peer_without_resetting_
     await _until(lambda: bool(plans))
     assert plans[0].address == "198.51.100.14" and plans[0].ports[0] == 51820
     assert len(plans[0].ports) <= MAX_PROBES
+
+
+@pytest.mark.asyncio
+async def test_a_kick_never_resets_a_session_the_peer_set_up_since_the_last_poll() -> None:
+    """While probing, the peer's handshake reached us from its real NAT mapping a
+    moment before our next kick. A kick removes and re-adds the peer: it would throw
+    that session away, and the peer, whose side of it is fine, would not shake hands
+    again before its keepalive found out (~25 s in the demo, as a failed ping). The
+    runner reads the device before any reset, so the session is seen: direct, no reset."""
+    book = PathBook(PathTimers(probe_timeout=5.0, kick=1.0))
+    book.local_nat(LocalNat(0.0, NatType.OPEN, "198.51.100.10:51820"))
+    m = netmap(peer("b", KEY_B, (PUB_B,)))
+    roamed = "203.0.113.5:33728"  # where the peer's handshake came from
+    device: list[PeerStatus] = [status(KEY_B, None, PUB_B)]
+    resets: list[set[str]] = []
+
+    async def read_status() -> Sequence[PeerStatus]:
+        return device
+
+    async def reapply() -> None:
+        resets.append(set(book.resetting))
+
+    now = [0.0]
+    net = FakeNet()
+    runner = PathRunner(book, hooks=RelayHooks(net.ticket, net.bind, net.probe),
+                        read_status=read_status, reapply=reapply, clock=lambda: now[0])  # fmt: skip
+    await runner.perform(book.update_map(m, 0.0))
+    assert resets[0] == {"b"}  # the first probe resets: no session yet
+    device[:] = [status(KEY_B, 0.6, roamed)]  # the peer's handshake, after that reset
+    now[0] = 1.0
+    kick = book.tick(1.0)  # the kick is due, the last poll saw no session
+    assert kick == [SetEndpoint("b", PUB_B)] and book.needs_reset(kick[0])
+    await runner.perform(kick)
+    assert book.machines["b"].state is PathState.DIRECT
+    assert all("b" not in r for r in resets[1:])
+    assert book.chosen["b"] == roamed

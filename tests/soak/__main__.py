@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     report = run_soak(profile, workdir)
     print(format_summary(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    kept = json.loads(args.out.read_text()) if args.out.exists() else {}
+    memory = {"memory": kept["memory"]} if "memory" in kept else {}  # scripts/soak.sh memory
+    args.out.write_text(json.dumps(report | memory, indent=1) + "\n")
     print(f"report: {args.out} (lab logs: {workdir})")
     return 1 if report["failures"] else 0
 

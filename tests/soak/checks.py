@@ -10,8 +10,9 @@ from the gateway's policy code.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from statistics import median
 
 from wiregate.model import NetMap
 
@@ -21,6 +22,7 @@ __all__ = [
     "check_addresses",
     "check_map",
     "check_peer_keys",
+    "check_rss_growth",
     "expected_peers",
     "group_of",
     "live_devices",
@@ -133,3 +135,34 @@ def check_peer_keys(
     if extra := keys - want:
         problems.append(f"{where}: interface holds {len(extra)} keys that are not current")
     return problems
+
+
+def check_rss_growth(
+    where: str,
+    samples: Sequence[tuple[float, int]],
+    warmup_s: float,
+    bound: float,
+    window_s: float = 60.0,
+) -> tuple[dict[str, float | int], list[str]]:
+    """A process's memory after the warm-up: ``samples`` are (seconds into the churn,
+    VmRSS KiB) in time order. RSS after the warm-up is the median of the samples in
+    the ``window_s`` after ``warmup_s``, at the end the median of the last ``window_s``
+    (the garbage collector's saw-tooth is a few MiB); the growth from one to the other
+    must stay below ``bound`` (0.05: 5 %). Returns the figures and the problems (none
+    when the bound held)."""
+    end_t = samples[-1][0] if samples else 0.0
+    if end_t < warmup_s + 2 * window_s:
+        return {}, [f"{where}: no RSS samples {2 * window_s:.0f} s past the warm-up "
+                    f"({warmup_s:.0f} s)"]  # fmt: skip
+    after = [rss for t, rss in samples if warmup_s <= t <= warmup_s + window_s]
+    last = [rss for t, rss in samples if t >= end_t - window_s]
+    warm, end = int(median(after)), int(median(last))
+    grew = end / warm - 1
+    minutes = (end_t - warmup_s - window_s) / 60
+    figure = {"warmup_s": warmup_s, "rss_kb_after_warmup": warm, "end_s": round(end_t, 1),
+              "rss_kb_at_end": end, "rss_growth": round(grew, 4),
+              "kib_per_min": round((end - warm) / max(minutes, 1 / 60), 1)}  # fmt: skip
+    if grew >= bound:
+        return figure, [f"{where}: RSS grew {grew:.1%} from {warm} KiB after the warm-up "
+                        f"to {end} KiB (bound {bound:.0%})"]  # fmt: skip
+    return figure, []

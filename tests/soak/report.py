@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from tests.soak.checks import check_rss_growth
 from tests.soak.probes import Sample, iperf_figures, parse_ping, rotation_window
 from tests.soak.profile import PINGS, STRICT_PINGS, Profile, Rotation
 
@@ -27,26 +28,24 @@ def resource_figures(
         mine = [s for s in samples if s.replica == replica]
         base = next(s for s in mine if s.label == "baseline")
         after = next(s for s in mine if s.label == "after")
-        end = next(s for s in mine if s.label == "end")
-        churning = [s for s in mine if s.label == "churn"]
-        mark = start + 0.25 * profile.churn_s
-        quarter = min(churning, key=lambda s: abs(s.t - mark)) if churning else base
-        growth = end.rss_kb / quarter.rss_kb - 1
+        churned = [(s.t - start, s.rss_kb) for s in mine if s.label in ("churn", "end")]
+        where = f"replica {replica}"
+        rss, problems = check_rss_growth(
+            where, churned, profile.warmup_minutes * 60, bounds.rss_growth, bounds.rss_window_s
+        )
+        failures += problems
         peak = max(mine, key=lambda s: s.connected)
         figures[f"replica{replica}"] = {
             "baseline": {"fds": base.fds, "tasks": base.tasks, "rss_kb": base.rss_kb,
                          "connected": base.connected},
             "peak": {"fds": max(s.fds for s in mine), "tasks": max(s.tasks for s in mine),
                      "rss_kb": max(s.rss_kb for s in mine), "connected": peak.connected},
-            "rss_kb_at_25pct": quarter.rss_kb,
-            "rss_kb_at_end": end.rss_kb,
-            "rss_growth_25_to_100": round(growth, 3),
+            "rss": rss,
             "after": {"fds": after.fds, "tasks": after.tasks, "rss_kb": after.rss_kb,
                       "connected": after.connected},
             "fds_baseline": result["fds_baseline"][replica],
             "fds_after": result["fds_after"][replica],
         }  # fmt: skip
-        where = f"replica {replica}"
         pool = [result[k][replica].get("unix (unnamed)", 0) for k in ("fds_baseline", "fds_after")]
         if after.fds - pool[1] > base.fds - pool[0] + bounds.fd_slack:
             failures.append(f"{where}: {after.fds - pool[1]} fds after (not counting the "
@@ -60,9 +59,6 @@ def resource_figures(
                             f"(bound +-{bounds.task_slack})")  # fmt: skip
         if after.connected != base.connected:
             failures.append(f"{where}: {after.connected} streams after, {base.connected} before")
-        if growth >= bounds.rss_growth:
-            failures.append(f"{where}: RSS grew {growth:.1%} from the 25 % mark to the end "
-                            f"(bound {bounds.rss_growth:.0%})")  # fmt: skip
     return figures, failures
 
 
@@ -169,8 +165,9 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(
             f"  {name}: fds {r['baseline']['fds']} -> peak {r['peak']['fds']} -> "
             f"after {r['after']['fds']}; tasks {r['baseline']['tasks']} -> peak "
-            f"{r['peak']['tasks']} -> after {r['after']['tasks']}; RSS {r['rss_kb_at_25pct']} "
-            f"-> {r['rss_kb_at_end']} KiB ({r['rss_growth_25_to_100']:+.1%} from 25 % to end), "
+            f"{r['peak']['tasks']} -> after {r['after']['tasks']}; RSS after warm-up "
+            f"{r['rss'].get('rss_kb_after_warmup')} -> {r['rss'].get('rss_kb_at_end')} KiB "
+            f"({r['rss'].get('rss_growth', 0):+.1%}), "
             f"peak streams {r['peak']['connected']}"
         )
     iperf = tun["iperf"]

@@ -4,6 +4,7 @@ ping, iperf3, metrics and agent-log parsers read real outputs."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from tests.soak import checks
@@ -125,3 +126,29 @@ def test_iperf_metrics_and_rotation_log() -> None:
     window = rotation_window(log, after=at)  # the switch before 01:00:05 is an older one
     assert window is not None and round(window[0] - window[1], 1) == 0.2
     assert rotation_window(log, after=at + 60) is None
+
+
+def test_rss_growth_after_the_warm_up_is_bounded() -> None:
+    def run(rss_at: Callable[[float], int]) -> list[tuple[float, int]]:
+        return [(t, rss_at(t)) for t in range(0, 2101, 10)]  # 35 min, a sample every 10 s
+
+    def level(t: float) -> int:  # the ramp, then 100 000 KiB with a GC saw-tooth of 3 MiB
+        return int(100_000 * min(1.0, t / 300)) + (3072 if t % 60 < 30 else 0)
+
+    figure, problems = checks.check_rss_growth("replica 0", run(level), 300.0, 0.05)
+    assert problems == []
+    assert figure["rss_kb_after_warmup"] == figure["rss_kb_at_end"]
+    # the issue's leak: 2 MiB a minute from the start of the churn
+    figure, problems = checks.check_rss_growth(
+        "replica 0", run(lambda t: level(t) + int(2048 * t / 60)), 300.0, 0.05
+    )
+    assert problems and problems[0].startswith("replica 0: RSS grew 5")
+    assert problems[0].endswith("(bound 5%)")
+    assert 2000 < figure["kib_per_min"] < 2100
+    # 0.2 MiB a minute (6 MiB over the 30 minutes) on 100 MiB also fails; 0.1 passes
+    slow = checks.check_rss_growth("r", run(lambda t: level(t) + int(205 * t / 60)), 300.0, 0.05)
+    slower = checks.check_rss_growth("r", run(lambda t: level(t) + int(100 * t / 60)), 300, 0.05)
+    assert slow[1] and not slower[1]
+    # a run that ended before the warm-up's window and the end's could be told apart
+    short = run(level)[:40]
+    assert "no RSS samples 120 s past" in checks.check_rss_growth("r", short, 300.0, 0.05)[1][0]

@@ -18,11 +18,13 @@ from typing import Any
 
 import aiohttp
 
+from agent.control import TunnelSwitch, control_routes, forget_prefs, load_wanted, save_wanted
 from agent.dataplane.facade import DataPlane, PeerStatus
 from agent.discovery.candidates import merge_candidates
 from agent.discovery.endpoints import candidates, local_addresses, local_networks
 from agent.discovery.netcheck import NatType, NetReport, fetch_relays, run_netcheck
 from agent.discovery.rawudp import send_burst
+from agent.dns.service import Names
 from agent.gateway_client import (
     ControlClient,
     connector,
@@ -31,7 +33,7 @@ from agent.gateway_client import (
     server_urls,
     workload_token_source,
 )
-from agent.keyfile import load_or_create_key
+from agent.keyfile import KEY_FILE, load_or_create_key
 from agent.metrics import serve_metrics
 from agent.paths.driver import PathBook, PathRunner, RelayHooks
 from agent.paths.machine import LocalNat, PathTimers
@@ -46,7 +48,7 @@ from agent.state import Enrollment, StateDir
 from agent.status import serve_status
 from relay.client.probe import ping_relay
 from relay.endpoints import RelayEndpoint
-from wiregate.errors import Unauthorized, Unavailable, WiregateError
+from wiregate.errors import LocalError, Unauthorized, Unavailable, WiregateError
 from wiregate.keys import encode_key, public_from_private
 from wiregate.logging import get_logger
 from wiregate.mapwire import build_endpoints
@@ -96,13 +98,12 @@ class Agent:
         self.netreport: NetReport | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._advertised: dict[str, Any] | None = None  # None: not sent on this stream yet
-        self.paths = PathBook(
-            PathTimers(
-                probe_timeout=settings.path_probe_timeout,
-                silence=settings.path_silence,
-                retry_first=settings.path_retry,
-            )
+        self._path_timers = PathTimers(
+            probe_timeout=settings.path_probe_timeout,
+            silence=settings.path_silence,
+            retry_first=settings.path_retry,
         )
+        self.paths = PathBook(self._path_timers)
         self._runner: PathRunner | None = None
         self.control: ControlClient | None = None  # set once running
         self.rotation = KeyRotator(self)  # make-before-break key rotation
@@ -110,6 +111,9 @@ class Agent:
         # the latest handshake WireGuard reported per peer key: a peer removed and re-added
         # to probe a path starts at "never" in WireGuard, not in ``wiregate status``
         self._handshakes: dict[str, float] = {}
+        self.names = Names(settings)  # the mesh domain's DNS server (docs/names.md)
+        self.switch: TunnelSwitch | None = None  # `wiregate up` / `down` (agent.control)
+        self.tunnel_up = False  # the interface exists and carries the map
 
     async def run_until_signalled(self) -> None:
         """Run until SIGTERM/SIGINT; the data plane is left running (fail static)."""
@@ -133,6 +137,8 @@ class Agent:
         return server_urls(self.settings.server)[0]
 
     async def run(self) -> None:
+        """Enroll if needed, then run the tunnel while it is wanted (``wiregate up``/``down``)
+        until cancelled or logged out; the status and control socket answers throughout."""
         self._check_privileges()
         self.state.ensure()
         private = load_or_create_key(self.settings.state_dir)
@@ -141,36 +147,145 @@ class Agent:
         async with aiohttp.ClientSession(connector=connector(self.settings.ca_file)) as http:
             control = self.control = ControlClient(self.settings.server, http)
             self.enrollment = self.state.load_enrollment() or await self._enroll(control)
-            await self._setup_dataplane()
-            self._runner = self._path_runner(control)
             cached = self.state.load_netmap()
             if cached is not None:
                 self.session = MapSession(cached)
-                await self._map_changed(cached)
-            status = await serve_status(self.settings.run_dir / "agent.sock", self)
+            self.switch = TunnelSwitch(load_wanted(self.state.path), self._run_tunnel,
+                                       self._tunnel_down)  # fmt: skip
+            if self.switch.wanted:  # the interface is up before the socket answers
+                await self._bring_up(control)
+            sock = self.settings.run_dir / "agent.sock"
+            status = await serve_status(sock, self, control_routes(self))
             metrics = await serve_metrics(self)  # None unless metrics_listen is set
-            tasks = [
-                asyncio.create_task(self._reconcile_periodically()),
-                asyncio.create_task(self._runner.run()),
-            ]
-            if self.settings.stun_servers:
-                tasks.append(asyncio.create_task(self._netcheck_periodically()))
-            tasks.append(asyncio.create_task(self.rotation.run()))
-            if self.settings.pmtu_interval > 0:
-                self.pmtu = PmtuProber(
-                    self.dataplane, lambda: self.session.netmap, self._apply,
-                    fwmark=self.settings.fwmark, interval=self.settings.pmtu_interval,
-                )  # fmt: skip
-                tasks.append(asyncio.create_task(self.pmtu.run()))
             try:
-                await self._stream_forever(control)
+                await self.switch.run()
             finally:
-                for task in tasks:
-                    task.cancel()
                 await status.cleanup()
                 if metrics is not None:
                     await metrics.cleanup()
-                (self.settings.run_dir / "agent.sock").unlink(missing_ok=True)
+                sock.unlink(missing_ok=True)
+
+    async def _bring_up(self, control: ControlClient) -> None:
+        """The interface, and the last map on it before the gateway answers."""
+        await self._setup_dataplane()
+        from agent.kubenode import apply_forwarding  # kubernetes: masquerade sent onward
+
+        await apply_forwarding(self.settings)
+        self._runner = self._path_runner(control)
+        self.tunnel_up = True
+        if self.session.netmap is not None:
+            await self._map_changed(self.session.netmap)
+
+    async def _run_tunnel(self) -> None:
+        """The tunnel while it is wanted: map stream, paths, netcheck, rotation, PMTU."""
+        control, dataplane = self.control, self.dataplane
+        assert control is not None and dataplane is not None
+        if not self.tunnel_up:
+            await self._bring_up(control)
+        assert self._runner is not None
+        tasks = [
+            asyncio.create_task(self._reconcile_periodically()),
+            asyncio.create_task(self._runner.run()),
+        ]
+        if self.settings.stun_servers:
+            tasks.append(asyncio.create_task(self._netcheck_periodically()))
+        tasks.append(asyncio.create_task(self.rotation.run()))
+        if self.settings.pmtu_interval > 0:
+            self.pmtu = PmtuProber(
+                dataplane, lambda: self.session.netmap, self._apply,
+                fwmark=self.settings.fwmark, interval=self.settings.pmtu_interval,
+            )  # fmt: skip
+            tasks.append(asyncio.create_task(self.pmtu.run()))
+        try:
+            await self._stream_forever(control)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+            await self.names.close()  # the host's resolver back before the server goes
+
+    async def _tunnel_down(self) -> None:
+        """``wiregate down``: the interface goes; key, enrollment and last map stay."""
+        self.tunnel_up, self._runner, self._ws = False, None, None
+        self.health.connected = False
+        if self.dataplane is not None:
+            async with self._apply_lock:
+                await asyncio.to_thread(self.dataplane.teardown)
+        self.paths = PathBook(self._path_timers)  # paths are found again after `up`
+        log.info("tunnel down; enrollment and keys kept", interface=self.settings.interface)
+
+    async def handle_control(self, op: str) -> dict[str, Any]:
+        """A ``wiregate up`` / ``down`` / ``logout`` from the local socket."""
+        assert self.switch is not None
+        if op == "logout":
+            return await self.logout()
+        wanted = op == "up"
+        save_wanted(self.state.path, wanted)  # a restarted agent stays as asked
+        await self.switch.set(wanted)
+        return {"state": self.tunnel_state(), "interface": self.settings.interface}
+
+    async def logout(self) -> dict[str, Any]:
+        """Tunnel down, the device deleted at the gateway if it answers, key and state
+        deleted; the agent then exits."""
+        assert self.switch is not None and self.enrollment is not None
+        assert self.control is not None
+        await self.switch.set(False)
+        doc = await self._forget_device(self.control, self.enrollment)
+        self.enrollment = None
+        self.switch.stop()
+        return doc
+
+    async def logout_stopped(self) -> dict[str, Any]:
+        """``wiregate logout`` with no agent running: the interface it left up (fail
+        static) removed, then as :meth:`logout`."""
+        enrollment = self.state.load_enrollment()
+        if enrollment is None:
+            raise LocalError(f"not enrolled: {self.state.path} holds no device.json")
+        if (self.state.path / KEY_FILE).exists():
+            dataplane = self._make_dataplane(load_or_create_key(self.state.path))
+            await asyncio.to_thread(dataplane.teardown)
+        async with aiohttp.ClientSession(connector=connector(self.settings.ca_file)) as http:
+            return await self._forget_device(ControlClient(self.settings.server, http), enrollment)
+
+    async def _forget_device(
+        self, control: ControlClient, enrollment: Enrollment
+    ) -> dict[str, Any]:
+        deleted, note = True, ""
+        try:
+            async with asyncio.timeout(15):
+                await control.logout(enrollment.token)
+        except Unauthorized:
+            note = "the gateway no longer knew this device"
+        except (WiregateError, TimeoutError) as exc:
+            deleted = False
+            note = exc.message if isinstance(exc, WiregateError) else "the gateway timed out"
+        self.state.forget()
+        forget_prefs(self.state.path)
+        doc = {"device_id": enrollment.device_id, "deleted_at_gateway": deleted, "note": note}
+        log.info("logged out", **doc)
+        return doc
+
+    def current_map(self) -> NetMap | None:
+        return self.session.netmap
+
+    def tunnel_state(self) -> str:
+        """``up``, ``starting`` (wanted, interface not there yet) or ``down``."""
+        if self.switch is not None and not self.switch.wanted:
+            return "down"
+        return "up" if self.tunnel_up else "starting"
+
+    async def enroll(self) -> Enrollment:
+        """Enroll now unless enrolled (``wiregate up --auth-key``): key created, enrollment
+        and gateway URL saved; no interface is touched."""
+        self.state.ensure()
+        self.public_key = encode_key(public_from_private(load_or_create_key(self.state.path)))
+        existing = self.state.load_enrollment()
+        if existing is not None:
+            return existing
+        async with aiohttp.ClientSession(connector=connector(self.settings.ca_file)) as http:
+            enrollment = await self._enroll(ControlClient(self.settings.server, http))
+        self.state.save_server(self.settings.server)
+        return enrollment
 
     async def _setup_dataplane(self) -> None:
         """Create or adopt the interface; a setup that hangs is an error, not a silence."""
@@ -388,6 +503,7 @@ class Agent:
             await self._apply(netmap)
         else:  # probes of peers with a session first reset them (see PathBook.needs_reset)
             await self._runner.perform(actions, apply=True)
+        await self.names.update(netmap)
 
     async def _apply(self, netmap: NetMap) -> None:
         assert self.dataplane is not None
@@ -403,6 +519,7 @@ class Agent:
 
     async def _revoked(self, reason: str) -> None:
         log.warning("device revoked; tearing down", reason=reason)
+        await self.names.close()
         if self.dataplane is not None:
             await asyncio.to_thread(self.dataplane.teardown)
         self.state.forget()
@@ -411,11 +528,13 @@ class Agent:
     def status(self) -> dict[str, Any]:
         """The document ``wiregate status`` prints."""
         netmap = self.session.netmap
-        live = {p.public_key: p for p in self.dataplane.status()} if self.dataplane else {}
+        dataplane = self.dataplane if self.tunnel_up else None  # no interface while down
+        live = {p.public_key: p for p in dataplane.status()} if dataplane else {}
         peers = [] if netmap is None else list(netmap.peers.values())
         return {
             "device": _device_doc(self.enrollment, self.public_key, netmap),
             "interface": self.settings.interface,
+            "state": self.tunnel_state(),
             "backend": self.dataplane.backend_name if self.dataplane else None,
             "gateway": {
                 "server": self.gateway_url(),
@@ -428,6 +547,7 @@ class Agent:
             "problems": list(self.health.problems),
             "netcheck": self.netreport.to_dict() if self.netreport else None,
             "pmtu": self.pmtu.to_dict() if self.pmtu else None,
+            "dns": self.names.to_dict(),
             "peers": [
                 _peer_doc(p, live.get(p.public_key), self.paths.report(p.id))
                 | {"last_handshake": self._last_handshake(p.public_key, live.get(p.public_key))}
@@ -448,7 +568,8 @@ def _device_doc(enr: Enrollment | None, public_key: str, netmap: NetMap | None) 
     if enr is None:
         return {"public_key": public_key}
     addresses = list(netmap.self_view.addresses) if netmap else list(enr.addresses)
-    doc = {"id": enr.device_id, "name": enr.name, "public_key": public_key, "addresses": addresses}
+    name = netmap.self_view.name if netmap else enr.name  # the map's: renames reach it
+    doc = {"id": enr.device_id, "name": name, "public_key": public_key, "addresses": addresses}
     return {**doc, "expires_at": netmap.self_view.expires_at if netmap else None}
 
 

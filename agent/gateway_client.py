@@ -266,6 +266,10 @@ class ControlClient:
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise Unavailable(f"the gateway sent a malformed relay ticket answer: {exc}") from exc
 
+    async def logout(self, token: str) -> None:
+        """Delete this device at the gateway (``POST /api/v1/devices/self/logout``)."""
+        await self._post("/api/v1/devices/self/logout", {}, token)
+
     async def _post(
         self, path: str, body: dict[str, Any], token: str | None = None
     ) -> dict[str, Any]:

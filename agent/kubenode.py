@@ -9,6 +9,21 @@ API) reads its own Node with the official ``kubernetes`` client and turns it int
   else every ``InternalIP`` with the WireGuard port;
 * ``wiregate.io/persistent-keepalive`` (seconds) and ``wiregate.io/location``.
 
+Two settings add routes every device reaches the cluster through:
+
+* ``kube_service_cidrs``: the cluster's Service CIDR(s), so that devices reach
+  ClusterIPs through this node, whose kube-proxy (or CNI) translates them. Every
+  node advertises the same prefix; the gateway lets one carry it and keeps the
+  others standing by (docs/architecture.md, "Services both ways").
+* ``kube_gateway`` (gateway mode): the pod CIDRs of every Node that runs no agent
+  (no ``wiregate.io/gateway=true`` label), read from the NodeList, so that devices
+  reach every node's pods through this one, which forwards onward on the cluster
+  network.
+
+Traffic from the tunnel that the node sends on to another node's pods is
+masqueraded (:func:`forwarding_ruleset`), so that the reply comes back through this
+node: the other node has no route to the tunnel addresses.
+
 :func:`node_facts` is pure: a Node document (the API's JSON) in, :class:`NodeFacts`
 out, every malformed field refused with the field named. :func:`read_node` is the
 thin client layer (one GET, errors mapped onto the error tree) and
@@ -25,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from wiregate.clock import Clock
 from wiregate.errors import (
@@ -36,6 +51,7 @@ from wiregate.errors import (
     Unavailable,
     WiregateError,
 )
+from wiregate.kubeclient import api_client
 from wiregate.logging import get_logger
 from wiregate.settings import AgentSettings
 
@@ -43,12 +59,19 @@ __all__ = [
     "ANNOTATION_FORCE_ENDPOINT",
     "ANNOTATION_KEEPALIVE",
     "ANNOTATION_LOCATION",
+    "FORWARD_TABLE",
+    "LABEL_GATEWAY",
     "NodeFacts",
     "NodeSource",
     "advertised_endpoints",
     "advertised_routes",
+    "apply_forwarding",
+    "cluster_pod_cidrs",
+    "forwarding_ruleset",
+    "list_nodes",
     "node_facts",
     "read_node",
+    "service_cidrs",
 ]
 
 log = get_logger("agent.kubenode")
@@ -56,11 +79,20 @@ log = get_logger("agent.kubenode")
 ANNOTATION_LOCATION = "wiregate.io/location"
 ANNOTATION_FORCE_ENDPOINT = "wiregate.io/force-endpoint"
 ANNOTATION_KEEPALIVE = "wiregate.io/persistent-keepalive"
+LABEL_GATEWAY = "wiregate.io/gateway"  # gateway mode: the nodes that run an agent
+FORWARD_TABLE = "wiregate-kube"  # table inet: masquerade of tunnel traffic sent onward
+FORWARD_CT_MARK = 0x57470000  # conntrack mark bits of connections that came in from the tunnel
 REFRESH_SECONDS = 300.0  # pod CIDRs never change and addresses rarely: the API is spared
 REQUEST_TIMEOUT = 10.0
 _LOCATION = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
 
 Reader = Callable[[str, Path | None], Mapping[str, Any]]
+
+
+class NftRunner(Protocol):
+    """What :func:`apply_forwarding` uses of :class:`wiregate.nft.Nft`."""
+
+    def run(self, script: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +242,97 @@ def _keepalive(value: str | None) -> int | None:
     return int(text)
 
 
+def cluster_pod_cidrs(node_list: Mapping[str, Any], own: str) -> tuple[str, ...]:
+    """The pod CIDRs of the Nodes in a NodeList that run no agent (gateway mode).
+
+    A Node labelled ``wiregate.io/gateway=true`` runs an agent that advertises its own
+    pod CIDRs; ``own`` (this node) is left out too: its own come from :func:`node_facts`.
+    """
+    items = node_list.get("items")
+    if not isinstance(items, list):
+        raise BadInput("NodeList items is not a list")
+    found: list[str] = []
+    for item in items:
+        if not isinstance(item, Mapping):
+            raise BadInput("NodeList item is not an object")
+        metadata = _mapping(item.get("metadata"), "metadata")
+        labels = _mapping(metadata.get("labels"), "metadata.labels")
+        if metadata.get("name") == own or labels.get(LABEL_GATEWAY) == "true":
+            continue
+        try:
+            cidrs = _pod_cidrs(_mapping(item.get("spec"), "spec"))
+        except BadInput as exc:
+            raise BadInput(f"{exc.message} (Node {metadata.get('name')!r})") from None
+        found.extend(c for c in cidrs if c not in found)
+    return tuple(found)
+
+
+def service_cidrs(texts: list[str]) -> tuple[str, ...]:
+    """The ``kube_service_cidrs`` setting, canonical; :class:`ConfigError` naming a bad one."""
+    out: list[str] = []
+    for text in texts:
+        try:
+            net = ipaddress.ip_network(text.strip(), strict=True)
+        except ValueError:
+            net = None
+        if net is None or net.prefixlen == 0:
+            raise ConfigError(
+                f"kube_service_cidrs entry {text!r} is not a CIDR with zero host bits",
+                hint="the kube-apiserver's --service-cluster-ip-range, e.g. 10.96.0.0/12",
+            )
+        if str(net) not in out:
+            out.append(str(net))
+    return tuple(out)
+
+
+def forwarding_ruleset(
+    interface: str, own_pods: tuple[str, ...], onward: tuple[str, ...], services: bool
+) -> str:
+    """nftables script: (re)create ``table inet wiregate-kube`` (empty script: delete it).
+
+    Connections that come in from ``interface`` are marked; they are masqueraded when
+    the node sends them on to ``onward`` pod CIDRs on the cluster network (gateway
+    mode), and, with ``services``, when a Service translation (DNAT) sent them to a pod
+    outside ``own_pods`` (any interface): the reply then comes back through this node,
+    which undoes both translations.
+    """
+    head = f"table inet {FORWARD_TABLE}\ndelete table inet {FORWARD_TABLE}\n"
+    if not onward and not services:
+        return head
+    mark = f"ct mark and {FORWARD_CT_MARK:#x} == {FORWARD_CT_MARK:#x}"
+    rules: list[str] = []
+    for family in ("ip", "ip6"):
+        own = _family_set(own_pods, family)
+        to = _family_set(onward, family)
+        if to:
+            rules.append(f'{mark} oifname != "{interface}" {family} daddr {to} masquerade')
+        if services:
+            skip = f"{family} daddr != {own} " if own else ""
+            rules.append(f"{mark} meta nfproto {_NFPROTO[family]} ct status dnat {skip}masquerade")
+    lines = [
+        f"table inet {FORWARD_TABLE} {{",
+        "  chain from_tunnel {",
+        "    type filter hook prerouting priority mangle; policy accept;",
+        f'    iifname "{interface}" ct state new ct mark set ct mark or {FORWARD_CT_MARK:#x}',
+        "  }",
+        "  chain onward {",
+        "    type nat hook postrouting priority srcnat + 10; policy accept;",
+        *(f"    {r}" for r in rules),
+        "  }",
+        "}",
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+_NFPROTO = {"ip": "ipv4", "ip6": "ipv6"}
+
+
+def _family_set(cidrs: tuple[str, ...], family: str) -> str:
+    version = 4 if family == "ip" else 6
+    chosen = [c for c in cidrs if ipaddress.ip_network(c).version == version]
+    return "{ " + ", ".join(chosen) + " }" if chosen else ""
+
+
 def _hostport(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
@@ -219,41 +342,65 @@ def _hostport(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> s
 
 def read_node(node_name: str, kubeconfig: Path | None) -> Mapping[str, Any]:
     """GET this node's Node with the official client; the JSON document as it came."""
-    from kubernetes import client, config
+    document = _get(
+        kubeconfig,
+        lambda core: core.read_node(
+            node_name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+        ),
+        lambda status: _api_error(status, node_name),
+    )
+    if document.get("kind") not in (None, "Node"):
+        raise BadInput("the Kubernetes API did not answer with a Node object")
+    return document
+
+
+def list_nodes(kubeconfig: Path | None) -> Mapping[str, Any]:
+    """LIST the cluster's Nodes (gateway mode); the NodeList JSON as it came."""
+    document = _get(
+        kubeconfig,
+        lambda core: core.list_node(_preload_content=False, _request_timeout=REQUEST_TIMEOUT),
+        _list_error,
+    )
+    if document.get("kind") not in (None, "NodeList"):
+        raise BadInput("the Kubernetes API did not answer with a NodeList")
+    return document
+
+
+def _get(
+    kubeconfig: Path | None, call: Callable[[Any], Any], error: Callable[[int], WiregateError]
+) -> dict[str, Any]:
+    """One request with the official client: the JSON object it answered, errors mapped."""
+    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
-    from kubernetes.config.config_exception import ConfigException
     from urllib3.exceptions import HTTPError
 
-    try:
-        if kubeconfig is not None:
-            api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
-        else:
-            configuration = client.Configuration()
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-            api = client.ApiClient(configuration)
-    except (ConfigException, OSError) as exc:
-        where = kubeconfig or "the in-cluster ServiceAccount"
-        raise ConfigError(
-            f"no Kubernetes client configuration from {where}: {exc}",
-            hint="run in a pod with a ServiceAccount, or set kubeconfig",
-        ) from exc
+    api = api_client(kubeconfig)
     try:
         # Without preloading, the raw urllib3 response (typed as the model): its JSON as sent.
-        response: Any = client.CoreV1Api(api).read_node(
-            node_name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-        )
-        document = json.loads(response.data)
+        document = json.loads(call(client.CoreV1Api(api)).data)
     except ApiException as exc:
-        raise _api_error(exc.status, node_name) from exc
+        raise error(exc.status) from exc
     except (HTTPError, OSError) as exc:
         raise Unavailable(f"Kubernetes API unreachable: {exc}") from exc
     except ValueError as exc:
         raise BadInput(f"the Kubernetes API answered with no JSON: {exc}") from exc
     finally:
         api.close()
-    if not isinstance(document, dict) or document.get("kind") not in (None, "Node"):
-        raise BadInput("the Kubernetes API did not answer with a Node object")
+    if not isinstance(document, dict):
+        raise BadInput("the Kubernetes API did not answer with an object")
     return document
+
+
+def _list_error(status: int) -> WiregateError:
+    if status == 403:
+        return Forbidden(
+            "the agent may not list Nodes (403), which gateway mode needs",
+            hint="give the agent's ClusterRole list on nodes "
+            "(deploy/kubernetes/components/gateway-mode)",
+        )
+    if status == 401:
+        return _api_error(status, "")
+    return Unavailable(f"the Kubernetes API answered {status} to the Node list")
 
 
 def _api_error(status: int, node_name: str) -> WiregateError:
@@ -338,10 +485,43 @@ def _source(settings: AgentSettings) -> NodeSource:
 
 
 async def advertised_routes(settings: AgentSettings) -> list[str]:
-    """The routes the agent enrolls with: its pod CIDRs when ``kubernetes`` is on, else none."""
+    """The routes the agent enrolls with when ``kubernetes`` is on (else none): its pod
+    CIDRs, the Service CIDRs, and in gateway mode the other Nodes' pod CIDRs."""
     if not settings.kubernetes:
         return []
-    return (await _source(settings).facts()).routes()
+    own, onward = await _pod_routes(settings)
+    return list(dict.fromkeys([*own, *service_cidrs(settings.kube_service_cidrs), *onward]))
+
+
+async def _pod_routes(settings: AgentSettings) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(this node's pod CIDRs, the pod CIDRs it routes onward to in gateway mode)."""
+    facts = await _source(settings).facts()
+    if not settings.kube_gateway:
+        return facts.pod_cidrs, ()
+    document = await asyncio.to_thread(list_nodes, settings.kubeconfig)
+    onward = cluster_pod_cidrs(document, facts.name)
+    return facts.pod_cidrs, tuple(c for c in onward if c not in facts.pod_cidrs)
+
+
+async def apply_forwarding(settings: AgentSettings, nft: NftRunner | None = None) -> None:
+    """Install (or remove) the masquerade of tunnel traffic sent onward
+    (:func:`forwarding_ruleset`); nothing when ``kubernetes`` is off. A Node or NodeList
+    that cannot be read, or nftables refusing, costs a warning: the last table stays."""
+    if not settings.kubernetes:
+        return
+    services = bool(service_cidrs(settings.kube_service_cidrs))
+    try:
+        own, onward = await _pod_routes(settings)
+        script = forwarding_ruleset(settings.interface, own, onward, services)
+        if nft is None:
+            from wiregate.nft import Nft
+
+            nft = Nft()
+        await asyncio.to_thread(nft.run, script)
+    except WiregateError as exc:  # fail static: the table of the last start stays
+        log.warning("cluster forwarding not updated", error=exc.message, hint=exc.hint)
+        return
+    log.info("cluster forwarding", onward=list(onward), services=services)
 
 
 async def advertised_endpoints(settings: AgentSettings) -> list[str]:

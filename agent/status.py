@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,14 +19,18 @@ class _HasStatus(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
-async def serve_status(path: Path, agent: _HasStatus) -> web.AppRunner:
-    """Serve ``GET /status`` on the unix socket ``path``; return the runner to clean up."""
+async def serve_status(
+    path: Path, agent: _HasStatus, routes: Iterable[web.RouteDef] = ()
+) -> web.AppRunner:
+    """Serve ``GET /status`` (and ``routes``: the control channel, :mod:`agent.control`)
+    on the unix socket ``path``; return the runner to clean up."""
 
     async def handler(_: web.Request) -> web.Response:
         return web.json_response(agent.status())
 
     app = web.Application()
     app.router.add_get("/status", handler)
+    app.router.add_routes(routes)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)

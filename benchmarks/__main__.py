@@ -45,6 +45,7 @@ BENCHMARKS = (
     "relay_tunnel",
     "stun",
     "paths",
+    "dns",
 )
 RESULTS = Path(__file__).with_name("results.json")
 QUICK = ("netmap", "reconcile", "enroll")  # seconds each; those present are run

@@ -40,11 +40,14 @@ from gateway.appkeys import (
     STORE,
     WORKLOAD,
 )
+from gateway.cluster import peer_services_ctx
 from gateway.lifecycle.expiry import people_lifetime
-from gateway.lifecycle.sweeper import sweeper_ctx
+from gateway.lifecycle.sweeper import replica_id, sweeper_ctx
+from gateway.livepolicy import LivePolicy
 from gateway.mapping.broker import Broker
 from gateway.mapping.follower import Follower, asyncpg_dsn
 from gateway.mapping.ipam import Pool
+from gateway.memory import trim_ctx
 from gateway.preflight import check_admin_socket
 from gateway.store import Store
 from gateway.web import setup as setup_web
@@ -99,6 +102,9 @@ def create_app(
     app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(_state(settings, broker_factory, clock))
     app.cleanup_ctx.append(sweeper_ctx(settings.expiry_sweep_interval))
+    app.cleanup_ctx.append(trim_ctx())  # RSS follows what is in use (gateway/memory.py)
+    if settings.peer_services:  # Services for devices in the cluster (gateway/cluster)
+        app.cleanup_ctx.append(peer_services_ctx(settings, holder=replica_id()))
     return app
 
 
@@ -112,23 +118,41 @@ def _state(
         store = await Store.open(settings.effective_database_url(), pool=pool, clock=clock)
         store.set_key_lifetime(people_lifetime(settings.key_expiry))
         try:
-            document = load_policy_document(settings.policy_file)
-            app[POLICY] = document
-            if document.key_expiry:  # the policy file's key_expiry replaces the settings' rule
-                store.set_key_lifetime(lifetime_rule(document))
+            live = LivePolicy(store, settings.policy_file, on_document=_lifetimes(store, settings))
+            document = await live.start()  # the file validated (and stored), or the stored one
+            app[POLICY] = live
             broker = broker_factory(document.policy)
+            broker.set_dns(settings.mesh_dns())  # names: every self view carries the domain
             version = await store.map_version()  # first: newer devices are only re-applied
             broker.load([record.device for record in await store.list_devices()], version)
             app[STORE], app[BROKER] = store, broker
-            app[FOLLOWER] = follower = _follower(settings, store, broker)
+            live.attach(broker)
+            app[FOLLOWER] = follower = _follower(settings, store, broker, live)
             follower.start()
+            watcher = asyncio.create_task(live.watch(), name="policy-watch")
             yield
+            watcher.cancel()
+            with suppress(asyncio.CancelledError):
+                await watcher
             await broker.close()
             await follower.stop()
         finally:
             await store.close()
 
     return state
+
+
+def _lifetimes(store: Store, settings: GatewaySettings) -> Callable[[PolicyFile], None]:
+    """Key lifetimes of new devices follow the policy in force: its ``key_expiry``
+    replaces the settings' rule, which applies again when a policy has none."""
+
+    def follow(document: PolicyFile) -> None:
+        if document.key_expiry:
+            store.set_key_lifetime(lifetime_rule(document))
+        else:
+            store.set_key_lifetime(people_lifetime(settings.key_expiry))
+
+    return follow
 
 
 HSTS = "max-age=31536000"
@@ -168,21 +192,27 @@ def tls_reloader(settings: GatewaySettings) -> CertReloader | None:
 
 
 @asynccontextmanager
-async def _reloading(tls: CertReloader | None) -> AsyncIterator[None]:
-    """While inside: the certificate is reloaded when its files change and on SIGHUP."""
-    if tls is None:
-        yield
-        return
+async def _reloading(tls: CertReloader | None, api: web.Application) -> AsyncIterator[None]:
+    """While inside: the certificate is reloaded when its files change, and on SIGHUP the
+    certificate and the policy file are (see :mod:`gateway.livepolicy`)."""
     loop = asyncio.get_running_loop()
-    task = asyncio.create_task(tls.run(), name="tls-reload")
-    loop.add_signal_handler(signal.SIGHUP, tls.reload)
+    task = None if tls is None else asyncio.create_task(tls.run(), name="tls-reload")
+
+    def hangup() -> None:
+        if tls is not None:
+            tls.reload()
+        if POLICY in api:
+            api[POLICY].request_reload()
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     try:
         yield
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
+        if task is not None:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
 
 
 async def _drain(app: web.Application) -> None:
@@ -193,13 +223,16 @@ async def _drain(app: web.Application) -> None:
         await app[BROKER].close()
 
 
-def _follower(settings: GatewaySettings, store: Store, broker: Broker) -> Follower:
+def _follower(
+    settings: GatewaySettings, store: Store, broker: Broker, live: LivePolicy
+) -> Follower:
     """On PostgreSQL the gateway may have replicas: its broker follows the change feed.
-    On SQLite it is alone: the feed fills the gaps its broker finds between versions."""
+    On SQLite it is alone: the feed fills the gaps its broker finds between versions.
+    Policy changes in the feed are read through ``live``."""
     url = settings.effective_database_url()
     if not url.startswith("postgresql"):
-        return Follower(store, broker, listen_dsn=None, replica=False)
-    return Follower(store, broker, listen_dsn=asyncpg_dsn(url))
+        return Follower(store, broker, listen_dsn=None, replica=False, policy_at=live.policy_at)
+    return Follower(store, broker, listen_dsn=asyncpg_dsn(url), policy_at=live.policy_at)
 
 
 def read_admin_token(path: Path | None) -> bytes:
@@ -277,7 +310,7 @@ async def run_gateway(settings: GatewaySettings, *, broker_factory: BrokerFactor
                 settings.http_redirect_listen, allow_port_zero=True, what="http_redirect_listen"
             )
             await web.TCPSite(redirect_runner, rhost, rport).start()
-        async with _reloading(tls):
+        async with _reloading(tls, api):
             await _wait_for_stop()
     finally:
         _log.info("gateway_stopping", drain_delay=settings.shutdown_delay)

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
+from gateway.livepolicy import LivePolicy
 from gateway.mapping.broker import Broker
 from gateway.mapping.follower import Follower
 from gateway.packages import Wheelhouse
 from gateway.relays import Probe, RelayMonitor, RelaySelector, RelaySigner
 from gateway.store import Store
-from identity.policy_file import PolicyFile
 from identity.workload import WorkloadVerifier
 from relay.endpoints import RelayEndpoint
 from wiregate.clock import Clock
@@ -57,7 +57,7 @@ ADMIN_TOKEN = web.AppKey("admin_token", bytes)  # empty: admin over TCP is refus
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")  # POSIX seconds; a fake in tests
 DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: /readyz answers 503
 FOLLOWER = web.AppKey("follower", Follower)  # the change feed (replicas; gaps when alone)
-POLICY = web.AppKey("policy", PolicyFile)  # groups and tag rules for enrollments by claims
+POLICY = web.AppKey("policy", LivePolicy)  # .document: the policy in force (tag rules, groups)
 METRICS = web.AppKey("metrics", CollectorRegistry)  # the API's own metrics, scraped with the rest
 REQUESTS = web.AppKey("requests_total", Counter)  # requests by method, route and status
 

@@ -14,21 +14,28 @@ The document (YAML or JSON; see ``docs/policy.md``)::
     routes:
       - {tags: [tag:node], allow: ["10.244.0.0/16"]}
     key_expiry: {default: 180d, "tag:node": never}
+    tests:
+      - {src: group:eng, accept: ["tag:db:5432"], deny: ["tag:db:22"]}
 
 :func:`parse_policy` validates every field and raises :class:`ConfigError`
-naming the path inside the document (``acls[2].dst[0]: unknown group "ops"``).
+naming the path inside the document (``acls[2].dst[0]: unknown group "ops"``),
+then runs the document's ``tests`` (:mod:`identity.policy_tests`) and refuses
+it when one fails, naming the test.
 The legacy form ``{"rules": [...]}`` is still accepted (every port, every
-route approved). :func:`load_policy_file` reads a file (YAML with
-``yaml.safe_load`` semantics and duplicate keys refused, JSON, or legacy TOML).
+route approved). :func:`load_policy_file` reads a file and
+:func:`parse_policy_text` a document's text (YAML with ``yaml.safe_load``
+semantics and duplicate keys refused, JSON, or legacy TOML);
+:func:`policy_hash` is the SHA-256 a document is known by (audit, API, store).
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
 import tomllib
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,17 +44,22 @@ import yaml
 
 from identity.claims import check_url
 from identity.policy import ANY, GROUP_PREFIX, Policy, RouteRule, Rule
+from identity.policy_tests import PolicyTest, parse_tests, run_tests
 from wiregate.errors import ConfigError
 from wiregate.ports import PortSpec, parse_port
 
 __all__ = [
+    "FORMATS",
     "NEVER",
     "Group",
     "PolicyFile",
     "TagRule",
+    "format_of",
     "load_policy_file",
     "parse_duration",
     "parse_policy",
+    "parse_policy_text",
+    "policy_hash",
 ]
 
 NEVER = None  # a key_expiry value: the device key does not expire
@@ -62,7 +74,8 @@ UNSAFE_CLAIMS = frozenset(
      "email_verified", "phone_number", "phone_number_verified", "picture", "profile",
      "website", "locale", "zoneinfo", "nonce", "aud", "azp", "exp", "iat", "nbf"}
 )  # fmt: skip
-_TOP = ("groups", "tag_rules", "acls", "routes", "key_expiry")
+_TOP = ("groups", "tag_rules", "acls", "routes", "key_expiry", "tests")
+FORMATS = ("yaml", "json", "toml")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +117,11 @@ class PolicyFile:
     tag_rules: tuple[TagRule, ...] = ()
     key_expiry: Mapping[str, float | None] = field(default_factory=dict)
     legacy: bool = False
+    tests: tuple[PolicyTest, ...] = ()
+
+    def failures(self) -> list[str]:
+        """One line per failed expectation of the document's ``tests`` (empty: all pass)."""
+        return run_tests(self.policy, self.tests)
 
     def summary(self) -> str:
         """One line per section, for ``wiregate policy check``."""
@@ -116,6 +134,7 @@ class PolicyFile:
             f"acls: {len(self.policy.rules)} ({ported} restricted to ports)",
             f"routes: {routes}",
             f"key_expiry: {_expiry_text(self.key_expiry)}",
+            f"tests: {len(self.tests)}",
         ]
         return "\n".join(lines)
 
@@ -126,7 +145,17 @@ def _expiry_text(expiry: Mapping[str, float | None]) -> str:
     return ", ".join(f"{k}={'never' if v is None else f'{v:.0f}s'}" for k, v in expiry.items())
 
 
-def load_policy_file(path: Path) -> PolicyFile:
+def format_of(path: Path) -> str:
+    """The document format a file's name says: ``json``, ``toml`` (legacy) or ``yaml``."""
+    return {".json": "json", ".toml": "toml"}.get(path.suffix, "yaml")
+
+
+def policy_hash(text: str) -> str:
+    """The SHA-256 (hex) of a policy document's text, as UTF-8."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def load_policy_file(path: Path, *, check_tests: bool = True) -> PolicyFile:
     """Read and validate the policy file at ``path``; :class:`ConfigError` if anything is off."""
     try:
         raw = path.read_bytes()
@@ -134,15 +163,36 @@ def load_policy_file(path: Path) -> PolicyFile:
         raise ConfigError(f"cannot read policy file {path}: {exc.strerror}") from None
     try:
         text = raw.decode("utf-8")
-        if path.suffix == ".toml":
-            data: Any = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text, object_pairs_hook=_unique_pairs)
-        else:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except (ValueError, yaml.YAMLError, RecursionError) as exc:  # Recursion: nested too deep
+    except ValueError as exc:
         raise ConfigError(f"policy file {path} does not parse: {exc}") from None
-    return parse_policy(data)
+    return parse_policy_text(text, format_of(path), f"policy file {path}", check_tests=check_tests)
+
+
+def parse_policy_text(
+    text: str, fmt: str, where: str = "the policy", *, check_tests: bool = True
+) -> PolicyFile:
+    """Parse and validate a document in ``fmt`` (one of :data:`FORMATS`); ``where`` names
+    it in a parse error."""
+    try:
+        if fmt == "toml":
+            data: Any = tomllib.loads(text)
+        elif fmt == "json":
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
+        elif fmt == "yaml":
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        else:
+            raise ConfigError(f"{where}: unknown format {fmt!r}", hint=f"one of {list(FORMATS)}")
+    except (ValueError, yaml.YAMLError, RecursionError) as exc:  # Recursion: nested too deep
+        raise ConfigError(f"{where} does not parse: {_one_line(exc)}") from None
+    return parse_policy(data, check_tests=check_tests)
+
+
+def _one_line(exc: Exception) -> str:
+    """A parser's complaint on one line: YAML's own spans several, with a caret."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem or exc.context} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -171,8 +221,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def parse_policy(data: Any) -> PolicyFile:
-    """Validate a policy document (new or legacy form); :class:`ConfigError` names the path."""
+def parse_policy(data: Any, *, check_tests: bool = True) -> PolicyFile:
+    """Validate a policy document (new or legacy form); :class:`ConfigError` names the path.
+
+    With ``check_tests`` (the default) a document whose ``tests`` fail is refused, the
+    error naming the first failure."""
     if isinstance(data, Mapping) and "rules" in data:
         if len(data) > 1:
             raise ConfigError(
@@ -194,12 +247,28 @@ def parse_policy(data: Any) -> PolicyFile:
         _route_rule(raw, f"routes[{i}]", groups)
         for i, raw in enumerate(_list(doc.get("routes", []), "routes", empty=True))
     )
-    return PolicyFile(
+    document = PolicyFile(
         policy=Policy(rules=acls, routes=routes, directional=True),
         groups=groups,
         tag_rules=tag_rules,
         key_expiry=_key_expiry(doc.get("key_expiry", {})),
+        tests=parse_tests(doc.get("tests", []), _group_checker(groups)),
     )
+    failures = document.failures() if check_tests else []
+    if failures:
+        more = len(failures) - 1
+        raise ConfigError(
+            f"policy test failed: {failures[0]}",
+            hint=f"{more} more failed; 'wiregate policy check FILE' lists them" if more else None,
+        )
+    return document
+
+
+def _group_checker(groups: Mapping[str, Group]) -> Callable[[str, str], None]:
+    def check(name: str, path: str) -> None:
+        _group_ref(name, path, groups)
+
+    return check
 
 
 # -- sections -------------------------------------------------------------------

@@ -338,7 +338,7 @@ def _at_revision_0003(snapshot: Snapshot) -> Snapshot:
     dropped = {"meta": {"changes_floor"}, "devices": {"nat_type"}, "login_requests": {"source"}}
     tables = []
     for t in snapshot.tables:
-        if t.name == "key_history":  # revision 0006
+        if t.name in ("key_history", "policies"):  # revisions 0006, 0008
             continue
         keep = [i for i, c in enumerate(t.columns) if c not in dropped.get(t.name, set())]
         rows = tuple(tuple(row[i] for i in keep) for row in t.rows)

@@ -11,7 +11,7 @@ fi
 
 PACKAGES="python3 python3-venv python3-dev gcc make wireguard-go wireguard-tools iproute2 \
 iptables nftables conntrack iputils-ping tcpdump iperf3 procps kmod systemd chromium shellcheck \
-faketime postgresql coturn"
+faketime postgresql coturn dnsmasq-base dnsperf"
 
 missing=""
 for pkg in $PACKAGES; do

@@ -16,7 +16,10 @@ only when they say something, and readers ignore fields they do not know, so
 older agents keep working: a PEER's ``"filter": ["tcp:5432", "icmp"]`` lists what
 that peer may open on the receiving device (absent: everything; ``[]``: nothing,
 only replies); SELF's ``"refused_routes"`` lists the device's advertised routes
-the policy did not approve (its peers do not get them).
+the policy did not approve (its peers do not get them), and SELF's ``"dns"``,
+``{"domain": "wg.internal", "zones": {"cluster.local": ["10.96.0.10"]}}``, names
+the mesh domain the agent answers for and the split-DNS zones it forwards over
+the tunnel (absent: the agent serves no names; see ``docs/names.md``).
 
 The only message an agent sends is
 ``{"type": "endpoints", "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:51820"], "nat": "eim"}``
@@ -42,7 +45,7 @@ from typing import Any
 
 from wiregate import net
 from wiregate.errors import BadInput, RemoteError
-from wiregate.model import Device, NetMap, Peer, SelfView
+from wiregate.model import Device, DnsConfig, NetMap, Peer, SelfView
 
 __all__ = [
     "MAX_ENDPOINTS",
@@ -59,6 +62,7 @@ __all__ = [
     "VersionGap",
     "apply_delta",
     "build_delta",
+    "build_dns",
     "build_endpoints",
     "build_full",
     "build_message",
@@ -78,6 +82,7 @@ __all__ = [
     "parse_agent_message",
     "parse_endpoint",
     "parse_map_message",
+    "read_dns",
     "read_full",
     "read_map_message",
     "read_peer",
@@ -201,7 +206,14 @@ def build_self(view: SelfView) -> dict[str, Any]:
         wire["expires_at"] = view.expires_at
     if view.previous_public_key is not None:
         wire["previous_public_key"] = view.previous_public_key
+    if view.dns is not None:
+        wire["dns"] = build_dns(view.dns)
     return wire
+
+
+def build_dns(dns: DnsConfig) -> dict[str, Any]:
+    """The ``dns`` form of SELF: the mesh domain and the split-DNS zones."""
+    return {"domain": dns.domain, "zones": {zone: list(servers) for zone, servers in dns.zones}}
 
 
 def build_full(netmap: NetMap) -> dict[str, Any]:
@@ -318,7 +330,24 @@ def read_self(data: object) -> SelfView:
         expires_at=None if expires_at is None else float(expires_at),
         previous_public_key=_optional_str(doc, "previous_public_key"),
         refused_routes=_strs(doc, "refused_routes"),
+        dns=None if doc.get("dns") is None else read_dns(doc["dns"]),
     )
+
+
+def read_dns(data: object) -> DnsConfig:
+    """The :class:`DnsConfig` of SELF's ``dns``, or raise :class:`MalformedMessage`.
+
+    Only the shape is checked here; what the names and addresses mean is the
+    agent's DNS server's to judge (:mod:`agent.dns.zone`).
+    """
+    doc = _object(data, "dns")
+    zones = doc.get("zones")
+    if zones is None:
+        zones = {}
+    if not isinstance(zones, dict):
+        raise MalformedMessage("dns zones: expected an object")
+    pairs = ((_str_value(zone, "dns zones"), _strs(zones, zone, required=True)) for zone in zones)
+    return DnsConfig(domain=_str(doc, "domain"), zones=tuple(sorted(pairs)))
 
 
 def _read_delta(doc: dict[str, Any]) -> Delta:

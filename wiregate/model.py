@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Device", "Identity", "NetMap", "Peer", "SelfView"]
+__all__ = ["Device", "DnsConfig", "Identity", "NetMap", "Peer", "SelfView"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +93,19 @@ class Peer:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """The mesh's names, as the gateway tells every agent (``docs/names.md``).
+
+    Each device is ``NAME.domain``; ``zones`` are split-DNS zones, each with the
+    nameservers (bare IP addresses, reached over the tunnel) that answer for it,
+    sorted by zone.
+    """
+
+    domain: str
+    zones: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class SelfView:
     """What an agent needs to know about its own device.
 
@@ -111,6 +124,7 @@ class SelfView:
     expires_at: float | None = None
     previous_public_key: str | None = None
     refused_routes: tuple[str, ...] = ()  # advertised routes the policy did not approve
+    dns: DnsConfig | None = None  # the mesh domain and split-DNS zones; None: no names
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from wiregate.errors import ConfigError
-from wiregate.net import parse_endpoint
+from wiregate.model import DnsConfig
+from wiregate.net import destination_refusal, parse_endpoint
 
 __all__ = [
     "ADMIN_SOCKET",
@@ -38,6 +39,7 @@ __all__ = [
     "RelaySettings",
     "WorkloadIssuerSettings",
     "check_signers_url",
+    "dns_name",
     "load_settings",
     "parse_port_range",
     "parse_relay_entry",
@@ -45,6 +47,24 @@ __all__ = [
 
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_RELAY_PORTS = 16384
+
+
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def dns_name(text: str, what: str) -> str:
+    """``text`` as a lower-case DNS name without the trailing dot; ValueError otherwise."""
+    name = text.strip().lower().removesuffix(".")
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+        raise ValueError(f"{what} {text!r} is not a DNS name (labels of a-z, 0-9 and '-')")
+    if labels[-1] == "arpa":
+        raise ValueError(f"{what} {text!r} is under arpa (the reverse zones)")
+    return name
+
+
+def _under(name: str, zone: str) -> bool:
+    return name == zone or name.endswith("." + zone)
 
 
 def parse_relay_entry(text: str) -> tuple[str, str, int]:
@@ -249,6 +269,11 @@ class GatewaySettings(_Base):
     # certificate, issued by a CA the agents trust (the system store or their ca_file)
     relay_tcp: list[str] = []
     relay_probe_interval: float = 5.0  # PING every relay this often; down after 2 misses
+    # -- names (docs/names.md): every device is NAME.<dns_domain>, answered by its agents --
+    dns_domain: str = "wg.internal"  # "": agents serve no names
+    # split DNS: zone -> nameservers (IP addresses) the agents forward it to over the tunnel,
+    # e.g. {"cluster.local": ["10.96.0.10"]}
+    dns_zones: dict[str, list[str]] = {}
     # -- device lifecycle: key expiry, ephemeral devices -------------------------------
     key_expiry: float | None = 180 * 86400.0  # people's device keys; None: never expire
     expiry_sweep_interval: float = 30.0  # how often expired/ephemeral devices are swept
@@ -325,6 +350,34 @@ class GatewaySettings(_Base):
                 raise ValueError("http_redirect_listen needs an https:// public_url to send to")
         return self
 
+    @field_validator("dns_domain")
+    @classmethod
+    def _dns_domain(cls, value: str) -> str:
+        return dns_name(value, "dns_domain") if value.strip() else ""
+
+    @model_validator(mode="after")
+    def _dns_zones(self) -> GatewaySettings:
+        zones: dict[str, list[str]] = {}
+        for zone, servers in self.dns_zones.items():
+            name = dns_name(zone, "dns_zones:")
+            domain = self.dns_domain
+            if domain and (_under(name, domain) or _under(domain, name)):
+                raise ValueError(f"dns_zones: {zone!r} overlaps the mesh domain {domain!r}")
+            if not 1 <= len(servers) <= 8:
+                raise ValueError(f"dns_zones: {zone!r} needs 1..8 nameserver addresses")
+            zones[name] = [_nameserver(zone, server) for server in servers]
+        if len(zones) != len(self.dns_zones):
+            raise ValueError("dns_zones: a zone is named twice")
+        self.dns_zones = zones
+        return self
+
+    def mesh_dns(self) -> DnsConfig | None:
+        """What the map tells agents about names (None: names are off)."""
+        if not self.dns_domain:
+            return None
+        zones = tuple(sorted((zone, tuple(servers)) for zone, servers in self.dns_zones.items()))
+        return DnsConfig(self.dns_domain, zones)
+
     @field_validator("relay_probe_interval")
     @classmethod
     def _relay_probe_interval(cls, value: float) -> float:
@@ -375,8 +428,57 @@ class GatewaySettings(_Base):
             raise ValueError("ipv6_pool must be an IPv6 network of /120 or larger")
         return str(net)
 
+    # -- peer Services: pods reach devices by name (docs/deploy-kubernetes.md) ---------------
+    # a headless Service + EndpointSlices per selected device in peer_services_namespace,
+    # kept by the replica holding the "peer-services" lease (gateway/cluster)
+    peer_services: bool = False
+    peer_services_namespace: str = "wiregate-peers"
+    peer_services_tag: str = "tag:vm"  # devices carrying this tag; "": every device
+    peer_services_ports: list[str] = []  # "[NAME:]PORT[/PROTO]" each; none: headless, no ports
+    peer_services_resync: float = Field(default=300.0, ge=5.0, le=86400.0)  # full resync (s)
+    peer_services_kubeconfig: Path | None = None  # None: the in-cluster ServiceAccount
+
+    @field_validator("peer_services_namespace")
+    @classmethod
+    def _peer_services_namespace(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", value):
+            raise ValueError("peer_services_namespace must be a namespace name (a DNS label)")
+        return value
+
+    # "[NAME:]PORT[/PROTO]": a port's name is an IANA service name (lower case, <= 15)
+    PEER_PORT: ClassVar[str] = (r"^(?:(?P<name>[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?):)?"
+                                r"(?P<port>[0-9]{1,5})(?:/(?P<proto>TCP|UDP|SCTP))?$")  # fmt: skip
+
+    @field_validator("peer_services_ports")
+    @classmethod
+    def _peer_services_ports(cls, value: list[str]) -> list[str]:
+        names = []
+        for text in value:
+            found = re.match(cls.PEER_PORT, text)
+            if found is None or not 0 < int(found["port"]) < 65536:
+                raise ValueError(f"peer_services_ports: {text!r} is not [NAME:]PORT[/TCP|UDP|SCTP]")
+            names.append(found["name"] or "")
+        if len(names) > 1 and not all(names):
+            raise ValueError("peer_services_ports: with several ports, each needs a NAME:")
+        if len(set(names)) != len(names):
+            raise ValueError("peer_services_ports: port names repeat")
+        return value
+
+    # -- end of the peer Services block ------------------------------------------------------
+
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.state_dir / 'wiregate.db'}"
+
+
+def _nameserver(zone: str, text: str) -> str:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"dns_zones: {zone!r}: {text!r} is not an IP address") from None
+    refusal = destination_refusal(ip)
+    if refusal is not None:
+        raise ValueError(f"dns_zones: {zone!r}: {text} is refused ({refusal})")
+    return str(ip)
 
 
 class AgentSettings(_Base):
@@ -416,9 +518,36 @@ class AgentSettings(_Base):
         "", validation_alias=AliasChoices("node_name", "WIREGATE_NODE_NAME", "NODE_NAME")
     )
     kubeconfig: Path | None = None  # None: the in-cluster ServiceAccount config
+    # the cluster's Service CIDR(s), advertised so that devices reach ClusterIPs through nodes
+    kube_service_cidrs: list[str] = []
+    # gateway mode: also advertise every agent-less Node's pod CIDRs and forward onward
+    kube_gateway: bool = False
     rotation_check_interval: float = 60.0  # how often the key's rotation time is checked
     ca_file: Path | None = None  # PEM CA(s) trusted for the gateway's HTTPS, plus the system's
     tags: list[str] = []
+    # -- names (agent/dns, docs/names.md): the mesh domain's DNS server ---------------
+    dns: bool = True  # answer the map's names on this device's tunnel addresses
+    dns_port: int = 53
+    # how the host's resolver learns of the mesh domain: auto (systemd-resolved if it runs,
+    # else /etc/resolv.conf if it is a plain file), resolved, resolv.conf, or off
+    dns_resolver: Literal["auto", "resolved", "resolv.conf", "off"] = "auto"
+    dns_resolv_conf: Path = Path("/etc/resolv.conf")  # the file of the resolv.conf mode
+    dns_allow: list[str] = []  # source CIDRs that may query besides this host (a pod CIDR)
+
+    @field_validator("dns_port")
+    @classmethod
+    def _dns_port(cls, value: int) -> int:
+        if not 0 < value < 65536:
+            raise ValueError("dns_port must be 1..65535")
+        return value
+
+    @field_validator("dns_allow")
+    @classmethod
+    def _dns_allow(cls, value: list[str]) -> list[str]:
+        try:
+            return [str(ipaddress.ip_network(cidr, strict=True)) for cidr in value]
+        except ValueError as exc:
+            raise ValueError(f"dns_allow: {exc} (CIDRs such as 10.244.1.0/24)") from None
 
     @field_validator("listen_port")
     @classmethod

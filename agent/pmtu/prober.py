@@ -180,9 +180,10 @@ class PmtuProber:
         search = await asyncio.to_thread(self._search, peer, target)
         changed = self.book.record(peer, search, time.time())
         log.info("path MTU", peer=peer.public_key, **self.book.results[peer.public_key].to_dict())
-        if changed and netmap is not None:
+        current = self._map()  # the search took seconds: a newer map may have come meanwhile
+        if changed and current is not None:
             self.dataplane.firewall.path_mtu = self.book.path_mtus()
-            await self._apply(netmap)
+            await self._apply(current)
         return changed
 
     def _search(self, peer: PeerSeen, target: str) -> MtuSearch:

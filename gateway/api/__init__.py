@@ -14,6 +14,7 @@ from gateway.api import (
     login,
     openapi,
     packages,
+    policy,
     relay,
     stream,
 )
@@ -63,6 +64,7 @@ def setup_routes(app: web.Application) -> None:
         openapi.routes,
         bootstrap.routes,
         packages.routes,
+        policy.routes,
         stream.routes,
     )
     for table in tables:

@@ -1,25 +1,97 @@
-"""Admin routes for devices: list, show, delete."""
+"""Admin routes for devices: list (with presence), show, rename and retag, expire, delete.
+
+A device is *online* when its agent holds a map stream: on this gateway, or, with
+replicas, on any of them. Each replica records the presence of the agents streaming
+from it (``last_seen``, refreshed every ``expiry_sweep_interval``), so another
+replica's agent counts as online while its ``last_seen`` is within two intervals;
+an agent that went away shows offline on every replica two intervals later at most.
+"""
 
 from __future__ import annotations
 
-from aiohttp import web
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from gateway.api.common import admin_actor, device_json, require_admin
-from gateway.appkeys import BROKER, STORE
+from aiohttp import web
+from multidict import MultiMapping
+from pydantic import Field, model_validator
+
+from gateway.api.common import StrictModel, admin_actor, device_json, read_json, require_admin
+from gateway.api.keys import Tag
+from gateway.appkeys import BROKER, CLOCK, SETTINGS, STORE
+from gateway.store import DeviceRecord
+from gateway.store.names import LABEL_PATTERN
+from wiregate.errors import BadInput
 from wiregate.logging import get_logger
 
-__all__ = ["routes"]
+__all__ = ["DeviceUpdate", "online_test", "routes"]
 
 routes = web.RouteTableDef()
 _log = get_logger("gateway.api.devices")
+_BOOLS = {"true": True, "false": False}
+
+
+class DeviceUpdate(StrictModel):
+    """``PATCH /api/v1/devices/{id}`` body: a new name, new tags, or both."""
+
+    name: Annotated[str, Field(pattern=LABEL_PATTERN)] | None = None
+    tags: Annotated[list[Tag], Field(max_length=32)] | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> DeviceUpdate:
+        if self.name is None and self.tags is None:
+            raise ValueError("give name, tags or both")
+        return self
+
+
+def online_test(app: web.Application) -> Callable[[DeviceRecord], bool]:
+    """Whether a device is online now (see the module docstring)."""
+    local = app[BROKER].connected_ids()
+    interval = app[SETTINGS].expiry_sweep_interval
+    if not app[BROKER].following or interval <= 0:
+        return lambda record: record.device.id in local
+    since = app[CLOCK]() - 2 * interval
+
+    def online(record: DeviceRecord) -> bool:
+        seen = record.last_seen
+        return record.device.id in local or (seen is not None and seen >= since)
+
+    return online
+
+
+def _listed(record: DeviceRecord, online: Callable[[DeviceRecord], bool]) -> dict[str, Any]:
+    return {**device_json(record), "online": online(record)}
+
+
+def _filters(query: MultiMapping[str]) -> list[Callable[[dict[str, Any]], bool]]:
+    """The list's query filters: ``tag``, ``online`` (true/false), ``owner`` (a subject)."""
+    unknown = set(query) - {"tag", "online", "owner"}
+    if unknown:
+        raise BadInput(f"unknown filter {sorted(unknown)[0]!r}", hint="filters: tag, online, owner")
+    found: list[Callable[[dict[str, Any]], bool]] = []
+    tags = set(query.getall("tag", []))
+    if tags:
+        found.append(lambda d: tags <= set(d["tags"]))
+    if "online" in query:
+        wanted = _BOOLS.get(query["online"])
+        if wanted is None:
+            raise BadInput("online must be true or false")
+        found.append(lambda d: d["online"] is wanted)
+    if "owner" in query:
+        owner = query["owner"]
+        found.append(lambda d: d["identity"]["subject"] == owner)
+    return found
 
 
 @routes.get("/api/v1/devices")
 async def list_devices(request: web.Request) -> web.Response:
-    """Every enrolled device."""
+    """Every enrolled device with its tags, owner, presence and last seen; filtered by
+    ``?tag=``, ``?online=`` and ``?owner=`` when given."""
     require_admin(request)
-    records = await request.app[STORE].list_devices()
-    return web.json_response({"devices": [device_json(r) for r in records]})
+    filters = _filters(request.query)
+    online = online_test(request.app)
+    listed = [_listed(r, online) for r in await request.app[STORE].list_devices()]
+    return web.json_response({"devices": [d for d in listed if all(f(d) for f in filters)]})
 
 
 @routes.get("/api/v1/devices/{id}")
@@ -27,7 +99,32 @@ async def get_device(request: web.Request) -> web.Response:
     """One device by id."""
     require_admin(request)
     record = await request.app[STORE].get_device(request.match_info["id"])
-    return web.json_response(device_json(record))
+    return web.json_response(_listed(record, online_test(request.app)))
+
+
+@routes.patch("/api/v1/devices/{id}")
+async def update_device(request: web.Request) -> web.Response:
+    """Rename a device and/or replace its tags: one map change every peer receives."""
+    actor = admin_actor(request)
+    body = await read_json(request, DeviceUpdate)
+    tags = None if body.tags is None else tuple(body.tags)
+    record, version = await request.app[STORE].update_device(
+        request.match_info["id"], name=body.name, tags=tags, actor=actor
+    )
+    request.app[BROKER].upsert(record.device, version)
+    _log.info("device_updated", device_id=record.device.id, version=version)
+    return web.json_response({"device": device_json(record), "map_version": version})
+
+
+@routes.post("/api/v1/devices/{id}/expire")
+async def expire_device(request: web.Request) -> web.Response:
+    """Expire a device's key now: peers drop it, its agent is told its key expired."""
+    actor = admin_actor(request)
+    removal = await request.app[STORE].expire_device(request.match_info["id"], actor=actor)
+    request.app[BROKER].remove(removal.device_id, removal.version, removal.reason)
+    _log.info("device_expired", device_id=removal.device_id, version=removal.version)
+    payload = {"device_id": removal.device_id, "reason": removal.reason}
+    return web.json_response({**payload, "map_version": removal.version})
 
 
 @routes.delete("/api/v1/devices/{id}")

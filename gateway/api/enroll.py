@@ -84,9 +84,11 @@ def parse_route(text: str, pools: Iterable[IPNetwork]) -> str:
 
 def refuse_route_clashes(broker: Broker, routes: Iterable[str], name: str) -> None:
     """Refuse a route overlapping one another device carries (a device of the same
-    name is left out: a re-enrollment replaces it, and the map refuses any clash left)."""
+    name is left out: a re-enrollment replaces it, and the map refuses any clash left).
+    The very same prefix is no clash: several devices may stand by for one (a cluster's
+    Service CIDR on every node); the map gives it to the first and the next takes over."""
     for route in routes:
-        others = [d for d in broker.route_owners(route) if d.name != name]
+        others = [d for d in broker.route_owners(route) if d.name != name and route not in d.routes]
         if others:
             raise BadInput(
                 f"route {route!r} overlaps a route of device {others[0].name!r} "

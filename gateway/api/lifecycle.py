@@ -1,5 +1,6 @@
 """Routes for a device's life after enrollment: identities (revoke, disable, enable)
-and the agent's own key rotation (``POST /api/v1/devices/self/rotate``).
+the agent's own key rotation (``POST /api/v1/devices/self/rotate``) and its logout
+(``POST /api/v1/devices/self/logout``).
 
 Every removal is pushed to the broker before the response is sent, so an
 admin call that returns has already queued the ``remove`` for every viewer and
@@ -135,3 +136,19 @@ async def rotate(request: web.Request) -> web.Response:
     request.app[BROKER].upsert(record.device, version)
     _log.info("device_rotated", device_id=record.device.id, version=version)
     return web.json_response({"device": device_json(record), "map_version": version})
+
+
+@routes.post("/api/v1/devices/self/logout")
+async def logout(request: web.Request) -> web.Response:
+    """The calling device deletes itself (``wiregate logout``): its peers drop it, its
+    addresses return to the pool and its token stops working."""
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("a device bearer token is required", code="invalid_token")
+    store = request.app[STORE]
+    caller = await store.device_by_token(token)
+    device_id = caller.device.id
+    version = await store.delete_device(device_id, actor=f"device:{device_id}")
+    request.app[BROKER].remove(device_id, version, "logged out")
+    _log.info("device_logged_out", device_id=device_id, version=version)
+    return web.json_response({"device_id": device_id, "map_version": version})

@@ -3,11 +3,19 @@
 The device creates a request and polls with its poll token; an approver names
 the request by its user code. Approval is admin-only here; the SSO web page
 calls :meth:`~gateway.store.Store.approve_login_request` with the signed-in
-identity. Every user-code lookup is charged first to the buckets of
-:mod:`gateway.api.limits` (per identity, per source, global), so guessing codes
-is bounded and a refused guess changes nothing; so is every new request (per
-source, with a fair share of the pending cap). User codes
-and poll tokens are never logged (log lines name the request id).
+identity. An administrator approves either for an identity given in full
+(``issuer``, ``subject``) or as a named administrator (``as``: NAME): the device
+then belongs to the identity (``wiregate:admin``, NAME) unless an identity is also
+given, and the audit log names the approver (``admin:socket#NAME``,
+``admin:token#NAME``). The pending requests can be listed (``GET``), without
+their codes: only a code's hash is stored, and the code on the device's screen is
+what proves an approval is for that device.
+
+Every user-code lookup is charged first to the buckets of :mod:`gateway.api.limits`
+(per identity, per source, global), so guessing codes is bounded and a refused
+guess changes nothing; so is every new request (per source, with a fair share of
+the pending cap). User codes and poll tokens are never logged (log lines name the
+request id).
 """
 
 from __future__ import annotations
@@ -15,13 +23,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gateway.api.common import (
     StrictModel,
     admin_actor,
     device_json,
     read_json,
+    require_admin,
     rfc3339,
 )
 from gateway.api.enroll import NAME_PATTERN
@@ -29,13 +38,15 @@ from gateway.api.keys import Tag
 from gateway.api.limits import charge_guess, charge_login_request
 from gateway.appkeys import BROKER, CLOCK, SETTINGS, STORE
 from gateway.store import LoginRecord
+from gateway.store.records import ADMIN_ISSUER
 from identity.device_login import format_user_code
 from wiregate.model import Identity
 
-__all__ = ["ApproveBody", "LoginBody", "PollBody", "login_json", "routes"]
+__all__ = ["ADMIN_NAME_PATTERN", "ApproveBody", "LoginBody", "PollBody", "login_json", "routes"]
 
 routes = web.RouteTableDef()
 VERIFICATION_PATH = "/login"
+ADMIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$"
 
 
 class LoginBody(StrictModel):
@@ -52,11 +63,31 @@ class PollBody(StrictModel):
 
 
 class ApproveBody(StrictModel):
-    """``POST /api/v1/login/requests/{user_code}/approve`` body: who approves, which tags."""
+    """``POST /api/v1/login/requests/{user_code}/approve`` body: for whom, as whom, which
+    tags. ``issuer`` and ``subject`` come together; ``as`` alone binds the device to
+    (``wiregate:admin``, NAME)."""
 
-    issuer: Annotated[str, Field(min_length=1, max_length=512)]
-    subject: Annotated[str, Field(min_length=1, max_length=512)]
+    issuer: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    subject: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    approver: Annotated[str, Field(pattern=ADMIN_NAME_PATTERN)] | None = Field(
+        default=None, alias="as"
+    )
     tags: Annotated[list[Tag], Field(max_length=32)] = []
+
+    @model_validator(mode="after")
+    def _someone(self) -> ApproveBody:
+        if (self.issuer is None) != (self.subject is None):
+            raise ValueError("give issuer and subject together")
+        if self.issuer is None and self.approver is None:
+            raise ValueError("give the identity (issuer, subject), as NAME, or both")
+        return self
+
+    def owner(self) -> Identity:
+        """The identity the approved device belongs to."""
+        if self.issuer is not None and self.subject is not None:
+            return Identity(self.issuer, self.subject)
+        assert self.approver is not None
+        return Identity(ADMIN_ISSUER, self.approver)
 
 
 def login_json(record: LoginRecord) -> dict[str, Any]:
@@ -95,6 +126,14 @@ async def create_request(request: web.Request) -> web.Response:
     return web.json_response(payload, status=201)
 
 
+@routes.get("/api/v1/login/requests")
+async def list_requests(request: web.Request) -> web.Response:
+    """The login requests waiting for approval, oldest first (never their codes)."""
+    require_admin(request)
+    pending = await request.app[STORE].pending_login_requests(request.app[CLOCK]())
+    return web.json_response({"requests": [login_json(r) for r in pending]})
+
+
 @routes.post("/api/v1/login/poll")
 async def poll(request: web.Request) -> web.Response:
     """The device's poll; ``approved`` carries its device and token, exactly once."""
@@ -114,18 +153,21 @@ async def show_request(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/login/requests/{user_code}/approve")
 async def approve(request: web.Request) -> web.Response:
-    """Approve a pending request for an identity: its device is enrolled."""
+    """Approve a pending request for an identity (or as a named administrator): its
+    device is enrolled."""
     actor = admin_actor(request)
     body = await read_json(request, ApproveBody)
     found = await _lookup(request, actor)
     store, now = request.app[STORE], request.app[CLOCK]()
+    approver = None if body.approver is None else Identity(ADMIN_ISSUER, body.approver)
     approved = await store.approve_login_request(
         found.id,
-        Identity(body.issuer, body.subject),
+        body.owner(),
         body.tags,
         now,
         keepalive=request.app[SETTINGS].default_keepalive,
-        actor=actor,
+        actor=actor if body.approver is None else f"{actor}#{body.approver}",
+        approver=approver,
     )
     request.app[BROKER].upsert(approved.record.device, approved.version)
     payload = {"login": login_json(approved.login), "device": device_json(approved.record)}

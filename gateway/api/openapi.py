@@ -12,60 +12,32 @@ from aiohttp import web
 
 from gateway.api.enroll import MAX_ENDPOINTS, MAX_ROUTES, NAME_PATTERN
 from gateway.api.keys import MAX_EXPIRY, TAG_PATTERN
+from gateway.api.login import ADMIN_NAME_PATTERN
+from gateway.api.openapi_devices import DEVICE, LOGIN_LIST
+from gateway.api.openapi_devices import PATHS as DEVICE_PATHS
+from gateway.api.openapi_devices import SCHEMAS as DEVICE_SCHEMAS
 from gateway.api.openapi_lifecycle import PATHS as LIFECYCLE_PATHS
 from gateway.api.openapi_lifecycle import SCHEMAS as LIFECYCLE_SCHEMAS
+from gateway.api.openapi_parts import JSON
+from gateway.api.openapi_parts import STR as _STR
+from gateway.api.openapi_parts import TIME as _TIME
+from gateway.api.openapi_parts import errors as _errors
+from gateway.api.openapi_parts import json_body as _json
+from gateway.api.openapi_parts import obj as _obj
+from gateway.api.openapi_parts import ref as _ref
+from gateway.api.openapi_policy import PATHS as POLICY_PATHS
+from gateway.api.openapi_policy import SCHEMAS as POLICY_SCHEMAS
 
 __all__ = ["DOCUMENT", "routes"]
 
 routes = web.RouteTableDef()
-JSON = "application/json"
-_STR: dict[str, Any] = {"type": "string"}
-_TIME: dict[str, Any] = {"type": "string", "format": "date-time"}
 _TAGS: dict[str, Any] = {"type": "array", "items": {"type": "string", "pattern": TAG_PATTERN}}
-
-
-def _ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": props,
-        "required": list(props) if required is None else required,
-    }
-
-
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {JSON: {"schema": schema}}}
-
-
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(s): {"$ref": "#/components/responses/Error"} for s in statuses}
 
 
 _SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": _STR, "message": _STR, "hint": _STR}, ["error", "message"]),
     "Identity": _obj({"issuer": _STR, "subject": _STR}),
-    "Device": _obj(
-        {
-            "id": _STR,
-            "name": _STR,
-            "public_key": _STR,
-            "fingerprint": _STR,
-            "identity": _ref("Identity"),
-            "addresses": {"type": "array", "items": _STR, "minItems": 2, "maxItems": 2},
-            "tags": {"type": "array", "items": _STR},
-            "endpoints": {"type": "array", "items": _STR},
-            "routes": {"type": "array", "items": _STR},
-            "created_at": _TIME,
-            "expires_at": {"type": ["string", "null"], "format": "date-time"},
-            "last_seen": {"type": ["string", "null"], "format": "date-time"},
-            "key_rotated_at": {"type": ["string", "null"], "format": "date-time"},
-            "ephemeral": {"type": "boolean"},
-        }
-    ),
+    "Device": DEVICE,
     "Key": _obj(
         {
             "id": _STR,
@@ -233,12 +205,31 @@ _SCHEMAS: dict[str, Any] = {
             "expires_at": _TIME,
         }
     ),
-    "ApproveRequest": _obj({"issuer": _STR, "subject": _STR, "tags": _TAGS}, ["issuer", "subject"]),
+    "ApproveRequest": {
+        **_obj(
+            {
+                "issuer": _STR,
+                "subject": _STR,
+                "as": {
+                    "type": "string",
+                    "pattern": ADMIN_NAME_PATTERN,
+                    "description": "the approving administrator's name, in the audit log;"
+                    " alone, the device belongs to the identity (wiregate:admin, NAME)",
+                },
+                "tags": _TAGS,
+            },
+            [],
+        ),
+        "dependentRequired": {"issuer": ["subject"], "subject": ["issuer"]},
+        "anyOf": [{"required": ["issuer"]}, {"required": ["as"]}],
+    },
     "Approved": _obj(
         {"login": _ref("Login"), "device": _ref("Device"), "map_version": {"type": "integer"}}
     ),
     "Health": {"type": "object", "properties": {"status": _STR}, "required": ["status"]},
     **LIFECYCLE_SCHEMAS,
+    **POLICY_SCHEMAS,
+    **DEVICE_SCHEMAS,
 }
 
 _ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
@@ -265,31 +256,6 @@ _PATHS: dict[str, Any] = {
             ],
             "responses": {"101": {"description": "switching to WebSocket"}, **_errors(400, 401)},
         }
-    },
-    "/api/v1/devices": {
-        "get": {
-            "summary": "List devices",
-            "security": _ADMIN,
-            "responses": {
-                "200": _json(
-                    _obj({"devices": {"type": "array", "items": _ref("Device")}}), "devices"
-                ),
-                **_errors(401, 403),
-            },
-        }
-    },
-    "/api/v1/devices/{id}": {
-        "parameters": _ID,
-        "get": {
-            "summary": "Show a device",
-            "security": _ADMIN,
-            "responses": {"200": _json(_ref("Device"), "the device"), **_errors(401, 403, 404)},
-        },
-        "delete": {
-            "summary": "Delete a device (its stream is revoked)",
-            "security": _ADMIN,
-            "responses": {"204": {"description": "deleted"}, **_errors(401, 403, 404)},
-        },
     },
     "/api/v1/keys": {
         "get": {
@@ -319,6 +285,7 @@ _PATHS: dict[str, Any] = {
         },
     },
     "/api/v1/login/requests": {
+        "get": LOGIN_LIST,
         "post": {
             "summary": "Start a device login (user code and poll token are returned only here)",
             "security": [],
@@ -327,7 +294,7 @@ _PATHS: dict[str, Any] = {
                 "201": _json(_ref("LoginCreated"), "created"),
                 **_errors(400, 409, 413, 415, 429),
             },
-        }
+        },
     },
     "/api/v1/login/poll": {
         "post": {
@@ -491,6 +458,8 @@ _PATHS: dict[str, Any] = {
         }
     },
     **LIFECYCLE_PATHS,
+    **POLICY_PATHS,
+    **DEVICE_PATHS,
 }
 
 DOCUMENT: dict[str, Any] = {

@@ -7,25 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.api.openapi_parts import ADMIN as _ADMIN
+from gateway.api.openapi_parts import JSON
+from gateway.api.openapi_parts import STR as _STR
+from gateway.api.openapi_parts import TIME as _TIME
+from gateway.api.openapi_parts import errors as _errors
+from gateway.api.openapi_parts import json_body as _json
+from gateway.api.openapi_parts import ref as _ref
+
 __all__ = ["PATHS", "SCHEMAS"]
-
-JSON = "application/json"
-_STR: dict[str, Any] = {"type": "string"}
-_TIME: dict[str, Any] = {"type": "string", "format": "date-time"}
-_ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
-
-
-def _ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {JSON: {"schema": schema}}}
-
-
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(s): {"$ref": "#/components/responses/Error"} for s in statuses}
-
 
 SCHEMAS: dict[str, Any] = {
     "IdentityRecord": {
@@ -49,8 +39,8 @@ SCHEMAS: dict[str, Any] = {
             "at": _TIME,
             "actor": {
                 "type": "string",
-                "description": "admin:socket, admin:token, device:<id>, oidc:<iss>#<sub>, "
-                "system:<duty>",
+                "description": "admin:socket, admin:token (with #<name>: an administrator"
+                " who named themselves), device:<id>, oidc:<iss>#<sub>, system:<duty>",
             },
             "action": _STR,
             "target": _STR,
@@ -158,6 +148,26 @@ PATHS: dict[str, Any] = {
                     "rotated: the next map version carries the new key",
                 ),
                 **_errors(400, 401, 409, 413, 415),
+            },
+        }
+    },
+    "/api/v1/devices/self/logout": {
+        "post": {
+            "summary": "Delete the calling device (wiregate logout): peers drop it, its token ends",
+            "security": [{"deviceToken": []}],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "device_id": _STR,
+                            "map_version": {"type": "integer"},
+                        },
+                        "required": ["device_id", "map_version"],
+                    },
+                    "deleted: the next map version removes the device",
+                ),
+                **_errors(401),
             },
         }
     },

@@ -89,7 +89,7 @@ async def enroll_workload(request: web.Request, token: str, enroll: EnrollReques
         _log.warning("workload_token_refused", reason=exc.message, name=enroll.name)
         raise
     _check_node_binding(workload, enroll.name)
-    policy: PolicyFile = request.app[POLICY]
+    policy: PolicyFile = request.app[POLICY].document
     tags = stored_tags(workload_grant(policy, workload))
     identity = workload.identity
     detail = {"issuer_name": workload.source.name, "kind": workload.source.kind,

@@ -49,17 +49,19 @@ from gateway.mapping.netmap import (
     encode_full,
     signature,
 )
+from gateway.mapping.policyswap import policy_fanout
 from identity.policy import Policy
 from wiregate.errors import BadInput, RemoteError
 from wiregate.logging import get_logger
 from wiregate.mapwire import AgentEndpoints, encode_revoked, encode_sync, parse_agent_message
-from wiregate.model import Device
+from wiregate.model import Device, DnsConfig
 
 __all__ = [
     "CONNECTED",
     "DELTAS_SENT",
     "FANOUT_SECONDS",
     "MAP_VERSION",
+    "POLICY_CHANGE",
     "Broker",
     "FeedChange",
     "OnEndpoints",
@@ -92,13 +94,19 @@ def read_agent_frame(msg: WSMessage) -> AgentEndpoints:
 @dataclass(frozen=True, slots=True)
 class FeedChange:
     """One change read from the store's feed: ``device`` (its current record) for an
-    upsert, ``removed`` with the ``reason`` its agent is told for a removal."""
+    upsert, ``removed`` with the ``reason`` its agent is told for a removal, ``policy``
+    (the one that version put in force; ``device_id`` :data:`POLICY_CHANGE`) for a
+    policy change."""
 
     version: int
     device_id: str
     device: Device | None
     removed: bool = False
     reason: str | None = None
+    policy: Policy | None = None
+
+
+POLICY_CHANGE = ""  # the device_id of a policy change, in the feed as here
 
 
 log = get_logger("broker")
@@ -115,6 +123,7 @@ class Broker:
         self._policy = policy if policy is not None else Policy.allow_all()
         self._history = history
         self._queue_size = queue_size
+        self._dns: DnsConfig | None = None  # the names' settings, in every self view
         self._state = NetworkState(self._policy)
         self._version = 0
         self._logs: dict[str, AgentLog] = {}
@@ -125,9 +134,12 @@ class Broker:
 
     # -- changes from the store -------------------------------------------------
 
-    def load(self, devices: Iterable[Device], version: int) -> None:
-        """Replace the whole state; connected agents get a full map (or revoked)."""
-        self._state = NetworkState(self._policy, devices)
+    def load(self, devices: Iterable[Device], version: int, policy: Policy | None = None) -> None:
+        """Replace the whole state (and the policy, if given); connected agents get a full
+        map (or revoked)."""
+        if policy is not None:
+            self._policy = policy
+        self._state = NetworkState(self._policy, devices, dns=self._dns)
         self._set_version(version)
         self._logs.clear()
         for stream in list(self._streams.values()):
@@ -137,14 +149,37 @@ class Broker:
                 self._revoke(stream.device_id, "device removed")
         self._settle()
 
+    def set_dns(self, dns: DnsConfig | None) -> None:
+        """The mesh domain and split-DNS zones that every map carries from the next :meth:`load`."""
+        self._dns = dns
+
     def may_peer(self, a: Device, b: Device) -> bool:
         """Whether the policy the maps are built from lets ``a`` and ``b`` peer."""
         return self._policy.may_peer(signature(a), signature(b))
 
+    @property
+    def policy(self) -> Policy:
+        """The policy the maps are built from."""
+        return self._policy
+
     def set_policy(self, policy: Policy, version: int) -> None:
-        """Apply a new policy: every connected agent gets a full map at ``version``."""
+        """Put ``policy`` in force at ``version``, in version order with device changes:
+        every agent whose map it changes gets a delta (peers added, removed, filtered
+        anew; its own refused routes). A replica reads the change from the feed instead."""
+        if self._wake is not None:
+            self._wake()
+            return
+        self._offer(FeedChange(version, POLICY_CHANGE, None, policy=policy))
+
+    def _swap_policy(self, policy: Policy, version: int) -> None:
+        started = time.perf_counter()
+        old = self._state
         self._policy = policy
-        self.load(list(self._state), version)
+        self._state = NetworkState(policy, old, dns=old.dns)  # the same devices, in order
+        fanout = policy_fanout(old, self._state)
+        self._set_version(version)
+        log.info("policy_applied", version=version, agents_told=len(fanout.updates))
+        self._publish(fanout, version, started)
 
     def follow(self, wake: Callable[[], None]) -> None:
         """Replica mode: the store's change feed is the only source of changes.
@@ -182,10 +217,7 @@ class Broker:
         for change in changes:
             if last[change.device_id] != change.version or change.version <= self._version:
                 continue
-            if change.device is not None:
-                self._upsert(change.device, change.version)
-            elif change.removed:
-                self._remove(change.device_id, change.version, change.reason or "device removed")
+            self._apply(change)
         if head > self._version:
             self._set_version(head)
         self._settle()
@@ -225,9 +257,11 @@ class Broker:
         self._settle()
 
     def _apply(self, change: FeedChange) -> None:
-        if change.device is not None:
+        if change.policy is not None:
+            self._swap_policy(change.policy, change.version)
+        elif change.device is not None:
             self._upsert(change.device, change.version)
-        else:
+        elif change.removed:
             self._remove(change.device_id, change.version, change.reason or "device removed")
 
     def _settle(self) -> None:

@@ -24,13 +24,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import Counter, Histogram
 
 from gateway.mapping.broker import Broker, FeedChange
 from gateway.store import Store
-from gateway.store.replication import CHANNEL, ChangeKind
+from gateway.store.replication import CHANNEL, ChangeKind, ChangeRow
+from identity.policy import Policy
 from wiregate.logging import get_logger
 
 __all__ = ["FEED_LAG", "FEED_RELOADS", "Follower", "asyncpg_dsn"]
@@ -44,6 +46,7 @@ FEED_LAG = Histogram(
 FEED_RELOADS = Counter("wiregate_feed_reloads", "Whole-map reloads (the feed was pruned past)")
 FEED_ERRORS = Counter("wiregate_feed_errors", "Change-feed reads that failed (retried)")
 _log = get_logger("gateway.mapping.follower")
+PolicyAt = Callable[[int], Awaitable[Policy]]
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -66,8 +69,10 @@ class Follower:
         poll_interval: float = 1.0,
         retry_interval: float = 0.5,
         replica: bool = True,
+        policy_at: PolicyAt | None = None,
     ) -> None:
         self._store, self._broker = store, broker
+        self._policy_at = policy_at  # the policy a version put in force (policy changes)
         self._replica = replica
         self._dsn = listen_dsn
         self._poll, self._retry = poll_interval, retry_interval
@@ -128,9 +133,11 @@ class Follower:
             if head > self._broker.version:  # alone, it may have gone on meanwhile
                 _log.warning("feed_pruned_past; reloading the whole map", head=head)
                 FEED_RELOADS.inc()
-                self._broker.load(devices, head)
+                policy = None if self._policy_at is None else await self._policy_at(head)
+                self._broker.load(devices, head, policy)
         else:
             head, changes = found
+            policy_version, policy = await self._policy_of(changes)
             self._broker.apply_changes(
                 head,
                 [
@@ -140,12 +147,20 @@ class Follower:
                         None if record is None else record.device,
                         removed=c.kind is ChangeKind.REMOVE,
                         reason=c.reason,
+                        policy=policy if c.version == policy_version else None,
                     )
                     for c, record in changes
                 ],
             )
         async with self._caught_up:
             self._caught_up.notify_all()
+
+    async def _policy_of(self, changes: list[tuple[ChangeRow, Any]]) -> tuple[int, Policy | None]:
+        """The last policy change among ``changes`` not applied yet: its version and policy."""
+        versions = [c.version for c, _ in changes if c.kind is ChangeKind.POLICY]
+        if not versions or self._policy_at is None or versions[-1] <= self._broker.version:
+            return 0, None
+        return versions[-1], await self._policy_at(versions[-1])
 
     async def _apply_loop(self) -> None:
         while True:

@@ -41,7 +41,7 @@ from gateway.mapping.routeclaims import RouteClaims
 from identity.policy import Filter, Policy, principals
 from wiregate import mapwire
 from wiregate.errors import NotFound
-from wiregate.model import Device, NetMap, Peer, SelfView
+from wiregate.model import Device, DnsConfig, NetMap, Peer, SelfView
 
 __all__ = [
     "AgentUpdate",
@@ -98,8 +98,15 @@ class Fanout:
 class NetworkState:
     """Devices by id, grouped by tag set, with the policy's links between groups."""
 
-    def __init__(self, policy: Policy | None = None, devices: Iterable[Device] = ()) -> None:
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        devices: Iterable[Device] = (),
+        *,
+        dns: DnsConfig | None = None,
+    ) -> None:
         self.policy = policy if policy is not None else Policy.allow_all()
+        self.dns = dns  # the mesh domain and split-DNS zones, in every self view
         self._devices: dict[str, Device] = {}
         self._shown: dict[str, Device] = {}  # as peers see it: approved routes only
         self._refused: dict[str, tuple[str, ...]] = {}  # only devices with refused routes
@@ -153,10 +160,12 @@ class NetworkState:
         return peer if rule is None else replace(peer, filter=rule)
 
     def self_view(self, device_id: str) -> SelfView:
-        """The device's own view, with the routes the policy refused."""
+        """The device's own view, with the routes the policy refused and the names' settings."""
         view = self._devices[device_id].to_self()
         refused = self._refused.get(device_id)
-        return view if refused is None else replace(view, refused_routes=refused)
+        if refused is None and self.dns is None:
+            return view
+        return replace(view, refused_routes=refused or (), dns=self.dns)
 
     def viewers(self, device_id: str) -> set[str]:
         """Ids of the devices that peer with ``device_id`` (its peers, as peering is symmetric)."""

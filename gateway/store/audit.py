@@ -4,6 +4,8 @@ Actors are named by where the authority came from:
 
 ``admin:socket``            the admin unix socket (trusted by file permissions)
 ``admin:token``             the admin API over TCP with the admin bearer token
+``admin:socket#<name>``     either of them, by an administrator who gave a name
+``admin:token#<name>``      (a device login approved with ``as``: NAME)
 ``device:<id>``             a device, authenticated by its device token
 ``oidc:<iss>#<sub>``        a person signed in with OpenID Connect
 ``system:<duty>``           the gateway itself (``system:expiry``, ``system:ephemeral``, ...)

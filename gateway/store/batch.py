@@ -12,7 +12,9 @@ Results are handed back in queue order, which is the order of their map versions
 Rows a write only appends (its audit records, its map-change records) are added with
 :func:`add_at_commit`: the rows of the writes that succeeded are inserted together
 just before the commit, one INSERT per table for the whole batch, and a failure there
-fails every write of the batch (none was answered yet).
+fails every write of the batch (none was answered yet). A statement whose last value
+is all that matters (the IPAM cursor) is given to :func:`execute_at_commit` under a
+key: the batch executes the last one given, once.
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import Executable
 
 from wiregate.errors import Conflict
 
-__all__ = ["GroupCommit", "Work", "add_at_commit"]
+__all__ = ["GroupCommit", "Work", "add_at_commit", "execute_at_commit"]
 
 T = TypeVar("T")
 Work = Callable[[AsyncSession], Awaitable[T]]
 MAX_BATCH = 16  # writes per transaction (more would only lengthen its latency)
 _AT_COMMIT = "wiregate.at_commit"  # Session.info: the running write's appended rows
+_LAST_AT_COMMIT = "wiregate.last_at_commit"  # Session.info: its keyed last statements
 
 
 def add_at_commit(s: AsyncSession, row: object) -> None:
@@ -44,6 +48,17 @@ def add_at_commit(s: AsyncSession, row: object) -> None:
         s.add(row)
     else:
         pending.append(row)
+
+
+async def execute_at_commit(s: AsyncSession, key: str, statement: Executable) -> None:
+    """Execute ``statement`` (a write nothing in the transaction reads back, of which
+    only the last one under ``key`` matters): in a group commit, once for the batch just
+    before the commit, the last one a successful write gave; otherwise at once."""
+    pending: dict[str, Executable] | None = s.info.get(_LAST_AT_COMMIT)
+    if pending is None:
+        await s.execute(statement)
+    else:
+        pending[key] = statement
 
 
 class GroupCommit:
@@ -80,13 +95,18 @@ class GroupCommit:
 async def _attempt_all(s: AsyncSession, works: list[Work[Any]]) -> list[tuple[bool, Any]]:
     """Each write in its savepoint, then the rows appended by those that succeeded."""
     outcomes, appended = [], []
+    last: dict[str, Executable] = {}
     for work in works:
         pending: list[object] = []
-        s.info[_AT_COMMIT] = pending
+        keyed: dict[str, Executable] = {}
+        s.info[_AT_COMMIT], s.info[_LAST_AT_COMMIT] = pending, keyed
         outcomes.append(await _attempt(s, work))
         if outcomes[-1][0]:
             appended += pending
-    del s.info[_AT_COMMIT]
+            last.update(keyed)
+    del s.info[_AT_COMMIT], s.info[_LAST_AT_COMMIT]
+    for statement in last.values():
+        await s.execute(statement)
     s.add_all(appended)  # flushed by the commit
     return outcomes
 

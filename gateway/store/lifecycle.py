@@ -14,10 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, and_, func, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.store.models import DeviceRow, IdentityRow, LoginRequestRow
+from gateway.store.names import given_for
+from gateway.store.replication import insert_for
 from identity.device_login import Status
 from wiregate.errors import Forbidden, NotFound
 from wiregate.model import Identity
@@ -27,6 +29,7 @@ __all__ = [
     "KeyLifetime",
     "abandoned_logins",
     "add_identity",
+    "claim_identity",
     "ephemeral_gone",
     "expired",
     "find_identity",
@@ -109,19 +112,45 @@ async def identity_and_device(
     s: AsyncSession, identity: Identity, name: str
 ) -> tuple[int | None, DeviceRow | None]:
     """In one query: the row id of ``identity`` (None: new, see :func:`add_identity`) and
-    its device named ``name``, if any; :class:`Forbidden` if the identity is disabled."""
-    same_name = and_(DeviceRow.identity_id == IdentityRow.id, DeviceRow.name == name)
+    its device named ``name`` (or, failing that, ``name-N``: the name it was given when
+    another device had ``name``), if any; :class:`Forbidden` if the identity is disabled."""
+    same_name = and_(
+        DeviceRow.identity_id == IdentityRow.id,
+        or_(DeviceRow.name == name, DeviceRow.name.like(name + "-%")),
+    )
     query = (
         select(IdentityRow.id, IdentityRow.disabled, DeviceRow)
         .outerjoin(DeviceRow, same_name)
         .where(IdentityRow.issuer == identity.issuer, IdentityRow.subject == identity.subject)
     )
-    found = (await s.execute(query)).tuples().first()
-    if found is None:
+    found = list((await s.execute(query)).tuples())
+    if not found:
         return None, None
-    identity_id, disabled, device = found
+    identity_id, disabled, _ = found[0]
     _refuse_disabled(disabled)
-    return int(identity_id), device
+    devices = {d.name: d for _, _, d in found if d is not None}
+    given = [d for n, d in sorted(devices.items()) if given_for(n, name)]
+    return int(identity_id), devices.get(name) or next(iter(given), None)
+
+
+async def claim_identity(
+    s: AsyncSession, identity: Identity, name: str, now: float
+) -> tuple[int, DeviceRow | None]:
+    """The row id of ``identity`` and its device named ``name`` (as
+    :func:`identity_and_device` finds it), if any. A new identity is added by the
+    statement that looks for it (an insert that does nothing when the identity exists:
+    one statement for a first enrollment, which has no device yet); a known one is read
+    with its device, :class:`Forbidden` if it is disabled."""
+    table = IdentityRow.__table__
+    row = {"issuer": identity.issuer, "subject": identity.subject, "created_at": now}
+    stmt = insert_for(s, table).values(**row).on_conflict_do_nothing()
+    added = (await s.execute(stmt.returning(table.c.id))).first()
+    if added is not None:
+        return int(added[0]), None
+    known, device = await identity_and_device(s, identity, name)
+    if known is None:  # removed between the two statements
+        raise NotFound("no such identity")
+    return known, device
 
 
 async def add_identity(s: AsyncSession, identity: Identity, now: float) -> int:

@@ -43,6 +43,7 @@ __all__ = [
     "by_user_code",
     "insert",
     "make_room",
+    "pending",
     "poll_state",
     "record_poll",
     "rotate_device_token",
@@ -129,6 +130,12 @@ async def insert(
     s.add(row)
     await s.flush()
     return LoginCreated(login_record(row), user_code, poll_token, INTERVAL)
+
+
+async def pending(s: AsyncSession, now: float) -> list[LoginRequestRow]:
+    """The requests waiting for approval at ``now``, oldest first."""
+    query = select(LoginRequestRow).where(_pending(now))
+    return list((await s.execute(query.order_by(LoginRequestRow.created_at))).scalars())
 
 
 async def by_user_code(s: AsyncSession, user_code: str, now: float) -> LoginRequestRow:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
     false,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "LoginRequestRow",
     "MapChangeRow",
     "MetaRow",
+    "PolicyRow",
     "RateBucketRow",
     "RelayPairRow",
 ]
@@ -88,7 +90,8 @@ class DeviceRow(Base):
     __tablename__ = "devices"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    # a DNS label, unique (see gateway.store.names)
+    name: Mapped[str] = mapped_column(String(255), nullable=False, unique=True, index=True)
     public_key: Mapped[str] = mapped_column(String(44), nullable=False, unique=True)
     identity_id: Mapped[int] = mapped_column(
         ForeignKey("identities.id", ondelete="RESTRICT"), nullable=False, index=True
@@ -241,3 +244,22 @@ class EndedSessionRow(Base):
 
     session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[float] = mapped_column(Float, nullable=False, index=True)
+
+
+class PolicyRow(Base):
+    """A policy document put in force at map version ``version`` (newest row: in force).
+
+    ``source`` is ``api`` (set through the admin API; it wins over every replica's
+    file until reset) or ``file`` (a replica's policy file, written when it changed).
+    Rows are never changed: a replica applying version V reads the document V set.
+    """
+
+    __tablename__ = "policies"
+
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    format: Mapped[str] = mapped_column(String(8), nullable=False)
+    source: Mapped[str] = mapped_column(String(8), nullable=False)
+    document: Mapped[str] = mapped_column(Text, nullable=False)
+    actor: Mapped[str] = mapped_column(String(1100), nullable=False)
+    at: Mapped[float] = mapped_column(Float, nullable=False)

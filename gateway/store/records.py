@@ -11,6 +11,7 @@ from identity.policy import GROUP_PREFIX
 from wiregate.model import Device, Identity
 
 __all__ = [
+    "ADMIN_ISSUER",
     "ENROLLMENT_ISSUER",
     "NO_EXPIRY",
     "DeviceRecord",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 ENROLLMENT_ISSUER = "wiregate:enrollment-key"
+ADMIN_ISSUER = "wiregate:admin"  # devices an administrator approved under a name
 
 
 def NO_EXPIRY(_identity: Identity, _tags: Sequence[str]) -> float | None:

@@ -47,10 +47,11 @@ CHANNEL = "wiregate_map"
 
 
 class ChangeKind(StrEnum):
-    """What a map version did to one device."""
+    """What a map version did to one device, or to the policy."""
 
     UPSERT = "upsert"
     REMOVE = "remove"
+    POLICY = "policy"  # a policy document put in force (no device; see store.policies)
 
 
 @dataclass(frozen=True, slots=True)

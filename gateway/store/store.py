@@ -25,14 +25,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.mapping.ipam import Allocation, Pool, allocate
-from gateway.store import audit, lifecycle, limits, logins
+from gateway.store import audit, lifecycle, limits, logins, names, policies
 from gateway.store import replication as repl
 from gateway.store.audit import AuditRecord, device_actor, oidc_actor, system_actor
-from gateway.store.batch import GroupCommit
+from gateway.store.batch import GroupCommit, execute_at_commit
 from gateway.store.engine import create_engine
 from gateway.store.lifecycle import IdentityRecord, KeyLifetime
 from gateway.store.migrate import current_revision, head_revision, upgrade
 from gateway.store.models import DeviceRow, EnrollmentKeyRow, IdentityRow, MetaRow
+from gateway.store.policies import PolicySource, PolicyText, PolicyWrite, StoredPolicy
 from gateway.store.records import (
     ENROLLMENT_ISSUER,
     NO_EXPIRY,
@@ -62,6 +63,7 @@ from identity.enrollment import (
     hash_secret,
     secret_matches,
 )
+from identity.policy import GROUP_PREFIX
 from wiregate.clock import Clock
 from wiregate.errors import ConfigError, Conflict, NotFound, Unauthorized
 from wiregate.keys import parse_public_key
@@ -76,8 +78,10 @@ UNATTRIBUTED = "system:unattributed"  # a caller that did not say who acted
 _MIGRATE = 0x77676D69  # PostgreSQL advisory lock key held while migrating
 UPSERT, REMOVE = ChangeKind.UPSERT, ChangeKind.REMOVE
 DELETED = "device removed"  # what an agent is told when an admin deletes its device
+EXPIRED = "key expired"  # ... when its key expired (or an admin expired it)
 MIN_ROTATION_INTERVAL = 5.0  # seconds between two key rotations of one device
 _ALLOCATION_WINDOW = 256  # addresses after the IPAM cursor read to find a free one
+_CURSOR = "wiregate.ipam_cursor"  # Session.info: the IPAM cursor this transaction moved to
 RETRY_WINDOW = 600.0  # seconds during which a lost enrollment answer may be asked again
 
 
@@ -238,7 +242,8 @@ class Store:
 
         async def work(s: AsyncSession) -> tuple[Enrolled, Removal | None]:
             removed = None
-            known, old = await lifecycle.identity_and_device(s, identity, request.name)
+            label = names.to_label(request.name)
+            identity_id, old = await lifecycle.claim_identity(s, identity, label, now)
             if old is not None:
                 removed = Removal(old.id, await self._bump(s), "replaced by a re-enrollment")
                 await repl.record_change(s, removed.version, REMOVE, old.id, now, removed.reason)
@@ -247,9 +252,6 @@ class Store:
                 await audit.add(s, now, actor, "device.replace", old.id,
                                 {"name": old.name, "public_key": old.public_key})  # fmt: skip
             version, cursor = await self._bump_for_device(s)
-            identity_id = (
-                known if known is not None else await lifecycle.add_identity(s, identity, now)
-            )
             grant = Grant(identity, tuple(dict.fromkeys(tags)), False)
             row = await self._add_device(s, request, grant, (token, now), (identity_id, cursor))
             await audit.add(s, now, actor, "device.enroll", row.id,
@@ -276,14 +278,13 @@ class Store:
             return None
         query = device_query().where(
             DeviceRow.public_key == request.public_key,
-            DeviceRow.name == request.name,
             DeviceRow.last_seen.is_(None),
             DeviceRow.created_at >= now - RETRY_WINDOW,
             IdentityRow.issuer == ENROLLMENT_ISSUER,
             IdentityRow.subject == key.id,
         )
         found = (await s.execute(query)).tuples().first()
-        if found is None:
+        if found is None or not names.given_for(found[0].name, names.to_label(request.name)):
             return None
         row, issuer, subject = found
         row.token_hash = hash_secret(token)
@@ -329,18 +330,61 @@ class Store:
     async def rename_device(
         self, device_id: str, name: str, *, actor: str = UNATTRIBUTED
     ) -> tuple[DeviceRecord, int]:
-        """Rename a device (peers see the name: the map version is bumped)."""
+        """Rename a device (see :meth:`update_device`)."""
+        return await self.update_device(device_id, name=name, actor=actor)
+
+    async def update_device(
+        self,
+        device_id: str,
+        *,
+        name: str | None = None,
+        tags: Sequence[str] | None = None,
+        actor: str = UNATTRIBUTED,
+    ) -> tuple[DeviceRecord, int]:
+        """Rename a device and/or set its tags, at one map version (peers see both: the
+        name in their maps, the tags through the policy, so peers may be gained or lost).
+
+        ``name`` must be a DNS label no other device has (:class:`BadInput`,
+        :class:`~gateway.store.names.NameTaken`); ``tags`` replace the device's tags
+        (its policy groups stay). Each change is audited (``device.rename``,
+        ``device.tags``).
+        """
+        if name is not None:
+            names.check_label(name)
+        now = self._clock()
+        async with self._write() as s:
+            version = await self._bump(s)
+            row = await s.get(DeviceRow, device_id, populate_existing=True)
+            if row is None:
+                raise NotFound(f"no device {device_id!r}")
+            if name is not None and name != row.name:
+                await names.refuse_taken(s, name, device_id)
+                await audit.add(s, now, actor, "device.rename", device_id,
+                                {"from": row.name, "to": name})  # fmt: skip
+                row.name = name
+            if tags is not None:
+                kept = [t for t in row.tags if t.startswith(GROUP_PREFIX)]
+                new_tags = list(dict.fromkeys(tags))
+                await audit.add(s, now, actor, "device.tags", device_id,
+                                {"from": ",".join(t for t in row.tags if t not in kept),
+                                 "to": ",".join(new_tags)})  # fmt: skip
+                row.tags = new_tags + kept
+            await repl.record_change(s, version, UPSERT, device_id, now)
+        _log.info("device_updated", device_id=device_id, version=version)
+        return await self.get_device(device_id), version
+
+    async def expire_device(self, device_id: str, *, actor: str = UNATTRIBUTED) -> Removal:
+        """Expire a device's key now: it is removed as the expiry sweep removes an expired
+        key (peers drop it, its agent is told "key expired"), audited ``device.expire``."""
         async with self._write() as s:
             version = await self._bump(s)
             row = await s.get(DeviceRow, device_id)
             if row is None:
                 raise NotFound(f"no device {device_id!r}")
-            await audit.add(s, self._clock(), actor, "device.rename", device_id,
-                            {"from": row.name, "to": name})  # fmt: skip
-            row.name = name
-            await repl.record_change(s, version, UPSERT, device_id, self._clock())
-        _log.info("device_renamed", device_id=device_id, version=version)
-        return await self.get_device(device_id), version
+            await audit.add(s, self._clock(), actor, "device.expire", device_id,
+                            {"name": row.name, "public_key": row.public_key})  # fmt: skip
+            removed = await self._remove(s, [device_id], [version], actor, EXPIRED)
+        return removed[0]
 
     # -- other writes ------------------------------------------------------------
 
@@ -420,6 +464,12 @@ class Store:
                   fingerprint=created.record.fingerprint)  # fmt: skip
         return created
 
+    async def pending_login_requests(self, now: float) -> list[LoginRecord]:
+        """Every login request waiting for approval at ``now``, oldest first (no codes:
+        only their hashes are stored)."""
+        async with self._sessions() as s:
+            return [login_record(row) for row in await logins.pending(s, now)]
+
     async def find_login_request(self, user_code: str, now: float) -> LoginRecord:
         """The pending request a person's typed code names (name, fingerprint), or NotFound."""
         code = normalize_user_code(user_code)
@@ -435,16 +485,20 @@ class Store:
         *,
         keepalive: int | None = None,
         actor: str | None = None,
+        approver: Identity | None = None,
     ) -> LoginApproved:
         """Approve a pending request: enroll its device for ``identity``, exactly once.
 
-        ``actor`` is who approved (default: ``identity`` itself, signed in with OIDC).
+        ``actor`` is who approved (default: ``identity`` itself, signed in with OIDC);
+        ``approver`` the identity the request records as its approver (default:
+        ``identity``; an administrator approving under a name of their own).
         """
+        by = approver if approver is not None else identity
         async with self._write() as s:
             version, cursor = await self._bump_for_device(s)
             row = await logins.advance(s, request_id, Event.APPROVE, now,
-                                       approved_by_issuer=identity.issuer,
-                                       approved_by_subject=identity.subject)  # fmt: skip
+                                       approved_by_issuer=by.issuer,
+                                       approved_by_subject=by.subject)  # fmt: skip
             request = EnrollRequest(row.public_key, row.name, keepalive=keepalive)
             grant = Grant(identity, tuple(dict.fromkeys(tags)), False)
             identity_id = await lifecycle.identity_for_new_device(s, identity, now)
@@ -536,7 +590,7 @@ class Store:
         """Delete the devices whose key has expired at ``now``."""
         async with self._sessions() as s:
             ids = [row.id for row in await lifecycle.expired(s, now)]
-        return await self._sweep(ids, system_actor("expiry"), "key expired")
+        return await self._sweep(ids, system_actor("expiry"), EXPIRED)
 
     async def sweep_ephemeral(
         self, now: float, away: float, connected: Collection[str]
@@ -618,6 +672,30 @@ class Store:
         """Whether the web session ``session_id`` was signed out."""
         async with self._sessions() as s:
             return await limits.session_ended(s, session_id)
+
+    # -- the policy in force (see gateway.store.policies) ------------------------------
+
+    async def policy(self, version: int | None = None) -> StoredPolicy | None:
+        """The policy document in force at map ``version`` (None: now), if one was stored."""
+        async with self._sessions() as s:
+            return await policies.read(s, version)
+
+    async def set_policy(
+        self, new: PolicyText, source: PolicySource, *, actor: str, keep_api: bool = False
+    ) -> PolicyWrite:
+        """Put ``new`` in force at the next map version (audited, in the change feed);
+        nothing is written when it is in force already, or with ``keep_api`` when the
+        document in force was set through the API."""
+        try:
+            async with self._write() as s:
+                version = await self._bump(s)  # first: the write lock, across replicas
+                done = await policies.write(
+                    s, version, new, source, actor, self._clock(), keep_api=keep_api
+                )
+        except policies.Unchanged as unchanged:
+            return unchanged.result
+        _log.info("policy_stored", version=version, hash=new.hash, source=source.value)
+        return done
 
     # -- replicas (see gateway.store.replication) ------------------------------------
 
@@ -741,9 +819,11 @@ class Store:
         """The one enrollment path, after the identity was checked (not disabled; its
         row id and the IPAM cursor are ``place``): refuse a key any device ever had,
         allocate, add (flushed) with the token issued at ``now``; the key's expiry
-        comes from :meth:`set_key_lifetime`."""
+        comes from :meth:`set_key_lifetime`. The device is named by the DNS label of the
+        name it asked for, suffixed when another device has it (:mod:`gateway.store.names`)."""
         (token, now), (identity_id, cursor) = issued, place
         row = new_device(request, grant, await self._allocate(s, cursor), token, now)
+        row.name = await names.free_name(s, names.to_label(request.name))
         lifetime = self._key_lifetime(grant.identity, grant.tags)
         row.expires_at = None if lifetime is None else now + lifetime
         row.identity_id = identity_id
@@ -756,6 +836,7 @@ class Store:
         """The next free address after ``cursor`` (read by this transaction's bump), which
         moves to it: the indexes just after it are read first (an indexed range), every
         index only when those are all taken."""
+        cursor = s.info.get(_CURSOR, cursor)  # this transaction's last allocation, if any
         start = cursor % self._pool.size if cursor > 0 else 0
         end = min(start + _ALLOCATION_WINDOW, self._pool.size)
         near = select(DeviceRow.ip_index).where(DeviceRow.ip_index > start)
@@ -763,7 +844,9 @@ class Store:
         if len(in_use) >= end - start:  # nothing free right after the cursor: look at all
             in_use = set((await s.execute(select(DeviceRow.ip_index))).scalars())
         allocation = allocate(self._pool, in_use, cursor)
-        await s.execute(update(MetaRow).where(MetaRow.id == 1).values(ipam_cursor=allocation.index))
+        s.info[_CURSOR] = allocation.index
+        moved = update(MetaRow).where(MetaRow.id == 1).values(ipam_cursor=allocation.index)
+        await execute_at_commit(s, _CURSOR, moved)  # once per group commit
         return allocation
 
     async def _one_device(self, where: ColumnElement[bool]) -> DeviceRecord:

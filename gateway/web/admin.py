@@ -1,4 +1,5 @@
-"""The admin page: ``GET /admin``, enrollment keys (create, revoke), revoking any device.
+"""The admin page: ``GET /admin``, enrollment keys (create, revoke), and any device:
+rename, set tags, expire now, revoke.
 
 Only members of a configured admin group (``admin_groups``, matched against the
 session's groups claim) get past :func:`_require_admin`; everyone else gets 403.
@@ -7,15 +8,23 @@ A new key's secret is shown once, on the page answering its creation.
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 from multidict import MultiDictProxy
 from pydantic import ValidationError
 
-from gateway.api.keys import MAX_EXPIRY, KeyBody
-from gateway.appkeys import CLOCK, STORE, WEB
+from gateway.api.keys import MAX_EXPIRY, TAG_PATTERN, KeyBody
+from gateway.appkeys import STORE, WEB
 from gateway.store import KeySpec
 from gateway.web.context import render
-from gateway.web.devices import device_view, revoke_device, see_other
+from gateway.web.devices import (
+    change_device,
+    device_views,
+    expire_device,
+    revoke_device,
+    see_other,
+)
 from gateway.web.guard import form_post, signed_in
 from gateway.web.sessions import Session
 from wiregate.errors import BadInput, Forbidden
@@ -23,6 +32,7 @@ from wiregate.errors import BadInput, Forbidden
 __all__ = ["EXPIRY_CHOICES", "routes"]
 
 routes = web.RouteTableDef()
+MAX_TAGS = 32
 EXPIRY_CHOICES = {"3600": "1 hour", "86400": "1 day", "604800": "7 days", "2592000": "30 days"}
 
 
@@ -40,8 +50,8 @@ def _require_admin(request: web.Request, session: Session) -> None:
 async def admin(request: web.Request, session: Session) -> web.StreamResponse:
     """Every device and its identity, every enrollment key."""
     _require_admin(request, session)
-    store, now = request.app[STORE], request.app[CLOCK]()
-    devices = [device_view(r, now) for r in await store.list_devices()]
+    store = request.app[STORE]
+    devices = device_views(request, await store.list_devices())
     keys = await store.list_keys()
     return render(request, "admin.html", devices=devices, keys=keys, expiry=EXPIRY_CHOICES)
 
@@ -96,4 +106,41 @@ async def revoke_any_device(
     """Revoke any device."""
     _require_admin(request, session)
     await revoke_device(request, session, request.match_info["id"])
+    return see_other("/admin")
+
+
+@routes.post("/admin/devices/{id}/rename")
+@form_post
+async def rename_any_device(
+    request: web.Request, session: Session, form: MultiDictProxy[str]
+) -> web.StreamResponse:
+    """Rename any device (a DNS label no other device has)."""
+    _require_admin(request, session)
+    name = form.get("name", "").strip()
+    await change_device(request, session, request.match_info["id"], name=name)
+    return see_other("/admin")
+
+
+@routes.post("/admin/devices/{id}/tags")
+@form_post
+async def tag_any_device(
+    request: web.Request, session: Session, form: MultiDictProxy[str]
+) -> web.StreamResponse:
+    """Replace the tags of any device (space or comma separated; empty: none)."""
+    _require_admin(request, session)
+    tags = form.get("tags", "").replace(",", " ").split()
+    if not all(re.fullmatch(TAG_PATTERN, t) for t in tags) or len(tags) > MAX_TAGS:
+        raise BadInput("those are not tags", hint="tags look like tag:web, at most 32")
+    await change_device(request, session, request.match_info["id"], tags=tags)
+    return see_other("/admin")
+
+
+@routes.post("/admin/devices/{id}/expire")
+@form_post
+async def expire_any_device(
+    request: web.Request, session: Session, _form: MultiDictProxy[str]
+) -> web.StreamResponse:
+    """Expire the key of any device now: its peers drop it."""
+    _require_admin(request, session)
+    await expire_device(request, session, request.match_info["id"])
     return see_other("/admin")

@@ -59,7 +59,7 @@ def _policy_tags(request: web.Request, session: Session) -> tuple[str, ...]:
     verified[issuer.groups_claim if issuer is not None else "groups"] = session.groups
     if session.email is not None:
         verified["email"] = session.email
-    return stored_tags(grant_for(request.app[POLICY], session.issuer, verified))
+    return stored_tags(grant_for(request.app[POLICY].document, session.issuer, verified))
 
 
 @routes.post("/login/approve")

@@ -2,29 +2,39 @@
 
 A person sees and changes only the devices enrolled for their own (issuer,
 subject); another's device is "not found", exactly like a missing one. A rename
-bumps the map (peers see names); a revocation is the admin API's DELETE: the
-store deletes the device and the broker tells its peers and its own agent.
-The store records each change in the audit log as ``oidc:<iss>#<sub>``.
+bumps the map (peers see names; a name is a DNS label no other device has); a
+revocation is the admin API's DELETE: the store deletes the device and the broker
+tells its peers and its own agent. The store records each change in the audit log
+as ``oidc:<iss>#<sub>``. The admin page (:mod:`gateway.web.admin`) changes any
+device through the same functions: rename, set tags, expire now, revoke.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from gateway.api.enroll import NAME_PATTERN
+from gateway.api.devices import online_test
 from gateway.appkeys import BROKER, CLOCK, STORE
 from gateway.store import DeviceRecord
 from gateway.web.context import render
 from gateway.web.guard import form_post, signed_in
 from gateway.web.sessions import Session
-from wiregate.errors import BadInput, NotFound
+from wiregate.errors import NotFound
 from wiregate.keys import fingerprint
 
-__all__ = ["device_view", "revoke_device", "routes", "see_other"]
+__all__ = [
+    "change_device",
+    "device_view",
+    "device_views",
+    "expire_device",
+    "revoke_device",
+    "routes",
+    "see_other",
+]
 
 routes = web.RouteTableDef()
 
@@ -34,7 +44,7 @@ def see_other(path: str) -> web.Response:
     return web.Response(status=303, headers={"Location": path})
 
 
-def device_view(record: DeviceRecord, now: float) -> dict[str, Any]:
+def device_view(record: DeviceRecord, now: float, online: bool = False) -> dict[str, Any]:
     """What the pages show of a device."""
     d = record.device
     return {
@@ -49,7 +59,37 @@ def device_view(record: DeviceRecord, now: float) -> dict[str, Any]:
         "expires_at": d.expires_at,
         "last_seen": record.last_seen,
         "tags": d.tags,
+        "online": online,
     }
+
+
+def device_views(request: web.Request, records: Sequence[DeviceRecord]) -> list[dict[str, Any]]:
+    """:func:`device_view` of each record, with its presence (see
+    :func:`gateway.api.devices.online_test`)."""
+    now, online = request.app[CLOCK](), online_test(request.app)
+    return [device_view(r, now, online(r)) for r in records]
+
+
+async def change_device(
+    request: web.Request,
+    session: Session,
+    device_id: str,
+    *,
+    name: str | None = None,
+    tags: Sequence[str] | None = None,
+) -> None:
+    """Rename a device and/or set its tags as the admin API's PATCH does (a map change)."""
+    store = request.app[STORE]
+    changed, version = await store.update_device(
+        device_id, name=name, tags=tags, actor=session.actor
+    )
+    request.app[BROKER].upsert(changed.device, version)
+
+
+async def expire_device(request: web.Request, session: Session, device_id: str) -> None:
+    """Expire a device's key now, as the admin API does: its peers drop it."""
+    removal = await request.app[STORE].expire_device(device_id, actor=session.actor)
+    request.app[BROKER].remove(removal.device_id, removal.version, removal.reason)
 
 
 async def revoke_device(request: web.Request, session: Session, device_id: str) -> None:
@@ -73,8 +113,7 @@ async def _own_device(request: web.Request, session: Session) -> DeviceRecord:
 async def my_devices(request: web.Request, session: Session) -> web.StreamResponse:
     """The signed-in person's devices, with rename and revoke forms."""
     records = await request.app[STORE].devices_of(session.identity)
-    now = request.app[CLOCK]()
-    return render(request, "devices.html", devices=[device_view(r, now) for r in records])
+    return render(request, "devices.html", devices=device_views(request, records))
 
 
 @routes.post("/devices/{id}/rename")
@@ -84,15 +123,8 @@ async def rename(
 ) -> web.StreamResponse:
     """Rename one of my devices."""
     record = await _own_device(request, session)
-    name = form.get("name", "").strip()
-    if not re.fullmatch(NAME_PATTERN, name):
-        raise BadInput(
-            "that is not a device name",
-            hint="1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit",
-        )
-    store = request.app[STORE]
-    renamed, version = await store.rename_device(record.device.id, name, actor=session.actor)
-    request.app[BROKER].upsert(renamed.device, version)
+    name = form.get("name", "").strip()  # the store refuses a name that is not a free label
+    await change_device(request, session, record.device.id, name=name)
     return see_other("/devices")
 
 

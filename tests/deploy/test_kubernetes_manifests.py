@@ -141,7 +141,8 @@ def test_rbac_is_minimal(target: str) -> None:
         assert role["metadata"]["name"] == "wiregate-agent", (
             f"only the agent has RBAC, found {role['metadata']['name']}"
         )
-        assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+        verbs = ["get", "list"] if target == "overlays/gateway-mode" else ["get"]  # the NodeList
+        assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": verbs}]
     for binding in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": "wiregate-agent", "namespace": "wiregate"}
@@ -205,7 +206,7 @@ def test_relay_is_unprivileged_and_exposes_its_udp_ports() -> None:
     }
 
 
-# -- agent: root with exactly NET_ADMIN + NET_RAW --------------------------------
+# -- agent: root with exactly NET_ADMIN, NET_RAW and NET_BIND_SERVICE (mesh names) --
 
 
 AGENT_TARGETS = ["overlays/mesh", "overlays/gateway-mode", "overlays/ingress"]
@@ -221,7 +222,7 @@ def test_agent_daemonset_security(target: str) -> None:
     assert sc.get("privileged") is False
     assert sc.get("allowPrivilegeEscalation") is False
     assert sc["capabilities"]["drop"] == ["ALL"]
-    assert sorted(sc["capabilities"]["add"]) == ["NET_ADMIN", "NET_RAW"]
+    assert sorted(sc["capabilities"]["add"]) == ["NET_ADMIN", "NET_BIND_SERVICE", "NET_RAW"]
     assert spec["hostNetwork"] is True
     assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert {"operator": "Exists"} in spec["tolerations"]

@@ -9,10 +9,11 @@ import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import click
 
+from wiregate.cli import admin_policy
 from wiregate.cli.admin_client import AdminClient
 from wiregate.cli.options import config_option, exit_with
 from wiregate.errors import WiregateError
@@ -38,10 +39,7 @@ def run_or_exit(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except WiregateError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        if exc.hint:
-            click.echo(f"hint: {exc.hint}", err=True)
-        sys.exit(1)
+        exit_with(exc)  # JSON under --json
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -174,20 +172,88 @@ def devices() -> None:
 
 
 @devices.command("list")
+@click.option("--tag", "tags", multiple=True, help="Only devices with this tag (repeatable).")
+@click.option("--online/--offline", default=None, help="Only devices online (or offline).")
+@click.option("--owner", default=None, help="Only devices whose identity has this subject.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def devices_list(ctx: click.Context, as_json: bool) -> None:
-    """List devices with their addresses and key fingerprints."""
-    data = _call(ctx, "GET", "/api/v1/devices")
-    head = f"{'ID':<24} {'NAME':<20} {'ADDRESSES':<40} {'FINGERPRINT':<20} {'LAST SEEN':<28}"
-    rows = [head + " EXPIRES"]
-    for d in data["devices"]:
-        rows.append(
-            f"{d['id']:<24} {d['name'][:20]:<20} {' '.join(d['addresses']):<40} "
-            f"{d['fingerprint'][:19]:<20} {d.get('last_seen') or '-':<28} "
-            f"{d.get('expires_at') or 'never'}"
-        )
+def devices_list(
+    ctx: click.Context, tags: tuple[str, ...], online: bool | None, owner: str | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """List devices: name, addresses, tags, owner, online, last seen, key expiry."""
+    query = [("tag", t) for t in tags]
+    if owner is not None:
+        query.append(("owner", owner))
+    if online is not None:
+        query.append(("online", "true" if online else "false"))
+    data = _call(ctx, "GET", "/api/v1/devices" + (f"?{urlencode(query)}" if query else ""))
+    rows = [f"{'ID':<21} {'NAME':<20} {'ADDRESSES':<34} {'TAGS':<20} {'OWNER':<24} "
+            f"{'ONLINE':<7} {'LAST SEEN':<21} EXPIRES"]  # fmt: skip
+    rows += [_device_row(d) for d in data["devices"]]
     _echo(data, as_json, rows)
+
+
+def _device_row(d: dict[str, Any]) -> str:
+    owner = d["identity"]["subject"]
+    return (
+        f"{d['id']:<21} {d['name'][:20]:<20} {' '.join(d['addresses']):<34} "
+        f"{','.join(d['tags']) or '-':<20} {owner[:24]:<24} "
+        f"{'yes' if d.get('online') else 'no':<7} {(d.get('last_seen') or '-')[:20]:<21} "
+        f"{d.get('expires_at') or 'never'}"
+    )
+
+
+def _device_id(ctx: click.Context, ref: str) -> str:
+    """A device named by its id (``dev_…``) or by its name."""
+    if ref.startswith("dev_"):
+        return ref
+    found = [d["id"] for d in _call(ctx, "GET", "/api/v1/devices")["devices"] if d["name"] == ref]
+    if not found:
+        raise click.UsageError(f"no device is called {ref!r} (give its name or its dev_ id)")
+    return str(found[0])
+
+
+def _device_path(ctx: click.Context, ref: str, action: str = "") -> str:
+    return f"/api/v1/devices/{quote(_device_id(ctx, ref), safe='')}{action}"
+
+
+@devices.command("rename")
+@click.argument("device")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def devices_rename(ctx: click.Context, device: str, name: str, as_json: bool) -> None:
+    """Rename DEVICE (its id or name) to NAME, a DNS label no other device has."""
+    data = _call(ctx, "PATCH", _device_path(ctx, device), {"name": name})
+    new = data["device"]
+    _echo(data, as_json, [f"renamed {new['id']} to {new['name']} (map v{data['map_version']})"])
+
+
+@devices.command("tag")
+@click.argument("device")
+@click.argument("tags", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def devices_tag(ctx: click.Context, device: str, tags: tuple[str, ...], as_json: bool) -> None:
+    """Replace the tags of DEVICE by TAGS (none: remove them all); the policy decides its
+    peers again."""
+    wanted = [t for arg in tags for t in arg.replace(",", " ").split()]
+    data = _call(ctx, "PATCH", _device_path(ctx, device), {"tags": wanted})
+    new = data["device"]
+    shown = ",".join(new["tags"]) or "no tags"
+    line = f"tagged {new['name']} ({new['id']}): {shown} (map v{data['map_version']})"
+    _echo(data, as_json, [line])
+
+
+@devices.command("expire")
+@click.argument("device")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def devices_expire(ctx: click.Context, device: str, as_json: bool) -> None:
+    """Expire the key of DEVICE now: every peer drops it and its agent is told."""
+    data = _call(ctx, "POST", _device_path(ctx, device, "/expire"))
+    _echo(data, as_json, [f"expired {data['device_id']} (map v{data['map_version']})"])
 
 
 @devices.command("show")
@@ -227,6 +293,19 @@ def _code_path(code: str, action: str = "") -> str:
     return f"/api/v1/login/requests/{quote(code.strip(), safe='')}{action}"
 
 
+@login_requests.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def login_list(ctx: click.Context, as_json: bool) -> None:
+    """List the login requests waiting for approval (approving needs the device's code)."""
+    data = _call(ctx, "GET", "/api/v1/login/requests")
+    rows = [f"{'REQUEST':<24} {'NAME':<24} {'FINGERPRINT':<40} EXPIRES"]
+    for r in data["requests"]:
+        rows.append(f"{r['request_id']:<24} {r['name'][:24]:<24} {r['fingerprint']:<40} "
+                    f"{r['expires_at']}")  # fmt: skip
+    _echo(data, as_json, rows)
+
+
 @login_requests.command("show")
 @click.argument("code")
 @click.option("--json", "as_json", is_flag=True)
@@ -239,20 +318,29 @@ def login_show(ctx: click.Context, code: str, as_json: bool) -> None:
 
 @login_requests.command("approve")
 @click.argument("code")
-@click.option("--issuer", required=True, help="The approved identity's OIDC issuer.")
-@click.option("--subject", required=True, help="The approved identity's subject.")
+@click.option("--as", "as_name", default=None,
+              help="Approve as this administrator (in the audit log); alone, the device "
+              "belongs to the identity (wiregate:admin, NAME).")  # fmt: skip
+@click.option("--issuer", default=None, help="The approved identity's OIDC issuer.")
+@click.option("--subject", default=None, help="The approved identity's subject.")
 @click.option("--tags", default="", help="Comma-separated tags, e.g. tag:laptop,tag:dev.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def login_approve(
-    ctx: click.Context, code: str, issuer: str, subject: str, tags: str, as_json: bool
-) -> None:
-    """Approve request CODE for (issuer, subject): its device is enrolled."""
-    body = {
-        "issuer": issuer,
-        "subject": subject,
-        "tags": [t.strip() for t in tags.split(",") if t.strip()],
-    }
+    ctx: click.Context, code: str, as_name: str | None, issuer: str | None,
+    subject: str | None, tags: str, as_json: bool,
+) -> None:  # fmt: skip
+    """Approve request CODE as a named administrator (--as NAME) and/or for an identity
+    (--issuer and --subject): its device is enrolled."""
+    if (issuer is None) != (subject is None):
+        raise click.UsageError("give --issuer and --subject together")
+    if issuer is None and as_name is None:
+        raise click.UsageError("give --as NAME, or --issuer and --subject")
+    body: dict[str, Any] = {"tags": [t.strip() for t in tags.split(",") if t.strip()]}
+    if issuer is not None:
+        body.update(issuer=issuer, subject=subject)
+    if as_name is not None:
+        body["as"] = as_name
     data = _call(ctx, "POST", _code_path(code, "/approve"), body)
     device = data["device"]
     rows = [
@@ -345,3 +433,4 @@ _identity_command(
     "disable", "POST", "/disable", "Disable an identity: its devices go, no new ones."
 )
 _identity_command("enable", "POST", "/enable", "Enable a disabled identity again.")
+admin.add_command(admin_policy.policy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +18,10 @@ from wiregate.settings import AgentSettings
 
 if TYPE_CHECKING:  # imported lazily at run time: the CLI starts fast
     from agent.discovery.netcheck import NetReport
+    from agent.state import Enrollment
     from relay.endpoints import RelayEndpoint
 
-__all__ = ["format_netcheck", "format_status", "login", "netcheck", "status"]
+__all__ = ["device_login", "format_netcheck", "format_status", "login", "netcheck", "status"]
 
 
 @click.command()
@@ -49,26 +51,11 @@ def login(
     server: str, state_dir: Path, hostname: str | None, as_json: bool, ca_file: Path | None
 ) -> None:
     """Enroll this host by device login: show a code, wait for a person to approve it."""
-    import socket
-
-    import aiohttp
-
-    from agent.gateway_client import ControlClient, connector
-    from agent.login import login as device_login
-    from agent.state import StateDir
 
     def out(line: str) -> None:
         click.echo(line, err=as_json)
 
-    async def go() -> Any:
-        async with aiohttp.ClientSession(connector=connector(ca_file)) as session:
-            client = ControlClient(server, session)
-            name = hostname or socket.gethostname().split(".")[0]
-            return await device_login(
-                client, StateDir(state_dir), name, sleep=asyncio.sleep, out=out, server=server
-            )
-
-    enrollment = run_or_exit(go())
+    enrollment = device_login(server, state_dir, hostname, ca_file, out)
     if as_json:
         doc = {
             "status": "approved",
@@ -80,6 +67,34 @@ def login(
             "state_dir": str(state_dir),
         }
         click.echo(json.dumps(doc, indent=2))
+
+
+def device_login(
+    server: str,
+    state_dir: Path,
+    hostname: str | None,
+    ca_file: Path | None,
+    out: Callable[[str], None],
+) -> Enrollment:
+    """Device login (``wiregate login``, ``wiregate up``): the key is created in
+    ``state_dir``, the code shown through ``out``; the saved enrollment returned."""
+    import socket
+
+    import aiohttp
+
+    from agent.gateway_client import ControlClient, connector
+    from agent.login import login as login_flow
+    from agent.state import StateDir
+
+    async def go() -> Enrollment:
+        async with aiohttp.ClientSession(connector=connector(ca_file)) as session:
+            client = ControlClient(server, session)
+            name = hostname or socket.gethostname().split(".")[0]
+            return await login_flow(
+                client, StateDir(state_dir), name, sleep=asyncio.sleep, out=out, server=server
+            )
+
+    return run_or_exit(go())
 
 
 @click.command()
@@ -111,7 +126,8 @@ def format_status(doc: dict[str, Any]) -> str:
     lines = [
         f"device    {dev.get('name', '?')} ({dev.get('id', '?')})  {addresses}",
         f"key       {dev.get('public_key', '?')}  expires {_expiry(dev.get('expires_at'))}",
-        f"interface {doc.get('interface')} [{doc.get('backend')}]",
+        f"interface {doc.get('interface')} [{doc.get('backend')}]"
+        + ("  down (`wiregate up` brings it back)" if doc.get("state") == "down" else ""),
         f"gateway   {gw.get('server')}  {state}  map v{gw.get('map_version')}",
         "",
         f"{'PEER':<20} {'ADDRESS':<16} {'PATH':<14} {'ENDPOINT':<24} {'HANDSHAKE':>10} "

@@ -6,13 +6,13 @@ file given with ``--config`` (or ``WIREGATE_CONFIG``), which wins over defaults.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
+from wiregate.cli.output import fail
 from wiregate.errors import WiregateError
 from wiregate.logging import configure_logging
 from wiregate.settings import load_settings
@@ -40,11 +40,9 @@ def with_logs(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def exit_with(exc: WiregateError, status: int = 1) -> NoReturn:
-    """``error: …`` and, when there is one, ``hint: …`` on stderr; exit with ``status``."""
-    click.echo(f"error: {exc.message}", err=True)
-    if exc.hint:
-        click.echo(f"hint: {exc.hint}", err=True)
-    sys.exit(status)
+    """``error: …`` and, when there is one, ``hint: …`` on stderr (under ``--json``: the
+    JSON error document on stdout, :mod:`wiregate.cli.output`); exit with ``status``."""
+    fail(exc, status)
 
 
 def settings_or_exit(cls: type[Any], config_file: Path | None, **flags: Any) -> Any:

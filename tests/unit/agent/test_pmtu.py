@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import time
+from dataclasses import replace
 from typing import cast
 
 import pytest
@@ -213,3 +214,26 @@ async def test_the_prober_searches_a_fresh_peer_and_reclamps_once() -> None:
     assert prober.to_dict()["black_holes"] == 1
     assert not await prober.step(time.time())  # probed: nothing due until the interval
     assert applied == [1]
+
+
+async def test_a_map_that_arrives_during_the_search_is_the_one_reapplied() -> None:
+    old, new = netmap(peer(2, None)), netmap(peer(2, None), peer(3, None))
+    new = replace(new, version=2)
+    maps = [old]
+    key = old.peers["d2"].public_key
+    dataplane = FakeDataPlane([PeerStatus(key, "192.0.2.9:51820", time.time(), 0, 0, ())])
+    applied: list[int] = []
+
+    def send(interface: str, target: str, size: int, timeout: float, seq: int) -> bool:
+        maps.append(new)  # the stream delivered a newer map while probes were in flight
+        return size <= 1216
+
+    async def apply(netmap_: NetMap) -> None:
+        applied.append(netmap_.version)
+
+    prober = PmtuProber(
+        cast(DataPlane, dataplane), lambda: maps[-1], apply, fwmark=0x5747,
+        send=send, underlay=lambda _e, _m: (1500, 4), link_mtu=lambda _i: 1440,
+    )  # fmt: skip
+    assert await prober.step(time.time())
+    assert applied == [2]  # never the map from before the search: it would drop peer d3

@@ -317,12 +317,20 @@ async def test_load_resyncs_connected_agents(harness: Harness) -> None:
     assert (await recv(dropped))["type"] == "revoked"
 
 
-async def test_set_policy_sends_full_maps(harness: Harness) -> None:
+async def test_set_policy_sends_deltas(harness: Harness) -> None:
+    broker = harness.broker
     ws = await harness.connect("d1")
-    await recv(ws)
-    harness.broker.set_policy(Policy(rules=()), version=2)
-    msg = await recv(ws)
-    assert (msg["type"], msg["version"], msg["peers"]) == ("full", 2, [])
+    current = read_full(await recv(ws))
+    broker.set_policy(Policy(rules=()), version=2)
+    delta = delta_of(await recv(ws))
+    assert (delta.base, delta.version, delta.upsert) == (1, 2, ())
+    assert sorted(delta.remove) == ["d2", "d3"]
+    current = apply_delta(current, delta)
+    assert current == full_map(NetworkState(broker.policy, broker._state), "d1", 2)
+    assert current.peers == {}
+    broker.set_policy(Policy.allow_all(), version=3)  # and back: both peers again
+    current = apply_delta(current, delta_of(await recv(ws)))
+    assert sorted(current.peers) == ["d2", "d3"] and current == scratch(broker, "d1")
 
 
 async def test_stale_versions_are_ignored(harness: Harness) -> None:

@@ -92,4 +92,4 @@ async def test_enrolled_routes_outside_the_policy_are_withheld(
     assert "10.244.1.0/24" in seen["allowed_ips"] and "10.9.0.0/16" not in seen["allowed_ips"]
     node_map = json.loads(encode_full(broker._state, node, broker.version))
     assert node_map["self"]["refused_routes"] == ["10.9.0.0/16"]
-    assert client.app[POLICY].policy.routes is not None
+    assert client.app[POLICY].document.policy.routes is not None

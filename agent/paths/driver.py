@@ -70,6 +70,7 @@ class PathBook:
         self.timers = timers or PathTimers()
         self.machines: dict[str, PathMachine] = {}
         self.chosen: dict[str, str] = {}  # peer id -> endpoint its machine set
+        self.written: dict[str, str] = {}  # peer id -> chosen endpoint as last written
         self.relays: dict[str, str] = {}  # peer id -> relay id while bound there
         self._keys: dict[str, str] = {}  # public key -> peer id
         self._endpoints: dict[str, tuple[tuple[str, ...], str | None]] = {}
@@ -115,6 +116,17 @@ class PathBook:
                 event = Handshake(now, status.last_handshake, status.endpoint)
                 out += self._feed(machine, event)
         return out
+
+    def roamed(self, live: Iterable[PeerStatus]) -> list[PeerStatus]:
+        """The peers WireGuard moved away from the endpoint last written for them (only
+        the peer's own authenticated packets move it): a read taken before a write of
+        this round's choices says something only about those."""
+        return [
+            status
+            for status in live
+            if (pid := self._keys.get(status.public_key)) is not None
+            and status.endpoint not in (None, self.written.get(pid))
+        ]
 
     def relay_ready(self, peer_id: str, binding: RelayBinding, now: float) -> list[Action]:
         """The relay session for ``peer_id`` is bound."""
@@ -290,9 +302,11 @@ class PathRunner:
 
         A reset (see :meth:`PathBook.needs_reset`) destroys the session WireGuard holds
         with the peer, so the device is read first: a session the peer set up since
-        the last poll (a second ago while probing) is then evidence the machine sees,
-        not something the reset throws away while the peer, whose session is fine,
-        has no reason to shake hands again."""
+        the last poll (a second ago while probing), from an address WireGuard roamed
+        to, is then evidence the machine sees, not something the reset throws away
+        while the peer, whose session is fine, has no reason to shake hands again. A
+        session at the endpoint last written is no such evidence (it is what the new
+        choice replaces: an old NAT mapping, say)."""
         actions = list(actions)
         if any(isinstance(a, SetEndpoint) and self.book.needs_reset(a) for a in actions):
             actions += await self._fresh_handshakes()
@@ -313,6 +327,7 @@ class PathRunner:
             self.book.resetting.clear()
         if moved:
             await self._reapply()
+            self.book.written = dict(self.book.chosen)
         self._wake.set()
 
     async def _fresh_handshakes(self) -> list[Action]:
@@ -320,7 +335,7 @@ class PathRunner:
             live = await self._read_status()
         except (OSError, WiregateError):
             return []  # the reset goes ahead; the poll loop reports the read error
-        return self.book.handshakes(live, self._clock())
+        return self.book.handshakes(self.book.roamed(live), self._clock())
 
     async def run(self) -> None:
         """Poll handshakes and deliver ticks until cancelled."""

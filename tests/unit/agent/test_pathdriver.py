@@ -360,3 +360,36 @@ async def test_a_kick_never_resets_a_session_the_peer_set_up_since_the_last_poll
     assert book.machines["b"].state is PathState.DIRECT
     assert all("b" not in r for r in resets[1:])
     assert book.chosen["b"] == roamed
+
+
+@pytest.mark.asyncio
+async def test_a_session_at_the_endpoint_last_written_does_not_stop_a_reset() -> None:
+    """The peer's NAT mapped it anew: its new reflexive address arrives with the map and
+    is probed. WireGuard's session is still at the old mapping, which we wrote: that
+    is what the probe replaces, not evidence against it. The reset goes ahead."""
+    book = PathBook(PathTimers(probe_timeout=5.0, kick=1.0))
+    book.local_nat(LocalNat(0.0, NatType.EIM, "198.51.100.10:51820"))
+    old, new = PUB_B, "203.0.113.5:20007"
+    device: list[PeerStatus] = [status(KEY_B, None, old)]
+    resets: list[set[str]] = []
+
+    async def read_status() -> Sequence[PeerStatus]:
+        return device
+
+    async def reapply() -> None:
+        resets.append(set(book.resetting))
+
+    now = [0.0]
+    net = FakeNet()
+    runner = PathRunner(book, hooks=RelayHooks(net.ticket, net.bind, net.probe),
+                        read_status=read_status, reapply=reapply, clock=lambda: now[0])  # fmt: skip
+    await runner.perform(book.update_map(netmap(peer("b", KEY_B, (old,))), 0.0))
+    now[0] = 0.5
+    device[:] = [status(KEY_B, 0.4, old)]
+    await runner.perform(book.handshakes(device, 0.5))
+    assert book.machines["b"].state is PathState.DIRECT and book.written["b"] == old
+    now[0] = 60.0
+    device[:] = [status(KEY_B, 59.0, old)]  # the old session is alive on our side
+    await runner.perform(book.update_map(netmap(peer("b", KEY_B, (new,)), version=2), 60.0))
+    assert book.machines["b"].state is PathState.PROBING_DIRECT
+    assert resets[-2] == {"b"} and book.written["b"] == new

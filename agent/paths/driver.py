@@ -119,14 +119,20 @@ class PathBook:
 
     def roamed(self, live: Iterable[PeerStatus]) -> list[PeerStatus]:
         """The peers WireGuard moved away from the endpoint last written for them (only
-        the peer's own authenticated packets move it): a read taken before a write of
-        this round's choices says something only about those."""
-        return [
-            status
-            for status in live
-            if (pid := self._keys.get(status.public_key)) is not None
-            and status.endpoint not in (None, self.written.get(pid))
-        ]
+        the peer's own authenticated packets move it) with a handshake since their
+        machine set the endpoint it tries now: a read taken before a write of this
+        round's choices says something only about those (an older session at an old
+        NAT mapping is what the new choice replaces)."""
+        out = []
+        for status in live:
+            pid = self._keys.get(status.public_key)
+            machine = self.machines.get(pid) if pid is not None else None
+            if machine is None or status.endpoint in (None, self.written.get(machine.peer_id)):
+                continue
+            latest = status.last_handshake
+            if latest is not None and latest >= machine.endpoint_set_at:
+                out.append(status)
+        return out
 
     def relay_ready(self, peer_id: str, binding: RelayBinding, now: float) -> list[Action]:
         """The relay session for ``peer_id`` is bound."""

@@ -75,6 +75,9 @@ def run_one(name: str, timeout: float) -> tuple[dict[str, float | str], bool]:
         last = (proc.stderr.strip().splitlines() or ["no figures printed"])[-1][:200]
         return {f"{name}_skipped": f"failed (exit {proc.returncode}): {last}"}, True
     figures = json.loads(lines[-1])
+    said = [line for line in proc.stdout.splitlines() if not line.strip().startswith("{")]
+    for line in said + proc.stderr.splitlines()[-40:]:  # what the benchmark reported
+        print(f"  {name}| {line}", file=sys.stderr)
     print(f"{name}: {took:.0f}s {json.dumps(figures)}", file=sys.stderr)
     if "skipped" in figures:
         return {f"{name}_skipped": str(figures["skipped"])}, False

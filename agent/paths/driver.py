@@ -122,12 +122,16 @@ class PathBook:
         the peer's own authenticated packets move it) with a handshake since their
         machine set the endpoint it tries now: a read taken before a write of this
         round's choices says something only about those (an older session at an old
-        NAT mapping is what the new choice replaces)."""
+        NAT mapping is what the new choice replaces). Only while a peer's first path
+        is being found: a path that was direct once is probed anew because its NAT
+        mapping or candidates changed, and the session it still holds is the old one."""
         out = []
         for status in live:
             pid = self._keys.get(status.public_key)
             machine = self.machines.get(pid) if pid is not None else None
-            if machine is None or status.endpoint in (None, self.written.get(machine.peer_id)):
+            if machine is None or machine.was_direct:
+                continue
+            if status.endpoint in (None, self.written.get(machine.peer_id)):
                 continue
             latest = status.last_handshake
             if latest is not None and latest >= machine.endpoint_set_at:

@@ -342,6 +342,11 @@ class PathMachine:
         return True
 
     @property
+    def was_direct(self) -> bool:
+        """Whether the path to this peer has been direct at some point."""
+        return self._handshake is not None
+
+    @property
     def endpoint_set_at(self) -> float:
         """When the endpoint being tried (or used) was set: a handshake older than that
         says nothing about it."""

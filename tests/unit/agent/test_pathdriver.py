@@ -425,3 +425,35 @@ async def test_an_old_session_at_a_roamed_address_does_not_stop_a_reset() -> Non
     await runner.perform(book.update_map(netmap(peer("b", KEY_B, (new,)), version=2), 60.0))
     assert book.machines["b"].state is PathState.PROBING_DIRECT
     assert resets[-2] == {"b"} and book.written["b"] == new
+
+
+@pytest.mark.asyncio
+async def test_a_path_that_was_direct_is_probed_anew_even_with_a_fresh_session() -> None:
+    """The peer's NAT mapped it anew; its new address arrives with the map. A handshake
+    at the old address a moment after the probe began (the peer kept using it) is no
+    reason to skip the probe's reset: only a first path is decided by the read."""
+    book = PathBook(PathTimers(probe_timeout=5.0, kick=1.0))
+    book.local_nat(LocalNat(0.0, NatType.EIM, "198.51.100.10:51820"))
+    old_roam, new = "203.0.113.5:51820", "203.0.113.5:20875"
+    device: list[PeerStatus] = [status(KEY_B, None, None)]
+    resets: list[set[str]] = []
+
+    async def read_status() -> Sequence[PeerStatus]:
+        return device
+
+    async def reapply() -> None:
+        resets.append(set(book.resetting))
+
+    now = [0.0]
+    net = FakeNet()
+    runner = PathRunner(book, hooks=RelayHooks(net.ticket, net.bind, net.probe),
+                        read_status=read_status, reapply=reapply, clock=lambda: now[0])  # fmt: skip
+    await runner.perform(book.update_map(netmap(peer("b", KEY_B, ("192.0.2.2:51820",))), 0.0))
+    now[0] = 0.5
+    await runner.perform(book.handshakes([status(KEY_B, 0.4, "192.0.2.2:51820")], 0.5))
+    assert book.machines["b"].state is PathState.DIRECT
+    now[0] = 60.0
+    device[:] = [status(KEY_B, 60.0, old_roam)]  # fresh, at the old address
+    await runner.perform(book.update_map(netmap(peer("b", KEY_B, (new,)), version=2), 60.0))
+    assert book.machines["b"].state is PathState.PROBING_DIRECT
+    assert resets[-2] == {"b"} and book.written["b"] == new

@@ -70,7 +70,6 @@ class PathBook:
         self.timers = timers or PathTimers()
         self.machines: dict[str, PathMachine] = {}
         self.chosen: dict[str, str] = {}  # peer id -> endpoint its machine set
-        self.written: dict[str, str] = {}  # peer id -> chosen endpoint as last written
         self.relays: dict[str, str] = {}  # peer id -> relay id while bound there
         self._keys: dict[str, str] = {}  # public key -> peer id
         self._endpoints: dict[str, tuple[tuple[str, ...], str | None]] = {}
@@ -115,27 +114,6 @@ class PathBook:
             if machine is not None:
                 event = Handshake(now, status.last_handshake, status.endpoint)
                 out += self._feed(machine, event)
-        return out
-
-    def roamed(self, live: Iterable[PeerStatus]) -> list[PeerStatus]:
-        """The peers WireGuard moved away from the endpoint last written for them (only
-        the peer's own authenticated packets move it) with a handshake since their
-        machine set the endpoint it tries now: a read taken before a write of this
-        round's choices says something only about those (an older session at an old
-        NAT mapping is what the new choice replaces). Only while a peer's first path
-        is being found: a path that was direct once is probed anew because its NAT
-        mapping or candidates changed, and the session it still holds is the old one."""
-        out = []
-        for status in live:
-            pid = self._keys.get(status.public_key)
-            machine = self.machines.get(pid) if pid is not None else None
-            if machine is None or machine.was_direct:
-                continue
-            if status.endpoint in (None, self.written.get(machine.peer_id)):
-                continue
-            latest = status.last_handshake
-            if latest is not None and latest >= machine.endpoint_set_at:
-                out.append(status)
         return out
 
     def relay_ready(self, peer_id: str, binding: RelayBinding, now: float) -> list[Action]:
@@ -308,18 +286,7 @@ class PathRunner:
 
     async def perform(self, actions: Sequence[Action], *, apply: bool = False) -> None:
         """Carry out what the machines asked for; re-apply the map if an endpoint moved
-        (or ``apply``: the map itself changed).
-
-        A reset (see :meth:`PathBook.needs_reset`) destroys the session WireGuard holds
-        with the peer, so the device is read first: a session the peer set up since
-        the last poll (a second ago while probing), from an address WireGuard roamed
-        to, is then evidence the machine sees, not something the reset throws away
-        while the peer, whose session is fine, has no reason to shake hands again. A
-        session at the endpoint last written is no such evidence (it is what the new
-        choice replaces: an old NAT mapping, say)."""
-        actions = list(actions)
-        if any(isinstance(a, SetEndpoint) and self.book.needs_reset(a) for a in actions):
-            actions += await self._fresh_handshakes()
+        (or ``apply``: the map itself changed)."""
         moved = apply
         for action in actions:
             if isinstance(action, SetEndpoint):
@@ -337,15 +304,7 @@ class PathRunner:
             self.book.resetting.clear()
         if moved:
             await self._reapply()
-            self.book.written = dict(self.book.chosen)
         self._wake.set()
-
-    async def _fresh_handshakes(self) -> list[Action]:
-        try:
-            live = await self._read_status()
-        except (OSError, WiregateError):
-            return []  # the reset goes ahead; the poll loop reports the read error
-        return self.book.handshakes(self.book.roamed(live), self._clock())
 
     async def run(self) -> None:
         """Poll handshakes and deliver ticks until cancelled."""

@@ -341,17 +341,6 @@ class PathMachine:
         self._next_kick()
         return True
 
-    @property
-    def was_direct(self) -> bool:
-        """Whether the path to this peer has been direct at some point."""
-        return self._handshake is not None
-
-    @property
-    def endpoint_set_at(self) -> float:
-        """When the endpoint being tried (or used) was set: a handshake older than that
-        says nothing about it."""
-        return self._endpoint_at
-
     def wants_fresh_handshake(self) -> bool:
         """Whether the endpoint just set (or kicked) is worth a fresh WireGuard session
         (the driver then removes and re-adds the peer): a direct candidate being probed

@@ -7,8 +7,9 @@ Python objects the gateway holds stay level, but the heap's free space, and with
 it the process's RSS, creeps up (about 2 MiB a minute in the 300-agent soak,
 tests/soak/memory.py). Two settings keep it level:
 
-* buffers of :data:`MMAP_THRESHOLD` bytes or more (full maps, large bodies) are
-  mapped on their own and unmapped when freed, instead of glibc's default, which
+* buffers of :data:`MMAP_THRESHOLD` bytes or more (full maps, large bodies) that
+  the heap's top chunk has no room for are mapped on their own and unmapped when
+  freed, instead of glibc's default, which
   moves that threshold up to the largest buffer freed so far and then carves such
   buffers out of the heap, where what is allocated next pins their space;
 * ``malloc_trim(0)`` every :data:`TRIM_INTERVAL_S` seconds returns every free page

@@ -116,6 +116,23 @@ class PathBook:
                 out += self._feed(machine, event)
         return out
 
+    def before_reset(self, live: Iterable[PeerStatus], now: float) -> list[Action]:
+        """A read of the device taken just before the peers in :attr:`resetting` are
+        reset: a machine whose peer set up a session since the previous read takes it
+        (see :meth:`PathMachine._fresh_session`) and is left out of the reset."""
+        out: list[Action] = []
+        for status in live:
+            peer_id = self._keys.get(status.public_key)
+            machine = self.machines.get(peer_id) if peer_id in self.resetting else None
+            if machine is not None:
+                event = Handshake(now, status.last_handshake, status.endpoint, before_write=True)
+                out += self._feed(machine, event)
+        kept = {p for p in self.resetting if not self.machines[p].wants_fresh_handshake()}
+        for peer_id in sorted(kept):
+            log.info("reset skipped: the peer set up a session since the last read", peer=peer_id)
+        self.resetting -= kept
+        return out
+
     def relay_ready(self, peer_id: str, binding: RelayBinding, now: float) -> list[Action]:
         """The relay session for ``peer_id`` is bound."""
         machine = self.machines.get(peer_id)
@@ -287,7 +304,20 @@ class PathRunner:
     async def perform(self, actions: Sequence[Action], *, apply: bool = False) -> None:
         """Carry out what the machines asked for; re-apply the map if an endpoint moved
         (or ``apply``: the map itself changed)."""
-        moved = apply
+        moved = self._dispatch(actions) or apply
+        if self.book.resetting:
+            moved = await self._before_reset() or moved
+        if self.book.resetting:
+            await self._reapply()
+            self.book.resetting.clear()
+        if moved:
+            await self._reapply()
+        self._wake.set()
+
+    def _dispatch(self, actions: Sequence[Action]) -> bool:
+        """Start or stop what ``actions`` ask for; whether an endpoint moved (peers
+        whose new endpoint needs a fresh session go into ``book.resetting``)."""
+        moved = False
         for action in actions:
             if isinstance(action, SetEndpoint):
                 moved = True
@@ -299,12 +329,19 @@ class PathRunner:
                 self._stop_session(action.peer_id)
             elif isinstance(action, Predict):
                 self._start_prediction(action)
-        if self.book.resetting:
-            await self._reapply()
-            self.book.resetting.clear()
-        if moved:
-            await self._reapply()
-        self._wake.set()
+        return moved
+
+    async def _before_reset(self) -> bool:
+        """Read the device once more before a reset: the peer may have set up a session
+        since the last read (its handshake and our reset cross), which the reset would
+        throw away on this side only (see :meth:`PathBook.before_reset`). Whether an
+        endpoint moved as a result."""
+        try:
+            live = await self._read_status()
+        except (OSError, WiregateError) as exc:
+            log.warning("cannot read the device before a reset", error=str(exc))
+            return False
+        return self._dispatch(self.book.before_reset(live, self._clock()))
 
     async def run(self) -> None:
         """Poll handshakes and deliver ticks until cancelled."""

@@ -36,7 +36,10 @@ authenticated packet from the relay would make WireGuard roam to it). A live
 session that WireGuard roamed to another address of the peer (not a relay's,
 read back after our last endpoint write) is evidence too, in every state: the
 path becomes direct there, and a direct path follows such roaming instead of
-fighting it. A probe restarts WireGuard's handshake every ``kick`` seconds;
+fighting it. A read taken just before a reset (``Handshake(before_write=True)``)
+counts only a session that came up since the previous read (see
+:meth:`PathMachine._fresh_session`): the reset would throw it away on this side
+while the peer's side stays fine. A probe restarts WireGuard's handshake every ``kick`` seconds;
 candidates that cannot be reached from here (see
 :func:`~agent.paths.vocabulary.worth_kicking`) get neither kicks, session resets
 nor retries: the peer reaches us if it can. Towards a symmetric-NAT peer, an
@@ -162,6 +165,8 @@ class PathMachine:
         self._kick_at: float | None = None  # next handshake restart of the probe, if any
         self._round = 0  # retry rounds while relayed (rotates the candidate tried)
         self._handshake: float | None = None
+        self._born: float | None = None  # the first event's time (see _fresh_session)
+        self._seen: float | None = None  # the newest handshake a read reported so far
         self._relay = "none"  # none | pending | ready
         self._relay_endpoint: str | None = None
         self._via_tcp = ""  # how the relay binding is carried over TCP ("": over UDP)
@@ -180,6 +185,8 @@ class PathMachine:
     def handle(self, event: Event) -> list[Action]:
         """Apply ``event`` (and any deadline it passes); the actions to perform, in order."""
         self._now = max(self._now, event.now)
+        if self._born is None:
+            self._born = event.now
         if not isinstance(event, PeerUpdate):  # new endpoints replace what a timer would try
             self._catch_up(kicks=not isinstance(event, Handshake))  # evidence before a kick
         predicting = self._prediction_target() is not None
@@ -189,6 +196,8 @@ class PathMachine:
         fresh = isinstance(event, PeerUpdate) or (isinstance(event, LocalNat) and not predicting)
         if fresh and self.state in _UNDECIDED:
             self._predict()  # the NATs were just learnt, or the peer is about to try us
+        if isinstance(event, Handshake) and event.latest is not None:
+            self._seen = max(self._seen or event.latest, event.latest)
         out, self._out = self._out, []
         return out
 
@@ -425,6 +434,8 @@ class PathMachine:
         endpoint being tried, or a live session whose packets WireGuard took from
         another address of the peer since that endpoint was set (it roams only to
         where authenticated packets come from: the peer reached us from there)."""
+        if event.before_write:
+            return self._fresh_session(event)
         latest, endpoint = event.latest, self._endpoint
         if latest is None or endpoint is None or latest <= self._now - self.timers.silence:
             return False
@@ -433,6 +444,21 @@ class PathMachine:
         if latest < self._endpoint_at:
             return False
         return endpoint in self._ranked.order  # not a relay's (perhaps one just lost)
+
+    def _fresh_session(self, event: Handshake) -> bool:
+        """Whether a read taken just before a reset shows a session the peer set up
+        since the previous read: a handshake newer than any read reported and than this
+        machine, at an address of the peer itself (not a relay's, and not while a relay
+        binding is under way). Its address is where the peer's packets came from, so it
+        is direct evidence; the reset would destroy it on this side only, and the peer,
+        whose side stays fine, would not shake hands again until its next rekey.
+
+        A session older than the previous read (one at a NAT mapping the probe is about
+        to replace) is not: it was seen before and the machine chose anew anyway."""
+        latest, live = event.latest, event.endpoint
+        if latest is None or live is None or self._relay == "pending":
+            return False
+        return latest > max(self._seen or 0.0, self._born or 0.0) and self._roamed_direct(live)
 
     def _roamed(self, event: Handshake) -> bool:
         """Whether WireGuard roamed, after our endpoint was written, to an address of
@@ -555,6 +581,8 @@ def _handshake_direct(m: PathMachine, event: Handshake) -> PathState:
     """A handshake on the direct endpoint being tried: the path is direct. (One through
     the relay just set ends the relay's kicks.)"""
     if not m._direct_evidence(event):
+        if event.before_write:  # says nothing about the endpoint about to be written
+            return m.state
         through = event.endpoint in (None, m._endpoint)
         if m.state in _RELAYED and through and (event.latest or 0.0) >= m._endpoint_at:
             m._kick_at = None
@@ -574,6 +602,8 @@ def _handshake_keep(m: PathMachine, event: Handshake) -> PathState:
     """Refresh a direct path's handshake time. When WireGuard roamed to another address
     of the peer (not a relay's) that carries the session, adopt it: rewriting the old
     endpoint would undo the roaming and cut the path the peer is using."""
+    if event.before_write:  # no reset is written for a direct path
+        return m.state
     live, latest = event.endpoint, event.latest
     alive = latest is not None and latest > m._now - m.timers.silence
     if alive and live not in (None, m._endpoint) and m._roamed(event):

@@ -112,11 +112,18 @@ class PeerUpdate:
 
 @dataclass(frozen=True, slots=True)
 class Handshake:
-    """The device's latest handshake with the peer (None: never) and its live endpoint."""
+    """The device's latest handshake with the peer (None: never) and its live endpoint.
+
+    ``before_write``: read just before the runner writes the machine's newest choice
+    with a fresh session (see :meth:`~agent.paths.machine.PathMachine.wants_fresh_handshake`).
+    Such a read says nothing about that choice, which is not on the device yet; it
+    tells only whether the peer set up a session since the previous read, which the
+    reset would throw away."""
 
     now: float
     latest: float | None
     endpoint: str | None = None
+    before_write: bool = False
     kind: ClassVar[str] = "handshake"
 
 

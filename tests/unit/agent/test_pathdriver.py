@@ -324,3 +324,37 @@ async def test_an_easy_side_predicts_towards_a_symmetric_peer_without_resetting_
     await _until(lambda: bool(plans))
     assert plans[0].address == "198.51.100.14" and plans[0].ports[0] == 51820
     assert len(plans[0].ports) <= MAX_PROBES
+
+
+@pytest.mark.asyncio
+async def test_a_reset_does_not_throw_away_the_session_the_peer_just_set_up() -> None:
+    """The peer's handshake lands between the runner's poll and a reset that a new map
+    asks for: the read just before the reset shows the new session, so the peer is not
+    removed and re-added (which would destroy the session on this side only) and the
+    path is direct where the peer came from. Without a new session the reset happens."""
+    book = PathBook(PathTimers(probe_timeout=5.0, kick=1.0))
+    book.local_nat(LocalNat(0.0, NatType.OPEN, "198.51.100.10:51820"))
+    roamed = "198.51.100.16:37850"
+    device: list[PeerStatus] = [status(KEY_B, None, None)]
+    resets: list[set[str]] = []
+
+    async def read_status() -> Sequence[PeerStatus]:
+        return device
+
+    async def reapply() -> None:
+        resets.append(set(book.resetting))
+
+    now = [0.0]
+    runner = PathRunner(book, RelayHooks(FakeNet().ticket, FakeNet().bind, FakeNet().probe),
+                        read_status=read_status, reapply=reapply, clock=lambda: now[0])  # fmt: skip
+    await runner.perform(book.update_map(netmap(peer("b", KEY_B, (PUB_B,))), 0.0))
+    assert resets[0] == {"b"}  # the first probe resets: the read before it shows nothing
+    now[0] = 0.5
+    await runner.perform(book.handshakes(device, 0.5))  # the poll: nothing yet
+    now[0] = 0.8
+    device[:] = [status(KEY_B, 0.7, roamed)]  # the peer's handshake, after the poll
+    resets.clear()
+    moved = netmap(peer("b", KEY_B, ("203.0.113.6:51820",)), version=2)
+    await runner.perform(book.update_map(moved, 0.8))
+    assert book.machines["b"].state is PathState.DIRECT
+    assert all(not r for r in resets) and book.chosen["b"] == roamed

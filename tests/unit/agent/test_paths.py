@@ -614,3 +614,61 @@ def test_a_session_at_a_waited_on_candidate_is_adopted_and_written() -> None:
     m = machine(NatType.OPEN, NatType.SYMMETRIC, (nat_public,))
     assert m.handle(Handshake(1.0, 0.9, nat_public)) == [SetEndpoint("peer-1", nat_public)]
     assert m.state is PathState.DIRECT
+
+
+# -- a read just before a reset (Handshake before_write): the peer's new session is kept ---
+
+ROAMED = "198.51.100.20:40123"  # where the peer's packets came from (its NAT's mapping)
+
+
+def test_a_session_the_peer_set_up_since_the_last_read_is_taken_before_a_reset() -> None:
+    """The peer's handshake reached us between two reads, and a new map makes the
+    machine probe anew (with a reset). The read before the reset shows the session at
+    the address the peer came from: the path is direct there and no reset is wanted."""
+    m = machine(NatType.OPEN, None, (PUB,))
+    assert m.wants_fresh_handshake()
+    m.handle(Handshake(0.5, None, PUB))  # a read: nothing yet
+    other = "203.0.113.6:51820"  # the peer published another address meanwhile
+    assert m.handle(PeerUpdate(1.2, (other,), None))[-1] == SetEndpoint("peer-1", other)
+    assert m.wants_fresh_handshake()
+    out = m.handle(Handshake(1.21, 1.1, ROAMED, before_write=True))
+    assert m.state is PathState.DIRECT and not m.wants_fresh_handshake()
+    assert out == [SetEndpoint("peer-1", ROAMED)]
+    assert m.explain().endpoint == ROAMED and ROAMED in m.explain().reason
+
+
+def test_a_session_seen_before_is_no_reason_to_skip_a_reset() -> None:
+    """The peer's NAT mapped it anew: the old session (seen by the last read) at the old
+    mapping is what the probe of the new address replaces."""
+    m = machine(NatType.EIM, NatType.EIM, (PUB,))
+    m.handle(Handshake(0.5, 0.4, PUB))
+    assert m.state is PathState.DIRECT
+    new = "203.0.113.5:20875"
+    m.handle(Handshake(60.0, 59.0, PUB))  # a rekey at the old mapping, seen by a read
+    assert m.handle(PeerUpdate(60.5, (new,), NatType.EIM)) == [SetEndpoint("peer-1", new)]
+    assert m.state is PathState.PROBING_DIRECT
+    assert m.handle(Handshake(60.5, 59.0, PUB, before_write=True)) == []
+    assert m.state is PathState.PROBING_DIRECT and m.wants_fresh_handshake()
+
+
+def test_a_session_older_than_the_machine_or_through_a_relay_is_no_evidence() -> None:
+    m = machine(NatType.OPEN, None, (PUB,))
+    m.handle(Handshake(0.5, None, PUB))
+    # older than the machine (left by an earlier run of the agent)
+    assert m.handle(Handshake(0.6, -5.0, ROAMED, before_write=True)) == []
+    assert m.state is PathState.PROBING_DIRECT
+    # a relay's address (any port of it) is not the peer's
+    relayed(m)
+    m.handle(Tick(60.0))  # the retry grid
+    assert m.state is PathState.RETRY_DIRECT and m.wants_fresh_handshake()
+    relay_port = RELAY.replace("40000", "40001")
+    assert m.handle(Handshake(60.2, 60.1, relay_port, before_write=True)) == []
+    assert m.state is PathState.RETRY_DIRECT
+
+
+def test_a_read_before_a_reset_while_a_relay_is_being_bound_is_no_evidence() -> None:
+    m = machine(NatType.OPEN, None, (PUB,))
+    m.handle(Tick(5.0))
+    assert m.state is PathState.RELAY_PENDING
+    assert m.handle(Handshake(5.2, 5.1, ROAMED, before_write=True)) == []
+    assert m.state is PathState.RELAY_PENDING

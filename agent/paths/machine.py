@@ -176,8 +176,8 @@ class PathMachine:
         self._retry_at: float | None = None
         self._why = "waiting for the peer's endpoints"
         self._out: list[Action] = []
-        self._predicted_at: float | None = None  # the last port prediction (see predict)
-        self._predicted_n = 0  # its probes
+        # the last few port predictions (see _predict), oldest first: when, and probes sent
+        self._predictions: tuple[tuple[float, int], ...] = ()
         self._direct_predicted = 0  # probes of the prediction that made the path direct
 
     # -- driving ----------------------------------------------------------------------
@@ -267,22 +267,26 @@ class PathMachine:
     def _predict(self) -> None:
         """Open our NAT's filter towards the peer (at most once per probe_timeout)."""
         target = self._prediction_target()
-        last = self._predicted_at
+        last = self._predictions[-1][0] if self._predictions else None
         if target is None or (last is not None and self._now - last < self.timers.probe_timeout):
             return
         plan = plan_prediction(target, self._now)
         if plan is not None:
-            self._predicted_at, self._predicted_n = self._now, len(plan.ports)
+            self._predictions = (*self._predictions, (self._now, len(plan.ports)))[-4:]
             self._out.append(Predict(self.peer_id, plan))
 
     def _by_prediction(self, latest: float | None) -> int:
         """The probes of the prediction that let in a handshake made at ``latest``: the
         last one before it, when prediction applies (a NAT's filter stays open a while
-        after our probes, like a session)."""
-        at = self._predicted_at
-        if self._prediction_target() is None or latest is None or at is None:
+        after our probes, like a session). Not always the newest: both sides retry on
+        the same grid, so the peer's handshake, let in by an earlier prediction, can
+        land just before the newest one is sent."""
+        if self._prediction_target() is None or latest is None:
             return 0
-        return self._predicted_n if 0.0 <= latest - at <= self.timers.silence else 0
+        before = [(at, n) for at, n in self._predictions if at <= latest]
+        if not before or latest - before[-1][0] > self.timers.silence:
+            return 0
+        return before[-1][1]
 
     def _apply(self, event: Event) -> None:
         rule = TRANSITIONS[(self.state, event.kind)]

@@ -496,6 +496,22 @@ def test_a_relayed_easy_side_predicts_on_the_retry_grid_without_moving_off_the_r
     assert m.next_deadline() == 180.0  # backed off to the 60 s grid, as the peer does
 
 
+def test_a_handshake_just_before_the_newest_prediction_credits_the_one_before() -> None:
+    """Both sides retry on the same grid: the peer's handshake, let in by the first
+    prediction, lands a moment before the retry's prediction and is read after it. The
+    path is still direct by prediction (the first one's probes)."""
+    m = PathMachine("peer-1")
+    m.handle(LocalNat(0.0, NatType.EIM, "198.51.100.10:51820"))
+    m.handle(PeerUpdate(0.0, (SYM_PUB,), NatType.SYMMETRIC))
+    relayed(m, 5.0)
+    assert [type(a) for a in m.handle(Tick(60.0))] == [Predict]
+    real = "198.51.100.14:30503"
+    m.handle(Handshake(60.5, 59.95, real))
+    report = m.explain()
+    assert (report.path, report.endpoint) == ("direct", real)
+    assert report.reason == "direct through hard NAT by port prediction after 128 probes"
+
+
 def test_no_prediction_towards_anything_but_a_symmetric_peer() -> None:
     for theirs in (NatType.EIM, NatType.OPEN, NatType.UNKNOWN, None):
         m = PathMachine("peer-1")

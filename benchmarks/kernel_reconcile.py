@@ -7,13 +7,18 @@ runs itself there; on a kernel that has the module it runs in place.
 
 In a fresh network namespace, each round applies a 1 000-peer map through
 ``DataPlane.apply`` with the netlink backend (the agent's path: validation, the
-generic-netlink writes of :mod:`agent.dataplane.wgnl`, addresses, 2 000 routes,
+generic-netlink writes of :mod:`agent.dataplane.wgnl`, addresses, the routes,
 the rule, MTU and packet filter) on a fresh kernel interface, and ``wg setconf``
 of the same WireGuard configuration on another fresh kernel interface; rounds
-alternate which goes first. Figures (medians over the rounds):
+alternate which goes first. The map carries the tunnel address pool as the
+gateway sends it (SELF ``pool``), so the routes are the pool's two prefixes,
+not a host route per peer address. Figures (medians over the rounds):
 
 - ``kernel_reconcile_ratio``: the agent's full apply / ``wg setconf`` (target ≤ 1.5);
 - ``kernel_reconcile_full_ms``, ``kernel_reconcile_wg_setconf_ms``: the two times;
+- ``kernel_reconcile_per_peer_routes_ms`` (informational): the same full apply of a
+  map without the pool (an older gateway's), so with 2 000 host routes, on another
+  fresh interface;
 - ``kernel_reconcile_netlink_ms``: the netlink backend's write of the same 1 000
   peers alone (no routes), on a third fresh interface, and
   ``kernel_reconcile_write_ratio``: that write / ``wg setconf`` (what the WireGuard
@@ -40,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +65,7 @@ ROUNDS = 5
 ROOT = Path(__file__).resolve().parents[1]
 GUEST_TIMEOUT = 840.0  # within python -m benchmarks' 900 s per benchmark
 MARK = "kernel-reconcile-result="
+POOL = ("100.64.0.0/16", "fd7a:7767:6174::/64")  # the default pools: every peer is in them
 
 
 def run() -> dict[str, Any]:
@@ -165,11 +172,17 @@ def _time_netlink(iface: str, port: int, private: bytes, peers: list[dict[str, A
         backend.close()
 
 
+def _pooled(private: bytes, peers: list[dict[str, Any]]) -> Any:
+    """The map as the gateway sends it: with the tunnel address pool in SELF."""
+    netmap = _netmap(private, peers)
+    return replace(netmap, self_view=replace(netmap.self_view, pool=POOL))
+
+
 def _time_agent(
     iface: str, port: int, private: bytes, run_dir: Path, peers: list[dict[str, Any]]
 ) -> list[Any]:
     """Full apply, one changed peer, the same map again: [s, s, s, no-op writes]."""
-    netmap, changed = _netmap(private, peers), _netmap(private, _changed(peers))
+    netmap, changed = _pooled(private, peers), _pooled(private, _changed(peers))
     dp = _dataplane(iface, port, private, run_dir, _Clock(), backend="kernel")
     dp.setup()
     try:
@@ -178,11 +191,28 @@ def _time_agent(
         out: list[Any] = []
         for step in (netmap, changed):
             started = time.perf_counter()
-            dp.apply(step)
+            result = dp.apply(step)
             out.append(time.perf_counter() - started)
+            if result.problems:
+                raise SystemExit(f"the map was not applied whole: {result.problems}")
         started = time.perf_counter()
         result = dp.apply(changed)
         return [*out, time.perf_counter() - started, result.writes]
+    finally:
+        dp.teardown()
+
+
+def _time_per_peer_routes(
+    iface: str, port: int, private: bytes, run_dir: Path, peers: list[dict[str, Any]]
+) -> float:
+    """The full apply of the map without the pool: a host route per peer address."""
+    dp = _dataplane(iface, port, private, run_dir, _Clock(), backend="kernel")
+    dp.setup()
+    try:
+        netmap = _netmap(private, peers)
+        started = time.perf_counter()
+        dp.apply(netmap)
+        return time.perf_counter() - started
     finally:
         dp.teardown()
 
@@ -192,7 +222,8 @@ def inner(tag: str) -> dict[str, float]:
 
     private = generate_private_key()
     peers = _peers()
-    times: dict[str, list[float]] = {k: [] for k in ("ref", "full", "netlink", "single", "noop")}
+    kinds = ("ref", "full", "netlink", "single", "noop", "per_peer")
+    times: dict[str, list[float]] = {k: [] for k in kinds}
     noop_writes = 0
     with tempfile.TemporaryDirectory(prefix="wgkbench-") as tmp:
         run_dir = Path(tmp)
@@ -210,6 +241,9 @@ def inner(tag: str) -> dict[str, float]:
             times["noop"].append(noop)
             noop_writes = max(noop_writes, int(writes))
             times["netlink"].append(_time_netlink(f"wgkn{tag}{rnd}", 53820 + rnd, private, peers))
+            times["per_peer"].append(
+                _time_per_peer_routes(f"wgkp{tag}{rnd}", 54820 + rnd, private, run_dir, peers)
+            )
             report = ", ".join(f"{k} {v[-1] * 1000:.0f} ms" for k, v in times.items())
             print(f"round {rnd}: {report}", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -217,6 +251,7 @@ def inner(tag: str) -> dict[str, float]:
         "kernel_reconcile_ratio": round(med["full"] / med["ref"], 3),
         "kernel_reconcile_full_ms": round(med["full"] * 1000, 1),
         "kernel_reconcile_wg_setconf_ms": round(med["ref"] * 1000, 1),
+        "kernel_reconcile_per_peer_routes_ms": round(med["per_peer"] * 1000, 1),
         "kernel_reconcile_netlink_ms": round(med["netlink"] * 1000, 1),
         "kernel_reconcile_write_ratio": round(med["netlink"] / med["ref"], 3),
         "kernel_reconcile_single_ms": round(med["single"] * 1000, 1),

@@ -123,6 +123,7 @@ def _state(
             app[POLICY] = live
             broker = broker_factory(document.policy)
             broker.set_dns(settings.mesh_dns())  # names: every self view carries the domain
+            broker.set_pool(str(pool.ipv4), str(pool.ipv6))  # agents route it as one prefix
             version = await store.map_version()  # first: newer devices are only re-applied
             broker.load([record.device for record in await store.list_devices()], version)
             app[STORE], app[BROKER] = store, broker

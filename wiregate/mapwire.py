@@ -19,12 +19,15 @@ only replies); SELF's ``"refused_routes"`` lists the device's advertised routes
 the policy did not approve (its peers do not get them), and SELF's ``"dns"``,
 ``{"domain": "wg.internal", "zones": {"cluster.local": ["10.96.0.10"]}}``, names
 the mesh domain the agent answers for and the split-DNS zones it forwards over
-the tunnel (absent: the agent serves no names; see ``docs/names.md``).
+the tunnel (absent: the agent serves no names; see ``docs/names.md``); SELF's
+``"pool": ["100.64.0.0/16", "fd7a:7767:6174::/64"]`` is the tunnel address pool,
+which the agent routes as one prefix per family (absent: a route per peer).
 
-The only message an agent sends is
+An agent sends
 ``{"type": "endpoints", "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:51820"], "nat": "eim"}``
 (``nat``, optional: the NAT type its netcheck measured, one of :data:`NAT_TYPES`),
-when its candidate endpoints change.
+when its candidate endpoints change, and ``{"type": "paths", ...}``, its path to
+each peer (:mod:`wiregate.pathwire`); :func:`parse_agent_frame` reads either.
 
 ``build_*`` give a message's JSON form (dicts and lists), :func:`dumps` its text;
 ``parse_*`` read text (or, ``read_*``, an already decoded JSON value) into values
@@ -46,11 +49,13 @@ from typing import Any
 from wiregate import net
 from wiregate.errors import BadInput, RemoteError
 from wiregate.model import Device, DnsConfig, NetMap, Peer, SelfView
+from wiregate.pathwire import PathsReport, parse_paths
 
 __all__ = [
     "MAX_ENDPOINTS",
     "NAT_TYPES",
     "AgentEndpoints",
+    "AgentMessage",
     "Delta",
     "MalformedMessage",
     "MapMessage",
@@ -79,6 +84,7 @@ __all__ = [
     "encode_self",
     "encode_sync",
     "filter_tail",
+    "parse_agent_frame",
     "parse_agent_message",
     "parse_endpoint",
     "parse_map_message",
@@ -169,6 +175,9 @@ class AgentEndpoints:
     nat: str | None = None
 
 
+AgentMessage = AgentEndpoints | PathsReport
+
+
 # -- building (gateway to agent) ----------------------------------------------------
 
 
@@ -208,6 +217,8 @@ def build_self(view: SelfView) -> dict[str, Any]:
         wire["previous_public_key"] = view.previous_public_key
     if view.dns is not None:
         wire["dns"] = build_dns(view.dns)
+    if view.pool:
+        wire["pool"] = list(view.pool)
     return wire
 
 
@@ -331,6 +342,7 @@ def read_self(data: object) -> SelfView:
         previous_public_key=_optional_str(doc, "previous_public_key"),
         refused_routes=_strs(doc, "refused_routes"),
         dns=None if doc.get("dns") is None else read_dns(doc["dns"]),
+        pool=_strs(doc, "pool"),
     )
 
 
@@ -549,6 +561,15 @@ def parse_agent_message(text: str | bytes) -> AgentEndpoints:
     parsed = [_endpoint_form(e) for e in endpoints]
     usable = (str(e) for e in parsed if e.ip is not None and net.destination_refusal(e.ip) is None)
     return AgentEndpoints(list(dict.fromkeys(usable)), nat)
+
+
+def parse_agent_frame(text: str | bytes) -> AgentMessage:
+    """Any message an agent sends: ``paths`` (:func:`wiregate.pathwire.read_paths`), else
+    as :func:`parse_agent_message`."""
+    msg = _decode(text)
+    if isinstance(msg, dict) and msg.get("type") == "paths":
+        return parse_paths(text)  # read again: repeated keys and NaN refused
+    return parse_agent_message(text)
 
 
 def _endpoint_form(text: Any) -> net.Endpoint:

@@ -114,6 +114,11 @@ class SelfView:
     replaces: "switch now". Every peer's entry changed in the same map version,
     so the agent switches its interface's private key on receiving it.
     ``expires_at`` (POSIX seconds) is when the key stops being accepted.
+    ``pool`` is the tunnel address pool the gateway allocates from, one prefix per
+    family ("100.64.0.0/16", "fd7a:7767:6174::/64"): every device's tunnel
+    addresses are in it, so the agent routes it as one prefix to its interface
+    instead of a route per peer. Empty (a gateway that does not send it): a
+    route per peer.
     """
 
     id: str
@@ -125,6 +130,7 @@ class SelfView:
     previous_public_key: str | None = None
     refused_routes: tuple[str, ...] = ()  # advertised routes the policy did not approve
     dns: DnsConfig | None = None  # the mesh domain and split-DNS zones; None: no names
+    pool: tuple[str, ...] = ()  # the tunnel address pool, one CIDR per family; (): not sent
 
 
 @dataclass(frozen=True, slots=True)

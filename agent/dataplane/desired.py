@@ -3,6 +3,13 @@
 Everything that comes from the control plane is validated here (SECURITY.md,
 "Agent and data plane"). An offending peer is dropped and reported in
 ``DesiredConfig.problems``; the rest of the map still applies.
+
+Routes: the tunnel address pool of the map's self view (one prefix per family,
+each holding this device's own address) is routed as one prefix, as Tailscale
+routes 100.64.0.0/10 to its interface; a peer's allowed IP needs a route of its
+own only outside the pool (pod and Service CIDRs, advertised subnets). A map
+without a pool (an older gateway) gets a route per allowed IP. WireGuard itself
+picks the peer, and answers "unreachable" for a pool address no peer holds.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from wiregate import net
 from wiregate.errors import BadKey
 from wiregate.intervals import OverlapIndex, Span
 from wiregate.keys import encode_key, parse_public_key, public_from_private
-from wiregate.model import NetMap, Peer
+from wiregate.model import NetMap, Peer, SelfView
 
 __all__ = [
     "DesiredBuilder",
@@ -28,6 +35,8 @@ __all__ = [
     "LocalSettings",
     "build_desired",
     "check_endpoint",
+    "outside_pool",
+    "pool_prefixes",
 ]
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -74,7 +83,10 @@ class DesiredDevice:
 
 @dataclass(frozen=True, slots=True)
 class DesiredLink:
-    """Addresses, routes (all to the interface, in ``table``), the policy rule and the MTU."""
+    """Addresses, routes (all to the interface, in ``table``), the policy rule and the MTU.
+
+    ``routes`` holds the pool's prefixes and the peers' allowed IPs outside them.
+    """
 
     addresses: frozenset[IPInterface]
     routes: frozenset[IPNetwork]
@@ -142,6 +154,45 @@ def _self_addresses(texts: Iterable[str]) -> tuple[frozenset[IPInterface], tuple
     return frozenset(result), tuple(problems)
 
 
+def pool_prefixes(
+    texts: Iterable[str], addresses: Iterable[IPInterface]
+) -> tuple[frozenset[IPNetwork], tuple[str, ...]]:
+    """The pool prefixes routed as one, and why others are not (they then get a route per
+    peer): a prefix must be a CIDR, not a default route, and hold this device's address."""
+    result: set[IPNetwork] = set()
+    problems: list[str] = []
+    own = [a.ip for a in addresses]
+    for text in texts:
+        try:
+            prefix = network(text)
+        except ValueError:
+            problems.append(f"self: pool {text!r} is not a CIDR; ignored")
+            continue
+        if prefix.prefixlen == 0:
+            problems.append(f"self: pool {text} is a default route; ignored")
+        elif not any(a.version == prefix.version and a in prefix for a in own):
+            problems.append(f"self: pool {text} does not hold this device's address; ignored")
+        else:
+            result.add(prefix)
+    return frozenset(result), tuple(problems)
+
+
+def _within(inner: IPNetwork, outer: IPNetwork) -> bool:
+    if inner.version != outer.version or inner.prefixlen < outer.prefixlen:
+        return False
+    shift = outer.max_prefixlen - outer.prefixlen
+    return int(inner.network_address) >> shift == int(outer.network_address) >> shift
+
+
+@lru_cache(maxsize=1 << 14)
+def outside_pool(allowed: frozenset[IPNetwork], pool: frozenset[IPNetwork]) -> frozenset[IPNetwork]:
+    """The prefixes of ``allowed`` that need a route of their own: those no pool prefix
+    holds (memoized: a peer's allowed IPs and the pool are the same objects map after map)."""
+    if not pool:
+        return allowed
+    return frozenset(n for n in allowed if not any(_within(n, p) for p in pool))
+
+
 class DesiredBuilder:
     """Builds the desired configuration of successive maps, re-checking only what changed.
 
@@ -164,12 +215,15 @@ class DesiredBuilder:
         self._self_texts: tuple[str, ...] | None = None
         self._addresses: frozenset[IPInterface] = frozenset()
         self._self_problems: tuple[str, ...] = ()
+        self._pool_key: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._pool: frozenset[IPNetwork] = frozenset()  # routed as one prefix per family
+        self._pool_problems: tuple[str, ...] = ()
         self._config: DesiredConfig | None = None
 
     def build(self, netmap: NetMap) -> DesiredConfig:
         """The desired configuration for ``netmap`` (the previous result if nothing changed)."""
         changed = self._changed(netmap.peers)
-        affected = self._set_self(netmap.self_view.addresses)
+        affected = self._set_self(netmap.self_view)
         if self._config is not None and not changed and not affected:
             return self._config
         affected |= self._reindex(self._recheck(changed, netmap.peers))
@@ -183,16 +237,24 @@ class DesiredBuilder:
         ids.extend(seen.keys() - peers.keys())
         return ids
 
-    def _set_self(self, texts: tuple[str, ...]) -> set[str]:
-        if texts == self._self_texts:
-            return set()
-        self._self_texts = texts
-        self._addresses, self._self_problems = _self_addresses(texts)
-        spans = [
-            (a.version, int(a.network.network_address), a.network.prefixlen)
-            for a in self._addresses
-        ]
-        return self._index.assign(_SELF, spans)
+    def _set_self(self, view: SelfView) -> set[str]:
+        """Take this device's addresses and pool; return the ids they affect (with
+        ``_SELF`` if the config must be assembled anew)."""
+        affected: set[str] = set()
+        texts = view.addresses
+        if texts != self._self_texts:
+            self._self_texts = texts
+            self._addresses, self._self_problems = _self_addresses(texts)
+            spans = [
+                (a.version, int(a.network.network_address), a.network.prefixlen)
+                for a in self._addresses
+            ]
+            affected = self._index.assign(_SELF, spans)
+        if (texts, view.pool) != self._pool_key:
+            self._pool_key = (texts, view.pool)
+            self._pool, self._pool_problems = pool_prefixes(view.pool, self._addresses)
+            affected.add(_SELF)
+        return affected
 
     def _recheck(self, ids: list[str], peers: Mapping[str, Peer]) -> set[str]:
         """Run the per-peer checks on ``ids``; return the ids whose eligibility may change."""
@@ -268,7 +330,7 @@ class DesiredBuilder:
         )
         link = DesiredLink(
             addresses=self._addresses,
-            routes=frozenset().union(*[p.allowed_ips for p in self._accepted.values()]),
+            routes=self._routes(),
             table=settings.table,
             rule_priority=settings.rule_priority,
             fwmark=settings.fwmark,
@@ -276,8 +338,16 @@ class DesiredBuilder:
         )
         return DesiredConfig(device=device, link=link, problems=self._problems())
 
+    def _routes(self) -> frozenset[IPNetwork]:
+        """The pool's prefixes and every accepted peer's allowed IPs outside them."""
+        pool, peers = self._pool, self._accepted.values()
+        if not pool:
+            return frozenset().union(*[p.allowed_ips for p in peers])
+        return pool.union(*[outside_pool(p.allowed_ips, pool) for p in peers])
+
     def _problems(self) -> tuple[str, ...]:
-        problems = [*self._self_problems, *(self._refused[i] for i in sorted(self._refused))]
+        problems = [*self._self_problems, *self._pool_problems]
+        problems.extend(self._refused[i] for i in sorted(self._refused))
         groups = sorted(sorted(g) for g in self._by_key.values() if len(g) > 1)
         for ids in groups:
             key = self._candidates[ids[0]].public_key

@@ -1,9 +1,14 @@
 """The link layer around the WireGuard interface: addresses, routes, policy rule, MTU.
 
-Routes to every peer's allowed IPs go to the interface in a dedicated table;
-one rule per family (``not fwmark FWMARK lookup TABLE``, at ``rule_priority``)
-sends everything that is not WireGuard's own encapsulated traffic through that
-table, so encapsulated packets never loop back into the tunnel.
+Routes to the interface go in a dedicated table: the tunnel address pool as one
+prefix per family, and each peer's allowed IPs outside the pool (without a pool
+in the map, every allowed IP; see :mod:`agent.dataplane.desired`). One rule per
+family (``not fwmark FWMARK lookup TABLE``, at ``rule_priority``) sends
+everything that is not WireGuard's own encapsulated traffic through that table,
+so encapsulated packets never loop back into the tunnel. Routes are added
+before others are deleted (the pool's prefix before the host routes it covers,
+and back), so no packet meant for the tunnel falls through to the main table
+in between.
 
 :func:`diff_links` and :func:`after_link_update` are pure. :class:`LinkManager`
 reads and applies with pyroute2, except routes, which go through the batched
@@ -225,8 +230,8 @@ class LinkManager:
         if update.up:
             self.ipr.link("set", index=index, state="up")
             writes += 1
-        writes += self.routes.write(DELROUTE, update.remove_routes, index, rule.table)
         writes += self.routes.write(NEWROUTE, update.add_routes, index, rule.table)
+        writes += self.routes.write(DELROUTE, update.remove_routes, index, rule.table)
         for family in sorted(update.add_rules):
             self._rule("add", family, rule)
             writes += 1

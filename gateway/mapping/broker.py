@@ -5,7 +5,10 @@ global, monotonically increasing map ``version``; the broker never invents one.
 
 Per agent (from its first connection until its device is removed) the broker
 keeps the version it last sent and a bounded history of the deltas it built for
-it, connected or not, so a reconnect with ``?since=V`` can resume:
+it, connected or not, so a reconnect with ``?since=V`` can resume. A single
+gateway forgets an agent that has been away for more deltas than its history
+holds: it could only get a full map. A replica keeps it, as the agent may come
+back from another replica with a later version that the history still reaches.
 
 * ``since`` absent, unknown or too old → ``full``;
 * ``since`` is the agent's latest version → ``sync``;
@@ -53,8 +56,15 @@ from gateway.mapping.policyswap import policy_fanout
 from identity.policy import Policy
 from wiregate.errors import BadInput, RemoteError
 from wiregate.logging import get_logger
-from wiregate.mapwire import AgentEndpoints, encode_revoked, encode_sync, parse_agent_message
+from wiregate.mapwire import (
+    AgentEndpoints,
+    AgentMessage,
+    encode_revoked,
+    encode_sync,
+    parse_agent_frame,
+)
 from wiregate.model import Device, DnsConfig
+from wiregate.pathwire import PathsReport
 
 __all__ = [
     "CONNECTED",
@@ -65,6 +75,7 @@ __all__ = [
     "Broker",
     "FeedChange",
     "OnEndpoints",
+    "OnPaths",
     "read_agent_frame",
 ]
 
@@ -82,13 +93,15 @@ FANOUT_SECONDS = Histogram(
 MAP_VERSION = Gauge("wiregate_netmap_version", "Version of the network map held by the broker")
 
 OnEndpoints = Callable[[str, AgentEndpoints], Awaitable[None]]
+OnPaths = Callable[[str, PathsReport], Awaitable[None]]
 
 
-def read_agent_frame(msg: WSMessage) -> AgentEndpoints:
-    """The ``endpoints`` message in an agent's WebSocket frame; only text frames carry one."""
+def read_agent_frame(msg: WSMessage) -> AgentMessage:
+    """The message in an agent's WebSocket frame (``endpoints`` or ``paths``); only text
+    frames carry one."""
     if msg.type is not WSMsgType.TEXT:
         raise BadInput(f"expected a text frame, got {msg.type.name}")
-    return parse_agent_message(msg.data)
+    return parse_agent_frame(msg.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +137,7 @@ class Broker:
         self._history = history
         self._queue_size = queue_size
         self._dns: DnsConfig | None = None  # the names' settings, in every self view
+        self._pool: tuple[str, ...] = ()  # the tunnel address pool, in every self view
         self._state = NetworkState(self._policy)
         self._version = 0
         self._logs: dict[str, AgentLog] = {}
@@ -139,7 +153,7 @@ class Broker:
         map (or revoked)."""
         if policy is not None:
             self._policy = policy
-        self._state = NetworkState(self._policy, devices, dns=self._dns)
+        self._state = NetworkState(self._policy, devices, dns=self._dns, pool=self._pool)
         self._set_version(version)
         self._logs.clear()
         for stream in list(self._streams.values()):
@@ -152,6 +166,11 @@ class Broker:
     def set_dns(self, dns: DnsConfig | None) -> None:
         """The mesh domain and split-DNS zones that every map carries from the next :meth:`load`."""
         self._dns = dns
+
+    def set_pool(self, ipv4: str, ipv6: str) -> None:
+        """The tunnel address pool (the CIDRs IPAM allocates from) that every map carries
+        from the next :meth:`load`: agents route it as one prefix per family."""
+        self._pool = (ipv4, ipv6)
 
     def may_peer(self, a: Device, b: Device) -> bool:
         """Whether the policy the maps are built from lets ``a`` and ``b`` peer."""
@@ -175,7 +194,7 @@ class Broker:
         started = time.perf_counter()
         old = self._state
         self._policy = policy
-        self._state = NetworkState(policy, old, dns=old.dns)  # the same devices, in order
+        self._state = NetworkState(policy, old, dns=old.dns, pool=old.pool)  # the same devices
         fanout = policy_fanout(old, self._state)
         self._set_version(version)
         log.info("policy_applied", version=version, agents_told=len(fanout.updates))
@@ -317,7 +336,7 @@ class Broker:
         bodies: dict[int, str] = {}
         for agent, update in fanout.updates.items():
             agent_log = self._logs.get(agent)
-            if agent_log is None:  # never connected: it will get a full map
+            if agent_log is None:  # never connected, or away for good: a full map next
                 continue
             delta = AgentDelta(
                 agent_log.version,
@@ -325,8 +344,9 @@ class Broker:
                 self._self_text(agent, update),
                 self._body(bodies, update),
             )
-            agent_log.entries.append(delta)
-            agent_log.version = version
+            if not agent_log.add(delta):  # away for good: no state for it
+                del self._logs[agent]
+                continue
             stream = self._streams.get(agent)
             if stream is not None:
                 self._push(stream, delta, started)
@@ -366,6 +386,8 @@ class Broker:
 
     def _opening(self, device_id: str, since: int | None) -> list[str | AgentDelta]:
         agent_log = self._logs.get(device_id)
+        if agent_log is not None:
+            agent_log.away_from = None
         if since is not None and agent_log is None and since == self._version:
             agent_log = self._logs[device_id] = self._new_log(since)
         if since is not None and agent_log is not None:
@@ -401,13 +423,19 @@ class Broker:
     # -- serving ----------------------------------------------------------------
 
     async def serve(
-        self, request: web.Request, device_id: str, since: int | None, on_endpoints: OnEndpoints
+        self,
+        request: web.Request,
+        device_id: str,
+        since: int | None,
+        on_endpoints: OnEndpoints,
+        on_paths: OnPaths | None = None,
     ) -> web.WebSocketResponse:
         """Run the map stream of ``device_id`` until it closes.
 
         The caller has authenticated the device. ``since`` is the version the
         agent holds (``?since=``), if any. Agent ``endpoints`` messages are
-        passed to ``on_endpoints``; any other message closes the stream (1008).
+        passed to ``on_endpoints``, ``paths`` messages to ``on_paths`` (ignored
+        without one); any other message closes the stream (1008).
         """
         ws = web.WebSocketResponse(
             heartbeat=HEARTBEAT_S,
@@ -421,17 +449,23 @@ class Broker:
             return ws
         stream = self._attach(device_id, request, ws, since)
         try:
-            await self._read(stream, on_endpoints)
+            await self._read(stream, on_endpoints, on_paths)
         finally:
             await self._detach(stream)
         return ws
 
-    async def _read(self, stream: Stream, on_endpoints: OnEndpoints) -> None:
+    async def _read(
+        self, stream: Stream, on_endpoints: OnEndpoints, on_paths: OnPaths | None
+    ) -> None:
         async for msg in stream.ws:
             if stream.closing:
                 return
             try:
-                await on_endpoints(stream.device_id, read_agent_frame(msg))
+                message = read_agent_frame(msg)
+                if isinstance(message, AgentEndpoints):
+                    await on_endpoints(stream.device_id, message)
+                elif on_paths is not None:
+                    await on_paths(stream.device_id, message)
             except RemoteError as exc:
                 log.warning(
                     "closing agent stream: bad message",
@@ -487,6 +521,9 @@ class Broker:
 
     async def _detach(self, stream: Stream) -> None:
         self._unregister(stream)
+        agent_log = self._logs.get(stream.device_id)
+        if agent_log is not None and stream.device_id not in self._streams and not self.following:
+            agent_log.away_from = agent_log.version  # only this broker gives it versions
         if not stream.closing and stream.writer is not None:
             stream.writer.cancel()
         tasks = [t for t in (stream.writer, stream.closer) if t is not None]

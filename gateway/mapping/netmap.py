@@ -104,9 +104,11 @@ class NetworkState:
         devices: Iterable[Device] = (),
         *,
         dns: DnsConfig | None = None,
+        pool: tuple[str, ...] = (),
     ) -> None:
         self.policy = policy if policy is not None else Policy.allow_all()
         self.dns = dns  # the mesh domain and split-DNS zones, in every self view
+        self.pool = pool  # the tunnel address pool (a CIDR per family), in every self view
         self._devices: dict[str, Device] = {}
         self._shown: dict[str, Device] = {}  # as peers see it: approved routes only
         self._refused: dict[str, tuple[str, ...]] = {}  # only devices with refused routes
@@ -160,12 +162,13 @@ class NetworkState:
         return peer if rule is None else replace(peer, filter=rule)
 
     def self_view(self, device_id: str) -> SelfView:
-        """The device's own view, with the routes the policy refused and the names' settings."""
+        """The device's own view, with the routes the policy refused, the names' settings
+        and the tunnel address pool."""
         view = self._devices[device_id].to_self()
         refused = self._refused.get(device_id)
-        if refused is None and self.dns is None:
+        if refused is None and self.dns is None and not self.pool:
             return view
-        return replace(view, refused_routes=refused or (), dns=self.dns)
+        return replace(view, refused_routes=refused or (), dns=self.dns, pool=self.pool)
 
     def viewers(self, device_id: str) -> set[str]:
         """Ids of the devices that peer with ``device_id`` (its peers, as peering is symmetric)."""

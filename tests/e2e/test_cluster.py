@@ -79,6 +79,9 @@ def test_a_vm_reaches_services_and_every_nodes_pods_through_a_gateway_node(
     for cidr in ("10.244.1.0/24", "10.244.2.0/24", SERVICE_CIDR):
         assert f"{cidr} dev {vm.iface}" in vm_routes, vm_routes
     assert "10.244" not in vm_host.run(["ip", "route", "show", "table", "main"]).stdout
+    # the tunnel address pool is one route, not a host route per peer address
+    pooled = [r for r in vm_routes.splitlines() if r.startswith("100.64.")]
+    assert len(pooled) == 1 and pooled[0].startswith(f"100.64.0.0/16 dev {vm.iface}"), vm_routes
 
     # a Service by its ClusterIP: n1's kube-proxy rules send it to the pod on n2
     said = poll(lambda: tcp_exchange(vm_host, ORDERS.cluster_ip, 8080) == "hello" or None,

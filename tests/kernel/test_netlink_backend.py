@@ -20,9 +20,11 @@ import pytest
 
 from agent.dataplane.backend import DeviceUpdate, LiveDevice, PeerUpdate
 from agent.dataplane.desired import DesiredDevice, DesiredPeer
+from agent.dataplane.facade import DataPlane
 from agent.dataplane.netlink import NetlinkBackend
 from agent.dataplane.reconcile import diff
 from wiregate.keys import encode_key, generate_private_key, public_from_private
+from wiregate.model import NetMap, Peer, SelfView
 
 pytestmark = pytest.mark.kernel
 
@@ -204,12 +206,13 @@ def test_dataplane_tunnel_between_namespaces(tmp_path: Path) -> None:
         results = {}
         for s, other in (("a", "b"), ("b", "a")):
             me = wire(s)
-            netmap = {
+            own = {k: me[k] for k in ("id", "name", "public_key", "addresses")}
+            netmap: dict[str, object] = {
                 "version": 1,
                 "peers": [wire(other)],
-                "self": {k: me[k] for k in ("id", "name", "public_key", "addresses")},
+                "self": {**own, "pool": list(POOL)},
             }
-            cfg = {
+            cfg: dict[str, object] = {
                 "iface": f"wgk{s}{tag}",
                 "key": base64.b64encode(keys[s]).decode(),
                 "run_dir": str(tmp_path / s),
@@ -223,12 +226,88 @@ def test_dataplane_tunnel_between_namespaces(tmp_path: Path) -> None:
             check=False,
         )
         assert ping.returncode == 0, ping.stdout
+        _pool_routed(names["a"], f"wgka{tag}", "vka" + tag)
         # a restarted agent (fresh process) adopts the interface and writes nothing
         again = _node(names["a"], results["a"][0])
         assert again["writes"] == 0 and again["backend"] == "kernel"
     finally:
         for ns in names.values():
             subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+POOL = ("100.64.0.0/16", "fd7a:7767:6174::/64")
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+
+
+def _table(*args: str, table: int = 51820) -> set[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The destinations in ``table`` (``args``: ``-n NS`` to look in a namespace)."""
+    found = set()
+    for family in ("-4", "-6"):
+        out = subprocess.run(["ip", *args, family, "-j", "route", "show", "table", str(table)],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        found |= {net(r["dst"]) for r in json.loads(out or "[]")}
+    return found
+
+
+def _pool_routed(ns: str, wg: str, veth: str) -> None:
+    """The pool is one route per family to the interface; traffic to a pool address no
+    peer holds goes to WireGuard (which answers unreachable), not to the default route,
+    and WireGuard's own marked traffic still takes the default route."""
+    assert _table("-n", ns) == {net(p) for p in POOL}
+    ping6 = _ip("netns", "exec", ns, "ping", "-6", "-c", "2", "-W", "3", "fd7a:7767:6174::2")
+    assert ping6.returncode == 0, ping6.stdout
+    subprocess.run(["ip", "-n", ns, "route", "add", "default", "via", "192.0.2.2"], check=True)
+    for family, lost in (("-4", "100.64.0.99"), ("-6", "fd7a:7767:6174::99")):
+        route = _ip("-n", ns, family, "route", "get", lost).stdout
+        assert f"dev {wg}" in route, route
+    marked = _ip("-n", ns, "-4", "route", "get", "100.64.0.99", "mark", "0xca6c").stdout
+    assert f"dev {veth}" in marked and "via 192.0.2.2" in marked, marked
+    unreachable = _ip("netns", "exec", ns, "ping", "-c", "1", "-W", "2", "100.64.0.99")
+    assert unreachable.returncode != 0, unreachable.stdout
+
+
+def _map(private: bytes, peers: list[tuple[str, ...]], pool: tuple[str, ...]) -> NetMap:
+    me = SelfView("me", "me", encode_key(public_from_private(private)),
+                  ("100.64.0.1/32", "fd7a:7767:6174::1/128"), pool=pool)  # fmt: skip
+    return NetMap(1, me, {
+        f"d{i}": Peer(f"d{i}", f"p{i}", key, tuple(allowed[:2]), tuple(allowed))
+        for i, (key, *allowed) in enumerate(peers)
+    })  # fmt: skip
+
+
+def test_the_pool_replaces_the_host_routes_and_back(tmp_path: Path) -> None:
+    """An agent whose gateway starts sending the pool swaps 2 N host routes for two
+    prefixes (the pool's added first, so no packet to a peer meets the main table),
+    keeps the routes outside the pool, and goes back when the pool is gone."""
+    name, table = f"wgp{secrets.token_hex(3)}", 51830
+    private = generate_private_key()
+    peers: list[tuple[str, ...]] = [
+        (pub(), f"100.64.0.{i}/32", f"fd7a:7767:6174::{i:x}/128") for i in range(2, 22)
+    ]
+    peers.append((pub(), "100.64.1.2/32", "fd7a:7767:6174::102/128", "10.42.0.0/24"))
+    dp = DataPlane(interface=name, private_key=private, listen_port=51990, fwmark=0xCA6D,
+                   table=table, rule_priority=5230, backend="kernel", run_dir=tmp_path)  # fmt: skip
+    every = {net(n) for _, *allowed in peers for n in allowed}
+    pooled = {net(p) for p in POOL} | {net("10.42.0.0/24")}
+    try:
+        dp.setup()
+        assert dp.backend_name == "kernel"
+        dp.apply(_map(private, peers, ()))
+        assert _table(table=table) == every
+        result = dp.apply(_map(private, peers, POOL))
+        assert _table(table=table) == pooled
+        assert result.writes == 2 + 42  # the pool's two routes, 42 host routes gone
+        assert dp.apply(_map(private, peers, POOL)).writes == 0
+        route = _ip("route", "get", "100.64.7.7").stdout
+        assert f"dev {name}" in route, route
+        dp.apply(_map(private, peers, ()))
+        assert _table(table=table) == every
+    finally:
+        dp.teardown()
+    assert _table(table=table) == set()
 
 
 def test_reads_from_a_running_event_loop_and_writes_from_worker_threads(iface: str) -> None:

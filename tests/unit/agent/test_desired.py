@@ -18,6 +18,8 @@ from agent.dataplane.desired import (
     _check_peer,
     build_desired,
     check_endpoint,
+    outside_pool,
+    pool_prefixes,
 )
 from wiregate.intervals import OverlapIndex
 from wiregate.keys import encode_key, generate_private_key, public_from_private
@@ -47,12 +49,13 @@ def peer(n: int, **kw: object) -> Peer:
     return Peer(**base)  # type: ignore[arg-type]
 
 
-def netmap(*peers: Peer) -> NetMap:
+def netmap(*peers: Peer, pool: tuple[str, ...] = ()) -> NetMap:
     me = SelfView(
         id="me",
         name="me",
         public_key=encode_key(public_from_private(PRIVATE)),
         addresses=("100.64.0.1/32", "fd7a:7767:6174::1/128"),
+        pool=pool,
     )
     return NetMap(version=1, self_view=me, peers={p.id: p for p in peers})
 
@@ -181,6 +184,77 @@ def test_private_key_not_in_repr() -> None:
     assert base64.b64encode(PRIVATE).decode() not in text
 
 
+# --- the tunnel address pool: one route per family ---------------------------
+
+TUNNEL_POOL = ("100.64.0.0/16", "fd7a:7767:6174::/64")
+
+
+def nets(*texts: str) -> frozenset[object]:
+    return frozenset(ipaddress.ip_network(t) for t in texts)
+
+
+def test_the_pool_is_routed_as_one_prefix_per_family() -> None:
+    """Host routes inside the pool are not written; routes outside it (pod CIDRs,
+    Service CIDRs, advertised subnets) are, and WireGuard keeps every allowed IP."""
+    pods = peer(2, allowed_ips=(*peer(2).addresses, "10.42.1.0/24", "fd00:42::/64"))
+    config = build_desired(netmap(pods, peer(3), peer(4), pool=TUNNEL_POOL), SETTINGS)
+    assert config.problems == ()
+    assert config.link.routes == nets(*TUNNEL_POOL, "10.42.1.0/24", "fd00:42::/64")
+    assert config.device.peers[pods.public_key].allowed_ips == nets(*pods.allowed_ips)
+
+
+def test_without_a_pool_every_allowed_ip_is_routed() -> None:
+    config = build_desired(netmap(peer(2), peer(3)), SETTINGS)
+    assert config.link.routes == nets(*peer(2).addresses, *peer(3).addresses)
+
+
+def test_an_exit_nodes_default_route_keeps_its_own_route() -> None:
+    """The only prefix that can hold the pool (anything else overlaps this device)."""
+    exit_node = peer(2, allowed_ips=("100.64.0.2/32", "0.0.0.0/0", "::/0"))
+    exits = replace(SETTINGS, allow_default_route=True)
+    config = build_desired(netmap(exit_node, pool=TUNNEL_POOL), exits)
+    assert config.link.routes == nets(*TUNNEL_POOL, "0.0.0.0/0", "::/0")
+
+
+@pytest.mark.parametrize(
+    ("pool", "why"),
+    [
+        (("100.64.0.0/16", "fd7a::/zz"), "is not a CIDR"),
+        (("100.64.0.1/16", "fd7a:7767:6174::/64"), "is not a CIDR"),  # host bits
+        (("0.0.0.0/0", "fd7a:7767:6174::/64"), "is a default route"),
+        (("100.64.0.0/16", "::/0"), "is a default route"),
+        (("10.0.0.0/8", "fd7a:7767:6174::/64"), "does not hold this device's address"),
+    ],
+)
+def test_a_bad_pool_prefix_is_ignored_and_its_family_routed_per_peer(
+    pool: tuple[str, str], why: str
+) -> None:
+    config = build_desired(netmap(peer(2), pool=pool), SETTINGS)
+    assert len(config.problems) == 1 and why in config.problems[0]
+    assert len(config.device.peers) == 1
+    good, _ = pool_prefixes(pool, config.link.addresses)
+    assert len(good) == 1
+    assert config.link.routes == good | outside_pool(nets(*peer(2).allowed_ips), good)
+
+
+def test_the_pool_arriving_and_leaving_rebuilds_the_routes() -> None:
+    builder = DesiredBuilder(SETTINGS)
+    peers = [peer(2), peer(3)]
+    routed = builder.build(netmap(*peers)).link.routes
+    assert builder.build(netmap(*peers, pool=TUNNEL_POOL)).link.routes == nets(*TUNNEL_POOL)
+    assert builder.build(netmap(*peers)).link.routes == routed
+
+
+def test_outside_pool() -> None:
+    pool = nets("100.64.0.0/16", "fd7a::/64")
+    allowed = nets("100.64.3.4/32", "100.64.0.0/16", "100.0.0.0/8", "100.65.0.0/24",
+                   "fd7a::5/128", "fd7a:0:0:1::/64", "10.0.0.0/8")  # fmt: skip
+    assert outside_pool(allowed, pool) == nets(
+        "100.0.0.0/8", "100.65.0.0/24", "fd7a:0:0:1::/64", "10.0.0.0/8"
+    )
+    assert outside_pool(allowed, frozenset()) is allowed
+
+
 # --- incremental building ----------------------------------------------------
 
 POOL = [
@@ -198,10 +272,17 @@ POOL = [
     "2001:db8::/32",
 ]
 FIXED_KEYS = [key() for _ in range(6)]
+POOLS = [
+    (),  # an older gateway: a route per allowed IP
+    ("100.64.0.0/16", "fd7a:7767:6174::/64"),
+    ("100.64.0.0/10",),
+    ("100.64.8.0/21", "fd7a:7767:6174::/48"),  # the v4 one does not hold this device
+]
 
 
 def _naive(nm: NetMap, settings: LocalSettings) -> tuple[set[str], frozenset[object]]:
-    """The rules spelled out pairwise with ipaddress: accepted keys and routes."""
+    """The rules spelled out pairwise with ipaddress: accepted keys and routes (the pool's
+    prefixes, and the allowed IPs no pool prefix holds)."""
     candidates = {}
     for device_id, p in nm.peers.items():
         try:
@@ -218,7 +299,15 @@ def _naive(nm: NetMap, settings: LocalSettings) -> tuple[set[str], frozenset[obj
         return any(a.version == b.version and a.overlaps(b) for a in mine for b in others + own)
 
     accepted = [c for i, c in unique.items() if not clashes(i)]
-    return {c.public_key for c in accepted}, frozenset(n for c in accepted for n in c.allowed_ips)
+    pool: list[Any] = [ipaddress.ip_network(p) for p in nm.self_view.pool]
+    pooled = [p for p in pool if p.prefixlen and any(p.version == o.version and o.subnet_of(p)
+                                                     for o in own)]  # fmt: skip
+
+    def routed(n: Any) -> bool:
+        return not any(n.version == p.version and n.subnet_of(p) for p in pooled)
+
+    routes = frozenset(pooled) | {n for c in accepted for n in c.allowed_ips if routed(n)}
+    return {c.public_key for c in accepted}, routes
 
 
 OWN = encode_key(public_from_private(PRIVATE))
@@ -228,11 +317,16 @@ peer_spec = st.tuples(
     st.sets(st.sampled_from(POOL), max_size=3),
 )
 map_specs = st.lists(
-    st.lists(peer_spec, max_size=7, unique_by=lambda t: t[0]), min_size=1, max_size=5
+    st.tuples(
+        st.lists(peer_spec, max_size=7, unique_by=lambda t: t[0]),
+        st.sampled_from(POOLS),
+    ),
+    min_size=1,
+    max_size=5,
 )
 
 
-def _map(spec: list[tuple[int, int, set[str]]]) -> NetMap:
+def _map(spec: list[tuple[int, int, set[str]]], pool: tuple[str, ...] = ()) -> NetMap:
     peers = []
     for device_id, key_index, extra in spec:
         host = f"100.64.{9 + device_id}.1/32"
@@ -245,7 +339,7 @@ def _map(spec: list[tuple[int, int, set[str]]]) -> NetMap:
                 endpoints=(),
             )
         )
-    return netmap(*peers)
+    return netmap(*peers, pool=pool)
 
 
 @settings(max_examples=300, deadline=None)
@@ -253,8 +347,8 @@ def _map(spec: list[tuple[int, int, set[str]]]) -> NetMap:
 def test_incremental_builds_match_fresh_and_naive(specs: list[Any], exits: bool) -> None:
     local = replace(SETTINGS, allow_default_route=exits)
     builder = DesiredBuilder(local)
-    for spec in specs:
-        nm = _map(spec)
+    for spec, pool in specs:
+        nm = _map(spec, pool)
         got, fresh = builder.build(nm), build_desired(nm, local)
         assert got.device.peers == fresh.device.peers
         assert got.link == fresh.link

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
-from gateway.mapping.broker import Broker
+from gateway.mapping.broker import Broker, FeedChange
 from gateway.mapping.netmap import NetworkState, full_map
 from identity.policy import Policy
 from wiregate.errors import BadInput
@@ -190,6 +190,71 @@ async def test_full_when_history_is_gone(harness: Harness) -> None:
     assert (await recv(ws))["type"] == "full"
 
 
+async def test_an_agent_away_for_longer_than_its_history_leaves_no_state(
+    harness: Harness,
+) -> None:
+    # history holds 4: d1 can resume from the first 4 deltas it misses; past them it
+    # could only get a full map, and the broker forgets it
+    ws = await harness.connect("d1")
+    await recv(ws)
+    await ws.close()
+    await until(lambda: harness.broker.connected == 0)
+    for version in range(2, 6):
+        harness.broker.upsert(device(2, endpoint=f"192.0.2.2:{version}"), version)
+    assert "d1" in harness.broker._logs
+    harness.broker.upsert(device(2, endpoint="192.0.2.2:6"), 6)
+    assert "d1" not in harness.broker._logs
+    ws = await harness.connect("d1", since=1)
+    msg = await recv(ws)
+    assert msg["type"] == "full" and msg["version"] == 6
+
+
+async def test_histories_are_kept_for_connected_agents_only_once_the_others_fell_behind(
+    harness: Harness,
+) -> None:
+    streams = {i: await harness.connect(f"d{i}") for i in (1, 2, 3)}
+    for ws in streams.values():
+        await recv(ws)
+    await until(lambda: harness.broker.connected == 3)
+    await streams.pop(1).close()
+    await streams.pop(2).close()
+    await until(lambda: harness.broker.connected == 1)
+    for version in range(2, 10):  # a new peer for each
+        harness.broker.upsert(device(10 + version), version)
+        assert (await recv(streams[3]))["version"] == version
+    assert set(harness.broker._logs) == {"d3"}
+    assert len(harness.broker._logs["d3"].entries) == 4
+
+
+async def test_a_replica_keeps_the_history_of_an_agent_away(harness: Harness) -> None:
+    # it may come back from another replica, from a version this history reaches
+    harness.broker.follow(lambda: None)
+    ws = await harness.connect("d1")
+    await recv(ws)
+    await ws.close()
+    await until(lambda: harness.broker.connected == 0)
+    for version in range(2, 12):
+        harness.broker.apply_changes(version, [FeedChange(version, f"d{10 + version}",
+                                                          device(10 + version))])  # fmt: skip
+    assert harness.broker._logs["d1"].version == 11
+    ws = await harness.connect("d1", since=10)
+    assert (await recv(ws))["base"] == 10
+
+
+async def test_a_reconnected_agent_keeps_its_history(harness: Harness) -> None:
+    ws = await harness.connect("d1")
+    await recv(ws)
+    await ws.close()
+    await until(lambda: harness.broker.connected == 0)
+    harness.broker.upsert(device(2, endpoint="192.0.2.2:2"), 2)
+    ws = await harness.connect("d1", since=1)
+    assert (await recv(ws))["base"] == 1
+    for version in range(3, 12):  # connected: nothing is dropped but the oldest
+        harness.broker.upsert(device(2, endpoint=f"192.0.2.2:{version}"), version)
+        assert (await recv(ws))["version"] == version
+    assert harness.broker._logs["d1"].version == 11
+
+
 async def test_remove_revokes_the_device_and_tells_its_peers(harness: Harness) -> None:
     gone, peer = await harness.connect("d1"), await harness.connect("d2")
     await recv(gone), await recv(peer)
@@ -315,6 +380,17 @@ async def test_load_resyncs_connected_agents(harness: Harness) -> None:
     assert msg["type"] == "full" and msg["version"] == 40
     assert {p["id"] for p in msg["peers"]} == {"d2", "d5"}
     assert (await recv(dropped))["type"] == "revoked"
+
+
+async def test_the_pool_reaches_every_map_from_the_next_load(harness: Harness) -> None:
+    broker = harness.broker
+    broker.set_pool("100.64.0.0/16", "fd7a::/64")
+    broker.load([device(1), device(2)], version=5)
+    ws = await harness.connect("d1")
+    assert read_full(await recv(ws)).self_view.pool == ("100.64.0.0/16", "fd7a::/64")
+    broker.set_policy(Policy(rules=()), version=6)  # a new policy keeps it
+    await recv(ws)
+    assert full_map(broker._state, "d1", 6).self_view.pool == ("100.64.0.0/16", "fd7a::/64")
 
 
 async def test_set_policy_sends_deltas(harness: Harness) -> None:

@@ -73,6 +73,17 @@ def test_full_map_lists_the_peers() -> None:
     assert parse_map_message(encode_full(state, "d1", 7)) == nm
 
 
+def test_every_self_view_carries_the_pool() -> None:
+    pool = ("100.64.0.0/16", "fd7a::/64")
+    state = NetworkState(None, [device(1), device(2)], pool=pool)
+    assert full_map(state, "d1", 1).self_view == replace(device(1).to_self(), pool=pool)
+    assert json.loads(encode_full(state, "d1", 1))["self"]["pool"] == list(pool)
+    fan = apply_upsert(state, device(1, name="renamed"))
+    own = fan.updates["d1"].self_view
+    assert own is not None and own.pool == pool
+    assert NetworkState(None, state).pool == ()  # what a caller does not pass is not sent
+
+
 def test_endpoint_change_reaches_every_viewer_once() -> None:
     state = NetworkState(None, [device(i) for i in range(4)])
     fan = apply_upsert(state, device(0, endpoint="192.0.2.1:51820"))

@@ -74,6 +74,7 @@ self_views = st.builds(
     expires_at=st.none() | st.floats(allow_nan=False, allow_infinity=False),
     previous_public_key=st.none() | texts,
     refused_routes=strs,
+    pool=strs,
 )
 netmaps = st.builds(
     lambda v, own, ps: NetMap(v, own, {p.id: p for p in ps}),
@@ -136,6 +137,13 @@ def test_optional_fields_are_sent_only_when_they_say_something() -> None:
     ]  # fmt: skip
     assert list(build_self(view)) == ["id", "name", "public_key", "addresses", "tags"]
     assert build_peer(Peer("p", "n", "k", (), (), filter=()))["filter"] == []  # nothing allowed
+
+
+def test_the_pool_is_sent_when_known_and_read_as_empty_when_absent() -> None:
+    view = replace(device(1).to_self(), pool=("100.64.0.0/16", "fd7a:7767:6174::/64"))
+    assert build_self(view)["pool"] == ["100.64.0.0/16", "fd7a:7767:6174::/64"]
+    assert read_self(build_self(view)) == view
+    assert read_self(build_self(device(1).to_self())).pool == ()  # an older gateway
 
 
 def test_a_stored_map_without_type_is_read() -> None:
@@ -258,7 +266,14 @@ def test_a_peer_field_of_the_wrong_kind_is_refused(field: str, value: Any) -> No
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("expires_at", "soon"), ("expires_at", False), ("previous_public_key", 1), ("tags", "a")],
+    [
+        ("expires_at", "soon"),
+        ("expires_at", False),
+        ("previous_public_key", 1),
+        ("tags", "a"),
+        ("pool", "100.64.0.0/16"),
+        ("pool", [4]),
+    ],
 )
 def test_a_self_field_of_the_wrong_kind_is_refused(field: str, value: Any) -> None:
     with pytest.raises(MalformedMessage):

@@ -35,6 +35,7 @@ from agent.gateway_client import (
 )
 from agent.keyfile import KEY_FILE, load_or_create_key
 from agent.metrics import serve_metrics
+from agent.pathreport import PathReporter, entry_for
 from agent.paths.driver import PathBook, PathRunner, RelayHooks
 from agent.paths.machine import LocalNat, PathTimers
 from agent.paths.predict import PredictionPlan
@@ -54,6 +55,7 @@ from wiregate.logging import get_logger
 from wiregate.mapwire import build_endpoints
 from wiregate.model import NetMap
 from wiregate.net import parse_hostport
+from wiregate.pathwire import PathEntry
 from wiregate.settings import AgentSettings
 
 __all__ = ["Agent", "DeviceRevoked"]
@@ -62,6 +64,7 @@ log = get_logger("agent")
 
 
 DATAPLANE_SETUP_TIMEOUT = 60.0  # seconds; the backends' own steps time out sooner
+WHOIS_TIMEOUT = 5.0  # seconds; `wiregate whois` then shows the device without its owner
 
 
 class DeviceRevoked(Exception):
@@ -108,6 +111,7 @@ class Agent:
         self.control: ControlClient | None = None  # set once running
         self.rotation = KeyRotator(self)  # make-before-break key rotation
         self.pmtu: PmtuProber | None = None  # path-MTU probes through each tunnel
+        self.path_reporter = PathReporter()  # the `paths` messages (agent/pathreport.py)
         # the latest handshake WireGuard reported per peer key: a peer removed and re-added
         # to probe a path starts at "never" in WireGuard, not in ``wiregate status``
         self._handshakes: dict[str, float] = {}
@@ -190,6 +194,7 @@ class Agent:
         if self.settings.stun_servers:
             tasks.append(asyncio.create_task(self._netcheck_periodically()))
         tasks.append(asyncio.create_task(self.rotation.run()))
+        tasks.append(asyncio.create_task(self._report_paths_periodically()))
         if self.settings.pmtu_interval > 0:
             self.pmtu = PmtuProber(
                 dataplane, lambda: self.session.netmap, self._apply,
@@ -267,6 +272,16 @@ class Agent:
 
     def current_map(self) -> NetMap | None:
         return self.session.netmap
+
+    async def owner_of(self, device_id: str) -> dict[str, Any]:
+        """Who owns ``device_id``, as the gateway says (``wiregate whois``)."""
+        if self.control is None or self.enrollment is None:
+            raise Unavailable("not connected to the gateway")
+        try:
+            async with asyncio.timeout(WHOIS_TIMEOUT):
+                return await self.control.whois(self.enrollment.token, device_id)
+        except TimeoutError:
+            raise Unavailable(f"the gateway did not answer within {WHOIS_TIMEOUT:g} s") from None
 
     def tunnel_state(self) -> str:
         """``up``, ``starting`` (wanted, interface not there yet) or ``down``."""
@@ -449,6 +464,11 @@ class Agent:
                 await self._stream_once(control)
                 delay = 0.5
             except (Unavailable, aiohttp.ClientError, ConnectionError) as exc:
+                if self.path_reporter.stream_ended(self._ws.close_code if self._ws else None):
+                    log.warning(
+                        "the gateway closed the stream over a path report; path reports"
+                        " off until the agent restarts (a gateway older than the agent?)"
+                    )
                 error = exc.message if isinstance(exc, Unavailable) else repr(exc)
                 self.health.last_error = error
                 log.warning("gateway unreachable; data plane kept as is", error=error)
@@ -482,7 +502,38 @@ class Agent:
             self.health.last_sync = time.time()
             if message.get("type") == "full":
                 self._advertised = None
+                self.path_reporter.restart()  # a new stream (or replica) hears every peer
                 await self._advertise()
+
+    async def _report_paths_periodically(self, every: float = 5.0) -> None:
+        """Send the path to each peer when it changed (``paths``, agent/pathreport.py)."""
+        while True:
+            await asyncio.sleep(every)
+            ws = self._ws
+            if ws is None or ws.closed or self.dataplane is None:
+                continue
+            if not self.path_reporter.may_send(time.time()):
+                continue
+            live = {p.public_key: p for p in await asyncio.to_thread(self.dataplane.status)}
+            try:
+                for message in self.path_reporter.due(self._path_entries(live), time.time()):
+                    await ws.send_json(message)
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                self.path_reporter.restart()  # the next stream gets every entry
+                log.info("paths not sent: the map stream is closing", error=str(exc))
+
+    def _path_entries(self, live: dict[str, Any]) -> list[PathEntry]:
+        netmap, now = self.session.netmap, time.time()
+        peers = [] if netmap is None else list(netmap.peers.values())
+        return [self._path_entry(p.id, p.public_key, live.get(p.public_key), now) for p in peers]
+
+    def _path_entry(self, peer_id: str, key: str, live: Any, now: float) -> PathEntry:
+        pmtu, seen = self.pmtu, self._last_handshake(key, live)
+        if pmtu is None:
+            return entry_for(peer_id, self.paths.report(peer_id), None, None, seen, None, now)
+        result, counts = pmtu.book.results.get(key), pmtu.book.peer_counters.get(key)
+        rtt = pmtu.rtt_ms.get(key)
+        return entry_for(peer_id, self.paths.report(peer_id), result, counts, seen, rtt, now)
 
     async def _reconcile_periodically(self) -> None:
         """Re-apply the current map now and then: the data plane reads the interface back

@@ -266,6 +266,22 @@ class ControlClient:
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise Unavailable(f"the gateway sent a malformed relay ticket answer: {exc}") from exc
 
+    async def whois(self, token: str, device_id: str) -> dict[str, Any]:
+        """Who owns ``device_id`` (this device or a peer): ``{"device": ..., "owner": ...}``
+        (``GET /api/v1/devices/self/whois``)."""
+        headers = {"Authorization": f"Bearer {token}"}
+        url = self.server + "/api/v1/devices/self/whois"
+        try:
+            async with self.session.get(
+                url, params={"device": device_id}, headers=headers, timeout=_TIMEOUT
+            ) as resp:
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise unreachable(self.server, exc) from exc
+        if resp.status >= 400:
+            raise from_api_response(resp.status, data)
+        return dict(data)
+
     async def logout(self, token: str) -> None:
         """Delete this device at the gateway (``POST /api/v1/devices/self/logout``)."""
         await self._post("/api/v1/devices/self/logout", {}, token)

@@ -18,6 +18,7 @@ from gateway.livepolicy import LivePolicy
 from gateway.mapping.broker import Broker
 from gateway.mapping.follower import Follower
 from gateway.packages import Wheelhouse
+from gateway.pathmatrix import FleetPaths
 from gateway.relays import Probe, RelayMonitor, RelaySelector, RelaySigner
 from gateway.store import Store
 from identity.workload import WorkloadVerifier
@@ -35,6 +36,7 @@ __all__ = [
     "DRAINING",
     "FOLLOWER",
     "METRICS",
+    "PATHS",
     "POLICY",
     "RELAYS",
     "RELAY_MONITOR",
@@ -74,6 +76,9 @@ RELAY_PROBE: web.AppKey[Probe] = web.AppKey("relay_probe")
 
 # -- the VM installation: set only when settings.wheelhouse_dir is -----------------------
 WHEELHOUSE = web.AppKey("wheelhouse", Wheelhouse)
+
+# -- agents' path reports (gateway/api/paths.py) ---------------------------------------
+PATHS = web.AppKey("paths", FleetPaths)  # the report gate, the figures of the metrics
 
 # -- the web pages ---------------------------------------------------------------------
 WEB: web.AppKey[WebContext] = web.AppKey("web")  # the pages' context, built at start

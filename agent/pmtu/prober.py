@@ -156,6 +156,7 @@ class PmtuProber:
         self.tick = tick
         self.timeout = timeout
         self._seq = 0
+        self.rtt_ms: dict[str, float] = {}  # by public key: the fastest echo of the last search
 
     async def run(self) -> None:
         """Forever: pick the peer due, search its path MTU, re-clamp if it changed."""
@@ -173,6 +174,7 @@ class PmtuProber:
         seen = [PeerSeen(p.public_key, p.endpoint, p.last_handshake) for p in live]
         if netmap is not None:
             self.book.forget_except(p.public_key for p in netmap.peers.values())
+            self.rtt_ms = {k: v for k, v in self.rtt_ms.items() if k in self.book.results}
         peer = self.book.due(seen, now)
         target = None if peer is None else _tunnel_target(netmap, peer.public_key)
         if peer is None or target is None:
@@ -191,14 +193,20 @@ class PmtuProber:
         inner = ipaddress.ip_address(target).version
         ceiling = self._link_mtu(self.dataplane.interface)
         search = MtuSearch(ceiling=ceiling, floor=FLOOR[inner], overhead=OVERHEAD[version])
+        fastest: float | None = None
         while (size := search.next_size()) is not None:
             self._seq = (self._seq + 1) & 0xFFFF
+            sent = time.monotonic()
             ok = self._echo(self.dataplane.interface, target, size, self.timeout, self._seq)
+            took = (time.monotonic() - sent) * 1000
             underlay, _ = self._underlay(peer.endpoint, self.fwmark)
             if ok:
                 search.reply(size, underlay)
+                fastest = took if fastest is None else min(fastest, took)
             else:
                 search.lost(size, underlay)
+        if fastest is not None:
+            self.rtt_ms[peer.public_key] = round(fastest, 3)
         return search
 
     def peer_doc(self, public_key: str) -> dict[str, Any]:

@@ -176,6 +176,7 @@ class PmtuBook:
     retry: float = 60.0
     results: dict[str, PmtuResult] = field(default_factory=dict)
     counters: PmtuCounters = field(default_factory=PmtuCounters)
+    peer_counters: dict[str, PmtuCounters] = field(default_factory=dict)  # by public key
 
     def due(self, peers: Iterable[PeerSeen], now: float) -> PeerSeen | None:
         """The peer most in need of a probe now (never probed first), or None."""
@@ -197,6 +198,7 @@ class PmtuBook:
         """Keep ``search``'s outcome for ``peer``; True if its path MTU changed."""
         before = self.results.get(peer.public_key)
         self.counters.add(search)
+        self.peer_counters.setdefault(peer.public_key, PmtuCounters()).add(search)
         self.results[peer.public_key] = PmtuResult(
             search.result, peer.endpoint, now, search.frag_needed, search.black_hole, search.probes
         )
@@ -207,6 +209,8 @@ class PmtuBook:
         keep = set(keys)
         for key in [k for k in self.results if k not in keep]:
             del self.results[key]
+        for key in [k for k in self.peer_counters if k not in keep]:
+            del self.peer_counters[key]
 
     def path_mtus(self) -> dict[str, int]:
         """Probed path MTUs by public key (peers without one left out)."""

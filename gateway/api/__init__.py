@@ -14,8 +14,10 @@ from gateway.api import (
     login,
     openapi,
     packages,
+    paths,
     policy,
     relay,
+    report,
     stream,
 )
 from gateway.api.common import error_middleware
@@ -65,9 +67,12 @@ def setup_routes(app: web.Application) -> None:
         bootstrap.routes,
         packages.routes,
         policy.routes,
+        paths.routes,
+        report.routes,
         stream.routes,
     )
     for table in tables:
         app.router.add_routes(table)
     relay.setup(app)
     packages.setup(app)
+    paths.setup(app)

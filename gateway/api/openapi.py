@@ -25,8 +25,12 @@ from gateway.api.openapi_parts import errors as _errors
 from gateway.api.openapi_parts import json_body as _json
 from gateway.api.openapi_parts import obj as _obj
 from gateway.api.openapi_parts import ref as _ref
+from gateway.api.openapi_paths import PATHS as PATH_MATRIX_PATHS
+from gateway.api.openapi_paths import SCHEMAS as PATH_MATRIX_SCHEMAS
 from gateway.api.openapi_policy import PATHS as POLICY_PATHS
 from gateway.api.openapi_policy import SCHEMAS as POLICY_SCHEMAS
+from gateway.api.openapi_report import PATHS as REPORT_PATHS
+from gateway.api.openapi_report import SCHEMAS as REPORT_SCHEMAS
 
 __all__ = ["DOCUMENT", "routes"]
 
@@ -230,6 +234,8 @@ _SCHEMAS: dict[str, Any] = {
     **LIFECYCLE_SCHEMAS,
     **POLICY_SCHEMAS,
     **DEVICE_SCHEMAS,
+    **PATH_MATRIX_SCHEMAS,
+    **REPORT_SCHEMAS,
 }
 
 _ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
@@ -460,6 +466,8 @@ _PATHS: dict[str, Any] = {
     **LIFECYCLE_PATHS,
     **POLICY_PATHS,
     **DEVICE_PATHS,
+    **PATH_MATRIX_PATHS,
+    **REPORT_PATHS,
 }
 
 DOCUMENT: dict[str, Any] = {

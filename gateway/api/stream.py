@@ -5,8 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.api.common import EndpointsCallback, bearer_token
-from gateway.api.enroll import MAX_ENDPOINTS, parse_endpoints
-from gateway.appkeys import BROKER, FOLLOWER, STORE
+from gateway.api.enroll import MAX_ENDPOINTS, in_pools, parse_endpoints, tunnel_pools
+from gateway.api.paths import on_paths
+from gateway.appkeys import BROKER, FOLLOWER, SETTINGS, STORE
 from wiregate.errors import BadInput, NotFound, Unauthorized
 from wiregate.logging import get_logger
 from wiregate.mapwire import AgentEndpoints
@@ -38,7 +39,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # the agent comes from a replica further ahead: catch up so it can resume
         await follower.sync(since, SYNC_WAIT_S)
     try:
-        return await broker.serve(request, record.device.id, since, _on_endpoints(request.app))
+        return await broker.serve(
+            request, record.device.id, since, _on_endpoints(request.app), on_paths(request.app)
+        )
     finally:  # when it went away: ephemeral devices are swept ephemeral_timeout later
         await request.app[STORE].touch(record.device.id)
 
@@ -60,9 +63,11 @@ def _agent_endpoints(endpoints: object) -> tuple[str, ...]:
 
 
 def _on_endpoints(app: web.Application) -> EndpointsCallback:
+    pools = tunnel_pools(app[SETTINGS])
+
     async def on_endpoints(device_id: str, report: AgentEndpoints) -> None:
-        try:
-            valid = _agent_endpoints(report.endpoints)
+        try:  # an endpoint in the tunnel pools is left out, as refused addresses are
+            valid = tuple(e for e in _agent_endpoints(report.endpoints) if not in_pools(e, pools))
             changed = await app[STORE].set_endpoints(device_id, valid, report.nat)
         except (BadInput, NotFound) as exc:
             _log.warning("endpoints_refused", device_id=device_id, reason=exc.message)

@@ -36,6 +36,7 @@ __all__ = [
     "LoginRequestRow",
     "MapChangeRow",
     "MetaRow",
+    "PathReportRow",
     "PolicyRow",
     "RateBucketRow",
     "RelayPairRow",
@@ -82,6 +83,9 @@ class IdentityRow(Base):
     subject: Mapped[str] = mapped_column(String(512), nullable=False)
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
     disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
+    # a person's verified email and display name, as the IdP said at their last web approval
+    email: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    name: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
 
 class DeviceRow(Base):
@@ -263,3 +267,28 @@ class PolicyRow(Base):
     document: Mapped[str] = mapped_column(Text, nullable=False)
     actor: Mapped[str] = mapped_column(String(1100), nullable=False)
     at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class PathReportRow(Base):
+    """What ``reporter`` last said of its path to ``peer`` (an agent's ``paths`` message,
+    :mod:`wiregate.pathwire`): one row per pair, replaced by each report, gone with either
+    device."""
+
+    __tablename__ = "path_reports"
+
+    reporter_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    peer_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    path_mtu: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    black_hole: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    frag_needed: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    probe_failures: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    path: Mapped[str] = mapped_column(String(16), nullable=False)
+    relay_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str] = mapped_column(String(200), nullable=False)
+    handshake_age: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rtt_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reported_at: Mapped[float] = mapped_column(Float, nullable=False)

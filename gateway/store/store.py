@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.mapping.ipam import Allocation, Pool, allocate
-from gateway.store import audit, lifecycle, limits, logins, names, policies
+from gateway.store import audit, lifecycle, limits, logins, names, pathreports, policies
 from gateway.store import replication as repl
 from gateway.store.audit import AuditRecord, device_actor, oidc_actor, system_actor
 from gateway.store.batch import GroupCommit, execute_at_commit
@@ -53,7 +53,7 @@ from gateway.store.records import (
     login_record,
 )
 from gateway.store.replication import ChangeKind, ChangeRow
-from gateway.store.rows import Grant, device_query, new_device
+from gateway.store.rows import Grant, device_query, in_list, new_device
 from identity.device_login import Event, decide_poll, normalize_user_code
 from identity.enrollment import (
     KEY_PREFIX,
@@ -69,6 +69,7 @@ from wiregate.errors import ConfigError, Conflict, NotFound, Unauthorized
 from wiregate.keys import parse_public_key
 from wiregate.logging import get_logger
 from wiregate.model import Identity
+from wiregate.pathwire import PathEntry
 
 __all__ = ["DEFAULT_POOL", "MIN_ROTATION_INTERVAL", "UNATTRIBUTED", "Store"]
 
@@ -178,6 +179,11 @@ class Store:
         """Audit records at or after ``since`` (POSIX seconds), newest first."""
         async with self._sessions() as s:
             return await audit.query(s, since, limit)
+
+    async def audit_between(self, since: float, until: float, limit: int) -> list[AuditRecord]:
+        """Audit records with ``since <= at <= until``, oldest first, at most ``limit``."""
+        async with self._sessions() as s:
+            return await audit.between(s, since, until, limit)
 
     async def removed_devices(self, since: float) -> list[tuple[str, float]]:
         """``(device id, when)`` of the devices removed at or after ``since`` (deleted,
@@ -559,6 +565,17 @@ class Store:
             devices = len(await lifecycle.identity_devices(s, row.id))
         return lifecycle.identity_record(row, devices)
 
+    async def set_identity_profile(
+        self, identity: Identity, email: str | None, name: str | None
+    ) -> None:
+        """Record a person's verified email and display name on their identity (not part
+        of the map, not audited: what their IdP said at their last web approval)."""
+        async with self._write() as s:
+            stmt = update(IdentityRow).where(
+                IdentityRow.issuer == identity.issuer, IdentityRow.subject == identity.subject
+            )
+            await s.execute(stmt.values(email=email and email[:320], name=name and name[:255]))
+
     async def revoke_identity(self, ref: int | Identity, *, actor: str) -> list[Removal]:
         """Delete every device of an identity (by id or (issuer, subject))."""
         return await self._identity_change(ref, None, actor)
@@ -714,7 +731,7 @@ class Store:
             wanted = {c.device_id for c in changes if c.kind is UPSERT}
             records: dict[str, DeviceRecord] = {}
             if wanted:
-                rows = await s.execute(device_query().where(DeviceRow.id.in_(wanted)))
+                rows = await s.execute(device_query().where(DeviceRow.id.in_(in_list(wanted))))
                 for d, iss, sub in rows.tuples():
                     records[d.id] = device_record(d, Identity(iss, sub))
         return head, [(c, records.get(c.device_id)) for c in changes]
@@ -744,13 +761,24 @@ class Store:
         async with self._write() as s:
             return await repl.claim_relay_pair(s, a, b, relay_id, expected, self._clock())
 
+    async def record_paths(self, reporter: str, entries: Sequence[PathEntry]) -> None:
+        """Keep ``reporter``'s path report (:mod:`gateway.store.pathreports`); a device
+        gone meanwhile is a :class:`Conflict`."""
+        async with self._write() as s:
+            await pathreports.upsert(s, reporter, entries, self._clock())
+
+    async def list_paths(self, device_id: str | None = None) -> list[pathreports.StoredPath]:
+        """Every path report, or those ``device_id`` made or is the peer of."""
+        async with self._sessions() as s:
+            return await pathreports.read(s, device_id)
+
     async def touch_many(self, device_ids: Collection[str]) -> None:
         """Set ``last_seen`` to now for devices streaming from this replica (their
         presence, read by the ephemeral sweep of whichever replica runs it)."""
         ids = sorted(device_ids)
         for start in range(0, len(ids), 500):
             async with self._write() as s:
-                stmt = update(DeviceRow).where(DeviceRow.id.in_(ids[start : start + 500]))
+                stmt = update(DeviceRow).where(DeviceRow.id.in_(in_list(ids[start : start + 500])))
                 await s.execute(stmt.values(last_seen=self._clock()))
 
     # -- internals -----------------------------------------------------------------

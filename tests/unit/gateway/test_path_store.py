@@ -1,0 +1,14 @@
+"""Path reports in the store on SQLite (the cases: lab/path_store_cases.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lab.path_store_cases import *  # noqa: F403 (its tests and fixtures, here on SQLite)
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'paths.db'}"

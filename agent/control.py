@@ -6,14 +6,17 @@ the socket ``wiregate status`` reads), as tiny JSON over HTTP:
 - ``POST /control`` with ``{"op": "up" | "down" | "logout"}``: answered once done
   (``down``: the interface is gone; ``up``: the tunnel is starting);
 - ``GET /whois?address=ADDR``: the device holding a tunnel address or routed prefix
-  in the agent's current map.
+  in the agent's current map, and its owner as the gateway says
+  (``GET /api/v1/devices/self/whois``: the person's or workload's issuer and
+  subject); ``owner`` is null, with ``owner_note`` saying why, when the gateway
+  cannot be asked.
 
 Errors are ``{"error": {"code": ..., "message": ...}}`` with an HTTP status.
 Whether the tunnel is wanted survives a restart: ``prefs.json`` in the state
 dir (``{"want_running": false}`` after ``wiregate down``).
 
 :class:`TunnelSwitch` runs the tunnel while it is wanted; parsing and
-:func:`whois` are pure.
+:func:`whois` are pure, :func:`with_owner` adds what the gateway says.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "parse_request",
     "save_wanted",
     "whois",
+    "with_owner",
 ]
 
 OPS = ("up", "down", "logout")
@@ -132,9 +136,22 @@ def _whois_doc(
             "addresses": list(addresses),
             "tags": list(tags),
         },
-        # a tagged device is owned by its tags; a person's identity is not in the map
-        "owner": "tagged-devices" if tags else None,
+        "tagged": bool(tags),  # a tagged device is owned by its tags (and its enroller)
+        "owner": None,  # the map does not carry it: see with_owner
     }
+
+
+async def with_owner(
+    doc: dict[str, Any], owner_of: Callable[[str], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    """:func:`whois`'s ``doc`` with the device's owner, as ``owner_of`` (the gateway)
+    says; an error of ``owner_of`` leaves ``owner`` null and says why in ``owner_note``."""
+    try:
+        answer = await owner_of(doc["device"]["id"])
+    except WiregateError as exc:
+        return {**doc, "owner_note": f"the gateway did not say who owns it: {exc.message}"}
+    owner = answer.get("owner")
+    return {**doc, "owner": owner if isinstance(owner, dict) else None}
 
 
 # --------------------------------------------------------------------------- prefs
@@ -261,6 +278,10 @@ class ControlTarget(Protocol):
 
     def current_map(self) -> NetMap | None: ...
 
+    async def owner_of(self, device_id: str) -> dict[str, Any]:
+        """The gateway's whois answer for ``device_id``."""
+        ...
+
 
 def _error(exc: WiregateError) -> web.Response:
     body = {"error": {"code": exc.code, "message": exc.message}}
@@ -279,7 +300,8 @@ def control_routes(agent: ControlTarget) -> list[web.RouteDef]:
 
     async def whois_route(request: web.Request) -> web.Response:
         try:
-            return web.json_response(whois(agent.current_map(), request.query.get("address", "")))
+            doc = whois(agent.current_map(), request.query.get("address", ""))
+            return web.json_response(await with_owner(doc, agent.owner_of))
         except WiregateError as exc:
             return _error(exc)
 

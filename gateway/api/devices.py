@@ -1,4 +1,5 @@
-"""Admin routes for devices: list (with presence), show, rename and retag, expire, delete.
+"""Admin routes for devices: list (with presence), show, rename and retag, expire, delete;
+and ``GET /api/v1/devices/self/whois`` (device token): who owns a device its caller sees.
 
 A device is *online* when its agent holds a map stream: on this gateway, or, with
 replicas, on any of them. Each replica records the presence of the agents streaming
@@ -16,15 +17,25 @@ from aiohttp import web
 from multidict import MultiMapping
 from pydantic import Field, model_validator
 
-from gateway.api.common import StrictModel, admin_actor, device_json, read_json, require_admin
+from gateway.api.common import (
+    StrictModel,
+    admin_actor,
+    bearer_token,
+    device_json,
+    read_json,
+    require_admin,
+)
 from gateway.api.keys import Tag
 from gateway.appkeys import BROKER, CLOCK, SETTINGS, STORE
 from gateway.store import DeviceRecord
 from gateway.store.names import LABEL_PATTERN
-from wiregate.errors import BadInput
+from gateway.store.records import ADMIN_ISSUER, ENROLLMENT_ISSUER
+from wiregate.errors import BadInput, NotFound, Unauthorized
 from wiregate.logging import get_logger
+from wiregate.model import Identity
+from wiregate.settings import GatewaySettings
 
-__all__ = ["DeviceUpdate", "online_test", "routes"]
+__all__ = ["DeviceUpdate", "online_test", "owner_json", "routes"]
 
 routes = web.RouteTableDef()
 _log = get_logger("gateway.api.devices")
@@ -136,3 +147,65 @@ async def delete_device(request: web.Request) -> web.Response:
     request.app[BROKER].remove(device_id, version)
     _log.info("device_deleted", device_id=device_id, version=version)
     return web.Response(status=204)
+
+
+# -- whois (device token) -------------------------------------------------------------
+
+
+def owner_json(
+    identity: Identity,
+    settings: GatewaySettings,
+    email: str | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Who owns a device: its (issuer, subject), what kind of owner that is (``person``,
+    ``workload``, ``enrollment-key``, or ``identity`` when the issuer is not configured
+    here any more), the configured issuer's name (``via``), and a person's verified
+    ``email`` and display ``name`` when known (null otherwise)."""
+    issuer, subject = identity.issuer, identity.subject
+    kind, via = "identity", None
+    if issuer == ENROLLMENT_ISSUER:
+        kind = "enrollment-key"
+    elif issuer == ADMIN_ISSUER:
+        kind, via = "person", "approved by an administrator"
+    else:
+        bare = issuer.rstrip("/")
+        sso = [o.name for o in settings.oidc if o.issuer.rstrip("/") == bare]
+        workload = [w for w in settings.workload_issuers if w.issuer.rstrip("/") == bare]
+        serviceaccount = subject.startswith("system:serviceaccount:")
+        if workload and (not sso or serviceaccount):
+            kind, via = "workload", workload[0].name
+        elif sso:
+            kind, via = "person", sso[0]
+    profile = {"email": email, "name": name}
+    return {"issuer": issuer, "subject": subject, "kind": kind, "via": via, **profile}
+
+
+@routes.get("/api/v1/devices/self/whois")
+async def whois(request: web.Request) -> web.Response:
+    """``?device=ID``: the device (the caller, or one of its peers) with its owner and tags
+    (``wiregate whois``). A device the caller does not peer with is not found, like a
+    missing one."""
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("a device bearer token is required", code="invalid_token")
+    record = await request.app[STORE].device_by_token(token)
+    if set(request.query) != {"device"}:
+        raise BadInput("give device=ID, and nothing else")
+    broker = request.app[BROKER]
+    target_id = request.query["device"]
+    try:
+        caller, target = broker.device(record.device.id), broker.device(target_id)
+    except NotFound:
+        raise NotFound(f"no device {target_id!r} among this device's peers") from None
+    if target.id != caller.id and not broker.may_peer(caller, target):
+        raise NotFound(f"no device {target_id!r} among this device's peers")
+    device = {"id": target.id, "name": target.name, "tags": list(target.tags)}
+    try:
+        known = await request.app[STORE].get_identity(target.identity)
+    except NotFound:  # removed since the broker's change: no profile to show
+        email = name = None
+    else:
+        email, name = known.email, known.name
+    owner = owner_json(target.identity, request.app[SETTINGS], email, name)
+    return web.json_response({"device": device, "owner": owner})

@@ -20,8 +20,10 @@ from identity.tokens import MAX_TOKEN_CHARS
 from wiregate.errors import BadInput, WiregateError
 from wiregate.keys import parse_public_key
 from wiregate.mapwire import parse_endpoint
+from wiregate.net import parse_endpoint as parse_hostport_endpoint
+from wiregate.settings import GatewaySettings
 
-__all__ = ["EnrollBody", "parse_route", "routes"]
+__all__ = ["EnrollBody", "in_pools", "parse_endpoints", "parse_route", "routes", "tunnel_pools"]
 
 routes = web.RouteTableDef()
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -97,14 +99,31 @@ def refuse_route_clashes(broker: Broker, routes: Iterable[str], name: str) -> No
             )
 
 
-def parse_endpoints(texts: Iterable[str]) -> tuple[str, ...]:
-    """Validate endpoints; duplicates are dropped, order is kept."""
-    return tuple(dict.fromkeys(parse_endpoint(t) for t in texts))
+def parse_endpoints(texts: Iterable[str], pools: Iterable[IPNetwork] = ()) -> tuple[str, ...]:
+    """Validate endpoints, refusing one in ``pools`` (the tunnel addresses: what is
+    sent there would go into the tunnel); duplicates are dropped, order is kept."""
+    found = tuple(dict.fromkeys(parse_endpoint(t) for t in texts))
+    for text in found:
+        if in_pools(text, pools):
+            raise BadInput(
+                f"endpoint {text!r} is in the tunnel address pool: never a peer's endpoint"
+            )
+    return found
+
+
+def in_pools(endpoint: str, pools: Iterable[IPNetwork]) -> bool:
+    """Whether the address of ``endpoint`` (a valid endpoint's text) is in ``pools``."""
+    ip = parse_hostport_endpoint(endpoint, allow_names=False, from_peer=False).ip
+    return ip is not None and any(ip.version == p.version and ip in p for p in pools)
+
+
+def tunnel_pools(settings: GatewaySettings) -> tuple[IPNetwork, IPNetwork]:
+    """The tunnel address pools (IPv4, IPv6) addresses are allocated from."""
+    return ipaddress.ip_network(settings.ipv4_pool), ipaddress.ip_network(settings.ipv6_pool)
 
 
 def _pools(request: web.Request) -> tuple[IPNetwork, IPNetwork]:
-    settings = request.app[SETTINGS]
-    return ipaddress.ip_network(settings.ipv4_pool), ipaddress.ip_network(settings.ipv6_pool)
+    return tunnel_pools(request.app[SETTINGS])
 
 
 @routes.post("/api/v1/enroll")
@@ -132,7 +151,7 @@ async def _enroll(request: web.Request, body: EnrollBody) -> Enrolled:
     enroll_request = EnrollRequest(
         public_key=parse_public_key(body.public_key),
         name=body.name,
-        endpoints=parse_endpoints(body.endpoints),
+        endpoints=parse_endpoints(body.endpoints, pools),
         routes=tuple(dict.fromkeys(parse_route(r, pools) for r in body.routes)),
         keepalive=request.app[SETTINGS].default_keepalive,
     )

@@ -1,5 +1,5 @@
-"""OpenAPI pieces for the device routes (list, show, rename and retag, expire, delete)
-and the login requests' list.
+"""OpenAPI pieces for the device routes (list, show, rename and retag, expire, delete,
+a device's whois) and the login requests' list.
 
 Merged into :data:`gateway.api.openapi.DOCUMENT`.
 """
@@ -56,6 +56,30 @@ SCHEMAS: dict[str, Any] = {
     },
     "DeviceUpdated": obj({"device": ref("Device"), "map_version": {"type": "integer"}}),
     "DeviceExpired": obj({"device_id": STR, "reason": STR, "map_version": {"type": "integer"}}),
+    "Whois": obj(
+        {
+            "device": obj({"id": STR, "name": STR, "tags": {"type": "array", "items": STR}}),
+            "owner": obj(
+                {
+                    "issuer": STR,
+                    "subject": STR,
+                    "kind": {
+                        "type": "string",
+                        "enum": ["person", "workload", "enrollment-key", "identity"],
+                    },
+                    "via": {
+                        "type": ["string", "null"],
+                        "description": "the configured issuer's name (or how it was approved)",
+                    },
+                    "email": {
+                        "type": ["string", "null"],
+                        "description": "a person's verified email, once they approved on the web",
+                    },
+                    "name": {"type": ["string", "null"], "description": "a person's name"},
+                }
+            ),
+        }
+    ),
 }
 
 _ID = [{"name": "id", "in": "path", "required": True, "schema": STR}]
@@ -107,6 +131,17 @@ PATHS: dict[str, Any] = {
             "security": ADMIN,
             "responses": {"204": {"description": "deleted"}, **errors(401, 403, 404)},
         },
+    },
+    "/api/v1/devices/self/whois": {
+        "get": {
+            "summary": "Who owns a device the caller peers with, or the caller (wiregate whois)",
+            "security": [{"deviceToken": []}],
+            "parameters": [{"name": "device", "in": "query", "required": True, "schema": STR}],
+            "responses": {
+                "200": json_body(ref("Whois"), "the device, its tags and its owner"),
+                **errors(400, 401, 404),
+            },
+        }
     },
     "/api/v1/devices/{id}/expire": {
         "parameters": _ID,

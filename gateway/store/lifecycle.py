@@ -55,6 +55,8 @@ class IdentityRecord:
     created_at: float
     disabled: bool
     devices: int
+    email: str | None = None  # a person's verified email, once known (web approval)
+    name: str | None = None  # a person's display name, once known
 
 
 async def list_identities(s: AsyncSession) -> list[IdentityRecord]:
@@ -72,7 +74,9 @@ async def list_identities(s: AsyncSession) -> list[IdentityRecord]:
 def identity_record(row: IdentityRow, devices: int) -> IdentityRecord:
     """Convert an identity row (and its device count) to a value."""
     identity = Identity(row.issuer, row.subject)
-    return IdentityRecord(row.id, identity, row.created_at, row.disabled, devices)
+    return IdentityRecord(
+        row.id, identity, row.created_at, row.disabled, devices, row.email, row.name
+    )
 
 
 async def find_identity(s: AsyncSession, ref: int | Identity) -> IdentityRow:

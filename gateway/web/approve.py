@@ -75,6 +75,7 @@ async def approve(
     approved = await store.approve_login_request(
         found.id, session.identity, tags, now, keepalive=keepalive, actor=session.actor
     )
+    await store.set_identity_profile(session.identity, session.email, session.name)
     request.app[BROKER].upsert(approved.record.device, approved.version)
     return render(request, "done.html", title="Device approved", login=found, approved=True)
 

@@ -104,7 +104,10 @@ def test_up_ip_ping_whois_down_up_logout(lab: Lab, gateway: Wiregate) -> None:
     b_v4 = bare(statuses["b"]["device"]["addresses"][0])
     who = cli(gateway, a, "whois", b_v4, *run)
     assert who["device"]["id"] == statuses["b"]["device"]["id"] and who["kind"] == "tunnel"
-    assert who["device"]["tags"] == ["tag:lab"] and who["owner"] == "tagged-devices"
+    assert who["device"]["tags"] == ["tag:lab"] and who["tagged"] is True
+    # its owner, as the gateway says: the enrollment key it enrolled with
+    assert who["owner"]["kind"] == "enrollment-key", who
+    assert who["owner"]["issuer"] == "wiregate:enrollment-key" and who["owner"]["subject"]
     missing = cli(gateway, a, "whois", "192.0.2.77", *run, check=False)
     assert missing["error"]["code"] == "not_found"
 

@@ -138,13 +138,26 @@ def whois(address: str, run_dir: Path, as_json: bool) -> None:
             [
                 f"device   {dev['name']} ({dev['id']})",
                 f"match    {doc.get('match')} ({what.get(doc['kind'], doc['kind'])})",
-                f"owner    {doc.get('owner') or '-'}",
+                f"owner    {_owner_line(doc)}",
                 f"tags     {', '.join(dev['tags']) or '-'}",
                 f"address  {' '.join(dev['addresses'])}",
                 f"key      {dev['public_key']}",
             ]
         )
     )
+
+
+def _owner_line(doc: dict[str, Any]) -> str:
+    """``person Alice <alice@example.com> (subject 123, issuer https://idp, via corp)``,
+    or why it is unknown."""
+    owner = doc.get("owner")
+    if not isinstance(owner, dict):
+        return f"- ({doc.get('owner_note') or 'unknown'})"
+    name, email, via = owner.get("name"), owner.get("email"), owner.get("via")
+    who = str(name or owner.get("subject")) + (f" <{email}>" if email else "")
+    about = [f"subject {owner.get('subject')}"] if name else []
+    about += [f"issuer {owner.get('issuer')}", *([f"via {via}"] if via else [])]
+    return f"{owner.get('kind')} {who} ({', '.join(about)})"
 
 
 @dataclass(frozen=True, slots=True)

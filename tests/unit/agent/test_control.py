@@ -19,6 +19,7 @@ from agent.control import (
     parse_request,
     save_wanted,
     whois,
+    with_owner,
 )
 from agent.status import serve_status
 from wiregate.errors import BadInput, LocalError, NotFound, Unavailable, WiregateError
@@ -74,9 +75,9 @@ def test_whois_tunnel_address_of_a_peer() -> None:
     doc = whois(netmap(), "100.64.0.2")
     assert doc["kind"] == "tunnel" and doc["match"] == "100.64.0.2/32"
     assert doc["device"]["name"] == "host2" and doc["device"]["tags"] == ["tag:k8s"]
-    assert doc["owner"] == "tagged-devices"
+    assert doc["tagged"] is True and doc["owner"] is None  # the map does not say
     v6 = whois(netmap(), "fd7a:7767:6174::3")
-    assert v6["device"]["id"] == "d3" and v6["owner"] is None
+    assert v6["device"]["id"] == "d3" and v6["tagged"] is False
 
 
 def test_whois_routed_prefix_picks_the_most_specific_route() -> None:
@@ -86,6 +87,29 @@ def test_whois_routed_prefix_picks_the_most_specific_route() -> None:
     assert inner["match"] == "10.20.30.0/24"
     assert whois(netmap(), "10.20.30.0/25")["device"]["id"] == "d3"
     assert whois(netmap(), "10.20.0.0/16")["device"]["id"] == "d2"
+
+
+OWNER = {"issuer": "https://idp.example", "subject": "alice", "kind": "person", "via": "corp"}
+
+
+async def test_with_owner_adds_the_gateways_answer_for_the_matched_device() -> None:
+    asked: list[str] = []
+
+    async def owner_of(device_id: str) -> dict[str, Any]:
+        asked.append(device_id)
+        return {"device": {"id": device_id}, "owner": OWNER}
+
+    doc = await with_owner(whois(netmap(), "10.20.30.5"), owner_of)
+    assert asked == ["d3"] and doc["owner"] == OWNER and "owner_note" not in doc
+
+
+async def test_with_owner_says_why_when_the_gateway_cannot_answer() -> None:
+    async def owner_of(device_id: str) -> dict[str, Any]:
+        raise Unavailable("cannot reach the gateway at https://gw.example")
+
+    doc = await with_owner(whois(netmap(), "100.64.0.2"), owner_of)
+    assert doc["owner"] is None and doc["device"]["id"] == "d2"
+    assert "cannot reach the gateway" in doc["owner_note"]
 
 
 def test_whois_self() -> None:
@@ -230,6 +254,9 @@ class FakeAgent:
     def current_map(self) -> NetMap | None:
         return netmap()
 
+    async def owner_of(self, device_id: str) -> dict[str, Any]:
+        return {"device": {"id": device_id}, "owner": {**OWNER, "subject": device_id}}
+
     def status(self) -> dict[str, Any]:
         return {"state": "up"}
 
@@ -243,7 +270,7 @@ async def test_socket_round_trip_and_json_errors(tmp_path: Path) -> None:
         assert await call_agent(sock, "GET", "/status") == {"state": "up"}
         assert (await call_agent(sock, "POST", "/control", {"op": "down"}))["state"] == "down"
         who = await call_agent(sock, "GET", "/whois?address=10.20.30.1")
-        assert who["device"]["id"] == "d3"
+        assert who["device"]["id"] == "d3" and who["owner"]["subject"] == "d3"
         with pytest.raises(WiregateError) as refused:
             await call_agent(sock, "POST", "/control", {"op": "halt"})
         assert (refused.value.code, refused.value.status) == ("bad_input", 400)

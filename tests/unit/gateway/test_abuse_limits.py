@@ -130,6 +130,25 @@ async def test_a_session_signed_out_on_one_replica_is_refused_by_another(
     assert after.status != 200 and "Sign out" not in await after.text()
 
 
+async def test_login_and_guess_budgets_hold_across_replicas(
+    aiohttp_client: ClientFactory, tmp_path: Path, clock: FakeClock
+) -> None:
+    settings = sso_settings(tmp_path)  # two replicas on one database
+    a, b = [
+        await aiohttp_client(create_app(settings, broker_factory=RecordingBroker, clock=clock))
+        for _ in range(2)
+    ]
+    # one address's login requests, alternating replicas: one budget, not one per replica
+    statuses = [await _start(client, LOGIN) for client in [a, b] * 6]
+    assert statuses == [201] * 10 + [429] * 2
+    me = make_session("mallory")
+    guesses = [
+        (await c.get("/login?user_code=BCDF-GHJK", headers=cookie(c, me))).status
+        for c in [a, b] * 6
+    ]
+    assert guesses == [404] * 10 + [429] * 2
+
+
 async def test_an_ipv6_client_is_its_slash_64(
     aiohttp_client: ClientFactory, tmp_path: Path, clock: FakeClock
 ) -> None:

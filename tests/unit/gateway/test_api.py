@@ -372,6 +372,7 @@ async def test_stream_serves_and_persists_endpoints(
         full = await ws.receive_json()
         assert full["type"] == "full" and full["version"] == 2
         assert [p["id"] for p in full["peers"]] == [peer["device"]["id"]]
+        assert full["self"]["pool"] == ["100.64.0.0/16", "fd7a:7767:6174::/64"]
         await ws.send_json({"type": "endpoints", "endpoints": ["198.51.100.4:51820"]})
         for _ in range(100):
             if broker.events[-1][1:] == (device_id, 3):

@@ -21,7 +21,7 @@ from wiregate.cli.host import agent_command
 from wiregate.cli.icmp import build_echo, checksum, parse_reply
 from wiregate.cli.lookup import describe_path, find_peer, pick_addresses
 from wiregate.cli.main import main
-from wiregate.errors import BadInput, NotFound
+from wiregate.errors import BadInput, NotFound, Unavailable
 from wiregate.model import NetMap, Peer, SelfView
 
 KEY = "A" * 43 + "="
@@ -202,6 +202,13 @@ class FakeAgent:
                   tags=("tag:db",))  # fmt: skip
         return NetMap(1, me, {"d2": db})
 
+    async def owner_of(self, device_id: str) -> dict[str, Any]:
+        if device_id == "d1":
+            raise Unavailable("cannot reach the gateway at https://gw.example")
+        owner = {"issuer": "https://idp.example", "subject": "alice", "kind": "person",
+                 "via": "corp", "email": "alice@example.com", "name": "Alice"}  # fmt: skip
+        return {"device": {"id": device_id}, "owner": owner}
+
     def status(self) -> dict[str, Any]:
         return dict(self.doc)
 
@@ -248,8 +255,13 @@ def test_whois(agent: tuple[FakeAgent, Path]) -> None:
     assert result.exit_code == 0, result.output
     assert "db (d2)" in result.stdout and "tag:db" in result.stdout
     assert "10.9.0.0/16 (routed prefix)" in result.stdout
+    owner = "person Alice <alice@example.com> (subject alice, issuer https://idp.example, via corp)"
+    assert f"owner    {owner}" in result.stdout
     doc = json.loads(run("whois", "100.64.0.2", "--json", "--run-dir", str(run_dir)).stdout)
-    assert doc["device"]["id"] == "d2" and doc["owner"] == "tagged-devices"
+    assert doc["device"]["id"] == "d2" and doc["tagged"] is True
+    assert doc["owner"]["subject"] == "alice" and doc["owner"]["email"] == "alice@example.com"
+    mine = run("whois", "100.64.0.1", "--run-dir", str(run_dir))  # the gateway did not answer
+    assert mine.exit_code == 0 and "owner    - (the gateway did not say" in mine.stdout
     bad = run("whois", "not-an-ip", "--json", "--run-dir", str(run_dir))
     assert bad.exit_code == 1 and json.loads(bad.stdout)["error"]["code"] == "bad_input"
 

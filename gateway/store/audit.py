@@ -35,6 +35,7 @@ __all__ = [
     "MAX_LIMIT",
     "AuditRecord",
     "add",
+    "between",
     "check_detail",
     "device_actor",
     "oidc_actor",
@@ -116,6 +117,18 @@ async def query(s: AsyncSession, since: float | None, limit: int) -> list[AuditR
     if since is not None:
         stmt = stmt.where(AuditRow.at >= since)
     rows = (await s.execute(stmt.limit(max(1, min(limit, MAX_LIMIT))))).scalars()
+    return [AuditRecord(r.id, r.at, r.actor, r.action, r.target, dict(r.detail)) for r in rows]
+
+
+async def between(s: AsyncSession, since: float, until: float, limit: int) -> list[AuditRecord]:
+    """Records with ``since <= at <= until``, oldest first, at most ``limit``."""
+    stmt = (
+        select(AuditRow)
+        .where(AuditRow.at >= since, AuditRow.at <= until)
+        .order_by(AuditRow.at, AuditRow.id)
+        .limit(max(1, limit))
+    )
+    rows = (await s.execute(stmt)).scalars()
     return [AuditRecord(r.id, r.at, r.actor, r.action, r.target, dict(r.detail)) for r in rows]
 
 

@@ -1,0 +1,70 @@
+"""The evidence report page in real Chromium: two devices and a live path report, the
+verdicts and the pair drawn, at 1280 and 390 px wide (tables scroll inside their box,
+the page does not), the print stylesheet hiding the console's header and form, a PDF
+printed by Chromium, and a 403 for a person outside the admin groups."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from playwright.async_api import BrowserContext
+
+from lab.gateway_process import Gateway
+from lab.idp import RunningIdp
+from tests.browser.test_paths_page import ENTRY, enroll, report
+from tests.browser.test_sso_pages import sign_in_at, text
+
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(120)]
+NewContext = Callable[[], Awaitable[BrowserContext]]
+
+
+async def test_the_report_page_renders_prints_and_is_for_admins(
+    gateway: Gateway, sso_idp: RunningIdp, new_context: NewContext, tmp_path: Path
+) -> None:
+    key = {"tags": ["tag:ev"], "expiry": 3600, "reusable": True, "ephemeral": False,
+           "description": "evidence"}  # fmt: skip
+    status, created = gateway.admin("POST", "/api/v1/keys", key)
+    assert status == 201, created
+    a, b = [enroll(gateway, created["secret"], n) for n in ("ev-web", "ev-db")]
+    a_id, b_id = a["device"]["id"], b["device"]["id"]
+    await report(gateway, a["token"], replace(ENTRY, peer=b_id))  # relayed, handshake 14 s
+
+    page = await (await new_context()).new_page()
+    await sign_in_at(page, sso_idp, gateway, "/admin/report", "admin-erin")
+    assert await page.locator("script").count() == 0
+    assert await page.locator("#verdict-host_traffic").get_attribute("data-result") == "fail"
+    assert "not encrypted by wiregate" in await text(page, "#verdict-host_traffic")
+    pair = page.locator(f"#pairs tr[data-a='{min(a_id, b_id)}'][data-b='{max(a_id, b_id)}']")
+    assert await pair.count() == 1
+    assert await text(page, f"#pairs tr[data-a='{min(a_id, b_id)}'] .status") == "encrypted"
+    assert await page.locator(f"#devices tr[data-device-id='{a_id}']").count() == 1
+    policy = gateway.admin("GET", "/api/v1/policy")[1]["policy"]
+    assert await text(page, "#policy-hash") == policy["hash"]
+    for width in (1280, 390):
+        await page.set_viewport_size({"width": width, "height": 900})
+        overflow = await page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        wide = await page.evaluate(
+            "[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right"
+            " > document.documentElement.clientWidth).slice(0, 12).map(e => e.tagName + '#' + e.id"
+            " + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))"
+        )
+        assert overflow <= 0, f"the page scrolls sideways at {width} px: {wide}"
+        await page.screenshot(path=str(tmp_path / f"report-{width}.png"), full_page=True)
+    await page.emulate_media(media="print")
+    assert not await page.locator("header").is_visible()
+    assert not await page.locator("#period-form").is_visible()
+    assert await page.locator("#verdicts").is_visible()
+    pdf = await page.pdf(format="A4", print_background=True)  # the bonus: Chromium's PDF
+    assert pdf.startswith(b"%PDF-") and len(pdf) > 5000
+    (tmp_path / "report.pdf").write_bytes(pdf)
+
+    other = await (await new_context()).new_page()
+    await sign_in_at(other, sso_idp, gateway, "/devices", "frank")
+    assert await other.locator("a[href='/admin/report']").count() == 0
+    response = await other.goto(gateway.url + "/admin/report")
+    assert response is not None and response.status == 403

@@ -1,11 +1,12 @@
 """The packet filter as named sets (pure): the table, each peer's elements, the element diff.
 
 The table ``inet wiregate`` is created once (:func:`table_script`); its rules
-never change. What each peer may open lives in named sets, so a peer's change
-is a few ``add element`` / ``delete element`` operations (:func:`element_script`)::
+change only with the mode (below). What each peer may open lives in named sets,
+so a peer's change is a few ``add element`` / ``delete element`` operations
+(:func:`element_script`)::
 
     chain from_tunnel {
-        ct state established,related accept
+        ct state established,related accept                     # only when stateful (below)
         ip saddr @open4 accept                                  # allowed everything
         ip saddr . meta l4proto @proto4 accept                  # a protocol, every port
         ip saddr . meta l4proto . th dport @port4 accept        # a protocol and a port
@@ -17,6 +18,16 @@ is a few ``add element`` / ``delete element`` operations (:func:`element_script`
         meta nfproto . meta l4proto . th dport @any_port accept
         counter name "dropped" drop
     }
+
+The first rule needs connection tracking, which the kernel then does for every
+packet of the namespace, the underlay's WireGuard UDP included (about 8 % of a
+wireguard-go tunnel's CPU per byte on two cores: docs/benchmarks.md). It is left out
+while no peer is restricted (``stateful=False``): every source WireGuard delivers
+(a configured peer's allowed IPs) is then in a set that accepts everything from
+it (``open*``, ``proto*_ranges`` with protocols 0-255, ``any_open``), so each
+packet's verdict is the same without it. The first restricted peer, or the last
+one going, replaces the table in one transaction
+(:class:`~agent.dataplane.firewall.Firewall`).
 
 An element is a pair ``(set name, element text)``, the text in nftables syntax
 (protocols as numbers: ``"100.64.0.2 . 6 . 5432"``). Single addresses go to hash
@@ -93,8 +104,8 @@ SETS |= {
 }
 
 
-def _filter_rules() -> list[str]:
-    rules = ["ct state established,related accept"]
+def _filter_rules(stateful: bool) -> list[str]:
+    rules = ["ct state established,related accept"] if stateful else []
     for v in (4, 6):
         src = f"{_FAMILY[v]} saddr"
         rules += [
@@ -113,11 +124,14 @@ def _filter_rules() -> list[str]:
     ]
 
 
-def table_script(interface: str, *, clamp: bool = False, replace: bool = True) -> str:
+def table_script(
+    interface: str, *, clamp: bool = False, replace: bool = True, stateful: bool = True
+) -> str:
     """The script that replaces ``table inet wiregate`` with the empty sets and the rules.
 
     ``clamp``: also the MSS clamp's maps and chains (:mod:`agent.dataplane.mss`).
     ``replace``: delete the table first (False: there is none, create it).
+    ``stateful``: replies pass by connection tracking (needed once a peer is restricted).
     """
     sets = dict(SETS) | (mss.MAPS if clamp else {})
     hook = f'iifname "{interface}" jump from_tunnel'
@@ -126,7 +140,7 @@ def table_script(interface: str, *, clamp: bool = False, replace: bool = True) -
     body += [
         _block("chain", "input", [_hook("input"), hook]),
         _block("chain", "forward", [_hook("forward"), hook]),
-        _block("chain", "from_tunnel", _filter_rules()),
+        _block("chain", "from_tunnel", _filter_rules(stateful)),
     ]
     if clamp:
         body += [_block("chain", n, lines) for n, lines in mss.chains(interface).items()]

@@ -12,7 +12,13 @@ a map's change is applied as the element operations it needs, one transaction
 through libnftables in this process (:mod:`wiregate.nft`). A repair (the data
 plane's periodic read-back, or after a refused write) reads the table back:
 a table whose sets or rules differ from what was created is created again, and
-elements that drifted are deleted or added one by one.
+elements that drifted are deleted or added one by one. The table is stateful
+(replies pass by connection tracking) only while some peer is restricted: the
+first restricted peer, or the last one going, replaces it in one transaction
+(without it, nothing would be dropped: see :mod:`agent.dataplane.filterset`).
+A connection open when the table becomes stateful is tracked from the next
+packet this device sends on it; a packet from the peer before that is judged as
+a new connection's.
 
 A missing nftables leaves the agent running and reported ("packet filter not
 enforced") when some peer is restricted.
@@ -91,6 +97,7 @@ class Firewall:
         self.enforced = False
         self._book = ElementBook()
         self._skeleton: tuple[str, ...] | None = None  # the table's shape as created here
+        self._stateful = False  # the table created here tracks connections (a peer restricted)
         self._in_sync = False  # the kernel holds the book's elements
 
     @property
@@ -116,7 +123,7 @@ class Firewall:
         book = self._book
         change = book.update_map(netmap, keys=keys, path_mtu=self.path_mtu, validated=validated)
         problems = book.problems
-        if self._in_sync and not repair:
+        if self._in_sync and not repair and self._stateful == book.restricted:
             if not change.add and not change.delete:
                 return problems
             if self._write(element_script(change.delete, change.add)):
@@ -155,8 +162,12 @@ class Firewall:
         listed = self._listing()
         if listed is None:
             self._create(wanted)
-        elif self._skeleton is None or skeleton_of(listed) != self._skeleton:
-            self._replace(wanted)  # not created here, or changed since: replaced at once
+        elif (
+            self._skeleton is None
+            or self._stateful != self._book.restricted
+            or skeleton_of(listed) != self._skeleton
+        ):
+            self._replace(wanted)  # not created here, changed since, or the mode: at once
         else:
             held = listed_elements(listed)
             script = element_script(held - wanted, wanted - held)
@@ -173,16 +184,24 @@ class Firewall:
 
     def _create(self, wanted: frozenset[Element]) -> None:
         """No table: create it empty, note its shape, then fill it (before, nothing filtered)."""
-        self.nft.run(table_script(self.interface, clamp=self.clamp, replace=False))
-        self._skeleton = skeleton_of(self.nft.query_json(_LIST))
+        self.nft.run(self._table(replace=False))
+        self._note_shape()
         if wanted:
             self.nft.run(element_script((), wanted))
 
     def _replace(self, wanted: frozenset[Element]) -> None:
         """Replace the table and its elements in one transaction."""
-        script = table_script(self.interface, clamp=self.clamp)
-        self.nft.run(script + element_script((), wanted))
+        self.nft.run(self._table(replace=True) + element_script((), wanted))
+        self._note_shape()
+
+    def _table(self, *, replace: bool) -> str:
+        """The table for the book: stateful when some peer is restricted."""
+        restricted = self._book.restricted
+        return table_script(self.interface, clamp=self.clamp, replace=replace, stateful=restricted)
+
+    def _note_shape(self) -> None:
         self._skeleton = skeleton_of(self.nft.query_json(_LIST))
+        self._stateful = self._book.restricted
 
     def teardown(self) -> None:
         """Delete the table (nothing to do if it, or nftables, is not there)."""

@@ -153,6 +153,11 @@ def test_the_table_holds_every_set_and_fixed_rules() -> None:
     assert "clamp_out" not in script and "mss4" not in script
     clamped = table_script("wg0", clamp=True)
     assert "\tmap mss4_ranges {\n" in clamped and "maxseg size set rt mtu" in clamped
+    assert "\t\tct state established,related accept\n" in script  # stateful by default
+    stateless = table_script("wg0", clamp=True, stateful=False)
+    assert " ct " not in stateless and stateless == clamped.replace(
+        "\t\tct state established,related accept\n", ""
+    )
 
 
 def test_the_kernels_listing_reads_back_as_the_elements_written() -> None:

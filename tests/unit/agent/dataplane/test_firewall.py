@@ -73,13 +73,39 @@ def test_a_changed_rule_or_a_deleted_table_is_created_again() -> None:
 def test_a_refused_element_write_is_repaired_at_once() -> None:
     nft = FakeNft()
     fw = Firewall("wg0", nft)
-    fw.apply(netmap(peer(2, None), peer(3, None)), repair=True)
+    fw.apply(netmap(peer(2, None), peer(3, None), peer(4, ("udp",))), repair=True)
     nft.elements["open4"].discard("100.64.0.3")  # the delete below will be refused
-    assert fw.apply(netmap(peer(2, None))) == ()
+    assert fw.apply(netmap(peer(2, None), peer(4, ("udp",)))) == ()
     assert nft.elements["open4"] == {"100.64.0.2"} and fw.enforced
     nft.refuse = "Error: Could not process rule: Device or resource busy"
-    problems = fw.apply(netmap(peer(2, ("icmp",))))
-    assert problems == () and nft.elements["proto4"] == {"100.64.0.2 . 1"}  # repaired
+    problems = fw.apply(netmap(peer(2, ("icmp",)), peer(4, ("udp",))))
+    assert problems == () and nft.elements["proto4"] == {"100.64.0.2 . 1", "100.64.0.4 . 17"}
+
+
+def test_connections_are_tracked_only_while_a_peer_is_restricted() -> None:
+    nft = FakeNft()
+    fw = Firewall("wg0", nft)
+    stateful = "ct state established,related accept"
+    fw.apply(netmap(peer(2, None)), repair=True)
+    assert fw.enforced and stateful not in nft.chains["from_tunnel"]  # nothing to track
+    assert nft.elements["open4"] == {"100.64.0.2"}
+    fw.apply(netmap(peer(2, None), peer(3, None)))
+    assert nft.scripts[-1] == (
+        "add element inet wiregate open4 { 100.64.0.3 }\n"
+        "add element inet wiregate open6 { fd7a::3 }\n"
+    )
+    fw.apply(netmap(peer(2, None), peer(3, ("tcp:22",))))  # the first restricted peer
+    assert nft.scripts[-1].startswith("table inet wiregate\ndelete table inet wiregate\n")
+    assert nft.chains["from_tunnel"][0] == stateful  # in one transaction with the elements
+    assert nft.elements["port4"] == {"100.64.0.3 . 6 . 22"}
+    fw.apply(netmap(peer(2, None), peer(3, ("tcp:80",))))
+    assert nft.scripts[-1].startswith("delete element")  # same mode: elements only
+    scripts = len(nft.scripts)
+    assert fw.apply(netmap(peer(2, None), peer(3, ("tcp:80",))), repair=True) == ()
+    assert len(nft.scripts) == scripts  # a repair keeps the stateful table
+    fw.apply(netmap(peer(2, None), peer(3, None)))  # the last restricted peer goes
+    assert stateful not in nft.chains["from_tunnel"] and "table inet" in nft.scripts[-1]
+    assert nft.elements["open4"] == {"100.64.0.2", "100.64.0.3"} and not nft.elements["port4"]
 
 
 def test_a_failing_nftables_is_a_problem_and_retried() -> None:

@@ -39,10 +39,21 @@ class CloseItem:
 
 @dataclass(slots=True)
 class AgentLog:
-    """What an agent was last sent, and the deltas that led there (oldest first)."""
+    """What an agent was last sent, and the deltas that led there (oldest first);
+    ``away_from``: while no stream of the agent is open, the version it had been sent
+    when the last one closed."""
 
     version: int
     entries: deque[AgentDelta]
+    away_from: int | None = None
+
+    def add(self, delta: AgentDelta) -> bool:
+        """Append ``delta`` (the oldest falls out of a full history); whether the log is
+        still of use: not once an agent that is away lost the first delta it missed, as
+        it can only resume from that one or an older (it gets a full map)."""
+        self.entries.append(delta)
+        self.version = delta.version
+        return self.away_from is None or self.entries[0].base <= self.away_from
 
     def since(self, version: int) -> list[AgentDelta] | None:
         """The deltas from ``version`` to the latest, or None if ``version`` is not in reach."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from sqlalchemy import Select, select
@@ -13,7 +14,19 @@ from gateway.store.records import EnrollRequest
 from identity.enrollment import hash_secret
 from wiregate.model import Identity
 
-__all__ = ["Grant", "device_query", "new_device"]
+__all__ = ["Grant", "device_query", "in_list", "new_device"]
+
+
+def in_list(values: Collection[str]) -> list[str]:
+    """``values`` sorted, the last repeated up to a power of two: the values of an ``IN``
+    of one of a few lengths. Each length is a statement of its own, which asyncpg
+    prepares and every pooled connection keeps (SQLAlchemy's cache, 100 a connection):
+    one per number of devices changed or streaming kept growing the replicas' memory
+    in the soak."""
+    padded = sorted(values)
+    if padded:
+        padded += padded[-1:] * ((1 << (len(padded) - 1).bit_length()) - len(padded))
+    return padded
 
 
 def device_query() -> Select[tuple[DeviceRow, str, str]]:

@@ -112,9 +112,8 @@ def growth(old: tracemalloc.Snapshot, new: tracemalloc.Snapshot, top: int) -> li
     traceback, one block of lines each: the allocating frame, then the innermost frames
     of the project (this checkout, outside the virtualenv and the standard library)."""
     lines = []
-    for stat in new.compare_to(old, "traceback")[:top]:
-        if stat.size_diff <= 0:
-            break
+    grew = [stat for stat in new.compare_to(old, "traceback") if stat.size_diff > 0]
+    for stat in sorted(grew, key=lambda stat: -stat.size_diff)[:top]:
         lines.append(f"{stat.size_diff / 1024:+.1f} KiB ({stat.count_diff:+d} blocks), "
                      f"now {stat.size / 1024:.1f} KiB")  # fmt: skip
         *outer, inner = stat.traceback  # oldest first, the allocating frame last

@@ -1,12 +1,19 @@
 """gateway/memory.py: freed C-heap space pinned by live chunks goes back to the system,
-and the app's trim task runs on its interval and stops where the C library cannot trim."""
+the app's trim task runs on its interval and stops trimming where the C library cannot,
+cyclic garbage is collected on the interval, and the source lines logged tracebacks
+read are not kept."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
+import linecache
 import platform
 import subprocess
 import sys
+import traceback
+import weakref
 from pathlib import Path
 
 import pytest
@@ -81,7 +88,22 @@ async def test_the_trim_task_runs_on_its_interval_and_stops_when_unsupported() -
     ctx = trim_ctx(0.01, release)(web.Application()).__aiter__()
     await ctx.__anext__()
     await asyncio.sleep(0.2)
-    assert len(calls) == 3  # stopped after the first False
+    assert len(calls) == 3  # none after the first False
+    with pytest.raises(StopAsyncIteration):
+        await ctx.__anext__()
+
+
+async def test_the_source_lines_of_logged_tracebacks_are_dropped_on_the_interval() -> None:
+    # Formatting a traceback reads each of its files whole into linecache, for good.
+    try:
+        json.loads("{")
+    except ValueError:
+        traceback.format_exc()
+    assert json.decoder.__file__ in linecache.cache
+    ctx = trim_ctx(0.01, lambda: False)(web.Application()).__aiter__()
+    await ctx.__anext__()
+    await asyncio.sleep(0.1)  # on a C library without malloc_trim as well
+    assert linecache.cache == {}
     with pytest.raises(StopAsyncIteration):
         await ctx.__anext__()
 
@@ -99,3 +121,27 @@ async def test_interval_zero_never_trims() -> None:
     with pytest.raises(StopAsyncIteration):
         await ctx.__anext__()
     assert calls == []
+
+
+class Node:
+    """A garbage cycle's member."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_cyclic_garbage_does_not_outlive_an_interval() -> None:
+    ctx = trim_ctx(0.02, lambda: True)(web.Application()).__aiter__()
+    await ctx.__anext__()
+    assert gc.get_freeze_count() > 0  # what the app held as it started: never examined
+    gc.disable()  # only the task collects
+    try:
+        cycles = [weakref.ref(Node()) for _ in range(1000)]
+        assert all(c() is not None for c in cycles)
+        await asyncio.sleep(0.1)
+        assert all(c() is None for c in cycles)
+    finally:
+        gc.enable()
+        with pytest.raises(StopAsyncIteration):
+            await ctx.__anext__()
+    assert gc.get_freeze_count() == 0  # collectable again once the app stopped

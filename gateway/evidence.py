@@ -51,8 +51,10 @@ REVOCATIONS: Final = ("device.delete", "device.expire", "device.replace", "ident
                       "identity.disable", "key.revoke", "login.deny")  # fmt: skip
 POLICY_CHANGES: Final = ("policy.set",)
 HOST_TRAFFIC_UNAVAILABLE: Final = (
-    "host traffic: not encrypted by wiregate (no host-traffic mode in this gateway); only "
-    "traffic to and from tunnel addresses and carried routes goes through WireGuard"
+    "host traffic: not shown to be encrypted: each node chooses its mode (agent setting "
+    "host_traffic: off by default, nonstrict or strict; docs/host-traffic.md) and does not "
+    "report it to the gateway; without it only traffic to and from tunnel addresses and "
+    "carried routes goes through WireGuard"
 )
 Result = Literal["pass", "fail", "info"]
 PairStatus = Literal["encrypted", "no-live-handshake", "unknown"]
@@ -150,7 +152,7 @@ class Facts:
     paths: tuple[PathFact, ...]
     policy: PolicyFact
     relays: tuple[str, ...]  # configured relay ids
-    host_traffic_mode: str | None = None  # None: the gateway has no such mode
+    host_traffic_mode: str | None = None  # None: the nodes' modes are not known here
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +279,7 @@ class _Sources:
         self.policy = Source("policies (store), as GET /api/v1/policy", 1, now)
         self.relays = Source("configured relays (gateway settings), as GET /api/v1/relays",
                              len(facts.relays), now)  # fmt: skip
-        self.host = Source("gateway build: no host-traffic mode (issue 14 item 5 not built)")
+        self.host = Source("agent settings: host_traffic (not reported to the gateway)")
         online = sum(1 for d in facts.devices if d.online)
         self.online = Source("map streams held (broker), else last_seen, as GET "
                              "/api/v1/devices 'online'", online, now)  # fmt: skip

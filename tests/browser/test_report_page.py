@@ -36,7 +36,7 @@ async def test_the_report_page_renders_prints_and_is_for_admins(
     await sign_in_at(page, sso_idp, gateway, "/admin/report", "admin-erin")
     assert await page.locator("script").count() == 0
     assert await page.locator("#verdict-host_traffic").get_attribute("data-result") == "fail"
-    assert "not encrypted by wiregate" in await text(page, "#verdict-host_traffic")
+    assert "not shown to be encrypted" in await text(page, "#verdict-host_traffic")
     pair = page.locator(f"#pairs tr[data-a='{min(a_id, b_id)}'][data-b='{max(a_id, b_id)}']")
     assert await pair.count() == 1
     assert await text(page, f"#pairs tr[data-a='{min(a_id, b_id)}'] .status") == "encrypted"

@@ -120,13 +120,13 @@ def test_carried_routes_leave_the_tunnel_in_clear() -> None:
     assert result == "fail" and items == ("10.0.0.0/24 leaves the tunnel at r",)
 
 
-def test_host_traffic_is_said_to_be_unencrypted_while_the_mode_does_not_exist() -> None:
+def test_host_traffic_is_not_shown_encrypted_while_the_nodes_do_not_report_their_mode() -> None:
     report = build(facts())
     [host] = [v for v in report.verdicts if v.id == "host_traffic"]
     assert host.result == "fail" and host.text == HOST_TRAFFIC_UNAVAILABLE
-    assert "not built" in host.rests_on[0].data
+    assert "not reported to the gateway" in host.rests_on[0].data
     [said] = [s for s in report.statements if s.id == "host_traffic"]
-    assert said.text.startswith("host traffic: not encrypted by wiregate")
+    assert said.text.startswith("host traffic: not shown to be encrypted")
 
 
 def test_disabled_identities_holding_devices() -> None:

@@ -149,7 +149,7 @@ async def test_the_report_page_is_printable_and_says_what_it_rests_on(
     assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
     assert 'id="verdict-pairs_without_live_handshake"' in html and 'data-result="pass"' in html
     assert 'id="verdict-host_traffic" class="verdict fail"' in html
-    assert "host traffic: not encrypted by wiregate" in html
+    assert "host traffic: not shown to be encrypted" in html
     assert f'data-a="{min(a, b)}" data-b="{max(a, b)}" class="pair status-encrypted"' in html
     assert "path_reports (store), as GET /api/v1/paths: 1" in html
     assert 'class="inline no-print period"' in html

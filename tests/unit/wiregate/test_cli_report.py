@@ -17,7 +17,7 @@ def test_the_report_as_text_and_as_json(socket_path: Path) -> None:
     assert created["secret"]
     text = admin(socket_path, "report")
     assert text.startswith("EVIDENCE REPORT ")
-    assert "[FAIL] host_traffic: host traffic: not encrypted by wiregate" in text
+    assert "[FAIL] host_traffic: host traffic: not shown to be encrypted" in text
     assert "[PASS] pairs_without_live_handshake: 0 of 0 pairs" in text
     assert "rests on: devices (store), as GET /api/v1/devices: 0" in text
     assert "policy sha256 " in text and created["secret"] not in text

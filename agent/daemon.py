@@ -513,8 +513,9 @@ class Agent:
 
     async def _host_traffic_periodically(self) -> None:
         """Every few seconds: re-resolve the gateway (exempt), re-read the handshakes and
-        re-route host destinations whose peer went fresh or stale; nudge the stale peers
-        so that a handshake starts (nonstrict sends nothing into the tunnel otherwise)."""
+        re-route host destinations whose peer went fresh or stale; nudge every peer node,
+        so that a handshake starts (nonstrict sends nothing into the tunnel otherwise) and a
+        live peer answers (its passive keepalive is the sign of life between rekeys)."""
         from agent.rotation import nudge
 
         dataplane, every = self.dataplane, min(5.0, self.settings.host_traffic_fresh / 6)
@@ -530,9 +531,9 @@ class Agent:
                 async with self._apply_lock:
                     shaped = self.paths.shape(netmap)
                     await asyncio.to_thread(dataplane.refresh_host_traffic, shaped)
-                stale = dataplane.host.plan.stale_keys
+                keys = dataplane.host.plan.peer_keys  # a live peer answers (passive keepalive)
                 await asyncio.to_thread(
-                    nudge, [p for p in netmap.peers.values() if p.public_key in stale]
+                    nudge, [p for p in netmap.peers.values() if p.public_key in keys]
                 )
             except WiregateError as exc:
                 log.warning("host traffic refresh failed", error=exc.message)

@@ -528,7 +528,7 @@ class AgentSettings(_Base):
     host_traffic: Literal["off", "nonstrict", "strict"] = "off"
     host_addresses: list[str] = []  # host addresses to advertise (kubernetes: + InternalIPs)
     host_traffic_exempt: list[str] = []  # CIDRs never routed into the tunnel: the API server's
-    host_traffic_fresh: float = 180.0  # seconds a handshake counts as fresh (nonstrict)
+    host_traffic_fresh: float = 30.0  # a peer silent this long is stale (nonstrict: clear)
     host_traffic_node_tag: str = "tag:node"  # peers with this tag have host destinations
     rotation_check_interval: float = 60.0  # how often the key's rotation time is checked
     ca_file: Path | None = None  # PEM CA(s) trusted for the gateway's HTTPS, plus the system's
@@ -570,8 +570,8 @@ class AgentSettings(_Base):
     @field_validator("host_traffic_fresh")
     @classmethod
     def _host_fresh(cls, value: float) -> float:
-        if not 0 < value <= 180:
-            raise ValueError("host_traffic_fresh must be in (0, 180] seconds")
+        if not 15 <= value <= 180:  # the nudges' passive keepalives come back within ~10 s
+            raise ValueError("host_traffic_fresh must be 15..180 seconds")
         return value
 
     @field_validator("listen_port")

@@ -216,7 +216,7 @@ class DataPlane:
         last = self._last
         only = None if snap.fresh or last is None else changed_peers(config.device, last)
         update = diff(config.device, snap.device, last, only)
-        self.host.saw_handshakes({k: p.last_handshake for k, p in snap.device.peers.items()})
+        self.host.saw_peers(snap.device.peers.values())
         wanted = self.host.link(netmap, config)
         self._belief.forget()  # until the writes are known to have gone through
         finish = backend.begin_write(self.interface, update)
@@ -259,7 +259,7 @@ class DataPlane:
             return False
         backend, _ = self._require()
         live = backend.read(self.interface)
-        self.host.saw_handshakes({k: p.last_handshake for k, p in live.peers.items()})
+        self.host.saw_peers(live.peers.values())
         if not self.host.replan_needed():
             return False
         self.apply(netmap)

@@ -9,10 +9,11 @@ kernel itself except through the injected nftables runner.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, Protocol
 
+from agent.dataplane.backend import LivePeer
 from agent.dataplane.desired import DesiredConfig, DesiredLink
 from agent.dataplane.hosttraffic import (
     HostPlan,
@@ -57,7 +58,8 @@ class HostTraffic:
         self.problem: str | None = None  # the packet filter could not be written
         self._nft = nft
         self._wall = wall
-        self._handshakes: dict[str, float | None] = {}
+        self._handshakes: dict[str, float | None] = {}  # key -> last sign of life
+        self._rx: dict[str, int] = {}  # key -> rx bytes at the last look
         self._ruleset: str | None = None  # the script last written
         self._inputs: tuple[NetMap, DesiredConfig] | None = None
 
@@ -65,9 +67,16 @@ class HostTraffic:
         """Use ``policy`` (e.g. a newly resolved gateway address) from the next plan on."""
         self.policy = policy
 
-    def saw_handshakes(self, handshakes: Mapping[str, float | None]) -> None:
-        """Record WireGuard's latest handshakes (public key -> POSIX seconds)."""
-        for key, last in handshakes.items():
+    def saw_peers(self, peers: Iterable[LivePeer]) -> None:
+        """Record each live peer's last sign of life: its latest handshake, or now if it
+        sent something since the last look (rx grew: a passive keepalive answering a
+        nudge, or any traffic), so a live idle peer stays fresh between rekeys."""
+        now = self._wall()
+        for peer in peers:
+            key, last = peer.public_key, peer.last_handshake or 0.0
+            if peer.rx > self._rx.get(key, peer.rx):
+                last = max(last, now)
+            self._rx[key] = peer.rx
             if last:
                 self._handshakes[key] = max(last, self._handshakes.get(key) or 0.0)
 

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 MODES = ("off", "nonstrict", "strict")
-FRESH_SECONDS = 180.0  # WireGuard's Reject-After-Time: no session survives an older handshake
+FRESH_SECONDS = 30.0  # no sign of life (handshake or any packet) for this long: stale
 HOST_TABLE = "wiregate-host"
 
 ENCRYPTED = "encrypted"  # routed into the tunnel, the peer has a fresh handshake
@@ -118,6 +118,11 @@ class HostPlan:
     def stale_keys(self) -> frozenset[str]:
         """Peers without a fresh handshake that have host destinations (to be nudged)."""
         return frozenset(d.public_key for d in self.destinations if d.state in (CLEAR, HELD))
+
+    @property
+    def peer_keys(self) -> frozenset[str]:
+        """Peers with a non-exempt host destination (nudged, so a live one answers)."""
+        return frozenset(d.public_key for d in self.destinations if d.state != EXEMPT)
 
     def routes(self, routes: frozenset[IPNetwork]) -> frozenset[IPNetwork]:
         """``routes`` (the tunnel table's, from the map) less the withheld host routes."""

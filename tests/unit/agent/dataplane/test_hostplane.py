@@ -134,3 +134,23 @@ def test_live_peer_handshake_is_seen_on_apply() -> None:
     dp.apply(replace(nm, version=2))
     assert HOST3 in links.live.routes
     assert isinstance(backend.devices[IFACE].peers[nm.peers["d1"].public_key], LivePeer)
+
+
+def test_a_live_idle_peer_stays_fresh_by_what_it_sends() -> None:
+    dp, backend, links, _, wall = make("nonstrict")
+    nm = nodes()
+    dp.apply(nm)
+    shake(backend, nm, 0, WALL - 5)
+    dp.refresh_host_traffic(nm)
+    key = nm.peers["d0"].public_key
+    for _ in range(10):  # 100 s without a new handshake, but a keepalive each time
+        wall[0] += 10
+        device = backend.devices[IFACE]
+        peers = dict(device.peers)
+        peers[key] = replace(peers[key], rx=peers[key].rx + 32)
+        backend.devices[IFACE] = replace(device, peers=peers)
+        dp.refresh_host_traffic(nm)
+        assert HOST2 in links.live.routes
+    wall[0] += 31  # then silence: stale, back to clear
+    dp.refresh_host_traffic(nm)
+    assert HOST2 not in links.live.routes

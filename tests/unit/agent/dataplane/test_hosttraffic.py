@@ -87,6 +87,7 @@ def test_nonstrict_routes_only_peers_with_a_fresh_handshake() -> None:
     assert net("10.0.0.3/32") not in kept and net("10.0.0.4/32") not in kept
     assert net("10.244.3.0/24") in kept  # pod CIDRs are not host traffic: always routed
     assert p.stale_keys == {"key3", "key4"}
+    assert p.peer_keys == {"key2", "key3", "key4"}
     assert p.guarded == frozenset()
 
 
@@ -171,5 +172,5 @@ def test_invariants(ids: list[int], shakes: dict[int, float], mode: str, exempt:
         elif mode == "strict":  # never in clear
             assert d.address in routes and d.address in p.guarded
         else:  # in the tunnel exactly when fresh
-            fresh = NOW - shakes.get(int(str(d.address.network_address).split(".")[3]), 0) < 180
+            fresh = NOW - shakes.get(int(str(d.address.network_address).split(".")[3]), 0) < 30
             assert (d.address in routes) == fresh

@@ -3,7 +3,7 @@
 One lab cluster of two nodes (lab/cluster.py) whose agents run with
 ``host_traffic = strict``: every packet from ``n1`` to ``n2``'s InternalIP goes through
 wireguard-go. The clear figure is measured on the same two nodes in the same run:
-iperf3 to a second port whose packets ``n1`` marks with the agent's fwmark (an
+iperf3 to a second port whose packets both nodes mark with the agent's fwmark (an
 nftables route chain), so the policy rule sends them by the main table, in clear,
 exactly as WireGuard's own packets go. Runs alternate between the two paths; the
 sending side (iperf3 client and its wireguard-go) is pinned to CPU 0 and the
@@ -50,12 +50,13 @@ routes:
 """
 
 
-def clear_by_mark(host: Host, port: int) -> None:
-    """Mark ``host``'s TCP to ``port`` with the fwmark: routed by the main table, in clear."""
+def clear_by_mark(host: Host, match: str) -> None:
+    """Mark ``host``'s TCP packets matching ``match`` (``dport 5202``) with the fwmark:
+    routed by the main table, in clear."""
     script = (
         "table inet bench-clear {\n  chain out {\n"
         "    type route hook output priority -150; policy accept;\n"
-        f"    tcp dport {port} meta mark set {FWMARK:#x}\n  }}\n}}\n"
+        f"    tcp {match} meta mark set {FWMARK:#x}\n  }}\n}}\n"
     )
     host.run(["nft", "-f", "-"], input=script)
 
@@ -99,7 +100,8 @@ def _measure(lab: Lab, rounds: int, seconds: int) -> dict[str, list[float]]:
     route = n1.run(["ip", "route", "get", n2.addr]).stdout
     if f"dev {n1.wg_ifname}" not in route:
         raise RuntimeError(f"n2's InternalIP is not routed into the tunnel: {route}")
-    clear_by_mark(n1, CLEAR_PORT)
+    clear_by_mark(n1, f"dport {CLEAR_PORT}")  # the data
+    clear_by_mark(n2, f"sport {CLEAR_PORT}")  # and the ACKs: both ways in clear
     serve(n2, TUNNEL_PORT)
     serve(n2, CLEAR_PORT)
     pin_wireguard(n1, SENDER_CPU)

@@ -181,6 +181,15 @@ def test_strict_never_in_clear_and_no_lock_out(lab: Lab, gateway: Wiregate, tmp_
     assert clear_kubelet(packets) == []
     assert_control_plane_reachable(n2, gateway)
 
+    # even with the tunnel table bypassed (flushed behind the agent's back), the filter
+    # drops clear packets to the peer node, and counts them
+    n2.host.run(["ip", "route", "flush", "table", "51820"])
+    said, packets = exchange_captured(n2, n1, tmp_path / "bypassed.pcap")
+    assert said != "hello" and clear_kubelet(packets) == []
+    counter = n2.host.run(["nft", "list", "counter", "inet", "wiregate-host", "clear_out"]).stdout
+    assert "packets 0 " not in counter, counter
+    assert_control_plane_reachable(n2, gateway)
+
     # a revoked peer leaves the mesh: no longer a host destination, reached in clear
     ids = {p["name"]: p["id"] for p in gateway.status(a2)["peers"]}
     gateway.admin("devices", "remove", ids["n3"])

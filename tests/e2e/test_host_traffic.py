@@ -16,7 +16,7 @@ import pytest
 
 from lab.capture import parse_frame, read_pcap, start_capture
 from lab.cluster import KUBE_API, Cluster, Node, tcp_exchange
-from lab.harness import INTERNET_GATEWAY, Agent, Host, Lab, Process, Wiregate, poll
+from lab.harness import INTERNET_GATEWAY, WG_PORT, Agent, Host, Lab, Process, Wiregate, poll
 from lab.tcp_listener import LISTENER
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
@@ -102,8 +102,10 @@ def clear_kubelet(packets: list[Any]) -> list[Any]:
     return [p for p in packets if p.proto == 6 and KUBELET in (p.sport, p.dport)]
 
 
-def wireguard(packets: list[Any]) -> list[Any]:
-    return [p for p in packets if p.proto == 17 and 51820 in (p.sport, p.dport)]
+def only_wireguard_between(packets: list[Any], a: Node, b: Node) -> bool:
+    """Every packet between the two nodes' InternalIPs is WireGuard UDP (and there are some)."""
+    between = [p for p in packets if {p.src, p.dst} == {a.host.addr, b.host.addr}]
+    return bool(between) and all(p.proto == 17 and WG_PORT in (p.sport, p.dport) for p in between)
 
 
 def two_nodes(
@@ -136,7 +138,7 @@ def test_nonstrict_encrypts_node_traffic_and_falls_back_in_clear_counted(
 
     said, packets = exchange_captured(n2, n1, tmp_path / "tunnel.pcap")
     assert said == "hello"
-    assert clear_kubelet(packets) == [] and wireguard(packets)
+    assert clear_kubelet(packets) == [] and only_wireguard_between(packets, n1, n2)
     route = n2.host.run(["ip", "route", "get", n1.host.addr]).stdout
     assert f"dev {a2.iface}" in route, route
 
@@ -154,7 +156,7 @@ def test_strict_never_in_clear_and_no_lock_out(lab: Lab, gateway: Wiregate, tmp_
     cluster, (n1, n2, n3), (a1, a2), _ = two_nodes(lab, gateway, "strict", extra=1)
     wait_state(gateway, a2, n1.host.addr, "encrypted")
     said, packets = exchange_captured(n2, n1, tmp_path / "tunnel.pcap")
-    assert said == "hello" and clear_kubelet(packets) == [] and wireguard(packets)
+    assert said == "hello" and only_wireguard_between(packets, n1, n2)
 
     # a new node joins from nothing: it reaches the API server and the gateway to enroll
     key = gateway.create_key(tags="tag:node")
@@ -162,7 +164,7 @@ def test_strict_never_in_clear_and_no_lock_out(lab: Lab, gateway: Wiregate, tmp_
     gateway.wait_mesh([a1, a2, a3], timeout=60)
     wait_state(gateway, a3, n1.host.addr, "encrypted")
     said, packets = exchange_captured(n3, n1, tmp_path / "joined.pcap")
-    assert said == "hello" and clear_kubelet(packets) == []
+    assert said == "hello" and only_wireguard_between(packets, n1, n3)
     assert_control_plane_reachable(n3, gateway)
 
     # a gateway outage: the tunnels stay (fail static), the API server stays reachable

@@ -206,8 +206,8 @@ class HostTracker:
 def host_ruleset(interface: str, fwmark: int, plan: HostPlan) -> str:
     """The nftables script of table ``inet wiregate-host`` for ``plan``.
 
-    Packets leaving the host for a watched address through anything but the
-    tunnel interface, and not marked as WireGuard's own, are counted
+    Packets the host sends or forwards to a watched address through anything but
+    the tunnel interface, and not marked as WireGuard's own, are counted
     (``clear_out``); in strict mode they are dropped as well. Exempt addresses
     are never in the sets. An empty plan deletes the table.
     """
@@ -220,16 +220,23 @@ def host_ruleset(interface: str, fwmark: int, plan: HostPlan) -> str:
         "  counter clear_out { }",
         *_set("hosts4", "ipv4_addr", plan.watched, 4),
         *_set("hosts6", "ipv6_addr", plan.watched, 6),
-        "  chain out {",
-        "    type filter hook output priority 0; policy accept;",
+        *_chain("out", "output", interface, fwmark, verdict),
+        *_chain("routed", "forward", interface, fwmark, verdict),
+        "}",
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def _chain(name: str, hook: str, interface: str, fwmark: int, verdict: str) -> list[str]:
+    return [
+        f"  chain {name} {{",
+        f"    type filter hook {hook} priority 0; policy accept;",
         f'    oifname "{interface}" accept',
         f"    meta mark {fwmark:#x} accept",
         f'    ip daddr @hosts4 counter name "clear_out"{verdict}',
         f'    ip6 daddr @hosts6 counter name "clear_out"{verdict}',
         "  }",
-        "}",
     ]
-    return head + "\n".join(lines) + "\n"
 
 
 def _set(name: str, kind: str, nets: frozenset[IPNetwork], version: int) -> list[str]:

@@ -147,6 +147,7 @@ def test_ruleset_strict_drops_and_nonstrict_counts() -> None:
     assert "elements = { 10.0.0.2 }" in text and "elements = { 2001:db8::2 }" in text
     assert 'counter name "clear_out" drop' in text
     assert "meta mark 0xca6c accept" in text and 'oifname "wg0" accept' in text
+    assert "hook output" in text and "hook forward" in text  # sent and forwarded alike
     loose = host_ruleset("wg0", 0xCA6C, plan(peers, {}, HostPolicy(mode="nonstrict")))
     assert "drop" not in loose and 'counter name "clear_out"' in loose
 

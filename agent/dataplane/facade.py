@@ -122,8 +122,9 @@ class DataPlane:
         # in-memory link layers (tests) get no kernel packet filter unless one is injected
         self.firewall = firewall or Firewall(interface, None if links is None else _NO_NFT)
         # the nodes' own traffic (docs/host-traffic.md): host routes withheld or guarded
+        nft = host_nft if host_nft is not None or links is None else _NoNft()
         self.host = HostTraffic(
-            host_policy or HostPolicy(), interface=interface, fwmark=fwmark, nft=host_nft, wall=wall
+            host_policy or HostPolicy(), interface=interface, fwmark=fwmark, nft=nft, wall=wall
         )
 
     # --- lifecycle ---------------------------------------------------------
@@ -307,6 +308,13 @@ class DataPlane:
 
 
 _NO_NFT = Unavailable("no packet filter with an in-memory link layer", "inject a Firewall")
+
+
+class _NoNft:
+    """The host-traffic filter's runner with an in-memory link layer: nothing to write to."""
+
+    def run(self, script: str) -> None:
+        raise DataPlaneError("no packet filter with an in-memory link layer")
 
 
 def _is_wireguard_link(links: LinkLayer, interface: str) -> bool:

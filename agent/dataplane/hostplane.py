@@ -103,7 +103,11 @@ class HostTraffic:
         """Write the ``inet wiregate-host`` table if the plan's sets changed (a failure
         is kept in :attr:`problem`; the last table stays)."""
         script = host_ruleset(self.interface, self.fwmark, self.plan)
-        if script == self._ruleset or (self._ruleset is None and not self.plan.destinations):
+        if script == self._ruleset:
+            return
+        if self._ruleset is None and not self.plan.destinations:
+            self._ruleset = script
+            self._quietly(script)  # a table an earlier run left (mode changed): gone
             return
         try:
             self._runner().run(script)
@@ -114,13 +118,17 @@ class HostTraffic:
         self._ruleset, self.problem = script, None
 
     def remove_filter(self) -> None:
-        """Delete the table (teardown)."""
-        if self._ruleset is not None:
-            try:
-                self._runner().run(host_ruleset(self.interface, self.fwmark, HostPlan()))
-            except WiregateError as exc:
-                log.warning("host traffic filter not removed", error=exc.message)
-            self._ruleset = None
+        """Delete the table (teardown), also one an earlier run of the agent wrote."""
+        if self._ruleset is not None or self.policy.enabled:
+            self._quietly(host_ruleset(self.interface, self.fwmark, HostPlan()))
+        self._ruleset = None
+
+    def _quietly(self, script: str) -> None:
+        """Run ``script``; a failure (no nftables, no table) is only logged."""
+        try:
+            self._runner().run(script)
+        except WiregateError as exc:
+            log.info("host traffic filter not removed", error=exc.message)
 
     def _runner(self) -> NftRunner:
         if self._nft is None:

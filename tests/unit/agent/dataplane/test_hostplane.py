@@ -96,11 +96,25 @@ def test_exempt_address_stays_out_of_the_tunnel_and_the_filter() -> None:
     assert "10.0.0.2" not in nft.scripts[-1]
 
 
-def test_off_keeps_todays_behaviour_and_writes_no_filter() -> None:
+def test_off_keeps_todays_behaviour_and_removes_a_left_over_filter_once() -> None:
     dp, _, links, nft, _ = make("off")
     dp.apply(nodes())
     assert {HOST2, HOST3} <= links.live.routes
-    assert nft.scripts == [] and dp.refresh_host_traffic(nodes()) is False
+    assert len(nft.scripts) == 1 and "delete table inet wiregate-host" in nft.scripts[0]
+    dp.apply(replace(nodes(), version=2))
+    assert len(nft.scripts) == 1 and dp.refresh_host_traffic(nodes()) is False
+
+
+def test_off_without_nftables_is_no_problem() -> None:
+    dp, _, _, nft, _ = make("off")
+    nft.fail = True
+    assert dp.apply(nodes()).problems == ()
+
+
+def test_teardown_after_a_restart_removes_the_table_a_previous_run_wrote() -> None:
+    dp, _, _, nft, _ = make("strict")  # a new agent process: it wrote nothing yet
+    dp.teardown()
+    assert nft.scripts[-1].rstrip().endswith("delete table inet wiregate-host")
 
 
 def test_a_filter_failure_is_a_problem_not_a_crash() -> None:

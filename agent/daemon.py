@@ -33,6 +33,7 @@ from agent.gateway_client import (
     server_urls,
     workload_token_source,
 )
+from agent.hostsetup import advertised_host_routes, gateway_addresses, host_policy
 from agent.keyfile import KEY_FILE, load_or_create_key
 from agent.metrics import serve_metrics
 from agent.pathreport import PathReporter, entry_for
@@ -115,6 +116,7 @@ class Agent:
         # the latest handshake WireGuard reported per peer key: a peer removed and re-added
         # to probe a path starts at "never" in WireGuard, not in ``wiregate status``
         self._handshakes: dict[str, float] = {}
+        self._gateway_addresses: frozenset[Any] = frozenset()  # host traffic: exempt
         self.names = Names(settings)  # the mesh domain's DNS server (docs/names.md)
         self.switch: TunnelSwitch | None = None  # `wiregate up` / `down` (agent.control)
         self.tunnel_up = False  # the interface exists and carries the map
@@ -195,6 +197,8 @@ class Agent:
             tasks.append(asyncio.create_task(self._netcheck_periodically()))
         tasks.append(asyncio.create_task(self.rotation.run()))
         tasks.append(asyncio.create_task(self._report_paths_periodically()))
+        if self.settings.host_traffic != "off":
+            tasks.append(asyncio.create_task(self._host_traffic_periodically()))
         if self.settings.pmtu_interval > 0:
             self.pmtu = PmtuProber(
                 dataplane, lambda: self.session.netmap, self._apply,
@@ -370,7 +374,19 @@ class Agent:
             resync_interval=s.reconcile_interval,
             userspace_binary=s.userspace_binary,
             run_dir=s.run_dir,
+            host_policy=host_policy(s, self._gateway_exempt()),
         )
+
+    def _gateway_exempt(self) -> frozenset[Any]:
+        """The gateway replicas' addresses (never routed into the tunnel); the last ones
+        resolved are kept when a name does not resolve now."""
+        if self.settings.host_traffic == "off":
+            return frozenset()
+        found = frozenset().union(
+            *(gateway_addresses(u) for u in server_urls(self.settings.server))
+        )
+        self._gateway_addresses = found or self._gateway_addresses
+        return self._gateway_addresses
 
     async def _enroll(self, control: ControlClient) -> Enrollment:
         s = self.settings
@@ -381,7 +397,7 @@ class Agent:
         name = self.settings.hostname or socket.gethostname()
         from agent.kubenode import advertised_routes  # pod CIDRs when kubernetes = true
 
-        routes = await advertised_routes(self.settings)
+        routes = [*await advertised_routes(self.settings), *await advertised_host_routes(s)]
         endpoints = await self._endpoints()
         token = None if source is None else read_workload_token(source)  # read now: it rotates
         enrollment = await control.enroll(
@@ -546,6 +562,33 @@ class Agent:
                 except WiregateError as exc:
                     log.warning("periodic reconcile failed", error=exc.message)
 
+    async def _host_traffic_periodically(self) -> None:
+        """Every few seconds: re-resolve the gateway (exempt), re-read the handshakes and
+        re-route host destinations whose peer went fresh or stale; nudge every peer node,
+        so that a handshake starts (nonstrict sends nothing into the tunnel otherwise) and a
+        live peer answers (its passive keepalive is the sign of life between rekeys)."""
+        from agent.rotation import nudge
+
+        dataplane, every = self.dataplane, min(5.0, self.settings.host_traffic_fresh / 6)
+        assert dataplane is not None
+        while True:
+            await asyncio.sleep(every)
+            netmap = self.session.netmap
+            if netmap is None:
+                continue
+            try:
+                exempt = await asyncio.to_thread(self._gateway_exempt)
+                dataplane.host.set_policy(host_policy(self.settings, exempt))
+                async with self._apply_lock:
+                    shaped = self.paths.shape(netmap)
+                    await asyncio.to_thread(dataplane.refresh_host_traffic, shaped)
+                keys = dataplane.host.plan.peer_keys  # a live peer answers (passive keepalive)
+                await asyncio.to_thread(
+                    nudge, [p for p in netmap.peers.values() if p.public_key in keys]
+                )
+            except WiregateError as exc:
+                log.warning("host traffic refresh failed", error=exc.message)
+
     async def _map_changed(self, netmap: NetMap) -> None:
         """A new map: the path machines learn of new, gone and moved peers first, so
         the data plane is written once with the endpoints they choose."""
@@ -599,6 +642,7 @@ class Agent:
             "netcheck": self.netreport.to_dict() if self.netreport else None,
             "pmtu": self.pmtu.to_dict() if self.pmtu else None,
             "dns": self.names.to_dict(),
+            "host_traffic": dataplane.host.to_dict() if dataplane else None,
             "peers": [
                 _peer_doc(p, live.get(p.public_key), self.paths.report(p.id))
                 | {"last_handshake": self._last_handshake(p.public_key, live.get(p.public_key))}

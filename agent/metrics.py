@@ -95,6 +95,7 @@ class AgentCollector(Collector):
         yield from _agent(doc)
         yield from _pmtu(doc.get("pmtu") or {})
         yield from _firewall(doc.get("firewall"))
+        yield from _host_traffic(doc.get("host_traffic"))
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -103,6 +104,25 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
+
+
+def _host_traffic(doc: Mapping[str, Any] | None) -> Iterable[Metric]:
+    """Host traffic (docs/host-traffic.md): destinations by state, fallbacks to clear."""
+    if not doc or doc.get("mode") == "off":
+        return
+    states = GaugeMetricFamily(
+        "wiregate_agent_host_destinations",
+        "Peer nodes' host addresses by state (encrypted, held, clear, exempt).",
+        labels=["state"],
+    )
+    for state, count in sorted((doc.get("counts") or {}).items()):
+        states.add_metric([str(state)], float(count))
+    yield states
+    yield _counter(
+        "wiregate_agent_host_fallbacks",
+        "Times a peer node's host address fell back to clear (nonstrict).",
+        float(doc.get("fallbacks") or 0),
+    )
 
 
 def _gateway(gw: Mapping[str, Any]) -> Iterable[Metric]:

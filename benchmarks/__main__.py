@@ -46,6 +46,7 @@ BENCHMARKS = (
     "stun",
     "paths",
     "dns",
+    "host_tunnel",
 )
 RESULTS = Path(__file__).with_name("results.json")
 QUICK = ("netmap", "reconcile", "enroll")  # seconds each; those present are run

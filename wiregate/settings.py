@@ -522,6 +522,14 @@ class AgentSettings(_Base):
     kube_service_cidrs: list[str] = []
     # gateway mode: also advertise every agent-less Node's pod CIDRs and forward onward
     kube_gateway: bool = False
+    # -- the node's own traffic through the tunnel (docs/host-traffic.md) ---------------
+    # off; nonstrict (a peer node without a fresh handshake is reached in clear, counted);
+    # strict (never in clear). On, this node also advertises its host addresses as routes.
+    host_traffic: Literal["off", "nonstrict", "strict"] = "off"
+    host_addresses: list[str] = []  # host addresses to advertise (kubernetes: + InternalIPs)
+    host_traffic_exempt: list[str] = []  # CIDRs never routed into the tunnel: the API server's
+    host_traffic_fresh: float = 30.0  # a peer silent this long is stale (nonstrict: clear)
+    host_traffic_node_tag: str = "tag:node"  # peers with this tag have host destinations
     rotation_check_interval: float = 60.0  # how often the key's rotation time is checked
     ca_file: Path | None = None  # PEM CA(s) trusted for the gateway's HTTPS, plus the system's
     tags: list[str] = []
@@ -548,6 +556,23 @@ class AgentSettings(_Base):
             return [str(ipaddress.ip_network(cidr, strict=True)) for cidr in value]
         except ValueError as exc:
             raise ValueError(f"dns_allow: {exc} (CIDRs such as 10.244.1.0/24)") from None
+
+    @field_validator("host_addresses", "host_traffic_exempt")
+    @classmethod
+    def _host_networks(cls, value: list[str]) -> list[str]:
+        try:
+            return [str(ipaddress.ip_network(cidr, strict=True)) for cidr in value]
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc} (addresses or CIDRs such as 10.0.0.12 or 10.0.0.0/24)"
+            ) from None
+
+    @field_validator("host_traffic_fresh")
+    @classmethod
+    def _host_fresh(cls, value: float) -> float:
+        if not 15 <= value <= 180:  # the nudges' passive keepalives come back within ~10 s
+            raise ValueError("host_traffic_fresh must be 15..180 seconds")
+        return value
 
     @field_validator("listen_port")
     @classmethod

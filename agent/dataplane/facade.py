@@ -27,6 +27,8 @@ from pathlib import Path
 from agent.dataplane.backend import WireGuardBackend
 from agent.dataplane.desired import DesiredBuilder, DesiredDevice, DesiredLink, LocalSettings
 from agent.dataplane.firewall import Firewall, Unavailable
+from agent.dataplane.hostplane import HostTraffic, NftRunner
+from agent.dataplane.hosttraffic import HostPolicy
 from agent.dataplane.livestate import LiveBelief, Snapshot
 from agent.dataplane.mtu import DEFAULT_UNDERLAY_MTU, tunnel_mtu, underlay_mtu
 from agent.dataplane.netlink import KernelUnsupported, NetlinkBackend
@@ -91,6 +93,9 @@ class DataPlane:
         wireguard: WireGuardBackend | None = None,
         links: LinkLayer | None = None,
         firewall: Firewall | None = None,
+        host_policy: HostPolicy | None = None,
+        host_nft: NftRunner | None = None,
+        wall: Clock = time.time,
     ) -> None:
         _check_config(interface, fwmark, backend, private_key)
         self.interface = interface
@@ -116,6 +121,11 @@ class DataPlane:
         self._mtu_for: tuple[str | None, int] | None = None  # (first endpoint, tunnel MTU)
         # in-memory link layers (tests) get no kernel packet filter unless one is injected
         self.firewall = firewall or Firewall(interface, None if links is None else _NO_NFT)
+        # the nodes' own traffic (docs/host-traffic.md): host routes withheld or guarded
+        nft = host_nft if host_nft is not None or links is None else _NoNft()
+        self.host = HostTraffic(
+            host_policy or HostPolicy(), interface=interface, fwmark=fwmark, nft=nft, wall=wall
+        )
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -171,6 +181,7 @@ class DataPlane:
     def teardown(self) -> None:
         """Remove the rule, routes and interface (stopping wireguard-go)."""
         self.firewall.teardown()
+        self.host.remove_filter()
         links = self._links or LinkManager()
         links.remove(self.interface, self.rule)
         backend = self._backend or self._injected or self._guess_backend()
@@ -206,10 +217,12 @@ class DataPlane:
         last = self._last
         only = None if snap.fresh or last is None else changed_peers(config.device, last)
         update = diff(config.device, snap.device, last, only)
+        self.host.saw_peers(snap.device.peers.values())
+        wanted = self.host.link(netmap, config)
         self._belief.forget()  # until the writes are known to have gone through
         finish = backend.begin_write(self.interface, update)
         try:
-            link_update, link_writes = self._apply_link(config.link, config.device, snap)
+            link_update, link_writes = self._apply_link(wanted, config.device, snap)
             public = None if update.private_key is None else config.device.public_key
             after = snap.after(update, link_update, public)
             filtered = self.firewall.apply(netmap, validated=config.device.peers, repair=snap.fresh)
@@ -217,7 +230,8 @@ class DataPlane:
             writes = finish()
             self._last = config.device
         self._belief.snapshot = after
-        problems = config.problems + filtered
+        self.host.write_filter()
+        problems = config.problems + filtered + ((self.host.problem,) if self.host.problem else ())
         peers = len(config.device.peers)
         return ApplyResult(writes=writes + link_writes, problems=problems, peers=peers)
 
@@ -238,6 +252,19 @@ class DataPlane:
         link = replace(wanted, mtu=self._tunnel_mtu(device))
         update = diff_links(link, snap.link)
         return update, links.apply(update, snap.link.index, self.rule)
+
+    def refresh_host_traffic(self, netmap: NetMap) -> bool:
+        """Read WireGuard's handshakes and re-apply ``netmap`` if a host destination
+        changes state (a peer's handshake went fresh or stale); True if it did."""
+        if not self.host.policy.enabled and not self.host.plan.destinations:
+            return False
+        backend, _ = self._require()
+        live = backend.read(self.interface)
+        self.host.saw_peers(live.peers.values())
+        if not self.host.replan_needed():
+            return False
+        self.apply(netmap)
+        return True
 
     def status(self) -> tuple[PeerStatus, ...]:
         """The live peers, sorted by public key."""
@@ -281,6 +308,13 @@ class DataPlane:
 
 
 _NO_NFT = Unavailable("no packet filter with an in-memory link layer", "inject a Firewall")
+
+
+class _NoNft:
+    """The host-traffic filter's runner with an in-memory link layer: nothing to write to."""
+
+    def run(self, script: str) -> None:
+        raise DataPlaneError("no packet filter with an in-memory link layer")
 
 
 def _is_wireguard_link(links: LinkLayer, interface: str) -> bool:

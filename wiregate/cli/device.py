@@ -21,7 +21,15 @@ if TYPE_CHECKING:  # imported lazily at run time: the CLI starts fast
     from agent.state import Enrollment
     from relay.endpoints import RelayEndpoint
 
-__all__ = ["device_login", "format_netcheck", "format_status", "login", "netcheck", "status"]
+__all__ = [
+    "device_login",
+    "format_host_traffic",
+    "format_netcheck",
+    "format_status",
+    "login",
+    "netcheck",
+    "status",
+]
 
 
 @click.command()
@@ -152,8 +160,35 @@ def format_status(doc: dict[str, Any]) -> str:
             lines.append(f"{'':<20} why: {path['reason']}")
         if p.get("path_mtu"):
             lines.append(f"{'':<20} path MTU {p['path_mtu']}")
+    lines.extend(format_host_traffic(doc.get("host_traffic")))
     lines.extend(f"problem: {problem}" for problem in doc.get("problems", []))
     return "\n".join(lines)
+
+
+_HOST_STATES = {
+    "encrypted": "encrypted (tunnel)",
+    "held": "tunnel, waiting for a handshake (strict: never in clear)",
+    "clear": "IN CLEAR (no fresh handshake: nonstrict fallback)",
+    "exempt": "in clear by design (exempt: API server / gateway)",
+}
+
+
+def format_host_traffic(doc: dict[str, Any] | None) -> list[str]:
+    """The ``host traffic`` lines of ``wiregate status``: each peer node's address and
+    whether traffic to it is encrypted now; nothing when host traffic is off."""
+    if not doc or doc.get("mode") == "off":
+        return []
+    counts = doc.get("counts", {})
+    lines = [
+        "",
+        f"host traffic {doc['mode']}: {counts.get('encrypted', 0)} encrypted, "
+        f"{counts.get('clear', 0)} in clear, {counts.get('held', 0)} waiting, "
+        f"{counts.get('exempt', 0)} exempt; {doc.get('fallbacks', 0)} fallbacks to clear",
+    ]
+    for d in doc.get("destinations", []):
+        state = _HOST_STATES.get(d["state"], d["state"])
+        lines.append(f"  {d['address'].split('/')[0]:<18} {d['peer'][:20]:<20} {state}")
+    return lines
 
 
 @click.command()

@@ -183,3 +183,14 @@ def test_the_daemonset_serves_agent_metrics_on_the_node_address() -> None:
     assert listen == "$(POD_IP):9092"  # never 0.0.0.0 on the host network
     assert parse_hostport(listen.replace("$(POD_IP)", "10.0.0.5")) == ("10.0.0.5", 9092)
     assert {"name": "metrics", "containerPort": 9092, "protocol": "TCP"} in agent["ports"]
+
+
+def test_host_traffic_destinations_by_state_and_fallbacks() -> None:
+    host = {"mode": "nonstrict", "fallbacks": 3,
+            "counts": {"encrypted": 2, "held": 0, "clear": 1, "exempt": 1}}  # fmt: skip
+    s = collect({"device": {"public_key": "k"}, "gateway": {}, "peers": [], "host_traffic": host})
+    assert value(s, "wiregate_agent_host_destinations", state="encrypted") == 2
+    assert value(s, "wiregate_agent_host_destinations", state="clear") == 1
+    assert value(s, "wiregate_agent_host_fallbacks_total") == 3
+    off = collect({"device": {}, "gateway": {}, "peers": [], "host_traffic": {"mode": "off"}})
+    assert ("wiregate_agent_host_fallbacks_total", frozenset()) not in off

@@ -13,7 +13,7 @@ import signal
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from aiohttp import web, web_response
@@ -61,6 +61,7 @@ from wiregate.files import check_private_mode, credential_path
 from wiregate.logging import get_logger
 from wiregate.net import parse_hostport
 from wiregate.settings import GatewaySettings
+from wiregate.tasks import cancel_and_wait
 from wiregate.tls import CertReloader, server_context
 
 __all__ = [
@@ -132,9 +133,7 @@ def _state(
             follower.start()
             watcher = asyncio.create_task(live.watch(), name="policy-watch")
             yield
-            watcher.cancel()
-            with suppress(asyncio.CancelledError):
-                await watcher
+            await cancel_and_wait(watcher)
             await broker.close()
             await follower.stop()
         finally:
@@ -210,10 +209,7 @@ async def _reloading(tls: CertReloader | None, api: web.Application) -> AsyncIte
         yield
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
-        if task is not None:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
 
 async def _drain(app: web.Application) -> None:

@@ -43,7 +43,6 @@ line cache.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import gc
 import linecache
@@ -51,6 +50,8 @@ from collections.abc import AsyncIterator, Callable
 from functools import cache
 
 from aiohttp import web
+
+from wiregate.tasks import cancel_and_wait
 
 __all__ = ["MMAP_THRESHOLD", "TRIM_INTERVAL_S", "map_large_buffers", "release_free_memory",
            "trim_ctx"]  # fmt: skip
@@ -125,9 +126,7 @@ def trim_ctx(
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
             gc.unfreeze()
 
     return ctx

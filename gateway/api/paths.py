@@ -25,7 +25,6 @@ Metrics (the figures are recomputed from the store every :data:`REFRESH_S` secon
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 from aiohttp import web
@@ -49,6 +48,7 @@ from gateway.store import DeviceRecord
 from wiregate.errors import BadInput, Conflict
 from wiregate.logging import get_logger
 from wiregate.pathwire import PathsReport
+from wiregate.tasks import cancel_and_wait
 
 __all__ = ["REFRESH_S", "fleet_pairs", "node_of", "on_paths", "refresh", "routes", "setup"]
 
@@ -149,9 +149,7 @@ async def _paths_state(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         app[METRICS].unregister(collector)
 
 

@@ -70,6 +70,7 @@ from relay.tickets import DEFAULT_LIFETIME
 from wiregate.errors import BadInput, Forbidden, Unauthorized
 from wiregate.logging import get_logger
 from wiregate.model import Device
+from wiregate.tasks import cancel_and_wait
 
 __all__ = [
     "MAX_AVOID",
@@ -117,9 +118,7 @@ async def _relay_state(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         registry.unregister(collector)
 
 

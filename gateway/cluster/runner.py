@@ -26,7 +26,6 @@ doubling back-off (up to the resync interval) as a full resync.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from wiregate.errors import Conflict, Forbidden, NotFound, Unavailable, Wiregate
 from wiregate.logging import get_logger
 from wiregate.model import Device
 from wiregate.settings import GatewaySettings
+from wiregate.tasks import cancel_and_wait
 
 __all__ = [
     "LEASE",
@@ -403,9 +403,7 @@ def peer_services_ctx(
         app[PEER_SERVICES] = controller
         task = asyncio.create_task(controller.run(), name="peer-services")
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         controller.close()
 
     return ctx

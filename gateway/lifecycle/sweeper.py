@@ -15,7 +15,6 @@ The clock is the app's (``CLOCK``), so tests drive a sweep with a fake one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import socket
@@ -27,6 +26,7 @@ from gateway.api.lifecycle import publish_removals
 from gateway.appkeys import BROKER, CLOCK, SETTINGS, STORE
 from gateway.store import Removal
 from wiregate.logging import get_logger
+from wiregate.tasks import cancel_and_wait
 
 __all__ = ["LEASE", "duty_once", "replica_id", "sweep_once", "sweeper_ctx"]
 
@@ -84,9 +84,6 @@ def sweeper_ctx(interval: float) -> Callable[[web.Application], AsyncIterator[No
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_run(app, interval)) if interval > 0 else None
         yield
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     return ctx

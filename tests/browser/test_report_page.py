@@ -37,9 +37,9 @@ async def test_the_report_page_renders_prints_and_is_for_admins(
     assert await page.locator("script").count() == 0
     assert await page.locator("#verdict-host_traffic").get_attribute("data-result") == "fail"
     assert "not shown to be encrypted" in await text(page, "#verdict-host_traffic")
-    pair = page.locator(f"#pairs tr[data-a='{min(a_id, b_id)}'][data-b='{max(a_id, b_id)}']")
-    assert await pair.count() == 1
-    assert await text(page, f"#pairs tr[data-a='{min(a_id, b_id)}'] .status") == "encrypted"
+    row = f"#pairs tr[data-a='{min(a_id, b_id)}'][data-b='{max(a_id, b_id)}']"
+    assert await page.locator(row).count() == 1
+    assert await text(page, f"{row} .status") == "encrypted"
     assert await page.locator(f"#devices tr[data-device-id='{a_id}']").count() == 1
     policy = gateway.admin("GET", "/api/v1/policy")[1]["policy"]
     assert await text(page, "#policy-hash") == policy["hash"]

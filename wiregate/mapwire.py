@@ -21,7 +21,11 @@ the policy did not approve (its peers do not get them), and SELF's ``"dns"``,
 the mesh domain the agent answers for and the split-DNS zones it forwards over
 the tunnel (absent: the agent serves no names; see ``docs/names.md``); SELF's
 ``"pool": ["100.64.0.0/16", "fd7a:7767:6174::/64"]`` is the tunnel address pool,
-which the agent routes as one prefix per family (absent: a route per peer).
+which the agent routes as one prefix per family (absent: a route per peer). Pod identity
+(``docs/policy.md``): a PEER's ``"pods_from": {"10.244.1.5": ["tcp:5432"]}`` lists
+pods of that peer (a node) that may open these on the receiving device beyond the
+peer's ``filter``; ``"pods_to": {"10.244.2.7": ["tcp:8080"]}`` lists the receiving
+node's own pods that peer may open. Both are per viewer, absent when empty.
 
 An agent sends
 ``{"type": "endpoints", "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:51820"], "nat": "eim"}``
@@ -40,6 +44,7 @@ their output is byte for byte ``dumps`` of the ``build_*`` form.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import json.encoder
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,6 +55,7 @@ from wiregate import net
 from wiregate.errors import BadInput, RemoteError
 from wiregate.model import Device, DnsConfig, NetMap, Peer, SelfView
 from wiregate.pathwire import PathsReport, parse_paths
+from wiregate.podwire import PodReport, parse_pods
 
 __all__ = [
     "MAX_ENDPOINTS",
@@ -175,7 +181,7 @@ class AgentEndpoints:
     nat: str | None = None
 
 
-AgentMessage = AgentEndpoints | PathsReport
+AgentMessage = AgentEndpoints | PathsReport | PodReport
 
 
 # -- building (gateway to agent) ----------------------------------------------------
@@ -197,6 +203,10 @@ def build_peer(peer: Peer) -> dict[str, Any]:
         wire["nat"] = peer.nat
     if peer.filter is not None:
         wire["filter"] = list(peer.filter)
+    if peer.pods_from:
+        wire["pods_from"] = {address: list(rule) for address, rule in peer.pods_from}
+    if peer.pods_to:
+        wire["pods_to"] = {address: list(rule) for address, rule in peer.pods_to}
     return wire
 
 
@@ -323,7 +333,29 @@ def read_peer(data: object) -> Peer:
         tags=_strs(doc, "tags"),
         filter=None if doc.get("filter") is None else _strs(doc, "filter"),
         nat=_optional_str(doc, "nat"),
+        pods_from=_pod_rules(doc, "pods_from"),
+        pods_to=_pod_rules(doc, "pods_to"),
     )
+
+
+def _pod_rules(doc: Mapping[str, Any], key: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``{"10.244.1.5": ["tcp:5432"], ...}`` (absent: none), sorted by address; each key
+    a single IPv4 or IPv6 address in its normal form."""
+    raw = doc.get(key)
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise MalformedMessage(f"peer {key}: expected an object")
+    rules = []
+    for address, rule in raw.items():
+        try:
+            normal = str(ipaddress.ip_address(address))
+        except ValueError:
+            raise MalformedMessage(f"peer {key}: {address!r} is not an IP address") from None
+        if normal != address:
+            raise MalformedMessage(f"peer {key}: {address!r} is not in normal form ({normal})")
+        rules.append((address, _strs({key: rule}, key, required=True)))
+    return tuple(sorted(rules))
 
 
 def read_self(data: object) -> SelfView:
@@ -564,11 +596,13 @@ def parse_agent_message(text: str | bytes) -> AgentEndpoints:
 
 
 def parse_agent_frame(text: str | bytes) -> AgentMessage:
-    """Any message an agent sends: ``paths`` (:func:`wiregate.pathwire.read_paths`), else
-    as :func:`parse_agent_message`."""
+    """Any message an agent sends: ``paths`` (:func:`wiregate.pathwire.read_paths`),
+    ``pods`` (:func:`wiregate.podwire.parse_pods`), else as :func:`parse_agent_message`."""
     msg = _decode(text)
     if isinstance(msg, dict) and msg.get("type") == "paths":
         return parse_paths(text)  # read again: repeated keys and NaN refused
+    if isinstance(msg, dict) and msg.get("type") == "pods":
+        return parse_pods(text)
     return parse_agent_message(text)
 
 

@@ -90,6 +90,11 @@ class Peer:
     tags: tuple[str, ...] = ()
     filter: tuple[str, ...] | None = None  # what this peer may open on the viewer; None: all
     nat: str | None = None  # the peer's NAT type as its agent measured it; None: unknown
+    # pod identity (per viewer, sorted by address): ("10.244.1.5", ("tcp:5432",)) in
+    # pods_from: that pod of this peer may open these on the viewer, beyond ``filter``;
+    # in pods_to: this peer may open these on that pod of the viewer's own
+    pods_from: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    pods_to: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

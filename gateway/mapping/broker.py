@@ -464,7 +464,7 @@ class Broker:
                 message = read_agent_frame(msg)
                 if isinstance(message, AgentEndpoints):
                     await on_endpoints(stream.device_id, message)
-                elif on_paths is not None:
+                elif isinstance(message, PathsReport) and on_paths is not None:
                     await on_paths(stream.device_id, message)
             except RemoteError as exc:
                 log.warning(

@@ -464,6 +464,15 @@ class PathMachine:
             return False
         return latest > max(self._seen or 0.0, self._born or 0.0) and self._roamed_direct(live)
 
+    def _through_relay(self, event: Handshake) -> bool:
+        """Whether a read taken just before a kick's reset shows a session that came up
+        through the relay being kicked since the previous read: the relay works, and
+        the reset would throw that session away (on this side only)."""
+        latest = event.latest
+        if self.state not in _RELAYED or latest is None or event.endpoint != self._endpoint:
+            return False
+        return latest >= self._endpoint_at and latest > max(self._seen or 0.0, self._born or 0.0)
+
     def _roamed(self, event: Handshake) -> bool:
         """Whether WireGuard roamed, after our endpoint was written, to an address of
         the peer itself (a read-back older than that write says nothing about it).
@@ -585,7 +594,9 @@ def _handshake_direct(m: PathMachine, event: Handshake) -> PathState:
     """A handshake on the direct endpoint being tried: the path is direct. (One through
     the relay just set ends the relay's kicks.)"""
     if not m._direct_evidence(event):
-        if event.before_write:  # says nothing about the endpoint about to be written
+        if event.before_write:  # says nothing about the endpoint about to be written,
+            if m._through_relay(event):  # but a session the relay just carried is kept
+                m._kick_at = None
             return m.state
         through = event.endpoint in (None, m._endpoint)
         if m.state in _RELAYED and through and (event.latest or 0.0) >= m._endpoint_at:

@@ -688,3 +688,23 @@ def test_a_read_before_a_reset_while_a_relay_is_being_bound_is_no_evidence() -> 
     assert m.state is PathState.RELAY_PENDING
     assert m.handle(Handshake(5.2, 5.1, ROAMED, before_write=True)) == []
     assert m.state is PathState.RELAY_PENDING
+
+
+def test_a_session_through_the_relay_since_the_last_read_ends_its_kicks_before_a_reset() -> None:
+    """The relay's endpoint is kicked (reset) until a handshake goes through it. One that
+    lands between the poll and a kick's reset ends the kicks: the reset would destroy it."""
+    m = machine(NatType.SYMMETRIC, NatType.SYMMETRIC, (PUB,))
+    assert m.state is PathState.RELAY_PENDING
+    assert m.handle(RelayReady(0.2, RELAY)) == [SetEndpoint("peer-1", RELAY)]
+    m.handle(Handshake(0.5, None, RELAY))  # the poll: nothing yet
+    assert m.wants_fresh_handshake()
+    m.handle(Handshake(1.2, 1.1, RELAY, before_write=True))
+    assert m.state is PathState.RELAYED and not m.wants_fresh_handshake()
+
+
+def test_a_relay_session_seen_before_does_not_end_the_kicks() -> None:
+    m = machine(NatType.SYMMETRIC, NatType.SYMMETRIC, (PUB,))
+    m.handle(RelayReady(0.2, RELAY))
+    m.handle(Handshake(0.5, 0.1, RELAY))  # older than the relay's endpoint: an old session
+    m.handle(Handshake(1.2, 0.1, RELAY, before_write=True))
+    assert m.wants_fresh_handshake()

@@ -68,6 +68,7 @@ __all__ = ["Case", "first_reply", "percentile", "run"]
 
 PROBE_INTERVAL = 0.01  # s between echo requests of the prober
 ROUND_TIMEOUT = 60.0  # s a fresh agent gets to carry a first packet
+SLOW_ROUND = 5.0  # s: a round slower than the targets prints the warm peer's log about it
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
 # agent log events worth a timestamp in the per-round breakdown
 MILESTONES = ("enrolled", "data plane up", "netcheck", "path", "relay bound", "relay path failed")
@@ -177,6 +178,26 @@ def _milestones(agent: Agent, started_wall: float, peer_id: str) -> list[str]:
     return out
 
 
+def _about(agent: Agent, started_wall: float, peer_id: str) -> list[str]:
+    """``+SECONDS EVENT {fields}`` for every log line of ``agent`` about ``peer_id`` since
+    ``started_wall`` (what the warm side did in a slow round)."""
+    assert agent.proc is not None
+    out = []
+    for line in agent.proc.output().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if peer_id not in line or "timestamp" not in doc:
+            continue
+        at = datetime.fromisoformat(doc.pop("timestamp").replace("Z", "+00:00")).timestamp()
+        if at >= started_wall:
+            event = doc.pop("event", "")
+            rest = {k: v for k, v in doc.items() if k not in ("level", "component", "peer")}
+            out.append(f"+{at - started_wall:.2f} {event} {json.dumps(rest)}")
+    return out
+
+
 def _device_id(wiregate: Wiregate, agent: Agent) -> str | None:
     try:
         return str(wiregate.status(agent)["device"]["id"])
@@ -208,6 +229,10 @@ def connect_once(wiregate: Wiregate, case: Case, host: Host, key: Path) -> tuple
         steps = " ".join(_milestones(agent, started_wall, case.peer_id))
         print(f"{case.name} {host.name}: {took:.2f} s, {path.get('state')} "
               f"({path.get('reason')}); {steps}", file=sys.stderr)  # fmt: skip
+        if took > SLOW_ROUND and (fresh := _device_id(wiregate, agent)) is not None:
+            print(f"  slow round, the warm peer about {fresh}:", file=sys.stderr)
+            for line in _about(case.peer, started_wall, fresh):
+                print(f"    {line}", file=sys.stderr)
         return took, str(path.get("state"))
     finally:
         device = _device_id(wiregate, agent)

@@ -149,6 +149,13 @@ class Nft:
                 return self._via_library(self._lib, script, json_output=json_output)
             return self._via_binary(script, json_output=json_output)
 
+    def open(self) -> None:
+        """Create the libnftables context now, in this network namespace, so that the
+        first change does not pay for it (no-op with the ``nft`` binary)."""
+        with self._lock:
+            if self._lib is not None:
+                self._context(self._lib)
+
     def close(self) -> None:
         """Free the libnftables context (a later call makes a new one)."""
         with self._lock:

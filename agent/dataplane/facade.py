@@ -157,6 +157,7 @@ class DataPlane:
         self._belief.snapshot = replace(
             snap.after(update, link_update, device.public_key), fresh=True
         )
+        self.firewall.prepare()
 
     def _choose_backend(self, links: LinkLayer) -> WireGuardBackend:
         wanted = self.requested_backend

@@ -26,6 +26,7 @@ enforced") when some peer is restricted.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
@@ -106,6 +107,15 @@ class Firewall:
         if self._nft is None:
             self._nft = _default_nft()
         return self._nft
+
+    def prepare(self) -> None:
+        """Open the nftables handle ahead of the first map (the agent's start, not its
+        first reconcile, pays for libnftables' context). A failure is left for
+        :meth:`apply` to report."""
+        nft = self.nft
+        if isinstance(nft, Nft):
+            with contextlib.suppress(NftError):
+                nft.open()
 
     def apply(
         self,

@@ -136,6 +136,7 @@ class PolicyFile:
             f"groups: {len(self.groups)} ({', '.join(sorted(self.groups)) or '-'})",
             f"tag_rules: {len(self.tag_rules)}",
             f"acls: {len(self.policy.rules)} ({ported} restricted to ports)",
+            f"pod rules: {len(self.policy.pods)}",
             f"routes: {routes}",
             f"key_expiry: {_expiry_text(self.key_expiry)}",
             f"tests: {len(self.tests)}",
@@ -389,15 +390,18 @@ def parse_duration(value: Any, path: str) -> float | None:
 def _entries(raw: Any, path: str, groups: Mapping[str, Group]) -> frozenset[str]:
     items = _list(raw, path, empty=False)
     for i, item in enumerate(items):
-        where = f"{path}[{i}]"
-        if isinstance(item, str) and item.startswith(GROUP_PREFIX):
-            _group_ref(item[len(GROUP_PREFIX) :], where, groups)
-        elif not isinstance(item, str) or not (item == ANY or _TAG.match(item)):
-            raise ConfigError(
-                f"{where}: {item!r} is neither '*', a tag nor a group",
-                hint="tags look like 'tag:db', groups like 'group:eng'",
-            )
+        _entry(item, f"{path}[{i}]", groups)
     return frozenset(items)
+
+
+def _entry(item: Any, where: str, groups: Mapping[str, Group]) -> None:
+    if isinstance(item, str) and item.startswith(GROUP_PREFIX):
+        _group_ref(item[len(GROUP_PREFIX) :], where, groups)
+    elif not isinstance(item, str) or not (item == ANY or _TAG.match(item)):
+        raise ConfigError(
+            f"{where}: {item!r} is neither '*', a tag nor a group",
+            hint="tags look like 'tag:db', groups like 'group:eng'",
+        )
 
 
 def _sides(
@@ -407,7 +411,7 @@ def _sides(
     items = _list(raw, path, empty=False)
     names = [(i, item) for i, item in enumerate(items) if not isinstance(item, Mapping)]
     for i, item in names:
-        _entries([item], f"{path}[{i}]", groups)
+        _entry(item, f"{path}[{i}]", groups)
     pods = [
         _pod_selector(item, f"{path}[{i}]", groups)
         for i, item in enumerate(items)

@@ -314,6 +314,11 @@ class Store:
         _log.info("device_deleted", device_id=device_id, version=version)
         return version
 
+    async def bump_version(self) -> int:
+        """Take a map version for a change the store does not hold (a node's pod report)."""
+        async with self._write() as s:
+            return await self._bump(s)
+
     async def set_endpoints(
         self, device_id: str, endpoints: Sequence[str], nat: str | None = None
     ) -> tuple[DeviceRecord, int] | None:

@@ -40,11 +40,11 @@ from wiregate.mapwire import (
     encode_sync,
     parse_agent_message,
     parse_map_message,
+    pods_field,
     read_full,
     read_map_message,
     read_peer,
     read_self,
-    pods_field,
     with_filter,
     with_pods,
 )

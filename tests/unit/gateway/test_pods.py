@@ -1,0 +1,218 @@
+"""Pod identity at the gateway: the pod table's refusals, the per-viewer compilation and
+the deltas one pod change causes (every delta applied gives the fresh full map)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from gateway.mapping.broker import Broker
+from gateway.mapping.pods import PodTable
+from identity.policy import Policy
+from identity.policy_file import parse_policy
+from lab.netmap_replay import device
+from wiregate.errors import ConfigError
+from wiregate.mapwire import Delta, apply_delta, parse_map_message
+from wiregate.model import NetMap
+from wiregate.podwire import Pod, PodReport
+
+LEDGER = {"namespace": "payments", "labels": {"app": "ledger"}}
+DOC: dict[str, Any] = {
+    "acls": [
+        {"src": ["tag:node"], "dst": ["tag:node"]},
+        {"src": [{"pods": LEDGER, "nodes": ["tag:node"]}], "dst": ["tag:db"],
+         "ports": ["tcp:5432"]},
+        {"src": ["tag:web"], "dst": [{"pods": {"namespace": "shop"}}], "ports": ["tcp:8080"]},
+    ],
+    "routes": [{"tags": ["tag:node"], "allow": ["10.244.0.0/16"]}],
+}  # fmt: skip
+N1, N2, DB, WEB = (
+    device(1, ("tag:node",), routes=("10.244.1.0/24",)),
+    device(2, ("tag:node",), routes=("10.244.2.0/24",)),
+    device(3, ("tag:db",)),
+    device(4, ("tag:web",)),
+)
+
+
+def pod(name: str, ip: str, namespace: str = "payments", **labels: str) -> Pod:
+    return Pod(namespace, name, (ip,), "default", tuple(sorted(labels.items())))
+
+
+def policy(doc: dict[str, Any] = DOC) -> Policy:
+    return parse_policy(doc).policy
+
+
+# -- the policy file --------------------------------------------------------------
+
+
+def test_a_pod_source_is_a_pod_rule_and_peers_its_nodes() -> None:
+    rules = policy()
+    (out, inbound) = rules.pods
+    assert out.outbound and out.devices == {"tag:db"} and out.opens() == ("tcp:5432",)
+    assert out.pods.namespace == "payments" and out.pods.labels == (("app", "ledger"),)
+    assert not inbound.outbound and inbound.devices == {"tag:web"}
+    assert inbound.pods.nodes == {"*"}
+    assert rules.may_peer({"tag:node"}, {"tag:db"})
+    assert rules.reach(frozenset({"tag:db"}), frozenset({"tag:node"})) == ()  # node: nothing
+
+
+@pytest.mark.parametrize(
+    ("entry", "said"),
+    [
+        ({"pods": {}}, "at least one"),
+        ({"pods": {"namespace": "Bad_NS"}}, "acls[0].src[0].pods.namespace"),
+        ({"pods": {"labels": {"app": "not ok!"}}}, "acls[0].src[0].pods.labels"),
+        ({"pods": {"namspace": "x"}}, "unknown field 'namspace'"),
+        ({"pods": {"namespace": "x"}, "nodes": ["group:nope"]}, 'unknown group "nope"'),
+        ({"pods": {"namespace": "x"}, "node": ["tag:a"]}, "unknown field 'node'"),
+        ({"nodes": ["tag:a"]}, "missing 'pods'"),
+    ],
+)
+def test_a_bad_pod_selector_is_refused_naming_the_place(entry: Any, said: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_policy({"acls": [{"src": [entry], "dst": ["tag:db"]}]})
+    assert said in str(caught.value)
+
+
+def test_pods_on_both_sides_are_refused() -> None:
+    pods = {"pods": {"namespace": "x"}}
+    with pytest.raises(ConfigError, match=r"acls\[0\]: pods on both sides"):
+        parse_policy({"acls": [{"src": [pods], "dst": [pods]}]})
+
+
+def test_tags_and_pods_on_one_side_make_both_rules() -> None:
+    doc = {"acls": [{"src": ["tag:a", {"pods": {"namespace": "x"}}], "dst": ["tag:db"]}]}
+    rules = policy(doc)
+    assert rules.reach(frozenset({"tag:db"}), frozenset({"tag:a"})) is None
+    assert len(rules.pods) == 1
+
+
+# -- the pod table ----------------------------------------------------------------
+
+
+def test_a_pod_outside_the_nodes_cidrs_is_refused_once() -> None:
+    table = PodTable()
+    stray = pod("stray", "10.244.2.9")
+    report = PodReport(True, (pod("ok", "10.244.1.5"), stray))
+    first = table.apply("n1", report, ["10.244.1.0/24"])
+    assert [p.name for p, _ in first.refused] == ["stray"]
+    assert [p.name for p in table.pods("n1")] == ["ok"]
+    again = table.apply("n1", PodReport(False, (stray,)), ["10.244.1.0/24"])
+    assert again.refused == () and again.changes == ()
+
+
+def test_full_replaces_remove_forgets_and_an_address_moves() -> None:
+    table, routes = PodTable(), ["10.244.1.0/24"]
+    table.apply("n1", PodReport(True, (pod("a", "10.244.1.5"), pod("b", "10.244.1.6"))), routes)
+    table.apply("n1", PodReport(True, (pod("b", "10.244.1.6"), pod("c", "10.244.1.7"))), routes)
+    assert sorted(p.name for p in table.pods("n1")) == ["b", "c"]
+    table.apply("n1", PodReport(False, remove=("payments/b",)), routes)
+    moved = table.apply("n1", PodReport(False, (pod("d", "10.244.1.7"),)), routes)
+    assert [p.name for p in table.pods("n1")] == ["d"]  # the address went to the later pod
+    assert [(o and o.name, n and n.name) for o, n in moved.changes] == [("c", None), (None, "d")]
+    assert [p.name for p, _ in table.restrict("n1", []) if p is not None] == ["d"]
+    assert "n1" in table  # known (its refusals remembered) but holding nothing
+    assert table.drop("n1") == () and "n1" not in table
+
+
+# -- the maps ---------------------------------------------------------------------
+
+
+class Fleet:
+    """A broker with every device's agent holding its map, as the deltas leave it."""
+
+    def __init__(self, *devices: Any, doc: dict[str, Any] = DOC) -> None:
+        self.broker = Broker(policy(doc))
+        self.broker.load(devices, 1)
+        self.maps = {d.id: self.full(d.id) for d in devices}
+
+    def full(self, device_id: str) -> NetMap:
+        message = parse_map_message(self.broker._full(device_id))
+        assert isinstance(message, NetMap)
+        return message
+
+    def pods(self, node: str, report: PodReport) -> dict[str, Delta]:
+        self.broker.pods(node, report, self.broker.version + 1)
+        return self.catch_up()
+
+    def catch_up(self) -> dict[str, Delta]:
+        """Apply every agent's new deltas; check each map equals a fresh full map."""
+        told: dict[str, Delta] = {}
+        for agent, current in list(self.maps.items()):
+            log = self.broker._logs.get(agent)
+            if log is None:
+                del self.maps[agent]
+                continue
+            for item in log.since(current.version) or ():
+                delta = parse_map_message(item.render())
+                assert isinstance(delta, Delta)
+                told[agent] = delta
+                current = apply_delta(current, delta)
+            fresh = self.full(agent)  # resets the agent's log to the broker's version
+            assert current.peers == fresh.peers, agent
+            self.maps[agent] = fresh
+        return told
+
+
+def test_one_pod_change_upserts_the_node_for_its_viewers_only() -> None:
+    fleet = Fleet(N1, N2, DB, WEB)
+    told = fleet.pods("d1", PodReport(True, (pod("ledger-1", "10.244.1.5", app="ledger"),)))
+    assert set(told) == {"d3"}
+    assert told["d3"].upsert[0].id == "d1" and not told["d3"].remove
+    assert told["d3"].upsert[0].pods_from == (("10.244.1.5", ("tcp:5432",)),)
+    assert fleet.maps["d4"].peers.get("d1") is None or not fleet.maps["d4"].peers["d1"].pods_from
+
+
+def test_a_pod_destination_upserts_the_allowed_peers_in_the_nodes_map() -> None:
+    fleet = Fleet(N1, N2, DB, WEB)
+    told = fleet.pods("d2", PodReport(True, (pod("shop-1", "10.244.2.8", "shop"),)))
+    assert set(told) == {"d2"}
+    (web,) = told["d2"].upsert
+    assert web.id == "d4" and web.pods_to == (("10.244.2.8", ("tcp:8080",)),)
+
+
+def test_relabel_delete_and_refusal_keep_every_map_exact() -> None:
+    fleet = Fleet(N1, N2, DB, WEB)
+    ledger = pod("ledger-1", "10.244.1.5", app="ledger")
+    fleet.pods("d1", PodReport(True, (ledger, pod("shop-1", "10.244.1.6", "shop"))))
+    told = fleet.pods("d1", PodReport(False, (replace(ledger, labels=(("app", "other"),)),)))
+    assert set(told) == {"d3"} and told["d3"].upsert[0].pods_from == ()
+    fleet.pods("d1", PodReport(False, (ledger,)))
+    refused = REGISTRY.get_sample_value("wiregate_pods_refused_total", {"reason": "outside"})
+    told = fleet.pods("d1", PodReport(False, (pod("ledger-2", "10.244.2.5", app="ledger"),)))
+    assert told == {}  # another node's address: refused, counted
+    after = REGISTRY.get_sample_value("wiregate_pods_refused_total", {"reason": "outside"})
+    assert after == (refused or 0) + 1
+    told = fleet.pods("d1", PodReport(False, remove=("shop/shop-1",)))
+    assert set(told) == {"d1"} and told["d1"].upsert[0].pods_to == ()
+
+
+def test_device_and_policy_changes_carry_the_pod_rules_along() -> None:
+    fleet = Fleet(N1, N2, DB, WEB)
+    fleet.pods("d1", PodReport(True, (pod("ledger-1", "10.244.1.5", app="ledger"),)))
+    broker = fleet.broker
+    broker.upsert(replace(DB, tags=("tag:web",)), broker.version + 1)  # db is a web now
+    assert fleet.catch_up()["d3"].upsert
+    broker.upsert(replace(DB, tags=("tag:db",)), broker.version + 1)
+    fleet.catch_up()
+    assert fleet.maps["d3"].peers["d1"].pods_from
+    broker.upsert(replace(N1, routes=("10.244.9.0/24",)), broker.version + 1)  # pods outside
+    fleet.catch_up()
+    assert not fleet.maps["d3"].peers["d1"].pods_from
+    fleet.pods("d1", PodReport(True, (pod("ledger-1", "10.244.9.5", app="ledger"),)))
+    ports = dict(DOC, acls=[*DOC["acls"][:1], dict(DOC["acls"][1], ports=["tcp:5433"])])
+    broker.set_policy(policy(ports), broker.version + 1)
+    fleet.catch_up()
+    assert fleet.maps["d3"].peers["d1"].pods_from == (("10.244.9.5", ("tcp:5433",)),)
+
+
+def test_a_removed_node_takes_its_pods_along() -> None:
+    fleet = Fleet(N1, N2, DB, WEB)
+    fleet.pods("d1", PodReport(True, (pod("ledger-1", "10.244.1.5", app="ledger"),)))
+    fleet.broker.remove("d1", fleet.broker.version + 1)
+    assert "d1" not in fleet.broker._pods.table
+    told = fleet.catch_up()
+    assert told["d3"].remove == ("d1",)

@@ -114,7 +114,7 @@ class PodTable:
             changes += _put(node, pod)
         if not node.pods and not node.refused:
             del self._nodes[node_id]
-        return PodChange(tuple(changes), tuple(refused))
+        return PodChange(_net(changes), tuple(refused))
 
     def restrict(self, node_id: str, routes: Iterable[str]) -> tuple[Change, ...]:
         """Forget a node's pods that its shown ``routes`` no longer hold."""
@@ -129,6 +129,15 @@ class PodTable:
         """Forget every pod of a node (revoked, deleted)."""
         node = self._nodes.pop(node_id, None)
         return () if node is None else tuple((p, None) for p in node.pods.values())
+
+
+def _net(changes: list[Change]) -> tuple[Change, ...]:
+    """One (before, after) per pod from a run of changes, those that changed nothing left out."""
+    first: dict[str, Change] = {}
+    for old, new in changes:
+        key = (old or new).key  # type: ignore[union-attr]  # never both None
+        first[key] = (first[key][0], new) if key in first else (old, new)
+    return tuple(c for c in first.values() if c[0] != c[1])
 
 
 def _networks(routes: Iterable[str]) -> list[Network]:

@@ -7,6 +7,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from gateway.mapping.broker import Broker
@@ -18,6 +20,7 @@ from wiregate.errors import ConfigError
 from wiregate.mapwire import Delta, apply_delta, parse_map_message
 from wiregate.model import NetMap
 from wiregate.podwire import Pod, PodReport
+from wiregate.ports import canonical_ports, parse_port
 
 LEDGER = {"namespace": "payments", "labels": {"app": "ledger"}}
 DOC: dict[str, Any] = {
@@ -216,3 +219,97 @@ def test_a_removed_node_takes_its_pods_along() -> None:
     assert "d1" not in fleet.broker._pods.table
     told = fleet.catch_up()
     assert told["d3"].remove == ("d1",)
+
+
+# -- any sequence of changes: every map as a naive compilation says ----------------
+
+NAMESPACES, APPS = ["payments", "shop"], ["ledger", "web"]
+TAG_CHOICES = [("tag:node",), ("tag:edge",), ("tag:db",), ("tag:web",), ("tag:db", "tag:node")]
+POLICIES = [
+    DOC,
+    {
+        "acls": [
+            {"src": ["*"], "dst": ["tag:node"], "ports": ["icmp"]},
+            {"src": [{"pods": {"labels": {"app": "web"}}}], "dst": ["tag:db", "tag:web"]},
+            {"src": ["tag:db"], "dst": [{"pods": {"namespace": "payments"},
+                                         "nodes": ["tag:node"]}], "ports": ["tcp:1-9"]},
+            {"src": ["tag:web"], "dst": [{"pods": {"labels": {"app": "ledger"}}}],
+             "ports": ["udp:53"]},
+        ],
+        "routes": [{"tags": ["tag:node", "tag:edge"], "allow": ["10.244.0.0/16"]}],
+    },
+]  # fmt: skip
+ops = st.one_of(
+    st.tuples(
+        st.just("pods"),
+        st.integers(1, 2),
+        st.booleans(),
+        st.lists(
+            st.tuples(st.integers(0, 4), st.integers(1, 6), st.integers(0, 1), st.integers(0, 1)),
+            max_size=4,
+        ),
+        st.lists(st.integers(0, 4), max_size=2),
+    ),
+    st.tuples(st.just("tags"), st.integers(1, 4), st.sampled_from(TAG_CHOICES)),
+    st.tuples(st.just("routes"), st.integers(1, 2), st.integers(1, 3)),
+    st.tuples(st.just("policy"), st.integers(0, len(POLICIES) - 1)),
+    st.tuples(st.just("remove"), st.integers(1, 4)),
+)
+
+
+def expected(broker: Broker, viewer: str, peer: str) -> tuple[Any, Any]:
+    """``(pods_from, pods_to)`` of ``peer`` in ``viewer``'s map, compiled naively."""
+    state, rules = broker._state, broker.policy.pods
+
+    def side(node: str, other: str, outbound: bool) -> tuple[tuple[str, Any], ...]:
+        out: dict[str, set[str]] = {}
+        for p in broker._pods.table.pods(node):
+            for r in rules:
+                if r.outbound is outbound and r.pods.matches(
+                    p.namespace, p.service_account, dict(p.labels), state.group_of(node)
+                ) and ("*" in r.devices or r.devices & state.group_of(other)):  # fmt: skip
+                    for ip in p.ips:
+                        out.setdefault(ip, set()).update(r.opens())
+        return tuple(sorted((ip, canonical(f)) for ip, f in out.items()))
+
+    return side(peer, viewer, True), side(viewer, peer, False)
+
+
+def canonical(specs: set[str]) -> tuple[str, ...]:
+    return canonical_ports(parse_port(s) for s in specs)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ops, max_size=12))
+def test_any_changes_leave_every_map_as_compiled_naively(script: list[Any]) -> None:
+    fleet = Fleet(N1, N2, DB, WEB)
+    devices = {d.id: d for d in (N1, N2, DB, WEB)}
+    broker = fleet.broker
+    for op in script:
+        kind, *args = op
+        if kind == "pods":
+            node, full, upsert, remove = args
+            pods = {f"p{n}": Pod(NAMESPACES[ns], f"p{n}", (f"10.244.{node}.{ip}",), "sa",
+                                 (("app", APPS[app]),)) for n, ip, ns, app in upsert}  # fmt: skip
+            gone = [f"{ns}/p{n}" for ns in NAMESPACES for n in remove if f"p{n}" not in pods]
+            fleet.pods(f"d{node}", PodReport(full, tuple(pods.values()), () if full else
+                                             tuple(dict.fromkeys(gone))))  # fmt: skip
+            continue
+        if kind == "policy":
+            broker.set_policy(policy(POLICIES[args[0]]), broker.version + 1)
+        elif kind == "remove":
+            broker.remove(f"d{args[0]}", broker.version + 1)
+        else:
+            d = devices[f"d{args[0]}"]
+            if kind == "tags":
+                d = replace(d, tags=args[1])
+            elif d.routes:
+                d = replace(d, routes=(f"10.244.{args[0] if args[1] == 1 else args[1] + 2}.0/24",))
+            devices[d.id] = d
+            broker.upsert(d, broker.version + 1)
+            if d.id not in fleet.maps:
+                fleet.maps[d.id] = fleet.full(d.id)
+        fleet.catch_up()
+    for viewer, current in fleet.maps.items():
+        for pid, peer in current.peers.items():
+            assert (peer.pods_from, peer.pods_to) == expected(broker, viewer, pid), (viewer, pid)

@@ -8,8 +8,8 @@ from gateway.api.common import EndpointsCallback, bearer_token
 from gateway.api.enroll import MAX_ENDPOINTS, in_pools, parse_endpoints, tunnel_pools
 from gateway.api.paths import on_paths
 from gateway.appkeys import BROKER, FOLLOWER, SETTINGS, STORE
-from gateway.mapping.broker import OnPods
-from wiregate.errors import BadInput, NotFound, Unauthorized
+from gateway.mapping.broker import PODS_REFUSED, OnPods
+from wiregate.errors import BadInput, Conflict, NotFound, Unauthorized
 from wiregate.logging import get_logger
 from wiregate.mapwire import AgentEndpoints
 from wiregate.podwire import PodReport
@@ -88,10 +88,12 @@ def _on_endpoints(app: web.Application) -> EndpointsCallback:
 
 def _on_pods(app: web.Application) -> OnPods:
     async def on_pods(device_id: str, report: PodReport) -> None:
-        broker = app[BROKER]
-        if broker.following:  # refused (logged, counted) without taking a version
-            broker.pods(device_id, report, broker.version)
+        try:  # stored first, so that every replica reads it at its version
+            version = await app[STORE].record_pods(device_id, report)
+        except (Conflict, NotFound) as exc:
+            PODS_REFUSED.labels(reason="too_many").inc(len(report.upsert))
+            _log.warning("pods_refused", device_id=device_id, reason=exc.message)
             return
-        broker.pods(device_id, report, await app[STORE].bump_version())
+        app[BROKER].pods(device_id, report, version)
 
     return on_pods

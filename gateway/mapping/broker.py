@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
@@ -53,7 +53,7 @@ from gateway.mapping.netmap import (
     merge,
     signature,
 )
-from gateway.mapping.pods import PodMaps, refresh, tails_around
+from gateway.mapping.pods import PodMaps, PodTable, refresh, tails_around
 from gateway.mapping.pods import encode_delta_body as encode_pod_delta_body
 from gateway.mapping.pods import encode_full as encode_pod_full
 from gateway.mapping.policyswap import policy_fanout
@@ -69,7 +69,7 @@ from wiregate.mapwire import (
 )
 from wiregate.model import Device, DnsConfig
 from wiregate.pathwire import PathsReport
-from wiregate.podwire import PodReport
+from wiregate.podwire import Pod, PodReport
 
 __all__ = [
     "CONNECTED",
@@ -137,6 +137,11 @@ class FeedChange:
 POLICY_CHANGE = ""  # the device_id of a policy change, in the feed as here
 
 
+def _subject(change: FeedChange) -> tuple[str, bool]:
+    """What a feed change is the latest state of: a device, or a node's pods."""
+    return change.device_id, change.pods is not None
+
+
 log = get_logger("broker")
 
 
@@ -164,13 +169,24 @@ class Broker:
 
     # -- changes from the store -------------------------------------------------
 
-    def load(self, devices: Iterable[Device], version: int, policy: Policy | None = None) -> None:
-        """Replace the whole state (and the policy, if given); connected agents get a full
-        map (or revoked)."""
+    def load(
+        self,
+        devices: Iterable[Device],
+        version: int,
+        policy: Policy | None = None,
+        pods: Mapping[str, Iterable[Pod]] | None = None,
+    ) -> None:
+        """Replace the whole state (and the policy, if given; the nodes' pods, if given);
+        connected agents get a full map (or revoked)."""
         if policy is not None:
             self._policy = policy
         self._state = NetworkState(self._policy, devices, dns=self._dns, pool=self._pool)
         table = self._pods.table
+        if pods is not None:
+            table = PodTable()
+            for node, held in pods.items():
+                if node in self._state:
+                    table.apply(node, PodReport(True, tuple(held)), self._state.shown_routes(node))
         for node in table.nodes():
             if node in self._state:
                 table.restrict(node, self._state.shown_routes(node))
@@ -263,9 +279,9 @@ class Broker:
         later state at an earlier version, and a replica's deltas would disagree
         with another's about what a version held.
         """
-        last = {change.device_id: change.version for change in changes}
+        last = {_subject(change): change.version for change in changes}
         for change in changes:
-            if last[change.device_id] != change.version or change.version <= self._version:
+            if last[_subject(change)] != change.version or change.version <= self._version:
                 continue
             self._apply(change)
         if head > self._version:
@@ -296,13 +312,11 @@ class Broker:
         self._publish(fanout, version, started)
 
     def pods(self, device_id: str, report: PodReport, version: int) -> None:
-        """A node's pod report at ``version`` (a version taken for it alone): its pods
-        inside its own approved pod CIDRs are kept; the viewers whose pod rules change
-        get a delta. A replica (:meth:`follow`) does not take pod reports."""
+        """A node's pod report, stored at ``version``: its pods inside its own approved pod
+        CIDRs are kept; the viewers whose pod rules change get a delta. A replica reads
+        the node's pods from the feed instead."""
         if self._wake is not None:
-            PODS_REFUSED.labels(reason="replica").inc(len(report.upsert))
-            log.warning("pods_refused", device_id=device_id,
-                        reason="pod identity needs a single gateway")  # fmt: skip
+            self._wake()
             return
         self._offer(FeedChange(version, device_id, None, pods=report))
 

@@ -37,6 +37,7 @@ __all__ = [
     "MapChangeRow",
     "MetaRow",
     "PathReportRow",
+    "PodRow",
     "PolicyRow",
     "RateBucketRow",
     "RelayPairRow",
@@ -292,3 +293,19 @@ class PathReportRow(Base):
     handshake_age: Mapped[float | None] = mapped_column(Float, nullable=True)
     rtt_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     reported_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class PodRow(Base):
+    """A pod its node reported (an agent's ``pods`` message, :mod:`wiregate.podwire`), as
+    reported: the policy's check of its addresses is each broker's. Gone with the node."""
+
+    __tablename__ = "pods"
+
+    device_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    namespace: Mapped[str] = mapped_column(String(63), primary_key=True)
+    name: Mapped[str] = mapped_column(String(253), primary_key=True)
+    ips: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    service_account: Mapped[str] = mapped_column(String(253), nullable=False)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, nullable=False)

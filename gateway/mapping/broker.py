@@ -193,6 +193,7 @@ class Broker:
             else:
                 table.drop(node)
         self._pods = PodMaps(self._policy, table)
+        PODS_HELD.set(len(table))
         self._set_version(version)
         self._logs.clear()
         for stream in list(self._streams.values()):

@@ -214,14 +214,6 @@ class PodMaps:
             inbound = self._text(state, False, state.group_of(peer_id), viewer_id)
         return outbound, inbound
 
-    def rules(
-        self, state: NetworkState, viewer_id: str, peer_id: str
-    ) -> tuple[tuple[tuple[str, Filter], ...], tuple[tuple[str, Filter], ...]]:
-        """``(pods_from, pods_to)`` of ``peer_id`` in ``viewer_id``'s map, as values."""
-        pods_from = self._get(state, True, state.group_of(viewer_id), peer_id)
-        pods_to = self._get(state, False, state.group_of(peer_id), viewer_id)
-        return tuple(sorted(pods_from.items())), tuple(sorted(pods_to.items()))
-
     def forget(self, node_id: str) -> None:
         """Drop what is compiled for ``node_id`` (its pods, group or routes changed)."""
         for key in self._keys.pop(node_id, ()):

@@ -9,7 +9,7 @@ does (relabel, add, delete, in turn), and prints:
 
 * ``pod_change_ms_p50`` / ``pod_change_ms_p99``: wall time of one change, from the
   report to every affected agent's delta encoded (the pod table, the compiled rules,
-  the fan-out and the delta texts; no sockets);
+  the fan-out and the delta texts; no store write, no sockets);
 * ``pod_change_bytes``: median bytes of the deltas one change sends, summed over the
   agents that receive one, and ``pod_change_bytes_max``;
 * ``pod_change_agents``: median number of agents told per change;

@@ -421,7 +421,7 @@ class Broker:
     # -- fan-out ----------------------------------------------------------------
 
     def _publish(self, fanout: Fanout, version: int, started: float) -> None:
-        bodies: dict[int, str] = {}
+        bodies: dict[object, str] = {}
         for agent, update in fanout.updates.items():
             agent_log = self._logs.get(agent)
             if agent_log is None:  # never connected, or away for good: a full map next
@@ -439,12 +439,16 @@ class Broker:
             if stream is not None:
                 self._push(stream, delta, started)
 
-    def _body(self, bodies: dict[int, str], agent: str, update: AgentUpdate) -> str:
+    def _body(self, bodies: dict[object, str], agent: str, update: AgentUpdate) -> str:
         pods = self._pods
-        if pods.active and update.upsert:  # pod rules are per viewer: a body of its own
-            tails = [pods.tail(self._state, agent, pid) for pid in update.upsert]
+        if pods.active and update.upsert:  # pod rules are per viewer: shared by equal tails
+            tails = tuple(pods.tail(self._state, agent, pid) for pid in update.upsert)
             if any(tail != ("", "") for tail in tails):
-                return encode_pod_delta_body(self._state, update, tails)
+                key = (id(update), tails)
+                body = bodies.get(key)
+                if body is None:
+                    body = bodies[key] = encode_pod_delta_body(self._state, update, tails)
+                return body
         body = bodies.get(id(update))
         if body is None:
             body = bodies[id(update)] = encode_delta_body(self._state, update)

@@ -28,7 +28,7 @@ around the changed devices before and after (:func:`tails_around`,
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gateway.mapping.netmap import AgentUpdate, Fanout, NetworkState
@@ -402,7 +402,7 @@ def encode_full(state: NetworkState, maps: PodMaps, device_id: str, version: int
 
 
 def encode_delta_body(
-    state: NetworkState, update: AgentUpdate, tails: list[tuple[str, str]]
+    state: NetworkState, update: AgentUpdate, tails: Sequence[tuple[str, str]]
 ) -> str:
     """The ``delta`` tail of one agent's ``update``, each upsert with its pod ``tails``."""
     texts = [state.peer_text(pid) for pid in update.upsert]

@@ -99,6 +99,9 @@ class PodTable:
         changes: list[Change] = []
         refused: list[tuple[Pod, str]] = []
         gone = set(node.pods) - {p.key for p in report.upsert} if report.full else set()
+        if report.full or len(node.refused) > MAX_PODS_PER_NODE:  # remembered, bounded
+            reported = {p.key for p in report.upsert}
+            node.refused = {k: p for k, p in node.refused.items() if k in reported}
         for key in sorted(gone | set(report.remove)):
             changes += _drop(node, key)
             node.refused.pop(key, None)

@@ -105,6 +105,9 @@ def test_a_pod_outside_the_nodes_cidrs_is_refused_once() -> None:
     assert [p.name for p in table.pods("n1")] == ["ok"]
     again = table.apply("n1", PodReport(False, (stray,)), ["10.244.1.0/24"])
     assert again.refused == () and again.changes == ()
+    table.apply("n1", PodReport(True, (pod("ok", "10.244.1.5"),)), ["10.244.1.0/24"])
+    later = table.apply("n1", PodReport(False, (stray,)), ["10.244.1.0/24"])
+    assert [p.name for p, _ in later.refused] == ["stray"]  # a full report starts anew
 
 
 def test_full_replaces_remove_forgets_and_an_address_moves() -> None:

@@ -90,8 +90,9 @@ def _on_pods(app: web.Application) -> OnPods:
     async def on_pods(device_id: str, report: PodReport) -> None:
         try:  # stored first, so that every replica reads it at its version
             version = await app[STORE].record_pods(device_id, report)
-        except (Conflict, NotFound) as exc:
-            PODS_REFUSED.labels(reason="too_many").inc(len(report.upsert))
+        except (Conflict, NotFound) as exc:  # too many pods, or the node was deleted
+            if isinstance(exc, Conflict):
+                PODS_REFUSED.labels(reason="too_many").inc(len(report.upsert))
             _log.warning("pods_refused", device_id=device_id, reason=exc.message)
             return
         app[BROKER].pods(device_id, report, version)

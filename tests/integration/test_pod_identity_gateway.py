@@ -9,6 +9,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,8 +97,10 @@ async def test_a_nodes_pod_reaches_the_vm_it_may_open(gateway: tuple[Gateway, st
             auth = {"Authorization": f"Bearer {node['token']}"}
             async with session.ws_connect(url, headers=auth) as node_ws:
                 assert (await node_ws.receive_json(timeout=10))["type"] == "full"
+                started = time.monotonic()
                 await node_ws.send_json(build_pods(True, [ledger, stray]))
                 delta = await next_delta(vm_ws)
+                assert time.monotonic() - started < 1.0  # pod churn reaches peers within 1 s
                 (peer,) = delta["upsert"]
                 assert peer["id"] == node["device"]["id"]
                 assert peer["pods_from"] == {"10.244.1.5": ["tcp:5432"]}

@@ -189,7 +189,7 @@ class Broker:
                     table.apply(node, PodReport(True, tuple(held)), self._state.shown_routes(node))
         for node in table.nodes():
             if node in self._state:
-                table.restrict(node, self._state.shown_routes(node))
+                table.recheck(node, self._state.shown_routes(node))
             else:
                 table.drop(node)
         self._pods = PodMaps(self._policy, table)
@@ -241,7 +241,7 @@ class Broker:
             nodes = self._pods.table.nodes()
             before = tails_around(old, old_pods, nodes)
             for node in nodes:
-                self._pods.table.restrict(node, self._state.shown_routes(node))
+                self._pods.table.recheck(node, self._state.shown_routes(node))
             after = tails_around(self._state, self._pods, nodes)
             fanout = merge(fanout, refresh(self._state, before, after))
         self._set_version(version)
@@ -306,7 +306,7 @@ class Broker:
         before = tails_around(state, pods, [device.id]) if watch else {}
         fanout = apply_upsert(state, device)
         if watch:  # what the device's pods, or pods it sees, may open changed with it
-            pods.table.restrict(device.id, state.shown_routes(device.id))
+            pods.table.recheck(device.id, state.shown_routes(device.id))
             pods.forget(device.id)
             fanout = merge(fanout, refresh(state, before, tails_around(state, pods, [device.id])))
         self._set_version(version)

@@ -4,9 +4,10 @@
 only pods whose every IP lies inside one of the node's *shown* routes (approved by the
 policy and not another device's): a node cannot claim another node's pods. A pod
 refused is reported once (until it is reported differently) for the caller to log and
-count. A node holds at most :data:`MAX_PODS_PER_NODE` pods. An address reported for
-a second pod of the same node moves to it: the pod that held it is forgotten (the
-agent reports it again if it still runs).
+count. A node holds at most :data:`MAX_PODS_PER_NODE` pods. An address that two pods
+of a node claim (a deleted pod's address reused before its deletion was reported)
+counts for neither until one lets it go: the outcome does not depend on the order
+of the reports, so a gateway reading the stored reports anew agrees.
 
 :class:`PodMaps` compiles the policy's pod rules (:class:`identity.policy.PodRule`)
 into what each viewer's map says. What pods of node N may open on viewer V
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gateway.mapping.netmap import AgentUpdate, Fanout, NetworkState
 from identity.policy import ALL_PROTOCOLS, ANY, Filter, PodRule, Policy
@@ -66,8 +67,8 @@ class PodChange:
 
 @dataclass(slots=True)
 class _Node:
-    pods: dict[str, Pod] = field(default_factory=dict)  # by "namespace/name"
-    by_ip: dict[str, str] = field(default_factory=dict)  # address -> pod key
+    pods: dict[str, Pod] = field(default_factory=dict)  # as reported, by "namespace/name"
+    claims: dict[str, set[str]] = field(default_factory=dict)  # address -> pods reporting it
     refused: dict[str, Pod] = field(default_factory=dict)  # reported once, by key
 
 
@@ -87,10 +88,10 @@ class PodTable:
         """Ids of the nodes holding pods."""
         return list(self._nodes)
 
-    def pods(self, node_id: str) -> Iterable[Pod]:
-        """The pods a node holds (none if unknown)."""
+    def pods(self, node_id: str) -> list[Pod]:
+        """The pods a node holds (none if unknown), each with the addresses it alone claims."""
         node = self._nodes.get(node_id)
-        return () if node is None else node.pods.values()
+        return [] if node is None else [_effective(node, p) for p in node.pods.values()]
 
     def apply(self, node_id: str, report: PodReport, routes: Iterable[str]) -> PodChange:
         """Apply a node's report, its pods checked against the node's shown ``routes``."""
@@ -119,19 +120,26 @@ class PodTable:
             del self._nodes[node_id]
         return PodChange(_net(changes), tuple(refused))
 
-    def restrict(self, node_id: str, routes: Iterable[str]) -> tuple[Change, ...]:
-        """Forget a node's pods that its shown ``routes`` no longer hold."""
+    def recheck(self, node_id: str, routes: Iterable[str]) -> None:
+        """Check a node's pods again against its shown ``routes`` (they changed): pods
+        outside are set aside (refused, not reported again), pods refused earlier and inside
+        now are kept, as a gateway reading the reports anew would."""
         node = self._nodes.get(node_id)
         if node is None:
-            return ()
+            return
+        routes = list(routes)
         nets = _networks(routes)
-        outside = [k for k, p in node.pods.items() if not _inside(p.ips, nets)]
-        return tuple(c for key in outside for c in _drop(node, key))
+        earlier = tuple(node.refused.values())
+        for key in [k for k, p in node.pods.items() if not _inside(p.ips, nets)]:
+            node.refused[key] = node.pods[key]  # kept for a later change of routes
+            _drop(node, key)
+        if earlier:
+            self.apply(node_id, PodReport(False, earlier), routes)
 
     def drop(self, node_id: str) -> tuple[Change, ...]:
         """Forget every pod of a node (revoked, deleted)."""
         node = self._nodes.pop(node_id, None)
-        return () if node is None else tuple((p, None) for p in node.pods.values())
+        return () if node is None else tuple((_effective(node, p), None) for p in node.pods.values())
 
 
 def _net(changes: list[Change]) -> tuple[Change, ...]:
@@ -163,31 +171,40 @@ def _refusal(node: _Node, pod: Pod, nets: list[Network]) -> str | None:
     return None
 
 
+def _effective(node: _Node, pod: Pod) -> Pod:
+    """``pod`` with only the addresses no other pod of the node claims."""
+    ips = tuple(ip for ip in pod.ips if len(node.claims.get(ip, ())) == 1)
+    return pod if ips == pod.ips else replace(pod, ips=ips)
+
+
 def _drop(node: _Node, key: str) -> list[Change]:
-    pod = node.pods.pop(key, None)
-    if pod is None:
-        return []
-    for ip in pod.ips:
-        if node.by_ip.get(ip) == key:
-            del node.by_ip[ip]
-    return [(pod, None)]
+    return _set(node, key, None)
 
 
 def _put(node: _Node, pod: Pod) -> list[Change]:
-    old = node.pods.get(pod.key)
+    return _set(node, pod.key, pod)
+
+
+def _set(node: _Node, key: str, pod: Pod | None) -> list[Change]:
+    """Hold ``pod`` as ``key`` (None: forget it); the changes of every pod it affects."""
+    old = node.pods.get(key)
     if old == pod:
         return []
-    changes: list[Change] = []
-    for ip in pod.ips:  # an address moves to the pod reported last
-        holder = node.by_ip.get(ip)
-        if holder is not None and holder != pod.key:
-            changes += _drop(node, holder)
-    if old is not None:
-        for ip in old.ips:
-            node.by_ip.pop(ip, None)
-    node.pods[pod.key] = pod
-    node.by_ip.update(dict.fromkeys(pod.ips, pod.key))
-    return [*changes, (old, pod)]
+    addresses = [ip for p in (old, pod) if p is not None for ip in p.ips]
+    affected = sorted({key}.union(*(node.claims.get(ip, ()) for ip in addresses)))
+    before = {k: _effective(node, node.pods[k]) for k in affected if k in node.pods}
+    for ip in () if old is None else old.ips:
+        claimants = node.claims[ip]
+        claimants.discard(key)
+        if not claimants:
+            del node.claims[ip]
+    node.pods.pop(key, None)
+    if pod is not None:
+        node.pods[key] = pod
+        for ip in pod.ips:
+            node.claims.setdefault(ip, set()).add(key)
+    after = {k: _effective(node, node.pods[k]) for k in affected if k in node.pods}
+    return [(before.get(k), after.get(k)) for k in affected if before.get(k) != after.get(k)]
 
 
 class PodMaps:

@@ -139,7 +139,9 @@ class PodTable:
     def drop(self, node_id: str) -> tuple[Change, ...]:
         """Forget every pod of a node (revoked, deleted)."""
         node = self._nodes.pop(node_id, None)
-        return () if node is None else tuple((_effective(node, p), None) for p in node.pods.values())
+        if node is None:
+            return ()
+        return tuple((_effective(node, p), None) for p in node.pods.values())
 
 
 def _net(changes: list[Change]) -> tuple[Change, ...]:

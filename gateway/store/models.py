@@ -181,8 +181,9 @@ class MapChangeRow(Base):
     """What one map version changed, for replicas following each other's writes.
 
     Written in the transaction that took the version; ``kind`` is ``upsert`` (the
-    device's current row is the change) or ``remove`` (with the reason its agent is
-    told). Versions that changed no device (an identity enabled) have no row. Pruned
+    device's current row is the change), ``remove`` (with the reason its agent is
+    told), ``policy`` (the policy row of that version) or ``pods`` (the node's rows in
+    ``pods``). Versions that changed no device (an identity enabled) have no row. Pruned
     to a window: a replica further behind reloads the whole map.
     """
 

@@ -56,6 +56,7 @@ from gateway.mapping.netmap import (
 from gateway.mapping.pods import PodMaps, PodTable, refresh, tails_around
 from gateway.mapping.pods import encode_delta_body as encode_pod_delta_body
 from gateway.mapping.pods import encode_full as encode_pod_full
+from gateway.mapping.pods import swap as swap_pods
 from gateway.mapping.policyswap import policy_fanout
 from identity.policy import Policy
 from wiregate.errors import BadInput, RemoteError
@@ -237,13 +238,8 @@ class Broker:
         self._state = NetworkState(policy, old, dns=old.dns, pool=old.pool)  # the same devices
         fanout = policy_fanout(old, self._state)
         old_pods, self._pods = self._pods, PodMaps(policy, self._pods.table)
-        if old_pods.active or self._pods.active:
-            nodes = self._pods.table.nodes()
-            before = tails_around(old, old_pods, nodes)
-            for node in nodes:
-                self._pods.table.recheck(node, self._state.shown_routes(node))
-            after = tails_around(self._state, self._pods, nodes)
-            fanout = merge(fanout, refresh(self._state, before, after))
+        if old_pods.table.nodes():
+            fanout = merge(fanout, swap_pods(old, old_pods, self._state, self._pods))
         self._set_version(version)
         log.info("policy_applied", version=version, agents_told=len(fanout.updates))
         self._publish(fanout, version, started)

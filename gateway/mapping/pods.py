@@ -32,7 +32,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from gateway.mapping.netmap import AgentUpdate, Fanout, NetworkState
+from gateway.mapping.netmap import AgentUpdate, Fanout, NetworkState, merge
 from identity.policy import ALL_PROTOCOLS, ANY, Filter, PodRule, Policy
 from wiregate import mapwire
 from wiregate.podwire import Pod, PodReport
@@ -46,6 +46,7 @@ __all__ = [
     "encode_delta_body",
     "encode_full",
     "refresh",
+    "swap",
     "tails_around",
 ]
 
@@ -411,6 +412,27 @@ def refresh(
     updates = {v: _upserts(state, v, peers) for v, peers in by_viewer.items()}
     named = {p for peers in by_viewer.values() for p in peers}
     return Fanout(updates=updates, peers={p: state.peer(p) for p in named})
+
+
+def swap(old: NetworkState, old_maps: PodMaps, new: NetworkState, new_maps: PodMaps) -> Fanout:
+    """The pod entries a policy change alters: compared per (group, node), not per pair.
+
+    ``new_maps`` shares ``old_maps``'s table, checked here against the new approved
+    routes; pairs peering only now are upserted by the policy's own fanout."""
+    nodes = [n for n in new_maps.table.nodes() if n in new and n in old]
+    pairs = [(n, g, outbound) for n in nodes for g in new.linked(new.group_of(n))
+             for outbound in (True, False)]  # fmt: skip
+    before = [old_maps._text(old, outbound, g, n) for n, g, outbound in pairs]
+    for node in nodes:
+        new_maps.table.recheck(node, new.shown_routes(node))
+    touched: dict[str, tuple[set[TagSet], set[TagSet]]] = {}
+    for (node, group, outbound), text in zip(pairs, before, strict=True):
+        if new_maps._text(new, outbound, group, node) != text:
+            touched.setdefault(node, (set(), set()))[0 if outbound else 1].add(group)
+    fanout = Fanout()
+    for node, (outbound_groups, inbound_groups) in touched.items():
+        fanout = merge(fanout, _fanout(new, node, outbound_groups, inbound_groups))
+    return fanout
 
 
 def encode_full(state: NetworkState, maps: PodMaps, device_id: str, version: int) -> str:

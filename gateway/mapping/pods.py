@@ -20,9 +20,9 @@ One pod change (:meth:`PodMaps.change`) updates the compiled entries of the node
 linked groups and returns a :class:`~gateway.mapping.netmap.Fanout` with only the
 affected entries: the node re-upserted in the maps of the viewers whose ``pods_from``
 changed, and, in the node's own map, the peers whose ``pods_to`` changed. A device
-or policy change that alters pod rules is found by comparing the tails of the pairs
-around the changed devices before and after (:func:`tails_around`,
-:func:`refresh`). The texts are written by :func:`encode_full` and
+change that alters pod rules is found by comparing the tails of the pairs around the
+changed device before and after (:func:`tails_around`, :func:`refresh`), a policy
+change by comparing the compiled texts per (group, node) (:func:`swap`). The texts are written by :func:`encode_full` and
 :func:`encode_delta_body`, as :mod:`gateway.mapping.netmap` writes them, plus tails.
 """
 

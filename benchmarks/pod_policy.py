@@ -7,9 +7,11 @@ labels, a ``metrics`` label on a tenth), 300 VMs (``tag:db``, ``tag:web``,
 its map. It then applies pod changes one at a time, as a node's ``pods`` message
 does (relabel, add, delete, in turn), and prints:
 
-* ``pod_change_ms_p50`` / ``pod_change_ms_p99``: wall time of one change, from the
+* ``pod_change_ms`` (the p99, the figure held to the target, < 5 ms),
+  ``pod_change_ms_p50`` / ``pod_change_ms_p99``: wall time of one change, from the
   report to every affected agent's delta encoded (the pod table, the compiled rules,
-  the fan-out and the delta texts; no store write, no sockets);
+  the fan-out and the delta texts; no store write, no sockets); what the broker holds
+  after loading is frozen out of the garbage collector, as the gateway does;
 * ``pod_change_bytes``: median bytes of the deltas one change sends, summed over the
   agents that receive one, and ``pod_change_bytes_max``;
 * ``pod_change_agents``: median number of agents told per change;
@@ -18,6 +20,7 @@ does (relabel, add, delete, in turn), and prints:
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import replace
@@ -121,6 +124,8 @@ def sent(broker: Broker, version: int) -> tuple[int, int]:
 def run() -> dict[str, float]:
     """Measure every figure; see the module docstring."""
     broker = loaded(parse_policy(POLICY).policy)
+    gc.collect()
+    gc.freeze()  # as the gateway does with what it holds when it starts (gateway/memory.py)
     took: dict[str, list[float]] = {"relabel": [], "add": [], "delete": []}
     sizes, told = [], []
     for step in range(CHANGES):
@@ -133,9 +138,11 @@ def run() -> dict[str, float]:
         told.append(agents)
         sizes.append(size)
     every = sorted(t for times in took.values() for t in times)
+    p99 = 1e3 * every[int(0.99 * (len(every) - 1))]
     results = {
+        "pod_change_ms": p99,
         "pod_change_ms_p50": 1e3 * statistics.median(every),
-        "pod_change_ms_p99": 1e3 * every[int(0.99 * (len(every) - 1))],
+        "pod_change_ms_p99": p99,
         "pod_change_bytes": statistics.median(sizes),
         "pod_change_bytes_max": max(sizes),
         "pod_change_agents": statistics.median(told),

@@ -22,8 +22,9 @@ affected entries: the node re-upserted in the maps of the viewers whose ``pods_f
 changed, and, in the node's own map, the peers whose ``pods_to`` changed. A device
 change that alters pod rules is found by comparing the tails of the pairs around the
 changed device before and after (:func:`tails_around`, :func:`refresh`), a policy
-change by comparing the compiled texts per (group, node) (:func:`swap`). The texts are written by :func:`encode_full` and
-:func:`encode_delta_body`, as :mod:`gateway.mapping.netmap` writes them, plus tails.
+change by comparing the compiled texts per (group, node) (:func:`swap`). The texts
+are written by :func:`encode_full` and :func:`encode_delta_body`, as
+:mod:`gateway.mapping.netmap` writes them, plus tails.
 """
 
 from __future__ import annotations

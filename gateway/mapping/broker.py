@@ -305,8 +305,23 @@ class Broker:
             pods.table.recheck(device.id, state.shown_routes(device.id))
             pods.forget(device.id)
             fanout = merge(fanout, refresh(state, before, tails_around(state, pods, [device.id])))
+        fanout = self._reclaimed(fanout, device.id)
         self._set_version(version)
         self._publish(fanout, version, started)
+
+    def _reclaimed(self, fanout: Fanout, changed: str) -> Fanout:
+        """Check again the pods of nodes whose approved routes another device let go of in
+        ``fanout`` (their own view changed: fewer refused routes)."""
+        state, pods = self._state, self._pods
+        if not pods.active:
+            return fanout
+        for node, update in list(fanout.updates.items()):
+            if node != changed and update.self_view is not None and node in pods.table:
+                before = tails_around(state, pods, [node])
+                pods.table.recheck(node, state.shown_routes(node))
+                pods.forget(node)
+                fanout = merge(fanout, refresh(state, before, tails_around(state, pods, [node])))
+        return fanout
 
     def pods(self, device_id: str, report: PodReport, version: int) -> None:
         """A node's pod report, stored at ``version``: its pods inside its own approved pod
@@ -380,6 +395,7 @@ class Broker:
         fanout = apply_remove(self._state, device_id)
         self._pods.table.drop(device_id)  # its pods go with it
         self._pods.forget(device_id)
+        fanout = self._reclaimed(fanout, device_id)
         PODS_HELD.set(len(self._pods.table))
         self._set_version(version)
         self._publish(fanout, version, started)

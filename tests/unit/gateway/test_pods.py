@@ -227,6 +227,16 @@ def test_device_and_policy_changes_carry_the_pod_rules_along() -> None:
     assert fleet.maps["d3"].peers["d1"].pods_from == (("10.244.9.5", ("tcp:5433",)),)
 
 
+def test_pods_refused_as_another_nodes_are_taken_once_it_lets_the_cidr_go() -> None:
+    twin = replace(N2, routes=N1.routes)  # the same pod CIDR: N1, placed first, keeps it
+    fleet = Fleet(N1, twin, DB, WEB)
+    told = fleet.pods("d2", PodReport(True, (pod("ledger-1", "10.244.1.5", app="ledger"),)))
+    assert told == {} and fleet.broker._state.shown_routes("d2") == ()
+    fleet.broker.remove("d1", fleet.broker.version + 1)
+    fleet.catch_up()
+    assert fleet.maps["d3"].peers["d2"].pods_from == (("10.244.1.5", ("tcp:5432",)),)
+
+
 def test_a_removed_node_takes_its_pods_along() -> None:
     fleet = Fleet(N1, N2, DB, WEB)
     fleet.pods("d1", PodReport(True, (pod("ledger-1", "10.244.1.5", app="ledger"),)))

@@ -126,7 +126,8 @@ def _state(
             broker.set_dns(settings.mesh_dns())  # names: every self view carries the domain
             broker.set_pool(str(pool.ipv4), str(pool.ipv6))  # agents route it as one prefix
             version = await store.map_version()  # first: newer devices are only re-applied
-            broker.load([record.device for record in await store.list_devices()], version)
+            devices = [record.device for record in await store.list_devices()]
+            broker.load(devices, version, pods=await store.list_pods())
             app[STORE], app[BROKER] = store, broker
             live.attach(broker)
             app[FOLLOWER] = follower = _follower(settings, store, broker, live)

@@ -33,7 +33,18 @@ from typing import Any
 from wiregate.errors import BadInput, WiregateError
 from wiregate.ports import PortSpec, canonical_ports
 
-__all__ = ["ANY", "GROUP_PREFIX", "Filter", "Policy", "RouteRule", "Rule", "principals"]
+__all__ = [
+    "ALL_PROTOCOLS",
+    "ANY",
+    "GROUP_PREFIX",
+    "Filter",
+    "PodRule",
+    "PodSelector",
+    "Policy",
+    "RouteRule",
+    "Rule",
+    "principals",
+]
 
 ANY = "*"
 GROUP_PREFIX = "group:"
@@ -83,6 +94,56 @@ class RouteRule:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class PodSelector:
+    """Pods by what their node reports: every field given must match (None: any).
+
+    ``labels`` must all be present with these values; ``nodes`` are the principals
+    (``*``, tags, groups) of the nodes whose pods count.
+    """
+
+    namespace: str | None = None
+    service_account: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    nodes: frozenset[str] = frozenset({ANY})
+
+    def matches(
+        self, namespace: str, account: str, labels: Mapping[str, str], node: TagSet
+    ) -> bool:
+        """Whether a pod of ``namespace`` / ``account`` with ``labels``, on a node with
+        principals ``node``, is selected."""
+        return (
+            (self.namespace is None or self.namespace == namespace)
+            and (self.service_account is None or self.service_account == account)
+            and all(labels.get(k) == v for k, v in self.labels)
+            and _matches(self.nodes, node)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PodRule:
+    """Pods matching ``pods`` may open ``ports`` on devices matching ``devices``
+    (``outbound``), or devices matching ``devices`` may open ``ports`` on those pods.
+
+    ``ports`` None means every protocol (``tcp``, ``udp``, ``icmp``). The pod's node and
+    the devices peer (a plain :class:`Rule` with no ports, added by the policy file).
+    """
+
+    pods: PodSelector
+    devices: frozenset[str]
+    outbound: bool
+    ports: tuple[PortSpec, ...] | None = None
+
+    def opens(self) -> Filter:
+        """The filter this rule grants, canonical."""
+        if self.ports is None:
+            return ALL_PROTOCOLS
+        return canonical_ports(self.ports)
+
+
+ALL_PROTOCOLS: Filter = canonical_ports([PortSpec("tcp"), PortSpec("udp"), PortSpec("icmp")])
+
+
 def _matches(entries: frozenset[str], tags: TagSet) -> bool:
     return ANY in entries or not entries.isdisjoint(tags)
 
@@ -91,6 +152,7 @@ def _matches(entries: frozenset[str], tags: TagSet) -> bool:
 class Policy:
     """Ordered :class:`Rule` s and optional :class:`RouteRule` s; answers are memoized.
 
+    ``pods`` are the rules naming pods (:class:`PodRule`, ``docs/policy.md``).
     ``directional`` (the policy file's ACLs) makes :meth:`reach` enforce each
     rule's direction and ports; without it (the legacy rules) peers reach each
     other on everything.
@@ -99,6 +161,7 @@ class Policy:
     rules: tuple[Rule, ...]
     routes: tuple[RouteRule, ...] | None = None
     directional: bool = False
+    pods: tuple[PodRule, ...] = ()  # pod selectors as sources and destinations
     _cache: dict[tuple[TagSet, TagSet], bool] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )

@@ -11,6 +11,8 @@ The document (YAML or JSON; see ``docs/policy.md``)::
     acls:
       - {src: [group:eng], dst: [tag:db], ports: ["tcp:5432", "icmp"]}
       - {src: [tag:node], dst: [tag:node, tag:vm]}
+      - {src: [{pods: {namespace: payments, labels: {app: ledger}}, nodes: [tag:node]}],
+         dst: [tag:db], ports: ["tcp:5432"]}
     routes:
       - {tags: [tag:node], allow: ["10.244.0.0/16"]}
     key_expiry: {default: 180d, "tag:node": never}
@@ -43,7 +45,7 @@ from typing import Any
 import yaml
 
 from identity.claims import check_url
-from identity.policy import ANY, GROUP_PREFIX, Policy, RouteRule, Rule
+from identity.policy import ANY, GROUP_PREFIX, PodRule, PodSelector, Policy, RouteRule, Rule
 from identity.policy_tests import PolicyTest, parse_tests, run_tests
 from wiregate.errors import ConfigError
 from wiregate.ports import PortSpec, parse_port
@@ -65,6 +67,8 @@ __all__ = [
 NEVER = None  # a key_expiry value: the device key does not expire
 _TAG = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_K8S_NAME = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
+_LABEL = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _CLAIM = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 _DURATION = re.compile(r"^([0-9]{1,6})([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -132,6 +136,7 @@ class PolicyFile:
             f"groups: {len(self.groups)} ({', '.join(sorted(self.groups)) or '-'})",
             f"tag_rules: {len(self.tag_rules)}",
             f"acls: {len(self.policy.rules)} ({ported} restricted to ports)",
+            f"pod rules: {len(self.policy.pods)}",
             f"routes: {routes}",
             f"key_expiry: {_expiry_text(self.key_expiry)}",
             f"tests: {len(self.tests)}",
@@ -239,16 +244,18 @@ def parse_policy(data: Any, *, check_tests: bool = True) -> PolicyFile:
         _tag_rule(raw, f"tag_rules[{i}]", groups)
         for i, raw in enumerate(_list(doc.get("tag_rules", []), "tag_rules", empty=True))
     )
-    acls = tuple(
-        _acl(raw, f"acls[{i}]", groups)
-        for i, raw in enumerate(_list(doc.get("acls", []), "acls", empty=True))
-    )
+    acls: list[Rule] = []
+    pods: list[PodRule] = []
+    for i, raw in enumerate(_list(doc.get("acls", []), "acls", empty=True)):
+        device_rules, pod_rules = _acl(raw, f"acls[{i}]", groups)
+        acls.extend(device_rules)
+        pods.extend(pod_rules)
     routes = tuple(
         _route_rule(raw, f"routes[{i}]", groups)
         for i, raw in enumerate(_list(doc.get("routes", []), "routes", empty=True))
     )
     document = PolicyFile(
-        policy=Policy(rules=acls, routes=routes, directional=True),
+        policy=Policy(rules=tuple(acls), routes=routes, directional=True, pods=tuple(pods)),
         groups=groups,
         tag_rules=tag_rules,
         key_expiry=_key_expiry(doc.get("key_expiry", {})),
@@ -319,18 +326,30 @@ def _tag_rule(raw: Any, path: str, groups: Mapping[str, Group]) -> TagRule:
     )
 
 
-def _acl(raw: Any, path: str, groups: Mapping[str, Group]) -> Rule:
+def _acl(raw: Any, path: str, groups: Mapping[str, Group]) -> tuple[list[Rule], list[PodRule]]:
+    """An acl's device rule (none when one side names only pods) and its pod rules; a
+    pod rule also peers the pods' nodes with the other side (a rule with no ports)."""
     entry = _mapping(raw, path, {"src", "dst", "ports"})
     _require(entry, path, ("src", "dst"))
     ports: tuple[PortSpec, ...] | None = None
     if "ports" in entry:
         items = _list(entry["ports"], f"{path}.ports", empty=False)
         ports = tuple(_port(p, f"{path}.ports[{i}]") for i, p in enumerate(items))
-    return Rule(
-        src=_entries(entry["src"], f"{path}.src", groups),
-        dst=_entries(entry["dst"], f"{path}.dst", groups),
-        ports=ports,
-    )
+    src, src_pods = _sides(entry["src"], f"{path}.src", groups)
+    dst, dst_pods = _sides(entry["dst"], f"{path}.dst", groups)
+    if src_pods and dst_pods:
+        raise ConfigError(
+            f"{path}: pods on both sides are not supported",
+            hint="a pod rule is between pods and devices (tags, groups, '*')",
+        )
+    if (src_pods and not dst) or (dst_pods and not src):
+        raise ConfigError(f"{path}: a pod rule needs devices (a tag, a group or '*') opposite")
+    rules = [Rule(src=src, dst=dst, ports=ports)] if src and dst else []
+    pods = [PodRule(s, dst, True, ports) for s in src_pods]
+    pods += [PodRule(d, src, False, ports) for d in dst_pods]
+    rules += [Rule(src=s.nodes, dst=dst, ports=()) for s in src_pods]
+    rules += [Rule(src=src, dst=d.nodes, ports=()) for d in dst_pods]
+    return rules, pods
 
 
 def _route_rule(raw: Any, path: str, groups: Mapping[str, Group]) -> RouteRule:
@@ -371,15 +390,69 @@ def parse_duration(value: Any, path: str) -> float | None:
 def _entries(raw: Any, path: str, groups: Mapping[str, Group]) -> frozenset[str]:
     items = _list(raw, path, empty=False)
     for i, item in enumerate(items):
-        where = f"{path}[{i}]"
-        if isinstance(item, str) and item.startswith(GROUP_PREFIX):
-            _group_ref(item[len(GROUP_PREFIX) :], where, groups)
-        elif not isinstance(item, str) or not (item == ANY or _TAG.match(item)):
-            raise ConfigError(
-                f"{where}: {item!r} is neither '*', a tag nor a group",
-                hint="tags look like 'tag:db', groups like 'group:eng'",
-            )
+        _entry(item, f"{path}[{i}]", groups)
     return frozenset(items)
+
+
+def _entry(item: Any, where: str, groups: Mapping[str, Group]) -> None:
+    if isinstance(item, str) and item.startswith(GROUP_PREFIX):
+        _group_ref(item[len(GROUP_PREFIX) :], where, groups)
+    elif not isinstance(item, str) or not (item == ANY or _TAG.match(item)):
+        raise ConfigError(
+            f"{where}: {item!r} is neither '*', a tag nor a group",
+            hint="tags look like 'tag:db', groups like 'group:eng'",
+        )
+
+
+def _sides(
+    raw: Any, path: str, groups: Mapping[str, Group]
+) -> tuple[frozenset[str], list[PodSelector]]:
+    """An acl side: its device entries and its pod selectors (``{pods: {...}}`` items)."""
+    items = _list(raw, path, empty=False)
+    names = [(i, item) for i, item in enumerate(items) if not isinstance(item, Mapping)]
+    for i, item in names:
+        _entry(item, f"{path}[{i}]", groups)
+    pods = [
+        _pod_selector(item, f"{path}[{i}]", groups)
+        for i, item in enumerate(items)
+        if isinstance(item, Mapping)
+    ]
+    return frozenset(item for _, item in names), pods
+
+
+def _pod_selector(raw: Mapping[Any, Any], path: str, groups: Mapping[str, Group]) -> PodSelector:
+    entry = _mapping(raw, path, {"pods", "nodes"})
+    _require(entry, path, ("pods",))
+    where = f"{path}.pods"
+    match = _mapping(entry["pods"], where, {"namespace", "service_account", "labels"})
+    if not match:
+        raise ConfigError(f"{where}: give namespace, service_account or labels (at least one)")
+    labels = _mapping(match.get("labels", {}), f"{where}.labels", None)
+    for key, value in labels.items():
+        if not _is_label(key, prefixed=True) or not _is_label(value, prefixed=False):
+            raise ConfigError(f"{where}.labels: {key!r}: {value!r} is not a Kubernetes label")
+    nodes = entry.get("nodes", [ANY])
+    return PodSelector(
+        namespace=_k8s_name(match.get("namespace"), f"{where}.namespace"),
+        service_account=_k8s_name(match.get("service_account"), f"{where}.service_account"),
+        labels=tuple(sorted(labels.items())),
+        nodes=_entries(nodes, f"{path}.nodes", groups),
+    )
+
+
+def _k8s_name(raw: Any, path: str) -> str | None:
+    if raw is not None and (not isinstance(raw, str) or not _K8S_NAME.match(raw)):
+        raise ConfigError(f"{path}: {raw!r} is not a Kubernetes name")
+    return raw
+
+
+def _is_label(raw: Any, *, prefixed: bool) -> bool:
+    if not isinstance(raw, str):
+        return False
+    prefix, _, name = raw.rpartition("/") if prefixed else ("", "", raw)
+    if prefix and not _K8S_NAME.match(prefix):
+        return False
+    return bool(_LABEL.match(name)) and (bool(name) or not prefixed)
 
 
 def _group_ref(name: Any, path: str, groups: Mapping[str, Group]) -> str:

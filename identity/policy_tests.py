@@ -13,6 +13,10 @@ tagged ``tag:a`` and in group ``eng`` is ``[tag:a, group:eng]``). Each
 ``PORT`` a number (a TCP port), a port spec of the ``acls`` (``tcp:5432``,
 ``udp:53``, ``tcp:8000-8099``, ``tcp``, ``udp``, ``icmp``) or ``*`` (everything).
 
+``src`` may instead be one pod, ``{pod: {namespace, service_account, labels?}, node:
+PRINCIPALS}``: a pod with exactly these, on a node carrying ``node``; it may open what
+its node may open plus what the policy's pod rules give it (``docs/policy.md``).
+
 An ``accept`` holds when a device with principals ``src`` may open every port
 of ``PORT`` on a device with principals ``DST``; a ``deny`` holds when it may
 open none of them (``*``: nothing at all). Opening needs peering, so a pair the
@@ -28,11 +32,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from identity.policy import GROUP_PREFIX, Filter, Policy
+from identity.policy import ANY, GROUP_PREFIX, Filter, Policy
 from wiregate.errors import ConfigError
-from wiregate.ports import PortSpec, parse_port
+from wiregate.ports import PortSpec, canonical_ports, parse_port
 
-__all__ = ["ALL_PORTS", "PolicyTest", "Target", "parse_tests", "run_tests"]
+__all__ = ["ALL_PORTS", "PodProbe", "PolicyTest", "Target", "parse_tests", "run_tests"]
 
 ALL_PORTS = "*"
 _TARGET = re.compile(r"^((?:tag|group):[A-Za-z0-9][A-Za-z0-9._-]{0,62}):(.+)$")
@@ -58,6 +62,16 @@ class PolicyTest:
     src: frozenset[str]
     accept: tuple[Target, ...] = ()
     deny: tuple[Target, ...] = ()
+    pod: PodProbe | None = None  # src is this pod, on a node with principals ``src``
+
+
+@dataclass(frozen=True, slots=True)
+class PodProbe:
+    """The pod a test's ``src`` names: its namespace, service account and labels."""
+
+    namespace: str
+    service_account: str
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 def parse_tests(raw: Any, check_group: CheckGroup) -> tuple[PolicyTest, ...]:
@@ -78,23 +92,48 @@ def _test(raw: Any, path: str, check_group: CheckGroup) -> PolicyTest:
         raise ConfigError(f"{path}: missing 'src'")
     if "accept" not in raw and "deny" not in raw:
         raise ConfigError(f"{path}: give 'accept', 'deny' or both")
-    src = raw["src"]
-    items = src if isinstance(src, list) else [src]
-    if not items:
-        raise ConfigError(f"{path}.src: expected a principal or a non-empty list of them")
-    where = (
-        [f"{path}.src[{i}]" for i in range(len(items))]
-        if isinstance(src, list)
-        else [f"{path}.src"]
-    )
-    principals = frozenset(_principal(p, w, check_group) for p, w in zip(items, where, strict=True))
-    name = f"{path} (src {', '.join(sorted(principals))})"
+    src, pod, where = raw["src"], None, f"{path}.src"
+    if isinstance(src, Mapping):
+        src, pod = _pod_source(src, where)
+        where = f"{where}.node"
+    principals = _principals(src, where, check_group)
+    shown = ", ".join(sorted(principals))
+    if pod is not None:
+        shown = f"pod {pod.namespace}/{pod.service_account} on {shown}"
     return PolicyTest(
-        name=name,
+        name=f"{path} (src {shown})",
         src=principals,
         accept=_targets(raw.get("accept", []), f"{path}.accept", check_group),
         deny=_targets(raw.get("deny", []), f"{path}.deny", check_group),
+        pod=pod,
     )
+
+
+def _principals(src: Any, path: str, check_group: CheckGroup) -> frozenset[str]:
+    """A principal or a non-empty list of them, at ``path``."""
+    items = src if isinstance(src, list) else [src]
+    if not items:
+        raise ConfigError(f"{path}: expected a principal or a non-empty list of them")
+    where = [f"{path}[{i}]" for i in range(len(items))] if isinstance(src, list) else [path]
+    return frozenset(_principal(p, w, check_group) for p, w in zip(items, where, strict=True))
+
+
+def _pod_source(raw: Mapping[Any, Any], path: str) -> tuple[Any, PodProbe]:
+    """``{pod: {...}, node: ...}``: the node's principals (read as ``src`` is) and the pod."""
+    if set(raw) != {"pod", "node"}:
+        odd = sorted(str(k) for k in set(raw) ^ {"pod", "node"})[0]
+        raise ConfigError(f"{path}.{odd}: " + ("unknown field" if odd in raw else "missing"))
+    pod = raw["pod"]
+    keys = {"namespace", "service_account", "labels"}
+    if not isinstance(pod, Mapping) or not {"namespace", "service_account"} <= set(pod) <= keys:
+        raise ConfigError(f"{path}.pod: expected namespace, service_account and labels (optional)")
+    labels = pod.get("labels", {})
+    texts = [pod["namespace"], pod["service_account"], *labels, *labels.values()] if isinstance(
+        labels, Mapping) else [None]  # fmt: skip
+    if not all(isinstance(t, str) and t for t in texts):
+        raise ConfigError(f"{path}.pod: names and labels are non-empty strings")
+    probe = PodProbe(pod["namespace"], pod["service_account"], tuple(sorted(labels.items())))
+    return raw["node"], probe
 
 
 def _principal(raw: Any, path: str, check_group: CheckGroup) -> str:
@@ -140,10 +179,10 @@ def run_tests(policy: Policy, tests: tuple[PolicyTest, ...]) -> list[str]:
     failures: list[str] = []
     for test in tests:
         for target in test.accept:
-            if not _opens_all(policy, test.src, target):
+            if not _opens_all(policy, test, target):
                 failures.append(f"{test.name}: {target.text} should be accepted but is denied")
         for target in test.deny:
-            if _opens_any(policy, test.src, target):
+            if _opens_any(policy, test, target):
                 failures.append(f"{test.name}: {target.text} should be denied but is accepted")
     return failures
 
@@ -151,17 +190,29 @@ def run_tests(policy: Policy, tests: tuple[PolicyTest, ...]) -> list[str]:
 _NOTHING = "nothing"  # not even peering
 
 
-def _open(policy: Policy, src: frozenset[str], target: Target) -> Filter | str | None:
-    """What ``src`` may open on ``target.dst``: None everything, a filter, or
-    :data:`_NOTHING` when the two do not peer."""
-    dst = frozenset({target.dst})
+def _open(policy: Policy, test: PolicyTest, target: Target) -> Filter | str | None:
+    """What the test's ``src`` may open on ``target.dst``: None everything, a filter, or
+    :data:`_NOTHING` when the two do not peer (a pod: its node and the destination)."""
+    src, dst = test.src, frozenset({target.dst})
     if not policy.may_peer(src, dst):
         return _NOTHING
-    return policy.reach(dst, src)
+    allowed = policy.reach(dst, src)
+    pod = test.pod
+    if pod is None or allowed is None:
+        return allowed
+    labels = dict(pod.labels)
+    granted = [
+        rule.opens()
+        for rule in policy.pods
+        if rule.outbound
+        and rule.pods.matches(pod.namespace, pod.service_account, labels, src)
+        and (ANY in rule.devices or not rule.devices.isdisjoint(dst))
+    ]
+    return canonical_ports(parse_port(s) for s in (*allowed, *(s for g in granted for s in g)))
 
 
-def _opens_all(policy: Policy, src: frozenset[str], target: Target) -> bool:
-    allowed = _open(policy, src, target)
+def _opens_all(policy: Policy, test: PolicyTest, target: Target) -> bool:
+    allowed = _open(policy, test, target)
     if allowed is None or isinstance(allowed, str):
         return allowed is None
     if target.port is None:
@@ -169,8 +220,8 @@ def _opens_all(policy: Policy, src: frozenset[str], target: Target) -> bool:
     return _covered(target.port, [parse_port(s) for s in allowed])
 
 
-def _opens_any(policy: Policy, src: frozenset[str], target: Target) -> bool:
-    allowed = _open(policy, src, target)
+def _opens_any(policy: Policy, test: PolicyTest, target: Target) -> bool:
+    allowed = _open(policy, test, target)
     if allowed is None or isinstance(allowed, str):
         return allowed is None
     if target.port is None:

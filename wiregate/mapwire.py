@@ -94,12 +94,14 @@ __all__ = [
     "parse_agent_message",
     "parse_endpoint",
     "parse_map_message",
+    "pods_field",
     "read_dns",
     "read_full",
     "read_map_message",
     "read_peer",
     "read_self",
     "with_filter",
+    "with_pods",
 ]
 
 MAX_ENDPOINTS = 32
@@ -530,6 +532,21 @@ def filter_tail(rule: tuple[str, ...]) -> str:
 def with_filter(text: str, rule: tuple[str, ...]) -> str:
     """A PEER text with ``"filter"`` appended (``"filter"`` is a PEER's last field)."""
     return text[:-1] + filter_tail(rule)
+
+
+def pods_field(key: str, rules: Iterable[tuple[str, tuple[str, ...]]]) -> str:
+    """``,"pods_from":{...}`` (``key``) for a PEER text, ``rules`` sorted by address;
+    empty when there are none (the field is then absent)."""
+    body = ",".join(f"{_string(address)}:[{_strings(rule)}]" for address, rule in rules)
+    return f",{_string(key)}:{{{body}}}" if body else ""
+
+
+def with_pods(text: str, pods_from: str, pods_to: str) -> str:
+    """A PEER text (filtered or not) with :func:`pods_field` texts appended (``pods_from``
+    then ``pods_to``, a PEER's last fields)."""
+    if not pods_from and not pods_to:
+        return text
+    return f"{text[:-1]}{pods_from}{pods_to}}}"
 
 
 def encode_full(version: int, self_text: str, peer_texts: Iterable[str]) -> str:

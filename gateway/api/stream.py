@@ -8,9 +8,11 @@ from gateway.api.common import EndpointsCallback, bearer_token
 from gateway.api.enroll import MAX_ENDPOINTS, in_pools, parse_endpoints, tunnel_pools
 from gateway.api.paths import on_paths
 from gateway.appkeys import BROKER, FOLLOWER, SETTINGS, STORE
-from wiregate.errors import BadInput, NotFound, Unauthorized
+from gateway.mapping.broker import PODS_REFUSED, OnPods
+from wiregate.errors import BadInput, Conflict, NotFound, Unauthorized
 from wiregate.logging import get_logger
 from wiregate.mapwire import AgentEndpoints
+from wiregate.podwire import PodReport
 
 __all__ = ["routes"]
 
@@ -40,7 +42,12 @@ async def stream(request: web.Request) -> web.StreamResponse:
         await follower.sync(since, SYNC_WAIT_S)
     try:
         return await broker.serve(
-            request, record.device.id, since, _on_endpoints(request.app), on_paths(request.app)
+            request,
+            record.device.id,
+            since,
+            _on_endpoints(request.app),
+            on_paths(request.app),
+            _on_pods(request.app),
         )
     finally:  # when it went away: ephemeral devices are swept ephemeral_timeout later
         await request.app[STORE].touch(record.device.id)
@@ -77,3 +84,17 @@ def _on_endpoints(app: web.Application) -> EndpointsCallback:
             app[BROKER].upsert(record.device, version)
 
     return on_endpoints
+
+
+def _on_pods(app: web.Application) -> OnPods:
+    async def on_pods(device_id: str, report: PodReport) -> None:
+        try:  # stored first, so that every replica reads it at its version
+            version = await app[STORE].record_pods(device_id, report)
+        except (Conflict, NotFound) as exc:  # too many pods, or the node was deleted
+            if isinstance(exc, Conflict):
+                PODS_REFUSED.labels(reason="too_many").inc(len(report.upsert))
+            _log.warning("pods_refused", device_id=device_id, reason=exc.message)
+            return
+        app[BROKER].pods(device_id, report, version)
+
+    return on_pods

@@ -54,7 +54,7 @@ from gateway.cluster.peers import (
     plan,
 )
 from gateway.store.records import DeviceRecord
-from gateway.store.replication import ChangeRow
+from gateway.store.replication import ChangeKind, ChangeRow
 from wiregate.clock import Clock
 from wiregate.errors import Conflict, Forbidden, NotFound, Unavailable, WiregateError
 from wiregate.logging import get_logger
@@ -70,6 +70,8 @@ __all__ = [
     "peer_services_ctx",
     "selection_of",
 ]
+
+_DEVICE_CHANGES = frozenset({ChangeKind.UPSERT, ChangeKind.REMOVE})
 
 LEASE = "peer-services"
 LEASE_RENEW_S = 10.0
@@ -207,6 +209,8 @@ class PeerServices:
             return
         head, changes = found
         for change, record in changes:
+            if change.kind not in _DEVICE_CHANGES:  # a policy, a node's pods: no device row
+                continue
             if record is None:
                 state.devices.pop(change.device_id, None)
             else:

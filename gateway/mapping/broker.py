@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
@@ -50,8 +50,13 @@ from gateway.mapping.netmap import (
     apply_upsert,
     encode_delta_body,
     encode_full,
+    merge,
     signature,
 )
+from gateway.mapping.pods import PodMaps, PodTable, refresh, tails_around
+from gateway.mapping.pods import encode_delta_body as encode_pod_delta_body
+from gateway.mapping.pods import encode_full as encode_pod_full
+from gateway.mapping.pods import swap as swap_pods
 from gateway.mapping.policyswap import policy_fanout
 from identity.policy import Policy
 from wiregate.errors import BadInput, RemoteError
@@ -65,17 +70,20 @@ from wiregate.mapwire import (
 )
 from wiregate.model import Device, DnsConfig
 from wiregate.pathwire import PathsReport
+from wiregate.podwire import Pod, PodReport
 
 __all__ = [
     "CONNECTED",
     "DELTAS_SENT",
     "FANOUT_SECONDS",
     "MAP_VERSION",
+    "PODS_REFUSED",
     "POLICY_CHANGE",
     "Broker",
     "FeedChange",
     "OnEndpoints",
     "OnPaths",
+    "OnPods",
     "read_agent_frame",
 ]
 
@@ -91,9 +99,16 @@ FANOUT_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 MAP_VERSION = Gauge("wiregate_netmap_version", "Version of the network map held by the broker")
+PODS_REFUSED = Counter(
+    "wiregate_pods_refused",
+    "Pods a node reported that the gateway refused, by reason",
+    ["reason"],
+)
+PODS_HELD = Gauge("wiregate_pods", "Pods the gateway holds for the policy, over every node")
 
 OnEndpoints = Callable[[str, AgentEndpoints], Awaitable[None]]
 OnPaths = Callable[[str, PathsReport], Awaitable[None]]
+OnPods = Callable[[str, PodReport], Awaitable[None]]
 
 
 def read_agent_frame(msg: WSMessage) -> AgentMessage:
@@ -109,7 +124,7 @@ class FeedChange:
     """One change read from the store's feed: ``device`` (its current record) for an
     upsert, ``removed`` with the ``reason`` its agent is told for a removal, ``policy``
     (the one that version put in force; ``device_id`` :data:`POLICY_CHANGE`) for a
-    policy change."""
+    policy change, ``pods`` for a node's pod report (its ``device_id``)."""
 
     version: int
     device_id: str
@@ -117,9 +132,15 @@ class FeedChange:
     removed: bool = False
     reason: str | None = None
     policy: Policy | None = None
+    pods: PodReport | None = None
 
 
 POLICY_CHANGE = ""  # the device_id of a policy change, in the feed as here
+
+
+def _subject(change: FeedChange) -> tuple[str, bool]:
+    """What a feed change is the latest state of: a device, or a node's pods."""
+    return change.device_id, change.pods is not None
 
 
 log = get_logger("broker")
@@ -139,6 +160,7 @@ class Broker:
         self._dns: DnsConfig | None = None  # the names' settings, in every self view
         self._pool: tuple[str, ...] = ()  # the tunnel address pool, in every self view
         self._state = NetworkState(self._policy)
+        self._pods = PodMaps(self._policy)  # the nodes' pods, compiled per viewer
         self._version = 0
         self._logs: dict[str, AgentLog] = {}
         self._streams: dict[str, Stream] = {}
@@ -148,12 +170,31 @@ class Broker:
 
     # -- changes from the store -------------------------------------------------
 
-    def load(self, devices: Iterable[Device], version: int, policy: Policy | None = None) -> None:
-        """Replace the whole state (and the policy, if given); connected agents get a full
-        map (or revoked)."""
+    def load(
+        self,
+        devices: Iterable[Device],
+        version: int,
+        policy: Policy | None = None,
+        pods: Mapping[str, Iterable[Pod]] | None = None,
+    ) -> None:
+        """Replace the whole state (and the policy, if given; the nodes' pods, if given);
+        connected agents get a full map (or revoked)."""
         if policy is not None:
             self._policy = policy
         self._state = NetworkState(self._policy, devices, dns=self._dns, pool=self._pool)
+        table = self._pods.table
+        if pods is not None:
+            table = PodTable()
+            for node, held in pods.items():
+                if node in self._state:
+                    table.apply(node, PodReport(True, tuple(held)), self._state.shown_routes(node))
+        for node in table.nodes():
+            if node in self._state:
+                table.recheck(node, self._state.shown_routes(node))
+            else:
+                table.drop(node)
+        self._pods = PodMaps(self._policy, table)
+        PODS_HELD.set(len(table))
         self._set_version(version)
         self._logs.clear()
         for stream in list(self._streams.values()):
@@ -196,6 +237,9 @@ class Broker:
         self._policy = policy
         self._state = NetworkState(policy, old, dns=old.dns, pool=old.pool)  # the same devices
         fanout = policy_fanout(old, self._state)
+        old_pods, self._pods = self._pods, PodMaps(policy, self._pods.table)
+        if old_pods.table.nodes():
+            fanout = merge(fanout, swap_pods(old, old_pods, self._state, self._pods))
         self._set_version(version)
         log.info("policy_applied", version=version, agents_told=len(fanout.updates))
         self._publish(fanout, version, started)
@@ -232,9 +276,9 @@ class Broker:
         later state at an earlier version, and a replica's deltas would disagree
         with another's about what a version held.
         """
-        last = {change.device_id: change.version for change in changes}
+        last = {_subject(change): change.version for change in changes}
         for change in changes:
-            if last[change.device_id] != change.version or change.version <= self._version:
+            if last[_subject(change)] != change.version or change.version <= self._version:
                 continue
             self._apply(change)
         if head > self._version:
@@ -250,7 +294,57 @@ class Broker:
 
     def _upsert(self, device: Device, version: int) -> None:
         started = time.perf_counter()
-        fanout = apply_upsert(self._state, device)
+        state, pods = self._state, self._pods
+        old = state.get(device.id)
+        watch = pods.active and (
+            old is None or signature(old) != signature(device) or old.routes != device.routes
+        )
+        before = tails_around(state, pods, [device.id]) if watch else {}
+        fanout = apply_upsert(state, device)
+        if watch:  # what the device's pods, or pods it sees, may open changed with it
+            pods.table.recheck(device.id, state.shown_routes(device.id))
+            pods.forget(device.id)
+            fanout = merge(fanout, refresh(state, before, tails_around(state, pods, [device.id])))
+        fanout = self._reclaimed(fanout, device.id)
+        self._set_version(version)
+        self._publish(fanout, version, started)
+
+    def _reclaimed(self, fanout: Fanout, changed: str) -> Fanout:
+        """Check again the pods of nodes whose approved routes another device let go of in
+        ``fanout`` (their own view changed: fewer refused routes)."""
+        state, pods = self._state, self._pods
+        if not pods.active:
+            return fanout
+        for node, update in list(fanout.updates.items()):
+            if node != changed and update.self_view is not None and node in pods.table:
+                before = tails_around(state, pods, [node])
+                pods.table.recheck(node, state.shown_routes(node))
+                pods.forget(node)
+                fanout = merge(fanout, refresh(state, before, tails_around(state, pods, [node])))
+        return fanout
+
+    def pods(self, device_id: str, report: PodReport, version: int) -> None:
+        """A node's pod report, stored at ``version``: its pods inside its own approved pod
+        CIDRs are kept; the viewers whose pod rules change get a delta. A replica reads
+        the node's pods from the feed instead."""
+        if self._wake is not None:
+            self._wake()
+            return
+        self._offer(FeedChange(version, device_id, None, pods=report))
+
+    def _apply_pods(self, node_id: str, report: PodReport, version: int) -> None:
+        started = time.perf_counter()
+        if node_id not in self._state:  # removed meanwhile
+            self._set_version(version)
+            return
+        routes = self._state.shown_routes(node_id)
+        result = self._pods.table.apply(node_id, report, routes)
+        for pod, reason in result.refused:
+            PODS_REFUSED.labels(reason="outside" if "outside" in reason else "too_many").inc()
+            log.warning("pod_refused", device_id=node_id, pod=pod.key, ips=list(pod.ips),
+                        reason=reason)  # fmt: skip
+        fanout = self._pods.change(self._state, node_id, result.changes)
+        PODS_HELD.set(len(self._pods.table))
         self._set_version(version)
         self._publish(fanout, version, started)
 
@@ -278,6 +372,8 @@ class Broker:
     def _apply(self, change: FeedChange) -> None:
         if change.policy is not None:
             self._swap_policy(change.policy, change.version)
+        elif change.pods is not None:
+            self._apply_pods(change.device_id, change.pods, change.version)
         elif change.device is not None:
             self._upsert(change.device, change.version)
         elif change.removed:
@@ -297,6 +393,10 @@ class Broker:
     def _remove(self, device_id: str, version: int, reason: str) -> None:
         started = time.perf_counter()
         fanout = apply_remove(self._state, device_id)
+        self._pods.table.drop(device_id)  # its pods go with it
+        self._pods.forget(device_id)
+        fanout = self._reclaimed(fanout, device_id)
+        PODS_HELD.set(len(self._pods.table))
         self._set_version(version)
         self._publish(fanout, version, started)
         self._revoke(device_id, reason)
@@ -333,7 +433,7 @@ class Broker:
     # -- fan-out ----------------------------------------------------------------
 
     def _publish(self, fanout: Fanout, version: int, started: float) -> None:
-        bodies: dict[int, str] = {}
+        bodies: dict[object, str] = {}
         for agent, update in fanout.updates.items():
             agent_log = self._logs.get(agent)
             if agent_log is None:  # never connected, or away for good: a full map next
@@ -342,7 +442,7 @@ class Broker:
                 agent_log.version,
                 version,
                 self._self_text(agent, update),
-                self._body(bodies, update),
+                self._body(bodies, agent, update),
             )
             if not agent_log.add(delta):  # away for good: no state for it
                 del self._logs[agent]
@@ -351,7 +451,16 @@ class Broker:
             if stream is not None:
                 self._push(stream, delta, started)
 
-    def _body(self, bodies: dict[int, str], update: AgentUpdate) -> str:
+    def _body(self, bodies: dict[object, str], agent: str, update: AgentUpdate) -> str:
+        pods = self._pods
+        if pods.active and update.upsert:  # pod rules are per viewer: shared by equal tails
+            tails = tuple(pods.tail(self._state, agent, pid) for pid in update.upsert)
+            if any(tail != ("", "") for tail in tails):
+                key = (id(update), tails)
+                body = bodies.get(key)
+                if body is None:
+                    body = bodies[key] = encode_pod_delta_body(self._state, update, tails)
+                return body
         body = bodies.get(id(update))
         if body is None:
             body = bodies[id(update)] = encode_delta_body(self._state, update)
@@ -400,6 +509,8 @@ class Broker:
 
     def _full(self, device_id: str) -> str:
         self._logs[device_id] = self._new_log(self._version)
+        if self._pods.active:
+            return encode_pod_full(self._state, self._pods, device_id, self._version)
         return encode_full(self._state, device_id, self._version)
 
     def _new_log(self, version: int) -> AgentLog:
@@ -429,13 +540,15 @@ class Broker:
         since: int | None,
         on_endpoints: OnEndpoints,
         on_paths: OnPaths | None = None,
+        on_pods: OnPods | None = None,
     ) -> web.WebSocketResponse:
         """Run the map stream of ``device_id`` until it closes.
 
         The caller has authenticated the device. ``since`` is the version the
         agent holds (``?since=``), if any. Agent ``endpoints`` messages are
-        passed to ``on_endpoints``, ``paths`` messages to ``on_paths`` (ignored
-        without one); any other message closes the stream (1008).
+        passed to ``on_endpoints``, ``paths`` messages to ``on_paths`` and ``pods``
+        messages to ``on_pods`` (each ignored without one); any other message closes
+        the stream (1008).
         """
         ws = web.WebSocketResponse(
             heartbeat=HEARTBEAT_S,
@@ -449,13 +562,17 @@ class Broker:
             return ws
         stream = self._attach(device_id, request, ws, since)
         try:
-            await self._read(stream, on_endpoints, on_paths)
+            await self._read(stream, on_endpoints, on_paths, on_pods)
         finally:
             await self._detach(stream)
         return ws
 
     async def _read(
-        self, stream: Stream, on_endpoints: OnEndpoints, on_paths: OnPaths | None
+        self,
+        stream: Stream,
+        on_endpoints: OnEndpoints,
+        on_paths: OnPaths | None,
+        on_pods: OnPods | None = None,
     ) -> None:
         async for msg in stream.ws:
             if stream.closing:
@@ -466,6 +583,8 @@ class Broker:
                     await on_endpoints(stream.device_id, message)
                 elif isinstance(message, PathsReport) and on_paths is not None:
                     await on_paths(stream.device_id, message)
+                elif isinstance(message, PodReport) and on_pods is not None:
+                    await on_pods(stream.device_id, message)
             except RemoteError as exc:
                 log.warning(
                     "closing agent stream: bad message",

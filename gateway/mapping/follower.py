@@ -34,6 +34,7 @@ from gateway.store import Store
 from gateway.store.replication import CHANNEL, ChangeKind, ChangeRow
 from identity.policy import Policy
 from wiregate.logging import get_logger
+from wiregate.podwire import PodReport
 
 __all__ = ["FEED_LAG", "FEED_RELOADS", "Follower", "asyncpg_dsn"]
 
@@ -134,7 +135,7 @@ class Follower:
                 _log.warning("feed_pruned_past; reloading the whole map", head=head)
                 FEED_RELOADS.inc()
                 policy = None if self._policy_at is None else await self._policy_at(head)
-                self._broker.load(devices, head, policy)
+                self._broker.load(devices, head, policy, await self._store.list_pods())
         else:
             head, changes = found
             policy_version, policy = await self._policy_of(changes)
@@ -148,6 +149,7 @@ class Follower:
                         removed=c.kind is ChangeKind.REMOVE,
                         reason=c.reason,
                         policy=policy if c.version == policy_version else None,
+                        pods=PodReport(True, c.pods) if c.kind is ChangeKind.PODS else None,
                     )
                     for c, record in changes
                 ],

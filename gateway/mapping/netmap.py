@@ -52,6 +52,7 @@ __all__ = [
     "encode_delta_body",
     "encode_full",
     "full_map",
+    "merge",
     "signature",
 ]
 
@@ -217,6 +218,22 @@ class NetworkState:
             self._link(group)
         members.add(device.id)
 
+    def group_of(self, device_id: str) -> TagSet:
+        """The signature (group) of a device in the state."""
+        return self._group_of[device_id]
+
+    def linked(self, group: TagSet) -> set[TagSet]:
+        """The groups whose members peer with members of ``group`` (do not mutate)."""
+        return self._links[group]
+
+    def members(self, group: TagSet) -> set[str]:
+        """The ids of the devices of ``group`` (do not mutate)."""
+        return self._members.get(group, set())
+
+    def shown_routes(self, device_id: str) -> tuple[str, ...]:
+        """The routes of a device that its peers get (approved, not another's)."""
+        return self._shown[device_id].routes
+
     def route_owners(self, route: str) -> set[str]:
         """Ids of the devices carrying a route that overlaps ``route``."""
         return self._claims.overlapping(route)
@@ -330,6 +347,11 @@ def _reclaim(state: NetworkState, fanout: Fanout) -> Fanout:
         if any(not state.route_owners(r) - {device_id} for r in blocked):
             fanout = _merge(fanout, _upsert(state, state.device(device_id), force=True))
     return fanout
+
+
+def merge(first: Fanout, then: Fanout) -> Fanout:
+    """One fanout telling each agent what ``first`` and then ``then`` told it."""
+    return _merge(first, then)
 
 
 def _merge(first: Fanout, then: Fanout) -> Fanout:

@@ -73,10 +73,12 @@ FORMAT = "wiregate-backup"
 FORMAT_VERSION = 1
 # Rebuilt by the gateways themselves, meaningless in another database: the map
 # change feed, run-once leases, relay pair choices, rate buckets, signed-out web
-# sessions, agents' path reports. Never backed up; emptied on restore.
+# sessions, agents' path reports, nodes' pods (each agent reports them all again when
+# it reconnects). Never backed up; emptied on restore.
 TRANSIENT_TABLES = frozenset(
-    {"map_changes", "leases", "relay_pairs", "rate_buckets", "ended_sessions", "path_reports"}
-)
+    {"map_changes", "leases", "relay_pairs", "rate_buckets", "ended_sessions", "path_reports",
+     "pods"}
+)  # fmt: skip
 # After a restore the map version jumps this far past the backup's (and the replaced
 # store's): agents may hold versions written after the backup, and an agent that
 # reconnects with ?since= equal to the current version is told it is in sync.

@@ -37,6 +37,7 @@ __all__ = [
     "MapChangeRow",
     "MetaRow",
     "PathReportRow",
+    "PodRow",
     "PolicyRow",
     "RateBucketRow",
     "RelayPairRow",
@@ -180,8 +181,9 @@ class MapChangeRow(Base):
     """What one map version changed, for replicas following each other's writes.
 
     Written in the transaction that took the version; ``kind`` is ``upsert`` (the
-    device's current row is the change) or ``remove`` (with the reason its agent is
-    told). Versions that changed no device (an identity enabled) have no row. Pruned
+    device's current row is the change), ``remove`` (with the reason its agent is
+    told), ``policy`` (the policy row of that version) or ``pods`` (the node's rows in
+    ``pods``). Versions that changed no device (an identity enabled) have no row. Pruned
     to a window: a replica further behind reloads the whole map.
     """
 
@@ -292,3 +294,19 @@ class PathReportRow(Base):
     handshake_age: Mapped[float | None] = mapped_column(Float, nullable=True)
     rtt_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     reported_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class PodRow(Base):
+    """A pod its node reported (an agent's ``pods`` message, :mod:`wiregate.podwire`), as
+    reported: the policy's check of its addresses is each broker's. Gone with the node."""
+
+    __tablename__ = "pods"
+
+    device_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    namespace: Mapped[str] = mapped_column(String(63), primary_key=True)
+    name: Mapped[str] = mapped_column(String(253), primary_key=True)
+    ips: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    service_account: Mapped[str] = mapped_column(String(253), nullable=False)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, nullable=False)

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.store.batch import add_at_commit
 from gateway.store.models import LeaseRow, MapChangeRow, MetaRow, RelayPairRow
+from wiregate.podwire import Pod
 
 __all__ = [
     "CHANNEL",
@@ -52,16 +53,19 @@ class ChangeKind(StrEnum):
     UPSERT = "upsert"
     REMOVE = "remove"
     POLICY = "policy"  # a policy document put in force (no device; see store.policies)
+    PODS = "pods"  # a node's pods changed (store.pods)
 
 
 @dataclass(frozen=True, slots=True)
 class ChangeRow:
-    """One recorded change: ``version`` changed ``device_id`` (``reason`` for removals)."""
+    """One recorded change: ``version`` changed ``device_id`` (``reason`` for removals;
+    ``pods``, for a pods change, the node's pods as the same snapshot holds them)."""
 
     version: int
     kind: ChangeKind
     device_id: str
     reason: str | None
+    pods: tuple[Pod, ...] = ()
 
 
 def _dialect(s: AsyncSession) -> str:

@@ -19,13 +19,14 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from sqlalchemy import ColumnElement, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.mapping.ipam import Allocation, Pool, allocate
-from gateway.store import audit, lifecycle, limits, logins, names, pathreports, policies
+from gateway.store import audit, lifecycle, limits, logins, names, pathreports, pods, policies
 from gateway.store import replication as repl
 from gateway.store.audit import AuditRecord, device_actor, oidc_actor, system_actor
 from gateway.store.batch import GroupCommit, execute_at_commit
@@ -70,6 +71,7 @@ from wiregate.keys import parse_public_key
 from wiregate.logging import get_logger
 from wiregate.model import Identity
 from wiregate.pathwire import PathEntry
+from wiregate.podwire import Pod, PodReport
 
 __all__ = ["DEFAULT_POOL", "MIN_ROTATION_INTERVAL", "UNATTRIBUTED", "Store"]
 
@@ -77,7 +79,7 @@ DEFAULT_POOL = Pool.parse("100.64.0.0/16", "fd7a:7767:6174::/64")
 _log = get_logger("gateway.store")
 UNATTRIBUTED = "system:unattributed"  # a caller that did not say who acted
 _MIGRATE = 0x77676D69  # PostgreSQL advisory lock key held while migrating
-UPSERT, REMOVE = ChangeKind.UPSERT, ChangeKind.REMOVE
+UPSERT, REMOVE, PODS = ChangeKind.UPSERT, ChangeKind.REMOVE, ChangeKind.PODS
 DELETED = "device removed"  # what an agent is told when an admin deletes its device
 EXPIRED = "key expired"  # ... when its key expired (or an admin expired it)
 MIN_ROTATION_INTERVAL = 5.0  # seconds between two key rotations of one device
@@ -734,6 +736,10 @@ class Store:
                 rows = await s.execute(device_query().where(DeviceRow.id.in_(in_list(wanted))))
                 for d, iss, sub in rows.tuples():
                     records[d.id] = device_record(d, Identity(iss, sub))
+            nodes = {c.device_id for c in changes if c.kind is PODS}
+            held = await pods.read(s, nodes) if nodes else {}
+        changes = [replace(c, pods=tuple(held.get(c.device_id, ()))) if c.kind is PODS else c
+                   for c in changes]  # fmt: skip
         return head, [(c, records.get(c.device_id)) for c in changes]
 
     async def prune_changes(self, keep: int, relay_pairs_idle: float) -> int:
@@ -766,6 +772,25 @@ class Store:
         gone meanwhile is a :class:`Conflict`."""
         async with self._write() as s:
             await pathreports.upsert(s, reporter, entries, self._clock())
+
+    async def record_pods(self, device_id: str, report: PodReport) -> int:
+        """Apply a node's pod report (:mod:`gateway.store.pods`) at a new map version, which
+        is returned; :class:`NotFound` for a device gone meanwhile, :class:`Conflict` when
+        the node would hold more than :data:`~gateway.store.pods.MAX_ROWS_PER_NODE` pods."""
+        async with self._write() as s:
+            version = await self._bump(s)
+            if await s.get(DeviceRow, device_id) is None:
+                raise NotFound(f"no device {device_id!r}")
+            await pods.apply(s, device_id, report)
+            if await pods.count(s, device_id) > pods.MAX_ROWS_PER_NODE:
+                raise Conflict(f"a node holds at most {pods.MAX_ROWS_PER_NODE} pods")
+            await repl.record_change(s, version, PODS, device_id, self._clock())
+        return version
+
+    async def list_pods(self) -> dict[str, list[Pod]]:
+        """Every node's pods as reported, by node."""
+        async with self._sessions() as s:
+            return await pods.read(s)
 
     async def list_paths(self, device_id: str | None = None) -> list[pathreports.StoredPath]:
         """Every path report, or those ``device_id`` made or is the peer of."""

@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
-from lab.gateway_process import ADMIN_TOKEN, Gateway
+from lab.gateway_process import Gateway, stop, wait_live, write_config
 from lab.idp import CLIENT_SECRETS, RunningIdp, free_port, start_idp
 
 CHROMIUM = "/usr/bin/chromium"
@@ -53,19 +52,11 @@ def _config(tmp: Path, port: int, idp: RunningIdp) -> Path:
     secret = tmp / "client-secret"
     secret.write_text(CLIENT_SECRETS["wiregate"] + "\n")
     secret.chmod(0o600)
-    token = tmp / "admin.token"
-    token.write_text(ADMIN_TOKEN + "\n")
-    token.chmod(0o600)
-    config = tmp / "gateway.toml"
-    config.write_text(f"""
-[gateway]
-listen = "127.0.0.1:{port}"
-metrics_listen = "127.0.0.1:{free_port()}"
-admin_socket = "{tmp / "gw.sock"}"
-admin_token_file = "{token}"
-state_dir = "{tmp / "state"}"
-public_url = "http://127.0.0.1:{port}"
-admin_groups = ["wiregate-admins"]
+    return write_config(
+        tmp,
+        port,
+        free_port(),
+        f"""admin_groups = ["wiregate-admins"]
 
 [[gateway.oidc]]
 name = "corp"
@@ -74,22 +65,8 @@ client_id = "wiregate"
 client_secret = "file:{secret}"
 scopes = ["openid", "email", "profile", "groups"]
 insecure_http = true
-""")
-    return config
-
-
-def _wait_live(gw: Gateway) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if gw.process.poll() is not None:
-            break
-        try:
-            if gw.api("GET", "/livez")[0] == 200:
-                return
-        except OSError:
-            time.sleep(0.1)
-    gw.process.kill()
-    pytest.fail("the gateway did not start:\n" + gw.log.read_text()[-3000:])
+""",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -108,16 +85,14 @@ def gateway(
             [wiregate, "gateway", "--config", str(config)], stdout=out, stderr=out, env=env
         )
     gw = Gateway(f"http://127.0.0.1:{gateway_port}", tmp / "state", process, log)
-    _wait_live(gw)
+    try:
+        wait_live(gw)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     try:
         yield gw
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop(process)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -27,6 +27,7 @@ from gateway.store import EnrollRequest, KeySpec, Store
 from lab.pg import PgServer
 from wiregate.keys import encode_key, generate_private_key, public_from_private
 from wiregate.model import Identity
+from wiregate.podwire import Pod, build_pods
 from wiregate.settings import GatewaySettings
 
 ADMIN = "admin-token-0123456789abcdef"
@@ -39,7 +40,7 @@ def new_key() -> str:
     return encode_key(public_from_private(generate_private_key()))
 
 
-def settings(tmp_path: Path, name: str, url: str) -> GatewaySettings:
+def settings(tmp_path: Path, name: str, url: str, **extra: Any) -> GatewaySettings:
     token = tmp_path / "admin.token"
     token.write_text(ADMIN + "\n")
     token.chmod(0o600)
@@ -48,6 +49,7 @@ def settings(tmp_path: Path, name: str, url: str) -> GatewaySettings:
         admin_token_file=token,
         admin_socket=tmp_path / name / "gw.sock",
         database_url=url,
+        **extra,
     )
 
 
@@ -74,16 +76,19 @@ async def wait_for(check: Callable[[], bool], timeout: float) -> None:
         await asyncio.sleep(0.01)
 
 
-async def enroll(client: Client, secret: str, name: str) -> dict[str, Any]:
-    body = {"auth_key": secret, "public_key": new_key(), "name": name}
+async def enroll(
+    client: Client, secret: str, name: str, routes: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    body = {"auth_key": secret, "public_key": new_key(), "name": name, "routes": list(routes)}
     response = await client.post("/api/v1/enroll", json=body)
     assert response.status == 201, await response.text()
     result: dict[str, Any] = await response.json()
     return result
 
 
-async def reusable_key(client: Client) -> str:
-    response = await client.post("/api/v1/keys", json={"reusable": True}, headers=AUTH)
+async def reusable_key(client: Client, tags: tuple[str, ...] = ()) -> str:
+    body = {"reusable": True, "tags": list(tags)}
+    response = await client.post("/api/v1/keys", json=body, headers=AUTH)
     assert response.status == 201, await response.text()
     secret: str = (await response.json())["secret"]
     return secret
@@ -301,3 +306,39 @@ async def test_both_sides_of_a_pair_get_the_same_relay_from_different_replicas(
     finally:
         for s in stores:
             await s.close()
+
+
+POD_POLICY = """
+acls:
+  - {src: [tag:node], dst: [tag:node]}
+  - {src: [{pods: {namespace: payments}, nodes: [tag:node]}], dst: [tag:db], ports: [tcp:5432]}
+routes:
+  - {tags: [tag:node], allow: [10.244.0.0/16]}
+"""
+
+
+async def test_pods_reported_at_one_replica_reach_a_vm_on_the_other(
+    aiohttp_client: ClientFactory, tmp_path: Path, db_url: str
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POD_POLICY)
+    a, b = [await aiohttp_client(create_app(settings(tmp_path, n, db_url, policy_file=policy)))
+            for n in ("a", "b")]  # fmt: skip
+    node = await enroll(a, await reusable_key(a, ("tag:node",)), "node", ("10.244.1.0/24",))
+    db = await enroll(a, await reusable_key(a, ("tag:db",)), "db")
+    ledger = Pod("payments", "ledger-1", ("10.244.1.5",), "default", ())
+    vm_auth = {"Authorization": f"Bearer {db['token']}"}
+    node_auth = {"Authorization": f"Bearer {node['token']}"}
+    async with b.ws_connect("/api/v1/stream", headers=vm_auth) as vm:
+        assert (await receive(vm))["type"] == "full"
+        async with a.ws_connect("/api/v1/stream", headers=node_auth) as node_ws:
+            assert (await receive(node_ws))["type"] == "full"
+            await node_ws.send_json(build_pods(True, [ledger]))
+            delta = await receive(vm)
+            assert delta["upsert"][0]["pods_from"] == {"10.244.1.5": ["tcp:5432"]}
+            assert delta["version"] == b.app[BROKER].version
+    await a.app[BROKER].close()  # a replica started now reads the pods from the store
+    c = await aiohttp_client(create_app(settings(tmp_path, "c", db_url, policy_file=policy)))
+    async with c.ws_connect("/api/v1/stream", headers=vm_auth) as vm:
+        full = await receive(vm)
+        assert full["peers"][0]["pods_from"] == {"10.244.1.5": ["tcp:5432"]}

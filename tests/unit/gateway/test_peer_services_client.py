@@ -53,6 +53,10 @@ class Devices:
         del self.devices[device_id]
         self.changes.append(ChangeRow(self.version, ChangeKind.REMOVE, device_id, "revoked"))
 
+    def pods(self, device_id: str) -> None:
+        self.version += 1
+        self.changes.append(ChangeRow(self.version, ChangeKind.PODS, device_id, None))
+
     async def map_version(self) -> int:
         return self.version
 
@@ -63,7 +67,8 @@ class Devices:
         self, version: int
     ) -> tuple[int, list[tuple[ChangeRow, DeviceRecord | None]]] | None:
         rows = [c for c in self.changes if c.version > version]
-        found = [(c, self._record(c.device_id)) for c in rows]
+        found = [(c, self._record(c.device_id) if c.kind is ChangeKind.UPSERT else None)
+                 for c in rows]  # fmt: skip
         return self.version, found
 
     def _record(self, device_id: str) -> DeviceRecord | None:
@@ -172,6 +177,14 @@ async def test_revocation_deletes(rig: Rig) -> None:
     await rig.step()
     assert rig.names() == ["web"]
     assert rig.names("endpointslices") == ["web-ipv4", "web-ipv6"]
+
+
+async def test_a_nodes_pods_change_leaves_its_service_alone(rig: Rig) -> None:
+    rig.devices.upsert(vm("node-1", 7))
+    await rig.step()
+    rig.devices.pods("dev_node-1")  # the feed has no device row for it
+    await rig.step()
+    assert rig.names() == ["node-1"]
 
 
 async def test_a_full_resync_fixes_drift_and_touches_only_its_own_objects(rig: Rig) -> None:

@@ -147,3 +147,46 @@ def test_policy_check_runs_the_tests(tmp_path: Path) -> None:
         "but is denied",
         f"{bad}: 2 of the policy's test expectations failed",
     ]
+
+
+POD_ACLS: dict[str, Any] = {
+    "acls": [
+        {"src": [{"pods": {"namespace": "payments", "labels": {"app": "ledger"}},
+                  "nodes": ["tag:node"]}], "dst": ["tag:db"], "ports": ["tcp:5432"]},
+        {"src": ["tag:node"], "dst": ["tag:db"], "ports": ["icmp"]},
+    ]
+}  # fmt: skip
+
+
+def pod_failures(*tests: dict[str, Any]) -> list[str]:
+    return parse_policy({**POD_ACLS, "tests": list(tests)}, check_tests=False).failures()
+
+
+def test_a_pod_source_opens_what_its_node_and_the_pod_rules_allow() -> None:
+    ledger = {"namespace": "payments", "service_account": "ledger", "labels": {"app": "ledger"}}
+    assert pod_failures(
+        {"src": {"pod": ledger, "node": "tag:node"},
+         "accept": ["tag:db:5432", "tag:db:icmp"], "deny": ["tag:db:22"]},
+        {"src": {"pod": {**ledger, "labels": {}}, "node": "tag:node"},
+         "accept": ["tag:db:icmp"], "deny": ["tag:db:5432"]},
+        {"src": {"pod": ledger, "node": ["tag:edge"]}, "deny": ["tag:db:*"]},
+    ) == []  # fmt: skip
+    (failure,) = pod_failures(
+        {"src": {"pod": ledger, "node": "tag:edge"}, "accept": ["tag:db:5432"]}
+    )
+    assert failure.startswith("tests[0] (src pod payments/ledger on tag:edge): tag:db:5432")
+
+
+@pytest.mark.parametrize(
+    ("src", "said"),
+    [
+        ({"pod": {"namespace": "a"}, "node": "tag:node"}, "tests[0].src.pod: expected"),
+        ({"pod": {"namespace": "a", "service_account": "b"}}, "tests[0].src.node: missing"),
+        ({"pod": {"namespace": "a", "service_account": ""}, "node": "tag:n"}, "non-empty"),
+        ({"pod": {"namespace": "a", "service_account": "b"}, "node": "x"}, "tests[0].src.node"),
+    ],
+)
+def test_a_bad_pod_source_is_refused_naming_the_place(src: Any, said: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        pod_failures({"src": src, "accept": ["tag:db:5432"]})
+    assert said in str(caught.value)

@@ -40,11 +40,13 @@ from wiregate.mapwire import (
     encode_sync,
     parse_agent_message,
     parse_map_message,
+    pods_field,
     read_full,
     read_map_message,
     read_peer,
     read_self,
     with_filter,
+    with_pods,
 )
 from wiregate.model import Device, Identity, NetMap, Peer, SelfView
 
@@ -176,6 +178,22 @@ def test_encode_delta_is_the_delta_message(delta: Delta) -> None:
 def test_a_filter_is_spliced_into_a_pre_encoded_peer(peer: Peer, rule: tuple[str, ...]) -> None:
     plain, filtered = replace(peer, filter=None), replace(peer, filter=rule)
     assert with_filter(dumps(build_peer(plain)), rule) == compact(build_peer(filtered))
+
+
+pod_rules = st.dictionaries(texts, strs, max_size=3).map(lambda d: tuple(sorted(d.items())))
+
+
+@given(peers, st.none() | strs, pod_rules, pod_rules)
+def test_pod_rules_are_spliced_into_a_pre_encoded_peer(
+    peer: Peer,
+    rule: tuple[str, ...] | None,
+    pods_from: tuple[tuple[str, tuple[str, ...]], ...],
+    pods_to: tuple[tuple[str, tuple[str, ...]], ...],
+) -> None:
+    plain = dumps(build_peer(replace(peer, filter=rule, pods_from=(), pods_to=())))
+    text = with_pods(plain, pods_field("pods_from", pods_from), pods_field("pods_to", pods_to))
+    whole = replace(peer, filter=rule, pods_from=pods_from, pods_to=pods_to)
+    assert text == compact(build_peer(whole))
 
 
 def test_encode_peer_writes_a_device_as_its_peer() -> None:

@@ -43,6 +43,7 @@ from agent.paths.predict import PredictionPlan
 from agent.paths.relaylink import Addr, RelayBinding, RelayGrant, bind_at_relay
 from agent.paths.tcplink import TcpFallback
 from agent.pmtu.prober import PmtuProber
+from agent.podreport import PodReporter
 from agent.privileges import require_net_admin
 from agent.rotation import KeyRotator
 from agent.session import Action, MapSession
@@ -66,6 +67,14 @@ log = get_logger("agent")
 
 DATAPLANE_SETUP_TIMEOUT = 60.0  # seconds; the backends' own steps time out sooner
 WHOIS_TIMEOUT = 5.0  # seconds; `wiregate whois` then shows the device without its owner
+
+
+def _pod_reporter(settings: AgentSettings) -> PodReporter:
+    """The pods of this node (``kubernetes = true``), reported on the map stream."""
+    from agent.kubepods import KubePodApi, PodWatcher
+
+    api = KubePodApi(settings.node_name, settings.kubeconfig)
+    return PodReporter(PodWatcher(api, settings.pod_labels))
 
 
 class DeviceRevoked(Exception):
@@ -113,6 +122,7 @@ class Agent:
         self.rotation = KeyRotator(self)  # make-before-break key rotation
         self.pmtu: PmtuProber | None = None  # path-MTU probes through each tunnel
         self.path_reporter = PathReporter()  # the `paths` messages (agent/pathreport.py)
+        self.pod_reporter: PodReporter | None = None  # kubernetes: `pods` (agent/podreport.py)
         # the latest handshake WireGuard reported per peer key: a peer removed and re-added
         # to probe a path starts at "never" in WireGuard, not in ``wiregate status``
         self._handshakes: dict[str, float] = {}
@@ -197,6 +207,9 @@ class Agent:
             tasks.append(asyncio.create_task(self._netcheck_periodically()))
         tasks.append(asyncio.create_task(self.rotation.run()))
         tasks.append(asyncio.create_task(self._report_paths_periodically()))
+        if self.settings.kubernetes:
+            self.pod_reporter = _pod_reporter(self.settings)
+            tasks.append(asyncio.create_task(self.pod_reporter.run()))
         if self.settings.host_traffic != "off":
             tasks.append(asyncio.create_task(self._host_traffic_periodically()))
         if self.settings.pmtu_interval > 0:
@@ -520,6 +533,8 @@ class Agent:
                 self._advertised = None
                 self.path_reporter.restart()  # a new stream (or replica) hears every peer
                 await self._advertise()
+                if self.pod_reporter is not None:
+                    await self.pod_reporter.stream_started(ws)
 
     async def _report_paths_periodically(self, every: float = 5.0) -> None:
         """Send the path to each peer when it changed (``paths``, agent/pathreport.py)."""

@@ -4,6 +4,7 @@ and watch against a served Pods API (lab/podapi.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from agent.kubepods import KubePodApi, PodBook, PodWatcher, pod_of
+from agent.podreport import PodReporter
 from lab.kubeapi import recorded, write_kubeconfig
 from lab.podapi import PodStore, pod_api_app, pod_document
 from wiregate.podwire import MAX_PODS, Pod, PodReport, build_pods, parse_pods
@@ -111,6 +113,25 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[PodStore, KubePodApi]]:
     await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def _watching(
+    api: KubePodApi, coalesce: float
+) -> AsyncIterator[tuple[PodWatcher, list[PodReport]]]:
+    """A watcher running; the reports it emitted so far."""
+    reports: list[PodReport] = []
+
+    async def emit(batch: list[PodReport]) -> None:
+        reports.extend(batch)
+
+    watcher = PodWatcher(api, LABELS, coalesce=coalesce)
+    task = asyncio.create_task(watcher.run(emit))
+    try:
+        yield watcher, reports
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def _until(reports: list[PodReport], count: int) -> None:
     for _ in range(200):
         if len(reports) >= count:
@@ -125,14 +146,7 @@ async def test_the_watcher_lists_watches_and_coalesces_a_churn(
     store, api = served
     store.put(_doc(1))
     store.put(pod_document("shop", "other", "10.244.2.1", node="kind-worker2"))  # not ours
-    reports: list[PodReport] = []
-
-    async def emit(batch: list[PodReport]) -> None:
-        reports.extend(batch)
-
-    watcher = PodWatcher(api, LABELS, coalesce=0.2)
-    task = asyncio.create_task(watcher.run(emit))
-    try:
+    async with _watching(api, 0.2) as (watcher, reports):
         await _until(reports, 1)
         assert reports[0].full and [p.name for p in reports[0].upsert] == ["web-1"]
         for i in range(2, 202):  # 200 pods at once
@@ -145,22 +159,12 @@ async def test_the_watcher_lists_watches_and_coalesces_a_churn(
         await _until(reports, len(reports) + 1)
         assert reports[-1].remove == ("shop/web-1",)
         assert len(watcher.full()[0].upsert) == 200
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_gone_or_ended_watch_lists_again(served: tuple[PodStore, KubePodApi]) -> None:
     store, api = served
     store.put(_doc(1))
-    reports: list[PodReport] = []
-
-    async def emit(batch: list[PodReport]) -> None:
-        reports.extend(batch)
-
-    watcher = PodWatcher(api, LABELS, coalesce=0.01)
-    task = asyncio.create_task(watcher.run(emit))
-    try:
+    async with _watching(api, 0.01) as (_, reports):
         await _until(reports, 1)
         store.close_watches()  # the server ends the watch: a list, a full again
         await _until(reports, 2)
@@ -171,9 +175,6 @@ async def test_a_gone_or_ended_watch_lists_again(served: tuple[PodStore, KubePod
         store.close_watches()
         await _until(reports, 3)
         assert reports[-1].full and {p.name for p in reports[-1].upsert} == {"web-1", "web-2"}
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_an_unreachable_api_is_retried(tmp_path: Path) -> None:
@@ -192,3 +193,52 @@ async def test_an_unreachable_api_is_retried(tmp_path: Path) -> None:
     with pytest.raises(asyncio.CancelledError):
         await watcher.run(emit)
     assert slept == [1.0, 2.0, 4.0]
+
+
+# --------------------------------------------------------------------------- on the map stream
+
+
+class FakeStream:
+    """The map stream's websocket, recording what the agent sends."""
+
+    def __init__(self, *, failing: bool = False) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.closed = False
+        self.failing = failing
+
+    async def send_json(self, data: Any) -> None:
+        if self.failing:
+            raise ConnectionResetError("gone")
+        self.sent.append(data)
+
+
+async def test_each_stream_gets_a_full_then_the_deltas(
+    served: tuple[PodStore, KubePodApi],
+) -> None:
+    store, api = served
+    store.put(_doc(1))
+    reporter = PodReporter(PodWatcher(api, LABELS, coalesce=0.01))
+    first = FakeStream()
+    await reporter.stream_started(first)  # before the first list: nothing yet
+    task = asyncio.create_task(reporter.run())
+    try:
+        for _ in range(200):
+            if first.sent:
+                break
+            await asyncio.sleep(0.02)
+        store.put(_doc(2))
+        for _ in range(200):
+            if len(first.sent) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert [(m["full"], len(m["upsert"])) for m in first.sent] == [(True, 1), (False, 1)]
+        await reporter.stream_started(FakeStream(failing=True))  # a stream that breaks
+        store.put(_doc(3))  # not sent: no stream holds the full
+        await asyncio.sleep(0.2)
+        second = FakeStream()
+        await reporter.stream_started(second)  # reconnected: the whole book
+        assert [(m["full"], len(m["upsert"])) for m in second.sent] == [(True, 3)]
+        assert len(first.sent) == 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

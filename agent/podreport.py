@@ -1,0 +1,70 @@
+"""The ``pods`` messages on the map stream: when the agent sends what its pod watcher reports.
+
+A node agent with ``kubernetes = true`` runs a :class:`agent.kubepods.PodWatcher`; the
+:class:`PodReporter` sends its reports on the current map stream. Every new stream (the
+first full map on it, after each (re)connect or replica change) gets the whole book as a
+``full`` report first; until then, and while no stream is up, deltas are not sent (the
+next stream's ``full`` carries them). Sends are serialized, so a delta never goes out
+ahead of the ``full`` of its stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import aiohttp
+
+from agent.kubepods import PodWatcher
+from wiregate.logging import get_logger
+from wiregate.podwire import PodReport, build_pods
+
+__all__ = ["PodReporter", "Stream"]
+
+log = get_logger("agent.podreport")
+
+
+class Stream(Protocol):
+    """What the reporter uses of the map stream's websocket."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def send_json(self, data: Any) -> None: ...
+
+
+class PodReporter:
+    """Sends the watcher's reports on the stream that got this book's ``full``."""
+
+    def __init__(self, watcher: PodWatcher) -> None:
+        self.watcher = watcher
+        self._stream: Stream | None = None  # the stream the book's full went out on
+        self._lock = asyncio.Lock()
+        self.messages = 0  # pods messages sent
+
+    async def run(self) -> None:
+        """Watch the node's pods and send what changes, until cancelled."""
+        await self.watcher.run(self._emit)
+
+    async def stream_started(self, stream: Stream) -> None:
+        """A new map stream: the whole book on it (once the first list is in)."""
+        async with self._lock:
+            self._stream = stream
+            if self.watcher.lists:
+                await self._send(self.watcher.full())
+
+    async def _emit(self, reports: list[PodReport]) -> None:
+        async with self._lock:
+            await self._send(reports)
+
+    async def _send(self, reports: list[PodReport]) -> None:
+        stream = self._stream
+        if stream is None or stream.closed:
+            return  # the next stream gets a full
+        try:
+            for report in reports:
+                await stream.send_json(build_pods(report.full, report.upsert, report.remove))
+                self.messages += 1
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            self._stream = None
+            log.info("pods not sent: the map stream is closing", error=str(exc))

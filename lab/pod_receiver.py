@@ -1,0 +1,71 @@
+"""A receiver's packet filter driven by map messages: ``python -m lab.pod_receiver IFACE``.
+
+Run inside a network namespace. Each line on stdin is a map message as the gateway
+sends it (``full`` or ``delta``); it goes through the agent's own path for a received
+message, :class:`agent.session.MapSession` (parse, apply the delta), then
+:meth:`agent.dataplane.firewall.Firewall.apply` on ``IFACE`` through libnftables
+(the WireGuard device itself is left out: there is no kernel module here, and the pod
+rules live in the filter only). Each message is answered with one JSON line:
+``{"action", "problems", "scripts", "seconds"}``, ``seconds`` from the line's arrival
+to nftables having committed the elements, ``scripts`` what was written to nftables.
+``{"op": "dropped"}`` answers the filter's drop counter (``{"dropped": N}``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from agent.dataplane.firewall import Firewall
+from agent.session import Action, MapSession
+from wiregate.nft import Nft
+
+__all__ = ["Recording", "main"]
+
+
+class Recording(Nft):
+    """libnftables, keeping each script it ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scripts: list[str] = []
+
+    def run(self, script: str) -> None:
+        self.scripts.append(script)
+        super().run(script)
+
+
+def handle(line: str, session: MapSession, firewall: Firewall, nft: Recording) -> dict[str, Any]:
+    """One message: what it did."""
+    arrived = time.monotonic()
+    message = json.loads(line)
+    if message.get("op") == "dropped":
+        doc = nft.query_json("list counter inet wiregate dropped")
+        counters = [i["counter"] for i in doc["nftables"] if "counter" in i]
+        return {"dropped": int(counters[0]["packets"])}
+    before = len(nft.scripts)
+    outcome = session.receive(message)
+    problems: tuple[str, ...] = ()
+    if outcome.action is Action.APPLY and session.netmap is not None:
+        problems = firewall.apply(session.netmap)
+    return {
+        "action": outcome.action.value,
+        "reason": outcome.reason,
+        "problems": list(problems),
+        "scripts": nft.scripts[before:],
+        "seconds": time.monotonic() - arrived,
+    }
+
+
+def main() -> None:
+    nft = Recording()
+    firewall = Firewall(sys.argv[1], nft, clamp=False)
+    session = MapSession()
+    for line in sys.stdin:
+        print(json.dumps(handle(line, session, firewall, nft)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -126,7 +126,15 @@ class Lab:
     def dropped(self) -> int:
         return int(self.send({"op": "dropped"})["dropped"])
 
-    def close(self) -> None:
+    def __enter__(self) -> Lab:
+        try:
+            self.build()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         for proc in self.procs:
             proc.kill()
             proc.wait()
@@ -136,12 +144,8 @@ class Lab:
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    lab = Lab(secrets.token_hex(3))
-    try:
-        lab.build()
-        yield lab
-    finally:
-        lab.close()
+    with Lab(secrets.token_hex(3)) as built:
+        yield built
 
 
 def elements(scripts: list[str]) -> list[str]:

@@ -47,6 +47,7 @@ BENCHMARKS = (
     "paths",
     "dns",
     "host_tunnel",
+    "pod_enforce",
 )
 RESULTS = Path(__file__).with_name("results.json")
 QUICK = ("netmap", "reconcile", "enroll")  # seconds each; those present are run

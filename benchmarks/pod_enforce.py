@@ -56,13 +56,9 @@ def run() -> dict[str, float]:
 
 
 def _node(n: int, pods: dict[str, list[str]]) -> dict[str, Any]:
-    return {
-        "id": f"node{n}", "name": f"node{n}", "public_key": f"{n:043d}=",
-        "addresses": [f"100.64.1.{n}/32"],
-        "allowed_ips": [f"100.64.1.{n}/32", f"10.{100 + n // 250}.{n % 250}.0/24"],
-        "endpoints": [], "keepalive": None, "tags": ["tag:node"], "filter": [],
-        "pods_from": pods,
-    }  # fmt: skip
+    from lab.pod_receiver import node_peer
+
+    return node_peer(n, f"100.64.1.{n}", f"10.{100 + n // 250}.{n % 250}.0/24", pods)
 
 
 def _pod(n: int, i: int) -> str:
@@ -82,19 +78,10 @@ def _change(step: int, pods: dict[str, list[str]], n: int, rng: random.Random) -
         pods[rng.choice(free)] = ["tcp:5432"]
 
 
-def _written(scripts: list[str]) -> list[str]:
-    texts = []
-    for script in scripts:
-        for line in script.splitlines():
-            body = line.split(" ", 5)[5].strip().removeprefix("{").removesuffix("}")
-            texts += [t.strip() for t in body.split(",")]
-    return texts
-
-
 def inner() -> dict[str, float]:
     from agent.dataplane.firewall import Firewall
     from agent.session import MapSession
-    from lab.pod_receiver import Recording, handle
+    from lab.pod_receiver import Recording, handle, written
 
     nft = Recording()
     firewall = Firewall("wgpod0", nft, clamp=False)
@@ -107,7 +94,7 @@ def inner() -> dict[str, float]:
     if first["problems"] or not firewall.enforced:
         raise SystemExit(f"the filter is not enforced: {first['problems']}")
     rng = random.Random(15)
-    times, written, other = [], [], 0
+    times, counts, other = [], [], 0
     for step in range(CHANGES):
         n = rng.randrange(1, NODES + 1)
         _change(step, nodes[n], n, rng)
@@ -116,11 +103,11 @@ def inner() -> dict[str, float]:
         got = handle(json.dumps(delta), session, firewall, nft)
         if got["problems"] or got["action"] != "apply" or not firewall.enforced:
             raise SystemExit(f"change {step} not enforced: {got}")
-        texts = _written(got["scripts"])
+        texts = [text for _, _, text in written(got["scripts"])]
         prefix = _pod(n, 0).rsplit(".", 1)[0] + "."
         other += sum(not t.startswith(prefix) for t in texts)
         times.append(got["seconds"])
-        written.append(len(texts))
+        counts.append(len(texts))
     before = len(nft.scripts)
     firewall.apply(session.netmap, repair=True)  # type: ignore[arg-type]
     if len(nft.scripts) != before:  # the kernel's table read back differs from the book
@@ -130,7 +117,7 @@ def inner() -> dict[str, float]:
         "pod_enforce_p99_s": times[int(len(times) * 0.99) - 1],
         "pod_enforce_p50_s": statistics.median(times),
         "pod_enforce_max_s": times[-1],
-        "pod_enforce_elements_per_change": statistics.mean(written),
+        "pod_enforce_elements_per_change": statistics.mean(counts),
         "pod_enforce_other_elements": float(other),
         "pod_enforce_full_s": first["seconds"],
     }

@@ -22,7 +22,7 @@ from agent.dataplane.firewall import Firewall
 from agent.session import Action, MapSession
 from wiregate.nft import Nft
 
-__all__ = ["Recording", "main"]
+__all__ = ["Recording", "handle", "main", "node_peer", "written"]
 
 
 class Recording(Nft):
@@ -57,6 +57,29 @@ def handle(line: str, session: MapSession, firewall: Firewall, nft: Recording) -
         "scripts": nft.scripts[before:],
         "seconds": time.monotonic() - arrived,
     }
+
+
+def node_peer(
+    n: int, address: str, pod_cidr: str, pods_from: dict[str, list[str]]
+) -> dict[str, Any]:
+    """A node's PEER as a VM receives it: its own ``filter`` ``[]``, its pods' rules."""
+    return {
+        "id": f"node{n}", "name": f"node{n}", "public_key": f"{n:043d}=",
+        "addresses": [f"{address}/32"], "allowed_ips": [f"{address}/32", pod_cidr],
+        "endpoints": [], "keepalive": None, "tags": ["tag:node"], "filter": [],
+        "pods_from": pods_from,
+    }  # fmt: skip
+
+
+def written(scripts: list[str]) -> list[tuple[str, str, str]]:
+    """Each element the scripts add or delete: ``(verb, set, element)``."""
+    out = []
+    for script in scripts:
+        for line in script.splitlines():
+            verb, _, _, _, name, rest = line.split(" ", 5)
+            body = rest.strip().removeprefix("{").removesuffix("}").strip()
+            out += [(verb, name, text) for text in body.split(", ")]
+    return out
 
 
 def main() -> None:

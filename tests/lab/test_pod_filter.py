@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from lab.pod_receiver import node_peer, written
 from lab.tcp_listener import CLIENT, LISTENER
 
 pytestmark = pytest.mark.lab
@@ -45,13 +46,7 @@ def sh(*args: str) -> str:
 
 
 def peer(n: int, pods_from: dict[str, list[str]]) -> dict[str, Any]:
-    return {
-        "id": f"node{n}", "name": f"node{n}", "public_key": f"{n:043d}=",
-        "addresses": [f"100.64.0.{n}/32"],
-        "allowed_ips": [f"100.64.0.{n}/32", f"10.244.{n - 6}.0/24"],
-        "endpoints": [], "keepalive": None, "tags": ["tag:node"], "filter": [],
-        "pods_from": pods_from,
-    }  # fmt: skip
+    return node_peer(n, f"100.64.0.{n}", f"10.244.{n - 6}.0/24", pods_from)
 
 
 OTHER = peer(8, {f"10.244.2.{i}": ["tcp:5432"] for i in range(2, 52)})
@@ -150,13 +145,7 @@ def lab() -> Iterator[Lab]:
 
 def elements(scripts: list[str]) -> list[str]:
     """Each element a script adds or deletes, ``verb set element``."""
-    out = []
-    for script in scripts:
-        for line in script.splitlines():
-            verb, _, _, _, name, rest = line.split(" ", 5)
-            body = rest.strip().removeprefix("{").removesuffix("}").strip()
-            out += [f"{verb} {name} {text}" for text in body.split(", ")]
-    return out
+    return [" ".join(item) for item in written(scripts)]
 
 
 def test_only_the_allowed_pod_reaches_the_vm_and_a_move_is_enforced_within_1s(lab: Lab) -> None:

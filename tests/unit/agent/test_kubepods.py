@@ -164,7 +164,11 @@ async def test_a_gone_or_ended_watch_lists_again(served: tuple[PodStore, KubePod
         store.close_watches()  # the server ends the watch: a list, a full again
         await _until(reports, 2)
         assert reports[1].full and store.lists == 2
-        await asyncio.sleep(0.2)
+        for _ in range(200):  # the second watch open
+            if store.watches == 2:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
         store.put(_doc(2))
         store.compact()  # and the next watch's version is too old: 410, a list again
         store.close_watches()

@@ -111,6 +111,7 @@ def pod_api_app(store: PodStore) -> web.Application:
 
 async def _watch(request: web.Request, store: PodStore, node: str) -> web.StreamResponse:
     store.watches += 1
+    closing = store._closing  # a close_watches() from now on ends this watch
     since = int(request.query.get("resourceVersion") or store.version)
     timeout = float(request.query.get("timeoutSeconds") or 300)
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -126,7 +127,6 @@ async def _watch(request: web.Request, store: PodStore, node: str) -> web.Stream
         }
         await response.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
         return response
-    closing = store._closing
     deadline = asyncio.get_running_loop().time() + timeout
     while store._closing == closing:
         for version, kind, doc in list(store.events):

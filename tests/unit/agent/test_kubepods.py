@@ -168,7 +168,6 @@ async def test_a_gone_or_ended_watch_lists_again(served: tuple[PodStore, KubePod
             if store.watches == 2:
                 break
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.05)
         store.put(_doc(2))
         store.compact()  # and the next watch's version is too old: 410, a list again
         store.close_watches()

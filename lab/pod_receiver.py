@@ -8,7 +8,9 @@ message, :class:`agent.session.MapSession` (parse, apply the delta), then
 rules live in the filter only). Each message is answered with one JSON line:
 ``{"action", "problems", "scripts", "seconds"}``, ``seconds`` from the line's arrival
 to nftables having committed the elements, ``scripts`` what was written to nftables.
-``{"op": "dropped"}`` answers the filter's drop counter (``{"dropped": N}``).
+``{"op": "dropped"}`` answers the filter's drop counter (``{"dropped": N}``);
+``{"op": "repair"}`` applies the current map with a read-back of the kernel's table
+(``scripts``: what it had to fix).
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ def handle(line: str, session: MapSession, firewall: Firewall, nft: Recording) -
         counters = [i["counter"] for i in doc["nftables"] if "counter" in i]
         return {"dropped": int(counters[0]["packets"])}
     before = len(nft.scripts)
-    outcome = session.receive(message)
+    repair = message.get("op") == "repair"
+    outcome = session.receive(message) if not repair else None
     problems: tuple[str, ...] = ()
-    if outcome.action is Action.APPLY and session.netmap is not None:
-        problems = firewall.apply(session.netmap)
+    if (repair or (outcome and outcome.action is Action.APPLY)) and session.netmap is not None:
+        problems = firewall.apply(session.netmap, repair=repair)
     return {
-        "action": outcome.action.value,
-        "reason": outcome.reason,
+        "action": "repair" if outcome is None else outcome.action.value,
+        "reason": "" if outcome is None else outcome.reason,
         "problems": list(problems),
         "scripts": nft.scripts[before:],
         "seconds": time.monotonic() - arrived,
@@ -76,6 +79,8 @@ def written(scripts: list[str]) -> list[tuple[str, str, str]]:
     out = []
     for script in scripts:
         for line in script.splitlines():
+            if not line.startswith(("add element ", "delete element ")):
+                continue  # the table's own lines
             verb, _, _, _, name, rest = line.split(" ", 5)
             body = rest.strip().removeprefix("{").removesuffix("}").strip()
             out += [(verb, name, text) for text in body.split(", ")]

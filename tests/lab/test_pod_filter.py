@@ -33,6 +33,7 @@ pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
 POD_A, POD_B = "10.244.1.5", "10.244.1.6"
+OWN_POD = "10.244.9.9"  # a pod of the VM's namespace standing as a node's own
 VM = "100.64.0.1"
 
 if os.geteuid() != 0:
@@ -65,6 +66,8 @@ class Lab:
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         self._link(self.v, self.vv, self.n, "tov", "100.64.0.1/16", "100.64.0.7/16")
         sh("ip", "-n", self.v, "route", "add", "10.244.0.0/16", "via", "100.64.0.7")
+        sh("ip", "-n", self.v, "addr", "add", f"{OWN_POD}/32", "dev", "lo")
+        sh("ip", "-n", self.n, "route", "add", f"{OWN_POD}/32", "via", "100.64.0.1")
         sh("ip", "netns", "exec", self.n, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         for ns, address, dev in ((self.pa, POD_A, "toa"), (self.pb, POD_B, "tob")):
             self._link(ns, "eth0", self.n, dev, f"{address}/32", None)
@@ -113,9 +116,9 @@ class Lab:
                    "upsert": list(peers), "remove": []}  # fmt: skip
         return self.send(message)
 
-    def connect(self, pod: str) -> str:
+    def connect(self, pod: str, target: str = VM) -> str:
         ns = self.pa if pod == POD_A else self.pb
-        client = [sys.executable, "-c", CLIENT, pod, VM, "5432"]
+        client = [sys.executable, "-c", CLIENT, pod, target, "5432"]
         return sh("ip", "netns", "exec", ns, *client).strip()
 
     def dropped(self) -> int:
@@ -160,6 +163,8 @@ def test_only_the_allowed_pod_reaches_the_vm_and_a_move_is_enforced_within_1s(la
     moved = lab.delta(peer(7, {POD_B: ["tcp:5432"]}))
     took = time.monotonic() - sent
     assert moved["problems"] == [] and took < 1.0 and moved["seconds"] < 1.0
+    assert all(line.startswith(("add element", "delete element"))
+               for script in moved["scripts"] for line in script.splitlines())  # fmt: skip
     assert elements(moved["scripts"]) == [
         f"delete port4 {POD_A} . 6 . 5432",
         f"add port4 {POD_B} . 6 . 5432",
@@ -183,3 +188,19 @@ def test_a_churn_of_200_pods_writes_only_that_nodes_elements(lab: Lab) -> None:
     untouched = [e for e in added + removed if "10.244.2." in e or "100.64.0.8" in e]
     assert untouched == [] and all("table" not in s for s in grown["scripts"] + gone["scripts"])
     assert lab.connect(POD_A) == "open"  # the unchanged pod kept its element throughout
+
+
+def test_pods_to_open_a_pod_of_this_node_and_every_pod_set_reads_back(lab: Lab) -> None:
+    node = peer(7, {POD_A: ["tcp:8000-8099"], "10.244.1.7": ["udp:53", "icmp"]})
+    node["pods_to"] = {OWN_POD: ["tcp:5432"], "fd00:10:244:9::9": ["tcp:22-23"]}
+    node["allowed_ips"] += ["fd7a::7/128", "fd00:10:244:1::/64"]
+    first = lab.full(node, OTHER)
+    assert first["problems"] == []
+    written_sets = {name for _, name, _ in written(first["scripts"])}
+    assert {"pod_port4_ranges", "proto4", "to_port4", "to_port4_ranges", "to_port6_ranges"} <= (
+        written_sets
+    )
+    assert lab.send({"op": "repair"})["scripts"] == []  # the kernel's listing reads back
+    assert lab.connect(POD_A, OWN_POD) == "open"  # pods_to: the node's pod, from a pod of N
+    assert lab.connect(POD_B, OWN_POD) == "open"  # (any source of N: its prefix)
+    assert lab.connect(POD_A) == "timeout"  # but not the VM's own address on that port

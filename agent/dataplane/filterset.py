@@ -133,30 +133,27 @@ SETS |= {
 def _filter_rules(stateful: bool) -> list[str]:
     rules = ["ct state established,related accept"] if stateful else []
     for v in (4, 6):
-        src = f"{_FAMILY[v]} saddr"
-        rules += [
-            f"{src} @open{v} accept",
-            f"{src} . meta l4proto @proto{v} accept",
-            f"{src} . meta l4proto . th dport @port{v} accept",
-            f"{src} . meta l4proto @proto{v}_ranges accept",
-            f"{src} . meta l4proto . th dport @port{v}_ranges accept",
-            f"{src} . meta l4proto . th dport @pod_port{v}_ranges accept",
-        ]
+        rules += _match_rules(f"{_FAMILY[v]} saddr", v, f"@pod_port{v}_ranges")
     rules += [
         "meta nfproto @any_open accept",
         "meta nfproto . meta l4proto @any_proto accept",
         "meta nfproto . meta l4proto . th dport @any_port accept",
     ]
-    for v in (4, 6):
-        pair = f"{_FAMILY[v]} saddr . {_FAMILY[v]} daddr"
-        rules += [
-            f"{pair} @to_open{v} accept",
-            f"{pair} . meta l4proto @to_proto{v} accept",
-            f"{pair} . meta l4proto . th dport @to_port{v} accept",
-            f"{pair} . meta l4proto @to_proto{v}_ranges accept",
-            f"{pair} . meta l4proto . th dport @to_port{v}_ranges accept",
-        ]
+    for v in (4, 6):  # pods_to: the source and this node's pod
+        rules += _match_rules(f"{_FAMILY[v]} saddr . {_FAMILY[v]} daddr", v, "", "to_")
     return [*rules, 'counter name "dropped" drop']
+
+
+def _match_rules(key: str, v: int, pod_ranges: str, to: str = "") -> list[str]:
+    """The accept rules of one family's sets (``to``: the pods_to sets)."""
+    rules = [
+        f"{key} @{to}open{v} accept",
+        f"{key} . meta l4proto @{to}proto{v} accept",
+        f"{key} . meta l4proto . th dport @{to}port{v} accept",
+        f"{key} . meta l4proto @{to}proto{v}_ranges accept",
+        f"{key} . meta l4proto . th dport @{to}port{v}_ranges accept",
+    ]
+    return rules + ([f"{key} . meta l4proto . th dport {pod_ranges} accept"] if pod_ranges else [])
 
 
 def table_script(

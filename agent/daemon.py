@@ -493,9 +493,15 @@ class Agent:
                 await self._stream_once(control)
                 delay = 0.5
             except (Unavailable, aiohttp.ClientError, ConnectionError) as exc:
-                if self.path_reporter.stream_ended(self._ws.close_code if self._ws else None):
+                code = self._ws.close_code if self._ws else None
+                if self.path_reporter.stream_ended(code):
                     log.warning(
                         "the gateway closed the stream over a path report; path reports"
+                        " off until the agent restarts (a gateway older than the agent?)"
+                    )
+                if self.pod_reporter is not None and self.pod_reporter.stream_ended(code):
+                    log.warning(
+                        "the gateway closed the stream over a pods report; pod reports"
                         " off until the agent restarts (a gateway older than the agent?)"
                     )
                 error = exc.message if isinstance(exc, Unavailable) else repr(exc)

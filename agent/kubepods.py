@@ -39,10 +39,12 @@ from wiregate.podwire import MAX_PODS, Pod, PodReport, pod_key
 __all__ = [
     "COALESCE_SECONDS",
     "RESYNC_SECONDS",
+    "Gone",
     "KubePodApi",
     "PodApi",
     "PodBook",
     "PodWatcher",
+    "host_network",
     "pod_of",
 ]
 
@@ -329,8 +331,11 @@ class PodWatcher:
                 delay = 1.0
             except Gone:
                 log.info("pod watch too old; listing again")
-            except WiregateError as exc:
-                log.warning("pods not read", error=exc.message, hint=exc.hint)
+            except Exception as exc:  # a client fault must not end the reports for good
+                if isinstance(exc, WiregateError):
+                    log.warning("pods not read", error=exc.message, hint=exc.hint)
+                else:
+                    log.warning("pods not read", error=repr(exc))
                 await self.sleep(delay)
                 delay = min(delay * 2, 60.0)
 

@@ -5,7 +5,10 @@ A node agent with ``kubernetes = true`` runs a :class:`agent.kubepods.PodWatcher
 first full map on it, after each (re)connect or replica change) gets the whole book as a
 ``full`` report first; until then, and while no stream is up, deltas are not sent (the
 next stream's ``full`` carries them). Sends are serialized, so a delta never goes out
-ahead of the ``full`` of its stream.
+ahead of the ``full`` of its stream. A stream closed with 1008 (policy violation) after
+a ``pods`` message went out on it means the gateway refused it (one older than pod
+identity): reports stop until the agent restarts, rather than costing a reconnect each
+time (as :mod:`agent.pathreport` does).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from agent.kubepods import PodWatcher
+from agent.pathreport import POLICY_VIOLATION
 from wiregate.logging import get_logger
 from wiregate.podwire import PodReport, build_pods
 
@@ -41,6 +45,8 @@ class PodReporter:
         self._stream: Stream | None = None  # the stream the book's full went out on
         self._lock = asyncio.Lock()
         self.messages = 0  # pods messages sent
+        self.refused = False  # the gateway closed a stream over a report: no more reports
+        self._sent_on_stream = False
 
     async def run(self) -> None:
         """Watch the node's pods and send what changes, until cancelled."""
@@ -49,9 +55,16 @@ class PodReporter:
     async def stream_started(self, stream: Stream) -> None:
         """A new map stream: the whole book on it (once the first list is in)."""
         async with self._lock:
-            self._stream = stream
+            self._stream, self._sent_on_stream = stream, False
             if self.watcher.lists:
                 await self._send(self.watcher.full())
+
+    def stream_ended(self, close_code: int | None) -> bool:
+        """The stream closed with ``close_code``; True if that turned reports off."""
+        if close_code == POLICY_VIOLATION and self._sent_on_stream and not self.refused:
+            self.refused = True
+            return True
+        return False
 
     async def _emit(self, reports: list[PodReport]) -> None:
         async with self._lock:
@@ -59,12 +72,13 @@ class PodReporter:
 
     async def _send(self, reports: list[PodReport]) -> None:
         stream = self._stream
-        if stream is None or stream.closed:
+        if stream is None or stream.closed or self.refused:
             return  # the next stream gets a full
         try:
             for report in reports:
                 await stream.send_json(build_pods(report.full, report.upsert, report.remove))
                 self.messages += 1
+                self._sent_on_stream = True
         except (aiohttp.ClientError, ConnectionError) as exc:
             self._stream = None
             log.info("pods not sent: the map stream is closing", error=str(exc))

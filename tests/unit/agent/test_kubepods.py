@@ -243,3 +243,17 @@ async def test_each_stream_gets_a_full_then_the_deltas(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_gateway_refusing_pods_turns_the_reports_off() -> None:
+    reporter = PodReporter(PodWatcher(KubePodApi("n", None), LABELS))  # never started
+    reporter.watcher.lists = 1
+    reporter.watcher.book.listed([_doc(1)], "5")
+    assert not reporter.stream_ended(1008)  # nothing sent on that stream: not over pods
+    stream = FakeStream()
+    await reporter.stream_started(stream)
+    assert len(stream.sent) == 1
+    assert not reporter.stream_ended(1006) and reporter.stream_ended(1008)
+    again = FakeStream()
+    await reporter.stream_started(again)
+    assert again.sent == [] and reporter.refused

@@ -12,7 +12,9 @@ from agent.dataplane.filterset import (
     table_script,
 )
 from agent.dataplane.firewall import Firewall
-from lab.firewall_fakes import FakeNft, netmap, peer
+from lab.dataplane_fakes import netmap as dp_netmap
+from lab.dataplane_fakes import peer as dp_peer
+from lab.firewall_fakes import FakeNft, filtered_dataplane, netmap, peer
 
 NODE = ("100.64.0.7/32", "fd7a::7/128", "10.244.1.0/24", "fd00:10:244:1::/64")
 
@@ -112,3 +114,23 @@ def test_the_firewall_writes_a_pod_change_as_elements_and_reads_them_back() -> N
     nft.elements["port4"].discard("10.244.1.6 . 6 . 5432")  # drift: repaired element by element
     assert fw.apply(netmap(moved, vm), repair=True) == ()
     assert "10.244.1.6 . 6 . 5432" in nft.elements["port4"]
+
+
+def test_the_data_plane_writes_a_pod_change_as_that_peers_elements_only() -> None:
+    nft = FakeNft()
+    dp = filtered_dataplane(nft)
+    node = replace(dp_peer(0, "10.244.1.0/24"), filter=(),
+                   pods_from=(("10.244.1.5", ("tcp:5432",)),))  # fmt: skip
+    other = replace(dp_peer(1, "10.244.2.0/24"), filter=(),
+                    pods_from=(("10.244.2.5", ("tcp:5432",)),))  # fmt: skip
+    assert dp.apply(dp_netmap([node, other])).problems == ()
+    table = nft.types
+    written = len(nft.scripts)
+    moved = replace(node, pods_from=(("10.244.1.6", ("tcp:5432",)),))
+    result = dp.apply(dp_netmap([moved, other], version=2))
+    assert result.problems == () and result.writes == 0  # WireGuard untouched
+    assert nft.types is table and nft.scripts[written:] == [
+        "delete element inet wiregate port4 { 10.244.1.5 . 6 . 5432 }\n"
+        "add element inet wiregate port4 { 10.244.1.6 . 6 . 5432 }\n"
+    ]
+    dp.teardown()

@@ -664,6 +664,7 @@ class Agent:
             "pmtu": self.pmtu.to_dict() if self.pmtu else None,
             "dns": self.names.to_dict(),
             "host_traffic": dataplane.host.to_dict() if dataplane else None,
+            "pods": self.pod_reporter.to_dict() if self.pod_reporter else None,
             "peers": [
                 _peer_doc(p, live.get(p.public_key), self.paths.report(p.id))
                 | {"last_handshake": self._last_handshake(p.public_key, live.get(p.public_key))}

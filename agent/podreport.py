@@ -59,6 +59,15 @@ class PodReporter:
             if self.watcher.lists:
                 await self._send(self.watcher.full())
 
+    def to_dict(self) -> dict[str, Any]:
+        """For ``wiregate status``: the pods reported now, and how."""
+        return {
+            "reported": len(self.watcher.book.pods),
+            "lists": self.watcher.lists,
+            "messages": self.messages,
+            "refused": self.refused,
+        }
+
     def stream_ended(self, close_code: int | None) -> bool:
         """The stream closed with ``close_code``; True if that turned reports off."""
         if close_code == POLICY_VIOLATION and self._sent_on_stream and not self.refused:

@@ -239,6 +239,9 @@ async def test_each_stream_gets_a_full_then_the_deltas(
         second = FakeStream()
         await reporter.stream_started(second)  # reconnected: the whole book
         assert [(m["full"], len(m["upsert"])) for m in second.sent] == [(True, 3)]
+        assert reporter.to_dict() | {"messages": 0} == {
+            "reported": 3, "lists": 1, "messages": 0, "refused": False,
+        }  # fmt: skip
         assert len(first.sent) == 2
     finally:
         task.cancel()

@@ -89,6 +89,12 @@ STORE = web.AppKey("pod_store", PodStore)
 
 def pod_api_app(store: PodStore) -> web.Application:
     app = web.Application()
+    add_pod_routes(app, store)
+    return app
+
+
+def add_pod_routes(app: web.Application, store: PodStore) -> None:
+    """Serve ``store``'s pods on ``app`` (the list and the watch)."""
     app[STORE] = store
 
     async def pods(request: web.Request) -> web.StreamResponse:
@@ -106,7 +112,6 @@ def pod_api_app(store: PodStore) -> web.Application:
         return web.json_response(body)
 
     app.router.add_get("/api/v1/pods", pods)
-    return app
 
 
 async def _watch(request: web.Request, store: PodStore, node: str) -> web.StreamResponse:

@@ -34,7 +34,15 @@ from typing import Any, Final, Protocol
 from wiregate.errors import BadInput, Forbidden, Unavailable, WiregateError
 from wiregate.kubeclient import api_client
 from wiregate.logging import get_logger
-from wiregate.podwire import MAX_PODS, Pod, PodReport, pod_key
+from wiregate.podwire import (
+    MAX_PODS,
+    Pod,
+    PodReport,
+    PodReportError,
+    build_pods,
+    pod_key,
+    read_pods,
+)
 
 __all__ = [
     "COALESCE_SECONDS",
@@ -67,9 +75,11 @@ class Gone(WiregateError):
 
 def pod_of(document: Mapping[str, Any], label_keys: Iterable[str]) -> Pod | None:
     """The :class:`Pod` a Pod document reports; None for a pod that is not reported
-    (not pending or running, no IP yet, on the host's network, or malformed)."""
+    (not pending or running, no IP yet, on the host's network, or malformed: a name or
+    label value the gateway would refuse, logged)."""
     meta, spec, status = (_mapping(document.get(k)) for k in ("metadata", "spec", "status"))
-    if status.get("phase") not in _PHASES or spec.get("hostNetwork") is True:
+    phase = status.get("phase")
+    if not isinstance(phase, str) or phase not in _PHASES or spec.get("hostNetwork") is True:
         return None
     ips = _pod_ips(status)
     namespace, name = meta.get("namespace"), meta.get("name")
@@ -78,7 +88,18 @@ def pod_of(document: Mapping[str, Any], label_keys: Iterable[str]) -> Pod | None
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     labels = _mapping(meta.get("labels"))
     chosen = {k: labels[k] for k in label_keys if isinstance(labels.get(k), str)}
-    return Pod(namespace, name, ips, str(account), tuple(sorted(chosen.items())))
+    pod = Pod(namespace, name, ips, str(account), tuple(sorted(chosen.items())))
+    return pod if _acceptable(pod) else None
+
+
+def _acceptable(pod: Pod) -> bool:
+    """Whether the gateway would take ``pod`` (one it refuses would cost the whole message)."""
+    try:
+        read_pods(build_pods(False, [pod]))
+    except PodReportError as exc:
+        log.warning("pod not reported: malformed", pod=pod.key, error=exc.message)
+        return False
+    return True
 
 
 def host_network(document: Mapping[str, Any]) -> str | None:

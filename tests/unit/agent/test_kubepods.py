@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.kubepods import KubePodApi, PodBook, PodWatcher, pod_of
 from agent.podreport import PodReporter
@@ -52,6 +54,56 @@ def test_pods_not_reported(path: tuple[str, str], value: Any) -> None:
     if path == ("status", "podIPs"):
         doc["status"].pop("podIP")
     assert pod_of(doc, LABELS) is None
+
+
+def test_a_pod_the_gateway_would_refuse_is_not_reported() -> None:
+    doc = _recorded()
+    doc["spec"]["serviceAccountName"] = {"not": "a name"}
+    assert pod_of(doc, LABELS) is None
+    doc = _recorded()
+    doc["metadata"]["labels"]["app"] = "x" * 64  # longer than a label value may be
+    assert pod_of(doc, LABELS) is None
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+NAMES = st.sampled_from(["web", "a-b", "x.y", "Web", "-a", "a" * 64, ""]) | JSON
+IPS = st.sampled_from(["10.244.1.5", "fd00::5", "10.244.1.005", "::ffff:10.0.0.1", "x"]) | JSON
+META = {
+    "name": NAMES,
+    "namespace": NAMES,
+    "labels": st.dictionaries(st.sampled_from(LABELS), NAMES),
+}
+SPEC = {"hostNetwork": JSON, "serviceAccountName": NAMES}
+STATUS = {
+    "phase": st.sampled_from(["Running", "Pending"]) | JSON,
+    "podIP": IPS,
+    "podIPs": st.lists(st.fixed_dictionaries({"ip": IPS}), max_size=3) | JSON,
+}
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "metadata": st.fixed_dictionaries({}, optional=META) | JSON,
+            "spec": st.fixed_dictionaries({}, optional=SPEC) | JSON,
+            "status": st.fixed_dictionaries({}, optional=STATUS) | JSON,
+        },
+    ),
+    st.sampled_from(["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]),
+)
+def test_any_document_is_a_pod_the_gateway_takes_or_none(doc: dict[str, Any], kind: str) -> None:
+    pod = pod_of(doc, LABELS)
+    book = PodBook(LABELS)
+    book.event(kind, doc)
+    for report in book.take() + ([PodReport(False, (pod,))] if pod else []):
+        parse_pods(json.dumps(build_pods(report.full, report.upsert, report.remove)))
 
 
 def test_a_pending_pod_with_only_pod_ip_is_reported() -> None:

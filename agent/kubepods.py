@@ -274,7 +274,8 @@ class KubePodApi:
                 for event in stream:
                     yield str(event.get("type")), _mapping(event.get("object"))
             finally:
-                self._watch = None
+                if self._watch is watcher:  # (not a later watch's)
+                    self._watch = None
                 api.close()
 
     def stop(self) -> None:
@@ -377,8 +378,10 @@ class PodWatcher:
                     await self.sleep(self.coalesce)
                     ended = _drain(queue, self.book)
                     await emit(self.book.take())
-                    if ended is not None:
-                        return _raise(ended)
+                    if isinstance(ended, BaseException):
+                        raise ended
+                    if ended:
+                        return
         finally:
             self.api.stop()
 
@@ -386,7 +389,8 @@ class PodWatcher:
 def _drain(
     queue: asyncio.Queue[Event | BaseException | None], book: PodBook
 ) -> BaseException | bool | None:
-    """Take the events queued meanwhile; what ended the watch, if it ended (True: closed)."""
+    """Take the events queued meanwhile; what ended the watch: True if it closed, the
+    exception if it failed; None while it runs."""
     while not queue.empty():
         item = queue.get_nowait()
         if item is None:
@@ -395,11 +399,6 @@ def _drain(
             return item
         book.event(*item)
     return None
-
-
-def _raise(ended: BaseException | bool) -> None:
-    if isinstance(ended, BaseException):
-        raise ended
 
 
 class _WatchThread(threading.Thread):

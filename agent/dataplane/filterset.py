@@ -12,13 +12,14 @@ so a peer's change is a few ``add element`` / ``delete element`` operations
         ip saddr . meta l4proto . th dport @port4 accept        # a protocol and a port
         ip saddr . meta l4proto @proto4_ranges accept           # the same from a prefix
         ip saddr . meta l4proto . th dport @port4_ranges accept #   or for a port range
+        ip saddr . meta l4proto . th dport @pod_port4_ranges accept  # a pod's port range
         ... the same for ip6 ...
         meta nfproto @any_open accept                           # sources 0.0.0.0/0 or ::/0
         meta nfproto . meta l4proto @any_proto accept
         meta nfproto . meta l4proto . th dport @any_port accept
-        ip saddr . ip daddr @to_open4 accept                    # pods_to: a peer may open
-        ip saddr . ip daddr . meta l4proto @to_proto4 accept    #   this on that pod of
-        ... to_port4, to_proto4_ranges, to_port4_ranges; the same for ip6 ...  this node
+        ip saddr . ip daddr . meta l4proto @to_proto4 accept    # pods_to: a peer may open
+        ip saddr . ip daddr . meta l4proto . th dport @to_port4 accept  # this on a pod
+        ... to_proto4_ranges, to_port4_ranges; the same for ip6 ...    # of this node
         counter name "dropped" drop
     }
 
@@ -117,7 +118,6 @@ for _v in (4, 6):
     }
     SETS[f"pod_port{_v}_ranges"] = f"type {_a} . inet_proto . inet_service; flags interval"
     SETS |= {
-        f"to_open{_v}": f"type {_a} . {_a}",
         f"to_proto{_v}": f"type {_a} . {_a} . inet_proto",
         f"to_port{_v}": f"type {_a} . {_a} . inet_proto . inet_service",
         f"to_proto{_v}_ranges": f"type {_a} . {_a} . inet_proto; flags interval",
@@ -145,9 +145,10 @@ def _filter_rules(stateful: bool) -> list[str]:
 
 
 def _match_rules(key: str, v: int, pod_ranges: str, to: str = "") -> list[str]:
-    """The accept rules of one family's sets (``to``: the pods_to sets)."""
-    rules = [
-        f"{key} @{to}open{v} accept",
+    """The accept rules of one family's sets (``to``: the pods_to sets, which have no
+    ``open``: a pod rule always names a protocol)."""
+    rules = [] if to else [f"{key} @open{v} accept"]
+    rules += [
         f"{key} . meta l4proto @{to}proto{v} accept",
         f"{key} . meta l4proto . th dport @{to}port{v} accept",
         f"{key} . meta l4proto @{to}proto{v}_ranges accept",

@@ -224,6 +224,7 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks)
+            self.pod_reporter = None  # watched again on the next `up`
             await self.names.close()  # the host's resolver back before the server goes
 
     async def _tunnel_down(self) -> None:

@@ -43,6 +43,7 @@ from agent.paths.predict import PredictionPlan
 from agent.paths.relaylink import Addr, RelayBinding, RelayGrant, bind_at_relay
 from agent.paths.tcplink import TcpFallback
 from agent.pmtu.prober import PmtuProber
+from agent.podreport import PodReporter
 from agent.privileges import require_net_admin
 from agent.rotation import KeyRotator
 from agent.session import Action, MapSession
@@ -66,6 +67,14 @@ log = get_logger("agent")
 
 DATAPLANE_SETUP_TIMEOUT = 60.0  # seconds; the backends' own steps time out sooner
 WHOIS_TIMEOUT = 5.0  # seconds; `wiregate whois` then shows the device without its owner
+
+
+def _pod_reporter(settings: AgentSettings) -> PodReporter:
+    """The pods of this node (``kubernetes = true``), reported on the map stream."""
+    from agent.kubepods import KubePodApi, PodWatcher
+
+    api = KubePodApi(settings.node_name, settings.kubeconfig)
+    return PodReporter(PodWatcher(api, settings.pod_labels))
 
 
 class DeviceRevoked(Exception):
@@ -113,6 +122,7 @@ class Agent:
         self.rotation = KeyRotator(self)  # make-before-break key rotation
         self.pmtu: PmtuProber | None = None  # path-MTU probes through each tunnel
         self.path_reporter = PathReporter()  # the `paths` messages (agent/pathreport.py)
+        self.pod_reporter: PodReporter | None = None  # kubernetes: `pods` (agent/podreport.py)
         # the latest handshake WireGuard reported per peer key: a peer removed and re-added
         # to probe a path starts at "never" in WireGuard, not in ``wiregate status``
         self._handshakes: dict[str, float] = {}
@@ -197,6 +207,9 @@ class Agent:
             tasks.append(asyncio.create_task(self._netcheck_periodically()))
         tasks.append(asyncio.create_task(self.rotation.run()))
         tasks.append(asyncio.create_task(self._report_paths_periodically()))
+        if self.settings.kubernetes:
+            self.pod_reporter = _pod_reporter(self.settings)
+            tasks.append(asyncio.create_task(self.pod_reporter.run()))
         if self.settings.host_traffic != "off":
             tasks.append(asyncio.create_task(self._host_traffic_periodically()))
         if self.settings.pmtu_interval > 0:
@@ -211,6 +224,7 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks)
+            self.pod_reporter = None  # watched again on the next `up`
             await self.names.close()  # the host's resolver back before the server goes
 
     async def _tunnel_down(self) -> None:
@@ -480,9 +494,15 @@ class Agent:
                 await self._stream_once(control)
                 delay = 0.5
             except (Unavailable, aiohttp.ClientError, ConnectionError) as exc:
-                if self.path_reporter.stream_ended(self._ws.close_code if self._ws else None):
+                code = self._ws.close_code if self._ws else None
+                if self.path_reporter.stream_ended(code):
                     log.warning(
                         "the gateway closed the stream over a path report; path reports"
+                        " off until the agent restarts (a gateway older than the agent?)"
+                    )
+                if self.pod_reporter is not None and self.pod_reporter.stream_ended(code):
+                    log.warning(
+                        "the gateway closed the stream over a pods report; pod reports"
                         " off until the agent restarts (a gateway older than the agent?)"
                     )
                 error = exc.message if isinstance(exc, Unavailable) else repr(exc)
@@ -520,6 +540,8 @@ class Agent:
                 self._advertised = None
                 self.path_reporter.restart()  # a new stream (or replica) hears every peer
                 await self._advertise()
+                if self.pod_reporter is not None:
+                    await self.pod_reporter.stream_started(ws)
 
     async def _report_paths_periodically(self, every: float = 5.0) -> None:
         """Send the path to each peer when it changed (``paths``, agent/pathreport.py)."""
@@ -643,6 +665,7 @@ class Agent:
             "pmtu": self.pmtu.to_dict() if self.pmtu else None,
             "dns": self.names.to_dict(),
             "host_traffic": dataplane.host.to_dict() if dataplane else None,
+            "pods": self.pod_reporter.to_dict() if self.pod_reporter else None,
             "peers": [
                 _peer_doc(p, live.get(p.public_key), self.paths.report(p.id))
                 | {"last_handshake": self._last_handshake(p.public_key, live.get(p.public_key))}

@@ -96,6 +96,7 @@ class AgentCollector(Collector):
         yield from _pmtu(doc.get("pmtu") or {})
         yield from _firewall(doc.get("firewall"))
         yield from _host_traffic(doc.get("host_traffic"))
+        yield from _pods(doc.get("pods"))
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -123,6 +124,18 @@ def _host_traffic(doc: Mapping[str, Any] | None) -> Iterable[Metric]:
         "Times a peer node's host address fell back to clear (nonstrict).",
         float(doc.get("fallbacks") or 0),
     )
+
+
+def _pods(doc: Mapping[str, Any] | None) -> Iterable[Metric]:
+    """Pod identity (``kubernetes = true``): the node's pods reported, how often."""
+    if not doc:
+        return
+    yield _gauge("wiregate_agent_pods_reported", "This node's pods reported to the gateway.",
+                 float(doc.get("reported") or 0))  # fmt: skip
+    yield _counter("wiregate_agent_pod_messages", "pods messages sent on the map stream.",
+                   float(doc.get("messages") or 0))  # fmt: skip
+    yield _counter("wiregate_agent_pod_lists", "Lists of this node's pods (first and resyncs).",
+                   float(doc.get("lists") or 0))  # fmt: skip
 
 
 def _gateway(gw: Mapping[str, Any]) -> Iterable[Metric]:

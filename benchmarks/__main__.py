@@ -48,6 +48,7 @@ BENCHMARKS = (
     "dns",
     "host_tunnel",
     "pod_policy",
+    "pod_enforce",
 )
 RESULTS = Path(__file__).with_name("results.json")
 QUICK = ("netmap", "reconcile", "enroll")  # seconds each; those present are run

@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -46,6 +48,7 @@ from lab.harness import (
     wiregate_command,
 )
 from lab.kubeapi import REQUESTS, kube_api_app, recorded, write_kubeconfig
+from lab.podapi import PodStore, add_pod_routes, pod_document
 from lab.tcp_listener import LISTENER
 
 __all__ = [
@@ -104,6 +107,7 @@ class Node:
     index: int
     labels: dict[str, str]
     pods: dict[str, Namespace] = field(default_factory=dict)
+    pod_ips: dict[str, str] = field(default_factory=dict)  # pod name -> its address
 
     @property
     def pod_cidr(self) -> str:
@@ -224,6 +228,7 @@ class Cluster:
         pod.run(["ip", "link", "set", "eth0", "up"])
         pod.run(["ip", "route", "add", "default", "via", node.bridge_ip])
         node.pods[name] = pod
+        node.pod_ips[name] = addr
         return pod, addr
 
     def add_service(self, service: Service) -> Service:
@@ -268,9 +273,15 @@ class Cluster:
     def _start_api(self) -> None:
         nodes = self.lab.workdir / "nodes.json"
         nodes.write_text(json.dumps({n: node_document(v) for n, v in self.nodes.items()}))
+        pods = self.lab.workdir / "pods.json"
+        pods.write_text(json.dumps([
+            pod_document("default", re.sub(r"[^a-z0-9-]", "-", name.lower()), ip,
+                         node=node.host.name, labels={"app": "lab"})
+            for node in self.nodes.values() for name, ip in node.pod_ips.items()
+        ]))  # fmt: skip
         self.api = self.lab.internet.spawn(
             [sys.executable, "-m", "lab.cluster", "--listen", KUBE_API, "--token", KUBE_TOKEN,
-             "--nodes", str(nodes)],
+             "--nodes", str(nodes), "--pods", str(pods)],
             env={"PYTHONPATH": str(REPO)}, name="kubeapi",
         )  # fmt: skip
         api = self.api
@@ -300,9 +311,16 @@ class Cluster:
 # --------------------------------------------------------------------------- the API process
 
 
-def cluster_api_app(nodes: dict[str, bytes], *, token: str) -> web.Application:
-    """:func:`lab.kubeapi.kube_api_app` plus ``GET /api/v1/nodes`` (the NodeList)."""
+def cluster_api_app(
+    nodes: dict[str, bytes], *, token: str, pods: list[dict[str, Any]] | None = None
+) -> web.Application:
+    """:func:`lab.kubeapi.kube_api_app` plus ``GET /api/v1/nodes`` (the NodeList) and the
+    ``pods`` of the nodes (:mod:`lab.podapi`: the list and the watch)."""
     app = kube_api_app(nodes, token=token)
+    store = PodStore()
+    for doc in pods or ():
+        store.put(doc)
+    add_pod_routes(app, store)
 
     async def list_nodes(request: web.Request) -> web.Response:
         app[REQUESTS].append({"path": request.path, "headers": dict(request.headers)})
@@ -322,11 +340,13 @@ def main() -> None:
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     parser.add_argument("--token", required=True)
     parser.add_argument("--nodes", required=True, type=Path, help="JSON file: {name: Node}")
+    parser.add_argument("--pods", type=Path, help="JSON file: [Pod, ...]")
     args = parser.parse_args()
     documents = json.loads(args.nodes.read_text())
     nodes = {name: json.dumps(doc).encode() for name, doc in documents.items()}
     host, _, port = args.listen.rpartition(":")
-    app = cluster_api_app(nodes, token=args.token)
+    pods = json.loads(args.pods.read_text()) if args.pods else []
+    app = cluster_api_app(nodes, token=args.token, pods=pods)
     web.run_app(app, host=str(ipaddress.ip_address(host)), port=int(port), print=print)
 
 

@@ -12,9 +12,13 @@ exercised by the lab tests.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
-from agent.dataplane.firewall import NftMissing
+from agent.dataplane.backend import MemoryBackend
+from agent.dataplane.facade import DataPlane
+from agent.dataplane.firewall import Firewall, NftMissing
+from lab.dataplane_fakes import IFACE, PRIVATE, MemoryLinks
 from wiregate.model import NetMap, Peer, SelfView
 from wiregate.nft import NftError
 
@@ -35,6 +39,19 @@ def peer(n: int, filter: tuple[str, ...] | None, *extra: str) -> Peer:
 def netmap(*peers: Peer) -> NetMap:
     me = SelfView("d1", "me", f"{1:043d}=", ("100.64.0.1/32",))
     return NetMap(1, me, {p.id: p for p in peers})
+
+
+def filtered_dataplane(nft: FakeNft) -> DataPlane:
+    """A set-up DataPlane on an in-memory WireGuard and link layer, its filter on ``nft``."""
+    backend = MemoryBackend()
+    backend.create(IFACE)
+    dp = DataPlane(
+        interface=IFACE, private_key=PRIVATE, listen_port=51820, fwmark=0xCA6C, table=51820,
+        rule_priority=5210, mtu=1420, run_dir=Path("/nonexistent"), wireguard=backend,
+        links=MemoryLinks(), firewall=Firewall(IFACE, nft),
+    )  # fmt: skip
+    dp.setup()
+    return dp
 
 
 class FakeNft:

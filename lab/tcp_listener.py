@@ -6,7 +6,24 @@ and answers each connection with ``hello``.
 
 from __future__ import annotations
 
-__all__ = ["LISTENER"]
+__all__ = ["CLIENT", "LISTENER"]
+
+# ``python -c CLIENT SOURCE TARGET PORT``: connects from a source address; prints
+# "open", "refused" or "timeout".
+CLIENT = """\
+import socket, sys
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+s.settimeout(1.5)
+s.bind((sys.argv[1], 0))
+try:
+    s.connect((sys.argv[2], int(sys.argv[3])))
+    print("open")
+except ConnectionRefusedError:
+    print("refused")
+except (TimeoutError, socket.timeout):
+    print("timeout")
+"""
 
 LISTENER = """\
 import selectors, socket, sys

@@ -522,6 +522,9 @@ class AgentSettings(_Base):
     kube_service_cidrs: list[str] = []
     # gateway mode: also advertise every agent-less Node's pod CIDRs and forward onward
     kube_gateway: bool = False
+    # pod identity (agent/kubepods.py): the label keys reported with each pod of this node
+    # (the policy can select pods by these only); namespace and service account always are
+    pod_labels: list[str] = ["app", "app.kubernetes.io/name"]
     # -- the node's own traffic through the tunnel (docs/host-traffic.md) ---------------
     # off; nonstrict (a peer node without a fresh handshake is reached in clear, counted);
     # strict (never in clear). On, this node also advertises its host addresses as routes.
@@ -541,6 +544,21 @@ class AgentSettings(_Base):
     dns_resolver: Literal["auto", "resolved", "resolv.conf", "off"] = "auto"
     dns_resolv_conf: Path = Path("/etc/resolv.conf")  # the file of the resolv.conf mode
     dns_allow: list[str] = []  # source CIDRs that may query besides this host (a pod CIDR)
+
+    @field_validator("pod_labels")
+    @classmethod
+    def _pod_labels(cls, value: list[str]) -> list[str]:
+        from wiregate.podwire import MAX_LABELS, PodReportError, read_pods
+
+        if len(value) > MAX_LABELS:
+            raise ValueError(f"pod_labels: at most {MAX_LABELS} label keys")
+        probe = {"namespace": "n", "name": "n", "ips": [], "service_account": "n"}
+        message = {"type": "pods", "full": True, "remove": []}
+        try:  # the same check as the gateway's, on a pod carrying every key
+            read_pods(message | {"upsert": [probe | {"labels": dict.fromkeys(value, "")}]})
+        except PodReportError as exc:
+            raise ValueError(f"pod_labels: {exc.message}") from None
+        return list(dict.fromkeys(value))
 
     @field_validator("dns_port")
     @classmethod

@@ -12,10 +12,14 @@ so a peer's change is a few ``add element`` / ``delete element`` operations
         ip saddr . meta l4proto . th dport @port4 accept        # a protocol and a port
         ip saddr . meta l4proto @proto4_ranges accept           # the same from a prefix
         ip saddr . meta l4proto . th dport @port4_ranges accept #   or for a port range
+        ip saddr . meta l4proto . th dport @pod_port4_ranges accept  # a pod's port range
         ... the same for ip6 ...
         meta nfproto @any_open accept                           # sources 0.0.0.0/0 or ::/0
         meta nfproto . meta l4proto @any_proto accept
         meta nfproto . meta l4proto . th dport @any_port accept
+        ip saddr . ip daddr . meta l4proto @to_proto4 accept    # pods_to: a peer may open
+        ip saddr . ip daddr . meta l4proto . th dport @to_port4 accept  # this on a pod
+        ... to_proto4_ranges, to_port4_ranges; the same for ip6 ...    # of this node
         counter name "dropped" drop
     }
 
@@ -42,6 +46,21 @@ agent refuses peers whose allowed IPs overlap another's, except a default route
 differs by one peer costs a lookup per peer and that peer's elements.
 :func:`listed_elements` and :func:`skeleton_of` read the kernel's JSON listing
 back for a repair.
+
+Pod identity (:attr:`wiregate.model.Peer.pods_from` / ``pods_to``) only adds
+allowances to a restricted peer (a peer with no filter may open everything
+already, so its pod rules add nothing and are not written; they never change the
+mode). ``pods_from`` (pods of node N that may open these here) are elements of a
+single address, N's pod's, in the same sets as a peer's own (``port4``,
+``proto4``...), except port ranges: those go to ``pod_port4_ranges``, since a pod's
+range would overlap N's own prefix-wide one in ``port4_ranges``. A pod address
+outside N's own allowed IPs (or only under a default route) is skipped and
+reported: WireGuard delivers it from another peer, which would borrow the
+allowance. ``pods_to`` (this node's pods that peer P may open) are elements
+``P's source . pod address [. protocol [. port]]`` in the ``to_*`` sets, the same
+element logic with the destination added (a default-route source is skipped and
+reported: it would overlap other peers' elements). A pod's change is its few
+elements, in its peer's share of the :class:`ElementBook`.
 """
 
 from __future__ import annotations
@@ -97,6 +116,13 @@ for _v in (4, 6):
         f"proto{_v}_ranges": f"type {_a} . inet_proto; flags interval",
         f"port{_v}_ranges": f"type {_a} . inet_proto . inet_service; flags interval",
     }
+    SETS[f"pod_port{_v}_ranges"] = f"type {_a} . inet_proto . inet_service; flags interval"
+    SETS |= {
+        f"to_proto{_v}": f"type {_a} . {_a} . inet_proto",
+        f"to_port{_v}": f"type {_a} . {_a} . inet_proto . inet_service",
+        f"to_proto{_v}_ranges": f"type {_a} . {_a} . inet_proto; flags interval",
+        f"to_port{_v}_ranges": f"type {_a} . {_a} . inet_proto . inet_service; flags interval",
+    }
 SETS |= {
     "any_open": "type nf_proto",
     "any_proto": "type nf_proto . inet_proto",
@@ -107,21 +133,28 @@ SETS |= {
 def _filter_rules(stateful: bool) -> list[str]:
     rules = ["ct state established,related accept"] if stateful else []
     for v in (4, 6):
-        src = f"{_FAMILY[v]} saddr"
-        rules += [
-            f"{src} @open{v} accept",
-            f"{src} . meta l4proto @proto{v} accept",
-            f"{src} . meta l4proto . th dport @port{v} accept",
-            f"{src} . meta l4proto @proto{v}_ranges accept",
-            f"{src} . meta l4proto . th dport @port{v}_ranges accept",
-        ]
-    return [
-        *rules,
+        rules += _match_rules(f"{_FAMILY[v]} saddr", v, f"@pod_port{v}_ranges")
+    rules += [
         "meta nfproto @any_open accept",
         "meta nfproto . meta l4proto @any_proto accept",
         "meta nfproto . meta l4proto . th dport @any_port accept",
-        'counter name "dropped" drop',
     ]
+    for v in (4, 6):  # pods_to: the source and this node's pod
+        rules += _match_rules(f"{_FAMILY[v]} saddr . {_FAMILY[v]} daddr", v, "", "to_")
+    return [*rules, 'counter name "dropped" drop']
+
+
+def _match_rules(key: str, v: int, pod_ranges: str, to: str = "") -> list[str]:
+    """The accept rules of one family's sets (``to``: the pods_to sets, which have no
+    ``open``: a pod rule always names a protocol)."""
+    rules = [] if to else [f"{key} @open{v} accept"]
+    rules += [
+        f"{key} . meta l4proto @{to}proto{v} accept",
+        f"{key} . meta l4proto . th dport @{to}port{v} accept",
+        f"{key} . meta l4proto @{to}proto{v}_ranges accept",
+        f"{key} . meta l4proto . th dport @{to}port{v}_ranges accept",
+    ]
+    return rules + ([f"{key} . meta l4proto . th dport {pod_ranges} accept"] if pod_ranges else [])
 
 
 def table_script(
@@ -174,6 +207,9 @@ def _elements(verb: str, elements: Iterable[Element]) -> str:
 # --- what a peer may open ---------------------------------------------------------
 
 
+PodRules = tuple[tuple[str, tuple[str, ...]], ...]  # (pod address, filter), by address
+
+
 @dataclass(frozen=True, slots=True)
 class PeerRule:
     """One peer's sources and what they may open (None: everything; (): nothing)."""
@@ -183,6 +219,8 @@ class PeerRule:
     filter: tuple[str, ...] | None
     path_mtu: int | None = None  # the probed path MTU through the tunnel (MSS clamp)
     key: str = ""  # the peer's public key (its identity in an ElementBook; default: name)
+    pods_from: PodRules = ()  # its pods that may open more here (Peer.pods_from)
+    pods_to: PodRules = ()  # what it may open on this node's pods (Peer.pods_to)
 
 
 def peer_rules(
@@ -200,13 +238,14 @@ def peer_rules(
     ``path_mtu``: probed path MTUs by public key.
     """
     return tuple(
-        PeerRule(name, sources, flt, mtu, key)
-        for key, name, sources, flt, mtu in _rule_args(netmap, keys, path_mtu, validated)
+        PeerRule(name, sources, flt, mtu, key, pods[0], pods[1])
+        for key, name, sources, flt, mtu, pods in _rule_args(netmap, keys, path_mtu, validated)
     )
 
 
 Sources = tuple[str, ...] | frozenset[IPNetwork]
-RuleArgs = tuple[str, str, Sources, tuple[str, ...] | None, int | None]  # key, name, ...
+Pods = tuple[PodRules, PodRules]  # (pods_from, pods_to)
+RuleArgs = tuple[str, str, Sources, tuple[str, ...] | None, int | None, Pods]  # key, name, ...
 
 
 def _rule_args(
@@ -222,9 +261,9 @@ def _rule_args(
         if validated is not None:
             ok = validated.get(key)
             if ok is not None:
-                yield key, p.name, ok.allowed_ips, p.filter, mtus.get(key)
+                yield key, p.name, ok.allowed_ips, p.filter, mtus.get(key), (p.pods_from, p.pods_to)
         elif keys is None or key in keys:
-            yield key, p.name, p.allowed_ips, p.filter, mtus.get(key)
+            yield key, p.name, p.allowed_ips, p.filter, mtus.get(key), (p.pods_from, p.pods_to)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +282,8 @@ Ports = dict[str, list[tuple[int, int]] | None]  # protocol number -> port range
 
 def peer_elements(rule: PeerRule) -> PeerElements:
     """The elements ``rule`` puts in the table (pure; bad entries skipped and reported)."""
-    return _peer_elements(rule.name, rule.sources, rule.filter, rule.path_mtu)
+    base = _peer_elements(rule.name, rule.sources, rule.filter, rule.path_mtu)
+    return _with_pods(base, rule.name, rule.sources, (rule.pods_from, rule.pods_to))
 
 
 @lru_cache(maxsize=1 << 14)
@@ -275,6 +315,69 @@ def _peer_elements(
         tuple(any_mss),
         tuple(problems),
         filter is not None,
+    )
+
+
+def _with_pods(base: PeerElements, name: str, sources: Sources, pods: Pods) -> PeerElements:
+    """``base`` and the elements of the peer's pod rules (none unless it is restricted)."""
+    if not base.restricted or pods == ((), ()):
+        return base
+    elements, problems = set(base.elements), list(base.problems)
+    for to, rules in enumerate(pods):
+        for address, flt in rules:
+            got, problem = _pod_elements(name, sources, address, flt, bool(to))
+            elements |= got
+            problems += problem
+    return PeerElements(
+        frozenset(elements), base.anywhere, base.any_mss, tuple(problems), base.restricted
+    )
+
+
+@lru_cache(maxsize=1 << 16)
+def _pod_elements(
+    name: str, sources: Sources, address: str, flt: tuple[str, ...], to: bool
+) -> tuple[frozenset[Element], tuple[str, ...]]:
+    """The elements and problems of one pod rule of peer ``name``.
+
+    ``to`` False (``pods_from``): what the pod at ``address`` of that peer may open
+    here, single-address elements; True (``pods_to``): what the peer may open on this
+    node's pod at ``address``, elements ``source . pod``.
+    """
+    problems: list[str] = []
+    pod = _pod_network(address)
+    nets = _networks(name, sources, problems)
+    if pod is None or not (to or any(n.prefixlen and _within(pod, n) for n in nets)):
+        problem = f"filter: peer {name}: pod {address!r} is not among its addresses; skipped"
+        return frozenset(), (problem,)
+    ports = _ports(name, flt, problems)
+    if not to:
+        return frozenset(_pod_range(e) for e in _net_elements(pod, ports)), tuple(problems)
+    elements: set[Element] = set()
+    for net in nets:
+        if net.version != pod.version:
+            continue
+        if not net.prefixlen:
+            problems.append(f"filter: peer {name}: pod {address}: default route not opened")
+            continue
+        elements |= _net_elements(net, ports, _text(pod))
+    return frozenset(elements), tuple(problems)
+
+
+def _pod_network(address: str) -> IPNetwork | None:
+    try:
+        return network(address)
+    except ValueError:
+        return None
+
+
+def _within(pod: IPNetwork, net: IPNetwork) -> bool:
+    return pod.version == net.version and pod.subnet_of(net)  # type: ignore[arg-type]
+
+
+def _pod_range(element: Element) -> Element:
+    name, text = element
+    return (
+        (f"pod_{name}", text) if name.startswith("port") and name.endswith("_ranges") else element
     )
 
 
@@ -328,22 +431,27 @@ def _text(net: IPNetwork) -> str:
     return text.partition("/")[0] if net.prefixlen == net.max_prefixlen else text
 
 
-def _net_elements(net: IPNetwork, ports: Ports | None) -> set[Element]:
+def _net_elements(net: IPNetwork, ports: Ports | None, dest: str = "") -> set[Element]:
+    """The elements of sources ``net`` (and destination ``dest``: the ``to_*`` sets)."""
     v, src, exact = net.version, _text(net), net.prefixlen == net.max_prefixlen
     suffix = "" if exact else "_ranges"
+    to = "to_" if dest else ""
+    src = f"{src} . {dest}" if dest else src
     if ports is None:
-        return {(f"open{v}", src)} if exact else {(f"proto{v}_ranges", f"{src} . {_ALL_PROTOS}")}
+        if exact:
+            return {(f"{to}open{v}", src)}
+        return {(f"{to}proto{v}_ranges", f"{src} . {_ALL_PROTOS}")}
     out: set[Element] = set()
     for proto, ranges in ports.items():
         number = _ICMP[v] if proto == "icmp" else proto
         if ranges is None:
-            out.add((f"proto{v}{suffix}", f"{src} . {number}"))
+            out.add((f"{to}proto{v}{suffix}", f"{src} . {number}"))
             continue
         for low, high in ranges:
             if exact and low == high:
-                out.add((f"port{v}", f"{src} . {number} . {low}"))
+                out.add((f"{to}port{v}", f"{src} . {number} . {low}"))
             else:
-                out.add((f"port{v}_ranges", f"{src} . {number} . {_span(low, high)}"))
+                out.add((f"{to}port{v}_ranges", f"{src} . {number} . {_span(low, high)}"))
     return out
 
 
@@ -402,6 +510,7 @@ class ElementBook:
         self._by_peer: dict[str, PeerElements] = {}
         self._count: dict[Element, int] = {}
         self._special: dict[str, PeerElements] = {}  # peers with problems or a default route
+        self._podded: dict[str, tuple[PeerElements, Pods, PeerElements]] = {}  # base, pods, all
         self._restricted = 0  # peers with a filter
         self._shared: set[Element] = set()  # the merged any_* elements
         self.problems: tuple[str, ...] = ()
@@ -418,7 +527,8 @@ class ElementBook:
     def update(self, rules: Iterable[PeerRule]) -> Change:
         """Take ``rules`` as the new map; return what changed (cost: a lookup per peer)."""
         return self._update(
-            (r.key or r.name, r.name, r.sources, r.filter, r.path_mtu) for r in rules
+            (r.key or r.name, r.name, r.sources, r.filter, r.path_mtu, (r.pods_from, r.pods_to))
+            for r in rules
         )
 
     def update_map(
@@ -438,8 +548,11 @@ class ElementBook:
         removed: set[Element] = set()
         before = self._by_peer
         dirty = False
-        for key, name, sources, flt, mtu in rules:
+        podded, self._podded = self._podded, {}
+        for key, name, sources, flt, mtu, pods in rules:
             got = _peer_elements(name, sources, flt, mtu)
+            if pods != ((), ()) and got.restricted:
+                got = self._pod_share(podded.get(key), key, got, name, sources, pods)
             now[key] = got
             old = before.pop(key, None)
             if old is not got:
@@ -452,6 +565,23 @@ class ElementBook:
         if dirty:
             self._refresh(added, removed)
         return Change(frozenset(removed - added), frozenset(added - removed))
+
+    def _pod_share(
+        self,
+        last: tuple[PeerElements, Pods, PeerElements] | None,
+        key: str,
+        base: PeerElements,
+        name: str,
+        sources: Sources,
+        pods: Pods,
+    ) -> PeerElements:
+        """The peer's elements with its pods' (the last ones if nothing changed)."""
+        if last is not None and last[0] is base and last[1] == pods:
+            got = last[2]
+        else:
+            got = _with_pods(base, name, sources, pods)
+        self._podded[key] = (base, pods, got)
+        return got
 
     def _swap(
         self,

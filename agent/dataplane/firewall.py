@@ -5,6 +5,10 @@ connections pass, each peer's new connections pass to what its filter allows
 (its sources are its allowed IPs: WireGuard only accepts those from that peer;
 ``filter``, see :mod:`wiregate.ports`; None: everything), everything else from
 the tunnel is dropped and counted (the ``dropped`` counter).
+Pod identity adds to a restricted peer's allowance: what its pods may open here
+(``pods_from``, by pod address) and what it may open on this node's pods
+(``pods_to``), as elements of that peer only, so a pod's churn is a few element
+operations and never a reload.
 
 The table ``inet wiregate`` (:mod:`agent.dataplane.filterset`: named sets, fixed
 rules; the MSS clamp of :mod:`agent.dataplane.mss`) is created once; after that

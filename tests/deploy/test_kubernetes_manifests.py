@@ -142,7 +142,10 @@ def test_rbac_is_minimal(target: str) -> None:
             f"only the agent has RBAC, found {role['metadata']['name']}"
         )
         verbs = ["get", "list"] if target == "overlays/gateway-mode" else ["get"]  # the NodeList
-        assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": verbs}]
+        assert role["rules"] == [
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": verbs},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        ]  # pods: the pods of the agent's own node (agent/kubepods.py)
     for binding in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": "wiregate-agent", "namespace": "wiregate"}

@@ -102,6 +102,11 @@ def test_a_vm_reaches_services_and_every_nodes_pods_through_a_gateway_node(
     transfer = vm_host.run(["wg", "show", vm.iface, "transfer"]).stdout.split()
     assert int(transfer[1]) > 0 and int(transfer[2]) > 0
 
+    # n1 reports its own pod (the DNS pod) on its map stream, and only its own
+    pods = poll(lambda: (gateway.status(node).get("pods") or {}).get("messages") or None,
+                timeout=30, what="n1's pods reported")  # fmt: skip
+    assert pods and gateway.status(node)["pods"]["reported"] == 1
+
     # the pod on n2 saw n1, not the VM: the reply had to come back through n1
     conntrack = plain.host.run(["conntrack", "-L", "-p", "tcp", "--dport", "8080"]).stdout
     assert f"src={gw_node.host.addr} dst={orders_ip}" in conntrack, conntrack

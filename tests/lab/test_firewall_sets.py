@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from lab.tcp_listener import LISTENER
+from lab.tcp_listener import CLIENT, LISTENER
 
 pytestmark = pytest.mark.lab
 
@@ -80,22 +80,6 @@ if int(sys.argv[2]):
 s.bind(("100.64.0.2", 0))
 s.connect((sys.argv[1], 9000))
 s.close()
-"""
-
-# Connects from a source address; prints "open", "refused" or "timeout".
-CLIENT = """\
-import socket, sys
-family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
-s = socket.socket(family, socket.SOCK_STREAM)
-s.settimeout(1.5)
-s.bind((sys.argv[1], 0))
-try:
-    s.connect((sys.argv[2], int(sys.argv[3])))
-    print("open")
-except ConnectionRefusedError:
-    print("refused")
-except (TimeoutError, socket.timeout):
-    print("timeout")
 """
 
 

@@ -161,8 +161,17 @@ def format_status(doc: dict[str, Any]) -> str:
         if p.get("path_mtu"):
             lines.append(f"{'':<20} path MTU {p['path_mtu']}")
     lines.extend(format_host_traffic(doc.get("host_traffic")))
+    lines.extend(_format_pods(doc.get("pods")))
     lines.extend(f"problem: {problem}" for problem in doc.get("problems", []))
     return "\n".join(lines)
+
+
+def _format_pods(doc: dict[str, Any] | None) -> list[str]:
+    """The pod identity line (``kubernetes = true``): the node's pods reported."""
+    if not doc:
+        return []
+    line = f"pods: {doc['reported']} reported ({doc['messages']} messages, {doc['lists']} lists)"
+    return ["", line + (": REFUSED by the gateway, reports off" if doc["refused"] else "")]
 
 
 _HOST_STATES = {

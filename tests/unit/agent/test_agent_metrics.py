@@ -194,3 +194,13 @@ def test_host_traffic_destinations_by_state_and_fallbacks() -> None:
     assert value(s, "wiregate_agent_host_fallbacks_total") == 3
     off = collect({"device": {}, "gateway": {}, "peers": [], "host_traffic": {"mode": "off"}})
     assert ("wiregate_agent_host_fallbacks_total", frozenset()) not in off
+
+
+def test_pods_reported_with_kubernetes_only() -> None:
+    pods = {"reported": 12, "messages": 3, "lists": 2, "refused": False}
+    s = collect({"device": {"public_key": "k"}, "gateway": {}, "peers": [], "pods": pods})
+    assert value(s, "wiregate_agent_pods_reported") == 12
+    assert value(s, "wiregate_agent_pod_messages_total") == 3
+    assert value(s, "wiregate_agent_pod_lists_total") == 2
+    off = collect({"device": {}, "gateway": {}, "peers": [], "pods": None})
+    assert ("wiregate_agent_pods_reported", frozenset()) not in off

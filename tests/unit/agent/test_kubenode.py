@@ -318,4 +318,7 @@ def test_the_agent_daemonset_turns_node_integration_on() -> None:
     )
     assert settings.kubernetes is True
     role = find(docs, "ClusterRole", "wiregate-agent")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    ]

@@ -50,7 +50,9 @@ def test_status_table_lists_peers_and_problems() -> None:
     }
     text = format_status(doc)
     assert "100.64.0.2" in text and "never" in text and "map v4" in text
-    assert "problem: peer x" in text
+    assert "problem: peer x" in text and "pods:" not in text
+    doc["pods"] = {"reported": 12, "messages": 3, "lists": 1, "refused": False}
+    assert "pods: 12 reported (3 messages, 1 lists)" in format_status(doc)
 
 
 def test_admin_without_gateway_fails_clearly(tmp_path: object) -> None:

@@ -11,7 +11,7 @@ from agent.dataplane.firewall import Firewall
 from lab.dataplane_fakes import IFACE, PRIVATE, MemoryLinks
 from lab.dataplane_fakes import netmap as dp_netmap
 from lab.dataplane_fakes import peer as dp_peer
-from lab.firewall_fakes import FakeNft, netmap, peer
+from lab.firewall_fakes import FakeNft, filtered_dataplane, netmap, peer
 
 
 def test_the_table_is_created_once_then_changed_by_elements() -> None:
@@ -153,15 +153,8 @@ def test_the_clamp_follows_probed_path_mtus_by_elements() -> None:
 
 
 def test_the_data_plane_filters_what_it_configured_and_reports_a_missing_nft() -> None:
-    backend, links = MemoryBackend(), MemoryLinks()
-    backend.create(IFACE)
     nft = FakeNft()
-    dp = DataPlane(
-        interface=IFACE, private_key=PRIVATE, listen_port=51820, fwmark=0xCA6C, table=51820,
-        rule_priority=5210, mtu=1420, run_dir=Path("/nonexistent"), wireguard=backend,
-        links=links, firewall=Firewall(IFACE, nft),
-    )  # fmt: skip
-    dp.setup()
+    dp = filtered_dataplane(nft)
     good = replace(dp_peer(0), filter=("tcp:5432",))
     bad = replace(dp_peer(1), public_key="not a key")  # refused by the agent
     result = dp.apply(dp_netmap([good, bad]))

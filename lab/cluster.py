@@ -108,6 +108,8 @@ class Node:
     labels: dict[str, str]
     pods: dict[str, Namespace] = field(default_factory=dict)
     pod_ips: dict[str, str] = field(default_factory=dict)  # pod name -> its address
+    # pod name -> its Pod document as the API serves it (namespace, account, labels)
+    pod_docs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def pod_cidr(self) -> str:
@@ -215,8 +217,18 @@ class Cluster:
         host.sysctl("net.ipv4.ip_forward", "1")
         return node
 
-    def add_pod(self, node: Node, name: str, host_octet: int) -> tuple[Namespace, str]:
-        """A pod namespace on ``node``'s bridge at ``10.244.N.host_octet``."""
+    def add_pod(
+        self,
+        node: Node,
+        name: str,
+        host_octet: int,
+        *,
+        namespace: str = "default",
+        account: str = "default",
+        labels: dict[str, str] | None = None,
+    ) -> tuple[Namespace, str]:
+        """A pod namespace on ``node``'s bridge at ``10.244.N.host_octet``, served by the
+        API as Pod ``namespace/name`` of ``account`` with ``labels`` (default app=lab)."""
         pod = Namespace(self.lab, name)
         self.lab._add_namespace(pod)
         veth = f"veth{len(node.pods)}"
@@ -229,7 +241,33 @@ class Cluster:
         pod.run(["ip", "route", "add", "default", "via", node.bridge_ip])
         node.pods[name] = pod
         node.pod_ips[name] = addr
+        node.pod_docs[name] = pod_document(
+            namespace, re.sub(r"[^a-z0-9-]", "-", name.lower()), addr, account,
+            node=node.host.name, labels={"app": "lab"} if labels is None else labels,
+        )  # fmt: skip
         return pod, addr
+
+    def put_pod(self, node: Node, name: str, *, labels: dict[str, str]) -> None:
+        """Relabel pod ``name`` of ``node`` at the API (a watch event for its agent)."""
+        doc = node.pod_docs[name]
+        doc["metadata"]["labels"] = labels
+        self.put_document(doc)
+
+    def put_document(self, doc: dict[str, Any]) -> None:
+        """Create or replace the Pod ``doc`` at the API (PUT, as ``kubectl replace``)."""
+        meta = doc["metadata"]
+        self._api_call("PUT", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}", doc)
+
+    def _api_call(self, method: str, path: str, doc: dict[str, Any]) -> None:
+        script = (
+            "import sys, urllib.request; r = urllib.request.Request(sys.argv[1], "
+            "data=sys.stdin.buffer.read(), method=sys.argv[2], "
+            "headers={'Content-Type': 'application/json'}); urllib.request.urlopen(r, timeout=5)"
+        )
+        self.lab.internet.run(
+            [sys.executable, "-c", script, f"http://{KUBE_API}{path}", method],
+            input=json.dumps(doc),
+        )
 
     def add_service(self, service: Service) -> Service:
         self.services.append(service)
@@ -274,11 +312,9 @@ class Cluster:
         nodes = self.lab.workdir / "nodes.json"
         nodes.write_text(json.dumps({n: node_document(v) for n, v in self.nodes.items()}))
         pods = self.lab.workdir / "pods.json"
-        pods.write_text(json.dumps([
-            pod_document("default", re.sub(r"[^a-z0-9-]", "-", name.lower()), ip,
-                         node=node.host.name, labels={"app": "lab"})
-            for node in self.nodes.values() for name, ip in node.pod_ips.items()
-        ]))  # fmt: skip
+        pods.write_text(
+            json.dumps([doc for node in self.nodes.values() for doc in node.pod_docs.values()])
+        )
         self.api = self.lab.internet.spawn(
             [sys.executable, "-m", "lab.cluster", "--listen", KUBE_API, "--token", KUBE_TOKEN,
              "--nodes", str(nodes), "--pods", str(pods)],

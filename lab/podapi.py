@@ -111,7 +111,28 @@ def add_pod_routes(app: web.Application, store: PodStore) -> None:
         }
         return web.json_response(body)
 
+    async def replace(request: web.Request) -> web.Response:
+        """``PUT /api/v1/namespaces/NS/pods/NAME``: create or replace (a relabel)."""
+        doc = await request.json()
+        meta = doc.get("metadata", {})
+        if (meta.get("namespace"), meta.get("name")) != (
+            request.match_info["namespace"],
+            request.match_info["name"],
+        ):
+            return web.json_response({"kind": "Status", "code": 400}, status=400)
+        store.put(doc)
+        return web.json_response(store.pods[(meta["namespace"], meta["name"])])
+
+    async def remove(request: web.Request) -> web.Response:
+        key = (request.match_info["namespace"], request.match_info["name"])
+        if key not in store.pods:
+            return web.json_response({"kind": "Status", "code": 404}, status=404)
+        store.delete(*key)
+        return web.json_response({"kind": "Status", "status": "Success"})
+
     app.router.add_get("/api/v1/pods", pods)
+    app.router.add_put("/api/v1/namespaces/{namespace}/pods/{name}", replace)
+    app.router.add_delete("/api/v1/namespaces/{namespace}/pods/{name}", remove)
 
 
 async def _watch(request: web.Request, store: PodStore, node: str) -> web.StreamResponse:

@@ -43,7 +43,7 @@ import statistics
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -157,22 +157,27 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def _milestones(agent: Agent, started_wall: float, peer_id: str) -> list[str]:
-    """``EVENT +SECONDS`` for the agent's log events of interest since its start (those
-    about a peer: about ``peer_id`` only)."""
+def _log_docs(agent: Agent) -> Iterator[tuple[float, dict[str, Any]]]:
+    """(wall-clock time, document) of each JSON log line of ``agent`` that has a time."""
     assert agent.proc is not None
-    out = []
     for line in agent.proc.output().splitlines():
         try:
             doc = json.loads(line)
         except ValueError:
             continue
+        if isinstance(doc, dict) and "timestamp" in doc:
+            at = datetime.fromisoformat(doc.pop("timestamp").replace("Z", "+00:00"))
+            yield at.timestamp(), doc
+
+
+def _milestones(agent: Agent, started_wall: float, peer_id: str) -> list[str]:
+    """``EVENT +SECONDS`` for the agent's log events of interest since its start (those
+    about a peer: about ``peer_id`` only)."""
+    out = []
+    for at, doc in _log_docs(agent):
         event = doc.get("event")
-        if event not in MILESTONES or "timestamp" not in doc:
+        if event not in MILESTONES or doc.get("peer", peer_id) != peer_id:
             continue
-        if doc.get("peer", peer_id) != peer_id:
-            continue
-        at = datetime.fromisoformat(doc["timestamp"].replace("Z", "+00:00")).timestamp()
         extra = doc.get("state") or doc.get("nat_type") or doc.get("relay") or ""
         out.append(f"{event}{'=' + str(extra) if extra else ''} +{at - started_wall:.2f}")
     return out
@@ -181,17 +186,9 @@ def _milestones(agent: Agent, started_wall: float, peer_id: str) -> list[str]:
 def _about(agent: Agent, started_wall: float, peer_id: str) -> list[str]:
     """``+SECONDS EVENT {fields}`` for every log line of ``agent`` about ``peer_id`` since
     ``started_wall`` (what the warm side did in a slow round)."""
-    assert agent.proc is not None
     out = []
-    for line in agent.proc.output().splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if peer_id not in line or "timestamp" not in doc:
-            continue
-        at = datetime.fromisoformat(doc.pop("timestamp").replace("Z", "+00:00")).timestamp()
-        if at >= started_wall:
+    for at, doc in _log_docs(agent):
+        if at >= started_wall and peer_id in json.dumps(doc):
             event = doc.pop("event", "")
             rest = {k: v for k, v in doc.items() if k not in ("level", "component", "peer")}
             out.append(f"+{at - started_wall:.2f} {event} {json.dumps(rest)}")

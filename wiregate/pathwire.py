@@ -30,7 +30,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from wiregate import strictjson
 from wiregate.errors import BadInput
+from wiregate.strictjson import StrictJSONError
 
 __all__ = [
     "LIMITS",
@@ -122,21 +124,10 @@ def parse_paths(text: str | bytes) -> PathsReport:
     """A ``paths`` message's text as a :class:`PathsReport`: as :func:`read_paths`, and
     a key repeated in an object, or ``NaN``/``Infinity``, is refused too."""
     try:
-        doc = json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
-    except (ValueError, RecursionError):  # not ours: _unique and _no_constant raise BadInput
-        raise PathReportError("message is not JSON") from None
+        doc = strictjson.loads(text)
+    except StrictJSONError as exc:
+        raise PathReportError(f"message is not strict JSON: {exc}") from None
     return read_paths(doc)
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        raise PathReportError("a key is repeated in an object")
-    return doc
-
-
-def _no_constant(name: str) -> Any:
-    raise PathReportError(f"{name} is not a number this message carries")
 
 
 def read_paths(doc: object) -> PathsReport:

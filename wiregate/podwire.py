@@ -26,13 +26,14 @@ gateway's decision, not this codec's.
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from wiregate import strictjson
 from wiregate.errors import BadInput
+from wiregate.strictjson import StrictJSONError
 
 __all__ = [
     "MAX_LABELS",
@@ -113,11 +114,9 @@ def build_pods(
 def parse_pods(text: str | bytes) -> PodReport:
     """A ``pods`` message's text; repeated keys and non-finite numbers are refused."""
     try:
-        doc = json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
-    except PodReportError:
-        raise
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PodReportError(f"pods: not JSON ({exc})") from None
+        doc = strictjson.loads(text)
+    except StrictJSONError as exc:
+        raise PodReportError(f"pods: not strict JSON: {exc}") from None
     return read_pods(doc)
 
 
@@ -202,14 +201,3 @@ def _labels(value: Any, where: str) -> tuple[tuple[str, str], ...]:
         if not isinstance(text, str) or len(text) > 63 or not _LABEL.fullmatch(text):
             raise PodReportError(f"{where}.labels[{key!r}]: not a valid label value")
     return tuple(sorted(value.items()))
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> Mapping[str, Any]:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        raise PodReportError("pods: a key is repeated")
-    return doc
-
-
-def _no_constant(name: str) -> Any:
-    raise PodReportError(f"pods: {name} is not allowed")

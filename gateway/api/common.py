@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import socket
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -28,9 +27,11 @@ from gateway.mapping.broker import OnEndpoints
 from gateway.store import DeviceRecord, KeyRecord
 from gateway.store.audit import ADMIN_SOCKET as ADMIN_SOCKET_ACTOR
 from gateway.store.audit import ADMIN_TOKEN as ADMIN_TOKEN_ACTOR
+from wiregate import strictjson
 from wiregate.errors import BadInput, Forbidden, RemoteError, Unauthorized, WiregateError
 from wiregate.keys import fingerprint
 from wiregate.logging import get_logger
+from wiregate.strictjson import StrictJSONError
 
 __all__ = [
     "EndpointsCallback",
@@ -101,32 +102,14 @@ def model_from_json(body: bytes, model: type[M]) -> M:
     except UnicodeDecodeError:
         raise BadInput("the request body is not UTF-8", code="malformed_json") from None
     try:
-        data = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique)
-    except DuplicateKey as exc:
-        raise BadInput(str(exc), code="malformed_json") from None
-    except (ValueError, RecursionError) as exc:  # Recursion: nested too deep
-        raise BadInput(f"malformed JSON: {exc.__class__.__name__}") from None
+        data = strictjson.loads(text)
+    except StrictJSONError as exc:
+        code = "malformed_json" if exc.repeated_key else "bad_input"
+        raise BadInput(f"malformed JSON: {exc}", code=code) from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise BadInput(_describe(exc), code="invalid_field") from None
-
-
-class DuplicateKey(ValueError):
-    """A JSON object names a key twice (which one wins differs between parsers)."""
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in found:
-            raise DuplicateKey(f"malformed JSON: the key {key[:64]!r} appears twice in an object")
-        found[key] = value
-    return found
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
 
 
 async def _read_limited(request: web.Request, limit: int) -> bytes:

@@ -52,7 +52,7 @@ def test_a_message_that_is_wrong_as_a_whole_is_refused() -> None:
         parse_pods(json.dumps(build_pods(False, [POD], [POD.key])))
     with pytest.raises(PodReportError, match="empty in a full"):
         parse_pods(json.dumps(build_pods(True, [POD], ["shop/a"])))
-    with pytest.raises(PodReportError, match="repeated"):
+    with pytest.raises(PodReportError, match="appears twice"):
         parse_pods('{"type":"pods","full":true,"full":false,"upsert":[],"remove":[]}')
     with pytest.raises(PodReportError, match="more than"):
         parse_pods(json.dumps(build_pods(False, [], [f"ns/p{i}" for i in range(MAX_PODS + 1)])))

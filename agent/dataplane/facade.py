@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -121,6 +122,7 @@ class DataPlane:
         self._mtu_for: tuple[str | None, int] | None = None  # (first endpoint, tunnel MTU)
         # in-memory link layers (tests) get no kernel packet filter unless one is injected
         self.firewall = firewall or Firewall(interface, None if links is None else _NO_NFT)
+        self._filter_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft")
         # the nodes' own traffic (docs/host-traffic.md): host routes withheld or guarded
         nft = host_nft if host_nft is not None or links is None else _NoNft()
         self.host = HostTraffic(
@@ -209,8 +211,10 @@ class DataPlane:
 
         The WireGuard write is started first; the MTU, the link layer, the packet
         filter and the bookkeeping are done while the WireGuard implementation
-        works on it (the filter only admits the sources of configured peers, so
-        it may go first).
+        works on it. The packet filter is written on a worker thread of its own
+        (libnftables releases the GIL while it parses and commits), next to the link
+        layer's writes on this one (the filter only admits the sources of
+        configured peers, so it may go first).
         """
         backend, _ = self._require()
         config = self._builder.build(netmap)
@@ -223,10 +227,15 @@ class DataPlane:
         self._belief.forget()  # until the writes are known to have gone through
         finish = backend.begin_write(self.interface, update)
         try:
-            link_update, link_writes = self._apply_link(wanted, config.device, snap)
-            public = None if update.private_key is None else config.device.public_key
-            after = snap.after(update, link_update, public)
-            filtered = self.firewall.apply(netmap, validated=config.device.peers, repair=snap.fresh)
+            filtering = self._filter_writer.submit(
+                self.firewall.apply, netmap, validated=config.device.peers, repair=snap.fresh
+            )
+            try:
+                link_update, link_writes = self._apply_link(wanted, config.device, snap)
+                public = None if update.private_key is None else config.device.public_key
+                after = snap.after(update, link_update, public)
+            finally:
+                filtered = filtering.result()
         finally:
             writes = finish()
             self._last = config.device

@@ -29,8 +29,10 @@ wireguard-go tunnel's CPU per byte on two cores: docs/benchmarks.md). It is left
 while no peer is restricted (``stateful=False``): every source WireGuard delivers
 (a configured peer's allowed IPs) is then in a set that accepts everything from
 it (``open*``, ``proto*_ranges`` with protocols 0-255, ``any_open``), so each
-packet's verdict is the same without it. The first restricted peer, or the last
-one going, replaces the table in one transaction
+packet's verdict is the same without it. For the same reason the ``input`` and
+``forward`` chains are then not hooked at all: every packet would be accepted, and
+an unhooked chain costs nothing per packet (the MSS clamp's chains stay hooked). The
+first restricted peer, or the last one going, replaces the table in one transaction
 (:class:`~agent.dataplane.firewall.Firewall`).
 
 An element is a pair ``(set name, element text)``, the text in nftables syntax
@@ -164,15 +166,18 @@ def table_script(
 
     ``clamp``: also the MSS clamp's maps and chains (:mod:`agent.dataplane.mss`).
     ``replace``: delete the table first (False: there is none, create it).
-    ``stateful``: replies pass by connection tracking (needed once a peer is restricted).
+    ``stateful``: replies pass by connection tracking (needed once a peer is restricted);
+    False: no peer is restricted and the filter's chains are not hooked at all.
     """
     sets = dict(SETS) | (mss.MAPS if clamp else {})
     hook = f'iifname "{interface}" jump from_tunnel'
     body = ["\tcounter dropped {\n\t}\n"]
     body += [_block("set" if n in SETS else "map", n, decl.split("; ")) for n, decl in sets.items()]
+    # not stateful: no peer is restricted, so from_tunnel accepts whatever WireGuard
+    # delivers; its chains are then left off the hooks (no packet pays for them)
     body += [
-        _block("chain", "input", [_hook("input"), hook]),
-        _block("chain", "forward", [_hook("forward"), hook]),
+        _block("chain", "input", [_hook("input"), hook] if stateful else [hook]),
+        _block("chain", "forward", [_hook("forward"), hook] if stateful else [hook]),
         _block("chain", "from_tunnel", _filter_rules(stateful)),
     ]
     if clamp:

@@ -155,9 +155,11 @@ def test_the_table_holds_every_set_and_fixed_rules() -> None:
     assert "\tmap mss4_ranges {\n" in clamped and "maxseg size set rt mtu" in clamped
     assert "\t\tct state established,related accept\n" in script  # stateful by default
     stateless = table_script("wg0", clamp=True, stateful=False)
-    assert " ct " not in stateless and stateless == clamped.replace(
-        "\t\tct state established,related accept\n", ""
-    )
+    # no peer restricted: no ct, and the filter's chains are off the hooks (the clamp's stay)
+    assert stateless == clamped.replace("\t\tct state established,related accept\n", "").replace(
+        "\t\ttype filter hook input priority filter; policy accept;\n", "", 1
+    ).replace("\t\ttype filter hook forward priority filter; policy accept;\n", "", 1)
+    assert " ct " not in stateless and "type filter hook input priority mangle" in stateless
 
 
 def test_the_kernels_listing_reads_back_as_the_elements_written() -> None:

@@ -90,7 +90,9 @@ class PathBook:
             endpoints = seen[0]
             machine = self.machines.get(peer.id)
             if machine is None:
-                machine = self.machines[peer.id] = PathMachine(peer.id, self.timers)
+                leads = netmap.self_view.id < peer.id
+                machine = PathMachine(peer.id, self.timers, leads=leads)
+                self.machines[peer.id] = machine
                 if self._local is not None:
                     out += self._feed(machine, self._local)
             out += self._feed(machine, PeerUpdate(now, endpoints, nat=_nat(peer.nat)))

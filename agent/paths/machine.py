@@ -151,9 +151,14 @@ _UNDECIDED = frozenset(set(PathState) - {PathState.IDLE, PathState.DIRECT})
 class PathMachine:
     """The path state of one peer; see the module docstring for how to drive it."""
 
-    def __init__(self, peer_id: str, timers: PathTimers | None = None) -> None:
+    def __init__(
+        self, peer_id: str, timers: PathTimers | None = None, *, leads: bool = True
+    ) -> None:
         self.peer_id = peer_id
         self.timers = timers or PathTimers()
+        # which side of the pair this is (the lower device id leads): the relay's kicks
+        # of the side that does not lead fall half a kick later (see _enter_relayed)
+        self.leads = leads
         self.state = PathState.IDLE
         self._now = self._since = self._endpoint_at = self._asked_at = 0.0
         self._local = LocalNat(0.0, NatType.UNKNOWN)
@@ -307,10 +312,11 @@ class PathMachine:
 
     # -- helpers used by the handlers ------------------------------------------------
 
-    def _set_endpoint(self, endpoint: str, kicks: bool | None = None) -> None:
+    def _set_endpoint(self, endpoint: str, kicks: bool | None = None, lag: float = 0.0) -> None:
         """Program ``endpoint``; ``kicks``: restart the handshake there every ``kick``
         seconds until a handshake or the probe window's end (None: if the candidate is
-        worth it, see :func:`~agent.paths.vocabulary.worth_kicking`).
+        worth it, see :func:`~agent.paths.vocabulary.worth_kicking`), the first ``lag``
+        seconds later.
 
         A candidate nothing can be sent to (:func:`~agent.paths.vocabulary.sendable`:
         what a peer behind symmetric NAT advertises) is probed by waiting, not written:
@@ -325,7 +331,7 @@ class PathMachine:
             kicks = worth_kicking(rank, self._peer.nat)
         self._kick_at = None
         if kicks:
-            self._next_kick()
+            self._next_kick(lag)
 
     def _adopt(self, live: str | None) -> None:
         """Make ``live``, where WireGuard sends to the peer now, the path's endpoint
@@ -335,9 +341,10 @@ class PathMachine:
         self._out.append(SetEndpoint(self.peer_id, live))
         self._kick_at = None
 
-    def _next_kick(self) -> None:
+    def _next_kick(self, lag: float = 0.0) -> None:
         """Schedule the next kick, if it falls before the probe window's end."""
-        at, end = self._now + self.timers.kick, self._endpoint_at + self.timers.probe_timeout
+        at = self._now + self.timers.kick + lag
+        end = self._endpoint_at + self.timers.probe_timeout
         self._kick_at = at if at < end else None
 
     def _kick(self) -> bool:
@@ -410,10 +417,18 @@ class PathMachine:
 
     def _enter_relayed(self) -> PathState:
         """Move to the relay's endpoint, restarting the handshake there (kicks) until
-        one goes through it: a pending initiation would wait WireGuard's 5 s retry."""
+        one goes through it: a pending initiation would wait WireGuard's 5 s retry.
+
+        Both sides bind at the relay at about the same moment (they learn of each
+        other from the same map), so kicks on the same period would cross: two
+        initiations in flight at once each replace the other side's handshake state,
+        WireGuard then refuses both responses, and neither side can send until a
+        retransmission 5 s later (or 15 s, when a reset lands on a half-made session).
+        The side that does not lead kicks half a period later than the one that does."""
         assert self._relay_endpoint is not None
         if self._endpoint != self._relay_endpoint:
-            self._set_endpoint(self._relay_endpoint, kicks=True)
+            lag = 0.0 if self.leads else self.timers.kick / 2
+            self._set_endpoint(self._relay_endpoint, kicks=True, lag=lag)
         self._schedule_retry(self._backoff)
         return PathState.RELAYED_TCP if self._via_tcp else PathState.RELAYED
 

@@ -59,6 +59,12 @@ def test_a_new_peer_is_probed_and_the_map_carries_the_chosen_endpoint() -> None:
     assert report["endpoint"] == PUB_B and report["relay"] is None
 
 
+def test_the_side_with_the_lower_device_id_leads() -> None:
+    book = PathBook()
+    book.update_map(netmap(peer("b", KEY_B, (PUB_B,)), peer("0", KEY_C, ())), now=1.0)
+    assert book.machines["b"].leads and not book.machines["0"].leads  # this device is "a"
+
+
 def test_invalid_endpoints_never_reach_a_machine() -> None:
     book = PathBook()
     actions = book.update_map(netmap(peer("b", KEY_B, ("127.0.0.1:1", "nonsense", PUB_B))), 1.0)

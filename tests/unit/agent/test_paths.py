@@ -31,9 +31,13 @@ RELAY = "192.0.2.9:40000"
 
 
 def machine(
-    ours: NatType, theirs: NatType | None, endpoints: tuple[str, ...] = (PUB, LAN)
+    ours: NatType,
+    theirs: NatType | None,
+    endpoints: tuple[str, ...] = (PUB, LAN),
+    *,
+    leads: bool = True,
 ) -> PathMachine:
-    m = PathMachine("peer-1")
+    m = PathMachine("peer-1", leads=leads)
     m.handle(LocalNat(0.0, ours, "198.51.100.1:51820"))
     m.handle(PeerUpdate(0.0, endpoints, theirs))
     return m
@@ -588,6 +592,23 @@ def test_relay_kicks_end_with_the_probe_window_and_leave_retries_alone() -> None
     assert m.next_deadline() == 60.0  # the retry grid, unchanged
     assert m.handle(Tick(60.0)) == [SetEndpoint("peer-1", PUB)]
     assert m.state is PathState.RETRY_DIRECT
+
+
+def test_the_side_that_does_not_lead_kicks_the_relay_half_a_period_later() -> None:
+    """Both sides bind at the relay together: kicks in step would cross every time."""
+    leader, follower = (
+        machine(NatType.EIM, NatType.EIM, (PUB,)),
+        machine(NatType.EIM, NatType.EIM, (PUB,), leads=False),
+    )
+    for m in (leader, follower):
+        m.handle(Tick(5.0))
+        m.handle(RelayReady(6.0, RELAY))
+    ticks = (6.5, 7.0, 7.5, 8.0, 8.5, 9.0, 9.5, 10.0, 10.5)
+    kicked = {
+        name: [t for t in ticks if m.handle(Tick(t))]
+        for name, m in (("leader", leader), ("follower", follower))
+    }
+    assert kicked == {"leader": [7.0, 8.0, 9.0, 10.0], "follower": [7.5, 8.5, 9.5, 10.5]}
 
 
 def test_a_relayed_tick_before_the_retry_is_due_does_not_retry() -> None:

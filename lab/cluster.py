@@ -13,7 +13,8 @@ on a node, with the same kernel mechanisms:
   as kube-proxy's ``mark-for-masquerade`` / ``masquerading`` chains do.
 * **cluster DNS**: Debian's ``dnsmasq`` in a pod behind the Service ``10.96.0.10``
   (UDP and TCP 53), authoritative for ``cluster.local``, answering
-  ``NAME.NAMESPACE.svc.cluster.local`` with each Service's ClusterIP.
+  ``NAME.NAMESPACE.svc.cluster.local`` with each Service's ClusterIP, and forwarding
+  stub domains (CoreDNS's ``forward`` blocks) such as the mesh domain.
 * **the API server**: :mod:`lab.kubeapi`'s stand-in (recorded responses) in the
   internet namespace, serving each Node and the NodeList, for the real
   ``kubernetes`` client in the agents.
@@ -292,10 +293,15 @@ class Cluster:
             )
         self._start_api()
 
-    def start_dns(self, node: Node) -> Service:
-        """``dnsmasq`` in a pod on ``node``, behind the Service ``DNS_IP`` (call before start)."""
+    def start_dns(self, node: Node, stubs: dict[str, str] | None = None) -> Service:
+        """``dnsmasq`` in a pod on ``node``, behind the Service ``DNS_IP`` (call before start).
+
+        ``stubs``: domain -> nameserver address, forwarded there as CoreDNS's stub domains
+        are (``wg.internal`` -> the wiregate-dns Service, deploy/kubernetes/README.md).
+        """
         pod, addr = self.add_pod(node, f"dns{node.index}", 53)
         records = [f"--host-record={s.fqdn},{s.cluster_ip}" for s in self.services]
+        records += [f"--server=/{domain}/{server}" for domain, server in (stubs or {}).items()]
         proc = pod.spawn(
             ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
              "--bind-interfaces", f"--listen-address={addr}", "--port=53", "--user=root",

@@ -10,7 +10,7 @@ the ``wiregate-dns`` Service), and a VM named ``vm-db`` listening on tcp:5432.
 * The pod's resolver is the cluster DNS (a kubelet-style resolv.conf), which
   forwards ``wg.internal`` to ``wiregate-dns``: a Service whose endpoint on each
   node is that node's InternalIP:53, where the node agent also listens
-  (``dns_listen``) and answers its node's pod CIDR (``dns_allow``). Kubernetes
+  (``dns_listen``) and answers its node's pod CIDR (``dns_allow_pods``). Kubernetes
   would pick the endpoint on the asker's node (``internalTrafficPolicy: Local``);
   this lab's one node makes its endpoint the only one.
 
@@ -161,7 +161,7 @@ def _build(lab: Lab, written: list[Path]) -> HybridLab:
     node_agent = cluster.start_agent(gateway, node, gateway.create_key(tags="tag:node"), {
         "WIREGATE_KUBE_GATEWAY": "true", "WIREGATE_KUBE_SERVICE_CIDRS": f'["{SERVICE_CIDR}"]',
         "WIREGATE_DNS_LISTEN": f'["{node.host.addr}"]',
-        "WIREGATE_DNS_ALLOW": f'["{node.pod_cidr}"]',
+        "WIREGATE_DNS_ALLOW_PODS": "true",  # the Node's podCIDR, 10.244.1.0/24
     })  # fmt: skip
     vm = gateway.start_agent(vm_host, gateway.create_key(tags="tag:vm"))
     statuses = gateway.wait_mesh([node_agent, vm], timeout=60)

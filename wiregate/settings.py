@@ -544,6 +544,7 @@ class AgentSettings(_Base):
     dns_resolver: Literal["auto", "resolved", "resolv.conf", "off"] = "auto"
     dns_resolv_conf: Path = Path("/etc/resolv.conf")  # the file of the resolv.conf mode
     dns_allow: list[str] = []  # source CIDRs that may query besides this host (a pod CIDR)
+    dns_allow_pods: bool = False  # kubernetes: this node's pod CIDRs (the Node's) may query
     # addresses of this host the server also listens on, besides the tunnel addresses
     # (a node's InternalIP: the endpoint of the wiregate-dns Service that CoreDNS asks)
     dns_listen: list[str] = []

@@ -258,12 +258,13 @@ async def test_a_map_with_the_same_names_keeps_the_zone(tmp_path: Path) -> None:
 
 async def test_a_node_address_is_served_to_the_allowed_sources_only(tmp_path: Path) -> None:
     """``dns_listen``: the server also listens on a host address (a node's InternalIP,
-    the wiregate-dns Service's endpoint), answering there the ``dns_allow`` sources (the
-    node's pods) and this host; the host's resolver still names the tunnel addresses."""
+    the wiregate-dns Service's endpoint), answering there the node's pods (their CIDRs
+    added from the Node, ``dns_allow_pods``) and this host; the host's resolver still
+    names the tunnel addresses."""
     port = free_port()
-    settings = AgentSettings(dns_resolver="off", dns_listen=["127.0.0.2"],
-                             dns_allow=["127.0.0.64/26"], state_dir=tmp_path)  # fmt: skip
-    names = Names(settings, DnsServer(port=port, allow=settings.dns_allow))
+    settings = AgentSettings(dns_resolver="off", dns_listen=["127.0.0.2"], state_dir=tmp_path)
+    names = Names(settings, DnsServer(port=port))
+    names.server.allow_also(["127.0.0.64/26", "127.0.0.64/26"])  # as dns_allow_pods adds
     try:
         await names.update(netmap())
         assert names.server.addresses == ("127.0.0.1", "127.0.0.2")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lab.manifests import ROOT, Doc, container, env_of, find
-from tests.deploy.test_kubernetes_manifests import KUBERNETES_VERSION, _validator, render_site
+from tests.deploy.test_kubernetes_manifests import render_site, valid_site
 from wiregate.settings import AgentSettings
 
 
@@ -21,10 +21,7 @@ def _site(tmp_path: Path) -> list[Doc]:
 
 
 def test_the_service_is_local_to_each_node_and_selects_the_agents(tmp_path: Path) -> None:
-    docs = _site(tmp_path)
-    kv = _validator()
-    for doc in docs:
-        kv.validate(doc, KUBERNETES_VERSION, strict=True)
+    docs = valid_site(tmp_path, ["agent", "dns"])
     svc = find(docs, "Service", "wiregate-dns")["spec"]
     ds = find(docs, "DaemonSet", "wiregate-agent")
     assert svc["internalTrafficPolicy"] == "Local"

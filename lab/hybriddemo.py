@@ -14,6 +14,10 @@ the ``wiregate-dns`` Service), and a VM named ``vm-db`` listening on tcp:5432.
   would pick the endpoint on the asker's node (``internalTrafficPolicy: Local``);
   this lab's one node makes its endpoint the only one.
 
+* The gateway's peer-Services controller writes a Service and EndpointSlices for the
+  VM to the cluster's API; the cluster DNS learns them from there, so a pod also
+  calls the VM as ``vm-db.wiregate-peers.svc.cluster.local``.
+
 Each call is :func:`call_by_name` (glibc's ``getaddrinfo``, then a TCP exchange).
 Used by ``tests/e2e/test_hybrid_names.py`` and ``scripts/demo.py``.
 """
@@ -27,13 +31,14 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.cluster import DNS_IP, SERVICE_CIDR, Cluster, Node, Service
+from lab.cluster import DNS_IP, PEERS_NAMESPACE, SERVICE_CIDR, Cluster, Node, Service
 from lab.harness import Agent, Host, Lab, Namespace, Wiregate, poll
 from lab.tcp_listener import LISTENER
 
 __all__ = [
     "MESH_DOMAIN",
     "ORDERS",
+    "PEER_SERVICE",
     "POLICY",
     "PORT",
     "VM_NAME",
@@ -57,6 +62,7 @@ routes:
 MESH_DOMAIN = "wg.internal"
 VM_NAME = "vm-db"
 PORT = 5432
+PEER_SERVICE = f"{VM_NAME}.{PEERS_NAMESPACE}.svc.cluster.local"  # the controller's Service
 ORDERS = Service("orders", "shop", "10.96.12.34", 8080, ("10.244.1.20",), 8080)
 WIREGATE_DNS_IP = "10.96.0.53"
 # what kubelet writes into a pod of namespace shop (ClusterFirst)
@@ -137,12 +143,6 @@ def hybrid(lab: Lab) -> Iterator[HybridLab]:
 
 
 def _build(lab: Lab, written: list[Path]) -> HybridLab:
-    policy = lab.workdir / "hybrid-policy.yaml"
-    policy.write_text(POLICY)
-    gateway = Wiregate(lab)
-    gateway.gateway_env["WIREGATE_POLICY_FILE"] = str(policy)
-    gateway.gateway_env["WIREGATE_DNS_ZONES"] = f'{{"cluster.local": ["{DNS_IP}"]}}'
-    gateway.start_gateway()
     cluster = Cluster(lab)
     node = cluster.add_node("n1", labels={"wiregate.io/gateway": "true"})
     orders_pod, _ = cluster.add_pod(node, "orders", 20, namespace="shop")
@@ -155,6 +155,17 @@ def _build(lab: Lab, written: list[Path]) -> HybridLab:
     cluster.start_dns(node, stubs={MESH_DOMAIN: WIREGATE_DNS_IP})
     cluster.start()
     cluster.serve_tcp(orders_pod, ORDERS.port)
+    policy = lab.workdir / "hybrid-policy.yaml"
+    policy.write_text(POLICY)
+    gateway = Wiregate(lab)
+    gateway.gateway_env.update({
+        "WIREGATE_POLICY_FILE": str(policy),
+        "WIREGATE_DNS_ZONES": f'{{"cluster.local": ["{DNS_IP}"]}}',
+        # the peer-Services controller, writing to the cluster's API (PEERS_NAMESPACE)
+        "WIREGATE_PEER_SERVICES": "true", "WIREGATE_PEER_SERVICES_TAG": "tag:vm",
+        "WIREGATE_PEER_SERVICES_KUBECONFIG": str(cluster.kubeconfig),
+    })  # fmt: skip
+    gateway.start_gateway()
     vm_host = lab.add_host("vmdb")
     _resolv_conf(vm_host, VM_RESOLV_CONF, written)
     vm_host.spawn([sys.executable, "-c", LISTENER, str(PORT)], name="vm-db")

@@ -5,8 +5,9 @@ CoreDNS, with ``wg.internal`` as a stub domain toward the ``wiregate-dns`` Servi
 whose endpoint is the node agent on the node's InternalIP) and completes a TCP
 exchange with the VM by that name; the VM resolves a cluster Service's name through
 its agent (split DNS over the tunnel) and completes one with the Service. The
-``NAME.wiregate-peers.svc.cluster.local`` Services of the peer-Services controller
-are not in this lab: the API stand-in serves no Services or EndpointSlices.
+gateway's peer-Services controller writes the VM's Service and EndpointSlices to the
+cluster's API stand-in, a watcher hands the slices to the cluster DNS (as CoreDNS's
+kubernetes plugin would), and the pod calls the VM by that Service name too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import pytest
 
 from lab.cluster import DNS_IP
 from lab.harness import Lab
-from lab.hybriddemo import MESH_DOMAIN, ORDERS, PORT, VM_NAME, call_by_name, calls, hybrid
+from lab.hybriddemo import (
+    MESH_DOMAIN,
+    ORDERS,
+    PEER_SERVICE,
+    PORT,
+    VM_NAME,
+    call_by_name,
+    calls,
+    hybrid,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(240)]
 
@@ -41,5 +51,6 @@ def test_a_pod_calls_the_vm_by_name_and_the_vm_a_service_by_name(lab: Lab) -> No
         assert hl.vm_addr not in refused, refused
         status = hl.gateway.status(hl.node_agent)["dns"]
         assert f"{node_ip}:53" in status["listen"] and status["refused_source"] >= 1
-        # the pod's call by name went through WireGuard, from the pod (policy by pod)
+        # the peer-Services controller's name for the VM (written after the rename)
+        assert calls(hl.client, PEER_SERVICE, PORT) == (hl.vm_addr, "hello")
         assert call_by_name(hl.client, vm_name, PORT) == (hl.vm_addr, "hello")

@@ -26,8 +26,9 @@ relabel at the Kubernetes API moves that within a second. A third lab shows name
 both ways (lab/hybriddemo.py): a VM calls the cluster Service
 orders.shop.svc.cluster.local by name (its agent forwards the cluster's zone over the
 tunnel), and a pod calls the VM as vm-db.wg.internal (the cluster DNS forwards the
-mesh domain to the node agent). Exits non-zero if any step or ping fails. ``--keep``
-leaves the lab running until Ctrl-C.
+mesh domain to the node agent), and by the Service name the gateway's peer-Services
+controller gives it (vm-db.wiregate-peers.svc.cluster.local). Exits non-zero if any
+step or ping fails. ``--keep`` leaves the lab running until Ctrl-C.
 
     sudo .venv/bin/python scripts/demo.py [--keep]
 """
@@ -205,14 +206,17 @@ def hybrid_names() -> bool:
     print("\nnames both ways: a cluster node with pods orders and client (namespace shop),"
           f" a VM named {hybriddemo.VM_NAME}")  # fmt: skip
     orders, vm_name = hybriddemo.ORDERS, f"{hybriddemo.VM_NAME}.{hybriddemo.MESH_DOMAIN}"
+    peer_service, port = hybriddemo.PEER_SERVICE, hybriddemo.PORT
     with Lab() as lab:
         try:
             with hybriddemo.hybrid(lab) as hl:
                 exchanges = [
                     ("VM", orders.fqdn, orders.port, "its agent, over the tunnel",
                      hybriddemo.calls(hl.vm_host, orders.fqdn, orders.port)),
-                    ("pod", vm_name, hybriddemo.PORT, "the cluster DNS, stub domain",
-                     hybriddemo.calls(hl.client, vm_name, hybriddemo.PORT)),
+                    ("pod", vm_name, port, "the cluster DNS, stub domain",
+                     hybriddemo.calls(hl.client, vm_name, port)),
+                    ("pod", peer_service, port, "the cluster DNS, peer Service",
+                     hybriddemo.calls(hl.client, peer_service, port)),
                 ]  # fmt: skip
         except Exception as exc:
             print(f"names demo failed: {exc}\n\n{lab.logs()}", file=sys.stderr)

@@ -184,9 +184,10 @@ class Agent:
     async def _bring_up(self, control: ControlClient) -> None:
         """The interface, and the last map on it before the gateway answers."""
         await self._setup_dataplane()
-        from agent.kubenode import apply_forwarding  # kubernetes: masquerade sent onward
+        from agent.kubenode import apply_forwarding, dns_pod_sources  # when kubernetes
 
-        await apply_forwarding(self.settings)
+        await apply_forwarding(self.settings)  # masquerade what is sent onward
+        self.names.server.allow_also(await dns_pod_sources(self.settings))  # pods ask names
         self._runner = self._path_runner(control)
         self.tunnel_up = True
         if self.session.netmap is not None:

@@ -67,6 +67,7 @@ __all__ = [
     "advertised_routes",
     "apply_forwarding",
     "cluster_pod_cidrs",
+    "dns_pod_sources",
     "forwarding_ruleset",
     "list_nodes",
     "node_facts",
@@ -522,6 +523,18 @@ async def apply_forwarding(settings: AgentSettings, nft: NftRunner | None = None
         log.warning("cluster forwarding not updated", error=exc.message, hint=exc.hint)
         return
     log.info("cluster forwarding", onward=list(onward), services=services)
+
+
+async def dns_pod_sources(settings: AgentSettings) -> tuple[str, ...]:
+    """This node's pod CIDRs, when they may ask the names server (``kubernetes`` and
+    ``dns_allow_pods``); none otherwise, or (with a warning) when the Node cannot be read."""
+    if not (settings.kubernetes and settings.dns_allow_pods):
+        return ()
+    try:
+        return (await _source(settings).facts()).pod_cidrs
+    except WiregateError as exc:
+        log.warning("pods not let ask for names", error=exc.message, hint=exc.hint)
+        return ()
 
 
 async def advertised_endpoints(settings: AgentSettings) -> list[str]:

@@ -13,10 +13,15 @@ on a node, with the same kernel mechanisms:
   as kube-proxy's ``mark-for-masquerade`` / ``masquerading`` chains do.
 * **cluster DNS**: Debian's ``dnsmasq`` in a pod behind the Service ``10.96.0.10``
   (UDP and TCP 53), authoritative for ``cluster.local``, answering
-  ``NAME.NAMESPACE.svc.cluster.local`` with each Service's ClusterIP.
+  ``NAME.NAMESPACE.svc.cluster.local`` with each Service's ClusterIP, and forwarding
+  stub domains (CoreDNS's ``forward`` blocks) such as the mesh domain.
 * **the API server**: :mod:`lab.kubeapi`'s stand-in (recorded responses) in the
   internet namespace, serving each Node and the NodeList, for the real
-  ``kubernetes`` client in the agents.
+  ``kubernetes`` client in the agents, and taking Services and EndpointSlices in
+  ``wiregate-peers`` (the gateway's peer-Services controller writes them there).
+* **CoreDNS's kubernetes plugin**: a watcher lists those EndpointSlices from the
+  API and hands each one's addresses to dnsmasq as
+  ``SERVICE.wiregate-peers.svc.cluster.local`` (a hosts directory it rereads).
 
 ``python -m lab.cluster --listen H:P --token T --nodes FILE`` is that API process.
 """
@@ -55,6 +60,7 @@ __all__ = [
     "CLUSTER_CIDR",
     "DNS_IP",
     "DOMAIN",
+    "PEERS_NAMESPACE",
     "SERVICE_CIDR",
     "Cluster",
     "Service",
@@ -70,6 +76,34 @@ DOMAIN = "cluster.local"
 KUBE_API = f"{INTERNET_GATEWAY}:6443"
 KUBE_TOKEN = "lab-cluster-token"
 MASQ_MARK = 0x4000  # kube-proxy's
+PEERS_NAMESPACE = "wiregate-peers"  # where the peer-Services controller writes
+
+# Lists the EndpointSlices of a namespace every 0.5 s (argv: API URL, token, namespace,
+# hosts directory) and writes "ADDRESS SERVICE.NAMESPACE.svc.cluster.local" lines there.
+SLICES_TO_HOSTS = """\
+import json, os, sys, time, urllib.request
+api, token, namespace, hostsdir = sys.argv[1:5]
+url = f"{api}/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
+last = None
+while True:
+    try:
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        items = json.load(urllib.request.urlopen(req, timeout=5))["items"]
+        lines = sorted(
+            f"{a} {s['metadata']['labels']['kubernetes.io/service-name']}.{namespace}"
+            ".svc.cluster.local\\n"
+            for s in items for e in s.get("endpoints") or [] for a in e.get("addresses") or []
+        )
+        if lines != last:
+            with open(hostsdir + ".new", "w") as f:  # outside the directory dnsmasq reads
+                f.writelines(lines)
+            os.replace(hostsdir + ".new", os.path.join(hostsdir, "slices"))
+            last = lines
+            print("records", len(lines), flush=True)
+    except Exception as exc:
+        print("not listed:", exc, flush=True)
+    time.sleep(0.5)
+"""
 
 # Connects, sends a line, prints what the server said ("hello") or why it failed.
 CLIENT = """\
@@ -292,10 +326,23 @@ class Cluster:
             )
         self._start_api()
 
-    def start_dns(self, node: Node) -> Service:
-        """``dnsmasq`` in a pod on ``node``, behind the Service ``DNS_IP`` (call before start)."""
+    def start_dns(self, node: Node, stubs: dict[str, str] | None = None) -> Service:
+        """``dnsmasq`` in a pod on ``node``, behind the Service ``DNS_IP`` (call before start).
+
+        ``stubs``: domain -> nameserver address, forwarded there as CoreDNS's stub domains
+        are (``wg.internal`` -> the wiregate-dns Service, deploy/kubernetes/README.md).
+        """
         pod, addr = self.add_pod(node, f"dns{node.index}", 53)
         records = [f"--host-record={s.fqdn},{s.cluster_ip}" for s in self.services]
+        records += [f"--server=/{domain}/{server}" for domain, server in (stubs or {}).items()]
+        hostsdir = self.lab.workdir / "cluster-dns-hosts"
+        hostsdir.mkdir(exist_ok=True)
+        records.append(f"--hostsdir={hostsdir}")
+        self.lab.internet.spawn(
+            [sys.executable, "-c", SLICES_TO_HOSTS, f"http://{KUBE_API}", KUBE_TOKEN,
+             PEERS_NAMESPACE, str(hostsdir)],
+            name="endpointslices-to-dns",
+        )  # fmt: skip
         proc = pod.spawn(
             ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
              "--bind-interfaces", f"--listen-address={addr}", "--port=53", "--user=root",
@@ -350,9 +397,10 @@ class Cluster:
 def cluster_api_app(
     nodes: dict[str, bytes], *, token: str, pods: list[dict[str, Any]] | None = None
 ) -> web.Application:
-    """:func:`lab.kubeapi.kube_api_app` plus ``GET /api/v1/nodes`` (the NodeList) and the
-    ``pods`` of the nodes (:mod:`lab.podapi`: the list and the watch)."""
-    app = kube_api_app(nodes, token=token)
+    """:func:`lab.kubeapi.kube_api_app` (Services and EndpointSlices in
+    :data:`PEERS_NAMESPACE`) plus ``GET /api/v1/nodes`` (the NodeList) and the ``pods``
+    of the nodes (:mod:`lab.podapi`: the list and the watch)."""
+    app = kube_api_app(nodes, token=token, namespaces=[PEERS_NAMESPACE])
     store = PodStore()
     for doc in pods or ():
         store.put(doc)

@@ -22,7 +22,12 @@ agent's ``wiregate status``), a ✓/✗ matrix of pings across every tunnel (IPv
 and the sign-in URL with a test account, then tears everything down. A second lab
 then shows a pod-identity rule at work (lab/poddemo.py): of two pods on a cluster
 node, only the one the policy's pod selector picks reaches a VM's port, and a
-relabel at the Kubernetes API moves that within a second. Exits non-zero if any
+relabel at the Kubernetes API moves that within a second. A third lab shows names
+both ways (lab/hybriddemo.py): a VM calls the cluster Service
+orders.shop.svc.cluster.local by name (its agent forwards the cluster's zone over the
+tunnel), and a pod calls the VM as vm-db.wg.internal (the cluster DNS forwards the
+mesh domain to the node agent), and by the Service name the gateway's peer-Services
+controller gives it (vm-db.wiregate-peers.svc.cluster.local). Exits non-zero if any
 step or ping fails. ``--keep`` leaves the lab running until Ctrl-C.
 
     sudo .venv/bin/python scripts/demo.py [--keep]
@@ -38,7 +43,7 @@ import sys
 import time
 from types import FrameType
 
-from lab import poddemo
+from lab import hybriddemo, poddemo
 from lab.demo import (
     NAT_HOSTS,
     add_nat_hosts,
@@ -152,6 +157,7 @@ def demo(keep: bool) -> int:
         ok = all(matrix.values())
         print("all tunnels up" if ok else "SOME TUNNELS FAILED")
         ok = pod_identity() and ok
+        ok = hybrid_names() and ok
         print(
             f"\nsingle sign-on: {public_url}/devices (inside the lab's internet namespace:"
             f" ip netns exec {lab.internet.netns} ...; trust the CA {wiregate.ca_file})\n"
@@ -192,6 +198,35 @@ def pod_identity() -> bool:
     held = not web_in and max(took_in, took_out) < 1.0
     print("pod identity enforced" if held else "POD IDENTITY NOT ENFORCED AS WRITTEN")
     return held
+
+
+def hybrid_names() -> bool:
+    """A third lab: a VM calls a cluster Service by name, a pod calls the VM by name
+    (lab/hybriddemo.py); True if both exchanges completed."""
+    print("\nnames both ways: a cluster node with pods orders and client (namespace shop),"
+          f" a VM named {hybriddemo.VM_NAME}")  # fmt: skip
+    orders, vm_name = hybriddemo.ORDERS, f"{hybriddemo.VM_NAME}.{hybriddemo.MESH_DOMAIN}"
+    peer_service, port = hybriddemo.PEER_SERVICE, hybriddemo.PORT
+    with Lab() as lab:
+        try:
+            with hybriddemo.hybrid(lab) as hl:
+                exchanges = [
+                    ("VM", orders.fqdn, orders.port, "its agent, over the tunnel",
+                     hybriddemo.calls(hl.vm_host, orders.fqdn, orders.port)),
+                    ("pod", vm_name, port, "the cluster DNS, stub domain",
+                     hybriddemo.calls(hl.client, vm_name, port)),
+                    ("pod", peer_service, port, "the cluster DNS, peer Service",
+                     hybriddemo.calls(hl.client, peer_service, port)),
+                ]  # fmt: skip
+        except Exception as exc:
+            print(f"names demo failed: {exc}\n\n{lab.logs()}", file=sys.stderr)
+            return False
+    for who, name, port, via, (addr, reply) in exchanges:
+        mark = "✓" if reply == "hello" else "✗"
+        print(f"  {mark} {who} -> {name}:{port}, resolved by {via}: {addr}, said {reply!r}")
+    ok = all(reply == "hello" for *_, (_, reply) in exchanges)
+    print("names resolve both ways" if ok else "NAMES DID NOT RESOLVE BOTH WAYS")
+    return ok
 
 
 def _wait_for_interrupt(lab: Lab, wiregate: Wiregate, agents: dict[str, Agent]) -> None:

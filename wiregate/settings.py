@@ -544,6 +544,10 @@ class AgentSettings(_Base):
     dns_resolver: Literal["auto", "resolved", "resolv.conf", "off"] = "auto"
     dns_resolv_conf: Path = Path("/etc/resolv.conf")  # the file of the resolv.conf mode
     dns_allow: list[str] = []  # source CIDRs that may query besides this host (a pod CIDR)
+    dns_allow_pods: bool = False  # kubernetes: this node's pod CIDRs (the Node's) may query
+    # addresses of this host the server also listens on, besides the tunnel addresses
+    # (a node's InternalIP: the endpoint of the wiregate-dns Service that CoreDNS asks)
+    dns_listen: list[str] = []
 
     @field_validator("pod_labels")
     @classmethod
@@ -574,6 +578,20 @@ class AgentSettings(_Base):
             return [str(ipaddress.ip_network(cidr, strict=True)) for cidr in value]
         except ValueError as exc:
             raise ValueError(f"dns_allow: {exc} (CIDRs such as 10.244.1.0/24)") from None
+
+    @field_validator("dns_listen")
+    @classmethod
+    def _dns_listen(cls, value: list[str]) -> list[str]:
+        out = []
+        for raw in value:
+            try:
+                address = ipaddress.ip_address(raw)
+            except ValueError:
+                raise ValueError(f"dns_listen: {raw!r} is not an IP address") from None
+            if address.is_unspecified or address.is_multicast:
+                raise ValueError(f"dns_listen: {raw} is not one address of this host")
+            out.append(str(address))
+        return list(dict.fromkeys(out))
 
     @field_validator("host_addresses", "host_traffic_exempt")
     @classmethod

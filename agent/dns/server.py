@@ -128,6 +128,14 @@ class DnsServer:
             await asyncio.sleep(0)  # the loop closes the sockets on its next turn
         self._udp, self._servers, self.addresses = [], [], ()
 
+    def allow_also(self, cidrs: Sequence[str]) -> None:
+        """Answer sources in ``cidrs`` too (a node's pod CIDRs, learned from its Node)."""
+        for cidr in cidrs:
+            network = ipaddress.ip_network(cidr)
+            if network not in self._networks:
+                self._networks.append(network)
+                log.info("DNS answers a pod CIDR", cidr=str(network))
+
     def allowed(self, source: str) -> bool:
         """Whether a query from ``source`` is answered (this host, or ``allow``)."""
         if source in self._local:

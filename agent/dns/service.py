@@ -1,9 +1,10 @@
 """What the agent daemon calls: names follow the map, the host's resolver follows the server.
 
 :meth:`Names.update` takes each new map: with a ``dns`` field (and ``dns = true`` in
-the agent's settings) the server listens on the device's tunnel addresses and
-answers from the map's zone, and the host's resolver sends the mesh domain and
-the split zones to it; without one, both stop. :meth:`Names.close` (the agent
+the agent's settings) the server listens on the device's tunnel addresses (and the
+``dns_listen`` ones: a node's InternalIP, for its pods' DNS) and answers from the
+map's zone, and the host's resolver sends the mesh domain and the split zones to it
+(at the tunnel addresses); without one, both stop. :meth:`Names.close` (the agent
 stopping, or its device revoked) gives the host's resolver back before the
 server goes: a resolver is never left pointing at a server that is not there.
 """
@@ -54,8 +55,9 @@ class Names:
                             names=list(zone.left_out))  # fmt: skip
             self._left_out, self._content = zone.left_out, content
         addresses = tuple(a.split("/", 1)[0] for a in netmap.self_view.addresses)
+        extra = tuple(a for a in self.settings.dns_listen if a not in addresses)
         try:
-            await self.server.listen(addresses)
+            await self.server.listen(addresses + extra)
         except LocalError as exc:
             self.problem = exc.message
             log.warning("names not served", error=exc.message)
@@ -87,7 +89,7 @@ class Names:
             self.problem = exc.message
             log.warning("host resolver not configured", error=exc.message)
             upstreams = []
-        self.server.upstreams = tuple(u for u in upstreams if u not in addresses)
+        self.server.upstreams = tuple(u for u in upstreams if u not in self.server.addresses)
 
     async def close(self) -> None:
         """Give the host's resolver back, then stop the server."""

@@ -56,6 +56,15 @@ def render_site(tmp_path: Path, components: list[str]) -> list[Doc]:
     return render_dir(tmp_path)
 
 
+def valid_site(tmp_path: Path, components: list[str]) -> list[Doc]:
+    """:func:`render_site`, each document checked against the strict schemas."""
+    docs = render_site(tmp_path, components)
+    kv = _validator()
+    for doc in docs:
+        kv.validate(doc, KUBERNETES_VERSION, strict=True)
+    return docs
+
+
 def test_every_component_combines_with_every_other(tmp_path: Path) -> None:
     kv = _validator()
     everything = [c for c in COMPONENTS if c != "gateway-mode"] + ["gateway-mode"]

@@ -254,3 +254,33 @@ async def test_a_map_with_the_same_names_keeps_the_zone(tmp_path: Path) -> None:
         assert renamed is not zone and renamed.serial == 5 and "database" in renamed.hosts
     finally:
         await names.close()
+
+
+async def test_a_node_address_is_served_to_the_allowed_sources_only(tmp_path: Path) -> None:
+    """``dns_listen``: the server also listens on a host address (a node's InternalIP,
+    the wiregate-dns Service's endpoint), answering there the node's pods (their CIDRs
+    added from the Node, ``dns_allow_pods``) and this host; the host's resolver still
+    names the tunnel addresses."""
+    port = free_port()
+    settings = AgentSettings(dns_resolver="off", dns_listen=["127.0.0.2"], state_dir=tmp_path)
+    names = Names(settings, DnsServer(port=port))
+    names.server.allow_also(["127.0.0.64/26", "127.0.0.64/26"])  # as dns_allow_pods adds
+    try:
+        await names.update(netmap())
+        assert names.server.addresses == ("127.0.0.1", "127.0.0.2")
+        q = dns.message.make_query("db.wg.internal", "A")
+        for source in ("127.0.0.70", "127.0.0.2"):  # a pod of the node; the node itself
+            answer = await dns.asyncquery.udp(q, "127.0.0.2", port=port, source=source, timeout=2)
+            assert answer.answer[0][0].to_text() == "100.64.0.2"
+        with pytest.raises(dns.exception.Timeout):  # anyone else
+            await dns.asyncquery.udp(q, "127.0.0.2", port=port, source="127.0.0.9", timeout=0.5)
+        assert names.server.counts["refused_source"] == 1
+    finally:
+        await names.close()
+
+
+def test_dns_listen_takes_single_addresses() -> None:
+    assert AgentSettings(dns_listen=["10.0.0.5", "10.0.0.5"]).dns_listen == ["10.0.0.5"]
+    for bad in ("10.0.0.0/24", "0.0.0.0", "::", "224.0.0.1", "node"):
+        with pytest.raises(ValueError, match="dns_listen"):
+            AgentSettings(dns_listen=[bad])

@@ -290,6 +290,21 @@ async def test_routes_and_endpoints_from_the_api(api: tuple[web.Application, Pat
     assert len(app[REQUESTS]) == 1  # one read serves both
 
 
+async def test_the_nodes_pod_cidrs_may_ask_for_names_when_asked_for(
+    api: tuple[web.Application, Path],
+) -> None:
+    """``dns_allow_pods``: the Node's pod CIDRs; off, or the Node unreadable: none."""
+    kubeconfig = api[1]
+    on = AgentSettings(kubernetes=True, node_name="kind-worker", kubeconfig=kubeconfig,
+                       dns_allow_pods=True)  # fmt: skip
+    assert await kubenode.dns_pod_sources(on) == ("10.244.1.0/24", "fd00:10:244:1::/64")
+    off = AgentSettings(kubernetes=True, node_name="kind-worker", kubeconfig=kubeconfig)
+    assert await kubenode.dns_pod_sources(off) == ()
+    locked = AgentSettings(kubernetes=True, node_name="locked-node", kubeconfig=kubeconfig,
+                           dns_allow_pods=True)  # fmt: skip
+    assert await kubenode.dns_pod_sources(locked) == ()
+
+
 def test_node_name_comes_from_the_downward_api_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NODE_NAME", "kind-worker")
     monkeypatch.setenv("WIREGATE_KUBERNETES", "true")

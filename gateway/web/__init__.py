@@ -4,7 +4,10 @@
 code), ``/oidc/callback``, ``/devices`` (my devices: rename, revoke), ``/admin``
 (admin groups only: every device, enrollment keys), ``/admin/paths`` (admin groups
 only: the fragmentation heatmap and each pair's path), ``/admin/report`` (admin
-groups only: the evidence report, printable, and its JSON) and ``POST /logout``. They
+groups only: the evidence report, printable, and its JSON), the console's views
+(admin groups only: ``/admin/devices/{id}``, ``/admin/relays``, ``/admin/audit``,
+``/admin/policy``, ``/admin/logins``; see :mod:`~gateway.web.console`) and
+``POST /logout``. They
 are not part of the JSON API under ``/api/v1`` and not in its OpenAPI document:
 :data:`PAGES` lists them.
 
@@ -18,13 +21,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.web import admin, approve, auth, devices, paths, report
+from gateway.web import admin, approve, auth, console, devices, paths, report
 from gateway.web.context import web_state
 
 __all__ = ["PAGES", "setup"]
 
 _TABLES = (auth.routes, approve.routes, devices.routes, admin.routes, paths.routes,
-           report.routes)  # fmt: skip
+           report.routes, console.routes)  # fmt: skip
 PAGES = frozenset(
     (route.method.lower(), route.path)
     for table in _TABLES

@@ -9,6 +9,7 @@ A new key's secret is shown once, on the page answering its creation.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from aiohttp import web
 from multidict import MultiDictProxy
@@ -29,7 +30,7 @@ from gateway.web.guard import form_post, signed_in
 from gateway.web.sessions import Session
 from wiregate.errors import BadInput, Forbidden
 
-__all__ = ["EXPIRY_CHOICES", "routes"]
+__all__ = ["EXPIRY_CHOICES", "matches", "routes"]
 
 routes = web.RouteTableDef()
 MAX_TAGS = 32
@@ -48,12 +49,24 @@ def _require_admin(request: web.Request, session: Session) -> None:
 @routes.get("/admin")
 @signed_in
 async def admin(request: web.Request, session: Session) -> web.StreamResponse:
-    """Every device and its identity, every enrollment key."""
+    """Every device and its identity (``?q=``: those matching it), every enrollment key."""
     _require_admin(request, session)
     store = request.app[STORE]
-    devices = device_views(request, await store.list_devices())
+    q = request.query.get("q", "").strip()
+    devices = [d for d in device_views(request, await store.list_devices()) if matches(d, q)]
     keys = await store.list_keys()
-    return render(request, "admin.html", devices=devices, keys=keys, expiry=EXPIRY_CHOICES)
+    return render(request, "admin.html", devices=devices, keys=keys, expiry=EXPIRY_CHOICES, q=q)
+
+
+def matches(device: dict[str, Any], q: str) -> bool:
+    """Whether a :func:`~gateway.web.devices.device_view` matches the search ``q``: every
+    word is in its name, id, a tag, its owner, an address, or is ``online``/``offline``."""
+    state = "online" if device["online"] else "offline"
+    fields = [device["name"], device["id"], device["subject"], device["issuer"], state,
+              *device["tags"], *device["addresses"]]  # fmt: skip
+    text = " ".join(fields).lower()
+    return all(w in text if w not in ("online", "offline") else w == state
+               for w in q.lower().split())  # fmt: skip
 
 
 def _key_spec(form: MultiDictProxy[str]) -> KeySpec:
@@ -84,7 +97,8 @@ async def create_key(
     """Create an enrollment key; the answer is the only place its secret appears."""
     _require_admin(request, session)
     key, secret = await request.app[STORE].create_key(_key_spec(form), actor=session.actor)
-    return render(request, "key_created.html", key=key, secret=secret)
+    server = request.app[WEB].public_origin or f"{request.scheme}://{request.host}"
+    return render(request, "key_created.html", key=key, secret=secret, server=server)
 
 
 @routes.post("/admin/keys/{id}/revoke")

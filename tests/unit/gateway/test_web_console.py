@@ -1,0 +1,91 @@
+"""The console's views (device, relays, audit, policy, approvals), the device search and
+the human timestamps, over HTTP (aiohttp's test client, sessions sealed by the app)."""
+
+from __future__ import annotations
+
+from gateway.appkeys import STORE
+from gateway.web.admin import matches
+from gateway.web.console import audit_filter
+from gateway.web.humantime import relative, time_tag
+from lab.fakes import T0
+from tests.unit.gateway.test_web_device_admin import BOB
+from tests.unit.gateway.test_web_pages import (
+    Client,
+    cookie,
+    enroll_for,
+    make_session,
+    pending_code,
+    web_client,
+)
+from wiregate.errors import BadInput
+
+__all__ = ["web_client"]  # the fixture these tests take
+
+PAGES = ("/admin/relays", "/admin/audit", "/admin/policy", "/admin/logins")
+
+
+async def get(client: Client, path: str, who: str = "carol") -> tuple[int, str]:
+    session = make_session(who, ("ops",) if who == "carol" else ("eng",))
+    resp = await client.get(path, headers=cookie(client, session), allow_redirects=False)
+    return resp.status, await resp.text()
+
+
+def test_relative_times_read_like_a_person_would_say_them() -> None:
+    assert relative(T0 - 2, T0) == "just now"
+    assert relative(T0 - 180, T0) == "3 min ago"
+    assert relative(T0 - 7200, T0) == "2 h ago"
+    assert relative(T0 + 3 * 86400, T0) == "in 3 days"
+    assert relative(T0 - 86400, T0) == "1 day ago"
+    tag = str(time_tag(T0 - 60, T0))
+    assert tag.startswith("<time datetime=") and 'title="' in tag and ">1 min ago</time>" in tag
+    assert str(time_tag(None, T0, "<never>")) == "&lt;never&gt;"
+
+
+def test_device_search_matches_every_word() -> None:
+    d = {"name": "web-1", "id": "dev_1", "subject": "bob", "issuer": "https://idp",
+         "online": True, "tags": ("tag:web",), "addresses": ("100.64.0.2", "fd7a::2")}  # fmt: skip
+    assert matches(d, "") and matches(d, "WEB bob") and matches(d, "online 100.64.0.2")
+    assert not matches(d, "offline") and not matches(d, "web alice")
+
+
+def test_audit_filters_refuse_bad_times() -> None:
+    since, until, words = audit_filter({"since": "10", "until": "20", "actor": " oidc ", "x": "y"})
+    assert (since, until, words) == (10.0, 20.0, {"actor": "oidc"})
+    for bad in ({"since": "yesterday"}, {"since": "20", "until": "10"}):
+        try:
+            audit_filter(bad)
+        except BadInput:
+            continue
+        raise AssertionError(bad)
+
+
+async def test_console_pages_are_for_admins_only(web_client: Client) -> None:
+    device = await enroll_for(web_client, BOB, "bob-pc")
+    for path in (*PAGES, f"/admin/devices/{device}", "/admin?q=bob"):
+        assert (await get(web_client, path, "dave"))[0] == 403, path
+        status, page = await get(web_client, path)
+        assert status == 200, (path, page)
+        assert "<script" not in page
+    assert (await get(web_client, "/admin/devices/dev_nope"))[0] == 404
+
+
+async def test_device_page_search_audit_policy_and_approvals(web_client: Client) -> None:
+    pc = await enroll_for(web_client, BOB, "bob-pc")
+    await enroll_for(web_client, BOB, "bob-phone")
+    _, page = await get(web_client, f"/admin/devices/{pc}")
+    assert 'id="device-name">bob-pc<' in page and 'data-peer="' in page and "bob-phone" in page
+    _, page = await get(web_client, "/admin?q=phone")
+    assert "bob-phone" in page and 'value="bob-pc"' not in page
+    await web_client.app[STORE].update_device(pc, name="bob-laptop", actor="admin:carol")
+    _, page = await get(web_client, "/admin/audit?action=rename&actor=carol")
+    assert page.count("<tr data-audit-id=") == 1 and "device.rename" in page
+    assert "<time datetime=" in page
+    _, page = await get(web_client, "/admin/audit?actor=nobody-at-all")
+    assert "No audit record matches." in page
+    assert (await get(web_client, "/admin/audit?since=nope"))[0] == 400
+    assert (await get(web_client, "/admin/audit?page=0"))[0] == 400
+    _, page = await get(web_client, "/admin/policy")
+    assert 'id="source">default' in page and 'class="pass">valid' in page
+    await pending_code(web_client, "waiting-vm")
+    _, page = await get(web_client, "/admin/logins")
+    assert "waiting-vm" in page and 'class="fingerprint"' in page

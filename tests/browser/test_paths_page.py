@@ -17,6 +17,7 @@ from playwright.async_api import BrowserContext
 
 from lab.gateway_process import Gateway
 from lab.idp import RunningIdp
+from tests.browser.layout import WIDTHS, assert_fits
 from tests.browser.test_sso_pages import new_public_key, sign_in_at, text
 from wiregate.pathwire import PathEntry, build_paths
 
@@ -73,19 +74,9 @@ async def test_the_heatmap_draws_the_pairs_and_marks_the_black_hole(
     assert await fine.get_attribute("class") == "cell mtu-1420"
     assert await page.locator("tbody[data-group='tag:hm'] th.group").count() == 1
     assert await page.locator(f"#black-holes tr[data-reporter='{a_id}']").count() == 1
-    for width in (1280, 390):
-        await page.set_viewport_size({"width": width, "height": 900})
-        overflow = await page.evaluate(
-            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
-        )
-        wide = await page.evaluate(
-            "[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right"
-            " > document.documentElement.clientWidth).slice(0, 12).map(e => e.tagName + '#' + e.id"
-            " + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))"
-        )
-        assert overflow <= 0, f"the page scrolls sideways at {width} px: {wide}"
+    for width in WIDTHS:
+        await assert_fits(page, width, tmp_path, "heatmap")
         assert await page.locator("#heatmap").is_visible()
-        await page.screenshot(path=str(tmp_path / f"heatmap-{width}.png"), full_page=True)
     await hole.locator("a").click()
     await page.wait_for_url(f"{gateway.url}/admin/paths/{a_id}/{b_id}")
     assert await text(page, f"#from-{a_id} + dl .relay") == "relay-1"

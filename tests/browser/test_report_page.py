@@ -14,6 +14,7 @@ from playwright.async_api import BrowserContext
 
 from lab.gateway_process import Gateway
 from lab.idp import RunningIdp
+from tests.browser.layout import WIDTHS, assert_fits
 from tests.browser.test_paths_page import ENTRY, enroll, report
 from tests.browser.test_sso_pages import sign_in_at, text
 
@@ -43,18 +44,8 @@ async def test_the_report_page_renders_prints_and_is_for_admins(
     assert await page.locator(f"#devices tr[data-device-id='{a_id}']").count() == 1
     policy = gateway.admin("GET", "/api/v1/policy")[1]["policy"]
     assert await text(page, "#policy-hash") == policy["hash"]
-    for width in (1280, 390):
-        await page.set_viewport_size({"width": width, "height": 900})
-        overflow = await page.evaluate(
-            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
-        )
-        wide = await page.evaluate(
-            "[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right"
-            " > document.documentElement.clientWidth).slice(0, 12).map(e => e.tagName + '#' + e.id"
-            " + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))"
-        )
-        assert overflow <= 0, f"the page scrolls sideways at {width} px: {wide}"
-        await page.screenshot(path=str(tmp_path / f"report-{width}.png"), full_page=True)
+    for width in WIDTHS:
+        await assert_fits(page, width, tmp_path, "report")
     await page.emulate_media(media="print")
     assert not await page.locator("header").is_visible()
     assert not await page.locator("#period-form").is_visible()

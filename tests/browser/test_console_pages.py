@@ -57,6 +57,7 @@ async def test_the_console_shows_the_network(
     assert await page.locator("#last-seen time[title]").count() == 1
     assert "relayed via relay-1" in await text(page, f"#peers tr[data-peer='{b_id}'] .out")
     await fits(page, tmp_path, "device")
+    assert await page.get_attribute("#device-audit", "href") == f"/admin/audit?target={a_id}"
     await page.click(f"#peers tr[data-peer='{b_id}'] a.pair")
     await page.wait_for_url(f"{gateway.url}/admin/paths/{a_id}/{b_id}")
 

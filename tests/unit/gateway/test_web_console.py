@@ -3,18 +3,26 @@ the human timestamps, over HTTP (aiohttp's test client, sessions sealed by the a
 
 from __future__ import annotations
 
-from gateway.appkeys import STORE
+from pathlib import Path
+
+from gateway.app import create_app
+from gateway.appkeys import RELAY_PROBE, STORE
 from gateway.web.admin import matches
 from gateway.web.console import audit_filter
 from gateway.web.humantime import relative, time_tag
-from lab.fakes import T0
+from lab.api_client import RecordingBroker
+from lab.fakes import T0, FakeClock
+from lab.relay_api import CONTROL_1, RELAYS, ScriptedProbe
+from relay.client.probe import PingResult
 from tests.unit.gateway.test_web_device_admin import BOB
 from tests.unit.gateway.test_web_pages import (
     Client,
+    ClientFactory,
     cookie,
     enroll_for,
     make_session,
     pending_code,
+    sso_settings,
     web_client,
 )
 from wiregate.errors import BadInput
@@ -89,3 +97,19 @@ async def test_device_page_search_audit_policy_and_approvals(web_client: Client)
     await pending_code(web_client, "waiting-vm")
     _, page = await get(web_client, "/admin/logins")
     assert "waiting-vm" in page and 'class="fingerprint"' in page
+
+
+async def test_relays_page_shows_health_and_load(
+    aiohttp_client: ClientFactory, tmp_path: Path, clock: FakeClock
+) -> None:
+    app = create_app(sso_settings(tmp_path, relays=RELAYS), broker_factory=RecordingBroker,
+                     clock=clock)  # fmt: skip
+    probe = ScriptedProbe()  # relay-2 never answers
+    probe.answers[CONTROL_1] = PingResult(0.012, 25, 100)
+    app[RELAY_PROBE] = probe
+    client = await aiohttp_client(app)
+    status, page = await get(client, "/admin/relays")
+    assert status == 200, page
+    one, two = page.split('id="relay-relay-1"')[1].split('id="relay-relay-2"')
+    assert 'class="health up">up' in one and "12.0 ms" in one and "25 %" in one
+    assert 'class="health down">down' in two and "no answer" in two

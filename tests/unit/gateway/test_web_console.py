@@ -106,7 +106,7 @@ async def test_relays_page_shows_health_and_load(
                      clock=clock)  # fmt: skip
     probe = ScriptedProbe()  # relay-2 never answers
     probe.answers[CONTROL_1] = PingResult(0.012, 25, 100)
-    app[RELAY_PROBE] = probe
+    app[RELAY_PROBE] = probe  # type: ignore[misc]  # a scripted Probe (see lab.relay_api)
     client = await aiohttp_client(app)
     status, page = await get(client, "/admin/relays")
     assert status == 200, page

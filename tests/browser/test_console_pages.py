@@ -7,7 +7,6 @@ no script; a 403 for a person outside the admin groups; a forged key form refuse
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from identity.enrollment import KEY_PREFIX
 from lab.gateway_process import Gateway
 from lab.idp import RunningIdp
 from tests.browser.layout import WIDTHS, assert_fits
-from tests.browser.test_paths_page import ENTRY, enroll, report
+from tests.browser.test_paths_page import reported_pair
 from tests.browser.test_sso_pages import sign_in_at, start_login, text
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(180)]
@@ -34,13 +33,8 @@ async def fits(page: Page, shots: Path, name: str) -> None:
 async def test_the_console_shows_the_network(
     gateway: Gateway, sso_idp: RunningIdp, new_context: NewContext, tmp_path: Path
 ) -> None:
-    key = {"tags": ["tag:cs"], "expiry": 3600, "reusable": True, "ephemeral": False,
-           "description": "console"}  # fmt: skip
-    status, created = gateway.admin("POST", "/api/v1/keys", key)
-    assert status == 201, created
-    a, b = [enroll(gateway, created["secret"], n) for n in ("cs-web", "cs-db")]
+    a, b = await reported_pair(gateway, "tag:cs", "cs-web", "cs-db")
     a_id, b_id = a["device"]["id"], b["device"]["id"]
-    await report(gateway, a["token"], replace(ENTRY, peer=b_id))
     start_login(gateway, "cs-waiting")
 
     page = await (await new_context()).new_page()

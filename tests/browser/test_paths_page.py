@@ -34,6 +34,18 @@ def enroll(gateway: Gateway, secret: str, name: str) -> dict[str, Any]:
     return dict(enrolled)
 
 
+async def reported_pair(gateway: Gateway, tag: str, a_name: str, b_name: str) -> list[Any]:
+    """Two devices enrolled with one key carrying ``tag``, the first reporting
+    :data:`ENTRY` (relayed, MTU 1340, a black hole) toward the second."""
+    key = {"tags": [tag], "expiry": 3600, "reusable": True, "ephemeral": False,
+           "description": tag}  # fmt: skip
+    status, created = gateway.admin("POST", "/api/v1/keys", key)
+    assert status == 201, created
+    a, b = [enroll(gateway, created["secret"], n) for n in (a_name, b_name)]
+    await report(gateway, a["token"], replace(ENTRY, peer=b["device"]["id"]))
+    return [a, b]
+
+
 async def report(gateway: Gateway, token: str, entry: PathEntry) -> None:
     """Send one ``paths`` message on the device's map stream, as its agent would."""
     url = gateway.url.replace("http://", "ws://") + "/api/v1/stream"
@@ -54,13 +66,8 @@ async def report(gateway: Gateway, token: str, entry: PathEntry) -> None:
 async def test_the_heatmap_draws_the_pairs_and_marks_the_black_hole(
     gateway: Gateway, sso_idp: RunningIdp, new_context: NewContext, tmp_path: Path
 ) -> None:
-    key = {"tags": ["tag:hm"], "expiry": 3600, "reusable": True, "ephemeral": False,
-           "description": "heatmap"}  # fmt: skip
-    status, created = gateway.admin("POST", "/api/v1/keys", key)
-    assert status == 201, created
-    a, b = [enroll(gateway, created["secret"], n) for n in ("hm-web", "hm-db")]
+    a, b = await reported_pair(gateway, "tag:hm", "hm-web", "hm-db")
     a_id, b_id = a["device"]["id"], b["device"]["id"]
-    await report(gateway, a["token"], replace(ENTRY, peer=b_id))
     back = replace(ENTRY, peer=a_id, path_mtu=1420, black_hole=False, path="direct", relay=None)
     await report(gateway, b["token"], back)
 

@@ -112,4 +112,6 @@ async def test_relays_page_shows_health_and_load(
     assert status == 200, page
     one, two = page.split('id="relay-relay-1"')[1].split('id="relay-relay-2"')
     assert 'class="health up">up' in one and "12.0 ms" in one and "25 %" in one
+    assert ">just now</time>" in one
     assert 'class="health down">down' in two and "no answer" in two
+    assert '<td class="answered">never</td>' in two

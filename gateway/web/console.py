@@ -11,6 +11,7 @@ anything, so there are no forms but GET filters.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -114,8 +115,8 @@ async def audit_page(request: web.Request, session: Session) -> web.StreamRespon
 
 
 def _page_links(form: dict[str, str], number: int) -> dict[str, str]:
-    base = "&".join(f"{k}={v}" for k, v in form.items() if v)
-    return {name: f"?{base}&page={n}".replace("?&", "?")
+    kept = [(k, v) for k, v in form.items() if v]
+    return {name: "?" + urlencode([*kept, ("page", str(n))])
             for name, n in (("newer", number - 1), ("older", number + 1))}  # fmt: skip
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from gateway.app import create_app
 from gateway.appkeys import RELAY_PROBE, STORE
 from gateway.web.admin import matches
-from gateway.web.console import audit_filter
+from gateway.web.console import AUDIT_PAGE, audit_filter
 from gateway.web.humantime import relative, time_tag
 from lab.api_client import RecordingBroker
 from lab.fakes import T0, FakeClock
@@ -115,3 +115,19 @@ async def test_relays_page_shows_health_and_load(
     assert ">just now</time>" in one
     assert 'class="health down">down' in two and "no answer" in two
     assert '<td class="answered">never</td>' in two
+
+
+async def test_audit_pages_keep_the_filters(web_client: Client) -> None:
+    pc = await enroll_for(web_client, BOB, "bob-pc")
+    store = web_client.app[STORE]
+    for i in range(AUDIT_PAGE + 5):
+        await store.update_device(pc, name=f"pc-{i}", actor="admin:carol&co")
+    query = "/admin/audit?actor=carol%26co&action=rename"
+    _, first = await get(web_client, query)
+    assert first.count("<tr data-audit-id=") == AUDIT_PAGE and 'id="newer"' not in first
+    older = "?actor=carol%26co&amp;action=rename&amp;page=2"
+    assert f'href="{older}"' in first
+    _, second = await get(web_client, "/admin/audit" + older.replace("&amp;", "&"))
+    assert second.count("<tr data-audit-id=") == 5 and 'id="older"' not in second
+    newest = f"<code>pc-{AUDIT_PAGE + 4}</code>"
+    assert newest in first and newest not in second and "<code>bob-pc</code>" in second

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from multidict import MultiDictProxy
@@ -112,6 +113,13 @@ async def revoke_key(
     return see_other("/admin")
 
 
+def _back(request: web.Request, form: MultiDictProxy[str]) -> str:
+    """Where a device form returns: its device's page when sent from there, else /admin."""
+    if form.get("back") == "device":
+        return f"/admin/devices/{quote(request.match_info['id'], safe='')}"
+    return "/admin"
+
+
 @routes.post("/admin/devices/{id}/revoke")
 @form_post
 async def revoke_any_device(
@@ -132,7 +140,7 @@ async def rename_any_device(
     _require_admin(request, session)
     name = form.get("name", "").strip()
     await change_device(request, session, request.match_info["id"], name=name)
-    return see_other("/admin")
+    return see_other(_back(request, form))
 
 
 @routes.post("/admin/devices/{id}/tags")
@@ -146,7 +154,7 @@ async def tag_any_device(
     if not all(re.fullmatch(TAG_PATTERN, t) for t in tags) or len(tags) > MAX_TAGS:
         raise BadInput("those are not tags", hint="tags look like tag:web, at most 32")
     await change_device(request, session, request.match_info["id"], tags=tags)
-    return see_other("/admin")
+    return see_other(_back(request, form))
 
 
 @routes.post("/admin/devices/{id}/expire")

@@ -52,6 +52,10 @@ async def test_the_console_shows_the_network(
     assert "relayed via relay-1" in await text(page, f"#peers tr[data-peer='{b_id}'] .out")
     await fits(page, tmp_path, "device")
     assert await page.get_attribute("#device-audit", "href") == f"/admin/audit?target={a_id}"
+    await page.fill(f"#tags-{a_id}", "tag:cs tag:web")
+    await page.click("#device-forms button.set-tags")
+    await page.wait_for_url(f"{gateway.url}/admin/devices/{a_id}")
+    assert await text(page, "#tags") == "tag:cs tag:web"
     await page.click(f"#peers tr[data-peer='{b_id}'] a.pair")
     await page.wait_for_url(f"{gateway.url}/admin/paths/{a_id}/{b_id}")
 

@@ -10,16 +10,18 @@ from gateway.appkeys import RELAY_PROBE, STORE
 from gateway.web.admin import matches
 from gateway.web.console import AUDIT_PAGE, audit_filter
 from gateway.web.humantime import relative, time_tag
+from gateway.web.sessions import csrf_token
 from lab.api_client import RecordingBroker
 from lab.fakes import T0, FakeClock
 from lab.relay_api import CONTROL_1, RELAYS, ScriptedProbe
 from relay.client.probe import PingResult
-from tests.unit.gateway.test_web_device_admin import BOB
+from tests.unit.gateway.test_web_device_admin import BOB, post
 from tests.unit.gateway.test_web_pages import (
     Client,
     ClientFactory,
     cookie,
     enroll_for,
+    form_headers,
     make_session,
     pending_code,
     sso_settings,
@@ -131,3 +133,21 @@ async def test_audit_pages_keep_the_filters(web_client: Client) -> None:
     assert second.count("<tr data-audit-id=") == 5 and 'id="older"' not in second
     newest = f"<code>pc-{AUDIT_PAGE + 4}</code>"
     assert newest in first and newest not in second and "<code>bob-pc</code>" in second
+
+
+async def test_device_forms_return_to_the_device_page_when_sent_from_it(
+    web_client: Client,
+) -> None:
+    admin = make_session("carol", ("ops",))
+    pc = await enroll_for(web_client, BOB, "bob-pc")
+    _, page = await get(web_client, f"/admin/devices/{pc}")
+    assert page.count('name="back" value="device"') == 2 and 'name="csrf"' in page
+    form = {"tags": "tag:a", "back": "device", "csrf": csrf_token(admin)}
+    resp = await web_client.post(f"/admin/devices/{pc}/tags", data=form, allow_redirects=False,
+                                 headers=form_headers(web_client, admin))  # fmt: skip
+    assert (resp.status, resp.headers["Location"]) == (303, f"/admin/devices/{pc}")
+    assert await post(web_client, admin, f"/admin/devices/{pc}/rename", name="pc2",
+                      back="https://evil.example") == 303  # fmt: skip
+    assert await post(web_client, make_session("dave"), f"/admin/devices/{pc}/tags",
+                      tags="tag:b", back="device") == 403  # fmt: skip
+    assert (await web_client.app[STORE].get_device(pc)).device.tags == ("tag:a",)

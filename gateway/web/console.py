@@ -5,32 +5,35 @@ the relays (``/admin/relays``), the audit log (``/admin/audit``), the policy in 
 Admin groups only, as :mod:`gateway.web.admin`. Each page reads through the same
 store, broker and selector functions as the REST API (``/api/v1/devices``,
 ``/relays``, ``/audit``, ``/policy``, ``/login/requests``); nothing here changes
-anything, so there are no forms but GET filters.
+anything: the forms are GET filters, and the policy page's draft check (a POST, CSRF
+checked like every form) only validates.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from gateway.api.audit import parse_since
 from gateway.api.devices import online_test
 from gateway.api.paths import fleet_pairs
-from gateway.api.policy import policy_json
+from gateway.api.policy import MAX_DOCUMENT, policy_json
 from gateway.appkeys import BROKER, CLOCK, POLICY, RELAY_MONITOR, RELAY_SELECTOR, STORE
 from gateway.store.audit import MAX_LIMIT, AuditRecord
 from gateway.web.admin import _require_admin as require_admin_page
 from gateway.web.context import render
 from gateway.web.devices import device_view
-from gateway.web.guard import signed_in
+from gateway.web.guard import form_post, signed_in
 from gateway.web.report import query_of
 from gateway.web.sessions import Session
-from identity.policy_file import parse_policy_text
+from identity.policy_file import FORMATS, PolicyFile, parse_policy_text
 from wiregate.errors import BadInput, NotFound, WiregateError
 
-__all__ = ["AUDIT_PAGE", "audit_filter", "routes"]
+__all__ = ["AUDIT_PAGE", "Validation", "audit_filter", "routes"]
 
 routes = web.RouteTableDef()
 AUDIT_PAGE = 50  # records per page of the audit log
@@ -120,28 +123,56 @@ def _page_links(form: dict[str, str], number: int) -> dict[str, str]:
             for name, n in (("newer", number - 1), ("older", number + 1))}  # fmt: skip
 
 
-def _validation(policy: dict[str, Any]) -> tuple[list[str], list[str], Any]:
-    """``(errors, failed tests, parsed document or None)`` of the policy in force."""
-    try:
-        parsed = parse_policy_text(policy["document"], policy["format"], check_tests=False)
-    except WiregateError as exc:
-        return [str(exc)], [], None
-    return [], parsed.failures(), parsed
+@dataclass(frozen=True, slots=True)
+class Validation:
+    """A policy document's check: its parse or field errors, else its tests' failures."""
+
+    errors: tuple[str, ...]
+    failures: tuple[str, ...]
+    parsed: PolicyFile | None
+
+    @classmethod
+    def of(cls, text: str, fmt: str) -> Validation:
+        """Validate ``text`` as ``PUT /api/v1/policy`` would (nothing is applied)."""
+        try:
+            parsed = parse_policy_text(text, fmt, check_tests=False)
+        except WiregateError as exc:
+            return cls((str(exc),), (), None)
+        return cls((), tuple(parsed.failures()), parsed)
+
+
+async def _policy_page(request: web.Request, **draft: Any) -> web.Response:
+    stored = await request.app[STORE].policy()
+    policy = policy_json(stored)
+    file_path = request.app[POLICY].path
+    return render(request, "policy.html", policy=policy, set_at=stored.at if stored else None,
+                  check=Validation.of(policy["document"], policy["format"]), formats=FORMATS,
+                  file_path=str(file_path) if file_path else None, **draft)  # fmt: skip
 
 
 @routes.get("/admin/policy")
 @signed_in
 async def policy_page(request: web.Request, session: Session) -> web.StreamResponse:
     """The policy in force: where it came from, its hash and version, who set it and
-    when, its text, whether it validates and the result of its tests."""
+    when, its text, whether it validates and the result of its tests; a form to check
+    a draft."""
     require_admin_page(request, session)
-    stored = await request.app[STORE].policy()
-    policy = policy_json(stored)
-    errors, failures, parsed = _validation(policy)
-    file_path = request.app[POLICY].path
-    return render(request, "policy.html", policy=policy, errors=errors, failures=failures,
-                  parsed=parsed, set_at=stored.at if stored else None,
-                  file_path=str(file_path) if file_path else None)  # fmt: skip
+    return await _policy_page(request, draft=None)
+
+
+@routes.post("/admin/policy/check")
+@form_post
+async def check_policy(
+    request: web.Request, session: Session, form: MultiDictProxy[str]
+) -> web.StreamResponse:
+    """Validate a draft document (fields, then its tests) and show the result with the
+    policy in force; nothing is stored or applied."""
+    require_admin_page(request, session)
+    text, fmt = form.get("document", ""), form.get("format", "yaml")
+    if fmt not in FORMATS or not text.strip() or len(text) > MAX_DOCUMENT:
+        raise BadInput("give the draft's text and its format", hint="yaml, json or toml")
+    draft = {"text": text, "format": fmt, "check": Validation.of(text, fmt)}
+    return await _policy_page(request, draft=draft)
 
 
 @routes.get("/admin/logins")

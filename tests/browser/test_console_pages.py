@@ -68,6 +68,10 @@ async def test_the_console_shows_the_network(
     policy = gateway.admin("GET", "/api/v1/policy")[1]["policy"]
     assert await text(page, "#hash") == policy["hash"]
     assert (await text(page, "#validation")).startswith("valid")
+    await page.fill("#draft-document", "acls:\n  - {src: ['tag:a'], dst: ['tag:b']}\n")
+    await page.click("#check-draft")
+    assert await text(page, "#draft-validation") == "valid"
+    assert gateway.admin("GET", "/api/v1/policy")[1]["policy"] == policy
     await page.goto(gateway.url + "/admin/audit")
     await page.fill("#action", "key.create")
     await page.click("#audit-filters button")

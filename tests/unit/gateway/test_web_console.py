@@ -10,11 +10,12 @@ from gateway.appkeys import RELAY_PROBE, STORE
 from gateway.web.admin import matches
 from gateway.web.console import AUDIT_PAGE, audit_filter
 from gateway.web.humantime import relative, time_tag
-from gateway.web.sessions import csrf_token
+from gateway.web.sessions import Session, csrf_token
 from lab.api_client import RecordingBroker
 from lab.fakes import T0, FakeClock
 from lab.relay_api import CONTROL_1, RELAYS, ScriptedProbe
 from relay.client.probe import PingResult
+from tests.unit.gateway.test_policy_reload import OPEN
 from tests.unit.gateway.test_web_device_admin import BOB, post
 from tests.unit.gateway.test_web_pages import (
     Client,
@@ -151,3 +152,27 @@ async def test_device_forms_return_to_the_device_page_when_sent_from_it(
     assert await post(web_client, make_session("dave"), f"/admin/devices/{pc}/tags",
                       tags="tag:b", back="device") == 403  # fmt: skip
     assert (await web_client.app[STORE].get_device(pc)).device.tags == ("tag:a",)
+
+
+async def test_a_draft_policy_is_checked_and_nothing_applied(web_client: Client) -> None:
+    admin, user = make_session("carol", ("ops",)), make_session("dave")
+    before = await web_client.app[STORE].policy()
+
+    async def check(who: Session, document: str, fmt: str = "yaml", **extra: str) -> str:
+        form = {"document": document, "format": fmt, "csrf": csrf_token(who), **extra}
+        resp = await web_client.post("/admin/policy/check", data=form,
+                                     headers=form_headers(web_client, who))  # fmt: skip
+        return f"{resp.status} {await resp.text()}"
+
+    passing = OPEN + "tests:\n  - {src: tag:a, accept: ['tag:b:5432'], deny: ['tag:c:22']}\n"
+    assert 'id="draft-validation" class="pass">valid, its 1 tests pass' in await check(
+        admin, passing
+    )
+    failing = await check(admin, OPEN + "tests:\n  - {src: tag:a, deny: ['tag:b:22']}\n")
+    assert 'class="fail">1 of its tests fail' in failing and 'id="draft-failures"' in failing
+    assert 'class="fail">invalid: ' in await check(admin, "acls: [", "yaml")
+    assert (await check(admin, "{}", "xml")).startswith("400 ")
+    assert "&lt;script&gt;" in await check(admin, "<script>")  # the draft is shown escaped
+    assert (await check(user, OPEN)).startswith("403 ")
+    assert (await check(admin, OPEN, csrf="forged")).startswith("403 ")
+    assert await web_client.app[STORE].policy() == before

@@ -117,7 +117,7 @@ async def test_relays_page_shows_health_and_load(
     assert 'class="health up">up' in one and "12.0 ms" in one and "25 %" in one
     assert ">just now</time>" in one
     assert 'class="health down">down' in two and "no answer" in two
-    assert '<td class="answered">never</td>' in two
+    assert 'class="answered">never</td>' in two
 
 
 async def test_audit_pages_keep_the_filters(web_client: Client) -> None:

@@ -6,15 +6,15 @@ code), ``/oidc/callback``, ``/devices`` (my devices: rename, revoke), ``/admin``
 only: the fragmentation heatmap and each pair's path), ``/admin/report`` (admin
 groups only: the evidence report, printable, and its JSON), the console's views
 (admin groups only: ``/admin/devices/{id}``, ``/admin/relays``, ``/admin/audit``,
-``/admin/policy``, ``/admin/logins``; see :mod:`~gateway.web.console`) and
-``POST /logout``. They
-are not part of the JSON API under ``/api/v1`` and not in its OpenAPI document:
-:data:`PAGES` lists them.
+``/admin/policy`` with a draft check, ``/admin/logins``; see
+:mod:`~gateway.web.console`) and ``POST /logout``. They are not part of the JSON API
+under ``/api/v1`` and not in its OpenAPI document: :data:`PAGES` lists them.
 
 Modules: :mod:`~gateway.web.sessions` (sealed cookies, CSRF tokens; pure),
 :mod:`~gateway.web.keyfile` (the cookie key), :mod:`~gateway.web.context`
 (configuration, cookies, rendering), :mod:`~gateway.web.guard` (headers,
-sign-in and CSRF checks), and one module of routes per page.
+sign-in and CSRF checks), :mod:`~gateway.web.humantime` ("3 min ago" with the exact
+UTC time in a tooltip), and one module of routes per page.
 """
 
 from __future__ import annotations

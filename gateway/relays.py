@@ -72,7 +72,8 @@ class NoRelayUp(Unavailable):
 
 @dataclass(frozen=True, slots=True)
 class RelayStatus:
-    """What the gateway knows of one relay (``rtt`` in seconds, None before any answer)."""
+    """What the gateway knows of one relay (``rtt`` in seconds, None before any answer;
+    ``answered_at``: POSIX seconds of its last answer)."""
 
     relay: RelayEndpoint
     up: bool
@@ -80,6 +81,7 @@ class RelayStatus:
     allocations: int
     capacity: int
     error: str | None
+    answered_at: float | None = None
 
     @property
     def load(self) -> float | None:
@@ -111,6 +113,7 @@ class _Health:
     capacity: int = 0
     pending: int = 0  # pairs assigned since the last answer
     error: str | None = "not probed yet"
+    answered_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -155,9 +158,11 @@ class RelaySelector:
 
     # --- probes ---------------------------------------------------------------------------
 
-    def answered(self, relay_id: str, rtt: float, allocations: int, capacity: int) -> None:
-        """A PONG: the relay is up, with these figures."""
-        self._health[relay_id] = _Health(True, 0, rtt, allocations, capacity, 0, None)
+    def answered(
+        self, relay_id: str, rtt: float, allocations: int, capacity: int, at: float | None = None
+    ) -> None:
+        """A PONG (received at ``at``, POSIX seconds): the relay is up, with these figures."""
+        self._health[relay_id] = _Health(True, 0, rtt, allocations, capacity, 0, None, at)
 
     def missed(self, relay_id: str, error: str) -> None:
         """A probe without answer; the relay is down after ``down_after`` in a row."""
@@ -177,7 +182,7 @@ class RelaySelector:
 
     def _status(self, relay: RelayEndpoint) -> RelayStatus:
         h = self._health[relay.id]
-        return RelayStatus(relay, h.up, h.rtt, h.allocations, h.capacity, h.error)
+        return RelayStatus(relay, h.up, h.rtt, h.allocations, h.capacity, h.error, h.answered_at)
 
     # --- assignment -----------------------------------------------------------------------
 
@@ -258,7 +263,8 @@ class RelayMonitor:
     ``probe`` is :func:`relay.client.probe.ping_relay` (a fake in tests); each probe
     waits at most ``min(2, interval / 2)`` seconds. ``first_round`` is set once
     every relay was probed once, so that requests arriving just after start
-    wait for it rather than find every relay down.
+    wait for it rather than find every relay down. ``wall`` stamps each answer (the
+    console shows when a relay last answered).
     """
 
     def __init__(
@@ -268,8 +274,10 @@ class RelayMonitor:
         interval: float,
         *,
         clock: Clock = time.monotonic,
+        wall: Clock = time.time,
     ) -> None:
         self._selector, self._probe, self._interval, self._clock = selector, probe, interval, clock
+        self._wall = wall
         self.timeout = min(2.0, interval / 2)
         self.first_round = asyncio.Event()
 
@@ -296,7 +304,8 @@ class RelayMonitor:
             _log.exception("relay_probe_failed", relay=relay.id)
             self._selector.missed(relay.id, f"probe failed: {exc.__class__.__name__}")
         else:
-            self._selector.answered(relay.id, result.rtt, result.allocations, result.capacity)
+            figures = (result.rtt, result.allocations, result.capacity)
+            self._selector.answered(relay.id, *figures, at=self._wall())
         if self._selector.is_up(relay.id) != was_up:
             up = not was_up
             _log.info("relay_up" if up else "relay_down", relay=relay.id, control=relay.control)

@@ -109,7 +109,7 @@ async def _relay_state(app: web.Application) -> AsyncIterator[None]:
     _log.info("relay_signer_loaded", public_key=app[RELAY_SIGNER].public_key)
     selector = RelaySelector(endpoints, tcp=parse_relay_tcp(settings.relay_tcp))
     probe = app.get(RELAY_PROBE, ping_relay)
-    monitor = RelayMonitor(selector, probe, settings.relay_probe_interval)
+    monitor = RelayMonitor(selector, probe, settings.relay_probe_interval, wall=app[CLOCK])
     app[RELAY_SELECTOR], app[RELAY_MONITOR] = selector, monitor
     app[REVOCATIONS] = RevocationList()
     registry, collector = app[METRICS], _RelayCollector(selector)

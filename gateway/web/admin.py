@@ -9,6 +9,8 @@ A new key's secret is shown once, on the page answering its creation.
 from __future__ import annotations
 
 import re
+from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from multidict import MultiDictProxy
@@ -29,7 +31,7 @@ from gateway.web.guard import form_post, signed_in
 from gateway.web.sessions import Session
 from wiregate.errors import BadInput, Forbidden
 
-__all__ = ["EXPIRY_CHOICES", "routes"]
+__all__ = ["EXPIRY_CHOICES", "matches", "routes"]
 
 routes = web.RouteTableDef()
 MAX_TAGS = 32
@@ -48,12 +50,24 @@ def _require_admin(request: web.Request, session: Session) -> None:
 @routes.get("/admin")
 @signed_in
 async def admin(request: web.Request, session: Session) -> web.StreamResponse:
-    """Every device and its identity, every enrollment key."""
+    """Every device and its identity (``?q=``: those matching it), every enrollment key."""
     _require_admin(request, session)
     store = request.app[STORE]
-    devices = device_views(request, await store.list_devices())
+    q = request.query.get("q", "").strip()
+    devices = [d for d in device_views(request, await store.list_devices()) if matches(d, q)]
     keys = await store.list_keys()
-    return render(request, "admin.html", devices=devices, keys=keys, expiry=EXPIRY_CHOICES)
+    return render(request, "admin.html", devices=devices, keys=keys, expiry=EXPIRY_CHOICES, q=q)
+
+
+def matches(device: dict[str, Any], q: str) -> bool:
+    """Whether a :func:`~gateway.web.devices.device_view` matches the search ``q``: every
+    word is in its name, id, a tag, its owner, an address, or is ``online``/``offline``."""
+    state = "online" if device["online"] else "offline"
+    fields = [device["name"], device["id"], device["subject"], device["issuer"], state,
+              *device["tags"], *device["addresses"]]  # fmt: skip
+    text = " ".join(fields).lower()
+    return all(w in text if w not in ("online", "offline") else w == state
+               for w in q.lower().split())  # fmt: skip
 
 
 def _key_spec(form: MultiDictProxy[str]) -> KeySpec:
@@ -84,7 +98,8 @@ async def create_key(
     """Create an enrollment key; the answer is the only place its secret appears."""
     _require_admin(request, session)
     key, secret = await request.app[STORE].create_key(_key_spec(form), actor=session.actor)
-    return render(request, "key_created.html", key=key, secret=secret)
+    server = request.app[WEB].public_origin or f"{request.scheme}://{request.host}"
+    return render(request, "key_created.html", key=key, secret=secret, server=server)
 
 
 @routes.post("/admin/keys/{id}/revoke")
@@ -96,6 +111,13 @@ async def revoke_key(
     _require_admin(request, session)
     await request.app[STORE].revoke_key(request.match_info["id"], actor=session.actor)
     return see_other("/admin")
+
+
+def _back(request: web.Request, form: MultiDictProxy[str]) -> str:
+    """Where a device form returns: its device's page when sent from there, else /admin."""
+    if form.get("back") == "device":
+        return f"/admin/devices/{quote(request.match_info['id'], safe='')}"
+    return "/admin"
 
 
 @routes.post("/admin/devices/{id}/revoke")
@@ -118,7 +140,7 @@ async def rename_any_device(
     _require_admin(request, session)
     name = form.get("name", "").strip()
     await change_device(request, session, request.match_info["id"], name=name)
-    return see_other("/admin")
+    return see_other(_back(request, form))
 
 
 @routes.post("/admin/devices/{id}/tags")
@@ -132,7 +154,7 @@ async def tag_any_device(
     if not all(re.fullmatch(TAG_PATTERN, t) for t in tags) or len(tags) > MAX_TAGS:
         raise BadInput("those are not tags", hint="tags look like tag:web, at most 32")
     await change_device(request, session, request.match_info["id"], tags=tags)
-    return see_other("/admin")
+    return see_other(_back(request, form))
 
 
 @routes.post("/admin/devices/{id}/expire")

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gateway.api.common import rfc3339
 from gateway.appkeys import CLOCK, SETTINGS, STORE, WEB
+from gateway.web.humantime import time_tag
 from gateway.web.keyfile import load_or_create_session_key
 from gateway.web.sessions import PRE_LOGIN_TTL, CookieBox, PreLogin, Session, csrf_token
 from identity.oidc import ClientSecret, OidcProvider, OidcRelyingParty
@@ -51,6 +52,7 @@ _TEMPLATES = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
 )
 _TEMPLATES.filters["time"] = rfc3339
+_TEMPLATES.filters["ago"] = time_tag
 
 
 @dataclass(slots=True)

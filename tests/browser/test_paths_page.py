@@ -17,6 +17,7 @@ from playwright.async_api import BrowserContext
 
 from lab.gateway_process import Gateway
 from lab.idp import RunningIdp
+from tests.browser.layout import WIDTHS, assert_fits
 from tests.browser.test_sso_pages import new_public_key, sign_in_at, text
 from wiregate.pathwire import PathEntry, build_paths
 
@@ -31,6 +32,18 @@ def enroll(gateway: Gateway, secret: str, name: str) -> dict[str, Any]:
     status, enrolled = gateway.api("POST", "/api/v1/enroll", body)
     assert status == 201, enrolled
     return dict(enrolled)
+
+
+async def reported_pair(gateway: Gateway, tag: str, a_name: str, b_name: str) -> list[Any]:
+    """Two devices enrolled with one key carrying ``tag``, the first reporting
+    :data:`ENTRY` (relayed, MTU 1340, a black hole) toward the second."""
+    key = {"tags": [tag], "expiry": 3600, "reusable": True, "ephemeral": False,
+           "description": tag}  # fmt: skip
+    status, created = gateway.admin("POST", "/api/v1/keys", key)
+    assert status == 201, created
+    a, b = [enroll(gateway, created["secret"], n) for n in (a_name, b_name)]
+    await report(gateway, a["token"], replace(ENTRY, peer=b["device"]["id"]))
+    return [a, b]
 
 
 async def report(gateway: Gateway, token: str, entry: PathEntry) -> None:
@@ -53,13 +66,8 @@ async def report(gateway: Gateway, token: str, entry: PathEntry) -> None:
 async def test_the_heatmap_draws_the_pairs_and_marks_the_black_hole(
     gateway: Gateway, sso_idp: RunningIdp, new_context: NewContext, tmp_path: Path
 ) -> None:
-    key = {"tags": ["tag:hm"], "expiry": 3600, "reusable": True, "ephemeral": False,
-           "description": "heatmap"}  # fmt: skip
-    status, created = gateway.admin("POST", "/api/v1/keys", key)
-    assert status == 201, created
-    a, b = [enroll(gateway, created["secret"], n) for n in ("hm-web", "hm-db")]
+    a, b = await reported_pair(gateway, "tag:hm", "hm-web", "hm-db")
     a_id, b_id = a["device"]["id"], b["device"]["id"]
-    await report(gateway, a["token"], replace(ENTRY, peer=b_id))
     back = replace(ENTRY, peer=a_id, path_mtu=1420, black_hole=False, path="direct", relay=None)
     await report(gateway, b["token"], back)
 
@@ -73,19 +81,9 @@ async def test_the_heatmap_draws_the_pairs_and_marks_the_black_hole(
     assert await fine.get_attribute("class") == "cell mtu-1420"
     assert await page.locator("tbody[data-group='tag:hm'] th.group").count() == 1
     assert await page.locator(f"#black-holes tr[data-reporter='{a_id}']").count() == 1
-    for width in (1280, 390):
-        await page.set_viewport_size({"width": width, "height": 900})
-        overflow = await page.evaluate(
-            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
-        )
-        wide = await page.evaluate(
-            "[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right"
-            " > document.documentElement.clientWidth).slice(0, 12).map(e => e.tagName + '#' + e.id"
-            " + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))"
-        )
-        assert overflow <= 0, f"the page scrolls sideways at {width} px: {wide}"
+    for width in WIDTHS:
+        await assert_fits(page, width, tmp_path, "heatmap")
         assert await page.locator("#heatmap").is_visible()
-        await page.screenshot(path=str(tmp_path / f"heatmap-{width}.png"), full_page=True)
     await hole.locator("a").click()
     await page.wait_for_url(f"{gateway.url}/admin/paths/{a_id}/{b_id}")
     assert await text(page, f"#from-{a_id} + dl .relay") == "relay-1"

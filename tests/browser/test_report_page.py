@@ -6,7 +6,6 @@ printed by Chromium, and a 403 for a person outside the admin groups."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,8 @@ from playwright.async_api import BrowserContext
 
 from lab.gateway_process import Gateway
 from lab.idp import RunningIdp
-from tests.browser.test_paths_page import ENTRY, enroll, report
+from tests.browser.layout import WIDTHS, assert_fits
+from tests.browser.test_paths_page import reported_pair
 from tests.browser.test_sso_pages import sign_in_at, text
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(120)]
@@ -24,13 +24,8 @@ NewContext = Callable[[], Awaitable[BrowserContext]]
 async def test_the_report_page_renders_prints_and_is_for_admins(
     gateway: Gateway, sso_idp: RunningIdp, new_context: NewContext, tmp_path: Path
 ) -> None:
-    key = {"tags": ["tag:ev"], "expiry": 3600, "reusable": True, "ephemeral": False,
-           "description": "evidence"}  # fmt: skip
-    status, created = gateway.admin("POST", "/api/v1/keys", key)
-    assert status == 201, created
-    a, b = [enroll(gateway, created["secret"], n) for n in ("ev-web", "ev-db")]
+    a, b = await reported_pair(gateway, "tag:ev", "ev-web", "ev-db")
     a_id, b_id = a["device"]["id"], b["device"]["id"]
-    await report(gateway, a["token"], replace(ENTRY, peer=b_id))  # relayed, handshake 14 s
 
     page = await (await new_context()).new_page()
     await sign_in_at(page, sso_idp, gateway, "/admin/report", "admin-erin")
@@ -43,18 +38,8 @@ async def test_the_report_page_renders_prints_and_is_for_admins(
     assert await page.locator(f"#devices tr[data-device-id='{a_id}']").count() == 1
     policy = gateway.admin("GET", "/api/v1/policy")[1]["policy"]
     assert await text(page, "#policy-hash") == policy["hash"]
-    for width in (1280, 390):
-        await page.set_viewport_size({"width": width, "height": 900})
-        overflow = await page.evaluate(
-            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
-        )
-        wide = await page.evaluate(
-            "[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right"
-            " > document.documentElement.clientWidth).slice(0, 12).map(e => e.tagName + '#' + e.id"
-            " + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))"
-        )
-        assert overflow <= 0, f"the page scrolls sideways at {width} px: {wide}"
-        await page.screenshot(path=str(tmp_path / f"report-{width}.png"), full_page=True)
+    for width in WIDTHS:
+        await assert_fits(page, width, tmp_path, "report")
     await page.emulate_media(media="print")
     assert not await page.locator("header").is_visible()
     assert not await page.locator("#period-form").is_visible()

@@ -18,7 +18,9 @@ behind a firewall that drops all UDP and lets only TCP to the relays' 443 (and
 the gateway) out: it reaches every peer relayed over TCP. Waits until every
 agent holds the full map and every pair has settled on a path, prints a status
 table (each peer's path, direct, relayed or relayed over TCP, and why, from each
-agent's ``wiregate status``), a ✓/✗ matrix of pings across every tunnel (IPv4 and IPv6)
+agent's ``wiregate status``), a ✓/✗ matrix of pings across every tunnel (IPv4
+and IPv6), the fleet's path matrix the agents report (``wiregate admin paths``;
+the console's /admin/paths heatmap)
 and the sign-in URL with a test account, then tears everything down. A second lab
 then shows a pod-identity rule at work (lab/poddemo.py): of two pods on a cluster
 node, only the one the policy's pod selector picks reaches a VM's port, and a
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import signal
 import sys
@@ -52,7 +55,7 @@ from lab.demo import (
     use_relays,
     wait_paths,
 )
-from lab.harness import Agent, Lab, Wiregate, lab_requirements
+from lab.harness import Agent, Lab, Wiregate, lab_requirements, poll
 from lab.nat import start_relays
 from lab.sso import (
     TEST_ACCOUNT,
@@ -151,6 +154,7 @@ def demo(keep: bool) -> int:
             statuses = wiregate.statuses(list(agents.values()))  # after the pings: handshakes
             print(status_table(statuses), end="\n\n")
             print(matrix_text(list(agents), matrix), end="\n\n")
+            print(fleet_paths(wiregate, len(agents)), end="\n\n")
         except Exception as exc:
             print(f"demo failed: {exc}\n\n{lab.logs()}", file=sys.stderr)
             return 1
@@ -167,6 +171,18 @@ def demo(keep: bool) -> int:
         if keep:
             _wait_for_interrupt(lab, wiregate, agents)
         return 0 if ok else 1
+
+
+def fleet_paths(wiregate: Wiregate, devices: int) -> str:
+    """``wiregate admin paths``, the fleet's path matrix the agents report (the console's
+    /admin/paths draws it as a heatmap), once every agent has reported."""
+
+    def reported() -> str | None:
+        doc = json.loads(wiregate.admin("paths", "--json").stdout)
+        reporters = {p["reporter"]["id"] for p in doc["paths"]}
+        return wiregate.admin("paths").stdout if len(reporters) == devices else None
+
+    return poll(reported, timeout=30, what="every agent's path report").rstrip()
 
 
 def pod_identity() -> bool:

@@ -13,7 +13,7 @@ from urllib.parse import quote, urlencode
 
 import click
 
-from wiregate.cli import admin_policy, admin_report
+from wiregate.cli import admin_paths, admin_policy, admin_report
 from wiregate.cli.admin_client import AdminClient
 from wiregate.cli.options import config_option, exit_with
 from wiregate.errors import WiregateError
@@ -435,3 +435,4 @@ _identity_command(
 _identity_command("enable", "POST", "/enable", "Enable a disabled identity again.")
 admin.add_command(admin_policy.policy)
 admin.add_command(admin_report.report)
+admin.add_command(admin_paths.paths)

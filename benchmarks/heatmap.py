@@ -76,6 +76,12 @@ def policy(groups: int) -> str:
     return "acls:\n" + "\n".join(rules) + "\n"
 
 
+def group_peers(ids: list[str]) -> list[list[str]]:
+    """Each device's peers under :func:`policy`: the others of its group of :data:`GROUP`."""
+    return [[p for p in ids[i - i % GROUP : i - i % GROUP + GROUP] if p != ids[i]]
+            for i in range(len(ids))]  # fmt: skip
+
+
 def report(minute: int, me: int, peers: list[str]) -> str:
     """One agent's ``paths`` message of ``minute``: an entry per peer, figures varied."""
     entries = []
@@ -197,9 +203,7 @@ async def drive(gw: Gateway, n: int, minutes: int) -> dict[str, float]:
     async with client_session() as session:
         await wait_ready(gw, session)
         devices = await enroll_groups(gw, session, n)
-        ids = [d.device_id for d in devices]
-        peers = [[ids[j] for j in range(i - i % GROUP, min(n, i - i % GROUP + GROUP)) if j != i]
-                 for i in range(n)]  # fmt: skip
+        peers = group_peers([d.device_id for d in devices])
         texts = [[report(m, i, peers[i]) for i in range(n)] for m in range(minutes)]
         streams, readers = await connect(gw, session, devices)
         try:

@@ -45,6 +45,7 @@ BENCHMARKS = (
     "relay_tunnel",
     "stun",
     "paths",
+    "heatmap",
     "dns",
     "host_tunnel",
     "pod_policy",

@@ -40,9 +40,10 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,8 @@ READY_TIMEOUT_S = 30.0
 CHANGE_TIMEOUT_S = 10.0
 CHANGE_GAP_S = 0.2
 DEADLINE_S = 150.0
-WIREGATE = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "wiregate"
+ROOT = Path(__file__).resolve().parent.parent
+WIREGATE = ROOT / ".venv" / "bin" / "wiregate"
 
 
 @dataclass
@@ -135,13 +137,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def gateway_command() -> list[str]:
+    """This checkout's ``wiregate``: its virtualenv's entry point, else this interpreter
+    with the checkout first on its path (a git worktree has no virtualenv of its own)."""
+    if WIREGATE.exists():
+        return [str(WIREGATE)]
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); from wiregate.cli.main import main; main()"
+    )
+    return [sys.executable, "-c", code]
+
+
 def start_gateway(tmp: Path, database_url: str | None = None) -> Gateway:
     """``wiregate gateway`` with its files in ``tmp`` (SQLite there unless ``database_url``)."""
     tmp.mkdir(parents=True, exist_ok=True)
     port, mport = free_port(), free_port()
     log = tmp / "gateway.log"
     cmd = [
-        str(WIREGATE), "gateway",
+        *gateway_command(), "gateway",
         "--listen", f"127.0.0.1:{port}",
         "--metrics-listen", f"127.0.0.1:{mport}",
         "--state-dir", str(tmp / "state"),
@@ -157,6 +170,12 @@ def start_gateway(tmp: Path, database_url: str | None = None) -> Gateway:
     return Gateway(proc, base, metrics, tmp / "gw.sock", log)
 
 
+def client_session() -> aiohttp.ClientSession:
+    """A session for many agents' streams: no connection limit, no total timeout."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
+
+
 async def wait_ready(gw: Gateway, session: aiohttp.ClientSession) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -170,9 +189,9 @@ async def wait_ready(gw: Gateway, session: aiohttp.ClientSession) -> None:
     raise TimeoutError(f"gateway not ready after {READY_TIMEOUT_S:.0f}s:\n{gw.log_tail()}")
 
 
-async def create_key(gw: Gateway) -> str:
+async def create_key(gw: Gateway, tags: Sequence[str] = ()) -> str:
     """A reusable enrollment key, created through the trusted admin socket."""
-    body = {"tags": [], "expiry": 3600, "reusable": True, "ephemeral": False,
+    body = {"tags": list(tags), "expiry": 3600, "reusable": True, "ephemeral": False,
             "description": "bench"}  # fmt: skip
     connector = aiohttp.UnixConnector(path=str(gw.admin_socket))
     async with (
@@ -185,14 +204,16 @@ async def create_key(gw: Gateway) -> str:
 
 
 async def enroll_all(
-    gw: Gateway, session: aiohttp.ClientSession, secret: str, n: int
+    gw: Gateway, session: aiohttp.ClientSession, secret: str, n: int, first: int = 0
 ) -> list[Enrolled]:
+    """``n`` devices enrolled with ``secret``, named ``bench-NNNN`` from ``first``."""
     keys = [encode_key(public_from_private(generate_private_key())) for _ in range(n)]
 
-    async def enroll(i: int) -> Enrolled:
+    async def enroll(j: int) -> Enrolled:
+        i = first + j
         body = {
             "auth_key": secret,
-            "public_key": keys[i],
+            "public_key": keys[j],
             "name": f"bench-{i:04d}",
             "endpoints": [f"203.0.113.{i % 254 + 1}:{40000 + i}"],
         }
@@ -235,9 +256,7 @@ async def wait_for_count(times: list[float], count: int, agents: Agents, what: s
 
 
 async def drive(gw: Gateway, n: int, k: int) -> dict[str, float]:
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with client_session() as session:
         await wait_ready(gw, session)
         secret = await create_key(gw)
         started = time.monotonic()
@@ -322,7 +341,9 @@ def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
 
 
 def with_gateway(
-    prefix: str, drive: Callable[[Gateway], Awaitable[dict[str, float]]]
+    prefix: str,
+    drive: Callable[[Gateway], Awaitable[dict[str, float]]],
+    deadline: float = DEADLINE_S,
 ) -> dict[str, float]:
     """Start a gateway in a fresh directory, run ``drive`` against it (``DEADLINE_S``),
     stop it and clean up; a failure carries the gateway's log tail."""
@@ -331,7 +352,7 @@ def with_gateway(
     try:
         gw = start_gateway(tmp)
         try:
-            return asyncio.run(asyncio.wait_for(drive(gw), DEADLINE_S))
+            return asyncio.run(asyncio.wait_for(drive(gw), deadline))
         except BaseException as exc:
             tail = gw.log_tail()
             if tail:

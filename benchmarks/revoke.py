@@ -38,6 +38,7 @@ from benchmarks.fanout import (
     CONNECT_CONCURRENCY,
     Enrolled,
     Gateway,
+    client_session,
     create_key,
     enroll_all,
     percentile,
@@ -112,9 +113,7 @@ async def revoke_one(gw: Gateway, admin: aiohttp.ClientSession, fleet: Fleet,
 
 
 async def drive(gw: Gateway, n: int, k: int) -> dict[str, float]:
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with client_session() as session:
         await wait_ready(gw, session)
         devices = await enroll_all(gw, session, await create_key(gw), n)
         fleet = Fleet(n)

@@ -19,7 +19,7 @@ from wiregate.cli.options import config_option, exit_with
 from wiregate.errors import WiregateError
 from wiregate.settings import ADMIN_SOCKET, GatewaySettings, load_settings
 
-__all__ = ["admin", "parse_duration", "run_or_exit"]
+__all__ = ["admin", "admin_client", "parse_duration", "run_or_exit"]
 
 T = TypeVar("T")
 
@@ -85,6 +85,17 @@ def admin(
     With --config (the gateway's own TOML file), its admin_socket is the socket;
     when that socket is not there and the file names public_url and
     admin_token_file, the admin API is called over HTTP(S) with that token."""
+    ctx.obj = admin_client(config_file, socket_path, server, token_file, ca_file)
+
+
+def admin_client(
+    config_file: Path | None,
+    socket_path: Path | None,
+    server: str | None,
+    token_file: Path | None,
+    ca_file: Path | None,
+) -> AdminClient:
+    """The client the ``admin`` group's options name (exit with a message if they cannot)."""
     if config_file is not None:
         try:
             gw = load_settings(GatewaySettings, config_file)
@@ -96,7 +107,7 @@ def admin(
             server = gw.public_url
     sock = None if server else (socket_path or ADMIN_SOCKET)
     try:
-        ctx.obj = AdminClient(socket=sock, server=server, token_file=token_file, ca_file=ca_file)
+        return AdminClient(socket=sock, server=server, token_file=token_file, ca_file=ca_file)
     except WiregateError as exc:
         exit_with(exc)
 

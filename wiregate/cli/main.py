@@ -5,6 +5,7 @@
 - :mod:`wiregate.cli.host`: ``up``, ``down``, ``logout``; :mod:`wiregate.cli.lookup`:
   ``ip``, ``whois``, ``ping``, ``completion``;
 - :mod:`wiregate.cli.rotate`: ``rotate``; :mod:`wiregate.cli.admin`: ``admin …``;
+  :mod:`wiregate.cli.report`: ``report`` (as ``admin report``);
 - :mod:`wiregate.cli.policy`: ``policy check``; :mod:`wiregate.cli.backup`:
   ``backup``, ``restore``.
 """
@@ -20,6 +21,7 @@ from wiregate.cli.host import down, logout, up
 from wiregate.cli.lookup import completion, ip, ping, whois
 from wiregate.cli.output import JsonErrorGroup
 from wiregate.cli.policy import policy
+from wiregate.cli.report import report
 from wiregate.cli.rotate import rotate
 from wiregate.cli.serve import agent, gateway, relay
 from wiregate.cli.wheelhouse import wheelhouse
@@ -35,7 +37,7 @@ def main() -> None:
 
 for _command in (gateway, relay, agent, login, status, netcheck):
     main.add_command(_command)
-for _command in (admin, rotate, policy, backup, restore, wheelhouse):
+for _command in (admin, report, rotate, policy, backup, restore, wheelhouse):
     main.add_command(_command)
 for _command in (up, down, logout, ip, whois, ping, completion):
     main.add_command(_command)

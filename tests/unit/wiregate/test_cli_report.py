@@ -7,7 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import structlog
+from click.testing import CliRunner
+
 from tests.unit.wiregate.test_cli_lifecycle import admin, invoke, socket_path
+from wiregate.cli.main import main
 
 __all__ = ["socket_path"]  # the fixture the tests take
 
@@ -33,3 +37,20 @@ def test_a_bad_period_is_refused_in_one_line(socket_path: Path) -> None:
     assert "since must be an RFC 3339 time or POSIX seconds" in result.output
     out = invoke(socket_path, "report", "--json", "--since", "200", "--until", "100")
     assert out.exit_code == 1 and "since must be before until" in out.output
+
+
+def test_wiregate_report_is_admin_report(socket_path: Path) -> None:
+    """``wiregate report`` takes the admin group's connection options and the report's."""
+    admin(socket_path, "keys", "create", "--json")
+    with structlog.testing.capture_logs():
+        top = CliRunner().invoke(main, ["report", "--socket", str(socket_path), "--json",
+                                        "--max-key-age", "30"])  # fmt: skip
+    assert top.exit_code == 0, top.output
+    short, full = json.loads(top.output), json.loads(admin(socket_path, "report", "--json",
+                                                           "--max-key-age", "30"))  # fmt: skip
+    for doc in (short, full):
+        del doc["generated_at"]  # the only figure that moves between the two calls
+    assert short == full and short["max_key_age_days"] == 30
+    with structlog.testing.capture_logs():
+        bad = CliRunner().invoke(main, ["report", "--socket", str(socket_path), "--since", "x"])
+    assert bad.exit_code == 1 and "since must be an RFC 3339 time" in bad.output

@@ -410,9 +410,7 @@ class Agent:
         )
         auth_key = "" if source is not None else read_auth_key(s.auth_key)
         name = self.settings.hostname or socket.gethostname()
-        from agent.kubenode import advertised_routes  # pod CIDRs when kubernetes = true
-
-        routes = [*await advertised_routes(self.settings), *await advertised_host_routes(s)]
+        routes = await self._routes()
         endpoints = await self._endpoints()
         token = None if source is None else read_workload_token(source)  # read now: it rotates
         enrollment = await control.enroll(
@@ -421,6 +419,14 @@ class Agent:
         self.state.save_enrollment(enrollment)
         log.info("enrolled", device_id=enrollment.device_id, addresses=enrollment.addresses)
         return enrollment
+
+    async def _routes(self) -> list[str]:
+        """The routes to advertise: the pod CIDRs (and onward ones in gateway mode) when
+        ``kubernetes`` is on, the host addresses when ``host_traffic`` is."""
+        from agent.kubenode import advertised_routes  # pod CIDRs when kubernetes = true
+
+        kube = await advertised_routes(self.settings)
+        return list(dict.fromkeys([*kube, *await advertised_host_routes(self.settings)]))
 
     async def _endpoints(self) -> list[str]:
         local = await asyncio.to_thread(local_addresses)
@@ -473,10 +479,15 @@ class Agent:
             await self._runner.perform(self.paths.local_nat(LocalNat.from_report(report, networks)))
 
     async def _advertise(self) -> None:
-        """Send the endpoint candidates (and the measured NAT type) on the map stream if
-        they changed since last sent."""
+        """Send the endpoint candidates (the measured NAT type, the advertised routes) on
+        the map stream if they changed since last sent."""
         nat = None if self.netreport is None else str(self.netreport.nat_type)
-        message = build_endpoints(await self._endpoints(), nat)
+        try:  # as at enrollment, read again: Node facts and the NodeList change
+            routes: list[str] | None = await self._routes()
+        except WiregateError as exc:
+            log.info("advertised routes not read; kept as they were", error=exc.message)
+            routes = None
+        message = build_endpoints(await self._endpoints(), nat, routes)
         if self._ws is None or self._ws.closed or message == self._advertised:
             return
         try:

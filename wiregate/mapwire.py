@@ -29,7 +29,10 @@ node's own pods that peer may open. Both are per viewer, absent when empty.
 
 An agent sends
 ``{"type": "endpoints", "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:51820"], "nat": "eim"}``
-(``nat``, optional: the NAT type its netcheck measured, one of :data:`NAT_TYPES`),
+(``nat``, optional: the NAT type its netcheck measured, one of :data:`NAT_TYPES`;
+``routes``, optional: the routes it advertises now, at most :data:`MAX_ROUTES`, which
+replace those it enrolled with: a node's pod CIDRs and InternalIPs, a gateway node's
+onward pod CIDRs, as they change),
 when its candidate endpoints change, and ``{"type": "paths", ...}``, its path to
 each peer (:mod:`wiregate.pathwire`); :func:`parse_agent_frame` reads either.
 
@@ -59,6 +62,7 @@ from wiregate.podwire import PodReport, parse_pods
 
 __all__ = [
     "MAX_ENDPOINTS",
+    "MAX_ROUTES",
     "NAT_TYPES",
     "AgentEndpoints",
     "AgentMessage",
@@ -105,6 +109,7 @@ __all__ = [
 ]
 
 MAX_ENDPOINTS = 32
+MAX_ROUTES = 64  # routes an agent may advertise (as at enrollment)
 NAT_TYPES = frozenset({"open", "eim", "symmetric", "udp-blocked", "unknown"})
 
 
@@ -181,6 +186,7 @@ class AgentEndpoints:
 
     endpoints: list[str]
     nat: str | None = None
+    routes: tuple[str, ...] | None = None  # the routes it advertises now (None: not said)
 
 
 AgentMessage = AgentEndpoints | PathsReport | PodReport
@@ -579,11 +585,16 @@ def encode_revoked(reason: str) -> str:
 # -- what an agent sends ------------------------------------------------------------
 
 
-def build_endpoints(endpoints: Sequence[str], nat: str | None = None) -> dict[str, Any]:
-    """The ``endpoints`` message an agent sends (``nat`` left out when not measured)."""
+def build_endpoints(
+    endpoints: Sequence[str], nat: str | None = None, routes: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The ``endpoints`` message an agent sends (``nat`` left out when not measured,
+    ``routes`` when the agent does not say)."""
     message: dict[str, Any] = {"type": "endpoints", "endpoints": list(endpoints)}
     if nat is not None:
         message["nat"] = nat
+    if routes is not None:
+        message["routes"] = list(routes)
     return message
 
 
@@ -607,9 +618,18 @@ def parse_agent_message(text: str | bytes) -> AgentEndpoints:
     nat = msg.get("nat")
     if nat is not None and (not isinstance(nat, str) or nat not in NAT_TYPES):
         raise MalformedMessage(f"nat: expected one of {', '.join(sorted(NAT_TYPES))}")
+    routes = msg.get("routes")
+    if routes is not None and (
+        not isinstance(routes, list)
+        or len(routes) > MAX_ROUTES
+        or not all(isinstance(r, str) and len(r) <= 64 for r in routes)
+    ):
+        raise MalformedMessage(f"routes: expected a list of at most {MAX_ROUTES} CIDRs")
     parsed = [_endpoint_form(e) for e in endpoints]
     usable = (str(e) for e in parsed if e.ip is not None and net.destination_refusal(e.ip) is None)
-    return AgentEndpoints(list(dict.fromkeys(usable)), nat)
+    return AgentEndpoints(
+        list(dict.fromkeys(usable)), nat, None if routes is None else tuple(routes)
+    )
 
 
 def parse_agent_frame(text: str | bytes) -> AgentMessage:

@@ -19,7 +19,7 @@ from gateway.store.records import Enrolled
 from identity.tokens import MAX_TOKEN_CHARS
 from wiregate.errors import BadInput, WiregateError
 from wiregate.keys import parse_public_key
-from wiregate.mapwire import parse_endpoint
+from wiregate.mapwire import MAX_ROUTES, parse_endpoint
 from wiregate.net import parse_endpoint as parse_hostport_endpoint
 from wiregate.settings import GatewaySettings
 
@@ -30,7 +30,6 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 MAX_ENDPOINTS = 16
-MAX_ROUTES = 64
 _METADATA = frozenset(
     {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 )

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.enroll import MAX_ENDPOINTS, MAX_ROUTES, NAME_PATTERN
+from gateway.api.enroll import MAX_ENDPOINTS, NAME_PATTERN
 from gateway.api.keys import MAX_EXPIRY, TAG_PATTERN
 from gateway.api.login import ADMIN_NAME_PATTERN
 from gateway.api.openapi_devices import DEVICE, LOGIN_LIST
@@ -31,6 +31,7 @@ from gateway.api.openapi_policy import PATHS as POLICY_PATHS
 from gateway.api.openapi_policy import SCHEMAS as POLICY_SCHEMAS
 from gateway.api.openapi_report import PATHS as REPORT_PATHS
 from gateway.api.openapi_report import SCHEMAS as REPORT_SCHEMAS
+from wiregate.mapwire import MAX_ROUTES
 
 __all__ = ["DOCUMENT", "routes"]
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.api.common import EndpointsCallback, bearer_token
-from gateway.api.enroll import MAX_ENDPOINTS, in_pools, parse_endpoints, tunnel_pools
+from gateway.api.enroll import (
+    MAX_ENDPOINTS,
+    IPNetwork,
+    in_pools,
+    parse_endpoints,
+    parse_route,
+    refuse_route_clashes,
+    tunnel_pools,
+)
 from gateway.api.paths import on_paths
 from gateway.appkeys import BROKER, FOLLOWER, SETTINGS, STORE
 from gateway.mapping.broker import PODS_REFUSED, OnPods
@@ -75,7 +83,8 @@ def _on_endpoints(app: web.Application) -> EndpointsCallback:
     async def on_endpoints(device_id: str, report: AgentEndpoints) -> None:
         try:  # an endpoint in the tunnel pools is left out, as refused addresses are
             valid = tuple(e for e in _agent_endpoints(report.endpoints) if not in_pools(e, pools))
-            changed = await app[STORE].set_endpoints(device_id, valid, report.nat)
+            routes = _agent_routes(app, device_id, report.routes, pools)
+            changed = await app[STORE].set_endpoints(device_id, valid, report.nat, routes)
         except (BadInput, NotFound) as exc:
             _log.warning("endpoints_refused", device_id=device_id, reason=exc.message)
             return
@@ -84,6 +93,24 @@ def _on_endpoints(app: web.Application) -> EndpointsCallback:
             app[BROKER].upsert(record.device, version)
 
     return on_endpoints
+
+
+def _agent_routes(
+    app: web.Application,
+    device_id: str,
+    routes: tuple[str, ...] | None,
+    pools: tuple[IPNetwork, IPNetwork],
+) -> tuple[str, ...] | None:
+    """The routes an agent advertises now, validated as at enrollment (None: it did not
+    say); a route another device carries refuses the whole report (BadInput), which
+    leaves the device's routes as they were."""
+    if routes is None:
+        return None
+    valid = tuple(dict.fromkeys(parse_route(r, pools) for r in routes))
+    broker = app[BROKER]
+    device = broker.device(device_id)  # NotFound: gone meanwhile
+    refuse_route_clashes(broker, [r for r in valid if r not in device.routes], device.name)
+    return valid
 
 
 def _on_pods(app: web.Application) -> OnPods:

@@ -317,13 +317,20 @@ class Store:
         return version
 
     async def set_endpoints(
-        self, device_id: str, endpoints: Sequence[str], nat: str | None = None
+        self,
+        device_id: str,
+        endpoints: Sequence[str],
+        nat: str | None = None,
+        routes: Sequence[str] | None = None,
     ) -> tuple[DeviceRecord, int] | None:
-        """Record a device's endpoint candidates and NAT type (None: keep the one known);
-        None if nothing changed."""
+        """Record a device's endpoint candidates, NAT type (None: keep the one known) and
+        advertised routes (None: keep them; a change is audited ``device.routes``), at
+        one map version; None if nothing changed."""
         current = await self.get_device(device_id)
         nat = nat or current.device.nat
-        if current.device.endpoints == tuple(endpoints) and current.device.nat == nat:
+        routes = current.device.routes if routes is None else tuple(routes)
+        device = current.device
+        if (device.endpoints, device.nat, device.routes) == (tuple(endpoints), nat, routes):
             return None
         async with self._write() as s:
             version = await self._bump(s)
@@ -332,6 +339,11 @@ class Store:
                 raise NotFound(f"no device {device_id!r}")
             row.endpoints = list(endpoints)
             row.nat_type = nat
+            if routes != device.routes:
+                row.routes = list(routes)
+                detail = {"from": " ".join(device.routes), "to": " ".join(routes)}
+                actor = device_actor(device_id)
+                await audit.add(s, self._clock(), actor, "device.routes", device_id, detail)
             await repl.record_change(s, version, UPSERT, device_id, self._clock())
         return await self.get_device(device_id), version
 

@@ -207,7 +207,22 @@ async def test_agent_advertises_reflexive_once(tmp_path: Path) -> None:
     await agent._advertise()  # unchanged: not sent again
     assert len(ws.sent) == 1
     assert ws.sent[0]["endpoints"][:2] == ["203.0.113.9:51820", f"{WAN}:51820"]
+    assert ws.sent[0]["routes"] == []  # what it would enroll with now: nothing here
     assert agent.status()["netcheck"]["nat_type"] == "eim"
+
+
+async def test_agent_advertises_its_host_routes_as_they_change(tmp_path: Path) -> None:
+    settings = AgentSettings(
+        state_dir=tmp_path, run_dir=tmp_path, stun_servers=[":".join(map(str, S1))],
+        host_traffic="nonstrict", host_addresses=["192.0.2.7"],
+    )  # fmt: skip
+    agent = Agent(settings)
+    ws = FakeWs()
+    agent._ws = ws  # type: ignore[assignment]
+    await agent._advertise()
+    agent.settings = settings.model_copy(update={"host_addresses": ["192.0.2.7", "192.0.2.8"]})
+    await agent._advertise()
+    assert [m["routes"] for m in ws.sent] == [["192.0.2.7/32"], ["192.0.2.7/32", "192.0.2.8/32"]]
 
 
 def test_cli_text_and_missing_server() -> None:

@@ -65,9 +65,12 @@ def hold_after_commit(store: Store, held: str) -> tuple[asyncio.Event, asyncio.E
     real = store.set_endpoints
 
     async def set_endpoints(
-        device_id: str, endpoints: Sequence[str], nat: str | None = None
+        device_id: str,
+        endpoints: Sequence[str],
+        nat: str | None = None,
+        routes: Sequence[str] | None = None,
     ) -> tuple[DeviceRecord, int] | None:
-        changed = await real(device_id, endpoints, nat)
+        changed = await real(device_id, endpoints, nat, routes)
         if device_id == held and not release.is_set():
             committed.set()
             await release.wait()

@@ -334,6 +334,9 @@ def test_the_endpoints_message_round_trips(nat: str | None) -> None:
     assert report.endpoints == ["192.0.2.1:51820", "[2001:db8::1]:51820"]
     assert report.nat == nat
     assert ("nat" in build_endpoints(sent, nat)) == (nat is not None)
+    assert report.routes is None and "routes" not in build_endpoints(sent, nat)
+    routed = parse_agent_message(dumps(build_endpoints(sent, nat, ["10.244.1.0/24"])))
+    assert routed.routes == ("10.244.1.0/24",)
 
 
 @pytest.mark.parametrize(
@@ -345,6 +348,9 @@ def test_the_endpoints_message_round_trips(nat: str | None) -> None:
         ('{"type": "endpoints"}', MalformedMessage),
         ('{"type": "endpoints", "endpoints": [], "nat": "cone"}', MalformedMessage),
         ('{"type": "endpoints", "endpoints": [], "nat": []}', MalformedMessage),
+        ('{"type": "endpoints", "endpoints": [], "routes": "10.0.0.0/8"}', MalformedMessage),
+        ('{"type": "endpoints", "endpoints": [], "routes": [8]}', MalformedMessage),
+        (f'{{"type": "endpoints", "endpoints": [], "routes": ["{"1" * 65}"]}}', MalformedMessage),
     ],
 )
 def test_agent_messages_are_refused_with_named_errors(

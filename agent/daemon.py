@@ -33,6 +33,7 @@ from agent.gateway_client import (
     server_urls,
     workload_token_source,
 )
+from agent.hostinfo import agent_info
 from agent.hostsetup import advertised_host_routes, gateway_addresses, host_policy
 from agent.keyfile import KEY_FILE, load_or_create_key
 from agent.metrics import serve_metrics
@@ -117,6 +118,7 @@ class Agent:
             retry_first=settings.path_retry,
         )
         self.paths = PathBook(self._path_timers)
+        self._agent_info = agent_info()  # version and OS, sent with the endpoints
         self._runner: PathRunner | None = None
         self.control: ControlClient | None = None  # set once running
         self.rotation = KeyRotator(self)  # make-before-break key rotation
@@ -487,7 +489,7 @@ class Agent:
         except WiregateError as exc:
             log.info("advertised routes not read; kept as they were", error=exc.message)
             routes = None
-        message = build_endpoints(await self._endpoints(), nat, routes)
+        message = build_endpoints(await self._endpoints(), nat, routes, self._agent_info)
         if self._ws is None or self._ws.closed or message == self._advertised:
             return
         try:

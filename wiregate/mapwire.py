@@ -30,6 +30,7 @@ node's own pods that peer may open. Both are per viewer, absent when empty.
 An agent sends
 ``{"type": "endpoints", "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:51820"], "nat": "eim"}``
 (``nat``, optional: the NAT type its netcheck measured, one of :data:`NAT_TYPES`;
+``agent``, optional: ``{"version", "os"}`` of the agent, shown to admins;
 ``routes``, optional: the routes it advertises now, at most :data:`MAX_ROUTES`, which
 replace those it enrolled with: a node's pod CIDRs and InternalIPs, a gateway node's
 onward pod CIDRs, as they change),
@@ -187,6 +188,7 @@ class AgentEndpoints:
     endpoints: list[str]
     nat: str | None = None
     routes: tuple[str, ...] | None = None  # the routes it advertises now (None: not said)
+    agent: tuple[str, str] | None = None  # (agent version, operating system), if said
 
 
 AgentMessage = AgentEndpoints | PathsReport | PodReport
@@ -586,15 +588,20 @@ def encode_revoked(reason: str) -> str:
 
 
 def build_endpoints(
-    endpoints: Sequence[str], nat: str | None = None, routes: Sequence[str] | None = None
+    endpoints: Sequence[str],
+    nat: str | None = None,
+    routes: Sequence[str] | None = None,
+    agent: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ``endpoints`` message an agent sends (``nat`` left out when not measured,
-    ``routes`` when the agent does not say)."""
+    ``routes`` and ``agent``, its version and operating system, when not said)."""
     message: dict[str, Any] = {"type": "endpoints", "endpoints": list(endpoints)}
     if nat is not None:
         message["nat"] = nat
     if routes is not None:
         message["routes"] = list(routes)
+    if agent is not None:
+        message["agent"] = {"version": agent[0], "os": agent[1]}
     return message
 
 
@@ -628,8 +635,28 @@ def parse_agent_message(text: str | bytes) -> AgentEndpoints:
     parsed = [_endpoint_form(e) for e in endpoints]
     usable = (str(e) for e in parsed if e.ip is not None and net.destination_refusal(e.ip) is None)
     return AgentEndpoints(
-        list(dict.fromkeys(usable)), nat, None if routes is None else tuple(routes)
+        list(dict.fromkeys(usable)),
+        nat,
+        None if routes is None else tuple(routes),
+        _agent_info(msg.get("agent")),
     )
+
+
+def _agent_info(doc: object) -> tuple[str, str] | None:
+    """``{"version": ≤ 64, "os": ≤ 128}``, printable ASCII (None: not said)."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or set(doc) != {"version", "os"}:
+        raise MalformedMessage('agent: expected {"version", "os"}')
+    version, os_name = doc["version"], doc["os"]
+    for value, limit in ((version, 64), (os_name, 128)):
+        if not (isinstance(value, str) and 0 < len(value) <= limit and _printable(value)):
+            raise MalformedMessage(f"agent: version and os are printable text, at most {limit}")
+    return version, os_name
+
+
+def _printable(text: str) -> bool:
+    return text.isascii() and text.isprintable()
 
 
 def parse_agent_frame(text: str | bytes) -> AgentMessage:

@@ -236,6 +236,9 @@ def device_json(record: DeviceRecord) -> dict[str, Any]:
         "last_seen": rfc3339(record.last_seen),
         "key_rotated_at": rfc3339(record.key_rotated_at),
         "ephemeral": record.ephemeral,
+        "agent": None
+        if record.agent_version is None
+        else {"version": record.agent_version, "os": record.agent_os},
     }
 
 

@@ -30,6 +30,11 @@ _PROPS: dict[str, Any] = {
     "last_seen": _NULL_TIME,
     "key_rotated_at": _NULL_TIME,
     "ephemeral": {"type": "boolean"},
+    "agent": {
+        "oneOf": [{"type": "null"}, obj({"version": STR, "os": STR})],
+        "description": "the agent's version and operating system as it last said (null: not"
+        " said yet)",
+    },
 }
 DEVICE = obj(_PROPS)
 _ONLINE = {

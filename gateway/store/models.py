@@ -116,6 +116,8 @@ class DeviceRow(Base):
     previous_public_key: Mapped[str | None] = mapped_column(String(44), nullable=True)
     key_rotated_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     nat_type: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    agent_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    agent_os: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class EnrollmentKeyRow(Base):

@@ -48,6 +48,8 @@ class DeviceRecord:
     ephemeral: bool = False
     previous_public_key: str | None = None
     key_rotated_at: float | None = None
+    agent_version: str | None = None  # as its agent last said (not part of the map)
+    agent_os: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +187,13 @@ def device_record(row: DeviceRow, identity: Identity) -> DeviceRecord:
         groups=tuple(t[len(GROUP_PREFIX) :] for t in row.tags if t.startswith(GROUP_PREFIX)),
     )
     return DeviceRecord(
-        device, row.last_seen, row.ephemeral, row.previous_public_key, row.key_rotated_at
+        device,
+        row.last_seen,
+        row.ephemeral,
+        row.previous_public_key,
+        row.key_rotated_at,
+        row.agent_version,
+        row.agent_os,
     )
 
 

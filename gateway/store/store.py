@@ -347,6 +347,17 @@ class Store:
             await repl.record_change(s, version, UPSERT, device_id, self._clock())
         return await self.get_device(device_id), version
 
+    async def set_agent(self, device_id: str, version: str, os: str) -> bool:
+        """Record the agent version and operating system a device's agent reports (not
+        part of the map: no version bump); whether they changed."""
+        current = await self.get_device(device_id)
+        if (current.agent_version, current.agent_os) == (version, os):
+            return False
+        async with self._write() as s:
+            stmt = update(DeviceRow).where(DeviceRow.id == device_id)
+            await s.execute(stmt.values(agent_version=version, agent_os=os))
+        return True
+
     async def rename_device(
         self, device_id: str, name: str, *, actor: str = UNATTRIBUTED
     ) -> tuple[DeviceRecord, int]:

@@ -61,10 +61,12 @@ async def admin(request: web.Request, session: Session) -> web.StreamResponse:
 
 def matches(device: dict[str, Any], q: str) -> bool:
     """Whether a :func:`~gateway.web.devices.device_view` matches the search ``q``: every
-    word is in its name, id, a tag, its owner, an address, or is ``online``/``offline``."""
+    word is in its name, id, a tag, its owner, an address, its agent's version or system,
+    or is ``online``/``offline``."""
     state = "online" if device["online"] else "offline"
+    agent = [device.get("agent_version") or "", device.get("agent_os") or ""]
     fields = [device["name"], device["id"], device["subject"], device["issuer"], state,
-              *device["tags"], *device["addresses"]]  # fmt: skip
+              *device["tags"], *device["addresses"], *agent]  # fmt: skip
     text = " ".join(fields).lower()
     return all(w in text if w not in ("online", "offline") else w == state
                for w in q.lower().split())  # fmt: skip

@@ -60,6 +60,8 @@ def device_view(record: DeviceRecord, now: float, online: bool = False) -> dict[
         "last_seen": record.last_seen,
         "tags": d.tags,
         "online": online,
+        "agent_version": record.agent_version,
+        "agent_os": record.agent_os,
     }
 
 

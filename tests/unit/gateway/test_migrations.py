@@ -32,7 +32,7 @@ async def test_models_and_migrations_agree(tmp_path: Path) -> None:
         async with engine.begin() as conn:
             await conn.run_sync(upgrade)
             assert await conn.run_sync(_diff) == []
-            assert await conn.run_sync(current_revision) == head_revision() == "0011"
+            assert await conn.run_sync(current_revision) == head_revision() == "0012"
     finally:
         await engine.dispose()
 

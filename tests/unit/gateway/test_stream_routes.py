@@ -1,7 +1,7 @@
-"""An agent's advertised routes after enrollment: sent with its endpoints on the map
-stream, validated as at enrollment, stored and audited at one map version; a route
+"""What an agent says with its endpoints besides them: its advertised routes after
+enrollment (validated as at enrollment, stored and audited at one map version; a route
 another device carries, or one in the tunnel pool, refuses the report and changes
-nothing."""
+nothing), and its version and operating system (kept for admins, no map change)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 from typing import Any
 
 from gateway.appkeys import STORE
-from lab.api_client import Client, RecordingBroker, create_key, enroll
+from lab.api_client import AUTH, Client, RecordingBroker, create_key, enroll
 from wiregate.mapwire import build_endpoints
 
 ENDPOINTS = ["198.51.100.4:51820"]
@@ -58,3 +58,18 @@ async def test_routes_sent_with_the_endpoints_replace_the_enrolled_ones(
     assert (await store.get_device(node_id)).device.routes == tuple(new)
     assert await send(client, broker, node["token"], build_endpoints(ENDPOINTS, None, []))
     assert (await store.get_device(node_id)).device.routes == ()
+
+
+async def test_the_agents_version_and_system_are_kept_for_admins(
+    client: Client, broker: RecordingBroker
+) -> None:
+    secret = (await create_key(client))["secret"]
+    vm = await (await enroll(client, secret, name="vm1")).json()
+    sent = build_endpoints(ENDPOINTS, "eim", [], ("0.1.0", "Debian GNU/Linux 12 (Linux 6.1.0)"))
+    assert await send(client, broker, vm["token"], sent)
+    record = await client.app[STORE].get_device(vm["device"]["id"])
+    assert (record.agent_version, record.agent_os) == ("0.1.0", "Debian GNU/Linux 12 (Linux 6.1.0)")
+    listed = await (await client.get(f"/api/v1/devices/{vm['device']['id']}", headers=AUTH)).json()
+    assert listed["agent"] == {"version": "0.1.0", "os": "Debian GNU/Linux 12 (Linux 6.1.0)"}
+    # not a map change: the same report again tells the broker nothing
+    assert not await send(client, broker, vm["token"], sent)

@@ -336,7 +336,9 @@ def test_the_endpoints_message_round_trips(nat: str | None) -> None:
     assert ("nat" in build_endpoints(sent, nat)) == (nat is not None)
     assert report.routes is None and "routes" not in build_endpoints(sent, nat)
     routed = parse_agent_message(dumps(build_endpoints(sent, nat, ["10.244.1.0/24"])))
-    assert routed.routes == ("10.244.1.0/24",)
+    assert routed.routes == ("10.244.1.0/24",) and routed.agent is None
+    said = parse_agent_message(dumps(build_endpoints(sent, nat, None, ("0.1.0", "Debian 12"))))
+    assert said.agent == ("0.1.0", "Debian 12")
 
 
 @pytest.mark.parametrize(
@@ -350,6 +352,15 @@ def test_the_endpoints_message_round_trips(nat: str | None) -> None:
         ('{"type": "endpoints", "endpoints": [], "nat": []}', MalformedMessage),
         ('{"type": "endpoints", "endpoints": [], "routes": "10.0.0.0/8"}', MalformedMessage),
         ('{"type": "endpoints", "endpoints": [], "routes": [8]}', MalformedMessage),
+        ('{"type": "endpoints", "endpoints": [], "agent": {"version": "1"}}', MalformedMessage),
+        (
+            '{"type": "endpoints", "endpoints": [], "agent": {"version": "1", "os": "a\\n"}}',
+            MalformedMessage,
+        ),
+        (
+            '{"type": "endpoints", "endpoints": [], "agent": {"version": "", "os": "x"}}',
+            MalformedMessage,
+        ),
         (f'{{"type": "endpoints", "endpoints": [], "routes": ["{"1" * 65}"]}}', MalformedMessage),
     ],
 )

@@ -1,6 +1,7 @@
 """The agent's cluster routes in the rendered manifests: every mode advertises the
-Service CIDR (inside the routes the shipped policy approves), gateway mode turns
-``kube_gateway`` on with "list" on nodes, and mesh mode does neither."""
+Service CIDR (inside the routes the shipped policy approves) and the nodes' own
+addresses (``host_traffic`` nonstrict), gateway mode turns ``kube_gateway`` on with
+"list" on nodes, and mesh mode does neither."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from wiregate.settings import AgentSettings
 def _agent_settings(target: str) -> AgentSettings:
     env = env_of(container(find(render(target), "DaemonSet", "wiregate-agent"), "agent"))
     values = {
-        k: v["value"] for k, v in env.items() if k.startswith("WIREGATE_KUBE") and "value" in v
+        k: v["value"]
+        for k, v in env.items()
+        if k.startswith(("WIREGATE_KUBE", "WIREGATE_HOST_TRAFFIC")) and "value" in v
     }
     return AgentSettings(
         kube_service_cidrs=json.loads(values.get("WIREGATE_KUBE_SERVICE_CIDRS", "[]")),
         kube_gateway=values.get("WIREGATE_KUBE_GATEWAY", "false") == "true",
+        host_traffic=values.get("WIREGATE_HOST_TRAFFIC", "off"),
     )
 
 
@@ -45,6 +49,11 @@ def test_every_mode_advertises_the_service_cidr_the_policy_approves() -> None:
 def test_gateway_mode_routes_every_nodes_pods_and_may_list_nodes() -> None:
     assert _agent_settings("overlays/gateway-mode").kube_gateway is True
     assert _node_verbs("overlays/gateway-mode") == ["get", "list"]
+
+
+def test_every_mode_keeps_the_nodes_own_traffic_in_the_tunnel_non_strictly() -> None:
+    for target in ("overlays/mesh", "overlays/gateway-mode"):
+        assert _agent_settings(target).host_traffic == "nonstrict"
 
 
 def test_mesh_mode_advertises_only_each_nodes_own_pods() -> None:

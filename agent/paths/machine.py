@@ -312,11 +312,11 @@ class PathMachine:
 
     # -- helpers used by the handlers ------------------------------------------------
 
-    def _set_endpoint(self, endpoint: str, kicks: bool | None = None, lag: float = 0.0) -> None:
+    def _set_endpoint(self, endpoint: str, kicks: bool | None = None) -> None:
         """Program ``endpoint``; ``kicks``: restart the handshake there every ``kick``
         seconds until a handshake or the probe window's end (None: if the candidate is
-        worth it, see :func:`~agent.paths.vocabulary.worth_kicking`), the first ``lag``
-        seconds later.
+        worth it, see :func:`~agent.paths.vocabulary.worth_kicking`); the side that does
+        not lead starts half a period later (see :meth:`_enter_relayed`).
 
         A candidate nothing can be sent to (:func:`~agent.paths.vocabulary.sendable`:
         what a peer behind symmetric NAT advertises) is probed by waiting, not written:
@@ -331,7 +331,7 @@ class PathMachine:
             kicks = worth_kicking(rank, self._peer.nat)
         self._kick_at = None
         if kicks:
-            self._next_kick(lag)
+            self._next_kick(0.0 if self.leads else self.timers.kick / 2)
 
     def _adopt(self, live: str | None) -> None:
         """Make ``live``, where WireGuard sends to the peer now, the path's endpoint
@@ -424,11 +424,11 @@ class PathMachine:
         initiations in flight at once each replace the other side's handshake state,
         WireGuard then refuses both responses, and neither side can send until a
         retransmission 5 s later (or 15 s, when a reset lands on a half-made session).
-        The side that does not lead kicks half a period later than the one that does."""
+        The side that does not lead kicks half a period later than the one that does, at
+        the relay as while probing a direct candidate (both probe at the same moment too)."""
         assert self._relay_endpoint is not None
         if self._endpoint != self._relay_endpoint:
-            lag = 0.0 if self.leads else self.timers.kick / 2
-            self._set_endpoint(self._relay_endpoint, kicks=True, lag=lag)
+            self._set_endpoint(self._relay_endpoint, kicks=True)
         self._schedule_retry(self._backoff)
         return PathState.RELAYED_TCP if self._via_tcp else PathState.RELAYED
 

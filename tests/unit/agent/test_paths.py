@@ -611,6 +611,14 @@ def test_the_side_that_does_not_lead_kicks_the_relay_half_a_period_later() -> No
     assert kicked == {"leader": [7.0, 8.0, 9.0, 10.0], "follower": [7.5, 8.5, 9.5, 10.5]}
 
 
+def test_the_side_that_does_not_lead_kicks_a_direct_probe_half_a_period_later() -> None:
+    """Both sides start probing each other on the same map: kicks in step would cross."""
+    m = machine(NatType.EIM, NatType.EIM, (PUB,), leads=False)
+    assert m.state is PathState.PROBING_DIRECT
+    ticks = (0.5, 1.0, 1.5, 2.0, 2.5)
+    assert [t for t in ticks if m.handle(Tick(t))] == [1.5, 2.5]
+
+
 def test_a_relayed_tick_before_the_retry_is_due_does_not_retry() -> None:
     m = machine(NatType.EIM, NatType.EIM, (PUB,))
     m.handle(Tick(5.0))

@@ -84,9 +84,9 @@ def _on_endpoints(app: web.Application) -> EndpointsCallback:
         try:  # an endpoint in the tunnel pools is left out, as refused addresses are
             valid = tuple(e for e in _agent_endpoints(report.endpoints) if not in_pools(e, pools))
             routes = _agent_routes(app, device_id, report.routes, pools)
-            if report.agent is not None:  # shown to admins; not part of the map
-                await app[STORE].set_agent(device_id, *report.agent)
-            changed = await app[STORE].set_endpoints(device_id, valid, report.nat, routes)
+            changed = await app[STORE].set_endpoints(
+                device_id, valid, report.nat, routes, report.agent
+            )
         except (BadInput, NotFound) as exc:
             _log.warning("endpoints_refused", device_id=device_id, reason=exc.message)
             return

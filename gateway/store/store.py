@@ -322,14 +322,21 @@ class Store:
         endpoints: Sequence[str],
         nat: str | None = None,
         routes: Sequence[str] | None = None,
+        agent: tuple[str, str] | None = None,
     ) -> tuple[DeviceRecord, int] | None:
         """Record a device's endpoint candidates, NAT type (None: keep the one known) and
         advertised routes (None: keep them; a change is audited ``device.routes``), at
-        one map version; None if nothing changed."""
+        one map version; None if none of them changed. ``agent``, its agent's version and
+        operating system (None: keep them), is not part of the map: a change of it alone
+        is written with no version bump."""
         current = await self.get_device(device_id)
         nat = nat or current.device.nat
         routes = current.device.routes if routes is None else tuple(routes)
         device = current.device
+        if agent is not None and agent != (current.agent_version, current.agent_os):
+            async with self._write() as s:
+                stmt = update(DeviceRow).where(DeviceRow.id == device_id)
+                await s.execute(stmt.values(agent_version=agent[0], agent_os=agent[1]))
         if (device.endpoints, device.nat, device.routes) == (tuple(endpoints), nat, routes):
             return None
         async with self._write() as s:
@@ -346,17 +353,6 @@ class Store:
                 await audit.add(s, self._clock(), actor, "device.routes", device_id, detail)
             await repl.record_change(s, version, UPSERT, device_id, self._clock())
         return await self.get_device(device_id), version
-
-    async def set_agent(self, device_id: str, version: str, os: str) -> bool:
-        """Record the agent version and operating system a device's agent reports (not
-        part of the map: no version bump); whether they changed."""
-        current = await self.get_device(device_id)
-        if (current.agent_version, current.agent_os) == (version, os):
-            return False
-        async with self._write() as s:
-            stmt = update(DeviceRow).where(DeviceRow.id == device_id)
-            await s.execute(stmt.values(agent_version=version, agent_os=os))
-        return True
 
     async def rename_device(
         self, device_id: str, name: str, *, actor: str = UNATTRIBUTED

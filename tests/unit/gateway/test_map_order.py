@@ -69,8 +69,9 @@ def hold_after_commit(store: Store, held: str) -> tuple[asyncio.Event, asyncio.E
         endpoints: Sequence[str],
         nat: str | None = None,
         routes: Sequence[str] | None = None,
+        agent: tuple[str, str] | None = None,
     ) -> tuple[DeviceRecord, int] | None:
-        changed = await real(device_id, endpoints, nat, routes)
+        changed = await real(device_id, endpoints, nat, routes, agent)
         if device_id == held and not release.is_set():
             committed.set()
             await release.wait()
